@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv on first use. TORCH_SPEC picks the torch build: the CPU wheel by default
+# (pip finds it on this machine's disk); override e.g. TORCH_SPEC='torch>=2.4' on a GPU host.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m effattn bench attention --quick
+
+test: $(STAMP)
+	$(PY) -m pytest -x
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,28 @@
+"""Command line: ``python -m effattn bench <suite> [--quick] [--out DIR] [--device cpu]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from effattn.bench import SUITE_MODULES, run_suite
+
+    parser = argparse.ArgumentParser(prog="effattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run one benchmark suite")
+    b.add_argument("suite", choices=sorted(SUITE_MODULES))
+    b.add_argument("--quick", action="store_true", help="small sizes, a minute or two on 2 CPU cores")
+    b.add_argument("--lengths", type=str, default=None, help="comma-separated sequence lengths")
+    b.add_argument("--out", type=str, default=None, help="report folder (default bench_out/<suite>)")
+    b.add_argument("--device", type=str, default="cpu")
+    b.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        args.out = args.out or f"bench_out/{args.suite}"
+        run_suite(args.suite, args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,165 @@
+"""Shared measurement machinery for every benchmark suite (DESIGN.md, 'Benchmarks').
+
+- time: median of repeats after warm-up;
+- peak memory: CUDA ``max_memory_allocated``; on the CPU the rise of the process's peak resident
+  set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set before the call,
+  with glibc told to serve every allocation >= 64 KiB by ``mmap`` so freed tensors leave the RSS;
+- efficiency: useful FLOP/s over the machine's own matmul FLOP/s measured in the same run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _libc_mmap_large_allocations() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    except OSError:  # not glibc: the RSS figures are then upper bounds of the truth
+        pass
+
+
+_libc_mmap_large_allocations()
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, device="cpu") -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure_peak_memory(fn: Callable[[], object], device="cpu") -> int | None:
+    """Bytes by which one call of ``fn()`` raises peak memory above what was in use before it."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+        fn()
+        return max(0, _status_kib("VmHWM") - base) * 1024
+    except OSError:
+        return None
+
+
+def matmul_flops_per_second(device="cpu", dtype=torch.float32, n: int = 2048) -> float:
+    """The machine's own GEMM rate (FLOP/s) for square ``n x n`` matmuls: the efficiency ceiling."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure_time(lambda: a @ b, repeats=5, warmup=2, device=device)
+    return 2 * n**3 / t
+
+
+def attention_flops(batch: int, heads: int, head_dim: int, head_dim_v: int, allowed_pairs: float) -> float:
+    """Useful forward FLOPs of softmax attention: 2*D (QK^T) + 2*Dv (PV) per unmasked (q, k) pair."""
+    return batch * heads * allowed_pairs * 2 * (head_dim + head_dim_v)
+
+
+def machine_info(device="cpu") -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def fmt(x):
+        if x is None:
+            return "—"
+        if isinstance(x, float):
+            return f"{x:.4g}"
+        return str(x)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path,
+    name: str,
+    rows: Sequence[dict],
+    columns: Sequence[str],
+    *,
+    meta: dict,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` (machine, versions, command, table, notes)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "rows": list(rows), "notes": list(notes)}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+    md = [f"# effattn benchmark: {name}", "", f"Command: `{meta.get('command', '')}`", ""]
+    md += ["Machine: " + ", ".join(f"{k}={v}" for k, v in meta.get("machine", {}).items()), ""]
+    md += [format_markdown_table(rows, columns), ""]
+    md += [f"- {n}" for n in notes]
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    return out / f"{name}.md"
+
+
+def command_line() -> str:
+    return "python -m effattn " + " ".join(sys.argv[1:])
+
+
+def run_guarded(fn: Callable[[], dict]) -> dict:
+    """Run one measurement; an exception (out of memory, unsupported) becomes a row note, not a crash."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError, MemoryError) as e:  # report, go on
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
