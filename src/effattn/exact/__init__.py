@@ -1,0 +1,39 @@
+"""Exact softmax attention: one ``attention()`` over SDPA, a tiled block-sparse engine and the
+materialized reference; composable masks and score mods; split-KV decode attention."""
+
+from effattn.exact.api import BACKENDS, AttentionCall, Explanation, attention, explain
+from effattn.exact.block_mask import BlockMask, create_block_mask
+from effattn.exact.decode import decode_attention, merge_attention_states
+from effattn.exact.masks import (
+    MaskMod,
+    ScoreMod,
+    alibi,
+    alibi_slopes,
+    and_masks,
+    causal_mask,
+    compose_score_mods,
+    dilated_mask,
+    document_ids_from_cu_seqlens,
+    document_mask,
+    full_mask,
+    global_local_mask,
+    global_tokens_mask,
+    or_masks,
+    prefix_lm_mask,
+    relative_position_bias,
+    sink_tokens_mask,
+    sliding_window_mask,
+    streaming_mask,
+    tanh_softcap,
+)
+from effattn.exact.reference import reference_attention
+from effattn.exact.tiled import tiled_attention
+
+__all__ = [
+    "BACKENDS", "AttentionCall", "BlockMask", "Explanation", "MaskMod", "ScoreMod", "alibi", "alibi_slopes",
+    "and_masks", "attention", "causal_mask", "compose_score_mods", "create_block_mask", "decode_attention",
+    "dilated_mask", "document_ids_from_cu_seqlens", "document_mask", "explain", "full_mask", "global_local_mask",
+    "global_tokens_mask", "merge_attention_states", "or_masks", "prefix_lm_mask", "reference_attention",
+    "relative_position_bias", "sink_tokens_mask", "sliding_window_mask", "streaming_mask", "tanh_softcap",
+    "tiled_attention",
+]

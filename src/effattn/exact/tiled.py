@@ -1,0 +1,290 @@
+"""Tiled exact attention in pure PyTorch: online softmax over the tiles a BlockMask lists.
+
+FlashAttention-2's algorithm (Dao 2023, "FlashAttention-2: Faster Attention with Better
+Parallelism and Work Partitioning") written with batched PyTorch matmuls:
+
+forward, per query block i and its listed key blocks j (in chunks):
+    S = Q_i K_j^T * scale ; S = score_mod(S) ; S[masked] = -inf
+    m' = max(m, rowmax S) ; P = exp(S - m') ; l = l e^{m-m'} + rowsum P ; A = A e^{m-m'} + P V_j
+    O_i = A / l ;  lse_i = m + log l        (learned sinks start the row at m = sink, l = 1)
+backward (recomputing the tiles from the saved O and lse; Delta = rowsum(dO * O)):
+    P = exp(S - lse) ; dV_j += P^T dO_i ; dP = dO_i V_j^T ; dS = P * (dP - Delta)
+    dQ_i += dS K_j * scale ; dK_j += dS^T Q_i * scale
+    d sink_h = -sum_rows exp(sink_h - lse) * Delta
+
+Extra memory is O(T) whatever the mask (the accumulators plus one chunk of tiles). To keep Python
+overhead small, one step processes many query blocks and many key blocks at once: the listed key
+blocks are gathered into one ``[rows, cols]`` score tile per query block, all heads batched, and the
+tile budget (``TILE_ELEMENTS``) bounds its size. Everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effattn.exact.block_mask import BlockMask
+
+TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32)
+
+
+class _Layout:
+    """How heads and query blocks map onto the batched tile computation.
+
+    With a head-independent block mask, the ``G = H_q / H_kv`` query heads that share a key head
+    are stacked as extra rows of one tile (GQA without copying K/V): ``W = H_kv`` work heads and
+    ``R = G * q_block`` rows per query block. With a per-head block mask, ``W = H_q`` and ``R = q_block``.
+    """
+
+    def __init__(self, q, k, v, bm: BlockMask):
+        B, Tq, Hq, D = q.shape
+        _, Tk, Hkv, _ = k.shape
+        self.B, self.Tq, self.Tk, self.Hq, self.Hkv, self.D, self.Dv = B, Tq, Tk, Hq, Hkv, D, v.shape[-1]
+        self.G = Hq // Hkv
+        per_head = bm.kv_indices.shape[1] > 1
+        self.Geff = 1 if per_head else self.G
+        self.W = Hq // self.Geff
+        self.BQ, self.BK = bm.q_block, bm.kv_block
+        self.nq, self.nk = bm.num_q_blocks, bm.num_kv_blocks
+        self.R = self.Geff * self.BQ
+        self.device = q.device
+        dev = q.device
+        r = torch.arange(self.R, device=dev)
+        # index tensors broadcastable against a score tile [B, W, g, R, cols]
+        self.b_idx = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
+        self.h_idx = (torch.arange(self.W, device=dev).view(self.W, 1) * self.Geff + r // self.BQ).view(1, self.W, 1, self.R, 1)
+        self.row_pos = r % self.BQ
+        self.base = (torch.arange(B, device=dev).view(B, 1) * self.W + torch.arange(self.W, device=dev)).view(B, self.W, 1, 1) * self.nk
+        self.bk_range = torch.arange(self.BK, device=dev)
+
+    def q_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Tq, Hq, E] -> [B, W, nq, R, E]`` (float32, padded)."""
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, self.nq * self.BQ - self.Tq))
+        x = x.view(self.B, self.nq, self.BQ, self.W, self.Geff, x.shape[-1]).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(self.B, self.W, self.nq, self.R, x.shape[-1])
+
+    def q_rows_back(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`q_rows`: ``[B, W, nq, R, E] -> [B, Tq, Hq, E]``."""
+        E = x.shape[-1]
+        x = x.view(self.B, self.W, self.nq, self.Geff, self.BQ, E).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(self.B, self.nq * self.BQ, self.Hq, E)[:, : self.Tq]
+
+    def row_stat_back(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, W, nq, R] -> [B, Hq, Tq]``."""
+        x = x.view(self.B, self.W, self.nq, self.Geff, self.BQ).permute(0, 1, 3, 2, 4)
+        return x.reshape(self.B, self.Hq, self.nq * self.BQ)[..., : self.Tq]
+
+    def row_stat(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Hq, Tq] -> [B, W, nq, R]``."""
+        x = torch.nn.functional.pad(x, (0, self.nq * self.BQ - self.Tq))
+        x = x.view(self.B, self.W, self.Geff, self.nq, self.BQ).permute(0, 1, 3, 2, 4)
+        return x.reshape(self.B, self.W, self.nq, self.R)
+
+    def kv_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Tk, Hkv, E] -> [B * W * nk, BK, E]`` (float32, padded; key heads repeated for a per-head mask)."""
+        if self.W != self.Hkv:
+            x = x.repeat_interleave(self.G, dim=2)
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, self.nk * self.BK - self.Tk))
+        x = x.view(self.B, self.nk, self.BK, self.W, x.shape[-1]).permute(0, 3, 1, 2, 4)
+        return x.reshape(self.B * self.W * self.nk, self.BK, x.shape[-1])
+
+    def kv_blocks_back(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`kv_blocks` (summing repeated key heads): ``-> [B, Tk, Hkv, E]``."""
+        E = x.shape[-1]
+        x = x.view(self.B, self.W, self.nk * self.BK, E).transpose(1, 2)[:, : self.Tk]
+        if self.W != self.Hkv:
+            x = x.reshape(x.shape[0], x.shape[1], self.Hkv, self.G, E).sum(3)
+        return x
+
+
+class _Plan:
+    """Everything the tile loop needs besides the tensors."""
+
+    def __init__(self, bm: BlockMask, lay: _Layout, scale: float, score_mod, tile_elements: int):
+        self.bm, self.lay, self.scale, self.score_mod = bm, lay, scale, score_mod
+        shape = (lay.B, lay.W, lay.nq, bm.kv_indices.shape[-1])
+        self.idx = bm.kv_indices.to(lay.device).expand(shape)
+        self.counts = bm.kv_counts.to(lay.device).expand(shape[:3])
+        self.partial = bm.kv_partial.to(lay.device).expand(shape) if bm.mask_mod is not None else None
+        max_k = max(1, int(self.counts.max()))
+        per_block = lay.B * lay.W * lay.R * lay.BK  # elements of one (query block, key block) pair
+        self.chunk = max(1, min(max_k, tile_elements // per_block))  # key blocks per step
+        self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))  # query blocks per step
+
+    def steps(self):
+        """Yield ``(i0, i1, c0, c1, first, last)`` over query-block groups and key-block chunks."""
+        for i0 in range(0, self.lay.nq, self.group):
+            i1 = min(i0 + self.group, self.lay.nq)
+            n = int(self.counts[:, :, i0:i1].max())
+            if n == 0:
+                continue
+            for c0 in range(0, n, self.chunk):
+                c1 = min(c0 + self.chunk, n)
+                yield i0, i1, c0, c1, c0 == 0, c1 == n
+
+    def tile(self, i0, i1, c0, c1):
+        """Flat gather indices ``[B*W*g*c]``, key positions ``[B, W, g, 1, c*BK]`` and the mask of
+        positions to drop (``None`` when every gathered position is valid)."""
+        lay = self.lay
+        sel = self.idx[:, :, i0:i1, c0:c1]
+        g, c = sel.shape[2], sel.shape[3]
+        flat = (sel + lay.base).reshape(-1)
+        kv_pos = (sel[..., None] * lay.BK + lay.bk_range).reshape(lay.B, lay.W, g, 1, c * lay.BK)
+        real = (torch.arange(c0, c1, device=lay.device) < self.counts[:, :, i0:i1, None])  # [B, W, g, c]
+        drop = None
+        if not bool(real.all()) or int(kv_pos.max()) >= lay.Tk:
+            drop = ~real.repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)
+        if self.partial is not None:
+            part = self.partial[:, :, i0:i1, c0:c1] & real
+            if bool(part.any()):
+                q_pos = (torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1))
+                allowed = self.bm.mask_mod(lay.b_idx, lay.h_idx, q_pos.clamp(max=lay.Tq - 1), kv_pos.clamp(max=lay.Tk - 1))
+                bad = part.repeat_interleave(lay.BK, -1).unsqueeze(-2) & ~allowed
+                drop = bad if drop is None else (drop | bad)
+        return flat, kv_pos, g, c, drop
+
+    def scores(self, q_g, k_flat, flat, g, c, kv_pos, i0, i1):
+        """Scaled scores of one step ``[B, W, g, R, c*BK]`` before score_mod and masking."""
+        lay = self.lay
+        ks = k_flat.index_select(0, flat).view(lay.B * lay.W * g, c * lay.BK, lay.D)
+        s = torch.bmm(q_g.reshape(-1, lay.R, lay.D), ks.transpose(1, 2))
+        return s.view(lay.B, lay.W, g, lay.R, c * lay.BK).mul_(self.scale), ks
+
+    def apply_score_mod(self, s, kv_pos, i0, i1):
+        lay = self.lay
+        q_pos = torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
+        return self.score_mod(s, lay.b_idx, lay.h_idx, q_pos.clamp(max=lay.Tq - 1), kv_pos.clamp(max=lay.Tk - 1))
+
+
+def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """Learned sink logit per row: ``[1, W, 1, R]``."""
+    return sinks.float()[lay.h_idx.view(lay.W, lay.R)].view(1, lay.W, 1, lay.R)
+
+
+def tiled_forward(q, k, v, plan: _Plan, sinks=None):
+    """Returns ``(o [B, Tq, Hq, Dv] float32, lse [B, Hq, Tq] float32)``; see the module docstring."""
+    lay = plan.lay
+    q_r = lay.q_rows(q)
+    k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
+    o_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.Dv, device=lay.device)
+    lse_r = torch.full((lay.B, lay.W, lay.nq, lay.R), float("-inf"), device=lay.device)
+    if sinks is not None:
+        lse_r.copy_(_sink_rows(sinks, lay).expand_as(lse_r))
+    m = l = acc = None
+    for i0, i1, c0, c1, first, last in plan.steps():
+        q_g = q_r[:, :, i0:i1]
+        flat, kv_pos, g, c, drop = plan.tile(i0, i1, c0, c1)
+        s, _ = plan.scores(q_g, k_flat, flat, g, c, kv_pos, i0, i1)
+        if plan.score_mod is not None:
+            s = plan.apply_score_mod(s, kv_pos, i0, i1)
+        if drop is not None:
+            s.masked_fill_(drop, float("-inf"))
+        if first:
+            if sinks is not None:
+                m = _sink_rows(sinks, lay).expand(lay.B, lay.W, g, lay.R).clone()
+                l = torch.ones_like(m)
+            else:
+                m = torch.full((lay.B, lay.W, g, lay.R), float("-inf"), device=lay.device)
+                l = torch.zeros_like(m)
+            acc = torch.zeros(lay.B, lay.W, g, lay.R, lay.Dv, device=lay.device)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
+        alpha = torch.exp(m - m_use)
+        p = s.sub_(m_use[..., None]).exp_()
+        l = l * alpha + p.sum(-1)
+        vs = v_flat.index_select(0, flat).view(lay.B * lay.W * g, c * lay.BK, lay.Dv)
+        pv = torch.bmm(p.view(-1, lay.R, c * lay.BK), vs).view(lay.B, lay.W, g, lay.R, lay.Dv)
+        acc = acc.mul_(alpha[..., None]).add_(pv)
+        m = m_new
+        if last:
+            o_r[:, :, i0:i1] = acc / l.clamp_min(torch.finfo(l.dtype).tiny)[..., None]
+            lse_r[:, :, i0:i1] = m + torch.log(l)
+    return lay.q_rows_back(o_r), lay.row_stat_back(lse_r)
+
+
+def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=()):
+    """Gradients ``(dq, dk, dv, dsinks, *d mod_tensors)`` by recomputing tiles (FlashAttention-2)."""
+    lay = plan.lay
+    q_r, do_r = lay.q_rows(q), lay.q_rows(do)
+    k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
+    delta_r = lay.row_stat((do.float() * o.float()).sum(-1).transpose(1, 2))  # [B, W, nq, R]
+    lse_r = lay.row_stat(lse.float())
+    lse_r = lse_r.masked_fill(lse_r == float("-inf"), float("inf"))  # empty rows: P = 0
+    dq_r = torch.zeros_like(q_r)
+    dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
+    d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
+    for i0, i1, c0, c1, _, _ in plan.steps():
+        q_g, do_g = q_r[:, :, i0:i1], do_r[:, :, i0:i1]
+        flat, kv_pos, g, c, drop = plan.tile(i0, i1, c0, c1)
+        s_raw, ks = plan.scores(q_g, k_flat, flat, g, c, kv_pos, i0, i1)
+        if plan.score_mod is not None:
+            s_raw.requires_grad_(True)
+            with torch.enable_grad():
+                s_mod = plan.apply_score_mod(s_raw, kv_pos, i0, i1)
+            s = s_mod.detach().clone()
+        else:
+            s = s_raw
+        if drop is not None:
+            s.masked_fill_(drop, float("-inf"))
+        p = s.sub_(lse_r[:, :, i0:i1, :, None]).exp_()  # [B, W, g, R, cols]
+        p3 = p.view(-1, lay.R, c * lay.BK)
+        do3 = do_g.reshape(-1, lay.R, lay.Dv)
+        vs = v_flat.index_select(0, flat).view(-1, c * lay.BK, lay.Dv)
+        dv_flat.index_add_(0, flat, torch.bmm(p3.transpose(1, 2), do3).view(-1, lay.BK, lay.Dv))
+        dp = torch.bmm(do3, vs.transpose(1, 2)).view_as(p)
+        ds = p.mul_(dp.sub_(delta_r[:, :, i0:i1, :, None]))  # P * (dP - Delta), in place of P
+        if plan.score_mod is not None:
+            grads = torch.autograd.grad(s_mod, (s_raw, *mod_tensors), ds, allow_unused=True)
+            ds = grads[0]
+            for acc, gr in zip(d_mod, grads[1:]):
+                if gr is not None:
+                    acc.add_(gr.float())
+        ds3 = ds.reshape(-1, lay.R, c * lay.BK).mul_(plan.scale)
+        dq_r[:, :, i0:i1] += torch.bmm(ds3, ks).view(lay.B, lay.W, g, lay.R, lay.D)
+        dk_flat.index_add_(0, flat, torch.bmm(ds3.transpose(1, 2), q_g.reshape(-1, lay.R, lay.D)).view(-1, lay.BK, lay.D))
+    dsinks = None
+    if sinks is not None:
+        p_sink = torch.exp(_sink_rows(sinks, lay) - lse_r)  # [B, W, nq, R]; padded rows have delta 0
+        per_row = -(p_sink * delta_r).sum((0, 2))  # [W, R]
+        dsinks = torch.zeros(lay.Hq, device=lay.device).index_add_(0, lay.h_idx.view(-1), per_row.reshape(-1))
+    return lay.q_rows_back(dq_r), lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, plan, *mod_tensors):
+        o, lse = tiled_forward(q, k, v, plan, sinks)
+        o = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, o, lse, sinks, *mod_tensors)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, sinks, *mod_tensors = ctx.saved_tensors
+        dq, dk, dv, dsinks, d_mod = tiled_backward(q, k, v, o, lse, do, ctx.plan, sinks, mod_tensors)
+        dsinks = None if dsinks is None else dsinks.to(sinks.dtype)
+        d_mod = [d.to(t.dtype) for d, t in zip(d_mod, mod_tensors)]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, *d_mod
+
+
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float,
+    score_mod=None,
+    sinks: torch.Tensor | None = None,
+    mod_tensors: tuple[torch.Tensor, ...] = (),
+    tile_elements: int = TILE_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled engine on validated input: ``(o [B, T_q, H_q, D_v], lse [B, H_q, T_q])``.
+
+    ``mod_tensors`` are tensors read by ``score_mod`` whose gradients the backward returns.
+    Prefer :func:`effattn.attention`, which validates, builds the block mask and dispatches.
+    """
+    lay = _Layout(q, k, v, block_mask)
+    plan = _Plan(block_mask, lay, scale, score_mod, tile_elements)
+    return _TiledAttention.apply(q, k, v, sinks, plan, *mod_tensors)
