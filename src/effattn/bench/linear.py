@@ -1,0 +1,453 @@
+"""Benchmark suite ``linear``: every registered linear op's chunk form against SDPA causal.
+
+``python -m effattn bench linear [--quick] [--lengths 1024,4096] [--repeats 3] [--device cpu]``
+
+For each op in :data:`effattn.linear.REGISTRY` (its ``make_inputs`` at ``B=1, H=4, D=64``, gate
+strength 0.5, float32) and for ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
+on the same ``q, k, v`` (converted to SDPA's ``[B, H, T, D]`` outside the timed region), at each
+length T (default 1k, 4k, 16k, 64k; ``--quick``: 1k, 4k):
+
+- forward time (under ``torch.no_grad``, as in inference) and forward+backward time (upstream
+  gradient on the output, gradients of every differentiable input): median of ``--repeats`` after
+  a first call (which also measures peak memory); when that first call is slower than
+  :data:`SLOW_CALL_S`, it is the only timing (a 64k SDPA backward takes a minute on 2 CPU cores);
+- peak memory of one forward and of one forward+backward (``harness.measure_peak_memory``,
+  measured on the warm-up call);
+- efficiency: FLOPs / time / the machine's GEMM rate measured in the same run. SDPA counts only
+  the unmasked pairs, ``T (T + 1) / 2``, with the FlashAttention convention backward = 2.5 x forward.
+  Chunk ops count an estimate of their chunk algorithm's work (:data:`CHUNK_FLOPS`, backward
+  = 2 x forward); an op without an estimate reports time only;
+- the crossover length per op: the smallest measured T where the op's forward+backward beats SDPA's.
+
+Decoding (report ``linear_decode``): the time of one ``step`` (one token) against the state left by
+a chunk run over a context of each length (the step's cost should not depend on the context), the
+state's size in bytes, and as the baseline SDPA for one query against a KV cache of the context
+(and the cache's size).
+
+Reports ``linear``, ``linear_crossover`` and ``linear_decode`` (JSON + markdown) land in ``--out``.
+A full run reaches T = 65536, where one SDPA causal forward takes ~20 s on 2 CPU cores: expect tens
+of minutes; ``--quick`` takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from effattn.bench import harness, suite
+
+DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
+QUICK_LENGTHS = (1024, 4096)
+BATCH, HEADS, HEAD_DIM = 1, 4, 64
+CHUNK_SIZE = 64
+GATE_STRENGTH = 0.5
+SLOW_CALL_S = 5.0  # a first call slower than this is the only timing (repeats column: 0)
+STEP_REPEATS = 20  # one step is microseconds: more repeats for a stable median
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOP estimates of the chunk algorithms (forward, all batch rows and heads; matmuls and the
+# dominant elementwise work, counted as executed: a chunk's full C x C block, masked half included)
+# ------------------------------------------------------------------------------------------------
+
+
+def flops_scalar_decay_chunk(T: int, B: int, H: int, K: int, V: int, C: int) -> float:
+    """Chunkwise linear attention with a scalar decay (linear_attn, simple_gla, retnet, lightning):
+    per chunk ``Q K^T`` (2 C^2 K), the masked scores times ``V`` (2 C^2 V), the read of the entering
+    state ``Q S`` (2 C K V) and the state update ``K^T V`` (2 C K V)."""
+    n = math.ceil(T / C)
+    return B * H * n * (2 * C * C * K + 2 * C * C * V + 4 * C * K * V)
+
+
+def flops_delta_chunk(T: int, B: int, H: int, K: int, V: int, C: int) -> float:
+    """Chunkwise (gated) delta rule, WY / UT form: per chunk ``K K^T`` and ``Q K^T`` (4 C^2 K), the
+    unit-triangular solve for ``W, U`` (C^2 (K + V)), the chunk transition ``K^T W`` (2 C K^2) and
+    input ``K^T U`` (2 C K V), the state passing ``M S`` (2 K^2 V), ``Delta = U - W S`` (2 C K V),
+    the output ``Q S + tril(Q K^T) Delta`` (2 C K V + 2 C^2 V)."""
+    n = math.ceil(T / C)
+    per_chunk = (
+        4 * C * C * K + C * C * (K + V) + 2 * C * K * K + 6 * C * K * V + 2 * K * K * V + 2 * C * C * V
+    )
+    return B * H * n * per_chunk
+
+
+def flops_selective_scan(T: int, B: int, H: int, P: int, N: int) -> float:
+    """Mamba's chunked selective scan is elementwise on the ``[P, N]`` state per head: ~12 FLOPs
+    per token and state entry (discretisation, the chunk-end states, the in-chunk recurrence and
+    the ``C`` read-out); ``exp`` counted as one."""
+    return 12.0 * B * T * H * P * N
+
+
+def _flops_for(name: str) -> Callable[[object, int], float] | None:
+    """``f(op, T) -> forward FLOPs`` at the suite's sizes, or None where no estimate is known."""
+    B, H, D, C = BATCH, HEADS, HEAD_DIM, CHUNK_SIZE
+    if name in ("linear_attn", "simple_gla", "retnet", "lightning", "gla"):
+        return lambda op, T: flops_scalar_decay_chunk(T, B, H, D, D, C)
+    if name in ("delta_rule", "gated_delta_rule"):
+        return lambda op, T: flops_delta_chunk(T, B, H, D, D, C)
+    if name == "mamba":
+        return lambda op, T: flops_selective_scan(T, B, H, *op.state_shape(B, H, D)[-2:])
+    return None
+
+
+#: ops with a FLOP estimate (others report time only); ``gla`` uses the scalar-decay count, a lower
+#: bound of its vector-gate chunk work
+CHUNK_FLOPS = (
+    "linear_attn",
+    "simple_gla",
+    "retnet",
+    "lightning",
+    "gla",
+    "delta_rule",
+    "gated_delta_rule",
+    "mamba",
+)
+SDPA_BWD_FACTOR = 2.5  # FlashAttention's benchmark convention: backward = 2.5 x forward FLOPs
+CHUNK_BWD_FACTOR = 2.0
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+
+
+class _Call:
+    """An op's ``make_inputs`` result with names (from the naive form's signature)."""
+
+    def __init__(self, op, B: int, T: int, device: str):
+        args, kwargs = op.make_inputs(
+            B, T, HEADS, HEAD_DIM, device=device, dtype=torch.float32, gate_strength=GATE_STRENGTH
+        )
+        params = inspect.signature(op.naive).parameters.values()
+        pos = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.pos_names = pos[: len(args)]
+        self.values = dict(zip(self.pos_names, args, strict=True)) | dict(kwargs)
+        self.B, self.T = B, T
+
+    def __call__(self, fn, **extra):
+        args = [self.values[n] for n in self.pos_names]
+        kwargs = {n: x for n, x in self.values.items() if n not in self.pos_names}
+        return fn(*args, **kwargs, **extra)
+
+    def is_per_token(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == (self.B, self.T)
+
+    def slice(self, a: int, b: int) -> _Call:
+        new = object.__new__(_Call)
+        new.pos_names, new.B, new.T = self.pos_names, self.B, b - a
+        new.values = {n: (x[:, a:b] if self.is_per_token(x) else x) for n, x in self.values.items()}
+        return new
+
+    def grad_leaves(self, names) -> list[torch.Tensor]:
+        leaves = []
+        for n in names:
+            x = self.values.get(n)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x.detach().requires_grad_(True)
+                self.values[n] = x
+                leaves.append(x)
+        return leaves
+
+
+def _state_bytes(state) -> int:
+    parts = state if isinstance(state, (tuple, list)) else (state,)
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------------
+
+
+def _time_and_memory(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, int | None, int]:
+    """Peak memory of a first call, then the median time of ``repeats`` further calls. A first call
+    slower than ``SLOW_CALL_S`` is the one timing (``n = 0`` further calls): one-time initialisation
+    was done by :func:`_warm_up` at a small size, and at such lengths a call's noise is small."""
+    t0 = time.perf_counter()
+    mem = harness.measure_peak_memory(fn, device=device)
+    harness.sync(device)
+    first = time.perf_counter() - t0
+    if first > SLOW_CALL_S:
+        return first, mem, 0
+    return harness.measure_time(fn, repeats=repeats, warmup=0, device=device), mem, repeats
+
+
+def _mib(x: int | None) -> float | None:
+    return None if x is None else x / 2**20
+
+
+def _fwd_bwd_fns(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]):
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    def fwd_bwd():
+        o = forward()
+        o.backward(_upstream(o))
+        for x in leaves:
+            x.grad = None
+
+    return fwd, fwd_bwd
+
+
+_UPSTREAM: dict[tuple, torch.Tensor] = {}
+
+
+def _upstream(o: torch.Tensor) -> torch.Tensor:
+    key = (tuple(o.shape), o.dtype, o.device)
+    if key not in _UPSTREAM:
+        _UPSTREAM.clear()
+        _UPSTREAM[key] = torch.randn(o.shape, dtype=o.dtype, device=o.device)
+    return _UPSTREAM[key]
+
+
+def _measure(forward, leaves, repeats: int, device: str, flops: float | None, bwd_factor: float, gemm: float):
+    fwd, fwd_bwd = _fwd_bwd_fns(forward, leaves)
+    t_f, m_f, n_f = _time_and_memory(fwd, repeats, device)
+    t_fb, m_fb, n_fb = _time_and_memory(fwd_bwd, repeats, device)
+    row = {
+        "fwd_ms": 1e3 * t_f,
+        "fwd_bwd_ms": 1e3 * t_fb,
+        "fwd_peak_MiB": _mib(m_f),
+        "fwd_bwd_peak_MiB": _mib(m_fb),
+        "repeats": f"{n_f}/{n_fb}",
+    }
+    if flops is not None:
+        row["fwd_GFLOP"] = flops / 1e9
+        row["fwd_eff_%"] = 100 * flops / t_f / gemm
+        row["fwd_bwd_eff_%"] = 100 * flops * (1 + bwd_factor) / t_fb / gemm
+    return row
+
+
+def _sdpa_row(T: int, repeats: int, device: str, gemm: float) -> dict:
+    B, H, D = BATCH, HEADS, HEAD_DIM
+    q, k, v = (torch.randn(B, T, H, D, device=device) for _ in range(3))
+    q, k, v = (x.transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))  # [B, H, T, D]
+    flops = harness.attention_flops(B, H, D, D, T * (T + 1) / 2)
+    return _measure(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        [q, k, v],
+        repeats,
+        device,
+        flops,
+        SDPA_BWD_FACTOR,
+        gemm,
+    )
+
+
+def _op_row(op, T: int, repeats: int, device: str, gemm: float) -> dict:
+    call = _Call(op, BATCH, T, device)
+    leaves = call.grad_leaves(op.differentiable_args)
+    flops_fn = _flops_for(op.name)
+    return _measure(
+        lambda: call(op.chunk, chunk_size=CHUNK_SIZE)[0],
+        leaves,
+        repeats,
+        device,
+        None if flops_fn is None else flops_fn(op, T),
+        CHUNK_BWD_FACTOR,
+        gemm,
+    )
+
+
+def _decode_row(op, context: int, device: str) -> dict:
+    call = _Call(op, BATCH, context + 1, device)
+    with torch.no_grad():
+        _, state = call.slice(0, context)(op.chunk, output_final_state=True, chunk_size=CHUNK_SIZE)
+        token = call.slice(context, context + 1)
+
+        def step():
+            token(op.step, initial_state=state, output_final_state=True)
+
+        t = harness.measure_time(step, repeats=STEP_REPEATS, warmup=3, device=device)
+    return {"step_us": 1e6 * t, "state_bytes": _state_bytes(state)}
+
+
+def _sdpa_decode_row(context: int, device: str) -> dict:
+    B, H, D = BATCH, HEADS, HEAD_DIM
+    q = torch.randn(B, H, 1, D, device=device)
+    k, v = (torch.randn(B, H, context + 1, D, device=device) for _ in range(2))  # cache incl. the new token
+    with torch.no_grad():
+        t = harness.measure_time(
+            lambda: F.scaled_dot_product_attention(q, k, v), repeats=STEP_REPEATS, warmup=3, device=device
+        )
+    return {"step_us": 1e6 * t, "state_bytes": 2 * k.numel() * k.element_size()}
+
+
+def _warm_up(ops, device: str) -> None:
+    """One small call of everything first, so one-time initialisation is in no measurement."""
+    for op in ops:
+        harness.run_guarded(lambda op=op: (_op_row(op, 256, 1, device, 1.0), _decode_row(op, 256, device))[0])
+    harness.run_guarded(lambda: _sdpa_row(256, 1, device, 1.0))
+
+
+def _crossover(rows: list[dict], name: str, lengths: list[int]) -> dict:
+    sdpa = {r["T"]: r.get("fwd_bwd_ms") for r in rows if r["method"] == "sdpa_causal"}
+    mine = {r["T"]: r.get("fwd_bwd_ms") for r in rows if r["method"] == name}
+    wins = [T for T in lengths if mine.get(T) is not None and sdpa.get(T) is not None and mine[T] < sdpa[T]]
+    measured = [T for T in lengths if mine.get(T) is not None and sdpa.get(T) is not None]
+    if not measured:
+        return {"method": name, "crossover_T": None, "note": "no successful pair of measurements"}
+    if not wins:
+        return {
+            "method": name,
+            "crossover_T": None,
+            "note": f"slower than SDPA at every measured T <= {measured[-1]}",
+        }
+    note = "faster than SDPA at every measured T" if wins[0] == measured[0] else "faster from this T on"
+    if any(T > wins[0] and T not in wins for T in measured):
+        note = "first measured T where faster (not faster at every longer T)"
+    return {"method": name, "crossover_T": wins[0], "note": note}
+
+
+# ------------------------------------------------------------------------------------------------
+# the suite
+# ------------------------------------------------------------------------------------------------
+
+
+def _lengths(args: argparse.Namespace) -> list[int]:
+    if args.lengths:
+        try:
+            lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
+        except ValueError:
+            raise SystemExit(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+        if not lengths or lengths[0] < 1:
+            raise SystemExit(f"--lengths must be positive integers, got {args.lengths!r}")
+        return lengths
+    return list(QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+
+
+@suite("linear")
+def run(args: argparse.Namespace) -> None:
+    from effattn.linear import REGISTRY
+
+    device = args.device
+    lengths = _lengths(args)
+    ops = [REGISTRY[n] for n in sorted(REGISTRY)]
+    print(
+        f"linear suite: {len(ops)} ops {[op.name for op in ops]}, T in {lengths}, device {device}", flush=True
+    )
+
+    gemm = harness.matmul_flops_per_second(device)
+    _warm_up(ops, device)
+
+    rows: list[dict] = []
+    for T in lengths:
+        for name, measure in [("sdpa_causal", lambda T=T: _sdpa_row(T, args.repeats, device, gemm))] + [
+            (op.name, lambda T=T, op=op: _op_row(op, T, args.repeats, device, gemm)) for op in ops
+        ]:
+            row = {"method": name, "T": T, **harness.run_guarded(measure)}
+            rows.append(row)
+            print(
+                f"  T={T:>6} {name:<18} fwd {row.get('fwd_ms', float('nan')):9.2f} ms  "
+                f"fwd+bwd {row.get('fwd_bwd_ms', float('nan')):9.2f} ms  {row.get('error', '')}",
+                flush=True,
+            )
+    for r in rows:
+        s = next((x for x in rows if x["method"] == "sdpa_causal" and x["T"] == r["T"]), {})
+        if r.get("fwd_bwd_ms") and s.get("fwd_bwd_ms"):
+            r["fwd_bwd_speedup_vs_sdpa"] = s["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        if r.get("fwd_ms") and s.get("fwd_ms"):
+            r["fwd_speedup_vs_sdpa"] = s["fwd_ms"] / r["fwd_ms"]
+    crossover = [_crossover(rows, op.name, lengths) for op in ops]
+
+    decode: list[dict] = []
+    for ctx in lengths:
+        for name, measure in [("sdpa_kv_cache", lambda c=ctx: _sdpa_decode_row(c, device))] + [
+            (op.name, lambda c=ctx, op=op: _decode_row(op, c, device)) for op in ops
+        ]:
+            row = {"method": name, "context": ctx, **harness.run_guarded(measure)}
+            decode.append(row)
+            print(
+                f"  decode ctx={ctx:>6} {name:<18} step {row.get('step_us', float('nan')):9.1f} us  "
+                f"{row.get('error', '')}",
+                flush=True,
+            )
+
+    meta = {
+        "command": harness.command_line(),
+        "machine": harness.machine_info(device),
+        "lengths": lengths,
+        "sizes": {
+            "batch": BATCH,
+            "heads": HEADS,
+            "head_dim": HEAD_DIM,
+            "chunk_size": CHUNK_SIZE,
+            "dtype": "float32",
+            "gate_strength": GATE_STRENGTH,
+            "repeats": args.repeats,
+        },
+        "gemm_flops_per_s": gemm,
+        "ops": [op.name for op in ops],
+    }
+    no_flops = [op.name for op in ops if _flops_for(op.name) is None]
+    notes = [
+        f"GEMM rate of this machine in this run: {gemm / 1e9:.1f} GFLOP/s (2048^2 float32 matmul); "
+        "eff_% = FLOPs / time / GEMM rate.",
+        "SDPA: torch.nn.functional.scaled_dot_product_attention(is_causal=True), FLOPs of the "
+        "T(T+1)/2 unmasked pairs only, backward = 2.5 x forward.",
+        "Chunk ops: chunk form, chunk_size 64, FLOPs = an estimate of the chunk algorithm's work "
+        "(effattn.bench.linear.flops_*), backward = 2 x forward; gla uses the scalar-decay count "
+        "(a lower bound).",
+        "fwd = under torch.no_grad (inference); fwd_bwd = forward + backward with gradients of every "
+        "differentiable input. Times: median of repeats after a first call (repeats column: fwd/fwd_bwd; "
+        f"0 = the first call, slower than {SLOW_CALL_S:g} s, is the only timing). "
+        "Peak memory: rise over the memory in use before one call.",
+        "fwd_bwd_speedup_vs_sdpa > 1: the op is faster than SDPA causal at that T.",
+    ]
+    if no_flops:
+        notes.append(
+            f"No FLOP model for {', '.join(no_flops)}: time and memory only (efficiency left blank)."
+        )
+    harness.write_report(
+        args.out,
+        "linear",
+        rows,
+        [
+            "method",
+            "T",
+            "fwd_ms",
+            "fwd_bwd_ms",
+            "fwd_speedup_vs_sdpa",
+            "fwd_bwd_speedup_vs_sdpa",
+            "fwd_peak_MiB",
+            "fwd_bwd_peak_MiB",
+            "fwd_eff_%",
+            "fwd_bwd_eff_%",
+            "repeats",
+            "error",
+        ],
+        meta=meta,
+        notes=notes,
+    )
+    harness.write_report(
+        args.out,
+        "linear_crossover",
+        crossover,
+        ["method", "crossover_T", "note"],
+        meta=meta,
+        notes=[
+            "crossover_T: the smallest measured T where the op's chunk forward+backward is faster "
+            "than SDPA causal forward+backward (same B, H, D, dtype, machine, run)."
+        ],
+    )
+    path = harness.write_report(
+        args.out,
+        "linear_decode",
+        decode,
+        ["method", "context", "step_us", "state_bytes", "error"],
+        meta=meta,
+        notes=[
+            "step_us: one token against the state after a chunk run over `context` tokens "
+            f"(median of {STEP_REPEATS}); state_bytes: the carried state's size.",
+            "sdpa_kv_cache: SDPA of one query against a float32 KV cache of context + 1 tokens; "
+            "state_bytes is the cache's size (2 B H (T+1) D x 4 bytes).",
+        ],
+    )
+    print(f"wrote {path.parent}/linear.md, linear_crossover.md, linear_decode.md (+ .json)", flush=True)
