@@ -5,5 +5,24 @@ parallel) and ``step_*`` (decoding) forms; see ``effattn.linear._common`` for th
 """
 
 from effattn.linear._common import REGISTRY, LinearOp
+from effattn.linear.delta_rule import chunk_delta_rule, naive_delta_rule, step_delta_rule
+from effattn.linear.gated_delta_rule import (
+    chunk_gated_delta_rule,
+    naive_gated_delta_rule,
+    step_gated_delta_rule,
+)
+from effattn.linear.mom import chunk_mom, naive_mom, step_mom
 
-__all__ = ["REGISTRY", "LinearOp"]
+__all__ = [
+    "REGISTRY",
+    "LinearOp",
+    "naive_delta_rule",
+    "chunk_delta_rule",
+    "step_delta_rule",
+    "naive_gated_delta_rule",
+    "chunk_gated_delta_rule",
+    "step_gated_delta_rule",
+    "naive_mom",
+    "chunk_mom",
+    "step_mom",
+]
