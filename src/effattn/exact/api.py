@@ -181,7 +181,7 @@ class ReferenceBackend:
     def why_not(self, c: AttentionCall) -> list[str]:
         n = c.B * c.Hq * c.Tq * c.Tk
         if n > MAX_DENSE_ELEMENTS:
-            return [f"would materialize {n} scores (> {MAX_DENSE_ELEMENTS}); use 'tiled'"]
+            return [f"would materialize {n} scores (> {MAX_DENSE_ELEMENTS}); use backend='tiled' (O(T) memory)"]
         return []
 
     def run(self, c: AttentionCall):

@@ -66,11 +66,10 @@ class BlockMask:
         """The allowed pairs as a dense bool ``[Bm, Hm, q_len, kv_len]`` (tests and small sizes only)."""
         Bm, Hm, nq, nk = self.shape
         dev = self.kv_indices.device
-        tiles = torch.zeros(Bm, Hm, nq, nk, dtype=torch.bool, device=dev)
-        partial = torch.zeros_like(tiles)
+        zeros = torch.zeros(Bm, Hm, nq, nk, dtype=torch.int32, device=dev)
         valid = torch.arange(self.kv_indices.shape[-1], device=dev) < self.kv_counts[..., None]
-        tiles.scatter_(-1, self.kv_indices, valid, reduce="add")
-        partial.scatter_(-1, self.kv_indices, valid & self.kv_partial, reduce="add")
+        tiles = zeros.scatter_add(-1, self.kv_indices, valid.int()) > 0
+        partial = zeros.scatter_add(-1, self.kv_indices, (valid & self.kv_partial).int()) > 0
         dense = tiles.repeat_interleave(self.q_block, 2).repeat_interleave(self.kv_block, 3)
         dense = dense[..., : self.q_len, : self.kv_len]
         if self.mask_mod is not None:

@@ -101,11 +101,11 @@ class _Plan:
 
     def __init__(self, bm: BlockMask, lay: _Layout, scale: float, score_mod, tile_elements: int):
         self.bm, self.lay, self.scale, self.score_mod = bm, lay, scale, score_mod
-        shape = (lay.B, lay.W, lay.nq, bm.kv_indices.shape[-1])
-        self.idx = bm.kv_indices.to(lay.device).expand(shape)
-        self.counts = bm.kv_counts.to(lay.device).expand(shape[:3])
-        self.partial = bm.kv_partial.to(lay.device).expand(shape) if bm.mask_mod is not None else None
-        max_k = max(1, int(self.counts.max()))
+        # the block mask's own [Bm, Hm, ...] tensors; Hm > 1 only for a per-head mask (then W = H_q)
+        self.idx_raw = bm.kv_indices.to(lay.device)
+        self.counts_raw = bm.kv_counts.to(lay.device)
+        self.partial_raw = bm.kv_partial.to(lay.device) if bm.mask_mod is not None else None
+        max_k = max(1, int(self.counts_raw.max()))
         per_block = lay.B * lay.W * lay.R * lay.BK  # elements of one (query block, key block) pair
         self.chunk = max(1, min(max_k, tile_elements // per_block))  # key blocks per step
         self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))  # query blocks per step
@@ -114,7 +114,7 @@ class _Plan:
         """Yield ``(i0, i1, c0, c1, first, last)`` over query-block groups and key-block chunks."""
         for i0 in range(0, self.lay.nq, self.group):
             i1 = min(i0 + self.group, self.lay.nq)
-            n = int(self.counts[:, :, i0:i1].max())
+            n = int(self.counts_raw[:, :, i0:i1].max())
             if n == 0:
                 continue
             for c0 in range(0, n, self.chunk):
@@ -122,37 +122,68 @@ class _Plan:
                 yield i0, i1, c0, c1, c0 == 0, c1 == n
 
     def tile(self, i0, i1, c0, c1):
-        """Flat gather indices ``[B*W*g*c]``, key positions ``[B, W, g, 1, c*BK]`` and the mask of
-        positions to drop (``None`` when every gathered position is valid)."""
-        lay = self.lay
-        sel = self.idx[:, :, i0:i1, c0:c1]
-        g, c = sel.shape[2], sel.shape[3]
-        flat = (sel + lay.base).reshape(-1)
-        kv_pos = (sel[..., None] * lay.BK + lay.bk_range).reshape(lay.B, lay.W, g, 1, c * lay.BK)
-        real = (torch.arange(c0, c1, device=lay.device) < self.counts[:, :, i0:i1, None])  # [B, W, g, c]
-        drop = None
-        if not bool(real.all()) or int(kv_pos.max()) >= lay.Tk:
-            drop = ~real.repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)
-        if self.partial is not None:
-            part = self.partial[:, :, i0:i1, c0:c1] & real
-            if bool(part.any()):
-                q_pos = (torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1))
-                allowed = self.bm.mask_mod(lay.b_idx, lay.h_idx, q_pos.clamp(max=lay.Tq - 1), kv_pos.clamp(max=lay.Tk - 1))
-                bad = part.repeat_interleave(lay.BK, -1).unsqueeze(-2) & ~allowed
-                drop = bad if drop is None else (drop | bad)
-        return flat, kv_pos, g, c, drop
+        """Flat gather indices ``[B*W*g*c]`` of one step, and a ``drop`` function that sets the
+        scores of masked positions to -inf in place.
 
-    def scores(self, q_g, k_flat, flat, g, c, kv_pos, i0, i1):
-        """Scaled scores of one step ``[B, W, g, R, c*BK]`` before score_mod and masking."""
+        Only the key-block slots that need it (padding of ragged rows, the last key block's tail,
+        partial tiles) are masked; the mask mod is evaluated on those slots alone, and on the
+        block mask's own batch/head shape (usually 1 x 1), not on every head.
+        """
+        lay = self.lay
+        sel = self.idx_raw[:, :, i0:i1, c0:c1]  # [Bm, Hm, g, c]
+        g, c = sel.shape[2], sel.shape[3]
+        flat = (sel.expand(lay.B, lay.W, g, c) + lay.base).reshape(-1)
+        real = torch.arange(c0, c1, device=lay.device) < self.counts_raw[:, :, i0:i1, None]
+        need = ~real
+        if lay.Tk % lay.BK:
+            need = need | (sel == lay.nk - 1)
+        part = None
+        if self.partial_raw is not None:
+            part = self.partial_raw[:, :, i0:i1, c0:c1] & real
+            need = need | part
+        slots = need.flatten(0, 2).any(0).nonzero().flatten()
+        if slots.numel() == 0:
+            return flat, g, c, None
+        sub_sel = sel[..., slots]
+        kv_pos = (sub_sel[..., None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)  # [Bm, Hm, g, 1, n*BK]
+        drop = (~real[..., slots]).repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)
+        if part is not None:
+            part_cols = part[..., slots].repeat_interleave(lay.BK, -1).unsqueeze(-2)
+            q_pos = self.q_pos(i0, i1)
+            h = lay.h_idx if self.idx_raw.shape[1] > 1 or lay.Geff > 1 else lay.h_idx[:, :, :, :1]
+            allowed = self.bm.mask_mod(lay.b_idx[: self.idx_raw.shape[0]], h, q_pos, kv_pos.clamp(max=lay.Tk - 1))
+            drop = drop | (part_cols & ~allowed)
+        n = slots.numel()
+
+        def apply(s: torch.Tensor) -> None:
+            if n == c:
+                s.masked_fill_(drop, float("-inf"))
+                return
+            s6 = s.view(*s.shape[:4], c, lay.BK)
+            sub = s6[:, :, :, :, slots]
+            sub.masked_fill_(drop.view(*drop.shape[:4], n, lay.BK), float("-inf"))
+            s6[:, :, :, :, slots] = sub
+
+        return flat, g, c, apply
+
+    def q_pos(self, i0, i1):
+        """Query positions of a step's rows ``[1, 1, g, R, 1]`` (clamped into range: padded rows are dropped later)."""
+        lay = self.lay
+        pos = torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
+        return pos.clamp(max=lay.Tq - 1)
+
+    def scores(self, q_g, k_flat, flat, g, c):
+        """Scaled scores of one step ``[B, W, g, R, c*BK]`` (before score_mod and masking) and the gathered keys."""
         lay = self.lay
         ks = k_flat.index_select(0, flat).view(lay.B * lay.W * g, c * lay.BK, lay.D)
         s = torch.bmm(q_g.reshape(-1, lay.R, lay.D), ks.transpose(1, 2))
         return s.view(lay.B, lay.W, g, lay.R, c * lay.BK).mul_(self.scale), ks
 
-    def apply_score_mod(self, s, kv_pos, i0, i1):
+    def apply_score_mod(self, s, flat, g, c, i0, i1):
         lay = self.lay
-        q_pos = torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
-        return self.score_mod(s, lay.b_idx, lay.h_idx, q_pos.clamp(max=lay.Tq - 1), kv_pos.clamp(max=lay.Tk - 1))
+        kv_pos = (flat.view(lay.B, lay.W, g, c) - lay.base)[..., None] * lay.BK + lay.bk_range
+        kv_pos = kv_pos.flatten(-2).unsqueeze(-2).clamp(max=lay.Tk - 1)
+        return self.score_mod(s, lay.b_idx, lay.h_idx, self.q_pos(i0, i1), kv_pos)
 
 
 def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
@@ -172,12 +203,12 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     m = l = acc = None
     for i0, i1, c0, c1, first, last in plan.steps():
         q_g = q_r[:, :, i0:i1]
-        flat, kv_pos, g, c, drop = plan.tile(i0, i1, c0, c1)
-        s, _ = plan.scores(q_g, k_flat, flat, g, c, kv_pos, i0, i1)
+        flat, g, c, drop = plan.tile(i0, i1, c0, c1)
+        s, _ = plan.scores(q_g, k_flat, flat, g, c)
         if plan.score_mod is not None:
-            s = plan.apply_score_mod(s, kv_pos, i0, i1)
+            s = plan.apply_score_mod(s, flat, g, c, i0, i1)
         if drop is not None:
-            s.masked_fill_(drop, float("-inf"))
+            drop(s)
         if first:
             if sinks is not None:
                 m = _sink_rows(sinks, lay).expand(lay.B, lay.W, g, lay.R).clone()
@@ -214,17 +245,17 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
     d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
     for i0, i1, c0, c1, _, _ in plan.steps():
         q_g, do_g = q_r[:, :, i0:i1], do_r[:, :, i0:i1]
-        flat, kv_pos, g, c, drop = plan.tile(i0, i1, c0, c1)
-        s_raw, ks = plan.scores(q_g, k_flat, flat, g, c, kv_pos, i0, i1)
+        flat, g, c, drop = plan.tile(i0, i1, c0, c1)
+        s_raw, ks = plan.scores(q_g, k_flat, flat, g, c)
         if plan.score_mod is not None:
             s_raw.requires_grad_(True)
             with torch.enable_grad():
-                s_mod = plan.apply_score_mod(s_raw, kv_pos, i0, i1)
+                s_mod = plan.apply_score_mod(s_raw, flat, g, c, i0, i1)
             s = s_mod.detach().clone()
         else:
             s = s_raw
         if drop is not None:
-            s.masked_fill_(drop, float("-inf"))
+            drop(s)
         p = s.sub_(lse_r[:, :, i0:i1, :, None]).exp_()  # [B, W, g, R, cols]
         p3 = p.view(-1, lay.R, c * lay.BK)
         do3 = do_g.reshape(-1, lay.R, lay.Dv)
@@ -278,13 +309,14 @@ def tiled_attention(
     score_mod=None,
     sinks: torch.Tensor | None = None,
     mod_tensors: tuple[torch.Tensor, ...] = (),
-    tile_elements: int = TILE_ELEMENTS,
+    tile_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tiled engine on validated input: ``(o [B, T_q, H_q, D_v], lse [B, H_q, T_q])``.
 
-    ``mod_tensors`` are tensors read by ``score_mod`` whose gradients the backward returns.
+    ``mod_tensors`` are tensors read by ``score_mod`` whose gradients the backward returns;
+    ``tile_elements`` bounds the score elements of one step (default ``TILE_ELEMENTS``).
     Prefer :func:`effattn.attention`, which validates, builds the block mask and dispatches.
     """
     lay = _Layout(q, k, v, block_mask)
-    plan = _Plan(block_mask, lay, scale, score_mod, tile_elements)
+    plan = _Plan(block_mask, lay, scale, score_mod, tile_elements or TILE_ELEMENTS)
     return _TiledAttention.apply(q, k, v, sinks, plan, *mod_tensors)
