@@ -106,9 +106,9 @@ def _per_token_names(op) -> frozenset[str]:
     return _PER_TOKEN_CACHE[op.name]
 
 
-def make(op, B: int, T: int, *, seed: int, gate_strength: float = 0.5, d: int = D) -> Inputs:
+def make(op, B: int, T: int, *, seed: int, gate_strength: float = 0.5, d: int = D, h: int = H) -> Inputs:
     torch.manual_seed(seed)
-    args, kwargs = op.make_inputs(B, T, H, d, device="cpu", dtype=torch.float32, gate_strength=gate_strength)
+    args, kwargs = op.make_inputs(B, T, h, d, device="cpu", dtype=torch.float32, gate_strength=gate_strength)
     return Inputs(op, args, kwargs, _per_token_names(op))
 
 
@@ -120,10 +120,12 @@ def like_state(state, parts):
     return tuple(parts) if isinstance(state, (tuple, list)) else parts[0]
 
 
-def prefix_state(op, B: int, *, seed: int, gate_strength: float = 0.5):
+def prefix_state(op, B: int, *, seed: int, gate_strength: float = 0.5, d: int = D, h: int = H):
     """A realistic carried state: the naive form's final state after a random 9-token prefix.
     (A random tensor would not do for states with constraints, e.g. a positive normaliser.)"""
-    _, s = make(op, B, 9, seed=seed, gate_strength=gate_strength).call(op.naive, output_final_state=True)
+    _, s = make(op, B, 9, seed=seed, gate_strength=gate_strength, d=d, h=h).call(
+        op.naive, output_final_state=True
+    )
     assert s is not None, f"{op.name}: naive form returned no final state with output_final_state=True"
     return like_state(s, [p.detach().clone() for p in state_parts(s)])
 
@@ -299,7 +301,8 @@ def test_no_future_leakage(name, form):
 @pytest.mark.parametrize("name", OPS)
 def test_long_sequence_is_finite(name, gate_strength):
     op = REGISTRY[name]
-    x = make(op, 1, 16384, seed=10, gate_strength=gate_strength, d=16)
+    # B = H = 1 and a small head dim keep this to about a second per op on 2 cores
+    x = make(op, 1, 16384, seed=10, gate_strength=gate_strength, d=16, h=1)
     with torch.no_grad():
         o, s = x.call(op.chunk, output_final_state=True)
     assert o.shape[1] == 16384
@@ -309,8 +312,8 @@ def test_long_sequence_is_finite(name, gate_strength):
 
     # backward at a shorter length (a chunk form's autograd graph at 16k would be slow on a CPU)
     y, leaves, h0 = _leaves(
-        make(op, 1, 1024, seed=11, gate_strength=gate_strength, d=16),
-        prefix_state(op, 1, seed=12, gate_strength=gate_strength),
+        make(op, 1, 1024, seed=11, gate_strength=gate_strength, d=16, h=1),
+        prefix_state(op, 1, seed=12, gate_strength=gate_strength, d=16, h=1),
     )
     o, _ = y.call(op.chunk, initial_state=h0)
     o.square().mean().backward()
@@ -379,22 +382,30 @@ def test_bad_input_names_the_argument(name, form):
 # - scale: some take ``scale``, others hard-code K ** -0.5; we call ours with scale = K ** -0.5;
 # - our delta-rule ops L2-normalise q and k inside (``use_qk_l2norm=True``), fla's naive forms do not:
 #   we hand fla the normalised q and k;
-# - argument order of gates: simple_gla (q, k, v, g), gla (q, k, v, gk),
-#   delta_rule (q, k, v, beta), gated_delta_rule (q, k, v, beta, g).
+# - argument order of gates: simple_gla (q, k, v, g), gla (q, k, v, gk), delta_rule (q, k, v, beta),
+#   gated_delta_rule (q, k, v, beta, g): matched by our input names;
+# - fla's naive_retention (RetNet) has no state and fixed decays 1 - 2^(-5-h), our retnet's default:
+#   compared with our log_decay=None and no initial state, outputs only.
 
-FLA_REFERENCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    # our op: (fla module, function, our input names in fla's positional order after q, k, v)
+FLA_REFERENCES: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
+    # our op: (fla module, function, our gate inputs in fla's order after q, k, v; None: stateless)
     "simple_gla": ("fla.ops.simple_gla.naive", "naive_recurrent_simple_gla", ("g",)),
-    "gla": ("fla.ops.gla.naive", "naive_recurrent_gla", ("g",)),
+    "gla": ("fla.ops.gla.naive", "naive_recurrent_gla", ("gk",)),
     "delta_rule": ("fla.ops.delta_rule.naive", "delta_rule_recurrence", ("beta",)),
     "gated_delta_rule": ("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", ("beta", "g")),
+    "retnet": ("fla.ops.retention.naive", "naive_retention", None),
 }
+
+
+def _pair(result):
+    """fla's naive functions return ``(o, state)``, except stateless ones (``o`` alone)."""
+    return result if isinstance(result, tuple) else (result, None)
 
 
 def _fla_call(fn, tensors: list[torch.Tensor], kwargs: dict, head_first: bool):
     if head_first:
         tensors = [t.transpose(1, 2).contiguous() for t in tensors]
-    o, s = fn(*tensors, **kwargs)
+    o, s = _pair(fn(*tensors, **kwargs))
     return (o.transpose(1, 2) if head_first else o), s
 
 
@@ -402,11 +413,11 @@ def _fla_is_head_first(fn, tensors: list[torch.Tensor], kwargs: dict) -> bool:
     """Feed fla our ``[B, T, H, *]`` tensors as they are and change head 0 only. If fla reads dim 1
     as time, the other heads' outputs stay; if it reads dim 2 as time, 'head 0' is its first token
     and every later 'token' (our other heads) changes."""
-    o1, _ = fn(*tensors, **kwargs)
+    o1, _ = _pair(fn(*tensors, **kwargs))
     changed = [t.clone() for t in tensors]
     for t in changed:
         t[:, :, 0] = t[:, :, 0] * 0.5 + 0.1 if t.dim() > 3 else t[:, :, 0] * 0.5
-    o2, _ = fn(*changed, **kwargs)
+    o2, _ = _pair(fn(*changed, **kwargs))
     return not torch.equal(o1[:, :, 1:], o2[:, :, 1:])
 
 
@@ -421,21 +432,29 @@ def test_naive_matches_fla_reference(name):
     op = REGISTRY[name]
     B, T = 2, 23
     x = make(op, B, T, seed=15)
-    h0 = prefix_state(op, B, seed=16)
     scale = D**-0.5
+    q, k, v = (x.values[n].float() for n in ("q", "k", "v"))
     our_params = inspect.signature(op.naive).parameters
-    o, s = x.call(op.naive, scale=scale, initial_state=h0, output_final_state=True)
-
-    q, k = x.values["q"].float(), x.values["k"].float()
     if "use_qk_l2norm" in our_params and x.values.get("use_qk_l2norm", our_params["use_qk_l2norm"].default):
         q, k = F.normalize(q, p=2.0, dim=-1, eps=1e-6), F.normalize(k, p=2.0, dim=-1, eps=1e-6)
-    tensors = [q, k, x.values["v"].float(), *(x.values[n].float() for n in gate_names)]
     fla_params = inspect.signature(fn).parameters
-    kwargs = {"initial_state": h0.clone(), "output_final_state": True}
-    if "scale" in fla_params:
-        kwargs["scale"] = scale
-    head_first = _fla_is_head_first(fn, tensors, {**kwargs, "initial_state": None})
-    o_ref, s_ref = _fla_call(fn, tensors, kwargs, head_first)
+    kwargs = {"scale": scale} if "scale" in fla_params else {}
+
+    if gate_names is None:  # stateless reference with the op's default gates
+        o, _ = x.copy(**{n: None for n in x.pos_names[3:]}).call(op.naive, scale=scale)
+        tensors = [q, k, v]
+        head_first = _fla_is_head_first(fn, tensors, kwargs)
+        o_ref, _ = _fla_call(fn, tensors, kwargs, head_first)
+        assert_fp32_close(o.float(), o_ref.float(), name=f"{name} output vs fla {fn_name}")
+        return
+
+    h0 = prefix_state(op, B, seed=16)
+    o, s = x.call(op.naive, scale=scale, initial_state=h0, output_final_state=True)
+    tensors = [q, k, v, *(x.values[n].float() for n in gate_names)]
+    head_first = _fla_is_head_first(fn, tensors, {**kwargs, "output_final_state": True})
+    o_ref, s_ref = _fla_call(
+        fn, tensors, {**kwargs, "initial_state": h0.clone(), "output_final_state": True}, head_first
+    )
     assert_fp32_close(o.float(), o_ref.float(), name=f"{name} output vs fla {fn_name}")
     assert_fp32_close(s, s_ref.float(), name=f"{name} final state vs fla {fn_name}")
 

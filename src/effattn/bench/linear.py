@@ -15,7 +15,7 @@ length T (default 1k, 4k, 16k, 64k; ``--quick``: 1k, 4k):
   measured on the warm-up call);
 - efficiency: FLOPs / time / the machine's GEMM rate measured in the same run. SDPA counts only
   the unmasked pairs, ``T (T + 1) / 2``, with the FlashAttention convention backward = 2.5 x forward.
-  Chunk ops count an estimate of their chunk algorithm's work (:data:`CHUNK_FLOPS`, backward
+  Chunk ops count an estimate of their chunk algorithm's work (:func:`flops_for`, backward
   = 2 x forward); an op without an estimate reports time only;
 - the crossover length per op: the smallest measured T where the op's forward+backward beats SDPA's.
 
@@ -84,30 +84,29 @@ def flops_selective_scan(T: int, B: int, H: int, P: int, N: int) -> float:
     return 12.0 * B * T * H * P * N
 
 
-def _flops_for(name: str) -> Callable[[object, int], float] | None:
-    """``f(op, T) -> forward FLOPs`` at the suite's sizes, or None where no estimate is known."""
+SCALAR_DECAY_OPS = ("linear_attn", "simple_gla", "retnet", "lightning_attn", "lightning")
+DELTA_OPS = ("delta_rule", "gated_delta_rule")
+
+
+def flops_for(name: str) -> Callable[[object, int], float] | None:
+    """``f(op, T) -> forward FLOPs`` of op ``name``'s chunk form at the suite's sizes, or None where
+    no estimate is known (the op is then reported with time and memory only).
+
+    ``gla`` uses the scalar-decay count (a lower bound: its vector gate adds elementwise work);
+    ``mom`` lays its memories side by side as heads, so it is the scalar-decay count times the
+    number of memories (the state's dim 2)."""
     B, H, D, C = BATCH, HEADS, HEAD_DIM, CHUNK_SIZE
-    if name in ("linear_attn", "simple_gla", "retnet", "lightning", "gla"):
+    if name in SCALAR_DECAY_OPS or name == "gla":
         return lambda op, T: flops_scalar_decay_chunk(T, B, H, D, D, C)
-    if name in ("delta_rule", "gated_delta_rule"):
+    if name == "mom":
+        return lambda op, T: op.state_shape(B, H, D)[2] * flops_scalar_decay_chunk(T, B, H, D, D, C)
+    if name in DELTA_OPS:
         return lambda op, T: flops_delta_chunk(T, B, H, D, D, C)
     if name == "mamba":
         return lambda op, T: flops_selective_scan(T, B, H, *op.state_shape(B, H, D)[-2:])
     return None
 
 
-#: ops with a FLOP estimate (others report time only); ``gla`` uses the scalar-decay count, a lower
-#: bound of its vector-gate chunk work
-CHUNK_FLOPS = (
-    "linear_attn",
-    "simple_gla",
-    "retnet",
-    "lightning",
-    "gla",
-    "delta_rule",
-    "gated_delta_rule",
-    "mamba",
-)
 SDPA_BWD_FACTOR = 2.5  # FlashAttention's benchmark convention: backward = 2.5 x forward FLOPs
 CHUNK_BWD_FACTOR = 2.0
 
@@ -244,7 +243,7 @@ def _sdpa_row(T: int, repeats: int, device: str, gemm: float) -> dict:
 def _op_row(op, T: int, repeats: int, device: str, gemm: float) -> dict:
     call = _Call(op, BATCH, T, device)
     leaves = call.grad_leaves(op.differentiable_args)
-    flops_fn = _flops_for(op.name)
+    flops_fn = flops_for(op.name)
     return _measure(
         lambda: call(op.chunk, chunk_size=CHUNK_SIZE)[0],
         leaves,
@@ -386,15 +385,15 @@ def run(args: argparse.Namespace) -> None:
         "gemm_flops_per_s": gemm,
         "ops": [op.name for op in ops],
     }
-    no_flops = [op.name for op in ops if _flops_for(op.name) is None]
+    no_flops = [op.name for op in ops if flops_for(op.name) is None]
     notes = [
         f"GEMM rate of this machine in this run: {gemm / 1e9:.1f} GFLOP/s (2048^2 float32 matmul); "
         "eff_% = FLOPs / time / GEMM rate.",
         "SDPA: torch.nn.functional.scaled_dot_product_attention(is_causal=True), FLOPs of the "
         "T(T+1)/2 unmasked pairs only, backward = 2.5 x forward.",
         "Chunk ops: chunk form, chunk_size 64, FLOPs = an estimate of the chunk algorithm's work "
-        "(effattn.bench.linear.flops_*), backward = 2 x forward; gla uses the scalar-decay count "
-        "(a lower bound).",
+        "(effattn.bench.linear.flops_for), backward = 2 x forward; gla uses the scalar-decay count "
+        "(a lower bound), mom that count times its number of memories.",
         "fwd = under torch.no_grad (inference); fwd_bwd = forward + backward with gradients of every "
         "differentiable input. Times: median of repeats after a first call (repeats column: fwd/fwd_bwd; "
         f"0 = the first call, slower than {SLOW_CALL_S:g} s, is the only timing). "
