@@ -384,6 +384,8 @@ def test_bad_input_names_the_argument(name, form):
 #   we hand fla the normalised q and k;
 # - argument order of gates: simple_gla (q, k, v, g), gla (q, k, v, gk), delta_rule (q, k, v, beta),
 #   gated_delta_rule (q, k, v, beta, g): matched by our input names;
+# - our linear_attn is the identity feature map without normaliser, fla's naive_recurrent_linear_attn
+#   with normalize=False (its default);
 # - fla's naive_retention (RetNet) has no state and fixed decays 1 - 2^(-5-h), our retnet's default:
 #   compared with our log_decay=None and no initial state, outputs only.
 
@@ -394,6 +396,7 @@ FLA_REFERENCES: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
     "delta_rule": ("fla.ops.delta_rule.naive", "delta_rule_recurrence", ("beta",)),
     "gated_delta_rule": ("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", ("beta", "g")),
     "retnet": ("fla.ops.retention.naive", "naive_retention", None),
+    "linear_attn": ("fla.ops.linear_attn.naive", "naive_recurrent_linear_attn", ()),  # identity map
 }
 
 

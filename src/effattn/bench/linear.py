@@ -84,26 +84,44 @@ def flops_selective_scan(T: int, B: int, H: int, P: int, N: int) -> float:
     return 12.0 * B * T * H * P * N
 
 
-SCALAR_DECAY_OPS = ("linear_attn", "simple_gla", "retnet", "lightning_attn", "lightning")
+# linear attention (all feature-map variants), simple GLA, RetNet, Lightning: the scalar-decay kernel
+SCALAR_DECAY_OPS = (
+    "linear_attn",
+    "linear_attn_elu1",
+    "based",
+    "cottention",
+    "simple_gla",
+    "retnet",
+    "lightning_attn",
+)
 DELTA_OPS = ("delta_rule", "gated_delta_rule")
+
+
+def _state_kv(op) -> tuple[int, int]:
+    """``(K, V)`` of an op's (first) matrix state at the suite's sizes: the feature dim of a
+    feature-map linear attention (e.g. 1 + K + K^2 for Based), else the head dims."""
+    shape = op.state_shape(BATCH, HEADS, HEAD_DIM)
+    if isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    return shape[-2], shape[-1]
 
 
 def flops_for(name: str) -> Callable[[object, int], float] | None:
     """``f(op, T) -> forward FLOPs`` of op ``name``'s chunk form at the suite's sizes, or None where
     no estimate is known (the op is then reported with time and memory only).
 
-    ``gla`` uses the scalar-decay count (a lower bound: its vector gate adds elementwise work);
-    ``mom`` lays its memories side by side as heads, so it is the scalar-decay count times the
-    number of memories (the state's dim 2)."""
+    The scalar-decay count uses the state's ``[K, V]`` (the feature dim for feature maps); ``gla``
+    uses it too (a lower bound: its vector gate adds elementwise work); ``mom`` lays its memories
+    side by side as heads, so it is that count times the number of memories (the state's dim 2)."""
     B, H, D, C = BATCH, HEADS, HEAD_DIM, CHUNK_SIZE
     if name in SCALAR_DECAY_OPS or name == "gla":
-        return lambda op, T: flops_scalar_decay_chunk(T, B, H, D, D, C)
+        return lambda op, T: flops_scalar_decay_chunk(T, B, H, *_state_kv(op), C)
     if name == "mom":
-        return lambda op, T: op.state_shape(B, H, D)[2] * flops_scalar_decay_chunk(T, B, H, D, D, C)
+        return lambda op, T: op.state_shape(B, H, D)[2] * flops_scalar_decay_chunk(T, B, H, *_state_kv(op), C)
     if name in DELTA_OPS:
-        return lambda op, T: flops_delta_chunk(T, B, H, D, D, C)
+        return lambda op, T: flops_delta_chunk(T, B, H, *_state_kv(op), C)
     if name == "mamba":
-        return lambda op, T: flops_selective_scan(T, B, H, *op.state_shape(B, H, D)[-2:])
+        return lambda op, T: flops_selective_scan(T, B, H, *_state_kv(op))
     return None
 
 
