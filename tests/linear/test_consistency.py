@@ -332,18 +332,24 @@ def _word(*names: str) -> str:
 
 def _bad_inputs(x: Inputs, h0):
     """(what, inputs, extra kwargs, accepted errors, regex the message must match). Works on the
-    positional per-token inputs by position, so it fits q/k/v ops and e.g. Mamba's x/delta/Bm/Cm."""
+    positional per-token inputs by name and position, so it fits q/k/v ops, Mamba's x/delta/Bm/Cm
+    and Aaren's k/v (whose q has no time axis)."""
     seq = [n for n in x.pos_names if n in x.per_token and x.values[n].dim() == 4]
     assert len(seq) >= 2, f"{x.op.name}: expected two positional [B, T, ...] inputs, got {seq}"
     first = seq[0]
-    a, b = next(
-        (a, b) for i, a in enumerate(seq) for b in seq[i + 1 :] if x.values[a].shape == x.values[b].shape
-    )
+    if "q" in seq and "k" in seq:
+        a, b = "q", "k"
+    else:  # two inputs of one shape, e.g. Mamba's x and delta, Aaren's k and v
+        a, b = next(
+            (a, b) for i, a in enumerate(seq) for b in seq[i + 1 :] if x.values[a].shape == x.values[b].shape
+        )
     tb, tf = x.values[b], x.values[first]
     late = seq[min(2, len(seq) - 1)]  # v for q/k/v ops
     bad_h0 = list(state_parts(h0))
     bad_h0[0] = torch.zeros(*bad_h0[0].shape[:-1], bad_h0[0].shape[-1] + 1)
-    yield f"{b} last dim != {a} last dim", x.copy(**{b: tb[..., :-1]}), {}, (ValueError,), _word(a, b)
+    if (a, b) == ("q", "k"):  # the key dim is shared by q and k (k and v may differ in theirs)
+        yield "k head_dim != q head_dim", x.copy(k=tb[..., :-1]), {}, (ValueError,), _word(a, b)
+    yield f"{b} heads != {a} heads", x.copy(**{b: tb[:, :, :-1]}), {}, (ValueError,), _word(a, b)
     yield f"{b} seq_len != {a} seq_len", x.copy(**{b: tb[:, :-1]}), {}, (ValueError,), _word(a, b)
     yield f"{first} of rank 3", x.copy(**{first: tf[..., 0]}), {}, (ValueError,), _word(first)
     yield f"integer {late}", x.copy(**{late: x.values[late].round().long()}), {}, (TypeError,), _word(late)

@@ -26,7 +26,7 @@ state's size in bytes, and as the baseline SDPA for one query against a KV cache
 
 Reports ``linear``, ``linear_crossover`` and ``linear_decode`` (JSON + markdown) land in ``--out``.
 A full run reaches T = 65536, where one SDPA causal forward takes ~20 s on 2 CPU cores: expect tens
-of minutes; ``--quick`` takes about a minute.
+of minutes; ``--quick`` takes a minute or two.
 """
 
 from __future__ import annotations
@@ -97,6 +97,13 @@ SCALAR_DECAY_OPS = (
 DELTA_OPS = ("delta_rule", "gated_delta_rule")
 
 
+def flops_aaren_chunk(T: int, B: int, H: int, D: int, V: int, C: int) -> float:
+    """Aaren's chunk form: the scores ``q . k_i`` (2 D per token), and per chunk a ``[C, C]``
+    causal weight (difference, exp, sum: ~4 C^2) applied to the values (2 C^2 V)."""
+    n = math.ceil(T / C)
+    return B * H * (2 * T * D + n * C * C * (2 * V + 4))
+
+
 def _state_kv(op) -> tuple[int, int]:
     """``(K, V)`` of an op's (first) matrix state at the suite's sizes: the feature dim of a
     feature-map linear attention (e.g. 1 + K + K^2 for Based), else the head dims."""
@@ -122,6 +129,8 @@ def flops_for(name: str) -> Callable[[object, int], float] | None:
         return lambda op, T: flops_delta_chunk(T, B, H, *_state_kv(op), C)
     if name == "mamba":
         return lambda op, T: flops_selective_scan(T, B, H, *_state_kv(op))
+    if name == "aaren":
+        return lambda op, T: flops_aaren_chunk(T, B, H, D, D, C)
     return None
 
 
