@@ -190,9 +190,10 @@ def _to_chunks(x: torch.Tensor, T_pad: int, C: int) -> torch.Tensor:
     return x.movedim(3, 1).contiguous()
 
 
-def _decay_matrix(g: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-    """``Gamma[..., i, j] = exp(g_{j+1} + ... + g_i)`` for ``i >= j`` and 0 above the diagonal, from
-    per-chunk log-decays ``g [..., C]``.
+def _decay_matrix(g: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``Gamma[..., i, j] = exp(g_{j+1} + ... + g_i)`` where ``keep`` (a lower-triangular ``[C, C]``
+    mask, or one broadcasting to ``[..., C, C]``) holds, 0 elsewhere, from per-chunk log-decays
+    ``g [..., C]``.
 
     Each entry sums only its own segment (a masked cumsum, as Mamba2's ``segsum``) instead of
     differencing two cumulated sums: after one very strong decay, ``G_i - G_j`` of two large
@@ -200,9 +201,9 @@ def _decay_matrix(g: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
     would give ``-inf - (-inf)``. Exponents are <= 0 wherever ``exp`` is taken.
     """
     C = g.shape[-1]
-    strictly_lower = causal.tril(-1)
+    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
     seg = g[..., :, None].expand(*g.shape, C).masked_fill(~strictly_lower, 0.0).cumsum(-2)
-    return seg.masked_fill(~causal, float("-inf")).exp()
+    return seg.masked_fill(~keep, float("-inf")).exp()
 
 
 def _chunk_delta_core(

@@ -192,11 +192,13 @@ def _chunk_mom_core(
     else:
         # a memory that is not selected does not decay; where() also keeps 0 * -inf out
         g_m = torch.where(ac > 0, _to_chunks(g, T_pad, C)[..., None], 0.0).transpose(-1, -2)  # [B,H,N,Ms,C]
-        gamma = _decay_matrix(g_m, causal)  # [B, H, N, Ms, C, C]
-        D = (gamma * wc.transpose(-1, -2)[..., :, None] * ac.transpose(-1, -2)[..., None, :]).sum(-3)
+        # a^m_j Gamma^m_tj: the write mask folded into the decay matrix's mask (exp(-inf) = 0)
+        written = causal & (ac.transpose(-1, -2)[..., None, :] > 0)
+        gamma = _decay_matrix(g_m, written)  # [B, H, N, Ms, C, C]
+        D = (gamma * wc.transpose(-1, -2)[..., :, None]).sum(-3)
         eG = g_m.cumsum(-1).exp()  # [B, H, N, Ms, C]
         read = wc * eG.transpose(-1, -2)
-        write = ac * gamma[..., -1, :].transpose(-1, -2)  # a^m_j exp(G^m_C - G^m_j)
+        write = gamma[..., -1, :].transpose(-1, -2)  # a^m_j exp(G^m_C - G^m_j)
         decay_last = eG[..., -1]  # [B, H, N, Ms]
     q_read = (qc[..., None, :] * read[..., None]).flatten(-2)  # [B, H, N, C, Ms*K]
     k_write = (kc[..., None, :] * write[..., None]).flatten(-2)
