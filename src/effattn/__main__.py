@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", type=str, default=None, help="report folder (default bench_out/<suite>)")
     b.add_argument("--device", type=str, default="cpu")
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile)")
+    b.add_argument("--forward-only", action="store_true", help="skip forward+backward measurements")
     args = parser.parse_args(argv)
     if args.command == "bench":
         args.out = args.out or f"bench_out/{args.suite}"

@@ -68,8 +68,22 @@ class AttentionCall:
         return self.Tk - self.Tq
 
 
-def _build_call(q, k, v, causal, window, mask_mod, score_mod, block_mask, scale, softcap, alibi_slopes, sinks,
-                cu_seqlens, return_lse) -> AttentionCall:
+def _build_call(
+    q,
+    k,
+    v,
+    causal,
+    window,
+    mask_mod,
+    score_mod,
+    block_mask,
+    scale,
+    softcap,
+    alibi_slopes,
+    sinks,
+    cu_seqlens,
+    return_lse,
+) -> AttentionCall:
     B, Tq, Tk, Hq, Hkv, D, Dv = check_qkv(q, k, v)
     scale = check_scale(scale, D)
     if not isinstance(causal, bool):
@@ -92,17 +106,44 @@ def _build_call(q, k, v, causal, window, mask_mod, score_mod, block_mask, scale,
         if not isinstance(block_mask, BlockMask):
             raise TypeError(f"block_mask must be an effattn BlockMask, got {type(block_mask).__name__}")
         if (block_mask.q_len, block_mask.kv_len) != (Tq, Tk):
-            raise ValueError(f"block_mask is for (q_len, kv_len) = {(block_mask.q_len, block_mask.kv_len)}, "
-                             f"the call has {(Tq, Tk)}")
+            raise ValueError(
+                f"block_mask is for (q_len, kv_len) = {(block_mask.q_len, block_mask.kv_len)}, "
+                f"the call has {(Tq, Tk)}"
+            )
         Bm, Hm = block_mask.kv_indices.shape[:2]
         if Bm not in (1, B) or Hm not in (1, Hq):
-            raise ValueError(f"block_mask batch/heads dims {(Bm, Hm)} must be 1 or match (batch, heads_q) = {(B, Hq)}")
+            raise ValueError(
+                f"block_mask batch/heads dims {(Bm, Hm)} must be 1 or match (batch, heads_q) = {(B, Hq)}"
+            )
         if causal or window is not None or mask_mod is not None or cu_seqlens is not None:
-            raise ValueError("block_mask already carries the mask: build it with the mask_mod "
-                             "(create_block_mask / BlockMask.from_kv_indices(mask_mod=...)) instead of also "
-                             "passing causal/window/mask_mod/cu_seqlens")
-    call = AttentionCall(q, k, v, B, Tq, Tk, Hq, Hkv, D, Dv, scale, causal, win, mask_mod, score_mod, softcap,
-                         alibi_slopes, sinks, cu_seqlens, block_mask, bool(return_lse))
+            raise ValueError(
+                "block_mask already carries the mask: build it with the mask_mod "
+                "(create_block_mask / BlockMask.from_kv_indices(mask_mod=...)) instead of also "
+                "passing causal/window/mask_mod/cu_seqlens"
+            )
+    call = AttentionCall(
+        q,
+        k,
+        v,
+        B,
+        Tq,
+        Tk,
+        Hq,
+        Hkv,
+        D,
+        Dv,
+        scale,
+        causal,
+        win,
+        mask_mod,
+        score_mod,
+        softcap,
+        alibi_slopes,
+        sinks,
+        cu_seqlens,
+        block_mask,
+        bool(return_lse),
+    )
     parts = []
     if causal:
         parts.append(causal_mask(call.offset))
@@ -131,10 +172,16 @@ class SdpaBackend:
 
     def why_not(self, c: AttentionCall) -> list[str]:
         r = []
-        for flag, what in ((c.user_mask_mod is not None, "mask_mod"), (c.window is not None, "window"),
-                           (c.cu_seqlens is not None, "cu_seqlens"), (c.block_mask is not None, "block_mask"),
-                           (c.user_score_mod is not None, "score_mod"), (c.softcap is not None, "softcap"),
-                           (c.alibi_slopes is not None, "alibi_slopes"), (c.sinks is not None, "sinks")):
+        for flag, what in (
+            (c.user_mask_mod is not None, "mask_mod"),
+            (c.window is not None, "window"),
+            (c.cu_seqlens is not None, "cu_seqlens"),
+            (c.block_mask is not None, "block_mask"),
+            (c.user_score_mod is not None, "score_mod"),
+            (c.softcap is not None, "softcap"),
+            (c.alibi_slopes is not None, "alibi_slopes"),
+            (c.sinks is not None, "sinks"),
+        ):
             if flag:
                 r.append(f"{what} would need a dense T_q x T_k mask or bias")
         if c.return_lse:
@@ -169,8 +216,9 @@ class TiledBackend:
         bm = c.block_mask
         if bm is None:
             bm = create_block_mask(c.mask_mod, c.B, c.Hq, c.Tq, c.Tk, device=c.q.device)
-        return tiled_attention(c.q, c.k, c.v, bm, scale=c.scale, score_mod=c.score_mod, sinks=c.sinks,
-                               mod_tensors=c.mod_tensors)
+        return tiled_attention(
+            c.q, c.k, c.v, bm, scale=c.scale, score_mod=c.score_mod, sinks=c.sinks, mod_tensors=c.mod_tensors
+        )
 
 
 class ReferenceBackend:
@@ -274,8 +322,22 @@ def attention(
         >>> o.shape
         torch.Size([1, 100, 4, 32])
     """
-    call = _build_call(q, k, v, causal, window, mask_mod, score_mod, block_mask, scale, softcap, alibi_slopes,
-                       sinks, cu_seqlens, return_lse)
+    call = _build_call(
+        q,
+        k,
+        v,
+        causal,
+        window,
+        mask_mod,
+        score_mod,
+        block_mask,
+        scale,
+        softcap,
+        alibi_slopes,
+        sinks,
+        cu_seqlens,
+        return_lse,
+    )
     chosen, _ = _choose(call, backend)
     o, lse = _REGISTRY[chosen].run(call)
     return (o, lse) if return_lse else o
@@ -296,7 +358,21 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str =
         raise TypeError(f"explain() got unknown arguments {sorted(unknown)}")
     defaults = {n: p.default for n, p in names.items() if p.default is not inspect.Parameter.empty}
     a = {**defaults, **kwargs}
-    call = _build_call(q, k, v, a["causal"], a["window"], a["mask_mod"], a["score_mod"], a["block_mask"], a["scale"],
-                       a["softcap"], a["alibi_slopes"], a["sinks"], a["cu_seqlens"], a["return_lse"])
+    call = _build_call(
+        q,
+        k,
+        v,
+        a["causal"],
+        a["window"],
+        a["mask_mod"],
+        a["score_mod"],
+        a["block_mask"],
+        a["scale"],
+        a["softcap"],
+        a["alibi_slopes"],
+        a["sinks"],
+        a["cu_seqlens"],
+        a["return_lse"],
+    )
     chosen, reasons = _choose(call, backend)
     return Explanation(chosen, reasons)

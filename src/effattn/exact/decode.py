@@ -83,7 +83,11 @@ def decode_attention(
     dev = q.device
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.long, device=dev)
-    if not isinstance(cache_seqlens, torch.Tensor) or tuple(cache_seqlens.shape) != (B,) or cache_seqlens.dtype.is_floating_point:
+    if (
+        not isinstance(cache_seqlens, torch.Tensor)
+        or tuple(cache_seqlens.shape) != (B,)
+        or cache_seqlens.dtype.is_floating_point
+    ):
         raise ValueError(f"cache_seqlens must be an int tensor [batch] = [{B}], got {cache_seqlens!r:.60}")
     if (cache_seqlens < Tn).any() or (cache_seqlens > Tmax).any():
         raise ValueError(f"cache_seqlens must lie in [T_new={Tn}, T_max={Tmax}], got {cache_seqlens.tolist()}")

@@ -126,7 +126,9 @@ def prefix_lm_mask(prefix_len: int, offset: int = 0) -> MaskMod:
     """Bidirectional over the first ``prefix_len`` keys, causal after (prefix-LM / T5-style)."""
     causal = causal_mask(offset)
     return or_masks(
-        MaskMod(lambda b, h, q, kv: kv < prefix_len, lambda ql, qh, kl, kh: (kl < prefix_len, kh < prefix_len), "prefix"),
+        MaskMod(
+            lambda b, h, q, kv: kv < prefix_len, lambda ql, qh, kl, kh: (kl < prefix_len, kh < prefix_len), "prefix"
+        ),
         causal,
     )
 
@@ -143,7 +145,9 @@ def sink_tokens_mask(num_sinks: int) -> MaskMod:
 def streaming_mask(window: int, num_sinks: int, offset: int = 0) -> MaskMod:
     """StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks"):
     causal, the last ``window`` keys plus ``num_sinks`` first keys."""
-    return and_masks(causal_mask(offset), or_masks(sink_tokens_mask(num_sinks), sliding_window_mask(window - 1, 0, offset)))
+    return and_masks(
+        causal_mask(offset), or_masks(sink_tokens_mask(num_sinks), sliding_window_mask(window - 1, 0, offset))
+    )
 
 
 def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -181,8 +185,11 @@ def dilated_mask(window: int, dilation: int, offset: int = 0, causal: bool = Tru
 
     inner = sliding_window_mask(reach, 0 if causal else reach, offset)
     # only "any" is exact enough to skip tiles; partial tiles evaluate the rule
-    return MaskMod(fn, lambda ql, qh, kl, kh: (inner.blocks(ql, qh, kl, kh)[0], torch.zeros_like(ql + kl, dtype=torch.bool)),
-                   f"dilated(window={window}, dilation={dilation})")
+    return MaskMod(
+        fn,
+        lambda ql, qh, kl, kh: (inner.blocks(ql, qh, kl, kh)[0], torch.zeros_like(ql + kl, dtype=torch.bool)),
+        f"dilated(window={window}, dilation={dilation})",
+    )
 
 
 def global_tokens_mask(num_global: int) -> MaskMod:
@@ -303,7 +310,9 @@ def relative_position_bias(table: torch.Tensor, max_distance: int, offset: int =
     """Learned (or fixed) relative bias: ``score + table[h, clamp(j - i, -max, max) + max]`` with
     ``table [heads, 2 * max_distance + 1]`` (T5/Shaw-style, without T5's log buckets)."""
     if table.dim() != 2 or table.shape[1] != 2 * max_distance + 1:
-        raise ValueError(f"table must be [heads, 2*max_distance+1] = [H, {2 * max_distance + 1}], got {tuple(table.shape)}")
+        raise ValueError(
+            f"table must be [heads, 2*max_distance+1] = [H, {2 * max_distance + 1}], got {tuple(table.shape)}"
+        )
 
     def fn(s, b, h, q, kv):
         rel = (kv - q - offset).clamp(-max_distance, max_distance) + max_distance
@@ -325,7 +334,9 @@ def compose_score_mods(*mods) -> ScoreMod | None:
             s = m(s, b, h, q, kv)
         return s
 
-    return ScoreMod(fn, tuple(t for m in mods for t in score_mod_tensors(m)), "+".join(getattr(m, "name", "fn") for m in mods))
+    return ScoreMod(
+        fn, tuple(t for m in mods for t in score_mod_tensors(m)), "+".join(getattr(m, "name", "fn") for m in mods)
+    )
 
 
 def score_mod_tensors(score_mod) -> tuple[torch.Tensor, ...]:

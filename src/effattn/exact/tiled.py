@@ -51,9 +51,13 @@ class _Layout:
         r = torch.arange(self.R, device=dev)
         # index tensors broadcastable against a score tile [B, W, g, R, cols]
         self.b_idx = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
-        self.h_idx = (torch.arange(self.W, device=dev).view(self.W, 1) * self.Geff + r // self.BQ).view(1, self.W, 1, self.R, 1)
+        self.h_idx = (torch.arange(self.W, device=dev).view(self.W, 1) * self.Geff + r // self.BQ).view(
+            1, self.W, 1, self.R, 1
+        )
         self.row_pos = r % self.BQ
-        self.base = (torch.arange(B, device=dev).view(B, 1) * self.W + torch.arange(self.W, device=dev)).view(B, self.W, 1, 1) * self.nk
+        self.base = (torch.arange(B, device=dev).view(B, 1) * self.W + torch.arange(self.W, device=dev)).view(
+            B, self.W, 1, 1
+        ) * self.nk
         self.bk_range = torch.arange(self.BK, device=dev)
 
     def q_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,39 +125,111 @@ class _Plan:
                 c1 = min(c0 + self.chunk, n)
                 yield i0, i1, c0, c1, c0 == 0, c1 == n
 
-    def tile(self, i0, i1, c0, c1):
-        """Flat gather indices ``[B*W*g*c]`` of one step, and a ``drop`` function that sets the
-        scores of masked positions to -inf in place.
+    def step(self, i0: int, i1: int, c0: int, c1: int) -> _Step:
+        return _Step(self, i0, i1, c0, c1)
+
+    def q_pos(self, i0, i1):
+        """Query positions of a step's rows ``[1, 1, g, R, 1]`` (clamped into range: padded rows are dropped later)."""
+        lay = self.lay
+        pos = torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
+        return pos.clamp(max=lay.Tq - 1)
+
+
+class _Step:
+    """One step: query blocks ``[i0, i1)`` against entries ``[c0, c1)`` of their key-block lists.
+
+    When every row of the step lists the same consecutive key blocks (causal, document, prefix and
+    dense masks), the keys are a *slice* of K shared by the whole group: no gather, and one matmul
+    per head takes all ``g * R`` query rows. Otherwise the listed blocks are gathered per query
+    block. Scores are ``[B, W, g, R, cols]`` either way.
+    """
+
+    def __init__(self, plan: _Plan, i0: int, i1: int, c0: int, c1: int):
+        lay = self.lay = plan.lay
+        self.plan, self.i0, self.i1 = plan, i0, i1
+        self.sel = sel = plan.idx_raw[:, :, i0:i1, c0:c1]  # [Bm, Hm, g, c]
+        self.g, self.c = sel.shape[2], sel.shape[3]
+        self.cols = self.c * lay.BK
+        start = int(sel.flatten()[0])
+        if bool((sel == start + torch.arange(self.c, device=lay.device)).all()):
+            self.lo, self.flat = start * lay.BK, None
+        else:
+            self.lo, self.flat = None, (sel.expand(lay.B, lay.W, self.g, self.c) + lay.base).reshape(-1)
+        self.drop = self._masking(c0, c1)
+
+    def kv_pos(self) -> torch.Tensor:
+        """Key positions of the step's columns (clamped into range), broadcastable to the scores."""
+        lay = self.lay
+        if self.flat is None:
+            pos = torch.arange(self.lo, self.lo + self.cols, device=lay.device)
+        else:
+            pos = (self.sel[..., None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)
+        return pos.clamp(max=lay.Tk - 1)
+
+    def keys(self, x_flat: torch.Tensor) -> torch.Tensor:
+        """The step's keys (or values): ``[B*W, cols, E]`` (slice) or ``[B*W*g, cols, E]`` (gather)."""
+        lay = self.lay
+        E = x_flat.shape[-1]
+        if self.flat is None:
+            return x_flat.view(lay.B * lay.W, lay.nk * lay.BK, E)[:, self.lo : self.lo + self.cols]
+        return x_flat.index_select(0, self.flat).view(-1, self.cols, E)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Query-side rows ``[B, W, g, R, E]`` as the matmul operand that matches :meth:`keys`."""
+        lay = self.lay
+        if self.flat is None:
+            return x.reshape(lay.B * lay.W, self.g * lay.R, x.shape[-1])
+        return x.reshape(-1, lay.R, x.shape[-1])
+
+    def unrows(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`rows`: ``-> [B, W, g, R, E]``."""
+        return x.view(self.lay.B, self.lay.W, self.g, self.lay.R, x.shape[-1])
+
+    def add_to_keys(self, acc_flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """Accumulate a key-side gradient (shaped like :meth:`keys`) into ``acc_flat [B*W*nk, BK, E]``."""
+        lay = self.lay
+        E = acc_flat.shape[-1]
+        if self.flat is None:
+            acc_flat.view(lay.B * lay.W, lay.nk * lay.BK, E)[:, self.lo : self.lo + self.cols] += grad
+        else:
+            acc_flat.index_add_(0, self.flat, grad.reshape(-1, lay.BK, E))
+
+    def scores(self, q_rows: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """Scaled scores ``[B, W, g, R, cols]`` before score_mod and masking."""
+        return self.unrows(torch.bmm(self.rows(q_rows), ks.transpose(1, 2))).mul_(self.plan.scale)
+
+    def score_mod(self, s: torch.Tensor) -> torch.Tensor:
+        lay = self.lay
+        return self.plan.score_mod(s, lay.b_idx, lay.h_idx, self.plan.q_pos(self.i0, self.i1), self.kv_pos())
+
+    def _masking(self, c0: int, c1: int):
+        """A function that sets masked scores to -inf in place, or None when nothing is masked.
 
         Only the key-block slots that need it (padding of ragged rows, the last key block's tail,
-        partial tiles) are masked; the mask mod is evaluated on those slots alone, and on the
-        block mask's own batch/head shape (usually 1 x 1), not on every head.
+        partial tiles) are touched; the mask mod is evaluated on those slots alone and on the block
+        mask's own batch/head shape (usually 1 x 1), not on every head.
         """
-        lay = self.lay
-        sel = self.idx_raw[:, :, i0:i1, c0:c1]  # [Bm, Hm, g, c]
-        g, c = sel.shape[2], sel.shape[3]
-        flat = (sel.expand(lay.B, lay.W, g, c) + lay.base).reshape(-1)
-        real = torch.arange(c0, c1, device=lay.device) < self.counts_raw[:, :, i0:i1, None]
+        plan, lay, sel, c = self.plan, self.lay, self.sel, self.c
+        i0, i1 = self.i0, self.i1
+        real = torch.arange(c0, c1, device=lay.device) < plan.counts_raw[:, :, i0:i1, None]
         need = ~real
         if lay.Tk % lay.BK:
             need = need | (sel == lay.nk - 1)
         part = None
-        if self.partial_raw is not None:
-            part = self.partial_raw[:, :, i0:i1, c0:c1] & real
+        if plan.partial_raw is not None:
+            part = plan.partial_raw[:, :, i0:i1, c0:c1] & real
             need = need | part
         slots = need.flatten(0, 2).any(0).nonzero().flatten()
-        if slots.numel() == 0:
-            return flat, g, c, None
-        sub_sel = sel[..., slots]
-        kv_pos = (sub_sel[..., None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)  # [Bm, Hm, g, 1, n*BK]
+        n = slots.numel()
+        if n == 0:
+            return None
+        kv_pos = (sel[..., slots, None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)  # [Bm, Hm, g, 1, n*BK]
         drop = (~real[..., slots]).repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)
         if part is not None:
             part_cols = part[..., slots].repeat_interleave(lay.BK, -1).unsqueeze(-2)
-            q_pos = self.q_pos(i0, i1)
-            h = lay.h_idx if self.idx_raw.shape[1] > 1 or lay.Geff > 1 else lay.h_idx[:, :, :, :1]
-            allowed = self.bm.mask_mod(lay.b_idx[: self.idx_raw.shape[0]], h, q_pos, kv_pos.clamp(max=lay.Tk - 1))
+            h = lay.h_idx if (sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]
+            allowed = plan.bm.mask_mod(lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
             drop = drop | (part_cols & ~allowed)
-        n = slots.numel()
 
         def apply(s: torch.Tensor) -> None:
             if n == c:
@@ -164,26 +240,7 @@ class _Plan:
             sub.masked_fill_(drop.view(*drop.shape[:4], n, lay.BK), float("-inf"))
             s6[:, :, :, :, slots] = sub
 
-        return flat, g, c, apply
-
-    def q_pos(self, i0, i1):
-        """Query positions of a step's rows ``[1, 1, g, R, 1]`` (clamped into range: padded rows are dropped later)."""
-        lay = self.lay
-        pos = torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
-        return pos.clamp(max=lay.Tq - 1)
-
-    def scores(self, q_g, k_flat, flat, g, c):
-        """Scaled scores of one step ``[B, W, g, R, c*BK]`` (before score_mod and masking) and the gathered keys."""
-        lay = self.lay
-        ks = k_flat.index_select(0, flat).view(lay.B * lay.W * g, c * lay.BK, lay.D)
-        s = torch.bmm(q_g.reshape(-1, lay.R, lay.D), ks.transpose(1, 2))
-        return s.view(lay.B, lay.W, g, lay.R, c * lay.BK).mul_(self.scale), ks
-
-    def apply_score_mod(self, s, flat, g, c, i0, i1):
-        lay = self.lay
-        kv_pos = (flat.view(lay.B, lay.W, g, c) - lay.base)[..., None] * lay.BK + lay.bk_range
-        kv_pos = kv_pos.flatten(-2).unsqueeze(-2).clamp(max=lay.Tk - 1)
-        return self.score_mod(s, lay.b_idx, lay.h_idx, self.q_pos(i0, i1), kv_pos)
+        return apply
 
 
 def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
@@ -202,28 +259,26 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         lse_r.copy_(_sink_rows(sinks, lay).expand_as(lse_r))
     m = l = acc = None
     for i0, i1, c0, c1, first, last in plan.steps():
-        q_g = q_r[:, :, i0:i1]
-        flat, g, c, drop = plan.tile(i0, i1, c0, c1)
-        s, _ = plan.scores(q_g, k_flat, flat, g, c)
+        st = plan.step(i0, i1, c0, c1)
+        s = st.scores(q_r[:, :, i0:i1], st.keys(k_flat))
         if plan.score_mod is not None:
-            s = plan.apply_score_mod(s, flat, g, c, i0, i1)
-        if drop is not None:
-            drop(s)
+            s = st.score_mod(s)
+        if st.drop is not None:
+            st.drop(s)
         if first:
             if sinks is not None:
-                m = _sink_rows(sinks, lay).expand(lay.B, lay.W, g, lay.R).clone()
+                m = _sink_rows(sinks, lay).expand(lay.B, lay.W, st.g, lay.R).clone()
                 l = torch.ones_like(m)
             else:
-                m = torch.full((lay.B, lay.W, g, lay.R), float("-inf"), device=lay.device)
+                m = torch.full((lay.B, lay.W, st.g, lay.R), float("-inf"), device=lay.device)
                 l = torch.zeros_like(m)
-            acc = torch.zeros(lay.B, lay.W, g, lay.R, lay.Dv, device=lay.device)
+            acc = torch.zeros(lay.B, lay.W, st.g, lay.R, lay.Dv, device=lay.device)
         m_new = torch.maximum(m, s.amax(-1))
         m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
         alpha = torch.exp(m - m_use)
         p = s.sub_(m_use[..., None]).exp_()
         l = l * alpha + p.sum(-1)
-        vs = v_flat.index_select(0, flat).view(lay.B * lay.W * g, c * lay.BK, lay.Dv)
-        pv = torch.bmm(p.view(-1, lay.R, c * lay.BK), vs).view(lay.B, lay.W, g, lay.R, lay.Dv)
+        pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat)))
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
         if last:
@@ -233,7 +288,7 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
 
 
 def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=()):
-    """Gradients ``(dq, dk, dv, dsinks, *d mod_tensors)`` by recomputing tiles (FlashAttention-2)."""
+    """Gradients ``(dq, dk, dv, dsinks, d mod_tensors)`` by recomputing tiles (FlashAttention-2)."""
     lay = plan.lay
     q_r, do_r = lay.q_rows(q), lay.q_rows(do)
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
@@ -244,24 +299,23 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
     for i0, i1, c0, c1, _, _ in plan.steps():
+        st = plan.step(i0, i1, c0, c1)
         q_g, do_g = q_r[:, :, i0:i1], do_r[:, :, i0:i1]
-        flat, g, c, drop = plan.tile(i0, i1, c0, c1)
-        s_raw, ks = plan.scores(q_g, k_flat, flat, g, c)
+        ks, vs = st.keys(k_flat), st.keys(v_flat)
+        s_raw = st.scores(q_g, ks)
         if plan.score_mod is not None:
             s_raw.requires_grad_(True)
             with torch.enable_grad():
-                s_mod = plan.apply_score_mod(s_raw, flat, g, c, i0, i1)
+                s_mod = st.score_mod(s_raw)
             s = s_mod.detach().clone()
         else:
             s = s_raw
-        if drop is not None:
-            drop(s)
+        if st.drop is not None:
+            st.drop(s)
         p = s.sub_(lse_r[:, :, i0:i1, :, None]).exp_()  # [B, W, g, R, cols]
-        p3 = p.view(-1, lay.R, c * lay.BK)
-        do3 = do_g.reshape(-1, lay.R, lay.Dv)
-        vs = v_flat.index_select(0, flat).view(-1, c * lay.BK, lay.Dv)
-        dv_flat.index_add_(0, flat, torch.bmm(p3.transpose(1, 2), do3).view(-1, lay.BK, lay.Dv))
-        dp = torch.bmm(do3, vs.transpose(1, 2)).view_as(p)
+        p_rows, do_rows = st.rows(p), st.rows(do_g)
+        st.add_to_keys(dv_flat, torch.bmm(p_rows.transpose(1, 2), do_rows))
+        dp = st.unrows(torch.bmm(do_rows, vs.transpose(1, 2)))
         ds = p.mul_(dp.sub_(delta_r[:, :, i0:i1, :, None]))  # P * (dP - Delta), in place of P
         if plan.score_mod is not None:
             grads = torch.autograd.grad(s_mod, (s_raw, *mod_tensors), ds, allow_unused=True)
@@ -269,9 +323,9 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
             for acc, gr in zip(d_mod, grads[1:]):
                 if gr is not None:
                     acc.add_(gr.float())
-        ds3 = ds.reshape(-1, lay.R, c * lay.BK).mul_(plan.scale)
-        dq_r[:, :, i0:i1] += torch.bmm(ds3, ks).view(lay.B, lay.W, g, lay.R, lay.D)
-        dk_flat.index_add_(0, flat, torch.bmm(ds3.transpose(1, 2), q_g.reshape(-1, lay.R, lay.D)).view(-1, lay.BK, lay.D))
+        ds_rows = st.rows(ds).mul_(plan.scale)
+        dq_r[:, :, i0:i1] += st.unrows(torch.bmm(ds_rows, ks))
+        st.add_to_keys(dk_flat, torch.bmm(ds_rows.transpose(1, 2), st.rows(q_g)))
     dsinks = None
     if sinks is not None:
         p_sink = torch.exp(_sink_rows(sinks, lay) - lse_r)  # [B, W, nq, R]; padded rows have delta 0

@@ -1,0 +1,220 @@
+"""``python -m effattn bench attention``: exact attention backends side by side.
+
+For dense causal, sliding-window (w=256, causal) and document (packed causal) masks over
+several lengths: forward and forward+backward time (median of repeats) and peak memory of
+``sdpa`` (plain causal; SDPA with the equivalent dense boolean mask for the others), ``tiled``,
+``auto``, ``reference`` (skipped where it would not fit) and compiled FlexAttention (``--flex``),
+with efficiency = useful FLOP/s over the machine's matmul FLOP/s measured in the same run
+(only unmasked pairs count; backward counted as 2.5x forward, FlashAttention's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from effattn.bench import suite
+from effattn.bench.harness import (
+    attention_flops,
+    command_line,
+    machine_info,
+    matmul_flops_per_second,
+    measure_peak_memory,
+    measure_time,
+    run_guarded,
+    write_report,
+)
+from effattn.exact import attention, create_block_mask
+from effattn.exact.masks import (
+    and_masks,
+    causal_mask,
+    document_ids_from_cu_seqlens,
+    document_mask,
+    sliding_window_mask,
+)
+from effattn.exact.reference import MAX_DENSE_ELEMENTS
+
+WINDOW = 256
+SDPA_MASK_BUDGET_BYTES = 6 * 2**30  # SDPA with a dense mask converts it to a float T x T bias (and more)
+
+
+def _doc_cu_seqlens(T: int) -> torch.Tensor:
+    """Deterministic packed documents of varied length (mean ~T/8)."""
+    g = torch.Generator().manual_seed(T)
+    lens, total = [], 0
+    while total < T:
+        n = int(torch.randint(T // 16 + 1, T // 4 + 2, (1,), generator=g))
+        n = min(n, T - total)
+        lens.append(n)
+        total += n
+    return torch.tensor([0] + lens).cumsum(0)
+
+
+def pattern_spec(name: str, T: int) -> tuple[dict, object, float]:
+    """``(attention kwargs, mask_mod, allowed (q, k) pairs)`` of a benchmark pattern."""
+    if name == "causal":
+        return {"causal": True}, causal_mask(), T * (T + 1) / 2
+    if name == "window":
+        w = min(WINDOW, T)
+        pairs = w * (w + 1) / 2 + (T - w) * w
+        return {"causal": True, "window": WINDOW}, and_masks(causal_mask(), sliding_window_mask(WINDOW - 1)), pairs
+    if name == "document":
+        cu = _doc_cu_seqlens(T)
+        lens = (cu[1:] - cu[:-1]).double()
+        pairs = float((lens * (lens + 1) / 2).sum())
+        return (
+            {"causal": True, "cu_seqlens": cu},
+            and_masks(causal_mask(), document_mask(document_ids_from_cu_seqlens(cu, T))),
+            pairs,
+        )
+    raise KeyError(name)
+
+
+def _dense_bool_mask(mask_mod, T: int) -> torch.Tensor:
+    i = torch.arange(T)
+    rows = [mask_mod(None, None, i[a : a + 1024, None], i[None, :]) for a in range(0, T, 1024)]
+    return torch.cat(rows)
+
+
+def _runner(impl: str, pattern: str, q, k, v, kw, mask_mod):
+    """A callable computing the attention output with ``impl`` (layout conversions done here, once)."""
+    if impl in ("tiled", "auto", "reference"):
+        return lambda: attention(q, k, v, backend=impl, **kw)
+    qt, kt, vt = (x.transpose(1, 2).detach().contiguous().requires_grad_(x.requires_grad) for x in (q, k, v))
+    T = q.shape[1]
+    if impl == "sdpa":
+        if pattern == "causal":
+            return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        if q.shape[0] * q.shape[2] * T * T * 4 > SDPA_MASK_BUDGET_BYTES:
+            raise MemoryError(f"SDPA with a dense mask would need > {SDPA_MASK_BUDGET_BYTES >> 30} GiB of T x T bias")
+        m = _dense_bool_mask(mask_mod, T)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=m)
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask as flex_block_mask
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = torch.compile(flex_attention, dynamic=False)
+        bm = flex_block_mask(lambda b, h, qi, ki: mask_mod(b, h, qi, ki), None, None, T, T, device=str(q.device))
+        return lambda: fn(qt, kt, vt, block_mask=bm)
+    raise KeyError(impl)
+
+
+def _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok: bool) -> dict:
+    kw, mask_mod, pairs = pattern_spec(pattern, T)
+    row = {"pattern": pattern, "T": T, "impl": impl}
+    if impl == "reference" and B * H * T * T > MAX_DENSE_ELEMENTS:
+        return {**row, "error": "skipped: would materialize the T x T scores"}
+    if impl == "flex" and not flex_ok:
+        return {**row, "error": "skipped (run with --flex)"}
+    dev = args.device
+    q, k, v = (torch.randn(B, T, H, D, device=dev, requires_grad=True) for _ in range(3))
+    do = torch.randn(B, T, H, D, device=dev)
+    fwd_flops = attention_flops(B, H, D, D, pairs)
+
+    def one():
+        run = _runner(impl, pattern, q, k, v, kw, mask_mod)
+        transposed = impl in ("sdpa", "flex")
+        g = do.transpose(1, 2) if transposed else do
+
+        def fwd():
+            with torch.no_grad():
+                return run()
+
+        def fwd_bwd():
+            run().backward(g)
+
+        out = {}
+        out["fwd_s"] = measure_time(fwd, repeats=args.repeats, device=dev)
+        out["fwd_mem_MiB"] = (measure_peak_memory(fwd, dev) or 0) / 2**20
+        out["fwd_eff"] = fwd_flops / out["fwd_s"] / gemm
+        if not args.forward_only:
+            out["fwdbwd_s"] = measure_time(fwd_bwd, repeats=args.repeats, device=dev)
+            out["fwdbwd_mem_MiB"] = (measure_peak_memory(fwd_bwd, dev) or 0) / 2**20
+            out["fwdbwd_eff"] = 3.5 * fwd_flops / out["fwdbwd_s"] / gemm
+        return out
+
+    return {**row, **run_guarded(one)}
+
+
+@suite("attention")
+def run(args: argparse.Namespace) -> None:
+    lengths = (
+        [int(x) for x in args.lengths.split(",")]
+        if args.lengths
+        else ([1024, 2048] if args.quick else [1024, 4096, 16384, 32768])
+    )
+    B, H, D = 1, 4, 64
+    flex_ok = bool(getattr(args, "flex", False))
+    impls = ["sdpa", "auto", "tiled", "reference", "flex"]
+    torch.manual_seed(0)
+    gemm = matmul_flops_per_second(args.device)
+    print(f"matmul rate: {gemm / 1e9:.1f} GFLOP/s (float32)", flush=True)
+    rows = []
+    for pattern in ("causal", "window", "document"):
+        for T in lengths:
+            for impl in impls:
+                r = _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok)
+                rows.append(r)
+                shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}
+                print(shown, flush=True)
+    # block-mask density of the tiled engine, for the notes
+    notes = [
+        f"B={B}, H={H}, D={D}, float32; window={WINDOW} (causal); document = packed causal documents",
+        f"matmul rate {gemm / 1e9:.1f} GFLOP/s; eff = useful FLOP/s / matmul FLOP/s (bwd counted 2.5x fwd)",
+        "sdpa for window/document = SDPA with the equivalent dense boolean mask; fwd timed under no_grad",
+        "peak memory = rise of the process's peak RSS over the RSS before the call (CPU)",
+    ]
+    for T in lengths:
+        bm = create_block_mask(pattern_spec("window", T)[1], 1, 1, T, T)
+        notes.append(f"T={T}: window block mask density {bm.density():.4f}")
+    _summarize(rows, notes)
+    meta = {
+        "command": command_line(),
+        "machine": machine_info(args.device),
+        "gemm_flops": gemm,
+        "lengths": lengths,
+        "B": B,
+        "H": H,
+        "D": D,
+    }
+    cols = [
+        "pattern",
+        "T",
+        "impl",
+        "fwd_s",
+        "fwdbwd_s",
+        "fwd_mem_MiB",
+        "fwdbwd_mem_MiB",
+        "fwd_eff",
+        "fwdbwd_eff",
+        "error",
+    ]
+    path = write_report(args.out, "attention", rows, cols, meta=meta, notes=notes)
+    print(f"report: {path}")
+
+
+def _summarize(rows: list[dict], notes: list[str]) -> None:
+    """Ratios the issue's targets are stated in."""
+
+    def get(pattern, T, impl, key):
+        for r in rows:
+            if r["pattern"] == pattern and r["T"] == T and r["impl"] == impl:
+                return r.get(key)
+        return None
+
+    for T in sorted({r["T"] for r in rows}):
+        t_sdpa, t_tiled = get("window", T, "sdpa", "fwd_s"), get("window", T, "tiled", "fwd_s")
+        m_sdpa, m_tiled = get("window", T, "sdpa", "fwd_mem_MiB"), get("window", T, "tiled", "fwd_mem_MiB")
+        if t_sdpa and t_tiled:
+            notes.append(f"T={T} window: tiled fwd {t_sdpa / t_tiled:.1f}x faster than SDPA+dense mask")
+        if m_sdpa and m_tiled:
+            notes.append(f"T={T} window: tiled fwd peak memory {m_sdpa / max(m_tiled, 1e-3):.1f}x lower")
+        t_auto, t_plain = get("causal", T, "auto", "fwd_s"), get("causal", T, "sdpa", "fwd_s")
+        if t_auto and t_plain:
+            notes.append(f"T={T} causal: auto/sdpa time ratio {t_auto / t_plain:.3f}")
+        e = get("causal", T, "tiled", "fwd_eff")
+        if e:
+            notes.append(
+                f"T={T} causal: tiled fwd efficiency {e:.2f} of GEMM (sdpa {get('causal', T, 'sdpa', 'fwd_eff') or 0:.2f})"
+            )
