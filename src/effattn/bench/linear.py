@@ -1,6 +1,6 @@
 """Benchmark suite ``linear``: every registered linear op's chunk form against SDPA causal.
 
-``python -m effattn bench linear [--quick] [--lengths 1024,4096] [--repeats 3] [--device cpu]``
+``python -m effattn bench linear [--quick] [--lengths 1024,4096] [--repeats 3] [--device cpu] [--forward-only]``
 
 For each op in :data:`effattn.linear.REGISTRY` (its ``make_inputs`` at ``B=1, H=4, D=64``, gate
 strength 0.5, float32) and for ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
@@ -71,9 +71,7 @@ def flops_delta_chunk(T: int, B: int, H: int, K: int, V: int, C: int) -> float:
     input ``K^T U`` (2 C K V), the state passing ``M S`` (2 K^2 V), ``Delta = U - W S`` (2 C K V),
     the output ``Q S + tril(Q K^T) Delta`` (2 C K V + 2 C^2 V)."""
     n = math.ceil(T / C)
-    per_chunk = (
-        4 * C * C * K + C * C * (K + V) + 2 * C * K * K + 6 * C * K * V + 2 * K * K * V + 2 * C * C * V
-    )
+    per_chunk = 4 * C * C * K + C * C * (K + V) + 2 * C * K * K + 6 * C * K * V + 2 * K * K * V + 2 * C * C * V
     return B * H * n * per_chunk
 
 
@@ -233,25 +231,24 @@ def _upstream(o: torch.Tensor) -> torch.Tensor:
     return _UPSTREAM[key]
 
 
-def _measure(forward, leaves, repeats: int, device: str, flops: float | None, bwd_factor: float, gemm: float):
+def _measure(
+    forward, leaves, repeats: int, device: str, flops: float | None, bwd_factor: float, gemm: float, backward: bool
+):
     fwd, fwd_bwd = _fwd_bwd_fns(forward, leaves)
     t_f, m_f, n_f = _time_and_memory(fwd, repeats, device)
-    t_fb, m_fb, n_fb = _time_and_memory(fwd_bwd, repeats, device)
-    row = {
-        "fwd_ms": 1e3 * t_f,
-        "fwd_bwd_ms": 1e3 * t_fb,
-        "fwd_peak_MiB": _mib(m_f),
-        "fwd_bwd_peak_MiB": _mib(m_fb),
-        "repeats": f"{n_f}/{n_fb}",
-    }
+    row = {"fwd_ms": 1e3 * t_f, "fwd_peak_MiB": _mib(m_f), "repeats": f"{n_f}/-"}
     if flops is not None:
         row["fwd_GFLOP"] = flops / 1e9
         row["fwd_eff_%"] = 100 * flops / t_f / gemm
-        row["fwd_bwd_eff_%"] = 100 * flops * (1 + bwd_factor) / t_fb / gemm
+    if backward:
+        t_fb, m_fb, n_fb = _time_and_memory(fwd_bwd, repeats, device)
+        row.update({"fwd_bwd_ms": 1e3 * t_fb, "fwd_bwd_peak_MiB": _mib(m_fb), "repeats": f"{n_f}/{n_fb}"})
+        if flops is not None:
+            row["fwd_bwd_eff_%"] = 100 * flops * (1 + bwd_factor) / t_fb / gemm
     return row
 
 
-def _sdpa_row(T: int, repeats: int, device: str, gemm: float) -> dict:
+def _sdpa_row(T: int, repeats: int, device: str, gemm: float, backward: bool = True) -> dict:
     B, H, D = BATCH, HEADS, HEAD_DIM
     q, k, v = (torch.randn(B, T, H, D, device=device) for _ in range(3))
     q, k, v = (x.transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))  # [B, H, T, D]
@@ -264,10 +261,11 @@ def _sdpa_row(T: int, repeats: int, device: str, gemm: float) -> dict:
         flops,
         SDPA_BWD_FACTOR,
         gemm,
+        backward,
     )
 
 
-def _op_row(op, T: int, repeats: int, device: str, gemm: float) -> dict:
+def _op_row(op, T: int, repeats: int, device: str, gemm: float, backward: bool = True) -> dict:
     call = _Call(op, BATCH, T, device)
     leaves = call.grad_leaves(op.differentiable_args)
     flops_fn = flops_for(op.name)
@@ -279,6 +277,7 @@ def _op_row(op, T: int, repeats: int, device: str, gemm: float) -> dict:
         None if flops_fn is None else flops_fn(op, T),
         CHUNK_BWD_FACTOR,
         gemm,
+        backward,
     )
 
 
@@ -313,9 +312,9 @@ def _warm_up(ops, device: str) -> None:
     harness.run_guarded(lambda: _sdpa_row(256, 1, device, 1.0))
 
 
-def _crossover(rows: list[dict], name: str, lengths: list[int]) -> dict:
-    sdpa = {r["T"]: r.get("fwd_bwd_ms") for r in rows if r["method"] == "sdpa_causal"}
-    mine = {r["T"]: r.get("fwd_bwd_ms") for r in rows if r["method"] == name}
+def _crossover(rows: list[dict], name: str, lengths: list[int], key: str = "fwd_bwd_ms") -> dict:
+    sdpa = {r["T"]: r.get(key) for r in rows if r["method"] == "sdpa_causal"}
+    mine = {r["T"]: r.get(key) for r in rows if r["method"] == name}
     wins = [T for T in lengths if mine.get(T) is not None and sdpa.get(T) is not None and mine[T] < sdpa[T]]
     measured = [T for T in lengths if mine.get(T) is not None and sdpa.get(T) is not None]
     if not measured:
@@ -355,18 +354,17 @@ def run(args: argparse.Namespace) -> None:
 
     device = args.device
     lengths = _lengths(args)
+    backward = not getattr(args, "forward_only", False)  # --forward-only: no forward+backward runs
     ops = [REGISTRY[n] for n in sorted(REGISTRY)]
-    print(
-        f"linear suite: {len(ops)} ops {[op.name for op in ops]}, T in {lengths}, device {device}", flush=True
-    )
+    print(f"linear suite: {len(ops)} ops {[op.name for op in ops]}, T in {lengths}, device {device}", flush=True)
 
     gemm = harness.matmul_flops_per_second(device)
     _warm_up(ops, device)
 
     rows: list[dict] = []
     for T in lengths:
-        for name, measure in [("sdpa_causal", lambda T=T: _sdpa_row(T, args.repeats, device, gemm))] + [
-            (op.name, lambda T=T, op=op: _op_row(op, T, args.repeats, device, gemm)) for op in ops
+        for name, measure in [("sdpa_causal", lambda T=T: _sdpa_row(T, args.repeats, device, gemm, backward))] + [
+            (op.name, lambda T=T, op=op: _op_row(op, T, args.repeats, device, gemm, backward)) for op in ops
         ]:
             row = {"method": name, "T": T, **harness.run_guarded(measure)}
             rows.append(row)
@@ -381,7 +379,8 @@ def run(args: argparse.Namespace) -> None:
             r["fwd_bwd_speedup_vs_sdpa"] = s["fwd_bwd_ms"] / r["fwd_bwd_ms"]
         if r.get("fwd_ms") and s.get("fwd_ms"):
             r["fwd_speedup_vs_sdpa"] = s["fwd_ms"] / r["fwd_ms"]
-    crossover = [_crossover(rows, op.name, lengths) for op in ops]
+    crossover_key = "fwd_bwd_ms" if backward else "fwd_ms"
+    crossover = [_crossover(rows, op.name, lengths, crossover_key) for op in ops]
 
     decode: list[dict] = []
     for ctx in lengths:
@@ -428,9 +427,7 @@ def run(args: argparse.Namespace) -> None:
         "fwd_bwd_speedup_vs_sdpa > 1: the op is faster than SDPA causal at that T.",
     ]
     if no_flops:
-        notes.append(
-            f"No FLOP model for {', '.join(no_flops)}: time and memory only (efficiency left blank)."
-        )
+        notes.append(f"No FLOP model for {', '.join(no_flops)}: time and memory only (efficiency left blank).")
     harness.write_report(
         args.out,
         "linear",
@@ -460,7 +457,8 @@ def run(args: argparse.Namespace) -> None:
         meta=meta,
         notes=[
             "crossover_T: the smallest measured T where the op's chunk forward+backward is faster "
-            "than SDPA causal forward+backward (same B, H, D, dtype, machine, run)."
+            "than SDPA causal forward+backward (same B, H, D, dtype, machine, run)"
+            + ("." if backward else "; with --forward-only: forward times instead.")
         ],
     )
     path = harness.write_report(
