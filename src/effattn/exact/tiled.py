@@ -195,8 +195,8 @@ class _Step:
             acc_flat.index_add_(0, self.flat, grad.reshape(-1, lay.BK, E))
 
     def scores(self, q_rows: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-        """Scaled scores ``[B, W, g, R, cols]`` before score_mod and masking."""
-        return self.unrows(torch.bmm(self.rows(q_rows), ks.transpose(1, 2))).mul_(self.plan.scale)
+        """Scores ``[B, W, g, R, cols]`` from pre-scaled query rows, before score_mod and masking."""
+        return self.unrows(torch.bmm(self.rows(q_rows), ks.transpose(1, 2)))
 
     def score_mod(self, s: torch.Tensor) -> torch.Tensor:
         lay = self.lay
@@ -251,7 +251,7 @@ def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
 def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     """Returns ``(o [B, Tq, Hq, Dv] float32, lse [B, Hq, Tq] float32)``; see the module docstring."""
     lay = plan.lay
-    q_r = lay.q_rows(q)
+    q_r = lay.q_rows(q).mul_(plan.scale)  # the scale folded into q: one pass over q, not over every tile
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
     o_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.Dv, device=lay.device)
     lse_r = torch.full((lay.B, lay.W, lay.nq, lay.R), float("-inf"), device=lay.device)
@@ -290,7 +290,7 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
 def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=()):
     """Gradients ``(dq, dk, dv, dsinks, d mod_tensors)`` by recomputing tiles (FlashAttention-2)."""
     lay = plan.lay
-    q_r, do_r = lay.q_rows(q), lay.q_rows(do)
+    q_r, do_r = lay.q_rows(q).mul_(plan.scale), lay.q_rows(do)
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
     delta_r = lay.row_stat((do.float() * o.float()).sum(-1).transpose(1, 2))  # [B, W, nq, R]
     lse_r = lay.row_stat(lse.float())
@@ -323,15 +323,15 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
             for acc, gr in zip(d_mod, grads[1:]):
                 if gr is not None:
                     acc.add_(gr.float())
-        ds_rows = st.rows(ds).mul_(plan.scale)
-        dq_r[:, :, i0:i1] += st.unrows(torch.bmm(ds_rows, ks))
+        ds_rows = st.rows(ds)
+        dq_r[:, :, i0:i1] += st.unrows(torch.bmm(ds_rows, ks))  # scaled once at the end
         st.add_to_keys(dk_flat, torch.bmm(ds_rows.transpose(1, 2), st.rows(q_g)))
     dsinks = None
     if sinks is not None:
         p_sink = torch.exp(_sink_rows(sinks, lay) - lse_r)  # [B, W, nq, R]; padded rows have delta 0
         per_row = -(p_sink * delta_r).sum((0, 2))  # [W, R]
         dsinks = torch.zeros(lay.Hq, device=lay.device).index_add_(0, lay.h_idx.view(-1), per_row.reshape(-1))
-    return lay.q_rows_back(dq_r), lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
+    return lay.q_rows_back(dq_r.mul_(plan.scale)), lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
 
 
 class _TiledAttention(torch.autograd.Function):
