@@ -12,8 +12,24 @@ from effattn.linear.gated_delta_rule import (
     naive_gated_delta_rule,
     step_gated_delta_rule,
 )
+from effattn.linear.gla import chunk_gla, naive_gla, step_gla
+from effattn.linear.lightning import (
+    chunk_lightning_attn,
+    lightning_log_decay,
+    naive_lightning_attn,
+    step_lightning_attn,
+)
+from effattn.linear.linear_attn import (
+    FEATURE_MAPS,
+    chunk_linear_attn,
+    feature_dim,
+    naive_linear_attn,
+    step_linear_attn,
+)
 from effattn.linear.mamba import chunk_selective_scan, naive_selective_scan, step_selective_scan
 from effattn.linear.mom import chunk_mom, naive_mom, step_mom
+from effattn.linear.retnet import chunk_retention, naive_retention, retention_log_decay, step_retention
+from effattn.linear.simple_gla import chunk_simple_gla, naive_simple_gla, step_simple_gla
 
 __all__ = [
     "REGISTRY",
@@ -27,6 +43,25 @@ __all__ = [
     "naive_mom",
     "chunk_mom",
     "step_mom",
+    "naive_linear_attn",
+    "chunk_linear_attn",
+    "step_linear_attn",
+    "FEATURE_MAPS",
+    "feature_dim",
+    "naive_simple_gla",
+    "chunk_simple_gla",
+    "step_simple_gla",
+    "naive_retention",
+    "chunk_retention",
+    "step_retention",
+    "retention_log_decay",
+    "naive_lightning_attn",
+    "chunk_lightning_attn",
+    "step_lightning_attn",
+    "lightning_log_decay",
+    "naive_gla",
+    "chunk_gla",
+    "step_gla",
     "naive_selective_scan",
     "chunk_selective_scan",
     "step_selective_scan",
