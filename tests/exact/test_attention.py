@@ -227,3 +227,14 @@ def test_auto_prefers_sdpa_for_plain_calls_and_tiled_otherwise():
     e = explain(q[:, :10], k, v, causal=True)
     assert e.backend == "tiled" and any("bottom-right" in r for r in e.reasons["sdpa"])
     assert "backend: tiled" in str(e)
+
+
+def test_non_contiguous_inputs():
+    """Inputs given as transposed views of [B, H, T, D] tensors (as after an SDPA-style projection)."""
+    q, k, v = (torch.randn(2, 4, 70, 16).transpose(1, 2).requires_grad_(True) for _ in range(3))
+    o = attention(q, k, v, causal=True, window=9, backend="tiled")
+    o_ref = attention(q, k, v, causal=True, window=9, backend="reference")
+    assert_fp32_close(o, o_ref, 1e-5)
+    do = torch.randn_like(o)
+    for g, g_ref in zip(_grads(o, (q, k, v), do), _grads(o_ref, (q, k, v), do)):
+        assert_fp32_close(g, g_ref, 1e-4)

@@ -60,17 +60,20 @@ class _Layout:
         ) * self.nk
         self.bk_range = torch.arange(self.BK, device=dev)
 
-    def q_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, Tq, Hq, E] -> [B, W, nq, R, E]`` (float32, padded)."""
-        x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, self.nq * self.BQ - self.Tq))
-        x = x.view(self.B, self.nq, self.BQ, self.W, self.Geff, x.shape[-1]).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(self.B, self.W, self.nq, self.R, x.shape[-1])
+    def rows_view(self, x: torch.Tensor) -> torch.Tensor:
+        """A ``[B, W, nq, Geff, BQ, E]`` view of a ``[B, nq*BQ, Hq, E]`` tensor (row ``r = g*BQ + t``)."""
+        return x.view(self.B, self.nq, self.BQ, self.W, self.Geff, x.shape[-1]).permute(0, 3, 1, 4, 2, 5)
 
-    def q_rows_back(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`q_rows`: ``[B, W, nq, R, E] -> [B, Tq, Hq, E]``."""
+    def new_rows(self, E: int) -> torch.Tensor:
+        """A zero float32 ``[B, nq*BQ, Hq, E]`` tensor: outputs and query gradients are written into it."""
+        return torch.zeros(self.B, self.nq * self.BQ, self.Hq, E, device=self.device)
+
+    def q_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Tq, Hq, E] -> [B, W, nq, R, E]`` float32, zero-padded, in one copy."""
         E = x.shape[-1]
-        x = x.view(self.B, self.W, self.nq, self.Geff, self.BQ, E).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(self.B, self.nq * self.BQ, self.Hq, E)[:, : self.Tq]
+        dest = torch.zeros(self.B, self.W, self.nq, self.Geff, self.BQ, E, device=self.device)
+        _copy_padded(dest.permute(0, 2, 4, 1, 3, 5), x.reshape(self.B, self.Tq, self.W, self.Geff, E), self.BQ)
+        return dest.view(self.B, self.W, self.nq, self.R, E)
 
     def row_stat_back(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, W, nq, R] -> [B, Hq, Tq]``."""
@@ -84,12 +87,13 @@ class _Layout:
         return x.reshape(self.B, self.W, self.nq, self.R)
 
     def kv_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, Tk, Hkv, E] -> [B * W * nk, BK, E]`` (float32, padded; key heads repeated for a per-head mask)."""
-        if self.W != self.Hkv:
-            x = x.repeat_interleave(self.G, dim=2)
-        x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, self.nk * self.BK - self.Tk))
-        x = x.view(self.B, self.nk, self.BK, self.W, x.shape[-1]).permute(0, 3, 1, 2, 4)
-        return x.reshape(self.B * self.W * self.nk, self.BK, x.shape[-1])
+        """``[B, Tk, Hkv, E] -> [B * W * nk, BK, E]`` float32, zero-padded, in one copy (key heads repeated
+        for a per-head mask)."""
+        E = x.shape[-1]
+        dest = torch.zeros(self.B, self.Hkv, self.W // self.Hkv, self.nk * self.BK, E, device=self.device)
+        src = x.permute(0, 2, 1, 3).unsqueeze(2).expand(self.B, self.Hkv, self.W // self.Hkv, self.Tk, E)
+        dest[:, :, :, : self.Tk].copy_(src)
+        return dest.view(self.B * self.W * self.nk, self.BK, E)
 
     def kv_blocks_back(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`kv_blocks` (summing repeated key heads): ``-> [B, Tk, Hkv, E]``."""
@@ -98,6 +102,16 @@ class _Layout:
         if self.W != self.Hkv:
             x = x.reshape(x.shape[0], x.shape[1], self.Hkv, self.G, E).sum(3)
         return x
+
+
+def _copy_padded(dest_blocks: torch.Tensor, src: torch.Tensor, block: int) -> None:
+    """Copy ``src [B, T, ...]`` into ``dest_blocks [B, n_blocks, block, ...]`` (the tail stays zero)."""
+    T = src.shape[1]
+    full = T // block
+    if full:
+        dest_blocks[:, :full].copy_(src[:, : full * block].unflatten(1, (full, block)))
+    if T % block:
+        dest_blocks[:, full, : T % block].copy_(src[:, full * block :])
 
 
 class _Plan:
@@ -253,7 +267,8 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     lay = plan.lay
     q_r = lay.q_rows(q).mul_(plan.scale)  # the scale folded into q: one pass over q, not over every tile
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
-    o_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.Dv, device=lay.device)
+    out = lay.new_rows(lay.Dv)
+    o_view = lay.rows_view(out)
     lse_r = torch.full((lay.B, lay.W, lay.nq, lay.R), float("-inf"), device=lay.device)
     if sinks is not None:
         lse_r.copy_(_sink_rows(sinks, lay).expand_as(lse_r))
@@ -282,9 +297,10 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
         if last:
-            o_r[:, :, i0:i1] = acc / l.clamp_min(torch.finfo(l.dtype).tiny)[..., None]
+            o = acc.div_(l.clamp_min(torch.finfo(l.dtype).tiny)[..., None])
+            o_view[:, :, i0:i1] = o.view(lay.B, lay.W, st.g, lay.Geff, lay.BQ, lay.Dv)
             lse_r[:, :, i0:i1] = m + torch.log(l)
-    return lay.q_rows_back(o_r), lay.row_stat_back(lse_r)
+    return out[:, : lay.Tq], lay.row_stat_back(lse_r)
 
 
 def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=()):
@@ -295,7 +311,8 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
     delta_r = lay.row_stat((do.float() * o.float()).sum(-1).transpose(1, 2))  # [B, W, nq, R]
     lse_r = lay.row_stat(lse.float())
     lse_r = lse_r.masked_fill(lse_r == float("-inf"), float("inf"))  # empty rows: P = 0
-    dq_r = torch.zeros_like(q_r)
+    dq = lay.new_rows(lay.D)
+    dq_view = lay.rows_view(dq)
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
     for i0, i1, c0, c1, _, _ in plan.steps():
@@ -324,14 +341,15 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
                 if gr is not None:
                     acc.add_(gr.float())
         ds_rows = st.rows(ds)
-        dq_r[:, :, i0:i1] += st.unrows(torch.bmm(ds_rows, ks))  # scaled once at the end
+        dq_view[:, :, i0:i1] += torch.bmm(ds_rows, ks).view(lay.B, lay.W, st.g, lay.Geff, lay.BQ, lay.D)
         st.add_to_keys(dk_flat, torch.bmm(ds_rows.transpose(1, 2), st.rows(q_g)))
     dsinks = None
     if sinks is not None:
         p_sink = torch.exp(_sink_rows(sinks, lay) - lse_r)  # [B, W, nq, R]; padded rows have delta 0
         per_row = -(p_sink * delta_r).sum((0, 2))  # [W, R]
         dsinks = torch.zeros(lay.Hq, device=lay.device).index_add_(0, lay.h_idx.view(-1), per_row.reshape(-1))
-    return lay.q_rows_back(dq_r.mul_(plan.scale)), lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
+    dq = dq[:, : lay.Tq].mul_(plan.scale)  # the scale of S = (q * scale) k^T, applied once
+    return dq, lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
 
 
 class _TiledAttention(torch.autograd.Function):
