@@ -1,0 +1,170 @@
+"""Contiguous per-layer KV cache that grows in place.
+
+Keys and values live in preallocated buffers ``[B, capacity, H_kv, D]``; :meth:`KVCache.append`
+writes the new tokens after the used prefix and returns views of the whole prefix. When the
+capacity runs out it doubles (amortized O(1) copies per token, as ``std::vector``). The cache also
+tracks left padding: which cached tokens are real (``valid``) and how many real tokens each row
+has seen, so that RoPE positions count only real tokens and attention can hide padded keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effattn._checks import check_tensor
+
+_MIN_CAPACITY = 16
+
+
+class KVCache:
+    """Growing contiguous cache of keys ``[B, T, H_kv, D]`` and (optionally) values.
+
+    ``v`` may be omitted on every append (a key-only cache, as MLA's latent cache). While
+    autograd is recording and a new key/value requires grad, appends are out of place (``cat``) so
+    gradients through several calls stay correct; under ``torch.no_grad()`` (inference) they write
+    into the buffers in place.
+
+    Example::
+
+        >>> c = KVCache()
+        >>> k, v = c.append(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+        >>> k, v = c.append(torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4))
+        >>> c.length, tuple(c.k.shape), c.nbytes
+        (4, (2, 4, 1, 4), 256)
+    """
+
+    def __init__(self, capacity: int = 0):
+        if not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        self._initial_capacity = capacity
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every token (buffers are released)."""
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # bool [B, capacity]; None while no padding was seen
+        self._seen: torch.Tensor | None = None  # long [B]: real tokens per row (with padding only)
+        self.length = 0
+        self.key_only = False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def k(self) -> torch.Tensor | None:
+        """Keys ``[B, length, H_kv, D]`` (a view of the buffer), ``None`` when empty."""
+        return None if self._k is None else self._k[:, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        """Values ``[B, length, H_kv, D_v]``, ``None`` when empty or key-only."""
+        return None if self._v is None else self._v[:, : self.length]
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """bool ``[B, length]``: which cached tokens are real; ``None`` means all of them."""
+        return None if self._valid is None else self._valid[:, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[1]
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self._k is None else self._k.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values in use (``length`` tokens; the spare capacity is not counted)."""
+        n = 0
+        for buf in (self._k, self._v):
+            if buf is not None:
+                n += buf[:, : self.length].numel() * buf.element_size()
+        return n
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes held by the key/value buffers including spare capacity."""
+        return sum(b.numel() * b.element_size() for b in (self._k, self._v) if b is not None)
+
+    def key_positions(self) -> torch.Tensor | None:
+        """long ``[B, length]``: position of each cached token counting real tokens only
+        (``None`` when no padding was seen: then position = index)."""
+        if self._valid is None:
+            return None
+        return (self.valid.long().cumsum(1) - 1).clamp(min=0)
+
+    def next_positions(self, batch: int, seq: int, valid: torch.Tensor | None, device) -> torch.Tensor:
+        """Positions of ``seq`` new tokens (call before :meth:`append`): ``[seq]`` when no padding is
+        involved, else ``[batch, seq]`` counting only the real tokens of each row."""
+        if valid is None and self._valid is None:
+            return torch.arange(self.length, self.length + seq, device=device)
+        seen = self._seen if self._seen is not None else torch.full((batch,), self.length, device=device)
+        if valid is None:
+            return seen[:, None] + torch.arange(seq, device=device)
+        return (seen[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+
+    # ------------------------------------------------------------------ writes
+    def _grow(self, buf: torch.Tensor, need: int) -> torch.Tensor:
+        cap = max(need, 2 * buf.shape[1], _MIN_CAPACITY)
+        new = buf.new_empty((buf.shape[0], cap, *buf.shape[2:]))
+        new[:, : self.length] = buf[:, : self.length]
+        return new
+
+    def _write(self, buf: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        B, T = x.shape[:2]
+        end = self.length + T
+        if buf is None:
+            cap = max(end, self._initial_capacity)
+            if cap == T or (torch.is_grad_enabled() and x.requires_grad):
+                return x  # adopt the first block without a copy; the next append reallocates
+            buf = x.new_empty((B, cap, *x.shape[2:]))
+        elif torch.is_grad_enabled() and (x.requires_grad or buf.requires_grad):
+            return torch.cat([buf[:, : self.length], x], dim=1)
+        elif buf.shape[1] < end:
+            buf = self._grow(buf, end)
+        buf[:, self.length : end] = x
+        return buf
+
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append ``k [B, T, H_kv, D]`` and ``v [B, T, H_kv, D_v]`` (or no ``v``: key-only cache);
+        ``valid`` bool ``[B, T]`` marks real tokens (False at padding). Returns ``(k, v)`` views of
+        the whole cache ``[B, length, ...]``."""
+        check_tensor("k", k, 4, "[batch, seq, heads_kv, head_dim]")
+        B, T = k.shape[:2]
+        if v is not None:
+            check_tensor("v", v, 4, "[batch, seq, heads_kv, head_dim_v]")
+            if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+                raise ValueError(f"v must match k in [batch, seq, heads_kv]: k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if self._k is not None:
+            if (B, *k.shape[2:]) != (self._k.shape[0], *self._k.shape[2:]):
+                raise ValueError(
+                    f"k has shape {tuple(k.shape)}, the cache holds [batch, seq, heads_kv, head_dim] = "
+                    f"[{self._k.shape[0]}, {self.length}, {self._k.shape[2]}, {self._k.shape[3]}]"
+                )
+            if (v is None) != self.key_only:
+                raise ValueError("this cache is key-only" if self.key_only else "this cache holds values: pass v")
+            if k.dtype != self._k.dtype:
+                raise TypeError(f"k has dtype {k.dtype}, the cache holds {self._k.dtype}")
+        if valid is not None:
+            if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (B, T):
+                raise ValueError(f"valid must be a bool tensor [batch, seq] = [{B}, {T}], got {valid!r:.80}")
+            if bool(valid.all()) and self._valid is None:
+                valid = None  # nothing padded: stay on the cheap path
+        if valid is not None or self._valid is not None:
+            if self._valid is None:  # first padding seen: every earlier token was real
+                self._valid = torch.ones(B, self.length, dtype=torch.bool, device=k.device)
+                self._seen = torch.full((B,), self.length, dtype=torch.long, device=k.device)
+            new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
+            self._valid = torch.cat([self._valid[:, : self.length], new_valid], dim=1)
+            self._seen = self._seen + new_valid.long().sum(1)
+        self.key_only = v is None
+        self._k = self._write(self._k, k)
+        self._v = None if v is None else self._write(self._v, v)
+        self.length += T
+        return self.k, self.v
+
+    def __repr__(self) -> str:
+        shape = None if self._k is None else (self._k.shape[0], self.length, *self._k.shape[2:])
+        return f"KVCache(shape={shape}, capacity={self.capacity}, padded={self._valid is not None})"
