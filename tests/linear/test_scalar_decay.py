@@ -168,7 +168,7 @@ def test_very_strong_decay_is_finite_and_exact(name):
 def test_mixed_decay_keeps_full_accuracy():
     """Strong early decay makes the within-chunk cumulative sum G large (~ -1300) while the later
     gates are weak: the weights exp(G_i - G_j) between weak steps must stay accurate. A plain
-    float32 difference G_i - G_j loses ~1e-4 here; the kernel's split float64 sums do not."""
+    float32 difference G_i - G_j loses ~5e-5 here; the kernel's split float64 sums do not."""
     B, T, H, K, V = 1, 64, 2, 16, 16
     x = make("simple_gla", B, T, H, K, V, 0.0)
     g = torch.full((B, T, H), -1e-3)

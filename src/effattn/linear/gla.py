@@ -15,23 +15,26 @@ Chunkwise form. In a chunk that starts from state ``S_0``, with ``G_i = gk_1 + .
     o_i = scale * ( (q_i * exp(G_i))^T S_0  +  sum_{j <= i} (q_i . (k_j * exp(G_i - G_j))) v_j )
     S_C = diag(exp(G_C)) S_0  +  sum_j (k_j * exp(G_C - G_j)) v_j^T
 
-The inter-chunk terms only need ``exp`` of non-positive sums (``G_i``, and ``G_C - G_j`` taken as a
-suffix sum). The intra-chunk term is where the difficulty lies: the decay differs per key dimension,
-so it cannot be a mask on ``Q K^T``, and the factorisation ``(q_i exp(G_i)) . (k_j exp(-G_j))``
-overflows once decay is strong. GLA's answer is secondary chunking (sub-chunks of 16 with a
-reference point at the sub-chunk boundary, and a ``[16, 16, K]`` tensor for the diagonal
-sub-blocks). Here the same idea is applied recursively, which removes the ``[c, c, K]`` tensor:
-for block sizes ``b = 1, 2, 4, ...`` split each chunk into pairs of adjacent blocks; for a query
-``i`` in the right block and a key ``j`` in the left one, the split point ``r`` between them gives
+The difficulty is numerical: the decay differs per key dimension, so the intra-chunk weights are
+not a mask on ``Q K^T``, and the factorisation ``(q_i exp(G_i)) . (k_j exp(-G_j))`` overflows once
+decay is strong (``exp(-G)`` with ``G`` in the thousands). GLA's answer is secondary chunking
+(sub-chunks of 16 with a reference point at the sub-chunk boundary, and a ``[16, 16, K]`` tensor
+for the diagonal sub-blocks). Here the same idea is applied recursively, which removes the
+``[c, c, K]`` tensor: for block sizes ``b = 1, 2, 4, ..., C/2`` split each chunk into pairs of
+adjacent blocks; for a query ``i`` in the right block and a key ``j`` in the left one, the split
+point ``r`` between them gives
 
     exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j),   both exponents <= 0,
 
-each a sum over at most ``b`` steps (a prefix sum in the right block, a suffix sum in the left), so
-``A = (q * exp(G_i - G_r)) (k * exp(G_r - G_j))^T`` is an ordinary matmul that is finite and
-accurate for any decay. Every pair ``j < i`` of a chunk is covered at exactly one level (where
-``i`` and ``j`` first fall into different halves of one block); ``j = i`` is ``(q_i . k_i) v_i``.
-The work is ``log2(C)`` levels of batched matmuls, as much in total as one ``C x C`` masked
-attention per chunk. Chunk sizes that are not powers of two are zero-padded inside each chunk.
+so that block of ``A`` is the ordinary matmul ``(q * exp(G_i - G_r)) (k * exp(G_r - G_j))^T``,
+finite and accurate for any decay. Every pair ``j < i`` of a chunk is covered at exactly one level
+(where ``i`` and ``j`` first fall into different halves of one block); ``j = i`` is ``q_i . k_i``.
+The decay factors ``exp(G_i - G_r)`` (into a block) and ``exp(G_r - G_j)`` (out of a block) of
+each level are products of those of the level below, numbers in [0, 1]: no ``exp(-G)``, no
+difference of cumulative sums, no cancellation; the top level gives the inter-chunk factors
+``exp(G_i)`` and ``exp(G_C - G_j)``. The blocks are assembled into the ``C x C`` matrix ``A``,
+applied to the values in one matmul. Chunk sizes that are not powers of two are zero-padded
+inside each chunk.
 
 Example::
 

@@ -60,7 +60,11 @@ def _alibi_slopes(n: int) -> list[float]:
 
 def lightning_log_decay(num_heads: int) -> torch.Tensor:
     """Lightning Attention's default per-head log-decay ``-s_h`` with ``s_h`` the ALiBi slopes
-    (``2^(-8 (h+1) / H)`` for a power-of-two ``H``), float32 ``[num_heads]``."""
+    (``2^(-8 (h+1) / H)`` for a power-of-two ``H``), float32 ``[num_heads]``.
+
+    >>> lightning_log_decay(4)
+    tensor([-0.2500, -0.0625, -0.0156, -0.0039])
+    """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     return -torch.tensor(_alibi_slopes(num_heads), dtype=torch.float32)

@@ -72,7 +72,11 @@ LinearAttnState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def feature_dim(feature_map: str, key_dim: int) -> int:
-    """The feature dimension ``F`` (the state's key size): ``1 + K + K^2`` for ``taylor``, else ``K``."""
+    """The feature dimension ``F`` (the state's key size): ``1 + K + K^2`` for ``taylor``, else ``K``.
+
+    >>> feature_dim("taylor", 16), feature_dim("elu1", 16)
+    (273, 16)
+    """
     _check_feature_map(feature_map)
     return 1 + key_dim + key_dim * key_dim if feature_map == "taylor" else key_dim
 

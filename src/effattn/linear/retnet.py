@@ -43,7 +43,11 @@ __all__ = ["retention_log_decay", "naive_retention", "chunk_retention", "step_re
 
 def retention_log_decay(num_heads: int) -> torch.Tensor:
     """RetNet's default per-head log-decay ``log(1 - 2^(-5 - h))``, ``h = 0 .. num_heads-1``
-    (float32 ``[num_heads]``): effective memories of 32 to ``2^(4 + num_heads)`` tokens."""
+    (float32 ``[num_heads]``): effective memories of 32 to ``2^(4 + num_heads)`` tokens.
+
+    >>> retention_log_decay(2).exp()  # gamma = 1 - 1/32, 1 - 1/64
+    tensor([0.9688, 0.9844])
+    """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     h = torch.arange(num_heads, dtype=torch.float64)
