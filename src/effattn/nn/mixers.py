@@ -1,0 +1,625 @@
+"""Sequence-mixer layers of the linear family (linear attention, SSMs, recurrent mixers).
+
+Every layer follows the mixer contract of :mod:`effattn.nn`: ``__init__(dim, heads, **kw)``,
+``forward(x [B, T, dim], state=None, valid=None) -> (y [B, T, dim], new_state)`` and
+``state_size(batch, seq_len)`` (bytes). A call with ``T > 1`` (training, prefill) runs the
+functional op's chunkwise form (``chunk_*`` from :mod:`effattn.linear`), a call with ``T == 1``
+(decoding) its ``step_*`` form; the state returned is the op's recurrent state plus, where the layer
+has one, the short convolution's last ``kernel_size - 1`` inputs, so ``prefill + decode`` equals
+one full forward.
+
+Left padding: ``valid [B, T]`` (False at padded positions) makes every padded step an identity
+step of the recurrence -- no write (``k``, ``v`` or ``beta`` or ``delta`` zeroed), no decay (log
+gates set to 0) -- and the short convolutions see zeros there, so a left-padded row of a batch gives
+exactly what the same sequence gives alone.
+
+Layers (each docstring states the layer and cites its paper): :class:`LinearAttentionMixer`
+("linear_attention"), :class:`BasedMixer` ("based"), :class:`RetNetMixer` ("retnet"),
+:class:`GLAMixer` ("gla"), :class:`DeltaNetMixer` ("deltanet"), :class:`GatedDeltaNetMixer`
+("gated_deltanet"), :class:`MambaMixer` ("mamba"), :class:`Mamba2Mixer` ("mamba2") and
+:class:`AarenMixer` ("aaren").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effattn._checks import check_tensor
+from effattn.exact import attention
+from effattn.linear import (
+    chunk_aaren,
+    chunk_delta_rule,
+    chunk_gated_delta_rule,
+    chunk_gla,
+    chunk_linear_attn,
+    chunk_retention,
+    chunk_selective_scan,
+    chunk_simple_gla,
+    retention_log_decay,
+    step_aaren,
+    step_delta_rule,
+    step_gated_delta_rule,
+    step_gla,
+    step_linear_attn,
+    step_retention,
+    step_selective_scan,
+    step_simple_gla,
+)
+from effattn.linear.linear_attn import FEATURE_MAPS
+from effattn.nn.registry import register_mixer
+
+__all__ = [
+    "ShortConv",
+    "LinearAttentionMixer",
+    "BasedMixer",
+    "RetNetMixer",
+    "GLAMixer",
+    "DeltaNetMixer",
+    "GatedDeltaNetMixer",
+    "MambaMixer",
+    "Mamba2Mixer",
+    "AarenMixer",
+    "state_nbytes",
+]
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def state_nbytes(state) -> int:
+    """Bytes held by a (nested tuple/list/dict of) state tensor(s); objects with ``nbytes`` count too."""
+    if state is None:
+        return 0
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(s) for s in state.values())
+    if isinstance(state, (tuple, list)):
+        return sum(state_nbytes(s) for s in state)
+    nbytes = getattr(state, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes() if callable(nbytes) else nbytes)
+    raise TypeError(f"cannot size a state of type {type(state).__name__}")
+
+
+def check_heads(dim: int, heads: int) -> int:
+    """``dim`` divisible by ``heads``; returns the head dim."""
+    if not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    if dim % heads:
+        raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+    return dim // heads
+
+
+def check_mixer_input(x: torch.Tensor, dim: int, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """``x [B, T, dim]`` and an optional bool ``valid [B, T]``; returns ``valid`` (None if all True)."""
+    check_tensor("x", x, 3, "[batch, seq, dim]")
+    if x.shape[-1] != dim:
+        raise ValueError(f"x must be [batch, seq, dim] with dim = {dim}, got shape {tuple(x.shape)}")
+    if valid is None:
+        return None
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor [batch, seq], got {getattr(valid, 'dtype', type(valid))}")
+    if tuple(valid.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"valid must be [batch, seq] = {tuple(x.shape[:2])}, got {tuple(valid.shape)}")
+    return valid
+
+
+def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x [B, T, ...]`` at the positions where ``valid [B, T]`` is False."""
+    if valid is None:
+        return x
+    return x * valid.reshape(valid.shape + (1,) * (x.dim() - 2)).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time (kernel ``kernel_size``, default 4) with SiLU.
+
+    ``y_t = silu(b + sum_{i<K} w_i * x_{t-K+1+i})``; the state is the last ``K - 1`` inputs
+    ``[B, K - 1, C]`` (zeros for a fresh sequence), so decoding one token continues exactly.
+    Inputs at invalid (padded) positions are zeroed first, as if the sequence began later.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        self.kernel_size, self.activation = kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+        B, T, C = x.shape
+        x = _mask(x, valid)
+        if state is None:
+            state = x.new_zeros(B, self.kernel_size - 1, C)
+        xs = torch.cat([state.to(x.dtype), x], dim=1)
+        y = F.conv1d(xs.transpose(1, 2), self.weight.unsqueeze(1), self.bias, groups=C).transpose(1, 2)
+        new_state = xs[:, xs.shape[1] - (self.kernel_size - 1) :]
+        return (F.silu(y) if self.activation else y), new_state
+
+
+class _Mixer(nn.Module):
+    """Shared ``state_size``: the bytes of the state a real call leaves behind (zeros input)."""
+
+    def _probe_len(self, seq_len: int) -> int:
+        return 1  # recurrent: the state does not grow with the context
+
+    def state_size(self, batch: int, seq_len: int) -> int:
+        """Bytes of state held for ``batch`` sequences at context ``seq_len``."""
+        if batch < 1 or seq_len < 0:
+            raise ValueError(f"batch must be >= 1 and seq_len >= 0, got batch={batch}, seq_len={seq_len}")
+        p = next(self.parameters())
+        with torch.no_grad():
+            x = torch.zeros(batch, max(1, self._probe_len(seq_len)), self.dim, device=p.device, dtype=p.dtype)
+            _, state = self(x)
+        return state_nbytes(state)
+
+
+def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], heads, -1)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _normalized_linear_attn(q, k, v, valid, feature_map, scale, state, chunk_size):
+    """Normalized kernel attention ``phi_q(q)^T S / (phi_q(q)^T z + eps)``, with the normalizer
+    carried as an extra value column that is 1 at valid positions and 0 at padded ones (so padded
+    steps add nothing to ``z`` even where ``phi(0) != 0``). State ``[B, H, F, V + 1]``."""
+    ones = torch.ones_like(v[..., :1])
+    v_ext = _mask(torch.cat([v, ones], dim=-1), valid)
+    fn = step_linear_attn if q.shape[1] == 1 else chunk_linear_attn
+    kw = {} if q.shape[1] == 1 else {"chunk_size": chunk_size}
+    o_ext, state = fn(
+        q, k, v_ext, feature_map=feature_map, scale=scale, initial_state=state, output_final_state=True, **kw
+    )
+    return o_ext[..., :-1] / (o_ext[..., -1:] + 1e-6), state
+
+
+# ----------------------------------------------------------------------------------------------
+# linear attention and Based
+# ----------------------------------------------------------------------------------------------
+
+
+@register_mixer("linear_attention")
+class LinearAttentionMixer(_Mixer):
+    """Causal linear attention with a feature map (Katharopoulos, Vyas, Pappas, Fleuret,
+    "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", 2020).
+
+    ``o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t)``, ``S_t = S_{t-1} + phi(k_t) v_t^T``,
+    ``z_t = z_{t-1} + phi(k_t)``; ``y = W_o o``. ``feature_map`` is one of
+    :data:`effattn.linear.FEATURE_MAPS` (default ``"elu1"``); the normalizer is used for the
+    non-negative maps, and for ``identity``/``cosine`` (which have none) the output goes through a
+    per-head RMSNorm instead. ``feature_dim`` sets the per-head q/k size (default: the head dim).
+    State: ``S [B, H, F, V (+1 normalizer column)]`` float32.
+    """
+
+    def __init__(self, dim: int, heads: int, feature_map: str = "elu1", feature_dim: int | None = None,
+                 chunk_size: int = 64):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+        self.feature_map, self.chunk_size = feature_map, chunk_size
+        self.normalize = feature_map in ("elu1", "relu", "taylor")
+        self.key_dim = feature_dim or self.head_dim
+        self.q_proj = nn.Linear(dim, heads * self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, heads * self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_norm = None if self.normalize else nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        H = self.heads
+        q, k, v = (_heads_view(p(x), H) for p in (self.q_proj, self.k_proj, self.v_proj))
+        k = _mask(k, valid)
+        if self.normalize:
+            o, state = _normalized_linear_attn(q, k, v, valid, self.feature_map, None, state, self.chunk_size)
+        else:
+            v = _mask(v, valid)
+            fn = step_linear_attn if x.shape[1] == 1 else chunk_linear_attn
+            kw = {} if x.shape[1] == 1 else {"chunk_size": self.chunk_size}
+            o, state = fn(q, k, v, feature_map=self.feature_map, initial_state=state, output_final_state=True, **kw)
+            o = self.o_norm(o)
+        return self.o_proj(_merge_heads(o.to(x.dtype))), state
+
+
+@register_mixer("based")
+class BasedMixer(_Mixer):
+    """Based: Taylor linear attention plus a small sliding-window softmax attention (Arora,
+    Eyuboglu, Zhang, Timalsina, Alberti, Zinsley, Zou, Rudra, Re, "Simple linear attention language
+    models balance the recall-throughput tradeoff", 2024).
+
+    Linear branch: ``phi(x) = [1, x, x (x) x / sqrt(2)]`` on a small feature dim (``feature_dim``,
+    default 16) so ``phi(s q) . phi(k) = 1 + s q.k + (s q.k)^2 / 2`` approximates ``exp(s q.k)``,
+    normalized as softmax is. Window branch: exact causal softmax attention over the ``window``
+    (default 64) most recent tokens (:func:`effattn.attention`). The paper stacks the two as
+    separate layers; here one mixer holds both, ``y = W_o [o_linear ; o_window]``. State:
+    the Taylor state ``[B, H, 1 + f + f^2, V + 1]`` and the window's last ``window - 1`` keys/values
+    (with their validity), constant in the context length. No rotary embedding is applied.
+    """
+
+    def __init__(self, dim: int, heads: int, feature_dim: int = 16, window: int = 64, chunk_size: int = 64):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.feature_dim, self.window, self.chunk_size = feature_dim, window, chunk_size
+        self.q_proj = nn.Linear(dim, heads * feature_dim, bias=False)
+        self.k_proj = nn.Linear(dim, heads * feature_dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.o_proj = nn.Linear(2 * dim, dim, bias=False)
+
+    def _probe_len(self, seq_len: int) -> int:
+        return min(seq_len, self.window)
+
+    def _window_attention(self, x, buf, valid):
+        B, T, _ = x.shape
+        q, k, v = (_heads_view(t, self.heads) for t in self.wqkv(x).chunk(3, dim=-1))
+        kval = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if buf is not None:
+            k = torch.cat([buf[0].to(k.dtype), k], dim=1)
+            v = torch.cat([buf[1].to(v.dtype), v], dim=1)
+            kval = torch.cat([buf[2], kval], dim=1)
+        mask_mod = None
+        if not bool(kval.all()):
+            kv_valid = kval
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return kv_valid[b, kv_idx]
+
+        o = attention(q, k, v, causal=True, window=self.window, mask_mod=mask_mod)
+        start = max(0, k.shape[1] - (self.window - 1))  # the keys a later query can still see
+        new_buf = (k[:, start:], v[:, start:], kval[:, start:])
+        return o, new_buf
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        lin_state, buf = state if state is not None else (None, None)
+        H = self.heads
+        q, k, v = (_heads_view(p(x), H) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o_lin, lin_state = _normalized_linear_attn(
+            q, _mask(k, valid), v, valid, "taylor", None, lin_state, self.chunk_size
+        )
+        o_win, buf = self._window_attention(x, buf, valid)
+        o = torch.cat([_merge_heads(o_lin.to(x.dtype)), _merge_heads(o_win)], dim=-1)
+        return self.o_proj(o), (lin_state, buf)
+
+
+# ----------------------------------------------------------------------------------------------
+# decaying linear attention: RetNet, GLA
+# ----------------------------------------------------------------------------------------------
+
+
+@register_mixer("retnet")
+class RetNetMixer(_Mixer):
+    """Multi-scale retention (Sun, Dong, Huang, Ma, Xia, Xue, Wang, Wei, "Retentive Network: A
+    Successor to Transformer for Large Language Models", 2023).
+
+    ``S_t = gamma_h S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t`` with a fixed decay
+    ``gamma_h = 1 - 2^(-5 - h)`` per head (:func:`effattn.linear.retention_log_decay`);
+    ``y = W_o (swish(W_g x) * GroupNorm_h(o))``. The xPos rotation of q/k is not applied (the decay
+    alone gives the position signal). With left padding the same recurrence runs as
+    :func:`effattn.linear.chunk_simple_gla` with the log decay zeroed at padded steps.
+    State: ``S [B, H, K, V]`` float32.
+    """
+
+    def __init__(self, dim: int, heads: int, chunk_size: int = 64):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        self.chunk_size = chunk_size
+        self.qkvg = nn.Linear(dim, 4 * dim, bias=False)
+        self.group_norm = nn.GroupNorm(heads, dim, eps=1e-5)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.register_buffer("log_decay", retention_log_decay(heads), persistent=False)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        B, T, _ = x.shape
+        q, k, v, g = self.qkvg(x).chunk(4, dim=-1)
+        q, k, v = (_heads_view(t, self.heads) for t in (q, k, v))
+        log_decay = self.log_decay.to(x.device)
+        step = T == 1
+        if valid is None:
+            fn = step_retention if step else chunk_retention
+            kw = {} if step else {"chunk_size": self.chunk_size}
+            o, state = fn(q, k, v, log_decay, initial_state=state, output_final_state=True, **kw)
+        else:
+            gate = _mask(log_decay.expand(B, T, self.heads), valid)
+            fn = step_simple_gla if step else chunk_simple_gla
+            kw = {} if step else {"chunk_size": self.chunk_size}
+            o, state = fn(q, _mask(k, valid), _mask(v, valid), gate, initial_state=state, output_final_state=True,
+                          **kw)
+        o = self.group_norm(_merge_heads(o.to(x.dtype)).reshape(B * T, self.dim)).reshape(B, T, self.dim)
+        return self.o_proj(F.silu(g) * o), state
+
+
+@register_mixer("gla")
+class GLAMixer(_Mixer):
+    """Gated linear attention layer (Yang, Wang, Shen, Panda, Kim, "Gated Linear Attention
+    Transformers with Hardware-Efficient Training", 2024).
+
+    ``S_t = diag(alpha_t) S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t`` with a data-dependent
+    decay per key dimension from a low-rank projection,
+    ``log alpha_t = logsigmoid(W_2 W_1 x_t + b) / gate_normalizer`` (rank 16, normalizer 16);
+    ``y = W_o (RMSNorm(o) * swish(W_r x))``. Keys use half the width (``expand_k = 0.5``) as in the
+    paper. State: ``S [B, H, K, V]`` float32.
+    """
+
+    def __init__(self, dim: int, heads: int, expand_k: float = 0.5, gate_low_rank: int = 16,
+                 gate_normalizer: float = 16.0, chunk_size: int = 64):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        key_total = int(dim * expand_k)
+        if key_total < heads or key_total % heads:
+            raise ValueError(f"dim * expand_k ({key_total}) must be a positive multiple of heads ({heads})")
+        self.key_dim, self.gate_normalizer, self.chunk_size = key_total // heads, gate_normalizer, chunk_size
+        self.q_proj = nn.Linear(dim, key_total, bias=False)
+        self.k_proj = nn.Linear(dim, key_total, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.g_proj = nn.Linear(dim, dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(dim, gate_low_rank, bias=False), nn.Linear(gate_low_rank, key_total))
+        self.o_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        H = self.heads
+        q, k, v = (_heads_view(p(x), H) for p in (self.q_proj, self.k_proj, self.v_proj))
+        gk = _heads_view(F.logsigmoid(self.gk_proj(x)) / self.gate_normalizer, H)
+        k, v, gk = _mask(k, valid), _mask(v, valid), _mask(gk, valid)
+        if x.shape[1] == 1:
+            o, state = step_gla(q, k, v, gk, initial_state=state, output_final_state=True)
+        else:
+            o, state = chunk_gla(q, k, v, gk, initial_state=state, output_final_state=True,
+                                 chunk_size=self.chunk_size)
+        o = _merge_heads(self.o_norm(o.to(x.dtype)))
+        return self.o_proj(o * F.silu(self.g_proj(x))), state
+
+
+# ----------------------------------------------------------------------------------------------
+# delta rule: DeltaNet, Gated DeltaNet
+# ----------------------------------------------------------------------------------------------
+
+
+class _DeltaBase(_Mixer):
+    gated = False
+
+    def __init__(self, dim: int, heads: int, conv_size: int = 4, use_gate: bool = True, chunk_size: int = 64):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        self.chunk_size, self.use_gate = chunk_size, use_gate
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.b_proj = nn.Linear(dim, heads, bias=True)
+        self.q_conv, self.k_conv, self.v_conv = (ShortConv(dim, conv_size) for _ in range(3))
+        if self.gated:
+            self.a_proj = nn.Linear(dim, heads, bias=False)
+            self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1.0, 16.0)))
+            dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(0.1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.g_proj = nn.Linear(dim, dim, bias=False) if use_gate else None
+        self.o_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        S, cq, ck, cv = state if state is not None else (None, None, None, None)
+        q, cq = self.q_conv(self.q_proj(x), cq, valid)
+        k, ck = self.k_conv(self.k_proj(x), ck, valid)
+        v, cv = self.v_conv(self.v_proj(x), cv, valid)
+        H = self.heads
+        q, k, v = _heads_view(q, H), _heads_view(k, H), _mask(_heads_view(v, H), valid)
+        beta = _mask(torch.sigmoid(self.b_proj(x)), valid)
+        step = x.shape[1] == 1
+        kw = {} if step else {"chunk_size": self.chunk_size}
+        if self.gated:
+            g = _mask(-self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias), valid)
+            fn = step_gated_delta_rule if step else chunk_gated_delta_rule
+            o, S = fn(q, k, v, g.to(x.dtype), beta, initial_state=S, output_final_state=True, **kw)
+        else:
+            fn = step_delta_rule if step else chunk_delta_rule
+            o, S = fn(q, k, v, beta, initial_state=S, output_final_state=True, **kw)
+        o = self.o_norm(o.to(x.dtype))
+        if self.g_proj is not None:
+            o = o * F.silu(_heads_view(self.g_proj(x), H))
+        return self.o_proj(_merge_heads(o)), (S, cq, ck, cv)
+
+
+@register_mixer("deltanet")
+class DeltaNetMixer(_DeltaBase):
+    """DeltaNet layer (Yang, Wang, Zhang, Shen, Kim, "Parallelizing Linear Transformers with the
+    Delta Rule over Sequence Length", 2024).
+
+    ``q, k, v = silu(conv4(W x))`` (short causal depthwise convolutions), q and k L2-normalized,
+    ``beta_t = sigmoid(W_b x_t)``; ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,
+    ``o_t = scale * S_t^T q_t``; ``y = W_o (RMSNorm(o) * swish(W_g x))``.
+    State: ``(S [B, H, K, V], conv_q, conv_k, conv_v [B, 3, dim])``.
+    """
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNetMixer(_DeltaBase):
+    """Gated DeltaNet layer (Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with
+    Delta Rule", 2024).
+
+    As :class:`DeltaNetMixer` with a Mamba-2 style scalar decay per head,
+    ``log alpha_t = -exp(A_log) * softplus(W_a x_t + dt_bias)``:
+    ``S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
+    State: ``(S [B, H, K, V], conv_q, conv_k, conv_v [B, 3, dim])``.
+    """
+
+    gated = True
+
+
+# ----------------------------------------------------------------------------------------------
+# state-space models: Mamba, Mamba-2
+# ----------------------------------------------------------------------------------------------
+
+
+@register_mixer("mamba")
+class MambaMixer(_Mixer):
+    """The Mamba block (Gu, Dao, "Mamba: Linear-Time Sequence Modeling with Selective State
+    Spaces", 2023).
+
+    ``x, z = W_in u``; ``x = silu(conv4(x))``; ``delta, B, C = x_proj(x)`` (``delta`` of rank
+    ``dt_rank``, default ``ceil(dim / 16)``); ``dt = softplus(W_dt delta + b_dt)``;
+    ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t``, ``y_t = C_t h_t + D x_t``;
+    ``out = W_out (y * silu(z))`` with ``A = -exp(A_log)`` ``[d_inner, N]`` (S4D-real init
+    ``A = -(1..N)``), ``d_inner = expand * dim``. The ``d_inner`` channels are grouped as ``heads``
+    heads for :func:`effattn.linear.chunk_selective_scan` (any split gives the same result).
+    Padded steps get ``dt = 0`` (no decay, no write). State: ``(h [B, H, P, N], conv [B, 3, d_inner])``.
+    """
+
+    def __init__(self, dim: int, heads: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, chunk_size: int = 64):
+        super().__init__()
+        check_heads(dim, heads)
+        self.dim, self.heads, self.d_state, self.chunk_size = dim, heads, d_state, chunk_size
+        self.d_inner = expand * dim
+        if self.d_inner % heads:
+            raise ValueError(f"expand * dim ({self.d_inner}) must be divisible by heads ({heads})")
+        self.dt_rank = dt_rank or math.ceil(dim / 16)
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.conv = ShortConv(self.d_inner, d_conv)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        dt = torch.exp(torch.empty(self.d_inner).uniform_(math.log(1e-3), math.log(0.1)))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        h, conv_state = state if state is not None else (None, None)
+        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        xi, conv_state = self.conv(xi, conv_state, valid)
+        delta, Bm, Cm = self.x_proj(xi).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = _mask(F.softplus(self.dt_proj(delta)), valid)
+        H, P = self.heads, self.d_inner // self.heads
+        A = -self.A_log.float().exp().reshape(H, P, self.d_state)
+        args = (_heads_view(xi, H), _heads_view(dt, H), A.to(x.dtype), Bm.unsqueeze(2), Cm.unsqueeze(2))
+        kw = dict(D=self.D.reshape(H, P), z=_heads_view(z, H), delta_softplus=False, initial_state=h,
+                  output_final_state=True)
+        if x.shape[1] == 1:
+            y, h = step_selective_scan(*args, **kw)
+        else:
+            y, h = chunk_selective_scan(*args, **kw, chunk_size=self.chunk_size)
+        return self.out_proj(_merge_heads(y.to(x.dtype))), (h, conv_state)
+
+
+@register_mixer("mamba2")
+class Mamba2Mixer(_Mixer):
+    """The Mamba-2 block (Dao, Gu, "Transformers are SSMs: Generalized Models and Efficient
+    Algorithms Through Structured State Space Duality", 2024).
+
+    ``z, xBC, dt = W_in u``; ``x, B, C = silu(conv4(xBC))``; ``dt = softplus(dt + dt_bias)`` per
+    head; ``h_t = exp(dt_t A_h) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D_h x_t`` (one scalar
+    decay per head: the SSD form, run as :func:`effattn.linear.chunk_simple_gla` with ``q = C``,
+    ``k = B``, ``v = dt x``, ``g = dt A``, scale 1); ``out = W_out RMSNorm(y * silu(z))``.
+    ``d_inner = expand * dim`` split into ``heads`` heads; ``B, C`` are shared by all heads (one group).
+    State: ``(h [B, H, N, P], conv [B, 3, d_inner + 2N])``.
+    """
+
+    def __init__(self, dim: int, heads: int, d_state: int = 64, d_conv: int = 4, expand: int = 2,
+                 chunk_size: int = 64):
+        super().__init__()
+        check_heads(dim, heads)
+        self.dim, self.heads, self.d_state, self.chunk_size = dim, heads, d_state, chunk_size
+        self.d_inner = expand * dim
+        if self.d_inner % heads:
+            raise ValueError(f"expand * dim ({self.d_inner}) must be divisible by heads ({heads})")
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner + 2 * d_state + heads, bias=False)
+        self.conv = ShortConv(self.d_inner + 2 * d_state, d_conv)
+        self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1.0, 16.0)))
+        dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(0.1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        h, conv_state = state if state is not None else (None, None)
+        B, T, _ = x.shape
+        H, N = self.heads, self.d_state
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * N, H], dim=-1)
+        xBC, conv_state = self.conv(xBC, conv_state, valid)
+        xs, Bm, Cm = xBC.split([self.d_inner, N, N], dim=-1)
+        dt = _mask(F.softplus(dt.float() + self.dt_bias), valid)  # [B, T, H]
+        g = -self.A_log.float().exp() * dt
+        xs = _heads_view(xs, H)
+        q, k = Cm.unsqueeze(2).expand(B, T, H, N), Bm.unsqueeze(2).expand(B, T, H, N)
+        v = xs * dt.unsqueeze(-1).to(xs.dtype)
+        if T == 1:
+            y, h = step_simple_gla(q, k, v, g.to(x.dtype), scale=1.0, initial_state=h, output_final_state=True)
+        else:
+            y, h = chunk_simple_gla(q, k, v, g.to(x.dtype), scale=1.0, initial_state=h, output_final_state=True,
+                                    chunk_size=self.chunk_size)
+        y = y.to(x.dtype) + self.D.to(x.dtype)[:, None] * xs
+        y = self.norm(_merge_heads(y) * F.silu(z))
+        return self.out_proj(y), (h, conv_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aaren
+# ----------------------------------------------------------------------------------------------
+
+# a padded key's score: exp(score - running max) underflows to exactly 0 once a real key arrives
+_PAD_SCORE = -1e9
+
+
+@register_mixer("aaren")
+class AarenMixer(_Mixer):
+    """Aaren, attention as an RNN (Feng, Tung, Ahmed, Bengio, Hajimirsadeghi, "Attention as an RNN",
+    2024).
+
+    A learned query ``q_h`` per head (constant over time) attends to every prefix:
+    ``o_t = sum_{i<=t} exp(s_i) v_i / sum_{i<=t} exp(s_i)``, ``s_i = q_h . k_i / sqrt(d)``, with
+    ``k, v = W_k x, W_v x``; ``y = W_o o``. Run by :func:`effattn.linear.chunk_aaren` (prefix
+    max / sums, carried ``(m, s, a)`` state) and :func:`effattn.linear.step_aaren`. Padded
+    positions get a score of ``-1e9`` (through an extra key column), so their weight is exactly zero
+    once a real token has been seen. State: ``(m [B, H], s [B, H], a [B, H, V])``.
+    """
+
+    def __init__(self, dim: int, heads: int, chunk_size: int = 64):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        self.chunk_size = chunk_size
+        self.query = nn.Parameter(torch.randn(heads, self.head_dim) / math.sqrt(self.head_dim))
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        H = self.heads
+        k, v = _heads_view(self.k_proj(x), H), _heads_view(self.v_proj(x), H)
+        q = self.query.to(x.dtype)
+        scale = self.head_dim**-0.5
+        if valid is not None:
+            pad = torch.where(valid, 0.0, _PAD_SCORE / scale).to(x.dtype)
+            k = torch.cat([_mask(k, valid), pad[:, :, None, None].expand(-1, -1, H, 1)], dim=-1)
+            q = torch.cat([q, torch.ones_like(q[:, :1])], dim=-1)
+            v = _mask(v, valid)
+        if x.shape[1] == 1:
+            o, state = step_aaren(q, k, v, scale=scale, initial_state=state, output_final_state=True)
+        else:
+            o, state = chunk_aaren(q, k, v, scale=scale, initial_state=state, output_final_state=True,
+                                   chunk_size=self.chunk_size)
+        return self.o_proj(_merge_heads(o.to(x.dtype))), state
