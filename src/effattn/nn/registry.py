@@ -85,11 +85,12 @@ def _register_attention_family() -> None:
 
         register_mixer("mla")(mla)
     try:
-        from effattn.nn.moh import MoH
+        from effattn.nn import moh
     except ImportError:
-        MoH = None
-    if MoH is not None:
-        register_mixer("moh")(MoH)
+        moh = None
+    moh_cls = getattr(moh, "MoHAttention", None) or getattr(moh, "MoH", None)
+    if moh_cls is not None:
+        register_mixer("moh")(moh_cls)
 
 
 def list_mixers() -> list[str]:

@@ -1,0 +1,321 @@
+"""A small decoder-only language model over any mix of registered sequence mixers.
+
+Each block is pre-norm (as in LLaMA / nanoGPT-style models)::
+
+    h = h + mixer_l(RMSNorm(h))              mixer_l: any name of effattn.nn.list_mixers()
+    h = h + W_down(silu(W_gate x) * W_up x),  x = RMSNorm(h)     (SwiGLU MLP; Shazeer, "GLU Variants
+                                                                  Improve Transformer", 2020)
+
+followed by a final RMSNorm and the vocabulary head (optionally tied to the embedding). A hybrid
+model is a list of mixer names, one per layer (``"gated_deltanet,gated_deltanet,attention"``).
+``forward(ids, state=None, valid=None) -> (logits, state)`` carries one mixer state per layer, so
+prefill + token-by-token decoding equals one full forward; :meth:`LM.generate` samples with batch
+and left padding.
+
+Example::
+
+    >>> import torch
+    >>> from effattn.nn import LM, LMConfig
+    >>> model = LM(LMConfig(vocab_size=50, dim=32, n_layers=2, heads=2, mixers="mamba2,attention"))
+    >>> logits, state = model(torch.randint(0, 50, (1, 8)))
+    >>> tuple(logits.shape), len(state)
+    ((1, 8, 50), 2)
+    >>> out = model.generate(torch.randint(0, 50, (1, 4)), max_new_tokens=3, temperature=0.0)
+    >>> tuple(out.shape)
+    (1, 7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effattn.nn.registry import build_mixer, list_mixers
+
+__all__ = ["LMConfig", "LM", "mixer_pattern"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def mixer_pattern(pattern: str | list[str], n_layers: int) -> list[str]:
+    """Repeat ``pattern`` (names, or a comma string) to ``n_layers`` layers:
+    ``mixer_pattern("mamba2,mamba2,attention", 6)`` gives two copies of the three-layer pattern."""
+    names = [s.strip() for s in pattern.split(",")] if isinstance(pattern, str) else list(pattern)
+    if not names or not all(names):
+        raise ValueError(f"pattern must name at least one mixer, got {pattern!r}")
+    return [names[i % len(names)] for i in range(n_layers)]
+
+
+@dataclass
+class LMConfig:
+    """Configuration of :class:`LM`.
+
+    ``mixers``: one name per layer (a list, or a comma string); a single name is used for every
+    layer, and a shorter list is repeated (:func:`mixer_pattern`). ``mixer_kwargs``: extra keyword
+    arguments per mixer name (``{"attention": {"kv_heads": 1}}``); ``kv_heads`` is passed to the
+    attention-family mixers. ``mlp_ratio``: SwiGLU hidden size is ``2/3 * mlp_ratio * dim``
+    rounded up to a multiple of 8.
+    """
+
+    vocab_size: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    heads: int = 4
+    kv_heads: int | None = None
+    mixers: str | list[str] = "attention"
+    mlp_ratio: float = 4.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    mixer_kwargs: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "heads", "max_seq_len"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.kv_heads is not None and (self.kv_heads <= 0 or self.heads % self.kv_heads):
+            raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        self.mixers = mixer_pattern(self.mixers, self.n_layers)
+        known = list_mixers()
+        for name in self.mixers:
+            if name not in known:
+                raise ValueError(f"unknown mixer {name!r} in mixers; registered mixers: {known}")
+        if not isinstance(self.mixer_kwargs, dict):
+            raise TypeError(f"mixer_kwargs must be a dict name -> kwargs, got {type(self.mixer_kwargs).__name__}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_KV_HEAD_MIXERS = ("attention", "sliding_window")
+
+
+class SwiGLU(nn.Module):
+    """``W_down(silu(W_gate x) * W_up x)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``h + mixer(norm(h))`` then ``h + mlp(norm(h))``."""
+
+    def __init__(self, config: LMConfig, mixer: str):
+        super().__init__()
+        kw = dict(config.mixer_kwargs.get(mixer, {}))
+        if config.kv_heads is not None and mixer in _KV_HEAD_MIXERS:
+            kw.setdefault("kv_heads", config.kv_heads)
+        self.mixer_name = mixer
+        self.mixer_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.mixer = build_mixer(mixer, dim=config.dim, heads=config.heads, **kw)
+        self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        hidden = 8 * math.ceil(2 * config.mlp_ratio * config.dim / 3 / 8)
+        self.mlp = SwiGLU(config.dim, hidden)
+
+    def forward(self, h, state=None, valid=None):
+        y, state = self.mixer(self.mixer_norm(h), state, valid)
+        h = h + y
+        return h + self.mlp(self.mlp_norm(h)), state
+
+
+def _check_ids(ids, vocab_size: int, name: str = "ids") -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, seq], got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be [batch, seq], got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"{name} must lie in [0, {vocab_size}), got values in [{ids.min().item()}, {ids.max().item()}]"
+        )
+
+
+class LM(nn.Module):
+    """Decoder-only LM: embedding, ``n_layers`` pre-norm blocks (mixer + SwiGLU), RMSNorm, head."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        if not isinstance(config, LMConfig):
+            raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config, name) for name in config.mixers)
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # weights only: mixers initialise their own biases and special parameters (dt biases, A_log)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (a tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor, state: list | None = None, valid: torch.Tensor | None = None):
+        """``ids [B, T]`` -> ``(logits [B, T, vocab], state)``; ``state`` is a list, one mixer state per
+        layer (None for a fresh sequence). ``valid [B, T]`` bool marks left padding (False)."""
+        _check_ids(ids, self.config.vocab_size)
+        if state is not None and (not isinstance(state, (list, tuple)) or len(state) != len(self.blocks)):
+            raise ValueError(f"state must be a list of {len(self.blocks)} per-layer states (or None)")
+        if valid is not None and (not isinstance(valid, torch.Tensor) or tuple(valid.shape) != tuple(ids.shape)):
+            raise ValueError(f"valid must be a bool tensor of ids' shape {tuple(ids.shape)}")
+        h = self.embed(ids)
+        states = state if state is not None else [None] * len(self.blocks)
+        new_states = []
+        for block, s in zip(self.blocks, states):
+            h, s = block(h, s, valid)
+            new_states.append(s)
+        return self.head(self.norm(h)), new_states
+
+    def state_size(self, seq_len: int, batch: int = 1) -> int:
+        """Bytes of decoding state (KV caches, recurrent and conv states) at context ``seq_len``."""
+        return sum(b.mixer.state_size(batch, seq_len) for b in self.blocks)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos: int | None = None,
+        valid: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prefill ``ids [B, T]`` (left-padded where ``valid`` is False), then sample up to
+        ``max_new_tokens`` tokens one at a time against the carried state.
+
+        ``temperature == 0`` is greedy; otherwise softmax(logits / temperature) restricted to the
+        ``top_k`` largest and/or the smallest set with cumulative probability ``>= top_p``. A row that
+        has produced ``eos`` keeps producing ``eos``; generation stops early once every row has.
+        Returns ``[B, T + n]`` (prompt followed by the new tokens).
+        """
+        _check_ids(ids, self.config.vocab_size)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if ids.shape[1] == 0:
+            raise ValueError("ids must hold at least one prompt token per row")
+        if valid is not None:
+            if valid.dtype != torch.bool or tuple(valid.shape) != tuple(ids.shape):
+                raise ValueError(f"valid must be a bool tensor of ids' shape {tuple(ids.shape)}")
+            if not bool(valid[:, -1].all()):
+                raise ValueError("valid must mark left padding only: the last prompt position of every row is real")
+        out = ids
+        if max_new_tokens == 0:
+            return out
+        logits, state = self(ids, valid=valid)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for i in range(max_new_tokens):
+            nxt = self._sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done = done | (nxt == eos)
+            out = torch.cat([out, nxt[:, None].to(out.dtype)], dim=1)
+            if (eos is not None and bool(done.all())) or i == max_new_tokens - 1:
+                break
+            logits, state = self(nxt[:, None].to(ids.dtype), state)
+        return out
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+            sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+            logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    # ------------------------------------------------------------------------------------------
+    # save / load
+    # ------------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/config.json`` and ``path/model.safetensors`` (needs ``pip install effattn[io]``)."""
+        save_file = _safetensors().save_file
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self._unique_state_dict().items()}
+        save_file(tensors, os.path.join(path, WEIGHTS_FILE))
+
+    def _unique_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = self.state_dict()
+        if self.config.tie_embeddings:
+            sd.pop("head.weight", None)  # the same tensor as embed.weight
+        return sd
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: LMConfig | None = None, map_location: str = "cpu") -> LM:
+        """Rebuild a model saved by :meth:`save`. With ``config``, that config is used instead of the
+        saved one; weights missing, unexpected, or of the wrong shape raise ``ValueError`` naming them."""
+        load_file = _safetensors().load_file
+        if config is None:
+            with open(os.path.join(path, CONFIG_FILE)) as f:
+                config = LMConfig(**json.load(f))
+        model = cls(config)
+        tensors = load_file(os.path.join(path, WEIGHTS_FILE), device=map_location)
+        expected = model._unique_state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong = sorted(
+            f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+            for k in set(expected) & set(tensors)
+            if tensors[k].shape != expected[k].shape
+        )
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"weights in {path} do not fit the config: missing {missing}, unexpected {unexpected}, "
+                f"wrong shape {wrong}"
+            )
+        model.load_state_dict(tensors, strict=False)
+        return model.to(map_location)
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise ImportError("LM.save / LM.load need safetensors: pip install 'effattn[io]'") from e
+    return safetensors.torch
