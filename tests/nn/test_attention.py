@@ -64,6 +64,7 @@ def test_matches_manual_formula():
         {"softcap": 5.0, "sinks": True},
         {"qk_norm": True, "rope_fraction": 0.5},
         {"score_mod": lambda s, b, h, q, kv: s - 0.1 * (q - kv)},
+        {"mask_mod": lambda b, h, q, kv: (q - kv) % 3 != 1},  # mods see absolute cache indices
     ],
 )
 def test_token_by_token_and_prefill_decode_equal_full(kw):
@@ -142,6 +143,31 @@ def test_gradients_flow_through_cache_calls():
     g_full = torch.autograd.grad(y_full.square().sum(), layer.k_proj.weight)[0]
     g_split = torch.autograd.grad(torch.cat([y0, y1], 1).square().sum(), layer.k_proj.weight)[0]
     assert_fp32_close(g_split, g_full, tol=1e-4, name="dW_k")
+
+
+def test_single_token_decode_uses_split_kv_decode(monkeypatch):
+    import effattn.nn.attention as mod
+
+    calls = []
+    real = mod.decode_attention
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "decode_attention", spy)
+    layer = _layer(kv_heads=2, window=5)
+    x = _x(T=9)
+    with torch.no_grad():
+        full, c = layer(x[:, :8])
+        assert not calls  # prefill goes through effattn.attention
+        y, c = layer(x[:, 8:], c)
+    assert calls == [(2, 1, 4, 8)]
+    assert_fp32_close(y[:, 0], layer(x)[0][:, 8])
+    calls.clear()
+    with torch.no_grad():
+        _layer(score_mod=lambda s, b, h, q, kv: s)(x[:, :1], _layer()(x[:, :3])[1])
+    assert not calls  # a score mod needs the general path
 
 
 # ----------------------------------------------------------------------------- RoPE
