@@ -99,6 +99,13 @@ def test_decode_equals_full():
     assert_fp32_close(torch.cat(ys, 1), full)
 
 
+def test_default_routing_sizes():
+    layer = MoHAttention(DIM, 8)
+    assert (layer.shared_heads, layer.routed_heads, layer.top_k) == (2, 6, 3)
+    layer(_x())
+    assert ((layer.last_gates > 0).sum(-1) == 5).all()
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="shared_heads"):
         MoHAttention(DIM, 4, shared_heads=5, top_k=1)

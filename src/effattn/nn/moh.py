@@ -36,8 +36,10 @@ class MoHAttention(Attention):
 
     Args:
         dim, heads: as :class:`Attention` (``heads`` counts shared and routed heads).
-        shared_heads: heads every token uses (``h_s``); the other ``heads - shared_heads`` are routed.
-        top_k: routed heads each token selects.
+        shared_heads: heads every token uses (``h_s``, default ``heads // 4``); the other
+            ``heads - shared_heads`` are routed.
+        top_k: routed heads each token selects (default half of them, rounded up; the paper
+            activates 50-90% of the heads).
         routing: ``"topk"`` (MoH) or ``"all"`` (every head with weight 1: plain multi-head
             attention, for checks and for converting from MHA).
         **kw: every other :class:`Attention` argument (``kv_heads``, ``rope``, ``window``, ...).
@@ -53,8 +55,20 @@ class MoHAttention(Attention):
         [5]
     """
 
-    def __init__(self, dim: int, heads: int, shared_heads: int = 0, top_k: int = 1, routing: str = "topk", **kw):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        shared_heads: int | None = None,
+        top_k: int | None = None,
+        routing: str = "topk",
+        **kw,
+    ):
         super().__init__(dim, heads, **kw)
+        if shared_heads is None:
+            shared_heads = heads // 4
+        if top_k is None and isinstance(shared_heads, int):
+            top_k = -(-(heads - shared_heads) // 2)
         if isinstance(shared_heads, bool) or not isinstance(shared_heads, int) or not 0 <= shared_heads <= heads:
             raise ValueError(f"shared_heads must be an int in [0, heads={heads}], got {shared_heads!r}")
         routed = heads - shared_heads
