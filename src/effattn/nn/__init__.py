@@ -3,13 +3,21 @@
 from effattn.nn.attention import Attention
 from effattn.nn.cache import KVCache
 from effattn.nn.lm import LM, LMConfig, mixer_pattern
+from effattn.nn.mla import MLA, mla_from_gqa
+from effattn.nn.moh import MoHAttention
 from effattn.nn.registry import build_mixer, list_mixers, register_mixer
 from effattn.nn.rope import RotaryEmbedding
+from effattn.nn.vision import CascadedGroupAttention, SingleHeadAttention
 
 __all__ = [
     "Attention",
     "KVCache",
+    "MLA",
+    "mla_from_gqa",
+    "MoHAttention",
     "RotaryEmbedding",
+    "CascadedGroupAttention",
+    "SingleHeadAttention",
     "build_mixer",
     "list_mixers",
     "register_mixer",
