@@ -4,5 +4,35 @@ See ``effattn.sparse._common`` for the conventions; each method lives in its own
 """
 
 from effattn.sparse._common import REGISTRY, SparseMethod
+from effattn.sparse.biformer import biformer_attention, biformer_mask
+from effattn.sparse.combiner import combiner_attention, combiner_reference
+from effattn.sparse.hilo import hilo_attention, hilo_reference
+from effattn.sparse.static import (
+    axial_attention,
+    bigbird_attention,
+    bigbird_mask,
+    dilated_attention,
+    local_attention,
+    strided_attention,
+)
+from effattn.sparse.topk_block import attention_mass_kept, topk_block_attention, topk_block_mask
 
-__all__ = ["REGISTRY", "SparseMethod"]
+__all__ = [
+    "REGISTRY",
+    "SparseMethod",
+    "attention_mass_kept",
+    "axial_attention",
+    "bigbird_attention",
+    "bigbird_mask",
+    "biformer_attention",
+    "biformer_mask",
+    "combiner_attention",
+    "combiner_reference",
+    "dilated_attention",
+    "hilo_attention",
+    "hilo_reference",
+    "local_attention",
+    "strided_attention",
+    "topk_block_attention",
+    "topk_block_mask",
+]

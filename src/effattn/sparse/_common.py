@@ -26,7 +26,12 @@ class SparseMethod:
     ``attend(q, k, v, *, causal, **params) -> o`` runs the method ([B, T, H, D] layout);
     ``dense_mask(q, k, *, causal, **params) -> bool [B|1, H|1, T_q, T_k]`` materializes exactly the
     selection that ``attend`` uses (for tests at small T: the reference backend with this mask must
-    equal ``attend``); ``make_params(T)`` gives parameters for a benchmark/test at length T with
+    equal ``attend``). ``dense_mask`` returns ``None`` for a method whose keys are not (only) the
+    original keys, or that composes several attention passes (HiLo's pooled Lo-Fi keys, Combiner's
+    appended summaries, axial's row-then-column passes): no mask over the original keys states it,
+    so the generic test skips it and the method's own tests compare ``attend`` with its dense
+    reference form (``hilo_reference``, ``combiner_reference``, explicit reference calls).
+    ``make_params(T)`` gives parameters for a benchmark/test at length T with
     about 1/16 of the key blocks selected where the method has such a knob; ``content_based`` says
     whether the selection depends on the data; ``causal_modes`` lists the supported ``causal`` values.
     """
