@@ -14,6 +14,7 @@ SUITES: dict[str, Callable[[argparse.Namespace], None]] = {}
 SUITE_MODULES = {
     "attention": "effattn.bench.attention",
     "linear": "effattn.bench.linear",
+    "models": "effattn.bench.models",
 }
 
 
