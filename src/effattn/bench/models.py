@@ -18,6 +18,7 @@ row (``error``) and the suite goes on. The number of parameters of every model i
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -53,7 +54,6 @@ def measure_training(model: LM, batch: int, T: int, repeats: int, device: str) -
     model.train()
     sec = measure_time(step, repeats=repeats, warmup=1, device=device)
     model.eval()
-    del opt
     return {"train_tok_s": batch * T / sec, "train_step_s": sec}
 
 
@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for mixer in mixers:
         torch.manual_seed(0)
-        built = run_guarded(lambda: {"model": LM(model_config(mixer, n_layers, max(lengths))).to(device)})
+        cfg_args = (mixer, n_layers, max(lengths))
+        built = run_guarded(lambda a=cfg_args: {"model": LM(model_config(*a)).to(device)})
         if "error" in built:
             rows.append({"mixer": mixer, **built})
             print(rows[-1], flush=True)
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
         params = model.num_parameters()
         print(f"{mixer}: {params / 1e6:.2f}M parameters", flush=True)
         base = {"mixer": mixer, "params_M": params / 1e6}
-        train = run_guarded(lambda: measure_training(model, batch, T_train, repeats, device))
+        train = run_guarded(functools.partial(measure_training, model, batch, T_train, repeats, device))
         rows.append({**base, "L": None, **train})
         print(rows[-1], flush=True)
         skip = None
@@ -113,14 +114,14 @@ def run(args: argparse.Namespace) -> None:
             if skip:
                 rows.append({**base, "L": L, "error": skip})
                 continue
-            r = run_guarded(lambda: measure_context(model, L, n_decode, repeats, device))
+            r = run_guarded(functools.partial(measure_context, model, L, n_decode, repeats, device))
             rows.append({**base, "L": L, **r})
             print(rows[-1], flush=True)
             if "error" in r:
                 skip = f"skipped after the error at L={L}"
             elif r["prefill_s"] > PREFILL_BUDGET_S:
                 skip = f"skipped: prefill at L={L} took {r['prefill_s']:.0f}s > {PREFILL_BUDGET_S:.0f}s"
-        del model
+        model = built = None  # free the model before building the next one
     notes = [
         f"LM: dim {DIM}, {n_layers} layers, {HEADS} heads, vocab {VOCAB}, tied embeddings, SwiGLU MLP, "
         "one mixer in every layer (default mixer settings), float32",
