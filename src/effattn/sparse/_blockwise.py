@@ -26,9 +26,9 @@ def num_blocks(n: int, block: int) -> int:
 
 
 def default_block(T: int) -> int:
-    """64 (the engine's tile) from ``T = 1024`` on; smaller sequences get ``T // 16`` (at least 4)
+    """64 (the engine's tile) from ``T = 1024`` on; shorter sequences get ``T // 16`` (at least 1)
     so a test at small ``T`` still has about 16 blocks to select from."""
-    return 64 if T >= 1024 else max(4, T // 16)
+    return 64 if T >= 1024 else max(1, T // 16)
 
 
 def check_self_attention(q: torch.Tensor, k: torch.Tensor, method: str) -> int:
