@@ -26,6 +26,7 @@ CASES = [(name, {}) for name in list_mixers()] + [
     ("mamba2", {"chunk_size": 8, "d_state": 16}),
     ("retnet", {"chunk_size": 8}),
     ("aaren", {"chunk_size": 8}),
+    ("mom", {"chunk_size": 8, "shared_memory": False}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
 
@@ -133,7 +134,7 @@ def test_bad_input(name):
 def test_registry():
     names = list_mixers()
     for expected in ("linear_attention", "based", "retnet", "gla", "deltanet", "gated_deltanet", "mamba",
-                     "mamba2", "aaren"):
+                     "mamba2", "aaren", "mom"):
         assert expected in names
     with pytest.raises(ValueError, match="registered mixers: .*gla"):
         build_mixer("no_such_mixer", dim=DIM, heads=HEADS)
