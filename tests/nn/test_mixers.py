@@ -27,6 +27,8 @@ CASES = [(name, {}) for name in list_mixers()] + [
     ("retnet", {"chunk_size": 8}),
     ("aaren", {"chunk_size": 8}),
     ("mom", {"chunk_size": 8, "shared_memory": False}),
+    ("topk_block", {"block": 4, "top_k": 1}),
+    ("topk_block", {"block": 2, "top_k": 2, "rope": False}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
 

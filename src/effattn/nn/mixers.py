@@ -17,7 +17,8 @@ Layers (each docstring states the layer and cites its paper): :class:`LinearAtte
 ("linear_attention"), :class:`BasedMixer` ("based"), :class:`RetNetMixer` ("retnet"),
 :class:`GLAMixer` ("gla"), :class:`DeltaNetMixer` ("deltanet"), :class:`GatedDeltaNetMixer`
 ("gated_deltanet"), :class:`MambaMixer` ("mamba"), :class:`Mamba2Mixer` ("mamba2"),
-:class:`AarenMixer` ("aaren") and :class:`MoMMixer` ("mom").
+:class:`AarenMixer` ("aaren"), :class:`MoMMixer` ("mom"), and from the sparse family
+:class:`TopKBlockMixer` ("topk_block").
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from effattn.linear import (
 )
 from effattn.linear.linear_attn import FEATURE_MAPS
 from effattn.nn.registry import register_mixer
+from effattn.nn.rope import RotaryEmbedding
+from effattn.sparse import topk_block_attention
 
 __all__ = [
     "ShortConv",
@@ -66,6 +69,7 @@ __all__ = [
     "Mamba2Mixer",
     "AarenMixer",
     "MoMMixer",
+    "TopKBlockMixer",
     "state_nbytes",
 ]
 
@@ -686,3 +690,125 @@ class MoMMixer(_Mixer):
             o, S = chunk_mom(q, k, v, logits, g.to(x.dtype), **kw, chunk_size=self.chunk_size)
         o = self.o_norm(o.to(x.dtype)) * F.silu(_heads_view(self.g_proj(x), H))
         return self.o_proj(_merge_heads(o)), (S, cq, ck, cv)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse family: top-k block retrieval (MoBA)
+# ----------------------------------------------------------------------------------------------
+
+
+@register_mixer("topk_block")
+class TopKBlockMixer(_Mixer):
+    """Causal top-k block attention, MoBA-style (Lu et al., "MoBA: Mixture of Block Attention for
+    Long-Context LLMs", 2025), on :func:`effattn.sparse.topk_block_attention`.
+
+    Keys are cut into blocks of ``block`` tokens (counted from each sequence's first real token);
+    a query in block ``i`` attends (exact softmax, RoPE on q/k) to its own block causally and to the
+    ``top_k`` earlier complete blocks ``j`` with the largest ``p_i . mean(k_block_j)``, where ``p_i``
+    is the mean of the ``block`` queries ending at block ``i``'s first position (no look-ahead);
+    ``y = W_o o``. Prefill runs the sparse engine; decoding scores the cached blocks for the one new
+    query and attends to the gathered keys. State per sequence: the KV cache (grows with the
+    context), the last ``block`` queries and the current block's pooled query. Rows are processed
+    one by one (each row's blocks start at its own first real token), so this layer is a correct
+    reference, not a fast batched decoder.
+    """
+
+    def __init__(self, dim: int, heads: int, block: int = 64, top_k: int = 4, rope: bool = True,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        if block < 1 or top_k < 1:
+            raise ValueError(f"block and top_k must be >= 1, got block={block}, top_k={top_k}")
+        self.block, self.top_k = block, top_k
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+
+    def _probe_len(self, seq_len: int) -> int:
+        return seq_len
+
+    def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if self.rope is None:
+            return x
+        return self.rope.apply(x, torch.arange(start, start + x.shape[1], device=x.device))
+
+    def _prefill(self, q, k, v):
+        """A fresh sequence ``[1, n, H, D]``: the sparse engine (dense causal while there is one block)."""
+        n = q.shape[1]
+        n_blocks = -(-n // self.block)
+        top_k = min(self.top_k, n_blocks - 1)
+        if top_k == 0:
+            return attention(q, k, v, causal=True)
+        return topk_block_attention(q, k, v, block=self.block, top_k=top_k, causal=True)
+
+    def _pooled_query(self, q_hist: torch.Tensor, t_first: int, t_end: int) -> torch.Tensor:
+        """Mean of the queries at positions ``max(0, t_first - block + 1) .. t_first``; ``q_hist`` holds
+        positions ``t_end - len .. t_end - 1``."""
+        lo = max(0, t_first - self.block + 1)
+        off = t_end - q_hist.shape[1]
+        return q_hist[:, lo - off : t_first + 1 - off].float().mean(dim=1)  # [1, H, D]
+
+    def _decode_one(self, q, k_all, v_all, p):
+        """One query ``[1, 1, H, D]`` at position ``t = len(k_all) - 1``."""
+        t = k_all.shape[1] - 1
+        i, bs = t // self.block, self.block
+        own = torch.arange(i * bs, t + 1, device=q.device)
+        H = self.heads
+        if i > 0:
+            reps = k_all[:, : i * bs].float().reshape(1, i, bs, H, -1).mean(dim=2)  # [1, i, H, D]
+            scores = torch.einsum("bhd,bjhd->bhj", p, reps)[0]  # [H, i]
+            sel = scores.topk(min(self.top_k, i), dim=-1).indices  # [H, k]
+            pos = (sel[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(H, -1)
+            pos = torch.cat([pos, own.expand(H, -1)], dim=1)  # [H, L]
+        else:
+            pos = own.expand(H, -1)
+        h_idx = torch.arange(H, device=q.device)[:, None]
+        kk, vv = k_all[0, pos, h_idx], v_all[0, pos, h_idx]  # [H, L, D]
+        att = torch.einsum("hd,hld->hl", q[0, 0].float(), kk.float()) * self.head_dim**-0.5
+        o = torch.einsum("hl,hld->hd", att.softmax(dim=-1), vv.float())
+        return o[None, None].to(q.dtype)
+
+    def _row(self, q, k, v, st):
+        """One sequence: new tokens ``[1, n, H, D]`` and its state (or None)."""
+        n = q.shape[1]
+        t0 = 0 if st is None else st[0].shape[1]
+        q, k = self._rotate(q, t0), self._rotate(k, t0)
+        if st is None:
+            if n == 0:
+                return q.new_zeros(q.shape), None
+            o = self._prefill(q, k, v)
+            k_all, v_all, q_hist = k, v, q
+            p = self._pooled_query(q, (n - 1) // self.block * self.block, n)  # the last token's block
+        else:
+            k_all, v_all, q_hist, p = st
+            outs = []
+            for j in range(n):
+                t = t0 + j
+                k_all, v_all = torch.cat([k_all, k[:, j : j + 1]], 1), torch.cat([v_all, v[:, j : j + 1]], 1)
+                q_hist = torch.cat([q_hist, q[:, j : j + 1]], 1)[:, -self.block :]
+                if t % self.block == 0:
+                    p = self._pooled_query(q_hist, t, t + 1)
+                outs.append(self._decode_one(q[:, j : j + 1], k_all, v_all, p))
+            o = torch.cat(outs, dim=1) if outs else q.new_zeros(q.shape)
+        return o, (k_all, v_all, q_hist[:, -self.block :], p)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        B, T, _ = x.shape
+        if state is not None and (not isinstance(state, list) or len(state) != B):
+            raise ValueError(f"state must be a list of {B} per-sequence states")
+        q, k, v = (_heads_view(t, self.heads) for t in self.wqkv(x).chunk(3, dim=-1))
+        out = x.new_zeros(B, T, self.heads, self.head_dim)
+        new_state = []
+        for b in range(B):
+            lo = 0
+            if valid is not None:
+                n_valid = int(valid[b].sum())
+                lo = T - n_valid
+                if not bool(valid[b, lo:].all()):
+                    raise ValueError("topk_block supports left padding only: valid must be False then True per row")
+            st = None if state is None else state[b]
+            o, st = self._row(q[b : b + 1, lo:], k[b : b + 1, lo:], v[b : b + 1, lo:], st)
+            out[b, lo:] = o[0]
+            new_state.append(st)
+        return self.o_proj(_merge_heads(out)), new_state
