@@ -4,6 +4,7 @@ semantics (greedy, eos, sampling), bad input."""
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 
@@ -192,3 +193,12 @@ def test_bad_input():
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="left padding"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, valid=torch.tensor([[True, False]]))
+
+
+def test_docstring_examples():
+    import effattn.nn.lm
+    import effattn.nn.registry
+
+    for module in (effattn.nn.lm, effattn.nn.registry):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, f"{module.__name__}: {result}"

@@ -62,7 +62,8 @@ class LMConfig:
     layer, and a shorter list is repeated (:func:`mixer_pattern`). ``mixer_kwargs``: extra keyword
     arguments per mixer name (``{"attention": {"kv_heads": 1}}``); ``kv_heads`` is passed to the
     attention-family mixers. ``mlp_ratio``: SwiGLU hidden size is ``2/3 * mlp_ratio * dim``
-    rounded up to a multiple of 8.
+    rounded up to a multiple of 8. ``max_seq_len`` records the context the model is meant for (the
+    benchmark sizes it; nothing truncates at it).
     """
 
     vocab_size: int = 256
