@@ -27,6 +27,9 @@ CASES = [(name, {}) for name in list_mixers()] + [
     ("retnet", {"chunk_size": 8}),
     ("aaren", {"chunk_size": 8}),
     ("mom", {"chunk_size": 8, "shared_memory": False}),
+    ("linear_attention", {"chunk_size": 8}),
+    ("deltanet", {"chunk_size": 8}),
+    ("based", {"window": 4, "chunk_size": 8}),
     ("topk_block", {"block": 4, "top_k": 1}),
     ("topk_block", {"block": 2, "top_k": 2, "rope": False}),
 ]
