@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m effattn bench attention --quick
+	$(PY) -m effattn compare
 
 test: $(STAMP)
 	$(PY) -m pytest -x

@@ -1,4 +1,5 @@
-"""Command line: ``python -m effattn bench <suite> [--quick] [--out DIR] [--device cpu]``."""
+"""Command line: ``python -m effattn bench <suite> [--quick] [--out DIR] [--device cpu]`` and
+``python -m effattn compare [--full] [--only speed,recall,listops] [--lengths ...] [--mixers ...]``."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile)")
     b.add_argument("--forward-only", action="store_true", help="skip forward+backward measurements")
+    from effattn.bench.compare import add_arguments as add_compare_arguments
+
+    c = sub.add_parser("compare", help="which attention for my length and memory budget: speed, recall, reasoning")
+    add_compare_arguments(c)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        from effattn.bench.compare import main as compare_main
+
+        compare_main(args)
     if args.command == "bench":
         args.out = args.out or f"bench_out/{args.suite}"
         run_suite(args.suite, args)

@@ -164,3 +164,13 @@ def test_listops_tokenize_roundtrip_and_errors():
         make_listops(2, min_len=10, max_len=5)
     with pytest.raises(ValueError, match="length"):
         tokenize(exprs, length=2)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from effattn.bench.tasks import listops, mqar
+
+    for mod in (mqar, listops):
+        res = doctest.testmod(mod)
+        assert res.attempted > 0 and res.failed == 0, mod.__name__

@@ -1,0 +1,251 @@
+"""Small training loops for the quality side of ``effattn compare``: MQAR and ListOps.
+
+Each builds a 2-layer :class:`effattn.nn.LM` with the named mixer, trains it with AdamW on generated
+data, and reports accuracy on a held-out set drawn with another seed, with the model's parameter
+count and state size (:meth:`effattn.nn.LM.state_size`: the KV cache for attention, the recurrent
+state for linear mixers). Zoology's recipe (Arora et al. 2023) in miniature: loss only at the query
+positions, AdamW, a short linear warm-up of the learning rate.
+
+Example::
+
+    >>> r = train_mqar("attention", 32, heads=1, steps=2, num_train=64, num_test=16, batch_size=16)
+    >>> sorted(r)[:3]
+    ['accuracy', 'final_loss', 'params']
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from effattn.bench.tasks.listops import NUM_CLASSES, PAD_ID, VOCAB_SIZE, make_listops
+from effattn.bench.tasks.mqar import IGNORE_INDEX, make_mqar
+
+# ListOps classes are read from output ids VOCAB_SIZE .. VOCAB_SIZE + 9 of the LM head: ids no input
+# uses, so a head tied to the embeddings keeps class rows separate from the token rows.
+LISTOPS_CLASS_OFFSET = VOCAB_SIZE
+
+
+def build_lm(
+    mixer: str,
+    dim: int,
+    heads: int,
+    vocab_size: int,
+    layers: int = 2,
+    max_seq_len: int = 4096,
+    mlp_ratio: float = 4.0,
+    **mixer_kw,
+):
+    """A ``layers``-layer :class:`effattn.nn.LM` whose every block uses mixer ``mixer``."""
+    from effattn.nn import LM, LMConfig
+
+    config = LMConfig(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=layers,
+        heads=heads,
+        mixers=mixer,
+        max_seq_len=max_seq_len,
+        mlp_ratio=mlp_ratio,
+        mixer_kwargs={mixer: mixer_kw} if mixer_kw else {},
+    )
+    return LM(config)
+
+
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, tuple):
+        out = out[0]
+    if hasattr(out, "logits"):
+        out = out.logits
+    return out
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over the first 5% of the steps, constant after it, linear decay in the last 10%."""
+    warm, cool = max(1, steps // 20), max(1, steps // 10)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * min(1.0, (steps - step) / cool)
+
+
+def _train(model, batches, loss_fn, steps: int, lr: float, weight_decay: float) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        x, y = batches(step)
+        loss = loss_fn(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return float(loss.detach())
+
+
+def _batcher(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: str):
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=g)
+    per_epoch = max(1, n // batch_size)
+
+    def batches(step: int):
+        nonlocal perm
+        i = step % per_epoch
+        if i == 0 and step:
+            perm = torch.randperm(n, generator=g)
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        return x[idx].to(device), y[idx].to(device)
+
+    return batches
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_mqar(
+    mixer: str,
+    dim: int,
+    *,
+    heads: int = 1,
+    layers: int = 2,
+    mlp_ratio: float = 4.0,
+    vocab_size: int = 64,
+    seq_len: int = 32,
+    num_kv_pairs: int = 4,
+    num_train: int = 2000,
+    num_test: int = 256,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    weight_decay: float = 0.1,
+    random_non_queries: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+    mixer_kw: dict | None = None,
+) -> dict:
+    """Train a ``layers``-layer LM with mixer ``mixer`` at width ``dim`` on MQAR.
+
+    Returns ``accuracy`` (fraction of held-out query positions whose argmax is the paired value),
+    ``state_bytes`` (``LM.state_size(seq_len, batch=1)``), ``params``, ``final_loss``, ``train_s``.
+    """
+    torch.manual_seed(seed)
+    model = build_lm(
+        mixer, dim, heads, vocab_size, layers, max_seq_len=max(seq_len, 64), mlp_ratio=mlp_ratio, **(mixer_kw or {})
+    )
+    model.to(device)
+    gen = dict(input_seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size)
+    x_tr, y_tr = make_mqar(num_train, **gen, random_non_queries=random_non_queries, seed=seed)
+    x_te, y_te = make_mqar(num_test, **gen, random_non_queries=random_non_queries, seed=seed + 10_000)
+
+    def loss_fn(m, x, y):
+        logits = _logits(m, x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    t0 = time.perf_counter()
+    final = _train(model, _batcher(x_tr, y_tr, batch_size, seed, device), loss_fn, steps, lr, weight_decay)
+    train_s = time.perf_counter() - t0
+    acc = mqar_accuracy(model, x_te, y_te, batch_size, device)
+    return {
+        "accuracy": acc,
+        "state_bytes": int(model.state_size(seq_len=seq_len, batch=1)),
+        "params": _params(model),
+        "final_loss": final,
+        "train_s": train_s,
+        "steps": steps,
+    }
+
+
+@torch.no_grad()
+def mqar_accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> float:
+    model.eval()
+    correct = total = 0
+    for a in range(0, x.shape[0], batch_size):
+        xb, yb = x[a : a + batch_size].to(device), y[a : a + batch_size].to(device)
+        pred = _logits(model, xb).argmax(-1)
+        m = yb != IGNORE_INDEX
+        correct += int((pred[m] == yb[m]).sum())
+        total += int(m.sum())
+    model.train()
+    return correct / max(total, 1)
+
+
+def _last_valid(x: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row (right padding)."""
+    return ((x != PAD_ID).sum(1) - 1).clamp_min(0)
+
+
+def _class_logits(model, x: torch.Tensor) -> torch.Tensor:
+    logits = _logits(model, x)  # [B, T, V]
+    last = logits[torch.arange(x.shape[0], device=x.device), _last_valid(x)]
+    return last[:, LISTOPS_CLASS_OFFSET : LISTOPS_CLASS_OFFSET + NUM_CLASSES]
+
+
+def train_listops(
+    mixer: str,
+    dim: int,
+    *,
+    heads: int = 1,
+    layers: int = 2,
+    mlp_ratio: float = 4.0,
+    min_len: int = 32,
+    max_len: int = 128,
+    max_depth: int = 10,
+    max_args: int = 10,
+    num_train: int = 2000,
+    num_test: int = 256,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    seed: int = 0,
+    device: str = "cpu",
+    mixer_kw: dict | None = None,
+) -> dict:
+    """Train a ``layers``-layer LM with mixer ``mixer`` as a ListOps classifier.
+
+    The class is read at the last token of each expression (causal mixers: it has seen the whole
+    expression; right padding never reaches it) from 10 dedicated output rows of the LM head.
+    Returns ``accuracy``, ``majority`` (share of the most frequent test label: the trivial baseline),
+    ``params``, ``final_loss``, ``train_s``.
+    """
+    torch.manual_seed(seed)
+    model = build_lm(
+        mixer,
+        dim,
+        heads,
+        VOCAB_SIZE + NUM_CLASSES,
+        layers,
+        max_seq_len=max_len,
+        mlp_ratio=mlp_ratio,
+        **(mixer_kw or {}),
+    )
+    model.to(device)
+    x_tr, y_tr = make_listops(num_train, min_len, max_len, max_depth, max_args, seed=seed)
+    x_te, y_te = make_listops(num_test, min_len, max_len, max_depth, max_args, seed=seed + 10_000)
+
+    def loss_fn(m, x, y):
+        return F.cross_entropy(_class_logits(m, x).float(), y)
+
+    t0 = time.perf_counter()
+    final = _train(model, _batcher(x_tr, y_tr, batch_size, seed, device), loss_fn, steps, lr, weight_decay)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for a in range(0, num_test, batch_size):
+            xb, yb = x_te[a : a + batch_size].to(device), y_te[a : a + batch_size].to(device)
+            correct += int((_class_logits(model, xb).argmax(-1) == yb).sum())
+    return {
+        "accuracy": correct / num_test,
+        "majority": float(torch.bincount(y_te, minlength=NUM_CLASSES).max()) / num_test,
+        "params": _params(model),
+        "final_loss": final,
+        "train_s": train_s,
+        "steps": steps,
+    }

@@ -1,0 +1,140 @@
+"""``effattn compare`` at the tiny preset, and the training loops' sanity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from effattn.bench import compare
+from effattn.bench.compare import SpeedMechanism, make_config, run_compare
+
+
+def _broken(T: int) -> dict:
+    raise NotImplementedError("injected failure")
+
+
+def test_compare_tiny_writes_every_report_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    cfg = make_config(
+        "tiny",
+        out=str(tmp_path / "cmp"),
+        lengths=(64,),
+        mixers=("attention", "gated_deltanet", "no_such_mixer"),
+        listops_mixers=("attention",),
+        extra_mechanisms=[SpeedMechanism("test", "broken", _broken)],
+    )
+    res = run_compare(cfg)
+    out = tmp_path / "cmp"
+    for f in ("report.md", "results.json", "time_vs_length.png", "memory_vs_length.png", "recall_vs_state.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+
+    speed = {(r["family"], r["mechanism"]): r for r in res["speed"]}
+    # every registered mechanism has a row: exact backends, every linear op, every sparse method
+    from effattn.linear import REGISTRY as LINEAR
+    from effattn.sparse import REGISTRY as SPARSE
+
+    assert {("exact", "sdpa causal"), ("exact", "tiled causal"), ("exact", "tiled window=256")} <= set(speed)
+    assert {("linear", n) for n in LINEAR} <= set(speed)
+    assert {("sparse", n) for n in SPARSE} <= set(speed)
+    ok = [r for r in res["speed"] if "error" not in r and "fwd_ms" in r]
+    assert len(ok) >= len(LINEAR) + 2 and all(r["fwd_ms"] > 0 for r in ok)
+    assert speed[("exact", "sdpa causal")]["state_bytes"] == 2 * 1 * 65 * 4 * 64 * 4  # KV cache of T+1 tokens
+    # the injected failure is reported, not fatal
+    assert "NotImplementedError: injected failure" in speed[("test", "broken")]["error"]
+
+    recall = {r["mixer"]: r for r in res["recall"]}
+    assert 0.0 <= recall["attention"]["accuracy"] <= 1.0 and recall["attention"]["state_bytes"] > 0
+    assert recall["gated_deltanet"]["state_bytes"] > 0
+    assert "unknown mixer" in recall["no_such_mixer"]["error"]
+    assert res["listops"][0]["mixer"] == "attention" and "accuracy" in res["listops"][0]
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["machine"]["torch"] == torch.__version__
+    assert len(data["speed"]) == len(res["speed"]) and "traceback" not in data["speed"][0]
+    md = (out / "report.md").read_text()
+    assert "broken" in md and "injected failure" in md and "gated_deltanet" in md
+    printed = capsys.readouterr().out
+    assert "broken" in printed and "sdpa causal" in printed  # the terminal table
+
+
+def test_cli_parses_and_rejects(tmp_path):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    cfg = compare.config_from_args(
+        p.parse_args(["--preset", "tiny", "--only", "speed,recall", "--lengths", "128,64", "--mixers", "attention"])
+    )
+    assert cfg.lengths == (64, 128) and cfg.only == ("speed", "recall") and cfg.mixers == ("attention",)
+    assert compare.config_from_args(p.parse_args(["--full"])).preset == "full"
+    with pytest.raises(SystemExit):
+        compare.config_from_args(p.parse_args(["--only", "speed,nope"]))
+    with pytest.raises(SystemExit):
+        compare.config_from_args(p.parse_args(["--lengths", "12,x"]))
+    with pytest.raises(ValueError, match="preset"):
+        make_config("huge")
+
+
+def test_plain_table_without_rich(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_rich(name, *a, **kw):
+        if name.startswith("rich"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_rich)
+    compare.print_table("t", [{"a": 1.5, "b": None}, {"a": "x", "b": 3}], ["a", "b"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "t" and lines[1].split() == ["a", "b"] and lines[2].split() == ["1.5", "—"]
+
+
+def test_attention_solves_tiny_mqar():
+    """Training sanity: a 2-layer attention LM learns MQAR (vocab 64, T 32, 4 pairs) in a few hundred steps."""
+    from effattn.bench.train import train_mqar
+
+    torch.set_num_threads(1)
+    r = train_mqar(
+        "attention",
+        64,
+        heads=2,
+        vocab_size=64,
+        seq_len=32,
+        num_kv_pairs=4,
+        num_train=4000,
+        num_test=128,
+        steps=600,
+        batch_size=32,
+        lr=1e-3,
+        weight_decay=0.0,
+        random_non_queries=False,
+        seed=0,
+    )
+    assert r["accuracy"] > 0.9, r
+    assert r["state_bytes"] == 2 * 2 * 32 * 64 * 4  # 2 layers x (K and V) x T x dim x float32
+
+
+def test_train_docstring_example_and_listops_loop():
+    import doctest
+
+    from effattn.bench import train
+
+    res = doctest.testmod(train)
+    assert res.attempted > 0 and res.failed == 0
+    r = train.train_listops(
+        "gated_deltanet",
+        32,
+        heads=2,
+        min_len=5,
+        max_len=24,
+        max_depth=3,
+        num_train=32,
+        num_test=16,
+        steps=3,
+        batch_size=8,
+    )
+    assert 0.0 <= r["accuracy"] <= 1.0 and 0.1 <= r["majority"] <= 1.0 and r["params"] > 0
