@@ -39,7 +39,9 @@ def test_compare_tiny_writes_every_report_file(tmp_path, capsys):
     assert {("linear", n) for n in LINEAR} <= set(speed)
     assert {("sparse", n) for n in SPARSE} <= set(speed)
     ok = [r for r in res["speed"] if "error" not in r and "fwd_ms" in r]
-    assert len(ok) >= len(LINEAR) + 2 and all(r["fwd_ms"] > 0 for r in ok)
+    assert all(r["fwd_ms"] > 0 for r in ok)
+    assert all("error" not in r for r in res["speed"] if r["family"] in ("exact", "linear")), res["speed"]
+    assert any(r["family"] == "sparse" for r in ok) or not SPARSE
     assert speed[("exact", "sdpa causal")]["state_bytes"] == 2 * 1 * 65 * 4 * 64 * 4  # KV cache of T+1 tokens
     # the injected failure is reported, not fatal
     assert "NotImplementedError: injected failure" in speed[("test", "broken")]["error"]
