@@ -176,8 +176,11 @@ class _Progress:
     def __init__(self, title: str, total: int):
         self.title, self.total, self.done = title, total, 0
         try:
+            from rich.console import Console
             from rich.progress import Progress
 
+            if not Console().is_terminal:  # a log file: one line per step reads better than a redrawn bar
+                raise ImportError
             self._rich = Progress(transient=False)
             self._rich.start()
             self._task = self._rich.add_task(title, total=total)
