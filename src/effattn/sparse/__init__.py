@@ -7,6 +7,9 @@ from effattn.sparse._common import REGISTRY, SparseMethod
 from effattn.sparse.biformer import biformer_attention, biformer_mask
 from effattn.sparse.combiner import combiner_attention, combiner_reference
 from effattn.sparse.hilo import hilo_attention, hilo_reference
+from effattn.sparse.hyper_attention import hyper_attention, hyper_attention_dense, sort_lsh_buckets
+from effattn.sparse.lsh import lsh_attention, lsh_buckets, lsh_pair_counts
+from effattn.sparse.routing import KMeansRouter, routing_attention, routing_dense_mask
 from effattn.sparse.static import (
     axial_attention,
     bigbird_attention,
@@ -19,6 +22,7 @@ from effattn.sparse.topk_block import attention_mass_kept, topk_block_attention,
 
 __all__ = [
     "REGISTRY",
+    "KMeansRouter",
     "SparseMethod",
     "attention_mass_kept",
     "axial_attention",
@@ -31,7 +35,15 @@ __all__ = [
     "dilated_attention",
     "hilo_attention",
     "hilo_reference",
+    "hyper_attention",
+    "hyper_attention_dense",
     "local_attention",
+    "lsh_attention",
+    "lsh_buckets",
+    "lsh_pair_counts",
+    "routing_attention",
+    "routing_dense_mask",
+    "sort_lsh_buckets",
     "strided_attention",
     "topk_block_attention",
     "topk_block_mask",

@@ -1,0 +1,246 @@
+"""HyperAttention (Han, Jayaram, Karbasi, Mirrokni, Woodruff and Zandieh 2024, "HyperAttention:
+Long-context Attention in Near-Linear Time").
+
+The softmax numerator and denominator are split into the large entries, found by sortLSH, and a
+sampled estimate of the rest, and the two parts are combined by their log-sum-exps:
+
+1. sortLSH: ``n_hash_bits`` random hyperplanes (seeded, per head) give every query and key a bit
+   code; codes are ranked in Gray-code order (neighbouring ranks differ in one bit) and queries and
+   keys are sorted by ``(rank, position)`` separately. Non-causal (the paper): the sorted order is cut
+   into blocks of ``block_size`` and query block ``i`` attends key block ``i`` (block-diagonal mask
+   ``M^H``). Causal: a query attends to the ``block_size`` most recent keys of its own hash bucket at
+   positions ``<= t`` (the block boundaries of the sorted order would depend on later tokens).
+2. residual: ``num_samples`` key positions ``S`` drawn uniformly without replacement (seeded, per
+   head). Query ``i`` attends to the sampled keys *not* already in its LSH part, and that part's
+   log-sum-exp is raised by ``log(n_i / m_i)``: ``n_i / m_i * sum_{s in S_i, s not in LSH_i} exp(s_is)``
+   is an unbiased estimate of the residual's sum ``sum_{j not in LSH_i} exp(s_ij)`` (``n_i`` candidate
+   keys, ``m_i`` of them sampled: ``T / m`` non-causal; causal, only samples at positions ``<= i``
+   count, ``(i + 1) / m_i``, so no sampled key lies in the future). This is the estimator of the
+   authors' implementation (uniform columns, the same-block keys masked out); the paper's analysis
+   also allows sampling by the value rows' norms, not done here.
+3. ``o = merge_attention_states([o_lsh, o_sample], [lse_lsh, lse_sample + log(n_i / m_i)])``.
+
+The paper's causal algorithm recursively splits the causal mask into exact diagonal blocks and
+unmasked off-diagonal blocks; the causal variant here is the simplest exact-causal one (per-bucket
+windows plus past-only samples). The result equals exact attention over ``LSH_i U (S_i minus LSH_i)``
+with ``log(n_i / m_i)`` added to the sampled scores (:func:`hyper_attention_dense`).
+Cost: ``O(T log T)`` sorting, ``O(T (block_size + num_samples) D)`` attention, ``O(T)`` memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effattn._checks import check_qkv, check_scale
+from effattn.exact.api import attention
+from effattn.exact.block_mask import BlockMask
+from effattn.sparse._buckets import (
+    _rowless,
+    chunk_round,
+    differentiable_lse,
+    expand_kv,
+    gather_tokens,
+    merge_states,
+    round_mask,
+    sorted_attention,
+    visible,
+    window_block,
+    window_round,
+)
+from effattn.sparse._common import SparseMethod, check_block_size, register
+
+
+def sort_lsh_buckets(x: torch.Tensor, *, n_hash_bits: int, seed: int = 0) -> torch.Tensor:
+    """Gray-code rank of the sign pattern of ``x`` against ``n_hash_bits`` random hyperplanes per head:
+    ``[B, H, T]`` in ``[0, 2^n_hash_bits)``; buckets with adjacent ranks differ in one bit.
+
+    Example::
+
+        >>> sort_lsh_buckets(torch.randn(1, 16, 2, 8), n_hash_bits=3).shape
+        torch.Size([1, 2, 16])
+    """
+    B, T, H, D = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    planes = torch.randn(H, D, n_hash_bits, generator=gen).to(x.device)
+    with torch.no_grad():
+        bits = (torch.einsum("bthd,hdn->bhtn", x.detach().float(), planes) > 0).long()
+        code = (bits << torch.arange(n_hash_bits, device=x.device)).sum(-1)
+        rank = code.clone()  # Gray decoding: rank = code ^ (code >> 1) ^ (code >> 2) ^ ...
+        shift = 1
+        while shift < n_hash_bits:
+            rank ^= rank >> shift
+            shift *= 2
+        return rank
+
+
+def _samples(H: int, T: int, m: int, seed: int, device) -> torch.Tensor:
+    """``[H, m]`` sorted key positions per head, uniform without replacement."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.rand(H, T, generator=gen).argsort(-1)[:, :m].sort(-1).values.to(device)
+
+
+def default_hash_bits(T: int, block_size: int, causal: bool) -> int:
+    """7 hyperplanes (the authors' default) when not causal; causal, few enough that a bucket holds
+    about ``2 * block_size`` keys (a query only sees its bucket's past, capped at ``block_size``)."""
+    if not causal:
+        return 7
+    return int(min(7, max(1, (T // (2 * block_size)).bit_length() - 1)))
+
+
+def _check(q, k, v, block_size, num_samples, n_hash_bits, causal):
+    B, Tq, Tk, Hq, Hkv, D, Dv = check_qkv(q, k, v)
+    if Tq != Tk:
+        raise ValueError(f"hyper_attention is self-attention here: seq_q ({Tq}) must equal seq_k ({Tk})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    check_block_size("block_size", block_size, Tq, must_divide=not causal)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 0 <= num_samples <= Tq:
+        raise ValueError(f"num_samples must be an int in [0, seq_len={Tq}], got {num_samples!r}")
+    if n_hash_bits is None:
+        n_hash_bits = default_hash_bits(Tq, block_size, causal)
+    if isinstance(n_hash_bits, bool) or not isinstance(n_hash_bits, int) or not 1 <= n_hash_bits <= 30:
+        raise ValueError(f"n_hash_bits must be an int in [1, 30], got {n_hash_bits!r}")
+    return Tq, Hq // Hkv, n_hash_bits
+
+
+class _Selection:
+    """The LSH round, the sampled keys and the per-query log-weights of the sampled part."""
+
+    def __init__(self, q, k, block_size, num_samples, n_hash_bits, causal, seed):
+        B, T, H, _ = q.shape
+        self.T, self.causal = T, causal
+        with torch.no_grad():
+            bq = sort_lsh_buckets(q, n_hash_bits=n_hash_bits, seed=seed)
+            bk = sort_lsh_buckets(k, n_hash_bits=n_hash_bits, seed=seed)
+            if causal:
+                self.round = window_round(bq, bk, block_size)
+            else:
+                self.round = chunk_round(bq, bk, block_size, look_back=False)
+            self.m = num_samples
+            self.samples = _samples(H, T, num_samples, seed, q.device)  # [H, m]
+            pos = torch.arange(T, device=q.device)
+            if causal:
+                m_i = torch.searchsorted(self.samples, pos.expand(H, T).contiguous(), right=True)  # [H, T]
+                n_i = (pos + 1).expand(H, T)
+            else:
+                m_i = torch.full((H, T), num_samples, device=q.device)
+                n_i = torch.full((H, T), T, device=q.device)
+            self.log_w = torch.where(m_i > 0, torch.log(n_i.double() / m_i.clamp(min=1).double()), 0.0).float()
+
+    def sample_mask(self):
+        rnd, T, causal = self.round, self.T, self.causal
+        S = self.samples
+        k_slot = rnd.k_slot.gather(-1, S.expand(rnd.k_slot.shape[0], -1, -1)).to(torch.int32)  # [B, H, m]
+        lo, length = rnd.lo_by_query, rnd.length_by_query
+        s_pos = S.to(torch.int32)
+
+        def mask(b, h, qi, kj):
+            hk = _rowless(h)
+            ok = ~visible(k_slot[b, hk, kj], lo[b, h, qi], length[b, h, qi], T, cyclic=False)
+            if causal:
+                ok &= s_pos[hk, kj] <= qi
+            return ok
+
+        return mask
+
+    def sample_block_mask(self, B: int) -> BlockMask:
+        H, m = self.samples.shape
+        T = self.T
+        qb, kb = window_block(T)[0], min(64, max(1, m))
+        nq, nk = -(-T // qb), -(-m // kb)
+        idx = torch.arange(nk, device=self.samples.device).expand(B, H, nq, nk)
+        counts = None
+        if self.causal:
+            first = self.samples[:, ::kb]  # [H, nk] first sample of every key block
+            last_q = (torch.arange(nq, device=first.device) * qb + qb - 1).clamp(max=T - 1)
+            counts = (first[:, None, :] <= last_q[None, :, None]).sum(-1).expand(B, H, nq)
+        return BlockMask.from_kv_indices(
+            idx, T, m, q_block=qb, kv_block=kb, kv_counts=counts, mask_mod=self.sample_mask()
+        )
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, bias) [B, H, T, T]``: the attended pairs and the log-weight added to their scores."""
+        T = self.T
+        lsh = self.round.dense_visible()
+        B, H = lsh.shape[:2]
+        sampled = torch.zeros(H, T, dtype=torch.bool, device=lsh.device).scatter_(-1, self.samples, True)
+        extra = sampled[None, :, None, :] & ~lsh
+        if self.causal:
+            extra = extra & torch.ones(T, T, dtype=torch.bool, device=lsh.device).tril()
+        bias = torch.where(extra, self.log_w[None, :, :, None], 0.0)
+        return lsh | extra, bias
+
+
+def hyper_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 256,
+    num_samples: int = 256,
+    n_hash_bits: int | None = None,
+    causal: bool = False,
+    seed: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """HyperAttention (see the module docstring): ``q [B, T, H, D]``, ``k, v [B, T, H_kv, *]``.
+
+    ``block_size`` must divide ``T`` when not causal; ``0 <= num_samples <= T``; ``n_hash_bits`` defaults to
+    :func:`default_hash_bits`. Returns
+    ``o [B, T, H, D_v]`` (and the combined ``lse [B, H, T]`` with ``return_lse``).
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 256, 2, 16)
+        >>> hyper_attention(q, k, v, block_size=32, num_samples=32).shape
+        torch.Size([1, 256, 2, 16])
+    """
+    T, G, n_hash_bits = _check(q, k, v, block_size, num_samples, n_hash_bits, causal)
+    scale = check_scale(scale, q.shape[-1])
+    k, v = expand_kv(k, G), expand_kv(v, G)
+    sel = _Selection(q, k, block_size, num_samples, n_hash_bits, causal, seed)
+    need_lse = return_lse or num_samples > 0
+    o, lse = sorted_attention(q, k, v, sel.round, round_mask(sel.round), scale, need_lse)
+    if num_samples > 0:
+        ks, vs = gather_tokens(k, sel.samples[None]), gather_tokens(v, sel.samples[None])
+        bm = sel.sample_block_mask(q.shape[0])
+        o_s, lse_s = attention(q, ks, vs, block_mask=bm, scale=scale, return_lse=True, backend="tiled")
+        lse_s = differentiable_lse(q, ks, lse_s, bm, scale) + sel.log_w[None]
+        o, lse = merge_states([o, o_s], [lse, lse_s])
+    return (o, lse) if return_lse else o
+
+
+def hyper_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 256,
+    num_samples: int = 256,
+    n_hash_bits: int | None = None,
+    causal: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, bias) [B, H, T, T]`` such that :func:`hyper_attention` equals exact attention over ``mask``
+    with ``bias`` added to the scores (small ``T`` only: tests and inspection)."""
+    T, G, n_hash_bits = _check(q, k, k, block_size, num_samples, n_hash_bits, causal)
+    return _Selection(q, expand_kv(k, G), block_size, num_samples, n_hash_bits, causal, seed).dense()
+
+
+def _params(T: int) -> dict:
+    """LSH blocks and samples of ``~T / 32`` each: about ``T / 16`` keys per query."""
+    block = max(16, T // 32)
+    while T % block:
+        block -= 1
+    return {"block_size": block, "num_samples": min(T, max(16, T // 32))}
+
+
+register(
+    SparseMethod(
+        name="hyper_attention",
+        attend=hyper_attention,
+        dense_mask=None,  # not a plain mask: the sampled scores carry log-weights (hyper_attention_dense)
+        make_params=_params,
+        content_based=True,
+    )
+)
