@@ -3,7 +3,9 @@
 - time: median of repeats after warm-up;
 - peak memory: CUDA ``max_memory_allocated``; on the CPU the rise of the process's peak resident
   set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set before the call,
-  with glibc told to serve every allocation >= 64 KiB by ``mmap`` so freed tensors leave the RSS;
+  with glibc told, during that one call only, to serve every allocation >= 64 KiB by ``mmap`` so
+  freed tensors leave the RSS (timed runs use a fixed 32 MiB threshold instead: forcing ``mmap``
+  there would add a page fault to every fresh buffer and slow allocation-heavy code unfairly);
 - efficiency: useful FLOP/s over the machine's own matmul FLOP/s measured in the same run.
 """
 
@@ -22,17 +24,26 @@ from pathlib import Path
 
 import torch
 
-_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TIMING_MMAP_THRESHOLD = 32 * 2**20  # glibc's own dynamic threshold settles at most here
 
 
-def _libc_mmap_large_allocations() -> None:
+def _mallopt(param: int, value: int) -> None:
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    except OSError:  # not glibc: the RSS figures are then upper bounds of the truth
+        ctypes.CDLL("libc.so.6").mallopt(param, value)
+    except OSError:  # not glibc: RSS figures are then upper bounds of the truth
         pass
 
 
-_libc_mmap_large_allocations()
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_THRESHOLD)
+_mallopt(_M_TRIM_THRESHOLD, 2 * _TIMING_MMAP_THRESHOLD)
 
 
 def sync(device: str | torch.device) -> None:
@@ -72,6 +83,9 @@ def measure_peak_memory(fn: Callable[[], object], device="cpu") -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    _mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    _mallopt(_M_TRIM_THRESHOLD, 0)
+    _malloc_trim()  # hand free heap pages back, so reusing them counts as new resident memory
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -80,6 +94,9 @@ def measure_peak_memory(fn: Callable[[], object], device="cpu") -> int | None:
         return max(0, _status_kib("VmHWM") - base) * 1024
     except OSError:
         return None
+    finally:
+        _mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_THRESHOLD)
+        _mallopt(_M_TRIM_THRESHOLD, 2 * _TIMING_MMAP_THRESHOLD)
 
 
 def matmul_flops_per_second(device="cpu", dtype=torch.float32, n: int = 2048) -> float:

@@ -104,6 +104,27 @@ class _Layout:
         return x
 
 
+class _Workspace:
+    """Flat buffers reused by every step of one forward or backward call.
+
+    Each step's score tiles and gathered keys/values would otherwise be fresh allocations: large
+    ones come from ``mmap`` and cost a page fault per 4 KiB on first touch, which on the CPU is a
+    sizeable fraction of the matmul time.
+    """
+
+    def __init__(self, device):
+        self.device, self.buffers = device, {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(n, device=self.device)
+        return buf[:n].view(shape)
+
+
 def _copy_padded(dest_blocks: torch.Tensor, src: torch.Tensor, block: int) -> None:
     """Copy ``src [B, T, ...]`` into ``dest_blocks [B, n_blocks, block, ...]`` (the tail stays zero)."""
     T = src.shape[1]
@@ -180,13 +201,15 @@ class _Step:
             pos = (self.sel[..., None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)
         return pos.clamp(max=lay.Tk - 1)
 
-    def keys(self, x_flat: torch.Tensor) -> torch.Tensor:
-        """The step's keys (or values): ``[B*W, cols, E]`` (slice) or ``[B*W*g, cols, E]`` (gather)."""
+    def keys(self, x_flat: torch.Tensor, ws: _Workspace, name: str) -> torch.Tensor:
+        """The step's keys (or values): ``[B*W, cols, E]`` (slice) or ``[B*W*g, cols, E]`` (gathered
+        into the workspace buffer ``name``)."""
         lay = self.lay
         E = x_flat.shape[-1]
         if self.flat is None:
             return x_flat.view(lay.B * lay.W, lay.nk * lay.BK, E)[:, self.lo : self.lo + self.cols]
-        return x_flat.index_select(0, self.flat).view(-1, self.cols, E)
+        out = ws.get(name, (self.flat.numel(), lay.BK, E))
+        return torch.index_select(x_flat, 0, self.flat, out=out).view(-1, self.cols, E)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """Query-side rows ``[B, W, g, R, E]`` as the matmul operand that matches :meth:`keys`."""
@@ -208,9 +231,15 @@ class _Step:
         else:
             acc_flat.index_add_(0, self.flat, grad.reshape(-1, lay.BK, E))
 
-    def scores(self, q_rows: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-        """Scores ``[B, W, g, R, cols]`` from pre-scaled query rows, before score_mod and masking."""
-        return self.unrows(torch.bmm(self.rows(q_rows), ks.transpose(1, 2)))
+    def scores(self, q_rows: torch.Tensor, ks: torch.Tensor, ws: _Workspace, name: str = "s") -> torch.Tensor:
+        """Scores ``[B, W, g, R, cols]`` from pre-scaled query rows (before score_mod and masking),
+        written into the workspace buffer ``name``."""
+        return self.matmul_rows(self.rows(q_rows), ks.transpose(1, 2), ws, name)
+
+    def matmul_rows(self, a: torch.Tensor, b: torch.Tensor, ws: _Workspace, name: str) -> torch.Tensor:
+        """``a @ b`` for row-shaped ``a``, into a workspace buffer, returned as ``[B, W, g, R, cols]``."""
+        out = ws.get(name, (a.shape[0], a.shape[1], b.shape[2]))
+        return self.unrows(torch.bmm(a, b, out=out))
 
     def score_mod(self, s: torch.Tensor) -> torch.Tensor:
         lay = self.lay
@@ -273,9 +302,10 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     if sinks is not None:
         lse_r.copy_(_sink_rows(sinks, lay).expand_as(lse_r))
     m = l = acc = None
+    ws = _Workspace(lay.device)
     for i0, i1, c0, c1, first, last in plan.steps():
         st = plan.step(i0, i1, c0, c1)
-        s = st.scores(q_r[:, :, i0:i1], st.keys(k_flat))
+        s = st.scores(q_r[:, :, i0:i1], st.keys(k_flat, ws, "k"), ws)
         if plan.score_mod is not None:
             s = st.score_mod(s)
         if st.drop is not None:
@@ -293,7 +323,7 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         alpha = torch.exp(m - m_use)
         p = s.sub_(m_use[..., None]).exp_()
         l = l * alpha + p.sum(-1)
-        pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat)))
+        pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat, ws, "v")))
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
         if last:
@@ -315,11 +345,12 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
     dq_view = lay.rows_view(dq)
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
+    ws = _Workspace(lay.device)
     for i0, i1, c0, c1, _, _ in plan.steps():
         st = plan.step(i0, i1, c0, c1)
         q_g, do_g = q_r[:, :, i0:i1], do_r[:, :, i0:i1]
-        ks, vs = st.keys(k_flat), st.keys(v_flat)
-        s_raw = st.scores(q_g, ks)
+        ks, vs = st.keys(k_flat, ws, "k"), st.keys(v_flat, ws, "v")
+        s_raw = st.scores(q_g, ks, ws)
         if plan.score_mod is not None:
             s_raw.requires_grad_(True)
             with torch.enable_grad():
@@ -332,7 +363,7 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
         p = s.sub_(lse_r[:, :, i0:i1, :, None]).exp_()  # [B, W, g, R, cols]
         p_rows, do_rows = st.rows(p), st.rows(do_g)
         st.add_to_keys(dv_flat, torch.bmm(p_rows.transpose(1, 2), do_rows))
-        dp = st.unrows(torch.bmm(do_rows, vs.transpose(1, 2)))
+        dp = st.matmul_rows(do_rows, vs.transpose(1, 2), ws, "dp")
         ds = p.mul_(dp.sub_(delta_r[:, :, i0:i1, :, None]))  # P * (dP - Delta), in place of P
         if plan.score_mod is not None:
             grads = torch.autograd.grad(s_mod, (s_raw, *mod_tensors), ds, allow_unused=True)
