@@ -64,13 +64,18 @@ def sort_lsh_buckets(x: torch.Tensor, *, n_hash_bits: int, seed: int = 0) -> tor
     planes = torch.randn(H, D, n_hash_bits, generator=gen).to(x.device)
     with torch.no_grad():
         bits = (torch.einsum("bthd,hdn->bhtn", x.detach().float(), planes) > 0).long()
-        code = (bits << torch.arange(n_hash_bits, device=x.device)).sum(-1)
-        rank = code.clone()  # Gray decoding: rank = code ^ (code >> 1) ^ (code >> 2) ^ ...
-        shift = 1
-        while shift < n_hash_bits:
-            rank ^= rank >> shift
-            shift *= 2
-        return rank
+        return gray_rank((bits << torch.arange(n_hash_bits, device=x.device)).sum(-1))
+
+
+def gray_rank(code: torch.Tensor) -> torch.Tensor:
+    """Position of each Gray code in the Gray sequence (``rank ^ (rank >> 1) == code``): consecutive ranks
+    are codes that differ in one bit, so sorting by rank keeps neighbouring hash cells together."""
+    rank = code.clone()
+    shift = 1
+    while shift < 63:
+        rank ^= rank >> shift
+        shift *= 2
+    return rank
 
 
 def _samples(H: int, T: int, m: int, seed: int, device) -> torch.Tensor:
@@ -93,6 +98,8 @@ def _check(q, k, v, block_size, num_samples, n_hash_bits, causal):
         raise ValueError(f"hyper_attention is self-attention here: seq_q ({Tq}) must equal seq_k ({Tk})")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
+    block_size = min(256, Tq) if block_size is None else block_size
+    num_samples = min(256, Tq) if num_samples is None else num_samples
     check_block_size("block_size", block_size, Tq, must_divide=not causal)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 0 <= num_samples <= Tq:
         raise ValueError(f"num_samples must be an int in [0, seq_len={Tq}], got {num_samples!r}")
@@ -100,7 +107,7 @@ def _check(q, k, v, block_size, num_samples, n_hash_bits, causal):
         n_hash_bits = default_hash_bits(Tq, block_size, causal)
     if isinstance(n_hash_bits, bool) or not isinstance(n_hash_bits, int) or not 1 <= n_hash_bits <= 30:
         raise ValueError(f"n_hash_bits must be an int in [1, 30], got {n_hash_bits!r}")
-    return Tq, Hq // Hkv, n_hash_bits
+    return Tq, Hq // Hkv, block_size, num_samples, n_hash_bits
 
 
 class _Selection:
@@ -176,8 +183,8 @@ def hyper_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    block_size: int = 256,
-    num_samples: int = 256,
+    block_size: int | None = None,
+    num_samples: int | None = None,
     n_hash_bits: int | None = None,
     causal: bool = False,
     seed: int = 0,
@@ -186,8 +193,9 @@ def hyper_attention(
 ):
     """HyperAttention (see the module docstring): ``q [B, T, H, D]``, ``k, v [B, T, H_kv, *]``.
 
-    ``block_size`` must divide ``T`` when not causal; ``0 <= num_samples <= T``; ``n_hash_bits`` defaults to
-    :func:`default_hash_bits`. Returns
+    ``block_size`` (default ``min(256, T)``, the authors' 256) must divide ``T`` when not causal;
+    ``0 <= num_samples <= T`` (default ``min(256, T)``); ``n_hash_bits`` defaults to :func:`default_hash_bits`.
+    Returns
     ``o [B, T, H, D_v]`` (and the combined ``lse [B, H, T]`` with ``return_lse``).
 
     Example::
@@ -196,7 +204,7 @@ def hyper_attention(
         >>> hyper_attention(q, k, v, block_size=32, num_samples=32).shape
         torch.Size([1, 256, 2, 16])
     """
-    T, G, n_hash_bits = _check(q, k, v, block_size, num_samples, n_hash_bits, causal)
+    T, G, block_size, num_samples, n_hash_bits = _check(q, k, v, block_size, num_samples, n_hash_bits, causal)
     scale = check_scale(scale, q.shape[-1])
     k, v = expand_kv(k, G), expand_kv(v, G)
     sel = _Selection(q, k, block_size, num_samples, n_hash_bits, causal, seed)
@@ -215,15 +223,15 @@ def hyper_attention_dense(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    block_size: int = 256,
-    num_samples: int = 256,
+    block_size: int | None = None,
+    num_samples: int | None = None,
     n_hash_bits: int | None = None,
     causal: bool = False,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, bias) [B, H, T, T]`` such that :func:`hyper_attention` equals exact attention over ``mask``
     with ``bias`` added to the scores (small ``T`` only: tests and inspection)."""
-    T, G, n_hash_bits = _check(q, k, k, block_size, num_samples, n_hash_bits, causal)
+    T, G, block_size, num_samples, n_hash_bits = _check(q, k, k, block_size, num_samples, n_hash_bits, causal)
     return _Selection(q, expand_kv(k, G), block_size, num_samples, n_hash_bits, causal, seed).dense()
 
 
