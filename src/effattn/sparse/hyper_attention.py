@@ -247,7 +247,8 @@ register(
     SparseMethod(
         name="hyper_attention",
         attend=hyper_attention,
-        dense_mask=None,  # not a plain mask: the sampled scores carry log-weights (hyper_attention_dense)
+        # not a plain mask: the sampled scores carry log-weights (see hyper_attention_dense)
+        dense_mask=lambda q, k, *, causal=False, **params: None,
         make_params=_params,
         content_based=True,
     )

@@ -239,11 +239,13 @@ def _dense(q, k, *, causal, shared_qk=True, dedup=True, **params):
 
 def _params(T: int) -> dict:
     """Two rounds of own + previous chunk with ``chunk_size ~ T / 64``: at most ``T / 16`` keys per query
-    (``n_buckets`` by :func:`default_n_buckets`, which depends on ``causal``)."""
+    (``n_buckets`` by :func:`default_n_buckets`, which depends on ``causal``). The registry's
+    ``attend(q, k, v)`` uses the given keys, so its entry is the separate q/k variant (shared-QK derives
+    the keys from q and is covered by tests/sparse/test_lsh.py)."""
     chunk = max(4, T // 64)
     while T % chunk:
         chunk -= 1
-    return {"chunk_size": chunk, "n_rounds": 2, "shared_qk": True}
+    return {"chunk_size": chunk, "n_rounds": 2, "shared_qk": False}
 
 
 register(SparseMethod(name="lsh", attend=_attend, dense_mask=_dense, make_params=_params, content_based=True))

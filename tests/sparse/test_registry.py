@@ -1,0 +1,91 @@
+"""Generic checks over every method in ``effattn.sparse.REGISTRY`` with its ``make_params(T)``:
+shape and finiteness, engine == reference on the method's dense selection (forward and gradients),
+no look-ahead in causal mode, determinism, and no ``T x T`` buffer (peak memory at T = 4096)."""
+
+import pytest
+import torch
+
+import effattn.sparse as sparse
+from effattn import attention
+from effattn.bench.harness import measure_peak_memory
+from tests.helpers import assert_fp32_close
+
+CASES = [(name, causal) for name, m in sorted(sparse.REGISTRY.items()) for causal in m.causal_modes]
+T_SMALL = 128
+
+
+def _inputs(B=2, T=T_SMALL, H=2, D=16, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H, D, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def test_registry_is_populated():
+    assert {"routing", "lsh", "hyper_attention"} <= set(sparse.REGISTRY)
+    for name, m in sparse.REGISTRY.items():
+        assert m.name == name and set(m.causal_modes) <= {False, True} and m.causal_modes
+
+
+@pytest.mark.parametrize("name,causal", CASES)
+def test_output_shape_finite_deterministic(name, causal):
+    m = sparse.REGISTRY[name]
+    q, k, v = _inputs()
+    params = m.make_params(T_SMALL)
+    o = m.attend(q, k, v, causal=causal, **params)
+    assert o.shape == v.shape and o.dtype == q.dtype
+    assert torch.isfinite(o).all()
+    o.square().sum().backward()
+    for x, n in ((q, "q"), (k, "k"), (v, "v")):
+        assert x.grad is not None and torch.isfinite(x.grad).all(), f"d{n}"
+    assert torch.equal(o, m.attend(q, k, v, causal=causal, **params))
+
+
+@pytest.mark.parametrize("name,causal", CASES)
+def test_matches_reference_on_dense_selection(name, causal):
+    m = sparse.REGISTRY[name]
+    q, k, v = _inputs()
+    params = m.make_params(T_SMALL)
+    mask = m.dense_mask(q, k, causal=causal, **params) if m.dense_mask is not None else None
+    if mask is None:
+        pytest.skip(f"{name} has no plain dense selection (tested against its own reference)")
+    assert mask.dtype == torch.bool and mask.shape[-2:] == (T_SMALL, T_SMALL)
+    if causal:
+        assert not bool(mask.triu(1).any()), "a causal selection lists a later key"
+    o = m.attend(q, k, v, causal=causal, **params)
+    ref = attention(
+        q, k, v, mask_mod=lambda b, h, i, j: mask[b % mask.shape[0], h % mask.shape[1], i, j], backend="reference"
+    )
+    assert_fp32_close(o, ref)
+    do = torch.randn_like(o)
+    for g, gr, n in zip(torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do), "qkv"):
+        assert_fp32_close(g, gr, 1e-4, "d" + n)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES if c])
+def test_causal_no_look_ahead(name):
+    m = sparse.REGISTRY[name]
+    q, k, v = _inputs(grad=False)
+    params = m.make_params(T_SMALL)
+    t = 70
+    o = m.attend(q, k, v, causal=True, **params)
+    g = torch.Generator().manual_seed(1)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, t + 1 :] = 3 * torch.randn(x[:, t + 1 :].shape, generator=g)
+    o2 = m.attend(q2, k2, v2, causal=True, **params)
+    assert not torch.allclose(o[:, t + 1 :], o2[:, t + 1 :])  # the perturbation reaches the later outputs
+    torch.testing.assert_close(o[:, : t + 1], o2[:, : t + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,causal", CASES)
+def test_no_quadratic_buffer(name, causal):
+    """The forward's peak memory rise at T = 4096 stays well below one T x T float32 matrix (64 MiB)."""
+    m = sparse.REGISTRY[name]
+    T = 4096
+    q, k, v = _inputs(B=1, T=T, H=1, D=16, grad=False)
+    params = m.make_params(T)
+    with torch.no_grad():
+        m.attend(q, k, v, causal=causal, **params)  # warm-up: one-time allocations
+        peak = measure_peak_memory(lambda: m.attend(q, k, v, causal=causal, **params))
+    if peak is None:
+        pytest.skip("peak memory is not measurable on this platform")
+    assert peak < 0.5 * T * T * 4, f"{name}: forward peak rise {peak / 2**20:.1f} MiB at T={T}"
