@@ -40,17 +40,18 @@ CASES = [  # causal, shared_qk, dedup, n_rounds, T, chunk
     (False, True, False, 2, 128, 16),
     (False, False, True, 2, 128, 16),
     (False, False, False, 1, 128, 32),
-    (False, True, True, 2, 256, 64),  # query tiles taller than key tiles
+    (False, True, True, 2, 256, 128),  # query tiles taller than key tiles (128 x 64)
     (True, True, True, 3, 128, 8),
     (True, True, False, 2, 97, 8),  # odd T (a causal chunk_size need not divide it)
     (True, False, True, 2, 128, 8),
     (True, False, False, 1, 257, 16),  # window tiles (64 queries x 32 keys)
+    (True, False, True, 2, 2048, 32),  # window tiles of 256 queries x 64 keys
 ]
 
 
 @pytest.mark.parametrize("causal,shared_qk,dedup,n_rounds,T,chunk", CASES)
 def test_engine_matches_reference_on_selection(causal, shared_qk, dedup, n_rounds, T, chunk):
-    q, k, v = _inputs(T=T)
+    q, k, v = _inputs(T=T) if T < 1024 else _inputs(B=1, T=T, H=1, Hkv=1, D=8)
     params = {"chunk_size": chunk, "n_rounds": n_rounds, "causal": causal, "shared_qk": shared_qk, "seed": 3}
     kk = None if shared_qk else k
     o, lse = lsh_attention(q, kk, v, dedup=dedup, return_lse=True, **params)

@@ -15,6 +15,7 @@ SUITE_MODULES = {
     "attention": "effattn.bench.attention",
     "linear": "effattn.bench.linear",
     "models": "effattn.bench.models",
+    "sparse": "effattn.bench.sparse",
 }
 
 
