@@ -19,7 +19,7 @@ intervals of earlier rounds for de-duplication), so causality is checked on orig
 
 The engine's ``lse`` is not differentiable (``mark_non_differentiable``); methods that combine
 several attention results by their log-sum-exps get the exact gradient of the lse through
-:func:`differentiable_lse` (one extra engine pass with the keys as values).
+:func:`attention_lse` (the keys ride along as extra value columns of the same engine call).
 """
 
 from __future__ import annotations
@@ -276,21 +276,29 @@ def round_mask(rnd: Round, earlier: list[Round] = (), self_rule: torch.Tensor | 
     return rnd.block_mask(mask, all_partial=bool(earlier), self_pairs=self_rule is not None)
 
 
-def differentiable_lse(q, k, lse: torch.Tensor, block_mask: BlockMask, scale: float) -> torch.Tensor:
-    """The engine's ``lse [B, H, T]`` with its exact gradient attached (value unchanged).
+def attention_lse(q, k, v, block_mask: BlockMask, scale: float, need_lse_grad: bool = True):
+    """``(o, lse)`` from the engine, with the exact gradient of ``lse`` attached when one may be needed.
 
-    ``d lse_i / d q_i = scale * sum_j p_ij k_j`` and ``d lse_i / d k_j = scale * p_ij q_i``: the first
-    is ``scale`` times the attention output with the keys as values, the second that output's gradient
-    with respect to those values. One extra engine pass computes ``E_p[k]``; two zero-valued terms carry
-    the gradients. Skipped when no gradient is needed or the engine's lse is already differentiable.
+    ``d lse_i / d q_i = scale * sum_j p_ij k_j`` and ``d lse_i / d k_j = scale * p_ij q_i``. One engine call
+    with the values ``[v, k, k.detach()]`` yields ``o`` and twice ``e_i = sum_j p_ij k_j``; two zero-valued
+    terms then carry the gradients: ``q . e.detach()`` gives the first, ``q.detach() . (e' - e'')`` the
+    second through the value path of ``e'`` (the score-path gradients of ``e'`` and ``e''`` cancel). The
+    lse's value is unchanged. Skipped when no gradient is needed or the engine's lse is differentiable.
     """
-    if lse.requires_grad or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad):
-        return lse
-    ek = attention(q.detach(), k.detach(), k, block_mask=block_mask, scale=scale, backend="tiled")
-    a = (q.float() * ek.detach().float()).sum(-1)
-    c = (q.detach().float() * ek.float()).sum(-1)
+    needs = need_lse_grad and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if not needs:
+        return attention(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, backend="tiled")
+    D, Dv = k.shape[-1], v.shape[-1]
+    out, lse = attention(
+        q, k, torch.cat([v, k, k.detach()], -1), block_mask=block_mask, scale=scale, return_lse=True, backend="tiled"
+    )
+    o, e1, e2 = out.split([Dv, D, D], -1)
+    if lse.requires_grad:  # the engine already differentiates its lse
+        return o, lse
+    a = (q.float() * e1.detach().float()).sum(-1)
+    c = (q.detach().float() * (e1.float() - e2.float())).sum(-1)
     extra = scale * ((a - a.detach()) + (c - c.detach()))  # exactly zero, carries both gradients
-    return lse + extra.transpose(1, 2)
+    return o, lse + extra.transpose(1, 2)
 
 
 def sorted_attention(q, k, v, rnd: Round, bm: BlockMask, scale: float, need_lse: bool):
@@ -299,9 +307,7 @@ def sorted_attention(q, k, v, rnd: Round, bm: BlockMask, scale: float, need_lse:
     qs = gather_tokens(q, rnd.q_order)
     ks = gather_tokens(k, rnd.k_order)
     vs = gather_tokens(v, rnd.k_order)
-    o, lse = attention(qs, ks, vs, block_mask=bm, scale=scale, return_lse=True, backend="tiled")
-    if need_lse:
-        lse = differentiable_lse(qs, ks, lse, bm, scale)
+    o, lse = attention_lse(qs, ks, vs, bm, scale, need_lse)
     o = gather_tokens(o, rnd.q_slot)
     lse = lse.gather(-1, rnd.q_slot)
     return o, lse

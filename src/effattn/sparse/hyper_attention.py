@@ -18,12 +18,17 @@ sampled estimate of the rest, and the two parts are combined by their log-sum-ex
    count, ``(i + 1) / m_i``, so no sampled key lies in the future). This is the estimator of the
    authors' implementation (uniform columns, the same-block keys masked out); the paper's analysis
    also allows sampling by the value rows' norms, not done here.
-3. ``o = merge_attention_states([o_lsh, o_sample], [lse_lsh, lse_sample + log(n_i / m_i)])``.
+3. the two parts combined by their log-sum-exps, ``o = sum_p exp(lse_p - lse) o_p`` with
+   ``lse_sample`` raised by ``log(n_i / m_i)``. That is one softmax over ``LSH_i U (S_i minus LSH_i)``
+   with ``log(n_i / m_i)`` added to the sampled scores, and it runs as one engine call over the keys
+   ``[LSH keys in sorted order | sampled keys]``: the log-weight enters through one extra key
+   dimension (``a_i / scale`` on the query side, 1 on sampled keys, 0 on the others), so no merge and
+   no log-sum-exp gradient is needed.
 
 The paper's causal algorithm recursively splits the causal mask into exact diagonal blocks and
 unmasked off-diagonal blocks; the causal variant here is the simplest exact-causal one (per-bucket
-windows plus past-only samples). The result equals exact attention over ``LSH_i U (S_i minus LSH_i)``
-with ``log(n_i / m_i)`` added to the sampled scores (:func:`hyper_attention_dense`).
+windows plus past-only samples). :func:`hyper_attention_dense` materializes the pairs and the
+log-weights (tests). In low precision the extra dimension rounds ``a_i / scale`` to the input dtype.
 Cost: ``O(T log T)`` sorting, ``O(T (block_size + num_samples) D)`` attention, ``O(T)`` memory.
 """
 
@@ -37,14 +42,11 @@ from effattn.exact.block_mask import BlockMask
 from effattn.sparse._buckets import (
     _rowless,
     chunk_round,
-    differentiable_lse,
     expand_kv,
     gather_tokens,
-    merge_states,
     round_mask,
     sorted_attention,
     visible,
-    window_block,
     window_round,
 )
 from effattn.sparse._common import SparseMethod, check_block_size, register
@@ -134,36 +136,61 @@ class _Selection:
                 n_i = torch.full((H, T), T, device=q.device)
             self.log_w = torch.where(m_i > 0, torch.log(n_i.double() / m_i.clamp(min=1).double()), 0.0).float()
 
-    def sample_mask(self):
+    def joint_block_mask(self) -> BlockMask:
+        """One :class:`BlockMask` over ``[LSH keys in sorted order | padding | sampled keys]`` for the queries in
+        sorted order: each query block lists its LSH tiles and the sample tiles (in causal mode only those
+        whose first sample is not after every query of the block)."""
         rnd, T, causal = self.round, self.T, self.causal
         S = self.samples
-        k_slot = rnd.k_slot.gather(-1, S.expand(rnd.k_slot.shape[0], -1, -1)).to(torch.int32)  # [B, H, m]
-        lo, length = rnd.lo_by_query, rnd.length_by_query
-        s_pos = S.to(torch.int32)
+        B, H, _ = rnd.q_order.shape
+        lsh = round_mask(rnd)  # the LSH tiles and their full / partial split
+        bq, bk = lsh.q_block, lsh.kv_block
+        nq = lsh.num_q_blocks
+        t_pad = -(-T // bk) * bk
+        self.t_pad = t_pad
+        n_s = -(-self.m // bk)
+        dev = S.device
+        lsh_idx = lsh.kv_indices.expand(B, H, nq, -1)
+        lsh_real = torch.arange(lsh_idx.shape[-1], device=dev) < lsh.kv_counts.expand(B, H, nq)[..., None]
+        s_idx = (t_pad // bk + torch.arange(n_s, device=dev)).expand(B, H, nq, n_s)
+        s_real = torch.ones(B, H, nq, n_s, dtype=torch.bool, device=dev)
+        if causal:  # a sample block matters only if its first sample is <= the block's latest query
+            latest = torch.nn.functional.pad(rnd.q_order, (0, nq * bq - T), value=-1).view(B, H, nq, bq).amax(-1)
+            first = S[:, ::bk]  # [H, n_s]
+            s_real = first[None, :, None, :] <= latest[..., None]
+        idx = torch.cat([lsh_idx, s_idx], -1)
+        real = torch.cat([lsh_real, s_real], -1)
+        partial = torch.cat([lsh.kv_partial.expand(B, H, nq, -1), torch.ones_like(s_real)], -1)
+        order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices  # real entries first
+        return BlockMask.from_kv_indices(
+            idx.gather(-1, order), T, t_pad + self.m, q_block=bq, kv_block=bk, kv_counts=real.sum(-1),
+            mask_mod=self.joint_mask(), kv_partial=partial.gather(-1, order),
+        )
 
-        def mask(b, h, qi, kj):
+    def joint_mask(self):
+        """Query slot ``q`` (sorted order) x key slot ``kv`` of ``[LSH keys | padding | samples]``."""
+        rnd, T, causal = self.round, self.T, self.causal
+        t_pad = -(-T // rnd.kv_block) * rnd.kv_block
+        S = self.samples
+        s_slot = rnd.k_slot.gather(-1, S.expand(rnd.k_slot.shape[0], -1, -1)).to(torch.int32)  # [B, H, m]
+        s_pos = S.to(torch.int32)
+        lo, length = rnd.lo, rnd.length
+        qpos, kpos = rnd.q_order.to(torch.int32), rnd.k_order.to(torch.int32)
+
+        def mask(b, h, q, kv):
             hk = _rowless(h)
-            ok = ~visible(k_slot[b, hk, kj], lo[b, h, qi], length[b, h, qi], T, cyclic=False)
+            lo_q, len_q = lo[b, h, q], length[b, h, q]
+            kl = kv.clamp(max=T - 1).to(torch.int32)
+            in_lsh = kv < T
             if causal:
-                ok &= s_pos[hk, kj] <= qi
-            return ok
+                in_lsh = in_lsh & visible(kl, lo_q, len_q, T, cyclic=False) & (kpos[b, hk, kl] <= qpos[b, h, q])
+            j = (kv - t_pad).clamp(min=0)
+            sampled = (kv >= t_pad) & ~visible(s_slot[b, hk, j], lo_q, len_q, T, cyclic=False)
+            if causal:
+                sampled = sampled & (s_pos[hk, j] <= qpos[b, h, q])
+            return in_lsh | sampled
 
         return mask
-
-    def sample_block_mask(self, B: int) -> BlockMask:
-        H, m = self.samples.shape
-        T = self.T
-        qb, kb = window_block(T)[0], min(64, max(1, m))
-        nq, nk = -(-T // qb), -(-m // kb)
-        idx = torch.arange(nk, device=self.samples.device).expand(B, H, nq, nk)
-        counts = None
-        if self.causal:
-            first = self.samples[:, ::kb]  # [H, nk] first sample of every key block
-            last_q = (torch.arange(nq, device=first.device) * qb + qb - 1).clamp(max=T - 1)
-            counts = (first[:, None, :] <= last_q[None, :, None]).sum(-1).expand(B, H, nq)
-        return BlockMask.from_kv_indices(
-            idx, T, m, q_block=qb, kv_block=kb, kv_counts=counts, mask_mod=self.sample_mask()
-        )
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask, bias) [B, H, T, T]``: the attended pairs and the log-weight added to their scores."""
@@ -208,14 +235,32 @@ def hyper_attention(
     scale = check_scale(scale, q.shape[-1])
     k, v = expand_kv(k, G), expand_kv(v, G)
     sel = _Selection(q, k, block_size, num_samples, n_hash_bits, causal, seed)
-    need_lse = return_lse or num_samples > 0
-    o, lse = sorted_attention(q, k, v, sel.round, round_mask(sel.round), scale, need_lse)
-    if num_samples > 0:
-        ks, vs = gather_tokens(k, sel.samples[None]), gather_tokens(v, sel.samples[None])
-        bm = sel.sample_block_mask(q.shape[0])
-        o_s, lse_s = attention(q, ks, vs, block_mask=bm, scale=scale, return_lse=True, backend="tiled")
-        lse_s = differentiable_lse(q, ks, lse_s, bm, scale) + sel.log_w[None]
-        o, lse = merge_states([o, o_s], [lse, lse_s])
+    rnd = sel.round
+    if num_samples == 0:
+        o, lse = sorted_attention(q, k, v, rnd, round_mask(rnd), scale, False)
+        return (o, lse) if return_lse else o
+    # One softmax over [LSH keys | sampled keys]: the sampled scores get + log(n_i / m_i) through an
+    # extra key dimension (query side a_i / scale, key side 1 on samples, 0 on the LSH keys), so the
+    # two parts need no merge and the engine's backward is exact as it is.
+    bm = sel.joint_block_mask()
+    B = q.shape[0]
+    pad = sel.t_pad - T
+    qs = gather_tokens(q, rnd.q_order)
+    a = sel.log_w.expand(B, -1, -1).gather(-1, rnd.q_order)  # [B, H, T] log-weight of each sorted query
+    q_aug = torch.cat([qs, (a / scale).transpose(1, 2)[..., None].to(q.dtype)], -1)
+    parts_k = [gather_tokens(k, rnd.k_order)]
+    parts_v = [gather_tokens(v, rnd.k_order)]
+    if pad:
+        parts_k.append(k.new_zeros(B, pad, k.shape[2], k.shape[3]))
+        parts_v.append(v.new_zeros(B, pad, v.shape[2], v.shape[3]))
+    parts_k.append(gather_tokens(k, sel.samples[None]))
+    parts_v.append(gather_tokens(v, sel.samples[None]))
+    flag = torch.zeros(sel.t_pad + num_samples, dtype=q.dtype, device=q.device)
+    flag[sel.t_pad :] = 1.0
+    k_aug = torch.cat([torch.cat(parts_k, 1), flag.view(1, -1, 1, 1).expand(B, -1, k.shape[2], 1)], -1)
+    v_all = torch.cat(parts_v, 1)
+    o, lse = attention(q_aug, k_aug, v_all, block_mask=bm, scale=scale, return_lse=True, backend="tiled")
+    o, lse = gather_tokens(o, rnd.q_slot), lse.gather(-1, rnd.q_slot)
     return (o, lse) if return_lse else o
 
 

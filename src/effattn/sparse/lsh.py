@@ -220,7 +220,9 @@ def lsh_pair_counts(
         q, keys, n_buckets=n_buckets, chunk_size=chunk_size, n_rounds=n_rounds, causal=causal, shared_qk=shared_qk,
         seed=seed,
     )
-    counts = torch.stack([r.dense_visible() for r in rounds]).sum(0)
+    counts = torch.zeros(q.shape[0], q.shape[2], T, T, dtype=torch.int16, device=q.device)
+    for r in rounds:
+        counts += r.dense_visible()
     if other is not None:
         eye = torch.eye(T, dtype=torch.bool, device=q.device)
         counts = counts.masked_fill(eye & other[..., None], 0)

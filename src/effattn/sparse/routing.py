@@ -39,8 +39,8 @@ from effattn.exact.block_mask import BlockMask
 from effattn.sparse._buckets import (
     NEG_INF,
     _rowless,
+    attention_lse,
     chunk_query_block,
-    differentiable_lse,
     engine_block,
     expand_kv,
     gather_tokens,
@@ -176,8 +176,11 @@ class _Balanced:
 
     def dense(self) -> torch.Tensor:
         """``[B, H, T, T]``: query ``i`` and key ``j`` share a cluster."""
-        shared = (self.words_q[..., :, None] & self.words_k[..., None, :]) != 0
-        return shared.any(0)
+        shared = None
+        for wq, wk in zip(self.words_q, self.words_k):
+            s = (wq[..., :, None] & wk[..., None, :]) != 0
+            shared = s if shared is None else shared | s
+        return shared
 
     def attend(self, qr, kr, vr, scale: float):
         B, T, H, _ = qr.shape
@@ -212,9 +215,8 @@ class _Balanced:
             kv_partial=partial,
         )
         qs, ks, vs = gather_tokens(qr, q_order), gather_tokens(kr, k_order), gather_tokens(vr, k_order)
-        o, lse = attention(qs, ks, vs, block_mask=bm, scale=scale, return_lse=True, backend="tiled")
         # the merge weights exp(lse - lse_total) of a query met in several clusters need the lse's gradient
-        lse = differentiable_lse(qs, ks, lse, bm, scale)
+        o, lse = attention_lse(qs, ks, vs, bm, scale)
         return _merge_occurrences(o, lse, q_order, T)
 
 
