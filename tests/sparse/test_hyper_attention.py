@@ -7,7 +7,7 @@ import torch
 from effattn import attention
 from effattn.sparse import hyper_attention, hyper_attention_dense, sort_lsh_buckets
 from effattn.sparse.hyper_attention import gray_rank
-from tests.helpers import assert_fp32_close
+from tests.helpers import assert_fp32_close, assert_lowp_close
 
 
 def _inputs(B=2, T=128, H=4, Hkv=2, D=16, seed=0):
@@ -126,3 +126,16 @@ def test_bad_input():
         hyper_attention(q[:, :, :1], k, v, block_size=8)
     with pytest.raises(TypeError, match="causal"):
         hyper_attention(q, k, v, block_size=8, causal="yes")
+
+
+def test_bfloat16_follows_the_flash_attention_rule():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 2, 16, generator=g).bfloat16() for _ in range(3))
+    for causal in (False, True):
+        params = {"block_size": 16, "num_samples": 16, "causal": causal}
+        mask, bias = hyper_attention_dense(q.float(), k.float(), **params)
+        ref = _reference(q.float(), k.float(), v.float(), mask, bias)
+        ref_low = _reference(q, k, v, mask, bias)
+        o = hyper_attention(q, k, v, **params)
+        assert o.dtype == torch.bfloat16
+        assert_lowp_close(o, ref_low, ref)

@@ -7,7 +7,7 @@ import torch
 from effattn import attention
 from effattn.sparse import KMeansRouter, routing_attention, routing_dense_mask
 from effattn.sparse.routing import _Balanced, _cosine, random_centroids
-from tests.helpers import assert_fp32_close
+from tests.helpers import assert_fp32_close, assert_lowp_close
 
 
 def _inputs(B=2, T=128, H=4, Hkv=2, D=16, seed=0):
@@ -210,3 +210,16 @@ def test_bad_input():
         KMeansRouter(2, 16, 4, decay=1.0)
     with pytest.raises(ValueError, match="q must be"):
         KMeansRouter(2, 16, 4).update(q, k)
+
+
+def test_bfloat16_follows_the_flash_attention_rule():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 2, 16, generator=g).bfloat16() for _ in range(3))
+    for causal in (False, True):
+        mask = routing_dense_mask(q.float(), k.float(), num_clusters=8, causal=causal)
+        mm = lambda b, h, i, j, mask=mask: mask[b, h, i, j]  # noqa: E731
+        ref = attention(q.float(), k.float(), v.float(), mask_mod=mm, backend="reference")
+        ref_low = attention(q, k, v, mask_mod=mm, backend="reference")
+        o = routing_attention(q, k, v, num_clusters=8, causal=causal)
+        assert o.dtype == torch.bfloat16
+        assert_lowp_close(o, ref_low, ref)
