@@ -22,8 +22,9 @@ after the call's selection is made (the update never affects the call that obser
   ``O(T * w)`` work whatever the cluster sizes, and no look-ahead: the set of same-cluster keys at
   positions ``<= t`` depends on positions ``<= t`` only). The mask is checked on original positions.
 
-``local_heads`` (the paper mixes routing heads and local-attention heads): the first ``local_heads``
-query heads attend to a sliding window of ``window`` keys instead (``window`` defaults to ``w``).
+``local_heads`` (the paper mixes routing heads and local-attention heads, half and half:
+``local_heads = H // 2``): the first ``local_heads`` query heads attend to a sliding window of
+``window`` keys instead (``window`` defaults to ``w``); default 0, every head routed.
 Without a router (``num_clusters=`` instead), the centroids are random unit vectors drawn from
 ``seed`` (data-independent, so causal calls stay causal).
 """
