@@ -238,3 +238,17 @@ def test_non_contiguous_inputs():
     do = torch.randn_like(o)
     for g, g_ref in zip(_grads(o, (q, k, v), do), _grads(o_ref, (q, k, v), do)):
         assert_fp32_close(g, g_ref, 1e-4)
+
+
+@pytest.mark.parametrize("case", ["causal_window", "sinks", "rel_bias"])
+def test_lse_is_differentiable(case):
+    """A loss through the log-sum-exp (as when partial results are merged) has the reference's gradients."""
+    q, k, v = _inputs((1, 70, 70, 4, 2, 16, 16))
+    kw, learn = _case(case, 4, 70, 70)
+    grads = []
+    for backend in ("tiled", "reference"):
+        o, lse = attention(q, k, v, backend=backend, return_lse=True, **kw)
+        loss = (o * torch.linspace(-1, 1, o.shape[-1])).sum() + (lse * torch.linspace(0, 2, 70)).sum()
+        grads.append(torch.autograd.grad(loss, (q, k, v, *learn)))
+    for g, g_ref in zip(*grads):
+        assert_fp32_close(g, g_ref, 1e-4)

@@ -225,3 +225,13 @@ def test_decode_bad_input():
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_merge_gradient_is_finite_for_rows_empty_everywhere():
+    outs = torch.randn(2, 1, 3, 2, 4, requires_grad=True)
+    lses = torch.full((2, 1, 2, 3), float("-inf"))
+    lses[0, :, :, 0] = 0.3
+    lses.requires_grad_(True)
+    o, lse = merge_attention_states(outs, lses)
+    (o.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert torch.isfinite(outs.grad).all() and torch.isfinite(lses.grad).all()

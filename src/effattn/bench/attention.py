@@ -146,12 +146,13 @@ def run(args: argparse.Namespace) -> None:
     )
     B, H, D = 1, 4, 64
     flex_ok = bool(getattr(args, "flex", False))
-    impls = ["sdpa", "auto", "tiled", "reference", "flex"]
+    impls = args.impls.split(",") if getattr(args, "impls", None) else ["sdpa", "auto", "tiled", "reference", "flex"]
+    patterns = args.patterns.split(",") if getattr(args, "patterns", None) else ["causal", "window", "document"]
     torch.manual_seed(0)
     gemm = matmul_flops_per_second(args.device)
     print(f"matmul rate: {gemm / 1e9:.1f} GFLOP/s (float32)", flush=True)
     rows = []
-    for pattern in ("causal", "window", "document"):
+    for pattern in patterns:
         for T in lengths:
             for impl in impls:
                 r = _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok)
@@ -216,5 +217,6 @@ def _summarize(rows: list[dict], notes: list[str]) -> None:
         e = get("causal", T, "tiled", "fwd_eff")
         if e:
             notes.append(
-                f"T={T} causal: tiled fwd efficiency {e:.2f} of GEMM (sdpa {get('causal', T, 'sdpa', 'fwd_eff') or 0:.2f})"
+                f"T={T} causal: tiled fwd efficiency {e:.2f} of GEMM "
+                f"(sdpa {get('causal', T, 'sdpa', 'fwd_eff') or 0:.2f})"
             )

@@ -310,7 +310,8 @@ def attention(
         alibi_slopes: ``[H_q]``; sinks: ``[H_q]`` learned sink logits (gpt-oss): an extra logit per
             head in the softmax denominator with no value.
         cu_seqlens: packed sequences (``B = 1``), attention stays within each sequence.
-        return_lse: also return the log-sum-exp ``[B, H_q, T_q]`` (float32; ``-inf`` on empty rows).
+        return_lse: also return the log-sum-exp ``[B, H_q, T_q]`` (float32; ``-inf`` on empty rows;
+            differentiable, so results merged by their lse train correctly).
         backend: ``"auto"`` | ``"sdpa"`` | ``"tiled"`` | ``"reference"`` (see :func:`explain`).
 
     Returns ``o [B, T_q, H_q, D_v]`` (or ``(o, lse)``). Fully masked rows give zeros.

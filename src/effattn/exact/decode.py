@@ -40,8 +40,9 @@ def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     if tuple(lses.shape) != (S, B, H, T):
         raise ValueError(f"lses must have shape [parts, batch, heads, seq] = {(S, B, H, T)}, got {tuple(lses.shape)}")
     lses = lses.float()
-    lse = torch.logsumexp(lses, dim=0)  # [B, H, T]
-    lse_safe = lse.masked_fill(lse == float("-inf"), 0.0)
+    empty = (lses == float("-inf")).all(0)  # rows empty in every part: logsumexp's gradient would be NaN
+    lse = torch.logsumexp(lses.masked_fill(empty, 0.0), dim=0).masked_fill(empty, float("-inf"))  # [B, H, T]
+    lse_safe = lse.masked_fill(empty, 0.0)
     w = torch.exp(lses - lse_safe)  # [S, B, H, T]; empty parts weigh 0
     o = (outs.float() * w.permute(0, 1, 3, 2)[..., None]).sum(0)
     return o.to(outs.dtype), lse

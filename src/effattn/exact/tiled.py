@@ -51,8 +51,12 @@ class _Layout:
         r = torch.arange(self.R, device=dev)
         # index tensors broadcastable against a score tile [B, W, g, R, cols]
         self.b_idx = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
-        self.h_idx = (torch.arange(self.W, device=dev).view(self.W, 1) * self.Geff + r // self.BQ).view(
-            1, self.W, 1, self.R, 1
+        # head of every row [W, R]; handed to mods with a row axis only when GQA rows stack heads
+        self.row_heads = torch.arange(self.W, device=dev).view(self.W, 1) * self.Geff + r // self.BQ
+        self.h_idx = (
+            self.row_heads.view(1, self.W, 1, self.R, 1)
+            if self.Geff > 1
+            else torch.arange(self.W, device=dev).view(1, self.W, 1, 1, 1)
         )
         self.row_pos = r % self.BQ
         self.base = (torch.arange(B, device=dev).view(B, 1) * self.W + torch.arange(self.W, device=dev)).view(
@@ -270,7 +274,7 @@ class _Step:
         drop = (~real[..., slots]).repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)
         if part is not None:
             part_cols = part[..., slots].repeat_interleave(lay.BK, -1).unsqueeze(-2)
-            h = lay.h_idx if (sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]
+            h = lay.h_idx if (sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]  # [1, 1, ...] if head-free
             allowed = plan.bm.mask_mod(lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
             drop = drop | (part_cols & ~allowed)
 
@@ -288,7 +292,7 @@ class _Step:
 
 def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """Learned sink logit per row: ``[1, W, 1, R]``."""
-    return sinks.float()[lay.h_idx.view(lay.W, lay.R)].view(1, lay.W, 1, lay.R)
+    return sinks.float()[lay.row_heads].view(1, lay.W, 1, lay.R)
 
 
 def tiled_forward(q, k, v, plan: _Plan, sinks=None):
@@ -333,12 +337,19 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     return out[:, : lay.Tq], lay.row_stat_back(lse_r)
 
 
-def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=()):
-    """Gradients ``(dq, dk, dv, dsinks, d mod_tensors)`` by recomputing tiles (FlashAttention-2)."""
+def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(), dlse=None):
+    """Gradients ``(dq, dk, dv, dsinks, d mod_tensors)`` by recomputing tiles (FlashAttention-2).
+
+    A gradient ``dlse`` on the returned log-sum-exp enters as ``dS = P * (dP - (Delta - dlse))``,
+    since ``d lse_i / d S_ij = P_ij``.
+    """
     lay = plan.lay
     q_r, do_r = lay.q_rows(q).mul_(plan.scale), lay.q_rows(do)
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
-    delta_r = lay.row_stat((do.float() * o.float()).sum(-1).transpose(1, 2))  # [B, W, nq, R]
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)  # [B, Hq, Tq]
+    if dlse is not None:
+        delta = delta - dlse.float().nan_to_num(0.0, 0.0, 0.0)  # empty rows (lse = -inf) have P = 0 anyway
+    delta_r = lay.row_stat(delta)  # [B, W, nq, R]
     lse_r = lay.row_stat(lse.float())
     lse_r = lse_r.masked_fill(lse_r == float("-inf"), float("inf"))  # empty rows: P = 0
     dq = lay.new_rows(lay.D)
@@ -378,7 +389,7 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=())
     if sinks is not None:
         p_sink = torch.exp(_sink_rows(sinks, lay) - lse_r)  # [B, W, nq, R]; padded rows have delta 0
         per_row = -(p_sink * delta_r).sum((0, 2))  # [W, R]
-        dsinks = torch.zeros(lay.Hq, device=lay.device).index_add_(0, lay.h_idx.view(-1), per_row.reshape(-1))
+        dsinks = torch.zeros(lay.Hq, device=lay.device).index_add_(0, lay.row_heads.reshape(-1), per_row.reshape(-1))
     dq = dq[:, : lay.Tq].mul_(plan.scale)  # the scale of S = (q * scale) k^T, applied once
     return dq, lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
 
@@ -390,13 +401,14 @@ class _TiledAttention(torch.autograd.Function):
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse, sinks, *mod_tensors)
         ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse, sinks, *mod_tensors = ctx.saved_tensors
-        dq, dk, dv, dsinks, d_mod = tiled_backward(q, k, v, o, lse, do, ctx.plan, sinks, mod_tensors)
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv, dsinks, d_mod = tiled_backward(q, k, v, o, lse, do, ctx.plan, sinks, mod_tensors, dlse)
         dsinks = None if dsinks is None else dsinks.to(sinks.dtype)
         d_mod = [d.to(t.dtype) for d, t in zip(d_mod, mod_tensors)]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, *d_mod
