@@ -25,6 +25,7 @@ import torch
 from effattn.exact.block_mask import BlockMask
 
 TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32)
+ROWS_PER_STEP = 256  # query rows a step aims for: a taller, narrower score tile for the same budget
 
 
 class _Layout:
@@ -150,8 +151,13 @@ class _Plan:
         self.partial_raw = bm.kv_partial.to(lay.device) if bm.mask_mod is not None else None
         max_k = max(1, int(self.counts_raw.max()))
         per_block = lay.B * lay.W * lay.R * lay.BK  # elements of one (query block, key block) pair
-        self.chunk = max(1, min(max_k, tile_elements // per_block))  # key blocks per step
-        self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))  # query blocks per step
+        # query blocks per step first (rows of the matmuls), then as many key blocks as the budget allows;
+        # if that leaves too few key blocks, give rows back
+        self.group = max(1, min(lay.nq, ROWS_PER_STEP // lay.R))
+        self.chunk = max(1, min(max_k, tile_elements // (per_block * self.group)))  # key blocks per step
+        if self.chunk < min(max_k, 8):
+            self.chunk = min(max_k, 8)
+            self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))
 
     def steps(self):
         """Yield ``(i0, i1, c0, c1, first, last)`` over query-block groups and key-block chunks."""
