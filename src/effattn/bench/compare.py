@@ -376,7 +376,7 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
 
 
 def run_speed(cfg: CompareConfig) -> tuple[list[dict], dict, list[str]]:
-    gemm = harness.matmul_flops_per_second(cfg.device, n=512 if cfg.preset == "tiny" else 2048)
+    gemm = harness.matmul_flops_per_second(cfg.device, sizes=(512,) if cfg.preset == "tiny" else (2048, 4096))
     mechs, notes = speed_mechanisms(cfg, gemm)
     if cfg.preset != "tiny":  # one small call of every linear op first: no one-time setup in a timing
         from effattn.bench import linear as lin
