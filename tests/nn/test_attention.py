@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import effattn.nn.attention
-import effattn.nn.cache
+import effattn.kv.contiguous
 import effattn.nn.rope
 from effattn.exact.reference import reference_attention
 from effattn.nn.attention import Attention
-from effattn.nn.cache import KVCache
+from effattn.kv.contiguous import KVCache
 from effattn.nn.rope import RotaryEmbedding
 from tests.helpers import assert_fp32_close
 
@@ -276,7 +276,7 @@ def test_bad_input():
         c.append(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
 
 
-@pytest.mark.parametrize("mod", [effattn.nn.attention, effattn.nn.cache, effattn.nn.rope])
+@pytest.mark.parametrize("mod", [effattn.nn.attention, effattn.kv.contiguous, effattn.nn.rope])
 def test_docstring_examples_run(mod):
     res = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0

@@ -14,9 +14,11 @@ All You Need"); QK-norm as in OLMo 2 / Qwen3 (RMSNorm over head_dim of q and k);
 logits as in gpt-oss (OpenAI 2025). The kernel is :func:`effattn.attention`; one-token decoding
 without a mask/score mod goes through :func:`effattn.decode_attention`.
 
-State: a :class:`~effattn.nn.cache.KVCache` holding the (RoPE'd) keys and values. A call with a
-state continues the sequence: positions start at the number of real tokens already cached, and
-the queries attend to the cache bottom-right aligned. The cache is extended in place and returned.
+State: a :class:`~effattn.kv.KVCache` holding the (RoPE'd) keys and values, or any other cache of
+:mod:`effattn.kv` (a :class:`~effattn.kv.KVCacheBase`, e.g. the KIVI
+:class:`~effattn.kv.QuantizedKVCache`). A call with a state continues the sequence: positions start
+at the number of real tokens already cached, and the queries attend to the cache bottom-right
+aligned. The cache is extended in place and returned.
 
 Padding: ``valid`` (bool ``[B, T]``, False at left padding) makes padded tokens invisible as keys
 (a mask mod) and excludes them from the position count, so a left-padded batch gives the same
@@ -34,7 +36,8 @@ from torch import nn
 from effattn.exact.api import BACKENDS, attention
 from effattn.exact.decode import decode_attention
 from effattn.exact.masks import check_mod_signature, window_bounds
-from effattn.nn.cache import KVCache
+from effattn.kv.base import KVCacheBase
+from effattn.kv.contiguous import KVCache
 from effattn.nn.rope import RotaryEmbedding
 
 
@@ -60,11 +63,14 @@ def check_mixer_input(x, dim: int, valid) -> tuple[int, int]:
     return B, T
 
 
-def check_state(state, batch: int) -> KVCache:
+def check_state(state, batch: int) -> KVCacheBase:
     if state is None:
         return KVCache()
-    if not isinstance(state, KVCache):
-        raise TypeError(f"state must be a KVCache (or None for a fresh sequence), got {type(state).__name__}")
+    if not isinstance(state, KVCacheBase):
+        raise TypeError(
+            f"state must be a KV cache of effattn.kv (KVCache, QuantizedKVCache, ...; None for a fresh "
+            f"sequence), got {type(state).__name__}"
+        )
     if state.batch_size is not None and state.batch_size != batch:
         raise ValueError(f"state holds batch {state.batch_size}, x has batch {batch}")
     return state

@@ -32,7 +32,7 @@ from effattn.nn.attention import (
     check_mixer_input,
     check_state,
 )
-from effattn.nn.cache import KVCache
+from effattn.kv.contiguous import KVCache
 from effattn.nn.rope import RotaryEmbedding
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from effattn.nn.attention import Attention
-from effattn.nn.cache import KVCache
+from effattn.kv.contiguous import KVCache
 
 ROUTINGS = ("topk", "all")
 

@@ -3,8 +3,12 @@
 Keys and values live in preallocated buffers ``[B, capacity, H_kv, D]``; :meth:`KVCache.append`
 writes the new tokens after the used prefix and returns views of the whole prefix. When the
 capacity runs out it doubles (amortized O(1) copies per token, as ``std::vector``). The cache also
-tracks left padding: which cached tokens are real (``valid``) and how many real tokens each row
-has seen, so that RoPE positions count only real tokens and attention can hide padded keys.
+tracks left padding (:class:`~effattn.kv.base.KVCacheBase`): which cached tokens are real
+(``valid``) and how many real tokens each row has seen, so that RoPE positions count only real
+tokens and attention can hide padded keys.
+
+Memory: ``nbytes = B * length * H_kv * (D + D_v) * element_size`` (spare capacity excluded; see
+``allocated_nbytes``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import torch
 
 from effattn._checks import check_tensor
+from effattn.kv.base import KVCacheBase
 
 _MIN_CAPACITY = 16
 
 
-class KVCache:
+class KVCache(KVCacheBase):
     """Growing contiguous cache of keys ``[B, T, H_kv, D]`` and (optionally) values.
 
     ``v`` may be omitted on every append (a key-only cache, as MLA's latent cache). While
@@ -43,8 +48,7 @@ class KVCache:
         """Forget every token (buffers are released)."""
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None  # bool [B, capacity]; None while no padding was seen
-        self._seen: torch.Tensor | None = None  # long [B]: real tokens per row (with padding only)
+        self._reset_padding()
         self.length = 0
         self.key_only = False
 
@@ -58,11 +62,6 @@ class KVCache:
     def v(self) -> torch.Tensor | None:
         """Values ``[B, length, H_kv, D_v]``, ``None`` when empty or key-only."""
         return None if self._v is None else self._v[:, : self.length]
-
-    @property
-    def valid(self) -> torch.Tensor | None:
-        """bool ``[B, length]``: which cached tokens are real; ``None`` means all of them."""
-        return None if self._valid is None else self._valid[:, : self.length]
 
     @property
     def capacity(self) -> int:
@@ -85,23 +84,6 @@ class KVCache:
     def allocated_nbytes(self) -> int:
         """Bytes held by the key/value buffers including spare capacity."""
         return sum(b.numel() * b.element_size() for b in (self._k, self._v) if b is not None)
-
-    def key_positions(self) -> torch.Tensor | None:
-        """long ``[B, length]``: position of each cached token counting real tokens only
-        (``None`` when no padding was seen: then position = index)."""
-        if self._valid is None:
-            return None
-        return (self.valid.long().cumsum(1) - 1).clamp(min=0)
-
-    def next_positions(self, batch: int, seq: int, valid: torch.Tensor | None, device) -> torch.Tensor:
-        """Positions of ``seq`` new tokens (call before :meth:`append`): ``[seq]`` when no padding is
-        involved, else ``[batch, seq]`` counting only the real tokens of each row."""
-        if valid is None and self._valid is None:
-            return torch.arange(self.length, self.length + seq, device=device)
-        seen = self._seen if self._seen is not None else torch.full((batch,), self.length, device=device)
-        if valid is None:
-            return seen[:, None] + torch.arange(seq, device=device)
-        return (seen[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
 
     # ------------------------------------------------------------------ writes
     def _grow(self, buf: torch.Tensor, need: int) -> torch.Tensor:
@@ -147,18 +129,7 @@ class KVCache:
                 raise ValueError("this cache is key-only" if self.key_only else "this cache holds values: pass v")
             if k.dtype != self._k.dtype:
                 raise TypeError(f"k has dtype {k.dtype}, the cache holds {self._k.dtype}")
-        if valid is not None:
-            if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (B, T):
-                raise ValueError(f"valid must be a bool tensor [batch, seq] = [{B}, {T}], got {valid!r:.80}")
-            if bool(valid.all()) and self._valid is None:
-                valid = None  # nothing padded: stay on the cheap path
-        if valid is not None or self._valid is not None:
-            if self._valid is None:  # first padding seen: every earlier token was real
-                self._valid = torch.ones(B, self.length, dtype=torch.bool, device=k.device)
-                self._seen = torch.full((B,), self.length, dtype=torch.long, device=k.device)
-            new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
-            self._valid = torch.cat([self._valid[:, : self.length], new_valid], dim=1)
-            self._seen = self._seen + new_valid.long().sum(1)
+        self._track_padding(B, T, valid, k.device)
         self.key_only = v is None
         self._k = self._write(self._k, k)
         self._v = None if v is None else self._write(self._v, v)
