@@ -7,12 +7,12 @@ import doctest
 import pytest
 import torch
 
-import effattn.nn.attention
 import effattn.kv.contiguous
+import effattn.nn.attention
 import effattn.nn.rope
 from effattn.exact.reference import reference_attention
-from effattn.nn.attention import Attention
 from effattn.kv.contiguous import KVCache
+from effattn.nn.attention import Attention
 from effattn.nn.rope import RotaryEmbedding
 from tests.helpers import assert_fp32_close
 

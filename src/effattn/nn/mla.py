@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from effattn.exact.api import BACKENDS
+from effattn.kv.contiguous import KVCache
 from effattn.nn.attention import (
     Attention,
     _check_pos_int,
@@ -32,7 +33,6 @@ from effattn.nn.attention import (
     check_mixer_input,
     check_state,
 )
-from effattn.kv.contiguous import KVCache
 from effattn.nn.rope import RotaryEmbedding
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effattn.nn.attention import Attention
 from effattn.kv.contiguous import KVCache
+from effattn.nn.attention import Attention
 
 ROUTINGS = ("topk", "all")
 
