@@ -37,6 +37,7 @@ from effattn.exact.api import BACKENDS, attention
 from effattn.exact.decode import decode_attention
 from effattn.exact.masks import check_mod_signature, window_bounds
 from effattn.kv.base import KVCacheBase
+from effattn.kv.compressed import CompressedLayerCache
 from effattn.kv.contiguous import KVCache
 from effattn.nn.rope import RotaryEmbedding
 
@@ -245,6 +246,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """Per-head outputs ``o [B, T, heads, head_dim]`` (before ``o_proj``) and the cache."""
         B, T = check_mixer_input(x, self.dim, valid)
+        if isinstance(state, CompressedLayerCache):
+            return self._attend_compressed(x, state, valid), state
         cache = check_state(state, B)
         pos = cache.next_positions(B, T, valid, x.device)
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
@@ -270,6 +273,40 @@ class Attention(nn.Module):
             backend=self.backend,
         )
         return o, cache
+
+    def _attend_compressed(self, x: torch.Tensor, cache: CompressedLayerCache, valid) -> torch.Tensor:
+        """:meth:`attend` against a KV-policy cache (:class:`effattn.kv.CompressedKVCache`): the new
+        tokens keep their absolute positions (tokens seen, kept or not); heads of unequal length
+        are left-padded by the cache and the padding hidden by a mask mod."""
+        B, T = x.shape[:2]
+        if valid is not None and not bool(valid.all()):
+            raise ValueError("valid: left padding is not supported with a KV policy; run each row on its own")
+        if not self.causal or self.window is not None or self.mask_mod is not None or self.score_mod is not None:
+            raise ValueError("a KV policy needs a causal attention layer without window, mask_mod or score_mod")
+        if cache.batch_size is not None and cache.batch_size != B:
+            raise ValueError(f"state holds batch {cache.batch_size}, x has batch {B}")
+        pos = cache.next_positions(T, x.device)
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        k_all, v_all, key_mask = cache.update(k, v, q)
+        sinks = None if self.sinks is None else self.sinks.to(q.dtype)
+        if key_mask is None and T == 1 and self.backend == "auto":
+            return decode_attention(q, k_all, v_all, softcap=self.softcap, sinks=sinks)
+        mm = None
+        if key_mask is not None:
+            group = self.heads // self.kv_heads
+
+            def mm(b, h, qi, kv):
+                return key_mask[b, h // group, kv]
+
+        return attention(
+            q, k_all, v_all, causal=True, mask_mod=mm, softcap=self.softcap, sinks=sinks, backend=self.backend
+        )
 
     def forward(
         self, x: torch.Tensor, state: KVCache | None = None, valid: torch.Tensor | None = None

@@ -210,6 +210,7 @@ class LM(nn.Module):
         eos: int | None = None,
         valid: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        kv_policy=None,
     ) -> torch.Tensor:
         """Prefill ``ids [B, T]`` (left-padded where ``valid`` is False), then sample up to
         ``max_new_tokens`` tokens one at a time against the carried state.
@@ -218,6 +219,10 @@ class LM(nn.Module):
         ``top_k`` largest and/or the smallest set with cumulative probability ``>= top_p``. A row that
         has produced ``eos`` keeps producing ``eos``; generation stops early once every row has.
         Returns ``[B, T + n]`` (prompt followed by the new tokens).
+
+        ``kv_policy``: an :class:`effattn.kv.Policy` (e.g. ``make_policy("snapkv", ratio=0.5)``);
+        the attention layers then share one :class:`effattn.kv.CompressedKVCache` that keeps what
+        the policy selects (:meth:`compressed_state`). Left padding is not supported with a policy.
         """
         _check_ids(ids, self.config.vocab_size)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -238,7 +243,8 @@ class LM(nn.Module):
         out = ids
         if max_new_tokens == 0:
             return out
-        logits, state = self(ids, valid=valid)
+        state = None if kv_policy is None else self.compressed_state(kv_policy)
+        logits, state = self(ids, state, valid=valid)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             nxt = self._sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
@@ -250,6 +256,34 @@ class LM(nn.Module):
                 break
             logits, state = self(nxt[:, None].to(ids.dtype), state)
         return out
+
+    def compressed_state(self, kv_policy, scale: float | None = None) -> list:
+        """A fresh decoding ``state`` whose causal attention layers (no window or mods) share one
+        :class:`effattn.kv.CompressedKVCache` under ``kv_policy`` (layers numbered in depth order);
+        other layers start empty as usual. The cache is ``state[i].cache`` for those layers."""
+        from effattn.kv import CompressedKVCache, Policy
+        from effattn.nn.attention import Attention
+
+        if not isinstance(kv_policy, Policy):
+            raise TypeError(
+                f"kv_policy must be an effattn.kv.Policy (make_policy(...)), got {type(kv_policy).__name__}"
+            )
+        idx = [
+            i
+            for i, b in enumerate(self.blocks)
+            if type(b.mixer) is Attention
+            and b.mixer.causal
+            and b.mixer.window is None
+            and b.mixer.mask_mod is None
+            and b.mixer.score_mod is None
+        ]
+        if not idx:
+            raise ValueError("kv_policy: the model has no causal attention layer (without window or mods) to compress")
+        cache = CompressedKVCache(kv_policy, num_layers=len(idx), scale=scale)
+        state: list = [None] * len(self.blocks)
+        for n, i in enumerate(idx):
+            state[i] = cache.layer(n)
+        return state
 
     @staticmethod
     def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
