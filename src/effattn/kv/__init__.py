@@ -1,14 +1,29 @@
 """effattn.kv: inference memory — KV caches (contiguous, paged, quantized) and eviction policies."""
 
 from effattn.kv.base import KVCacheBase
+from effattn.kv.caches import CACHES, make_cache
 from effattn.kv.compressed import CompressedKVCache, CompressedLayerCache
 from effattn.kv.contiguous import KVCache
+from effattn.kv.paged import (
+    PagedKVCache,
+    PoolExhaustedError,
+    naive_paged_decode_attention,
+    paged_decode_attention,
+)
 from effattn.kv.policy import POLICIES, Policy, ScoreContext, list_policies, make_policy, register_policy
+from effattn.kv.quantized import QuantizedKVCache
 from effattn.kv.streaming_llm import StreamingLLMPolicy
 
 __all__ = [
     "KVCacheBase",
     "KVCache",
+    "PagedKVCache",
+    "PoolExhaustedError",
+    "paged_decode_attention",
+    "naive_paged_decode_attention",
+    "QuantizedKVCache",
+    "CACHES",
+    "make_cache",
     "Policy",
     "ScoreContext",
     "POLICIES",

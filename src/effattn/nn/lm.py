@@ -211,6 +211,7 @@ class LM(nn.Module):
         valid: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         kv_policy=None,
+        kv_cache=None,
     ) -> torch.Tensor:
         """Prefill ``ids [B, T]`` (left-padded where ``valid`` is False), then sample up to
         ``max_new_tokens`` tokens one at a time against the carried state.
@@ -223,6 +224,11 @@ class LM(nn.Module):
         ``kv_policy``: an :class:`effattn.kv.Policy` (e.g. ``make_policy("snapkv", ratio=0.5)``);
         the attention layers then share one :class:`effattn.kv.CompressedKVCache` that keeps what
         the policy selects (:meth:`compressed_state`). Left padding is not supported with a policy.
+
+        ``kv_cache``: the cache of every attention layer (:meth:`cache_state`): ``None`` (the
+        contiguous :class:`effattn.kv.KVCache`), a name (``"contiguous"``, ``"quantized"``: KIVI's
+        :class:`effattn.kv.QuantizedKVCache` with its defaults) or a callable returning a fresh
+        cache (``functools.partial(QuantizedKVCache, bits=4)``). Not together with ``kv_policy``.
         """
         _check_ids(ids, self.config.vocab_size)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -243,7 +249,13 @@ class LM(nn.Module):
         out = ids
         if max_new_tokens == 0:
             return out
-        state = None if kv_policy is None else self.compressed_state(kv_policy)
+        if kv_policy is not None and kv_cache is not None:
+            raise ValueError("pass kv_policy or kv_cache, not both (a policy brings its own cache)")
+        state = None
+        if kv_policy is not None:
+            state = self.compressed_state(kv_policy)
+        elif kv_cache is not None:
+            state = self.cache_state(kv_cache)
         logits, state = self(ids, state, valid=valid)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
@@ -256,6 +268,15 @@ class LM(nn.Module):
                 break
             logits, state = self(nxt[:, None].to(ids.dtype), state)
         return out
+
+    def cache_state(self, kv_cache="contiguous") -> list:
+        """A fresh decoding ``state`` in which every attention layer (``Attention`` and its
+        subclasses; not MLA, whose cache is key-only) starts with its own cache built by
+        :func:`effattn.kv.make_cache` from ``kv_cache``; other layers start empty as usual."""
+        from effattn.kv import make_cache
+        from effattn.nn.attention import Attention
+
+        return [make_cache(kv_cache) if isinstance(b.mixer, Attention) else None for b in self.blocks]
 
     def compressed_state(self, kv_policy, scale: float | None = None) -> list:
         """A fresh decoding ``state`` whose causal attention layers (no window or mods) share one
