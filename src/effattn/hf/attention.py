@@ -1,0 +1,400 @@
+"""effattn as a Hugging Face ``attn_implementation``.
+
+:func:`register` adds an attention function to ``transformers.AttentionInterface`` and a mask
+builder to ``transformers.AttentionMaskInterface`` under one name, so that
+``from_config(cfg, attn_implementation="effattn")`` (or ``model.set_attn_implementation``) runs
+every attention layer through :func:`effattn.attention`.
+
+Layout: HF hands attention ``[B, H, T, D]``; the function transposes to effattn's ``[B, T, H, D]``
+once (a view) and the output goes back as HF expects, ``[B, T_q, H_q, D]``. GQA passes through
+unrepeated (effattn takes ``H_q % H_kv == 0``).
+
+Masks: for the plain causal (and bidirectional) pattern the mask builder returns a small
+:class:`HFMask` instead of a dense ``[B, 1, T_q, T_k]`` tensor: the query/key offsets HF computed
+from the cache and, only when some token is padding, the 2-D ``key_valid [B, T_k]``. Without
+padding and with the queries at the end of the keys (a dynamic cache) the call is effattn's
+bottom-right ``causal=True`` (the SDPA backend); left padding becomes a ``mask_mod``
+``key_valid[b, kv]`` on top of causal (the tiled backend, O(T) memory). Any other pattern HF
+builds (sliding windows, chunked attention, packed sequences, image-token overlays) is
+materialized by HF's own ``sdpa_mask`` as a bool ``[B, 1, T_q, T_k]`` tensor -- the memory HF's SDPA
+path spends too -- and read through a ``mask_mod``; a one-time warning says so. A 4-D mask passed
+in by the caller is honoured: bool as is, float as an additive bias (entries at the dtype's
+minimum or ``-inf`` are masked). Fully masked query rows (left padding) give zeros.
+
+Not supported (raising instead of computing something else): attention dropout during training,
+``position_bias`` (T5-style relative bias), ``output_attentions`` (warns and returns ``None``
+weights, as SDPA does), flex ``BlockMask`` masks.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from effattn.exact import BACKENDS, attention
+from effattn.exact.masks import check_mod_signature
+from effattn.hf import _compat  # noqa: F401  (checks the transformers version)
+
+__all__ = ["HFMask", "effattn_mask", "make_attention_function", "register", "registered"]
+
+# Names transformers itself owns: registering effattn under one of them would hijack it.
+_RESERVED = {
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+    "paged|eager",
+}
+_REGISTERED: dict[str, dict] = {}
+_warned_dense = False
+
+# The last CompressedCache.update, so that the attention call that consumes its output can find
+# the cache (HF passes attention the tensors update returned, not the cache). Set by
+# effattn.hf.cache; one slot per thread.
+_pending = threading.local()
+
+
+@dataclass(frozen=True)
+class HFMask:
+    """The mask effattn's mask builder hands its attention function (instead of ``[B,1,Tq,Tk]``).
+
+    Query ``i`` of the call sits at cache position ``q_offset + i``, key ``j`` at ``kv_offset + j``;
+    with ``causal`` a query sees keys at positions ``<=`` its own. ``key_valid`` (bool
+    ``[B, kv_length]``, False at padding) is ``None`` when no key is padding.
+    """
+
+    causal: bool
+    key_valid: torch.Tensor | None
+    q_offset: int
+    kv_offset: int
+    q_length: int
+    kv_length: int
+    batch_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch_size, 1, self.q_length, self.kv_length)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    @property
+    def bottom_right(self) -> bool:
+        """The queries are the last ``q_length`` positions of the keys (effattn's ``causal=True``)."""
+        return self.q_offset + self.q_length == self.kv_offset + self.kv_length
+
+    def query_valid(self) -> torch.Tensor | None:
+        """bool ``[B, q_length]``: which queries are real tokens (None: all), when the queries lie
+        inside the keys' span."""
+        if self.key_valid is None:
+            return None
+        lo = self.q_offset - self.kv_offset
+        if lo < 0 or lo + self.q_length > self.kv_length:
+            return None
+        return self.key_valid[:, lo : lo + self.q_length]
+
+
+def effattn_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    allow_is_causal_skip: bool = True,
+    device: torch.device | str = "cpu",
+    **kwargs,
+):
+    """The ``AttentionMaskInterface`` entry: an :class:`HFMask` for the causal / bidirectional
+    patterns, HF's dense bool mask (``sdpa_mask``) for every other one."""
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    q_offset = int(q_offset)
+    kv_offset = int(kv_offset)
+    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
+        valid = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if valid is not None:
+            valid = valid[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
+            if bool(valid.all()):
+                valid = None
+            elif valid.shape[0] != batch_size:
+                valid = valid.expand(batch_size, -1)
+        return HFMask(
+            mask_function is causal_mask_function, valid, q_offset, kv_offset, q_length, kv_length, batch_size
+        )
+    global _warned_dense
+    if not _warned_dense:
+        _warned_dense = True
+        warnings.warn(
+            "effattn.hf: this model's mask pattern (sliding window, chunked, packed or overlay) is "
+            "not the plain causal one; it is materialized as HF's dense bool [B, 1, T_q, T_k] mask "
+            "(as HF's SDPA path does) and applied through a mask_mod",
+            stacklevel=2,
+        )
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        device=device,
+        **kwargs,
+    )
+
+
+def _and(fns):
+    if not fns:
+        return None
+    if len(fns) == 1:
+        return fns[0]
+
+    def mm(b, h, qi, kv):
+        m = fns[0](b, h, qi, kv)
+        for f in fns[1:]:
+            m = m & f(b, h, qi, kv)
+        return m
+
+    return mm
+
+
+def _dense_mask_fns(mask: torch.Tensor, Tq: int, Tk: int):
+    """A caller's / HF's 4-D mask as (mask_mod, score_mod)."""
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (Tq, Tk):
+        raise ValueError(
+            f"attention_mask must be [batch, 1 or heads, T_q, T_k] = [*, *, {Tq}, {Tk}], got {tuple(mask.shape)}"
+        )
+    Bm, Hm = mask.shape[:2]
+    if mask.dtype == torch.bool:
+        return (lambda b, h, qi, kv: mask[b % Bm, h % Hm, qi, kv]), None
+    if not mask.is_floating_point():
+        raise TypeError(f"attention_mask must be bool or floating, got {mask.dtype}")
+    bias = mask.float()
+    allowed = bias > torch.finfo(mask.dtype).min / 2  # HF writes dtype-min (or -inf) where masked
+
+    def mask_fn(b, h, qi, kv):
+        return allowed[b % Bm, h % Hm, qi, kv]
+
+    def score_fn(s, b, h, qi, kv):
+        return s + bias[b % Bm, h % Hm, qi, kv].to(s.dtype)
+
+    return mask_fn, score_fn
+
+
+def _check_unsupported(module, dropout, position_bias, kwargs) -> None:
+    if dropout and module.training:
+        raise NotImplementedError(
+            f"effattn attention has no dropout (got dropout={dropout}); set the config's attention_dropout=0 "
+            "or call model.eval()"
+        )
+    if position_bias is not None:
+        raise NotImplementedError("effattn attention does not take HF's position_bias (T5-style); use eager/sdpa")
+    if kwargs.get("output_attentions", False):
+        warnings.warn("effattn attention does not return attention weights (output_attentions)", stacklevel=3)
+
+
+def make_attention_function(
+    backend: str = "auto", mask_mod: Callable | None = None, score_mod: Callable | None = None
+) -> Callable:
+    """An ``AttentionInterface`` function running :func:`effattn.attention` with ``backend``.
+
+    ``mask_mod(b, h, q_pos, kv_pos)`` / ``score_mod(score, b, h, q_pos, kv_pos)`` (optional) are
+    applied on top of the model's mask, with HF cache positions (query ``i`` of a call at
+    ``q_offset + i``; for a :class:`~effattn.hf.CompressedCache` a key's original position).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if mask_mod is not None:
+        check_mod_signature("mask_mod", mask_mod, 4)
+    if score_mod is not None:
+        check_mod_signature("score_mod", score_mod, 5)
+
+    def effattn_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        s_aux: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        _check_unsupported(module, dropout, position_bias, kwargs)
+        q = query.transpose(1, 2)  # [B, T, H, D]: the one layout change at the boundary
+        item = getattr(_pending, "item", None)
+        if item is not None and item[2] is key:
+            _pending.item = None
+            need_pos = mask_mod is not None or score_mod is not None
+            inputs = item[0]._attention_inputs(item[1], q, attention_mask, module, scaling, need_pos)
+            o = _attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod)
+            return o, None
+
+        k, v = key.transpose(1, 2), value.transpose(1, 2)
+        Tq, Tk = q.shape[1], k.shape[1]
+        masks: list[Callable] = []
+        scores: list[Callable] = []
+        causal, window = False, None
+        q_off, kv_off = Tk - Tq, 0  # positions given to the user's mods
+        if attention_mask is None:
+            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            if sliding_window is not None and causal:
+                window = int(sliding_window)
+        elif isinstance(attention_mask, HFMask):
+            m = attention_mask
+            if (m.q_length, m.kv_length) != (Tq, Tk):
+                raise ValueError(
+                    f"the model's mask is for (T_q, T_k) = {(m.q_length, m.kv_length)} but attention got "
+                    f"{(Tq, Tk)}; a cache whose update returns another length than get_mask_sizes() said?"
+                )
+            q_off, kv_off = m.q_offset, m.kv_offset
+            if m.causal and m.bottom_right:
+                causal = True
+            elif m.causal:
+                d = m.q_offset - m.kv_offset
+                masks.append(lambda b, h, qi, kv: kv <= qi + d)
+            if m.key_valid is not None:
+                valid = m.key_valid
+                masks.append(lambda b, h, qi, kv: valid[b, kv])
+        elif isinstance(attention_mask, torch.Tensor):
+            mfn, sfn = _dense_mask_fns(attention_mask, Tq, Tk)
+            masks.append(mfn)
+            if sfn is not None:
+                scores.append(sfn)
+        else:
+            raise TypeError(
+                f"effattn attention takes an HFMask, a 4-D bool/float tensor or None as attention_mask, "
+                f"got {type(attention_mask).__name__}"
+            )
+        if mask_mod is not None:
+            masks.append(lambda b, h, qi, kv: mask_mod(b, h, qi + q_off, kv + kv_off))
+        if score_mod is not None:
+            scores.append(lambda s, b, h, qi, kv: score_mod(s, b, h, qi + q_off, kv + kv_off))
+        o = attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            window=window,
+            mask_mod=_and(masks),
+            score_mod=_chain(scores),
+            scale=scaling,
+            softcap=softcap,
+            sinks=s_aux,
+            backend=backend,
+        )
+        return o, None
+
+    effattn_attention_forward.backend = backend
+    return effattn_attention_forward
+
+
+def _chain(fns):
+    if not fns:
+        return None
+    if len(fns) == 1:
+        return fns[0]
+
+    def sm(s, b, h, qi, kv):
+        for f in fns:
+            s = f(s, b, h, qi, kv)
+        return s
+
+    return sm
+
+
+def _attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod):
+    """Attention of the new queries over a :class:`~effattn.hf.CompressedCache` layer: the kept
+    keys (left-padded per head, ``key_mask`` False at padding) followed by the new tokens in the
+    last slots, so bottom-right causal is right among the new ones."""
+    k, v, key_mask, positions, q_positions = inputs  # k/v [B, T, H_kv, D], key_mask/positions [B, H_kv, T]
+    G = q.shape[2] // k.shape[2]
+    masks = []
+    if key_mask is not None:
+        masks.append(lambda b, h, qi, kv: key_mask[b, h // G, kv])
+    if mask_mod is not None:
+        masks.append(lambda b, h, qi, kv: mask_mod(b, h, q_positions[qi], positions[b, h // G, kv]))
+    sm = None
+    if score_mod is not None:
+
+        def sm(s, b, h, qi, kv):
+            return score_mod(s, b, h, q_positions[qi], positions[b, h // G, kv])
+
+    return attention(
+        q,
+        k,
+        v,
+        causal=True,
+        mask_mod=_and(masks),
+        score_mod=sm,
+        scale=scaling,
+        softcap=softcap,
+        sinks=s_aux,
+        backend=backend,
+    )
+
+
+def register(
+    name: str = "effattn",
+    *,
+    backend: str = "auto",
+    mask_mod: Callable | None = None,
+    score_mod: Callable | None = None,
+) -> str:
+    """Register effattn attention with transformers as ``attn_implementation=name``.
+
+    Adds :func:`make_attention_function` ``(backend, mask_mod, score_mod)`` to
+    ``AttentionInterface`` and :func:`effattn_mask` to ``AttentionMaskInterface`` (without the
+    latter transformers would give a custom implementation no mask at all, losing padding).
+    Registering a name again replaces its settings. Returns ``name``.
+
+    Example::
+
+        >>> import effattn.hf
+        >>> effattn.hf.register("effattn_tiled", backend="tiled")
+        'effattn_tiled'
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"name must be a non-empty string without '/' (a Hub kernel), got {name!r}")
+    if name in _RESERVED:
+        raise ValueError(f"name {name!r} belongs to transformers' own attention; choose another, e.g. 'effattn'")
+    fn = make_attention_function(backend, mask_mod, score_mod)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, effattn_mask)
+    _REGISTERED[name] = {"backend": backend, "mask_mod": mask_mod, "score_mod": score_mod}
+    return name
+
+
+def registered() -> dict[str, dict]:
+    """The names registered through :func:`register` and their settings."""
+    return {k: dict(v) for k, v in _REGISTERED.items()}
+
+
+def is_effattn(attn_implementation: str | None) -> bool:
+    """Whether ``attn_implementation`` is a name registered through :func:`register`."""
+    return attn_implementation in _REGISTERED

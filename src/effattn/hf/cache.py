@@ -1,0 +1,311 @@
+"""``CompressedCache``: a transformers ``Cache`` whose layers keep what an :mod:`effattn.kv` policy selects.
+
+Usage::
+
+    effattn.hf.register()                                     # attn_implementation="effattn"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="effattn")
+    cache = effattn.hf.CompressedCache(make_policy("snapkv", budget=256))
+    model.generate(ids, max_new_tokens=64, cache=cache)       # or past_key_values=cache
+
+How the queries reach the policy. Scoring policies (H2O, SnapKV, TOVA, ...) need the new
+tokens' RoPE'd queries. kvpress recomputes them in forward hooks on the attention modules
+(``q_proj`` + RoPE from the hidden states), which ties it to a list of model classes. Here the
+registered effattn attention function already receives them, so the cache works in two steps:
+``Cache.update(k, v, layer_idx)`` only records the new keys/values and returns them; the
+attention call that consumes exactly those tensors (the same objects) hands the queries to
+:meth:`effattn.kv.CompressedKVCache.update`, which appends, scores, evicts, and returns what
+these queries attend to (every kept token plus the new ones, as H2O and kvpress do). So any
+decoder whose attention module calls ``cache.update`` and then the attention interface works
+(Llama, Mistral, Qwen2/3, ...), with no per-model code -- but only with an effattn
+``attn_implementation``: an update whose keys no effattn attention consumed raises at the next
+cache access instead of letting SDPA/eager attend to the new tokens alone.
+
+Ragged heads. A policy keeps a different set (and, for PyramidKV/CAKE/DuoAttention, a different
+number) of tokens per kv head; the cache left-pads every head to the longest and the attention
+call masks the padding with the cache's ``key_mask`` (``mask_mod``), so padding is never
+attended. New tokens sit in the last slots of every head, so effattn's bottom-right causal mask
+holds among them.
+
+Positions: ``get_seq_length()`` counts tokens *seen* (kept or evicted), so RoPE positions and
+HF's input slicing continue as with a full cache; ``lengths(layer)`` and ``nbytes`` tell what is
+kept.
+
+Supported: transformers >= 5.0, < 6 (tested with 5.24); decoder-only models whose attention
+layers are all full attention (``config.layer_types`` absent or all ``"full_attention"``); greedy
+or sampled decoding of unpadded batches. Not supported, each with an error: encoder-decoder
+models, models without a full-attention layer per decoder layer (sliding-window, linear/SSM
+layers), left-padded batches (the policies would count padding as context; run each prompt on
+its own), beam search / assisted decoding (``reorder_cache``, ``crop``, batch reindexing).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from effattn.hf import attention as _attn
+from effattn.kv import CompressedKVCache, Policy, make_policy
+
+__all__ = ["CompressedCache", "check_model"]
+
+_NOT_CONSUMED = (
+    "CompressedCache: the keys/values of layer {layer} were not consumed by an effattn attention "
+    "function. CompressedCache needs the model to run with an effattn attn_implementation "
+    "(effattn.hf.register(); from_config(..., attn_implementation='effattn') or "
+    "model.set_attn_implementation('effattn')), whose attention hands the queries to the policy and "
+    "masks the ragged heads; SDPA/eager would attend to the new tokens only."
+)
+
+
+def check_model(model_or_config) -> None:
+    """Raise ``ValueError`` when a model (or its config) has a layout :class:`CompressedCache`
+    does not support: encoder-decoder, non-full-attention layers (sliding window, linear/SSM),
+    no attention modules with a ``layer_idx`` per decoder layer, or an attention implementation
+    that is not a registered effattn one."""
+    config = getattr(model_or_config, "config", model_or_config)
+    name = type(model_or_config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"CompressedCache supports decoder-only models; {name} ({config.model_type}) is an "
+            "encoder-decoder (its cross-attention cache has no policy)"
+        )
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"CompressedCache needs config.num_hidden_layers (an int > 0); {name} has {n!r}")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise ValueError(
+                f"CompressedCache supports full-attention layers only; {name} has layer types {other} "
+                "(for Mistral/Qwen2 set sliding_window=None / use_sliding_window=False, or use DynamicCache)"
+            )
+    elif getattr(config, "sliding_window", None) is not None:
+        raise ValueError(
+            f"CompressedCache supports full-attention layers only; {name} has sliding_window="
+            f"{config.sliding_window} (set it to None or use DynamicCache)"
+        )
+    if isinstance(model_or_config, torch.nn.Module):
+        attn = {
+            m.layer_idx
+            for m in model_or_config.modules()
+            if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+        }
+        if attn != set(range(n)):
+            raise ValueError(
+                f"CompressedCache needs one attention module (an '...Attention' with layer_idx) per decoder "
+                f"layer; {name} has them for layers {sorted(attn)} of {n}"
+            )
+        impl = getattr(config, "_attn_implementation", None)
+        if not _attn.is_effattn(impl):
+            raise ValueError(
+                f"CompressedCache needs an effattn attn_implementation (effattn.hf.register(), then "
+                f"from_config(..., attn_implementation='effattn')); the model runs {impl!r}"
+            )
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer of a :class:`CompressedCache` (the storage lives in the shared
+    :class:`effattn.kv.CompressedKVCache`; this object answers HF's per-layer questions)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, parent: CompressedCache, layer_idx: int):
+        super().__init__()
+        self.parent, self.layer_idx = parent, layer_idx
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.parent.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.parent.get_seq_length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.parent.reorder_cache(beam_idx)
+
+    def offload(self):  # nothing on this object to move
+        pass
+
+    def prefetch(self):
+        pass
+
+
+class CompressedCache(Cache):
+    """A transformers ``Cache`` compressed by an :mod:`effattn.kv` policy (see the module docstring).
+
+    Args:
+        policy: an :class:`effattn.kv.Policy` (from :func:`effattn.kv.make_policy`) or a policy name,
+            then built with ``make_policy(policy, **policy_kwargs)`` (e.g. ``budget=64``).
+        model: optional; checked at once with :func:`check_model` (otherwise the first forward
+            pass checks its config).
+
+    ``kv`` is the underlying :class:`effattn.kv.CompressedKVCache` (None before the first
+    forward); ``lengths(layer_idx)`` tokens kept per head ``[B, H_kv]``; ``nbytes`` bytes of kept
+    keys and values; ``get_seq_length()`` tokens seen.
+
+    Example::
+
+        >>> from effattn.kv import make_policy
+        >>> cache = CompressedCache(make_policy("streaming_llm", budget=32, sinks=4))
+        >>> cache.get_seq_length(), cache.nbytes
+        (0, 0)
+    """
+
+    def __init__(self, policy: Policy | str, *, model=None, **policy_kwargs):
+        if isinstance(policy, str):
+            policy = make_policy(policy, **policy_kwargs)
+        elif policy_kwargs:
+            raise TypeError(
+                f"policy settings {sorted(policy_kwargs)} go with a policy name; got a built {type(policy).__name__}"
+            )
+        if not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be an effattn.kv.Policy (effattn.kv.make_policy(name, budget=...)) or a policy "
+                f"name, got {type(policy).__name__}"
+            )
+        super().__init__(layers=[])
+        self.policy = policy
+        self.kv: CompressedKVCache | None = None
+        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        if model is not None:
+            check_model(model)
+
+    def __repr__(self) -> str:
+        return f"CompressedCache({self.policy!r}, seen={self.get_seq_length()}, nbytes={self.nbytes})"
+
+    # ------------------------------------------------------------------ HF's Cache API
+    def _check_consumed(self) -> None:
+        if self._pending is not None:
+            layer = self._pending[0]
+            self._pending = None
+            _attn._pending.item = None
+            raise RuntimeError(_NOT_CONSUMED.format(layer=layer))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Record the new ``[B, H_kv, t, D]`` keys/values of ``layer_idx`` and return them; the
+        effattn attention call that consumes them applies the policy (module docstring)."""
+        self._check_consumed()
+        if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
+            raise ValueError(
+                f"key_states must be [batch, heads_kv, seq, head_dim], got {getattr(key_states, 'shape', key_states)}"
+            )
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
+        while len(self.layers) <= layer_idx:
+            self.layers.append(CompressedLayer(self, len(self.layers)))
+        self.layers[layer_idx].is_initialized = True
+        self._pending = (layer_idx, key_states, value_states)
+        _attn._pending.item = (self, layer_idx, key_states)
+        return key_states, value_states
+
+    def _attention_inputs(self, layer_idx: int, q: torch.Tensor, attention_mask, module, scaling, need_positions):
+        """Called by the effattn attention function with the new queries ``[B, t, H_q, D]``: run
+        the policy update; return ``(k, v, key_mask, positions, query_positions)`` in effattn's
+        layout (positions ``[B, H_kv, T]`` of every key slot, -1 at padding, only when
+        ``need_positions``)."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != layer_idx:
+            raise RuntimeError(f"CompressedCache: attention for layer {layer_idx} without a matching update")
+        _, k_new, v_new = pending
+        if isinstance(attention_mask, _attn.HFMask):
+            if attention_mask.key_valid is not None:
+                raise ValueError(
+                    "CompressedCache does not support padded batches (the attention_mask has padding): the "
+                    "policies would count padding as context. Generate each prompt on its own, or batch "
+                    "prompts of equal length without padding."
+                )
+        elif attention_mask is not None:
+            raise ValueError(
+                "CompressedCache needs the model's mask from effattn's mask builder (an HFMask: plain causal "
+                f"attention); got a {type(attention_mask).__name__} (a sliding/chunked/custom 4-D mask?)"
+            )
+        if self.kv is None:
+            config = getattr(module, "config", None)
+            if config is None:
+                raise ValueError("CompressedCache: the attention module has no config to read the layer count from")
+            check_model(config)
+            self.kv = CompressedKVCache(self.policy, config.num_hidden_layers, scale=scaling)
+        if not 0 <= layer_idx < self.kv.num_layers:
+            raise ValueError(f"CompressedCache: layer_idx {layer_idx} outside the model's {self.kv.num_layers} layers")
+        # kept tokens' positions before this update: the returned layout is [kept (left-padded) | new]
+        prev = self.kv.positions(layer_idx) if need_positions else None
+        k_all, v_all, key_mask = self.kv.update(layer_idx, k_new.transpose(1, 2), v_new.transpose(1, 2), q)
+        if not need_positions:
+            return k_all, v_all, key_mask, None, None
+        t, seen = q.shape[1], self.kv.seen(layer_idx)
+        new_pos = torch.arange(seen - t, seen, device=q.device)
+        positions = new_pos.expand(k_all.shape[0], k_all.shape[2], t)
+        if prev.numel():
+            positions = torch.cat([prev.to(q.device), positions], dim=-1)
+        return k_all, v_all, key_mask, positions, new_pos
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen by ``layer_idx`` (kept or evicted): the next token's position."""
+        self._check_consumed()
+        if self.kv is None or not 0 <= layer_idx < self.kv.num_layers:
+            return 0
+        return self.kv.seen(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._pending = None
+        self.kv = None
+        for layer in self.layers:
+            layer.reset()
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(
+            f"CompressedCache does not support {what} (beam search, assisted decoding, batch reindexing): "
+            "the kept tokens differ per row and head; use greedy or sampled decoding"
+        )
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._unsupported("reorder_cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            self._unsupported("crop")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices) -> None:
+        if self.get_seq_length() > 0:
+            self._unsupported("batch_select_indices")
+
+    # ------------------------------------------------------------------ what is kept
+    def lengths(self, layer_idx: int) -> torch.Tensor:
+        """long ``[B, H_kv]``: tokens kept by each kv head of ``layer_idx``."""
+        if self.kv is None:
+            return torch.zeros(0, 0, dtype=torch.long)
+        return self.kv.lengths(layer_idx)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of kept keys and values (each head counts only what it keeps)."""
+        return 0 if self.kv is None else self.kv.nbytes
+
+    @property
+    def num_layers(self) -> int:
+        return 0 if self.kv is None else self.kv.num_layers
