@@ -1,9 +1,14 @@
 """effattn.kv: inference memory — KV caches (contiguous, paged, quantized) and eviction policies."""
 
+from effattn.kv.a2sf import A2SFPolicy
 from effattn.kv.base import KVCacheBase
 from effattn.kv.caches import CACHES, make_cache
+from effattn.kv.cake import CAKEPolicy
 from effattn.kv.compressed import CompressedKVCache, CompressedLayerCache
 from effattn.kv.contiguous import KVCache
+from effattn.kv.duo_attention import DuoAttentionPolicy, calibrate_duo_attention
+from effattn.kv.h2o import H2OPolicy
+from effattn.kv.knorm import KNormPolicy
 from effattn.kv.paged import (
     PagedKVCache,
     PoolExhaustedError,
@@ -11,8 +16,11 @@ from effattn.kv.paged import (
     paged_decode_attention,
 )
 from effattn.kv.policy import POLICIES, Policy, ScoreContext, list_policies, make_policy, register_policy
+from effattn.kv.pyramidkv import PyramidKVPolicy
 from effattn.kv.quantized import QuantizedKVCache
+from effattn.kv.snapkv import SnapKVPolicy
 from effattn.kv.streaming_llm import StreamingLLMPolicy
+from effattn.kv.tova import TOVAPolicy
 
 __all__ = [
     "KVCacheBase",
@@ -33,4 +41,13 @@ __all__ = [
     "CompressedKVCache",
     "CompressedLayerCache",
     "StreamingLLMPolicy",
+    "H2OPolicy",
+    "A2SFPolicy",
+    "TOVAPolicy",
+    "KNormPolicy",
+    "SnapKVPolicy",
+    "PyramidKVPolicy",
+    "CAKEPolicy",
+    "DuoAttentionPolicy",
+    "calibrate_duo_attention",
 ]

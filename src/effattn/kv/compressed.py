@@ -271,10 +271,12 @@ class CompressedKVCache:
             prefill=t > 1,
             scale=self.scale if self.scale is not None else 1.0 / math.sqrt(k_all.shape[-1]),
             seen=st.seen,
+            budgets=list(st.budgets),
             state=state,
             shared=self.shared,
         )
-        scores = self.policy.score(ctx).float()
+        with torch.no_grad():  # selection is not differentiable; keys/values keep their graph
+            scores = self.policy.score(ctx).float()
         if tuple(scores.shape) != tuple(pos_all.shape):
             raise ValueError(f"{self.policy!r}.score gave shape {tuple(scores.shape)}, expected {tuple(pos_all.shape)}")
         new_state = dict(ctx.new_state)

@@ -38,6 +38,8 @@ __all__ = [
     "list_policies",
     "resolve_budget",
     "DEFAULT_RATIO",
+    "split_budget",
+    "pool_scores",
 ]
 
 DEFAULT_RATIO = 0.5
@@ -87,8 +89,8 @@ class ScoreContext:
     (False at padding), ``positions`` long ``[B, H_kv, T]`` (original token index, ``-1`` at
     padding). ``queries [B, t, H_q, D]`` are the new tokens' queries at ``query_positions [t]``.
     ``state`` holds per-token float tensors ``[B, H_kv, T]`` a policy saved earlier (0 for new
-    tokens); a policy writes the updated ones into ``new_state``. ``shared`` is one dict per cache
-    for cross-layer bookkeeping (CAKE).
+    tokens); a policy writes the updated ones into ``new_state``. ``budgets`` are the tokens each
+    head will keep; ``shared`` is one dict per cache for cross-layer bookkeeping (CAKE).
     """
 
     layer_idx: int
@@ -102,6 +104,7 @@ class ScoreContext:
     prefill: bool
     scale: float
     seen: int
+    budgets: list[int] = field(default_factory=list)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     new_state: dict[str, torch.Tensor] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)
@@ -246,3 +249,18 @@ def make_policy(name: str, *, budget: int | None = None, ratio: float | None = N
     if not isinstance(name, str) or name not in POLICIES:
         raise ValueError(f"unknown policy name {name!r}; registered policies: {sorted(POLICIES)}")
     return POLICIES[name](budget=budget, ratio=ratio, **kw)
+
+
+def split_budget(total: int, weights: list[float]) -> list[int]:
+    """Split the int ``total`` in proportion to ``weights`` (>= 0), rounding by largest remainder so
+    the parts sum to ``total`` exactly (equal parts when every weight is 0)."""
+    w = [max(float(x), 0.0) for x in weights]
+    s = sum(w)
+    if not math.isfinite(s) or s <= 0:
+        w, s = [1.0] * len(w), float(len(w))
+    raw = [total * x / s for x in w]
+    parts = [math.floor(r) for r in raw]
+    order = sorted(range(len(w)), key=lambda i: raw[i] - parts[i], reverse=True)
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts

@@ -276,8 +276,9 @@ class Attention(nn.Module):
 
     def _attend_compressed(self, x: torch.Tensor, cache: CompressedLayerCache, valid) -> torch.Tensor:
         """:meth:`attend` against a KV-policy cache (:class:`effattn.kv.CompressedKVCache`): the new
-        tokens keep their absolute positions (tokens seen, kept or not); heads of unequal length
-        are left-padded by the cache and the padding hidden by a mask mod."""
+        tokens keep their absolute positions (tokens seen, kept or not). Heads of unequal length
+        (left-padded by the cache) attend one kv head at a time to their own keys; a key mask that
+        differs across rows falls back to a mask mod."""
         B, T = x.shape[:2]
         if valid is not None and not bool(valid.all()):
             raise ValueError("valid: left padding is not supported with a KV policy; run each row on its own")
@@ -295,18 +296,37 @@ class Attention(nn.Module):
             q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
         k_all, v_all, key_mask = cache.update(k, v, q)
         sinks = None if self.sinks is None else self.sinks.to(q.dtype)
-        if key_mask is None and T == 1 and self.backend == "auto":
-            return decode_attention(q, k_all, v_all, softcap=self.softcap, sinks=sinks)
-        mm = None
-        if key_mask is not None:
-            group = self.heads // self.kv_heads
+        if key_mask is None:
+            return self._attend_dense(q, k_all, v_all, sinks)
+        lengths = key_mask.sum(-1)  # [B, H_kv]
+        group = self.heads // self.kv_heads
+        if bool((lengths == lengths[:1]).all()):
+            # heads of unequal length: each kv head (and its query group) on its own unpadded keys
+            L = k_all.shape[1]
+            outs = []
+            for h, n in enumerate(lengths[0].tolist()):
+                qs = slice(h * group, (h + 1) * group)
+                outs.append(
+                    self._attend_dense(
+                        q[:, :, qs],
+                        k_all[:, L - n :, h : h + 1],
+                        v_all[:, L - n :, h : h + 1],
+                        None if sinks is None else sinks[qs],
+                    )
+                )
+            return torch.cat(outs, dim=2)
 
-            def mm(b, h, qi, kv):
-                return key_mask[b, h // group, kv]
+        def mm(b, h, qi, kv):
+            return key_mask[b, h // group, kv]
 
         return attention(
             q, k_all, v_all, causal=True, mask_mod=mm, softcap=self.softcap, sinks=sinks, backend=self.backend
         )
+
+    def _attend_dense(self, q, k, v, sinks):
+        if q.shape[1] == 1 and self.backend == "auto":
+            return decode_attention(q, k, v, softcap=self.softcap, sinks=sinks)
+        return attention(q, k, v, causal=True, softcap=self.softcap, sinks=sinks, backend=self.backend)
 
     def forward(
         self, x: torch.Tensor, state: KVCache | None = None, valid: torch.Tensor | None = None

@@ -278,18 +278,12 @@ class LM(nn.Module):
 
         return [make_cache(kv_cache) if isinstance(b.mixer, Attention) else None for b in self.blocks]
 
-    def compressed_state(self, kv_policy, scale: float | None = None) -> list:
-        """A fresh decoding ``state`` whose causal attention layers (no window or mods) share one
-        :class:`effattn.kv.CompressedKVCache` under ``kv_policy`` (layers numbered in depth order);
-        other layers start empty as usual. The cache is ``state[i].cache`` for those layers."""
-        from effattn.kv import CompressedKVCache, Policy
+    def policy_layers(self) -> list[int]:
+        """Indices of the blocks whose KV cache a policy can compress: plain causal
+        :class:`~effattn.nn.Attention` without window or mods (in depth order)."""
         from effattn.nn.attention import Attention
 
-        if not isinstance(kv_policy, Policy):
-            raise TypeError(
-                f"kv_policy must be an effattn.kv.Policy (make_policy(...)), got {type(kv_policy).__name__}"
-            )
-        idx = [
+        return [
             i
             for i, b in enumerate(self.blocks)
             if type(b.mixer) is Attention
@@ -298,6 +292,18 @@ class LM(nn.Module):
             and b.mixer.mask_mod is None
             and b.mixer.score_mod is None
         ]
+
+    def compressed_state(self, kv_policy, scale: float | None = None) -> list:
+        """A fresh decoding ``state`` whose causal attention layers (no window or mods) share one
+        :class:`effattn.kv.CompressedKVCache` under ``kv_policy`` (layers numbered in depth order);
+        other layers start empty as usual. The cache is ``state[i].cache`` for those layers."""
+        from effattn.kv import CompressedKVCache, Policy
+
+        if not isinstance(kv_policy, Policy):
+            raise TypeError(
+                f"kv_policy must be an effattn.kv.Policy (make_policy(...)), got {type(kv_policy).__name__}"
+            )
+        idx = self.policy_layers()
         if not idx:
             raise ValueError("kv_policy: the model has no causal attention layer (without window or mods) to compress")
         cache = CompressedKVCache(kv_policy, num_layers=len(idx), scale=scale)
