@@ -80,8 +80,8 @@ class CAKEPolicy(SnapKVPolicy):
         prefs = ctx.shared.setdefault(_PREF_KEY, {})
         prefs[ctx.layer_idx] = self.preference(a, before)
         indicator = a.mean(dim=2) + self.gamma * a.var(dim=2, correction=0)
-        indicator = indicator.masked_fill(~before, 0.0)
-        return pool_scores(indicator, self.kernel, "avg").masked_fill(in_window, float("inf"))
+        indicator = pool_scores(indicator, self.kernel, "avg", valid=before)
+        return indicator.masked_fill(~before, float("-inf")).masked_fill(in_window, float("inf"))
 
     def allocate(self, ctx: ScoreContext, budgets: list[int]) -> dict[int, list[int]]:
         prefs = ctx.shared.get(_PREF_KEY, {})

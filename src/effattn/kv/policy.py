@@ -156,17 +156,25 @@ class ScoreContext:
         return self.key_mask & (self.positions < n)
 
 
-def pool_scores(scores: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
-    """1-D pooling of ``scores [B, H, T]`` along ``T`` (odd ``kernel``, same length; SnapKV)."""
+def pool_scores(
+    scores: torch.Tensor, kernel: int, kind: str = "max", valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1-D pooling of ``scores [B, H, T]`` along ``T`` (odd ``kernel``, stride 1, same length; SnapKV),
+    over the ``valid`` positions only (bool ``[B, H, T]``; others neither pool nor count)."""
     if kernel <= 1:
         return scores
     B, H, T = scores.shape
-    x = scores.reshape(B * H, 1, T)
+    pad = kernel // 2
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
     if kind == "max":
-        y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
-    else:
-        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    return y.reshape(B, H, -1)[..., :T]
+        x = scores.masked_fill(~valid, float("-inf")).reshape(B * H, 1, T)
+        return F.max_pool1d(x, kernel, stride=1, padding=pad).reshape(B, H, T)
+    x = scores.masked_fill(~valid, 0.0).reshape(B * H, 1, T)
+    n = valid.to(scores.dtype).reshape(B * H, 1, T)
+    total = F.avg_pool1d(x, kernel, stride=1, padding=pad, count_include_pad=True)
+    count = F.avg_pool1d(n, kernel, stride=1, padding=pad, count_include_pad=True)
+    return (total / count.clamp(min=1e-12)).reshape(B, H, T)
 
 
 class Policy:

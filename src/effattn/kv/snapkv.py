@@ -6,7 +6,8 @@ the question sits) pay to earlier keys predicts which keys generation will need.
 per kv head ``h`` (query heads of a GQA group averaged)::
 
     votes_h(j) = sum_{i in window} A_h[i, j]            for keys j before the window
-    score_h(j) = pool_k(votes_h)(j)                     1-D max (or avg) pool, kernel k, stride 1
+    score_h(j) = pool_k(votes_h)(j)                     1-D max (or avg) pool over the keys before
+                                                        the window, kernel k, stride 1
     score_h(j) = +inf                                   for keys j in the window (always kept)
 
 then the top ``budget`` per head. Pooling keeps the neighbours of a selected key, so whole spans
@@ -76,5 +77,6 @@ class SnapKVPolicy(Policy):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         a, in_window = self.window_attention(ctx)
-        votes = a.sum(dim=2).masked_fill(in_window, 0.0)
-        return pool_scores(votes, self.kernel, self.pooling).masked_fill(in_window, float("inf"))
+        before = ctx.key_mask & ~in_window
+        votes = pool_scores(a.sum(dim=2), self.kernel, self.pooling, valid=before)
+        return votes.masked_fill(~before, float("-inf")).masked_fill(in_window, float("inf"))
