@@ -72,6 +72,7 @@ def _build_call(
     q,
     k,
     v,
+    *,
     causal,
     window,
     mask_mod,
@@ -327,17 +328,17 @@ def attention(
         q,
         k,
         v,
-        causal,
-        window,
-        mask_mod,
-        score_mod,
-        block_mask,
-        scale,
-        softcap,
-        alibi_slopes,
-        sinks,
-        cu_seqlens,
-        return_lse,
+        causal=causal,
+        window=window,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        cu_seqlens=cu_seqlens,
+        return_lse=return_lse,
     )
     chosen, _ = _choose(call, backend)
     o, lse = _REGISTRY[chosen].run(call)
@@ -358,22 +359,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str =
     if unknown:
         raise TypeError(f"explain() got unknown arguments {sorted(unknown)}")
     defaults = {n: p.default for n, p in names.items() if p.default is not inspect.Parameter.empty}
-    a = {**defaults, **kwargs}
-    call = _build_call(
-        q,
-        k,
-        v,
-        a["causal"],
-        a["window"],
-        a["mask_mod"],
-        a["score_mod"],
-        a["block_mask"],
-        a["scale"],
-        a["softcap"],
-        a["alibi_slopes"],
-        a["sinks"],
-        a["cu_seqlens"],
-        a["return_lse"],
-    )
+    defaults.pop("backend")
+    call = _build_call(q, k, v, **{**defaults, **kwargs})
     chosen, reasons = _choose(call, backend)
     return Explanation(chosen, reasons)
