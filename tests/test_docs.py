@@ -1,5 +1,6 @@
 """Every ```python block in README.md and docs/*.md runs (examples are part of the API)."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -15,8 +16,22 @@ def _blocks():
             yield pytest.param(m.group(1), id=f"{path.name}-{i}")
 
 
+# optional extras: a block importing one of these is skipped when its package is missing
+OPTIONAL = {"transformers": "transformers", "effattn.hf": "transformers"}
+
+
+def _missing_optional(code: str) -> str | None:
+    for module, package in OPTIONAL.items():
+        if re.search(rf"^\s*(import|from)\s+{re.escape(module)}\b", code, re.M):
+            if importlib.util.find_spec(package) is None:
+                return package
+    return None
+
+
 @pytest.mark.parametrize("code", list(_blocks()))
 def test_doc_example_runs(code):
+    if missing := _missing_optional(code):
+        pytest.skip(f"needs the optional package {missing}")
     exec(compile(code, "<doc example>", "exec"), {"__name__": "__doc_example__"})
 
 
