@@ -354,12 +354,17 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str =
         >>> print(explain(q, q, q, window=8).backend)
         tiled
     """
+    chosen, reasons = _choose(_call_for(q, k, v, **kwargs), backend)
+    return Explanation(chosen, reasons)
+
+
+def _call_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> AttentionCall:
+    """The validated call :func:`attention` would make for these keyword arguments (the rest at their
+    defaults)."""
     names = inspect.signature(attention).parameters
     unknown = set(kwargs) - set(names)
     if unknown:
         raise TypeError(f"explain() got unknown arguments {sorted(unknown)}")
     defaults = {n: p.default for n, p in names.items() if p.default is not inspect.Parameter.empty}
     defaults.pop("backend")
-    call = _build_call(q, k, v, **{**defaults, **kwargs})
-    chosen, reasons = _choose(call, backend)
-    return Explanation(chosen, reasons)
+    return _build_call(q, k, v, **{**defaults, **kwargs})
