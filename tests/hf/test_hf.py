@@ -275,6 +275,25 @@ def test_ragged_heads_padding_is_never_attended(llama, monkeypatch):
     assert seen_masks and not all(bool(m.all()) for m in seen_masks)
 
 
+def test_user_mask_mod_sees_original_positions_through_compressed_cache(llama):
+    """A registered mask_mod gets original token positions on the CompressedCache path too:
+    hiding position 3 from later queries (prefill, then a decode step) equals SDPA with that hole."""
+    ref, _ = llama
+    name = ehf.register("effattn_test_hide3", mask_mod=lambda b, h, q, kv: (kv != 3) | (q <= 3))
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(ref.config), attn_implementation=name).eval()
+    ours.load_state_dict(ref.state_dict())
+    ids = _ids(B=1, T=9)
+    allowed = torch.tril(torch.ones(9, 9, dtype=torch.bool))
+    allowed[4:, 3] = False
+    cache = ehf.CompressedCache("h2o", budget=64)
+    with torch.no_grad():
+        full = ref(ids, attention_mask=allowed.expand(1, 1, 9, 9)).logits
+        prefill = ours(ids[:, :8], cache=cache).logits
+        step = ours(ids[:, 8:], cache=cache).logits
+    assert_fp32_close(prefill, full[:, :8], name="prefill")
+    assert_fp32_close(step, full[:, 8:], name="decode step")
+
+
 def test_attend_compressed_masks_per_head():
     """The compressed attention path against a per-head loop over the valid keys only."""
     torch.manual_seed(0)

@@ -222,6 +222,12 @@ class CompressedCache(Cache):
         if pending is None or pending[0] != layer_idx:
             raise RuntimeError(f"CompressedCache: attention for layer {layer_idx} without a matching update")
         _, k_new, v_new = pending
+        if self.kv is None:
+            config = getattr(module, "config", None)
+            if config is None:
+                raise ValueError("CompressedCache: the attention module has no config to read the layer count from")
+            check_model(config)
+            self.kv = CompressedKVCache(self.policy, config.num_hidden_layers, scale=scaling)
         if isinstance(attention_mask, _attn.HFMask):
             if attention_mask.key_valid is not None:
                 raise ValueError(
@@ -234,12 +240,6 @@ class CompressedCache(Cache):
                 "CompressedCache needs the model's mask from effattn's mask builder (an HFMask: plain causal "
                 f"attention); got a {type(attention_mask).__name__} (a sliding/chunked/custom 4-D mask?)"
             )
-        if self.kv is None:
-            config = getattr(module, "config", None)
-            if config is None:
-                raise ValueError("CompressedCache: the attention module has no config to read the layer count from")
-            check_model(config)
-            self.kv = CompressedKVCache(self.policy, config.num_hidden_layers, scale=scaling)
         if not 0 <= layer_idx < self.kv.num_layers:
             raise ValueError(f"CompressedCache: layer_idx {layer_idx} outside the model's {self.kv.num_layers} layers")
         # kept tokens' positions before this update: the returned layout is [kept (left-padded) | new]
