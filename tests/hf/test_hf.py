@@ -92,25 +92,33 @@ def test_logits_match_sdpa(kind):
     assert torch.isfinite(a).all()  # fully masked (padded) query rows give zeros, not NaN
 
 
-def test_generate_matches_sdpa_with_left_padding(llama):
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_matches_sdpa_with_left_padding(llama, cache_implementation):
+    """Dynamic cache (queries at the end of the keys) and static cache (keys padded to the
+    maximum length, the mask built ahead by generate and handed back through the mask builder)."""
     ref, ours = llama
     ids, am = _left_padded(_ids(B=2, T=9), [3, 0])
-    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(
+        attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation=cache_implementation
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
-def test_decode_steps_match_sdpa_logits(llama):
-    """Prefill then one-token steps through a DynamicCache: every step's logits as SDPA's."""
-    ref, ours = llama
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_decode_steps_match_sdpa_logits(kind, llama):
+    """Prefill then one-token steps through a DynamicCache: every step's logits as SDPA's
+    (Mistral: a window of 5 < 11 tokens, so its sliding cache layer drops keys: kv_offset > 0)."""
+    ref, ours = llama if kind == "llama" else _pair(kind)
     ids, am = _left_padded(_ids(B=2, T=8), [2, 0])
     nxt = _ids(B=2, T=3, seed=5)
     outs = []
     for model in (ref, ours):
         cache = transformers.DynamicCache(config=model.config)
         mask, logits = am, []
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             logits.append(model(ids, attention_mask=mask, cache=cache).logits)
             for i in range(3):
                 mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)

@@ -125,6 +125,16 @@ def effattn_mask(
     mask_function = causal_mask_function if mask_function is None else mask_function
     q_offset = int(q_offset)
     kv_offset = int(kv_offset)
+    if isinstance(attention_mask, HFMask):
+        # built ahead by generate (compileable caches: create_masks_for_generate), then handed back
+        # by the forward's mask creation: pass it through when it is for this call
+        m = attention_mask
+        have, want = (m.q_length, m.kv_length, m.q_offset, m.kv_offset), (q_length, kv_length, q_offset, kv_offset)
+        if have != want:
+            raise ValueError(
+                f"a prebuilt HFMask for (q_length, kv_length, q_offset, kv_offset) = {have} reached a call with {want}"
+            )
+        return m
     if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         valid = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if valid is not None:
