@@ -428,6 +428,38 @@ def test_duo_ragged_storage_uses_fewer_bytes():
     assert cache.lengths(0)[0].tolist() == [T + 1, budget]
 
 
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "a2sf", "tova", "knorm", "snapkv"])
+def test_head_budgets_give_ragged_storage(name, tiny_lm):
+    hb = [[3, 9], [5, 1]]
+    kw = {"per_head": True} if name == "tova" else _kw(name)
+    q, k, v = _qkv(T=20)
+    cache = CompressedKVCache(make_policy(name, head_budgets=hb, **kw), 2)
+    for layer in range(2):
+        cache.update(layer, k, v, q)
+    assert [cache.lengths(i)[0].tolist() for i in range(2)] == hb
+    assert cache.nbytes == 2 * sum(map(sum, hb)) * 8 * 2 * 4  # B * tokens * D * (k, v) * float32
+    if name == "h2o":  # the LM decodes through ragged heads
+        model, ids, _ = tiny_lm
+        out = model.generate(ids, 3, temperature=0.0, kv_policy=make_policy(name, head_budgets=hb))
+        assert out.shape == (2, 27)
+
+
+def test_head_budgets_errors():
+    with pytest.raises(ValueError, match="head_budgets or budget"):
+        make_policy("h2o", budget=4, head_budgets=[[1, 2]])
+    with pytest.raises(ValueError, match="head_budgets must all be >= 1"):
+        make_policy("h2o", head_budgets=[[0, 2]])
+    with pytest.raises(ValueError, match="head_budgets must be ints"):
+        make_policy("knorm", head_budgets=[[1.5, 2.0]])
+    with pytest.raises(ValueError, match="equal across the heads"):
+        make_policy("tova", head_budgets=[[1, 2]])
+    with pytest.raises(TypeError):
+        make_policy("pyramidkv", head_budgets=[[1, 2]])  # layer budgets are the method's own
+    q, k, v = _qkv(T=6)
+    with pytest.raises(ValueError, match="head_budgets has shape"):
+        CompressedKVCache(make_policy("h2o", head_budgets=[[1, 2, 3]]), 1).update(0, k, v, q)
+
+
 def test_attention_layer_on_ragged_heads_matches_reference():
     torch.manual_seed(0)
     layer = Attention(32, 4, kv_heads=2)

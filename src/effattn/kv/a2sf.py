@@ -41,8 +41,9 @@ class A2SFPolicy(H2OPolicy):
         ratio: float | None = None,
         recent_fraction: float = 0.5,
         forgetting: float = 0.9,
+        head_budgets=None,
     ):
-        super().__init__(budget=budget, ratio=ratio, recent_fraction=recent_fraction)
+        super().__init__(budget=budget, ratio=ratio, recent_fraction=recent_fraction, head_budgets=head_budgets)
         self.forgetting = _check_float("forgetting", forgetting, 0.0, 1.0, lo_open=True)
 
     def extra_args(self) -> dict:

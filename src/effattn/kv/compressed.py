@@ -137,7 +137,7 @@ class CompressedKVCache:
         if st.k is None:
             return torch.zeros(0, 0, dtype=torch.long)
         B = st.k[0].shape[0]
-        return torch.tensor([[x.shape[1] for x in st.k]] * B, dtype=torch.long)
+        return torch.tensor([[x.shape[1] for x in st.k]] * B, dtype=torch.long, device=st.k[0].device)
 
     def budgets(self, layer_idx: int) -> list[int] | None:
         """Per-head budgets last enforced in ``layer_idx`` (None before the policy first ran there)."""

@@ -253,17 +253,19 @@ def _gate_scores(model, mixers, ids, ref, tail, sinks, recent, steps, lr, l1) ->
         p.requires_grad_(False)
     for li, m in enumerate(mixers):
         m.forward = gated_forward(m, li)
-    opt = torch.optim.Adam([gates], lr=lr)
     scale = ref.pow(2).mean().clamp(min=1e-30)
+    m1, m2 = torch.zeros_like(gates), torch.zeros_like(gates)
+    b1, b2 = 0.9, 0.999
     try:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             out = model(ids)[0][:, -tail:].float()
             loss = (out - ref).pow(2).mean() / scale + l1 * gates.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                gates.clamp_(0.0, 1.0)
+            (g,) = torch.autograd.grad(loss, gates)
+            with torch.no_grad():  # Adam, projected onto [0, 1] (written out: torch.optim imports dynamo)
+                m1.mul_(b1).add_(g, alpha=1 - b1)
+                m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+                step_dir = (m1 / (1 - b1**step)) / ((m2 / (1 - b2**step)).sqrt() + 1e-8)
+                gates.sub_(lr * step_dir).clamp_(0.0, 1.0)
     finally:
         for m in mixers:
             del m.forward

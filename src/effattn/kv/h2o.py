@@ -44,8 +44,15 @@ class H2OPolicy(Policy):
     per_head = True
     evicts_on_decode = True
 
-    def __init__(self, *, budget: int | None = None, ratio: float | None = None, recent_fraction: float = 0.5):
-        super().__init__(budget=budget, ratio=ratio)
+    def __init__(
+        self,
+        *,
+        budget: int | None = None,
+        ratio: float | None = None,
+        recent_fraction: float = 0.5,
+        head_budgets=None,
+    ):
+        super().__init__(budget=budget, ratio=ratio, head_budgets=head_budgets)
         self.recent_fraction = _check_float("recent_fraction", recent_fraction, 0.0, 1.0)
 
     def extra_args(self) -> dict:

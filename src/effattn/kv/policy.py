@@ -10,7 +10,9 @@ Budget: ``budget`` is the number of tokens kept per ``(layer, kv head)`` (an int
 the fraction of the context removed (kvpress's ``compression_ratio``, a float in ``[0, 1)``): a
 head that has seen ``T`` tokens keeps ``max(1, int(T * (1 - ratio)))``. Pass at most one of them;
 with neither, ``ratio = 0.5``. Methods with layer or head budgets (PyramidKV, CAKE, DuoAttention)
-spread the same total differently.
+spread the same total differently. The per-token methods (StreamingLLM, H2O, A2SF, TOVA, K-norm,
+SnapKV) also take explicit ``head_budgets`` (ints ``[num_layers, heads_kv]``) instead: heads
+then keep different numbers of tokens and the storage is ragged.
 
 Example::
 
@@ -39,6 +41,7 @@ __all__ = [
     "resolve_budget",
     "DEFAULT_RATIO",
     "split_budget",
+    "check_head_budgets",
     "pool_scores",
 ]
 
@@ -177,6 +180,19 @@ def pool_scores(
     return (total / count.clamp(min=1e-12)).reshape(B, H, T)
 
 
+def check_head_budgets(head_budgets) -> torch.Tensor:
+    """``head_budgets``: ints ``>= 1`` of shape ``[num_layers, heads_kv]`` (a tensor or nested list)."""
+    try:
+        t = torch.as_tensor(head_budgets)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"head_budgets must be ints [num_layers, heads_kv], got {head_budgets!r:.80}") from e
+    if t.dim() != 2 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.numel() == 0:
+        raise ValueError(f"head_budgets must be ints [num_layers, heads_kv], got {t.dtype} of shape {tuple(t.shape)}")
+    if bool((t < 1).any()):
+        raise ValueError(f"head_budgets must all be >= 1, got minimum {int(t.min())}")
+    return t.long().cpu()
+
+
 class Policy:
     """Base of the KV policies.
 
@@ -191,11 +207,20 @@ class Policy:
     per_head: bool = True
     evicts_on_decode: bool = False
 
-    def __init__(self, *, budget: int | None = None, ratio: float | None = None):
-        self.budget, self.ratio = resolve_budget(budget, ratio)
+    def __init__(self, *, budget: int | None = None, ratio: float | None = None, head_budgets=None):
+        self.head_budgets = None
+        if head_budgets is not None:
+            if budget is not None or ratio is not None:
+                raise ValueError("pass head_budgets or budget/ratio, not both")
+            self.head_budgets = check_head_budgets(head_budgets)
+            self.budget, self.ratio = int(self.head_budgets.max()), None
+        else:
+            self.budget, self.ratio = resolve_budget(budget, ratio)
 
     def __repr__(self) -> str:
         amount = f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
+        if self.head_budgets is not None:
+            amount = f"head_budgets={self.head_budgets.tolist()}"
         extra = "".join(f", {k}={v!r}" for k, v in self.extra_args().items())
         return f"{type(self).__name__}({amount}{extra})"
 
@@ -214,8 +239,16 @@ class Policy:
         return self.keep_count(context_len) * num_layers
 
     def budgets(self, layer_idx: int, num_layers: int, num_heads: int, context_len: int) -> list[int]:
-        """Tokens to keep in each kv head of ``layer_idx``, at ``context_len`` tokens seen."""
-        return [self.keep_count(context_len)] * num_heads
+        """Tokens to keep in each kv head of ``layer_idx``, at ``context_len`` tokens seen
+        (``head_budgets[layer_idx]`` when given, else :meth:`keep_count` for every head)."""
+        if self.head_budgets is None:
+            return [self.keep_count(context_len)] * num_heads
+        if tuple(self.head_budgets.shape) != (num_layers, num_heads):
+            raise ValueError(
+                f"head_budgets has shape {tuple(self.head_budgets.shape)}, the cache has "
+                f"[num_layers, heads_kv] = [{num_layers}, {num_heads}]"
+            )
+        return self.head_budgets[layer_idx].tolist()
 
     def allocate(self, ctx: ScoreContext, budgets: list[int]) -> dict[int, list[int]]:
         """Budgets to enforce once ``ctx.layer_idx`` is scored: ``{layer: per-head budgets}``.

@@ -54,8 +54,9 @@ class SnapKVPolicy(Policy):
         window: int = 32,
         kernel: int = 5,
         pooling: str = "max",
+        head_budgets=None,
     ):
-        super().__init__(budget=budget, ratio=ratio)
+        super().__init__(budget=budget, ratio=ratio, head_budgets=head_budgets)
         self.window = _check_int("window", window, 1)
         self.kernel = _check_int("kernel", kernel, 1)
         if self.kernel % 2 == 0:
@@ -66,14 +67,18 @@ class SnapKVPolicy(Policy):
         return {"window": self.window, "kernel": self.kernel, "pooling": self.pooling}
 
     def observation_window(self, ctx: ScoreContext) -> int:
-        """Queries in the observation window: at most ``window``, the new tokens and any budget."""
-        return max(1, min(self.window, ctx.num_new, min(ctx.budgets) if ctx.budgets else self.window))
+        """Queries in the observation window: ``window``, at most the new tokens."""
+        return max(1, min(self.window, ctx.num_new))
 
     def window_attention(self, ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of the window queries ``[B, H_kv, w, T]`` and the window keys ``[B, H_kv, T]``."""
+        """Attention of the window queries ``[B, H_kv, w, T]`` and the window keys kept ``[B, H_kv, T]``
+        (the ``min(w, budget)`` newest of each head)."""
         w = self.observation_window(ctx)
         a = ctx.attention(ctx.queries[:, -w:], ctx.query_positions[-w:])
-        return a, ctx.recent(w)
+        if not ctx.budgets or min(ctx.budgets) >= w:
+            return a, ctx.recent(w)
+        kept = [ctx.recent(min(w, b))[:, h] for h, b in enumerate(ctx.budgets)]
+        return a, torch.stack(kept, dim=1)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         a, in_window = self.window_attention(ctx)

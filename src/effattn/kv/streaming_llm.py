@@ -36,8 +36,8 @@ class StreamingLLMPolicy(Policy):
     per_head = False
     evicts_on_decode = True
 
-    def __init__(self, *, budget: int | None = None, ratio: float | None = None, sinks: int = 4):
-        super().__init__(budget=budget, ratio=ratio)
+    def __init__(self, *, budget: int | None = None, ratio: float | None = None, sinks: int = 4, head_budgets=None):
+        super().__init__(budget=budget, ratio=ratio, head_budgets=head_budgets)
         self.sinks = _check_int("sinks", sinks, 0)
 
     def extra_args(self) -> dict:

@@ -34,10 +34,15 @@ class TOVAPolicy(Policy):
     per_head = False
     evicts_on_decode = True
 
-    def __init__(self, *, budget: int | None = None, ratio: float | None = None, per_head: bool = False):
-        super().__init__(budget=budget, ratio=ratio)
+    def __init__(
+        self, *, budget: int | None = None, ratio: float | None = None, per_head: bool = False, head_budgets=None
+    ):
+        super().__init__(budget=budget, ratio=ratio, head_budgets=head_budgets)
         if not isinstance(per_head, bool):
             raise TypeError(f"per_head must be a bool, got {per_head!r}")
+        hb = self.head_budgets
+        if not per_head and hb is not None and bool((hb != hb[:, :1]).any()):
+            raise ValueError("head_budgets must be equal across the heads of a layer unless per_head=True")
         self.per_head = per_head
 
     def extra_args(self) -> dict:
