@@ -367,3 +367,12 @@ def test_unsupported_layouts_are_refused():
         ehf.check_model(llama)
     with pytest.raises(ValueError, match="full-attention"):
         ehf.check_model(transformers.MistralConfig(**SMALL, sliding_window=16))
+
+
+@pytest.mark.parametrize("module", ["effattn.hf.attention", "effattn.hf.cache"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    res = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch})
+    assert res.attempted > 0 and res.failed == 0
