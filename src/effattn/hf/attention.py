@@ -21,6 +21,10 @@ path spends too -- and read through a ``mask_mod``; a one-time warning says so. 
 in by the caller is honoured: bool as is, float as an additive bias (entries at the dtype's
 minimum or ``-inf`` are masked). Fully masked query rows (left padding) give zeros.
 
+With a :class:`~effattn.hf.CompressedCache` the call recognises the keys its ``update`` returned,
+hands the queries to the policy and attends to the kept tokens (ragged heads masked by the cache's
+``key_mask``) plus the new ones; see :mod:`effattn.hf.cache`.
+
 Not supported (raising instead of computing something else): attention dropout during training,
 ``position_bias`` (T5-style relative bias), ``output_attentions`` (warns and returns ``None``
 weights, as SDPA does), flex ``BlockMask`` masks.
@@ -39,7 +43,7 @@ from effattn.exact import BACKENDS, attention
 from effattn.exact.masks import check_mod_signature
 from effattn.hf import _compat  # noqa: F401  (checks the transformers version)
 
-__all__ = ["HFMask", "effattn_mask", "make_attention_function", "register", "registered"]
+__all__ = ["HFMask", "effattn_mask", "is_effattn", "make_attention_function", "register", "registered"]
 
 # Names transformers itself owns: registering effattn under one of them would hijack it.
 _RESERVED = {
