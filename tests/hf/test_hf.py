@@ -106,6 +106,24 @@ def test_generate_matches_sdpa_with_left_padding(llama, cache_implementation):
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+def test_bfloat16_follows_the_flash_attention_rule(llama):
+    """bfloat16: effattn's error against the float32 model is at most 2x SDPA's in bfloat16 (+ atol),
+    with left padding (tiled backend) and without (SDPA backend)."""
+    from tests.helpers import assert_lowp_close
+
+    ref, ours = llama
+    ref16, ours16 = (copy.deepcopy(m).to(torch.bfloat16) for m in (ref, ours))
+    ids, am = _left_padded(_ids(B=2, T=11), [3, 0])
+    real = am.bool()
+    with torch.no_grad():
+        for mask in (None, am):
+            sel = real if mask is not None else torch.ones_like(real)
+            fp32 = ref(ids, attention_mask=mask).logits[sel]
+            low_ref = ref16(ids, attention_mask=mask).logits[sel].float()
+            low = ours16(ids, attention_mask=mask).logits[sel].float()
+            assert_lowp_close(low, low_ref, fp32, atol=2e-2)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_decode_steps_match_sdpa_logits(kind, llama):
     """Prefill then one-token steps through a DynamicCache: every step's logits as SDPA's
