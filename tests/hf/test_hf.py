@@ -394,3 +394,11 @@ def test_docstring_examples(module):
 
     res = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch})
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_unsupported_transformers_version_is_refused(monkeypatch):
+    from effattn.hf import _compat
+
+    monkeypatch.setattr(transformers, "__version__", "4.46.0")
+    with pytest.raises(ImportError, match=r"transformers >= 5.0, < 6 .*major version 5 \(found 4.46.0\)"):
+        _compat.check_transformers()
