@@ -108,7 +108,8 @@ def _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok: bool) -> dict:
     if impl == "flex" and not flex_ok:
         return {**row, "error": "skipped (run with --flex)"}
     dev = args.device
-    q, k, v = (torch.randn(B, T, H, D, device=dev, requires_grad=True) for _ in range(3))
+    flex_on_cpu = impl == "flex" and torch.device(dev).type == "cpu"  # FlexAttention has no CPU backward
+    q, k, v = (torch.randn(B, T, H, D, device=dev, requires_grad=not flex_on_cpu) for _ in range(3))
     do = torch.randn(B, T, H, D, device=dev)
     fwd_flops = attention_flops(B, H, D, D, pairs)
 
@@ -128,7 +129,9 @@ def _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok: bool) -> dict:
         out["fwd_s"] = measure_time(fwd, repeats=args.repeats, device=dev)
         out["fwd_mem_MiB"] = (measure_peak_memory(fwd, dev) or 0) / 2**20
         out["fwd_eff"] = fwd_flops / out["fwd_s"] / gemm
-        if not args.forward_only:
+        if flex_on_cpu:
+            out["note"] = "forward only: FlexAttention has no backward on the CPU"
+        elif not args.forward_only:
             out["fwdbwd_s"] = measure_time(fwd_bwd, repeats=args.repeats, device=dev)
             out["fwdbwd_mem_MiB"] = (measure_peak_memory(fwd_bwd, dev) or 0) / 2**20
             out["fwdbwd_eff"] = 3.5 * fwd_flops / out["fwdbwd_s"] / gemm
@@ -189,6 +192,7 @@ def run(args: argparse.Namespace) -> None:
         "fwdbwd_mem_MiB",
         "fwd_eff",
         "fwdbwd_eff",
+        "note",
         "error",
     ]
     path = write_report(args.out, "attention", rows, cols, meta=meta, notes=notes)

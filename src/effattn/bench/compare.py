@@ -25,6 +25,7 @@ plain text otherwise) and a report folder (default ``bench_out/compare``) with `
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -80,6 +81,7 @@ class CompareConfig:
     listops_batch: int = 32
     listops_lr: float = 1e-3
     seed: int = 0
+    flex: bool = False  # compiled FlexAttention rows (about a minute of compilation per shape on a CPU)
     extra_mechanisms: list = field(default_factory=list)  # more SpeedMechanism objects (tests)
 
 
@@ -126,6 +128,7 @@ PRESETS: dict[str, dict] = {
         listops_train=20000,
         listops_test=1000,
         listops_steps=5000,
+        flex=True,
     ),
 }
 
@@ -243,6 +246,8 @@ def _from_attention_suite(row: dict) -> dict:
             out[b] = row[a]
     if "fwd_eff" in row:
         out["eff_%"] = 100 * row["fwd_eff"]
+    if "note" in row:
+        out["note"] = row["note"]
     if "error" in row:
         if str(row["error"]).startswith("skipped"):
             out["note"] = row["error"]
@@ -358,6 +363,18 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
             lambda T: _from_attention_suite(att._measure("tiled", "window", T, B, H, D, suite_args, gemm, False)),
         )
     )
+    for pattern, label in (("causal", "causal"), ("window", f"window={att.WINDOW}")):
+        mechs.append(
+            SpeedMechanism(
+                "baseline",
+                f"flex {label} (torch.compile)",
+                lambda T, p=pattern: _from_attention_suite(
+                    att._measure("flex", p, T, B, H, D, suite_args, gemm, cfg.flex)
+                ),
+            )
+        )
+    external, external_notes = _external_baselines(cfg, gemm)
+    mechs += external
     for name in sorted(LINEAR):
         op = LINEAR[name]
         mechs.append(
@@ -371,8 +388,53 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
     sparse = _load_sparse_methods()
     for name in sorted(sparse):
         mechs.append(SpeedMechanism("sparse", name, lambda T, m=sparse[name]: _sparse_forward(m, T, cfg, gemm)))
-    notes = [f"could not import {f}" for f in getattr(_load_sparse_methods, "failed", [])]
+    notes = [f"could not import {f}" for f in getattr(_load_sparse_methods, "failed", [])] + external_notes
     return mechs + list(cfg.extra_mechanisms), notes
+
+
+def _external_baselines(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechanism], list[str]]:
+    """``flash_attn`` (FlashAttention-2 causal) and ``fla`` (chunked Gated DeltaNet) as labelled
+    baselines, in bfloat16, where the package is installed and the run is on CUDA (both are GPU-only
+    Triton/CUDA kernels); otherwise a note says why the row is absent."""
+    import importlib.util
+
+    mechs, notes = [], []
+    for pkg in ("flash_attn", "fla"):
+        if importlib.util.find_spec(pkg) is None:
+            notes.append(f"{pkg} is not installed: no {pkg} baseline")
+        elif not cfg.device.startswith("cuda"):
+            notes.append(f"{pkg} is installed but its kernels need --device cuda: no {pkg} baseline")
+        else:
+            mechs.append(
+                SpeedMechanism("baseline", _EXTERNAL_LABELS[pkg], functools.partial(_external_row, pkg, cfg, gemm))
+            )
+    return mechs, notes
+
+
+_EXTERNAL_LABELS = {"flash_attn": "flash_attn causal (bf16)", "fla": "fla chunk_gated_delta_rule (bf16)"}
+
+
+def _external_row(pkg: str, cfg: CompareConfig, gemm: float, T: int) -> dict:
+    from effattn.bench import linear as lin
+
+    B, H, D = lin.BATCH, lin.HEADS, lin.HEAD_DIM
+    dev, dt = cfg.device, torch.bfloat16
+    q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    if pkg == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        fn, leaves = (lambda: flash_attn_func(q, k, v, causal=True)), [q, k, v]
+        flops, bwd = harness.attention_flops(B, H, D, D, T * (T + 1) / 2), lin.SDPA_BWD_FACTOR
+    else:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=dev)).requires_grad_(True)
+        beta = torch.rand(B, T, H, device=dev, dtype=dt).requires_grad_(True)
+        kn = torch.nn.functional.normalize(k, dim=-1)
+        fn, leaves = (lambda: chunk_gated_delta_rule(q=q, k=kn, v=v, g=g, beta=beta)[0]), [q, k, v, g, beta]
+        flops, bwd = None, 2.0
+    row = lin._measure(fn, leaves, cfg.repeats, dev, flops, bwd, gemm, cfg.backward)
+    return _from_linear_suite(row)
 
 
 def run_speed(cfg: CompareConfig) -> tuple[list[dict], dict, list[str]]:
@@ -748,6 +810,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forward-only", action="store_true", help="skip forward+backward timings")
     p.add_argument("--out", type=str, default="bench_out/compare")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
@@ -769,6 +832,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         over["mixers"] = tuple(s.strip() for s in args.mixers.split(",") if s.strip())
     if args.repeats is not None:
         over["repeats"] = args.repeats
+    if getattr(args, "flex", False):
+        over["flex"] = True
     return make_config(preset, **over)
 
 
