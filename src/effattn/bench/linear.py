@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -281,17 +282,31 @@ def _op_row(op, T: int, repeats: int, device: str, gemm: float, backward: bool =
     )
 
 
-def _decode_row(op, context: int, device: str) -> dict:
-    call = _Call(op, BATCH, context + 1, device)
+def _decode_rows(op, contexts: list[int], device: str) -> list[dict]:
+    """One-token ``step`` time against the states left by chunk runs over each context.
+
+    The states are built first, then the steps are timed round-robin over the contexts (one step
+    per context per round, median over rounds), so a disturbance of the machine falls on every
+    context alike instead of on whichever context happened to be measured at that moment."""
+    tokens, states = [], []
     with torch.no_grad():
-        _, state = call.slice(0, context)(op.chunk, output_final_state=True, chunk_size=CHUNK_SIZE)
-        token = call.slice(context, context + 1)
-
-        def step():
-            token(op.step, initial_state=state, output_final_state=True)
-
-        t = harness.measure_time(step, repeats=STEP_REPEATS, warmup=3, device=device)
-    return {"step_us": 1e6 * t, "state_bytes": _state_bytes(state)}
+        for context in contexts:
+            call = _Call(op, BATCH, context + 1, device)
+            _, state = call.slice(0, context)(op.chunk, output_final_state=True, chunk_size=CHUNK_SIZE)
+            tokens.append(call.slice(context, context + 1))
+            states.append(state)
+        steps = [
+            (lambda tok=tok, st=st: tok(op.step, initial_state=st, output_final_state=True))
+            for tok, st in zip(tokens, states)
+        ]
+        for step in steps:  # warm-up
+            for _ in range(3):
+                step()
+        times: list[list[float]] = [[] for _ in contexts]
+        for _ in range(STEP_REPEATS):
+            for i, step in enumerate(steps):
+                times[i].append(harness.measure_time(step, repeats=1, warmup=0, device=device))
+    return [{"step_us": 1e6 * statistics.median(t), "state_bytes": _state_bytes(st)} for t, st in zip(times, states)]
 
 
 def _sdpa_decode_row(context: int, device: str) -> dict:
@@ -308,7 +323,7 @@ def _sdpa_decode_row(context: int, device: str) -> dict:
 def _warm_up(ops, device: str) -> None:
     """One small call of everything first, so one-time initialisation is in no measurement."""
     for op in ops:
-        harness.run_guarded(lambda op=op: (_op_row(op, 256, 1, device, 1.0), _decode_row(op, 256, device))[0])
+        harness.run_guarded(lambda op=op: (_op_row(op, 256, 1, device, 1.0), _decode_rows(op, [256], device))[0])
     harness.run_guarded(lambda: _sdpa_row(256, 1, device, 1.0))
 
 
@@ -358,11 +373,12 @@ def run(args: argparse.Namespace) -> None:
     ops = [REGISTRY[n] for n in sorted(REGISTRY)]
     print(f"linear suite: {len(ops)} ops {[op.name for op in ops]}, T in {lengths}, device {device}", flush=True)
 
-    gemm = harness.matmul_flops_per_second(device)
+    decode_only = getattr(args, "decode_only", False)  # --decode-only: only the linear_decode report
+    gemm = None if decode_only else harness.matmul_flops_per_second(device)
     _warm_up(ops, device)
 
     rows: list[dict] = []
-    for T in lengths:
+    for T in [] if decode_only else lengths:
         for name, measure in [("sdpa_causal", lambda T=T: _sdpa_row(T, args.repeats, device, gemm, backward))] + [
             (op.name, lambda T=T, op=op: _op_row(op, T, args.repeats, device, gemm, backward)) for op in ops
         ]:
@@ -384,16 +400,25 @@ def run(args: argparse.Namespace) -> None:
 
     decode: list[dict] = []
     for ctx in lengths:
-        for name, measure in [("sdpa_kv_cache", lambda c=ctx: _sdpa_decode_row(c, device))] + [
-            (op.name, lambda c=ctx, op=op: _decode_row(op, c, device)) for op in ops
-        ]:
-            row = {"method": name, "context": ctx, **harness.run_guarded(measure)}
-            decode.append(row)
-            print(
-                f"  decode ctx={ctx:>6} {name:<18} step {row.get('step_us', float('nan')):9.1f} us  "
-                f"{row.get('error', '')}",
-                flush=True,
-            )
+        row = {
+            "method": "sdpa_kv_cache",
+            "context": ctx,
+            **harness.run_guarded(lambda c=ctx: _sdpa_decode_row(c, device)),
+        }
+        decode.append(row)
+    for op in ops:
+        result = harness.run_guarded(lambda op=op: {"rows": _decode_rows(op, lengths, device)})
+        per_ctx = result.get("rows") or [{"error": result.get("error", "failed")}] * len(lengths)
+        decode += [{"method": op.name, "context": ctx, **r} for ctx, r in zip(lengths, per_ctx)]
+    for r in decode:
+        first = next(x for x in decode if x["method"] == r["method"])
+        if r.get("step_us") and first.get("step_us"):
+            r["step_vs_shortest"] = r["step_us"] / first["step_us"]
+        print(
+            f"  decode ctx={r['context']:>6} {r['method']:<18} step {r.get('step_us', float('nan')):9.1f} us  "
+            f"{r.get('error', '')}",
+            flush=True,
+        )
 
     meta = {
         "command": harness.command_line(),
@@ -411,67 +436,71 @@ def run(args: argparse.Namespace) -> None:
         "gemm_flops_per_s": gemm,
         "ops": [op.name for op in ops],
     }
-    no_flops = [op.name for op in ops if flops_for(op.name) is None]
-    notes = [
-        f"GEMM rate of this machine in this run: {gemm / 1e9:.1f} GFLOP/s (2048^2 float32 matmul); "
-        "eff_% = FLOPs / time / GEMM rate.",
-        "SDPA: torch.nn.functional.scaled_dot_product_attention(is_causal=True), FLOPs of the "
-        "T(T+1)/2 unmasked pairs only, backward = 2.5 x forward.",
-        "Chunk ops: chunk form, chunk_size 64, FLOPs = an estimate of the chunk algorithm's work "
-        "(effattn.bench.linear.flops_for), backward = 2 x forward; gla uses the scalar-decay count "
-        "(a lower bound), mom that count times its number of memories.",
-        "fwd = under torch.no_grad (inference); fwd_bwd = forward + backward with gradients of every "
-        "differentiable input. Times: median of repeats after a first call (repeats column: fwd/fwd_bwd; "
-        f"0 = the first call, slower than {SLOW_CALL_S:g} s, is the only timing). "
-        "Peak memory: rise over the memory in use before one call.",
-        "fwd_bwd_speedup_vs_sdpa > 1: the op is faster than SDPA causal at that T.",
-    ]
-    if no_flops:
-        notes.append(f"No FLOP model for {', '.join(no_flops)}: time and memory only (efficiency left blank).")
-    harness.write_report(
-        args.out,
-        "linear",
-        rows,
-        [
-            "method",
-            "T",
-            "fwd_ms",
-            "fwd_bwd_ms",
-            "fwd_speedup_vs_sdpa",
-            "fwd_bwd_speedup_vs_sdpa",
-            "fwd_peak_MiB",
-            "fwd_bwd_peak_MiB",
-            "fwd_eff_%",
-            "fwd_bwd_eff_%",
-            "repeats",
-            "error",
-        ],
-        meta=meta,
-        notes=notes,
-    )
-    harness.write_report(
-        args.out,
-        "linear_crossover",
-        crossover,
-        ["method", "crossover_T", "note"],
-        meta=meta,
-        notes=[
-            "crossover_T: the smallest measured T where the op's chunk forward+backward is faster "
-            "than SDPA causal forward+backward (same B, H, D, dtype, machine, run)"
-            + ("." if backward else "; with --forward-only: forward times instead.")
-        ],
-    )
+    if not decode_only:
+        no_flops = [op.name for op in ops if flops_for(op.name) is None]
+        notes = [
+            f"GEMM rate of this machine in this run: {gemm / 1e9:.1f} GFLOP/s "
+            "(best of float32 matmuls at 2048^2 and 4096^2); "
+            "eff_% = FLOPs / time / GEMM rate.",
+            "SDPA: torch.nn.functional.scaled_dot_product_attention(is_causal=True), FLOPs of the "
+            "T(T+1)/2 unmasked pairs only, backward = 2.5 x forward.",
+            "Chunk ops: chunk form, chunk_size 64, FLOPs = an estimate of the chunk algorithm's work "
+            "(effattn.bench.linear.flops_for), backward = 2 x forward; gla uses the scalar-decay count "
+            "(a lower bound), mom that count times its number of memories.",
+            "fwd = under torch.no_grad (inference); fwd_bwd = forward + backward with gradients of every "
+            "differentiable input. Times: median of repeats after a first call (repeats column: fwd/fwd_bwd; "
+            f"0 = the first call, slower than {SLOW_CALL_S:g} s, is the only timing). "
+            "Peak memory: rise over the memory in use before one call.",
+            "fwd_bwd_speedup_vs_sdpa > 1: the op is faster than SDPA causal at that T.",
+        ]
+        if no_flops:
+            notes.append(f"No FLOP model for {', '.join(no_flops)}: time and memory only (efficiency left blank).")
+        harness.write_report(
+            args.out,
+            "linear",
+            rows,
+            [
+                "method",
+                "T",
+                "fwd_ms",
+                "fwd_bwd_ms",
+                "fwd_speedup_vs_sdpa",
+                "fwd_bwd_speedup_vs_sdpa",
+                "fwd_peak_MiB",
+                "fwd_bwd_peak_MiB",
+                "fwd_eff_%",
+                "fwd_bwd_eff_%",
+                "repeats",
+                "error",
+            ],
+            meta=meta,
+            notes=notes,
+        )
+        harness.write_report(
+            args.out,
+            "linear_crossover",
+            crossover,
+            ["method", "crossover_T", "note"],
+            meta=meta,
+            notes=[
+                "crossover_T: the smallest measured T where the op's chunk forward+backward is faster "
+                "than SDPA causal forward+backward (same B, H, D, dtype, machine, run)"
+                + ("." if backward else "; with --forward-only: forward times instead.")
+            ],
+        )
     path = harness.write_report(
         args.out,
         "linear_decode",
         decode,
-        ["method", "context", "step_us", "state_bytes", "error"],
+        ["method", "context", "step_us", "step_vs_shortest", "state_bytes", "error"],
         meta=meta,
         notes=[
             "step_us: one token against the state after a chunk run over `context` tokens "
-            f"(median of {STEP_REPEATS}); state_bytes: the carried state's size.",
+            f"(median of {STEP_REPEATS} rounds; each round times one step per context, round-robin); "
+            "step_vs_shortest: step_us / step_us at the shortest context; state_bytes: the carried state's size.",
             "sdpa_kv_cache: SDPA of one query against a float32 KV cache of context + 1 tokens; "
             "state_bytes is the cache's size (2 B H (T+1) D x 4 bytes).",
         ],
     )
-    print(f"wrote {path.parent}/linear.md, linear_crossover.md, linear_decode.md (+ .json)", flush=True)
+    written = "linear_decode.md" if decode_only else "linear.md, linear_crossover.md, linear_decode.md"
+    print(f"wrote {path.parent}/{written} (+ .json)", flush=True)
