@@ -1,6 +1,7 @@
-"""Synthetic tasks for the quality side of the comparison: MQAR (recall) and ListOps (reasoning)."""
+"""Synthetic tasks: MQAR (recall), ListOps (reasoning) and passkey retrieval (long-context KV benchmark)."""
 
 from effattn.bench.tasks.listops import make_listops
 from effattn.bench.tasks.mqar import make_mqar
+from effattn.bench.tasks.passkey import make_passkey
 
-__all__ = ["make_listops", "make_mqar"]
+__all__ = ["make_listops", "make_mqar", "make_passkey"]
