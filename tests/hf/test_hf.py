@@ -272,6 +272,27 @@ def test_budget_keeps_exactly_budget_and_shrinks_memory(llama):
     assert all(snap.lengths(layer).tolist() == [[6, 6], [6, 6]] for layer in range(2))
 
 
+def test_left_padded_batch_is_compressed_row_by_row(llama):
+    """A left-padded batch: at an unlimited budget it decodes as the full cache does; with a real
+    budget every row decodes exactly as its prompt alone (the policy never sees padding) and keeps
+    exactly the budget."""
+    ref, ours = llama
+    ids, am = _left_padded(_ids(B=2, T=12), [5, 0])
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    full = ref.generate(ids, **kw)
+    cache = ehf.CompressedCache("h2o", budget=64)
+    assert torch.equal(ours.generate(ids, cache=cache, **kw), full)
+    assert cache.kv is None and len(cache.rows) == 2 and cache.get_seq_length() == 16
+    assert cache.lengths(0).tolist() == [[11, 11], [16, 16]]  # real tokens per row
+
+    cache = ehf.CompressedCache("h2o", budget=6)
+    batch = ours.generate(ids, cache=cache, **kw)
+    assert cache.lengths(1).tolist() == [[6, 6], [6, 6]]
+    for b, p in enumerate([5, 0]):
+        alone = _greedy(ours, ids[b : b + 1, p:], ehf.CompressedCache("h2o", budget=6), n=5)
+        assert torch.equal(batch[b, 12:], alone[0, 12 - p :]), f"row {b}"
+
+
 def _ragged_policy():
     return make_policy("duo_attention", budget=5, sinks=1, retrieval_heads=torch.tensor([[True, False], [False, True]]))
 
@@ -356,10 +377,15 @@ def test_compressed_cache_errors(llama):
         ehf.CompressedCache("h2o", budget=8, model=ref)
     with pytest.raises(RuntimeError, match="not consumed by an effattn attention"):
         _greedy(ref, _ids(B=1, T=5), ehf.CompressedCache("h2o", budget=8), n=2)
-    # left padding
-    ids, am = _left_padded(_ids(B=2, T=6), [2, 0])
-    with pytest.raises(ValueError, match="padded batches"):
-        ours.generate(ids, attention_mask=am, max_new_tokens=2, cache=ehf.CompressedCache("h2o", budget=8))
+    # padding that appears after an unpadded prefill
+    cache = ehf.CompressedCache("h2o", budget=8)
+    ids = _ids(B=2, T=6)
+    with torch.no_grad():
+        ours(ids, cache=cache)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[0, 6] = 0
+        with pytest.raises(ValueError, match="padding appeared after an unpadded prefill"):
+            ours(_ids(B=2, T=2), attention_mask=mask, cache=cache)
     # beam search reorders rows
     with pytest.raises(NotImplementedError, match="reorder_cache"):
         ours.generate(_ids(B=1, T=5), num_beams=2, max_new_tokens=3, cache=ehf.CompressedCache("h2o", budget=8))

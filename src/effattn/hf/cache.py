@@ -30,12 +30,18 @@ Positions: ``get_seq_length()`` counts tokens *seen* (kept or evicted), so RoPE 
 HF's input slicing continue as with a full cache; ``lengths(layer)`` and ``nbytes`` tell what is
 kept.
 
+Left-padded batches: when the prefill's mask has padding, the cache keeps one
+:class:`~effattn.kv.CompressedKVCache` per row and gives each only its real tokens, so no policy
+ever scores, keeps or counts padding (a row is compressed exactly as if generated alone; the
+policies' positions count its real tokens). The rows' kept tokens are left-padded to one length
+for the attention call and masked there. It costs one policy update per row and layer.
+
 Supported: transformers >= 5.0, < 6 (tested with 5.24); decoder-only models whose attention
 layers are all full attention (``config.layer_types`` absent or all ``"full_attention"``); greedy
-or sampled decoding of unpadded batches. Not supported, each with an error: encoder-decoder
-models, models without a full-attention layer per decoder layer (sliding-window, linear/SSM
-layers), left-padded batches (the policies would count padding as context; run each prompt on
-its own), beam search / assisted decoding (``reorder_cache``, ``crop``, batch reindexing).
+or sampled decoding, padded or not. Not supported, each with an error: encoder-decoder models,
+models without a full-attention layer per decoder layer (sliding-window, linear/SSM layers),
+padding that first appears after an unpadded prefill, registered ``mask_mod``/``score_mod`` with
+a padded batch, beam search / assisted decoding (``reorder_cache``, ``crop``, batch reindexing).
 """
 
 from __future__ import annotations
@@ -155,8 +161,9 @@ class CompressedCache(Cache):
             pass checks its config).
 
     ``kv`` is the underlying :class:`effattn.kv.CompressedKVCache` (None before the first
-    forward); ``lengths(layer_idx)`` tokens kept per head ``[B, H_kv]``; ``nbytes`` bytes of kept
-    keys and values; ``get_seq_length()`` tokens seen.
+    forward, and for a left-padded batch, which has one per row in ``rows``);
+    ``lengths(layer_idx)`` tokens kept per head ``[B, H_kv]``; ``nbytes`` bytes of kept keys and
+    values; ``get_seq_length()`` tokens seen.
 
     Example::
 
@@ -180,7 +187,9 @@ class CompressedCache(Cache):
             )
         super().__init__(layers=[])
         self.policy = policy
-        self.kv: CompressedKVCache | None = None
+        self.kv: CompressedKVCache | None = None  # one cache for the batch (no padding)
+        self.rows: list[CompressedKVCache] | None = None  # one per row (a left-padded batch)
+        self._row_seen: list[int] = []  # rows mode: HF positions per layer (padding included)
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
         if model is not None:
             check_model(model)
@@ -222,26 +231,41 @@ class CompressedCache(Cache):
         if pending is None or pending[0] != layer_idx:
             raise RuntimeError(f"CompressedCache: attention for layer {layer_idx} without a matching update")
         _, k_new, v_new = pending
-        if self.kv is None:
+        if self.kv is None and self.rows is None:
             config = getattr(module, "config", None)
             if config is None:
                 raise ValueError("CompressedCache: the attention module has no config to read the layer count from")
             check_model(config)
-            self.kv = CompressedKVCache(self.policy, config.num_hidden_layers, scale=scaling)
         if isinstance(attention_mask, _attn.HFMask):
-            if attention_mask.key_valid is not None:
-                raise ValueError(
-                    "CompressedCache does not support padded batches (the attention_mask has padding): the "
-                    "policies would count padding as context. Generate each prompt on its own, or batch "
-                    "prompts of equal length without padding."
-                )
-        elif attention_mask is not None:
+            q_valid = attention_mask.query_valid() if attention_mask.key_valid is not None else None
+            if attention_mask.key_valid is not None and q_valid is None:
+                raise ValueError("CompressedCache: the padding mask does not cover the new tokens")
+        elif attention_mask is None:
+            q_valid = None
+        else:
             raise ValueError(
                 "CompressedCache needs the model's mask from effattn's mask builder (an HFMask: plain causal "
                 f"attention); got a {type(attention_mask).__name__} (a sliding/chunked/custom 4-D mask?)"
             )
-        if not 0 <= layer_idx < self.kv.num_layers:
-            raise ValueError(f"CompressedCache: layer_idx {layer_idx} outside the model's {self.kv.num_layers} layers")
+        B, num_layers = q.shape[0], module.config.num_hidden_layers
+        if self.kv is None and self.rows is None:
+            if q_valid is None:
+                self.kv = CompressedKVCache(self.policy, num_layers, scale=scaling)
+            else:
+                self.rows = [CompressedKVCache(self.policy, num_layers, scale=scaling) for _ in range(B)]
+                self._row_seen = [0] * num_layers
+        if not 0 <= layer_idx < num_layers:
+            raise ValueError(f"CompressedCache: layer_idx {layer_idx} outside the model's {num_layers} layers")
+        if self.rows is not None:
+            if need_positions:
+                raise NotImplementedError(
+                    "a registered mask_mod/score_mod with a left-padded batch in a CompressedCache; run unpadded"
+                )
+            return (*self._update_rows(layer_idx, k_new, v_new, q, q_valid), None, None)
+        if q_valid is not None:
+            raise ValueError(
+                "CompressedCache: padding appeared after an unpadded prefill; start a new cache for a padded batch"
+            )
         # kept tokens' positions before this update: the returned layout is [kept (left-padded) | new]
         prev = self.kv.positions(layer_idx) if need_positions else None
         k_all, v_all, key_mask = self.kv.update(layer_idx, k_new.transpose(1, 2), v_new.transpose(1, 2), q)
@@ -254,9 +278,36 @@ class CompressedCache(Cache):
             positions = torch.cat([prev.to(q.device), positions], dim=-1)
         return k_all, v_all, key_mask, positions, new_pos
 
+    def _update_rows(self, layer_idx, k_new, v_new, q, q_valid):
+        """A left-padded batch: each row has its own cache and gives it its real tokens only, so
+        the policy never sees padding (each row is compressed as if generated alone). The rows'
+        results are left-padded to one length; new tokens stay in the last slots of every row."""
+        B, H, t, _ = k_new.shape
+        if B != len(self.rows):
+            raise ValueError(f"CompressedCache holds {len(self.rows)} rows, the batch has {B}")
+        k, v = k_new.transpose(1, 2), v_new.transpose(1, 2)  # [B, t, H, D]
+        outs = []
+        for b in range(B):
+            sel = slice(None) if q_valid is None else q_valid[b]
+            if q_valid is not None and not bool(sel.any()):
+                raise ValueError(f"CompressedCache: row {b} has no real token among the {t} new ones")
+            outs.append(self.rows[b].update(layer_idx, k[b : b + 1, sel], v[b : b + 1, sel], q[b : b + 1, sel]))
+        self._row_seen[layer_idx] += t
+        T = max(o[0].shape[1] for o in outs)
+        k_all = k.new_zeros(B, T, H, k.shape[-1])
+        v_all = v.new_zeros(B, T, H, v.shape[-1])
+        key_mask = torch.zeros(B, H, T, dtype=torch.bool, device=k.device)
+        for b, (kb, vb, mb) in enumerate(outs):
+            n = kb.shape[1]
+            k_all[b, T - n :], v_all[b, T - n :] = kb[0], vb[0]
+            key_mask[b, :, T - n :] = True if mb is None else mb[0]
+        return k_all, v_all, key_mask
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (kept or evicted): the next token's position."""
         self._check_consumed()
+        if self.rows is not None:
+            return self._row_seen[layer_idx] if 0 <= layer_idx < len(self._row_seen) else 0
         if self.kv is None or not 0 <= layer_idx < self.kv.num_layers:
             return 0
         return self.kv.seen(layer_idx)
@@ -269,7 +320,7 @@ class CompressedCache(Cache):
 
     def reset(self) -> None:
         self._pending = None
-        self.kv = None
+        self.kv, self.rows, self._row_seen = None, None, []
         for layer in self.layers:
             layer.reset()
 
@@ -297,6 +348,8 @@ class CompressedCache(Cache):
     # ------------------------------------------------------------------ what is kept
     def lengths(self, layer_idx: int) -> torch.Tensor:
         """long ``[B, H_kv]``: tokens kept by each kv head of ``layer_idx``."""
+        if self.rows is not None:
+            return torch.cat([r.lengths(layer_idx) for r in self.rows])
         if self.kv is None:
             return torch.zeros(0, 0, dtype=torch.long)
         return self.kv.lengths(layer_idx)
@@ -304,8 +357,12 @@ class CompressedCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of kept keys and values (each head counts only what it keeps)."""
+        if self.rows is not None:
+            return sum(r.nbytes for r in self.rows)
         return 0 if self.kv is None else self.kv.nbytes
 
     @property
     def num_layers(self) -> int:
+        if self.rows is not None:
+            return self.rows[0].num_layers
         return 0 if self.kv is None else self.kv.num_layers
