@@ -64,7 +64,7 @@ _warned_dense = False
 _pending = threading.local()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise
 class HFMask:
     """The mask effattn's mask builder hands its attention function (instead of ``[B,1,Tq,Tk]``).
 
