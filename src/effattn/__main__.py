@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--forward-only", action="store_true", help="skip forward+backward measurements")
     b.add_argument("--impls", type=str, default=None, help="attention suite: comma-separated implementations")
     b.add_argument("--patterns", type=str, default=None, help="attention suite: comma-separated mask patterns")
+    from effattn.bench.kv import add_arguments as add_kv_arguments
+
+    add_kv_arguments(b)
     b.add_argument("--decode-only", action="store_true", help="linear suite: only the decode-step report")
     from effattn.bench.compare import add_arguments as add_compare_arguments
 

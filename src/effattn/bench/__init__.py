@@ -13,6 +13,7 @@ SUITES: dict[str, Callable[[argparse.Namespace], None]] = {}
 # suite name -> module that registers it (imported lazily so one broken suite cannot break the CLI)
 SUITE_MODULES = {
     "attention": "effattn.bench.attention",
+    "kv": "effattn.bench.kv",
     "linear": "effattn.bench.linear",
     "models": "effattn.bench.models",
     "sparse": "effattn.bench.sparse",

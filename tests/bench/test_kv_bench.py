@@ -1,0 +1,93 @@
+"""``effattn bench kv --quick`` end to end at a tiny size (a 5-step model: rows, files, caching; not accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from effattn.__main__ import main
+from effattn.bench import kv as kv_bench
+from effattn.bench.tasks.passkey import make_passkey
+from effattn.kv import list_policies
+
+
+def test_quick_preset_end_to_end(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = [
+        "bench",
+        "kv",
+        "--quick",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--lengths",
+        "64",
+        "--ratios",
+        "0.5",
+        "--prompts",
+        "2",
+    ]
+    main(argv)
+    payload = json.loads((out / "kv.json").read_text())
+    assert (out / "kv.md").read_text().count("| 64 |") == len(payload["rows"])
+    assert (out / "kv_accuracy.png").stat().st_size > 1000
+    rows = payload["rows"]
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "full" and set(list_policies()) <= set(methods)
+    assert {"kivi_2bit", "kivi_4bit"} <= set(methods)
+    for r in rows:
+        assert "error" not in r, r
+        assert r["T"] == 64 and 0.0 <= r["accuracy"] <= r["digit_acc"] + 1e-9 <= 1.0 + 1e-9
+        assert r["cache_bytes"] > 0 and r["tok_per_s"] > 0 and r["prefill_s"] > 0
+        if r["method"] in list_policies():
+            assert r["ratio"] == 0.5 and 0.0 <= r["mass_kept"] <= 1.0 + 1e-5 and 0.0 <= r["needle_kept"] <= 1.0
+            if r["method"] != "duo_attention":  # retrieval heads keep everything
+                assert r["cache_frac"] < 0.8
+        if r["method"].startswith("kivi"):
+            assert r["cache_frac"] <= 1.0
+    full = rows[0]
+    assert full["cache_bytes"] == 2 * 2 * 64 * 64 * 4  # layers x (k, v) x tokens x dim x float32
+    meta = payload["meta"]
+    assert meta["train"]["steps"] == 5 and meta["train"]["cached"] is False and "machine" in meta
+    # the second run loads the saved weights instead of training
+    main(argv)
+    assert json.loads((out / "kv.json").read_text())["meta"]["train"]["cached"] is True
+
+
+def test_training_is_deterministic():
+    cfg = kv_bench.PasskeyModelConfig(stages=((1, 16, 32, 64), (1, 32, 48, 96)), dim=16, heads=2)
+    a, _ = kv_bench.train_passkey_lm(cfg, log=None)
+    b, _ = kv_bench.train_passkey_lm(cfg, log=None)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert cfg.key() != kv_bench.PasskeyModelConfig(seed=1).key()
+
+
+@pytest.mark.parametrize("policy", ["streaming_llm", "snapkv"])
+def test_mass_kept_matches_the_kept_positions(policy):
+    """mass_kept / needle_kept from the cache positions, checked by brute force on one layer."""
+    from effattn.kv import make_policy
+
+    cfg = kv_bench.PasskeyModelConfig(dim=16, heads=2)
+    torch.manual_seed(0)
+    model = kv_bench.build_lm("attention", 16, 2, cfg.vocab_size, 2, rope_fraction=0.25).eval()
+    batch = make_passkey(2, 48, 5, depth=0.5, seed=0)
+    probs = kv_bench.reference_probs(model, batch.prompts)
+    assert all(torch.allclose(p.sum(-1), torch.ones(2, 2)) for p in probs)
+    state = model.compressed_state(make_policy(policy, budget=12))
+    with torch.no_grad():
+        model(batch.prompts, state)
+    cache = state[0].cache
+    mass, needle = kv_bench._kept_stats(cache, probs, batch.needle_pos, 6, 2)
+    want_m, want_n = [], []
+    for layer, p in enumerate(probs):
+        for h in range(2):
+            for b in range(2):
+                kept = cache.kept(layer, h)[2][b].tolist()
+                want_m.append(float(p[b, h, kept].sum()))
+                lo = int(batch.needle_pos[b])
+                want_n.append(sum(lo <= x < lo + 6 for x in kept) / 6)
+    assert mass == pytest.approx(sum(want_m) / len(want_m), abs=1e-5)
+    assert needle == pytest.approx(sum(want_n) / len(want_n), abs=1e-6)
