@@ -250,13 +250,7 @@ class Attention(nn.Module):
             return self._attend_compressed(x, state, valid), state
         cache = check_state(state, B)
         pos = cache.next_positions(B, T, valid, x.device)
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        q, k, v = self._project(x, pos)
         k_all, v_all = cache.append(k, v, valid)
         sinks = None if self.sinks is None else self.sinks.to(q.dtype)
         o = cached_attention(
@@ -274,6 +268,19 @@ class Attention(nn.Module):
         )
         return o, cache
 
+    def _project(self, x: torch.Tensor, pos: torch.Tensor):
+        """Queries ``[B, T, heads, head_dim]``, keys and values ``[B, T, kv_heads, head_dim]``, QK-normed
+        and rotated to the positions ``pos``."""
+        B, T = x.shape[:2]
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        return q, k, v
+
     def _attend_compressed(self, x: torch.Tensor, cache: CompressedLayerCache, valid) -> torch.Tensor:
         """:meth:`attend` against a KV-policy cache (:class:`effattn.kv.CompressedKVCache`): the new
         tokens keep their absolute positions (tokens seen, kept or not). Heads of unequal length
@@ -287,13 +294,7 @@ class Attention(nn.Module):
         if cache.batch_size is not None and cache.batch_size != B:
             raise ValueError(f"state holds batch {cache.batch_size}, x has batch {B}")
         pos = cache.next_positions(T, x.device)
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        q, k, v = self._project(x, pos)
         k_all, v_all, key_mask = cache.update(k, v, q)
         sinks = None if self.sinks is None else self.sinks.to(q.dtype)
         if key_mask is None:
