@@ -53,7 +53,7 @@ def test_quick_preset_end_to_end(tmp_path):
     meta = payload["meta"]
     assert meta["train"]["steps"] == 5 and meta["train"]["cached"] is False and "machine" in meta
     # the second run loads the saved weights instead of training
-    main(argv)
+    main([*argv, "--policies", "streaming_llm"])
     assert json.loads((out / "kv.json").read_text())["meta"]["train"]["cached"] is True
 
 

@@ -54,6 +54,7 @@ RATIOS = [0.25, 0.5, 0.75, 0.9]
 QUICK_RATIOS = [0.5, 0.9]
 KIVI_BITS = (2, 4)
 DECODE_TOKENS = 16  # decoded per prompt (the answer's digits, then more for the timing)
+QUICK_DECODE_TOKENS = 8
 JITTER = 0.004  # vertical offset between policy lines in the plot (accuracy units)
 
 
@@ -308,7 +309,9 @@ def prompts_at(T: int, n: int, cfg: PasskeyModelConfig, seed: int):
     return PasskeyBatch(**{f: torch.cat([getattr(p, f) for p in parts]) for f in vars(parts[0])})
 
 
-def run_length(model, cfg, T: int, n_prompts: int, seed: int, rows_spec, device: str) -> list[dict]:
+def run_length(
+    model, cfg, T: int, n_prompts: int, seed: int, rows_spec, device: str, decode_tokens: int = DECODE_TOKENS
+) -> list[dict]:
     """Every method of ``rows_spec`` (:func:`methods`) on the same ``n_prompts`` prompts of ``T`` tokens."""
     batch = prompts_at(T, n_prompts, cfg, seed)
     batch.prompts, batch.keys = batch.prompts.to(device), batch.keys.to(device)
@@ -317,7 +320,7 @@ def run_length(model, cfg, T: int, n_prompts: int, seed: int, rows_spec, device:
     for name, ratio, how in rows_spec:
         make_state = _state_factory(model, {**how, "ratio": ratio})
         row = {"T": T, "method": name, "ratio": ratio}
-        row.update(run_guarded(lambda m=make_state: run_method(model, batch, m, DECODE_TOKENS, probs)))
+        row.update(run_guarded(lambda m=make_state: run_method(model, batch, m, decode_tokens, probs)))
         if name == "full":
             full_bytes = row.get("cache_bytes")
             row.update(mass_kept=1.0, needle_kept=1.0)
@@ -358,6 +361,7 @@ def run(args: argparse.Namespace) -> None:
     n_prompts = getattr(args, "prompts", None) or (4 if quick else 16)
     cache_dir = getattr(args, "cache_dir", None) or default_cache_dir()
     device = args.device
+    decode_tokens = QUICK_DECODE_TOKENS if quick else DECODE_TOKENS
 
     model, train_info = load_or_train(cfg, cache_dir, device)
     print(f"model: {train_info.get('path') or 'not saved'} (cached={train_info['cached']})", flush=True)
@@ -384,7 +388,7 @@ def run(args: argparse.Namespace) -> None:
         "prompts": n_prompts,
         "model": asdict(cfg),
         "train": train_info,
-        "decode_tokens": DECODE_TOKENS,
+        "decode_tokens": decode_tokens,
     }
     source = f"loaded from {train_info.get('path')}" if train_info["cached"] else "trained in this run"
     notes = [
@@ -396,7 +400,7 @@ def run(args: argparse.Namespace) -> None:
         "ratio = fraction of the context removed per (layer, kv head); full = contiguous cache (every policy at "
         "ratio 0 keeps every token and equals it)",
         f"cache_bytes: K/V bytes held per sequence after the prefill (float32); tok_per_s: batch of {n_prompts} "
-        f"sequences / median decode step time (steps 2-{DECODE_TOKENS - 1} of one greedy decode); prefill_s: one "
+        f"sequences / median decode step time (steps 2-{decode_tokens - 1} of one greedy decode); prefill_s: one "
         "prefill of the batch (one run each: indicative where the CPU is shared)",
         "mass_kept: attention of the last prompt query (QUERY) over the kept keys under the full model's "
         "probabilities, mean over prompts, layers, query heads; needle_kept: share of (layer, kv head, needle token) "
@@ -405,7 +409,8 @@ def run(args: argparse.Namespace) -> None:
     ]
     rows: list[dict] = []
     for i, T in enumerate(lengths):
-        rows += run_length(model, cfg, T, n_prompts, seed, methods(policies, ratios, duo_heads, KIVI_BITS), device)
+        spec = methods(policies, ratios, duo_heads, KIVI_BITS)
+        rows += run_length(model, cfg, T, n_prompts, seed, spec, device, decode_tokens)
         done = "" if i == len(lengths) - 1 else f"partial report: lengths {lengths[: i + 1]} of {lengths} done"
         path = _write(args.out, rows, meta, notes + ([done] if done else []), machine)
     print(f"report: {path}")
