@@ -351,6 +351,21 @@ def test_snapkv_window_votes(kernel, pooling):
         assert kept - set(range(T - w, T)) == set(pooled[h].topk(budget - w).indices.tolist())
 
 
+def test_layer_budgets_capped_at_the_context_pass_their_excess_on():
+    # 2 layers at ratio 0.25 of 1000 tokens: the pyramid's bottom share (> 1000) is capped at the
+    # context and the rest goes to the top layer, so the total stays 2 * 750 tokens
+    p = make_policy("pyramidkv", ratio=0.25, window=8, beta=20)
+    b = p.layer_budgets(1000, 2)
+    assert max(b) <= 1000 and sum(b) == 2 * 750, b
+    c = make_policy("cake", ratio=0.25, window=8)
+    b = c.layer_budgets([10.0, 0.1], 1000)
+    assert max(b) <= 1000 and sum(b) == 2 * 750, b
+    from effattn.kv.policy import split_budget
+
+    assert split_budget(10, [1, 1, 8], cap=4) == [3, 3, 4]
+    assert split_budget(20, [1, 1], cap=4) == [4, 4]  # more than the caps hold: capped, not exceeded
+
+
 def test_pyramidkv_budgets_decrease_with_depth():
     p = make_policy("pyramidkv", budget=50, window=5, beta=10)
     for L in (1, 2, 5, 8):

@@ -88,11 +88,11 @@ class CAKEPolicy(SnapKVPolicy):
         layers = sorted(prefs)
         keep = self.keep_count(ctx.seen)
         w = min(self.observation_window(ctx), keep)
-        parts = split_budget((keep - w) * ctx.num_layers, [prefs[i] for i in layers])
+        parts = split_budget((keep - w) * ctx.num_layers, [prefs[i] for i in layers], cap=ctx.seen - w)
         return {layer: [w + part] * ctx.num_heads for layer, part in zip(layers, parts)}
 
     def layer_budgets(self, preferences: list[float], context_len: int) -> list[int]:
         """The final allocation for the given per-layer preferences (what cascading converges to)."""
         keep = self.keep_count(context_len)
         w = min(self.window, keep)
-        return [w + p for p in split_budget((keep - w) * len(preferences), preferences)]
+        return [w + p for p in split_budget((keep - w) * len(preferences), preferences, cap=context_len - w)]

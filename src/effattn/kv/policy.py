@@ -292,10 +292,25 @@ def make_policy(name: str, *, budget: int | None = None, ratio: float | None = N
     return POLICIES[name](budget=budget, ratio=ratio, **kw)
 
 
-def split_budget(total: int, weights: list[float]) -> list[int]:
+def split_budget(total: int, weights: list[float], cap: int | None = None) -> list[int]:
     """Split the int ``total`` in proportion to ``weights`` (>= 0), rounding by largest remainder so
-    the parts sum to ``total`` exactly (equal parts when every weight is 0)."""
+    the parts sum to ``total`` exactly (equal parts when every weight is 0). With ``cap``, no part
+    exceeds it: the excess of a capped part goes to the others in proportion to their weights (so the
+    sum stays ``total`` while ``total <= cap * len(weights)``)."""
     w = [max(float(x), 0.0) for x in weights]
+    parts = _proportional(total, w)
+    while cap is not None and any(p > cap for p in parts):
+        excess = sum(p - cap for p in parts if p > cap)
+        parts = [min(p, cap) for p in parts]
+        free = [i for i, p in enumerate(parts) if p < cap]
+        if not free:
+            break
+        for i, extra in zip(free, _proportional(excess, [w[i] for i in free])):
+            parts[i] += extra
+    return parts
+
+
+def _proportional(total: int, w: list[float]) -> list[int]:
     s = sum(w)
     if not math.isfinite(s) or s <= 0:
         w, s = [1.0] * len(w), float(len(w))

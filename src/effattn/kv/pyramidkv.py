@@ -7,7 +7,8 @@ window (kept in every layer) and ``S = k - w`` the selectable part, the selectab
 arithmetic sequence over the ``L`` layers::
 
     S_{L-1} = S / beta,   S_0 = 2 S - S_{L-1},   S_l = S_0 - l (S_0 - S_{L-1}) / (L - 1)
-    budget_l = w + S_l        (rounded so that sum_l budget_l = L k exactly)
+    budget_l = w + S_l        (rounded so that sum_l budget_l = L k exactly; a layer's budget is
+                               capped at the context and its excess goes to the other layers)
 
 Inside each layer the tokens are chosen as in SnapKV (window votes, pooled, per-head top-k).
 """
@@ -58,7 +59,7 @@ class PyramidKVPolicy(SnapKVPolicy):
         lo = sel / self.beta
         hi = 2 * sel - lo
         weights = [hi - (hi - lo) * i / (num_layers - 1) for i in range(num_layers)]
-        return [w + s for s in split_budget(sel * num_layers, weights)]
+        return [w + s for s in split_budget(sel * num_layers, weights, cap=context_len - w)]
 
     def budgets(self, layer_idx: int, num_layers: int, num_heads: int, context_len: int) -> list[int]:
         return [self.layer_budgets(context_len, num_layers)[layer_idx]] * num_heads
