@@ -43,6 +43,9 @@ def test_compare_tiny_writes_every_report_file(tmp_path, capsys):
     assert all("error" not in r for r in res["speed"] if r["family"] in ("exact", "linear")), res["speed"]
     assert any(r["family"] == "sparse" for r in ok) or not SPARSE
     assert speed[("exact", "sdpa causal")]["state_bytes"] == 2 * 1 * 65 * 4 * 64 * 4  # KV cache of T+1 tokens
+    # every mechanism with a decode form measured its step (a decode failure lands in the note)
+    for n in LINEAR:
+        assert speed[("linear", n)].get("step_us", 0) > 0, speed[("linear", n)]
     # the injected failure is reported, not fatal
     assert "NotImplementedError: injected failure" in speed[("test", "broken")]["error"]
 

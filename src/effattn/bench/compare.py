@@ -382,7 +382,7 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
                 "linear",
                 name,
                 lambda T, op=op: _from_linear_suite(lin._op_row(op, T, cfg.repeats, dev, gemm, cfg.backward)),
-                lambda T, op=op: lin._decode_row(op, T, dev),
+                lambda T, op=op: lin._decode_rows(op, [T], dev)[0],
             )
         )
     sparse = _load_sparse_methods()
