@@ -17,9 +17,8 @@ The engine gets a per-head :class:`~effattn.exact.block_mask.BlockMask` over the
 ``mask_mod`` that reads tables indexed by sorted slots (original positions, the interval, and the
 intervals of earlier rounds for de-duplication), so causality is checked on original positions.
 
-The engine's ``lse`` is not differentiable (``mark_non_differentiable``); methods that combine
-several attention results by their log-sum-exps get the exact gradient of the lse through
-:func:`attention_lse` (the keys ride along as extra value columns of the same engine call).
+Methods that combine several attention results by their log-sum-exps use the engine's ``lse``,
+which is differentiable.
 """
 
 from __future__ import annotations
@@ -276,38 +275,19 @@ def round_mask(rnd: Round, earlier: list[Round] = (), self_rule: torch.Tensor | 
     return rnd.block_mask(mask, all_partial=bool(earlier), self_pairs=self_rule is not None)
 
 
-def attention_lse(q, k, v, block_mask: BlockMask, scale: float, need_lse_grad: bool = True):
-    """``(o, lse)`` from the engine, with the exact gradient of ``lse`` attached when one may be needed.
-
-    ``d lse_i / d q_i = scale * sum_j p_ij k_j`` and ``d lse_i / d k_j = scale * p_ij q_i``. One engine call
-    with the values ``[v, k, k.detach()]`` yields ``o`` and twice ``e_i = sum_j p_ij k_j``; two zero-valued
-    terms then carry the gradients: ``q . e.detach()`` gives the first, ``q.detach() . (e' - e'')`` the
-    second through the value path of ``e'`` (the score-path gradients of ``e'`` and ``e''`` cancel). The
-    lse's value is unchanged. Skipped when no gradient is needed or the engine's lse is differentiable.
-    """
-    needs = need_lse_grad and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if not needs:
-        return attention(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, backend="tiled")
-    D, Dv = k.shape[-1], v.shape[-1]
-    out, lse = attention(
-        q, k, torch.cat([v, k, k.detach()], -1), block_mask=block_mask, scale=scale, return_lse=True, backend="tiled"
-    )
-    o, e1, e2 = out.split([Dv, D, D], -1)
-    if lse.requires_grad:  # the engine already differentiates its lse
-        return o, lse
-    a = (q.float() * e1.detach().float()).sum(-1)
-    c = (q.detach().float() * (e1.float() - e2.float())).sum(-1)
-    extra = scale * ((a - a.detach()) + (c - c.detach()))  # exactly zero, carries both gradients
-    return o, lse + extra.transpose(1, 2)
+def attention_lse(q, k, v, block_mask: BlockMask, scale: float):
+    """``(o, lse)`` from the tiled engine on ``block_mask``; both are differentiable (the engine's backward
+    takes ``d lse`` as ``dS = P (dP - Delta + d lse)``)."""
+    return attention(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, backend="tiled")
 
 
-def sorted_attention(q, k, v, rnd: Round, bm: BlockMask, scale: float, need_lse: bool):
+def sorted_attention(q, k, v, rnd: Round, bm: BlockMask, scale: float):
     """Attention of one round: sort, run the engine on ``bm`` (from :func:`round_mask`), un-sort.
     ``-> (o [B, T, H, Dv], lse [B, H, T])``."""
     qs = gather_tokens(q, rnd.q_order)
     ks = gather_tokens(k, rnd.k_order)
     vs = gather_tokens(v, rnd.k_order)
-    o, lse = attention_lse(qs, ks, vs, bm, scale, need_lse)
+    o, lse = attention_lse(qs, ks, vs, bm, scale)
     o = gather_tokens(o, rnd.q_slot)
     lse = lse.gather(-1, rnd.q_slot)
     return o, lse

@@ -237,7 +237,7 @@ def hyper_attention(
     sel = _Selection(q, k, block_size, num_samples, n_hash_bits, causal, seed)
     rnd = sel.round
     if num_samples == 0:
-        o, lse = sorted_attention(q, k, v, rnd, round_mask(rnd), scale, False)
+        o, lse = sorted_attention(q, k, v, rnd, round_mask(rnd), scale)
         return (o, lse) if return_lse else o
     # One softmax over [LSH keys | sampled keys]: the sampled scores get + log(n_i / m_i) through an
     # extra key dimension (query side a_i / scale, key side 1 on samples, 0 on the LSH keys), so the

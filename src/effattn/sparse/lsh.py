@@ -184,11 +184,10 @@ def lsh_attention(
         q, keys, n_buckets=n_buckets, chunk_size=chunk_size, n_rounds=n_rounds, causal=causal, shared_qk=shared_qk,
         seed=seed,
     )
-    need_lse = return_lse or n_rounds > 1
     outs, lses = [], []
     for r, rnd in enumerate(rounds):
         bm = round_mask(rnd, rounds[:r] if dedup else [], other)
-        o, lse = sorted_attention(q, keys, vals, rnd, bm, scale, need_lse)
+        o, lse = sorted_attention(q, keys, vals, rnd, bm, scale)
         outs.append(o)
         lses.append(lse)
     o, lse = merge_states(outs, lses)

@@ -323,7 +323,7 @@ def routing_attention(
         if causal:
             with torch.no_grad():
                 rnd = window_round(_cosine(qr, centroids).argmax(-1), _cosine(kr, centroids).argmax(-1), w)
-            o_r, lse_r = sorted_attention(qr, kr, vr, rnd, round_mask(rnd), scale, return_lse)
+            o_r, lse_r = sorted_attention(qr, kr, vr, rnd, round_mask(rnd), scale)
         else:
             o_r, lse_r = _Balanced(qr, kr, centroids).attend(qr, kr, vr, scale)
         outs.append(o_r)
