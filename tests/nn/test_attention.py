@@ -12,7 +12,7 @@ import effattn.nn.attention
 import effattn.nn.rope
 from effattn.exact.reference import reference_attention
 from effattn.kv.contiguous import KVCache
-from effattn.nn.attention import Attention
+from effattn.nn.attention import Attention, WindowKVCache
 from effattn.nn.rope import RotaryEmbedding
 from tests.helpers import assert_fp32_close
 
@@ -83,7 +83,64 @@ def test_token_by_token_and_prefill_decode_equal_full(kw):
         y1, cache = layer(x[:, 8:11], cache)
         y2, cache = layer(x[:, 11:], cache)
         assert_fp32_close(torch.cat([y0, y1, y2], 1), full, name="prefill + chunks")
-        assert cache.length == 13
+        assert cache.length + getattr(cache, "dropped", 0) == 13
+
+
+@pytest.mark.parametrize("window", [1, 4, 9])
+def test_window_cache_is_bounded_and_decode_equals_full(window):
+    """A causal windowed layer keeps only the last ``window - 1`` (+ slack) tokens, and decoding
+    against that bounded cache (positions continuing past the dropped tokens) equals the full forward,
+    also after a left-padded prefill."""
+    layer = _layer(kv_heads=2, window=window)
+    x = _x(B=2, T=40)
+    keep = window - 1
+    with torch.no_grad():
+        full, _ = layer(x)
+        y0, cache = layer(x[:, :17])
+        assert isinstance(cache, WindowKVCache) and cache.keep == keep
+        ys, lengths = [y0], []
+        for t in range(17, 40):
+            y, cache = layer(x[:, t : t + 1], cache)
+            ys.append(y)
+            lengths.append(cache.length)
+        assert_fp32_close(torch.cat(ys, 1), full, name=f"window {window}: prefill + decode")
+        assert max(lengths) <= cache.max_length == keep + cache.slack - 1
+        assert min(lengths) >= keep and cache.dropped + cache.length == 40
+        assert cache.nbytes <= layer.state_size(2, 40) == 2 * cache.max_length * 2 * 2 * 8 * 4
+        # a short context holds what it has (window 1 needs no past key at all)
+        assert layer.state_size(1, 3) == min(3, cache.max_length) * 2 * 2 * 8 * 4
+        # a left-padded batch: row 1 padded by 12 (5 real tokens: fewer than keep for window 9), garbage there
+        p = 12
+        valid = torch.ones(2, 17, dtype=torch.bool)
+        valid[1, :p] = False
+        xp = x[:, :17].clone()
+        xp[1, :p] = 1e3
+        xp[1, p:] = x[1, : 17 - p]
+        yp, cache = layer(xp, valid=valid)
+        dec = []
+        for t in range(17 - p, 30 - p):
+            nxt = torch.stack([x[0, t + p], x[1, t]])[:, None]
+            y, cache = layer(nxt, cache)
+            dec.append(y)
+        dec = torch.cat(dec, 1)
+        ref1 = layer(x[1:, : 30 - p])[0]
+        assert_fp32_close(yp[1, p:], ref1[0, : 17 - p], name="padded row prefill")
+        assert_fp32_close(dec[1], ref1[0, 17 - p :], name="padded row decode")
+        assert_fp32_close(dec[0], full[0, 17:30], name="unpadded row decode")
+
+
+def test_window_cache_errors_and_mods_keep_full_cache():
+    layer = _layer(window=4)
+    with pytest.raises(ValueError, match="keep"):
+        WindowKVCache(-1)
+    with pytest.raises(ValueError, match="WindowKVCache keeping 1"):
+        layer(_x(T=2), WindowKVCache(1))
+    with pytest.raises(ValueError, match="WindowKVCache"):
+        _layer()(_x(T=2), WindowKVCache(3))
+    # a mask mod sees absolute cache indices: such a layer keeps the whole cache
+    modded = _layer(window=4, mask_mod=lambda b, h, q, kv: (q - kv) % 3 != 1)
+    _, cache = modded(_x(T=30))
+    assert type(cache) is KVCache and cache.length == 30
 
 
 @pytest.mark.parametrize("kw", [{}, {"kv_heads": 2, "window": 3}, {"sinks": True, "softcap": 4.0}])

@@ -1,7 +1,7 @@
 """effattn.nn: attention and sequence-mixer layers, hybrid language models and generation."""
 
 from effattn.kv import KVCache
-from effattn.nn.attention import Attention
+from effattn.nn.attention import Attention, WindowKVCache
 from effattn.nn.lm import LM, LMConfig, mixer_pattern
 from effattn.nn.mla import MLA, mla_from_gqa
 from effattn.nn.moh import MoHAttention
@@ -12,6 +12,7 @@ from effattn.nn.vision import CascadedGroupAttention, SingleHeadAttention
 __all__ = [
     "Attention",
     "KVCache",
+    "WindowKVCache",
     "MLA",
     "mla_from_gqa",
     "MoHAttention",
