@@ -21,6 +21,9 @@ after the call's selection is made (the update never affects the call that obser
   cluster at positions ``<= t`` (per-cluster sliding window in ``(cluster, position)`` order:
   ``O(T * w)`` work whatever the cluster sizes, and no look-ahead: the set of same-cluster keys at
   positions ``<= t`` depends on positions ``<= t`` only). The mask is checked on original positions.
+  ``cluster_window=`` fixes ``w`` instead: the keys a query sees then no longer depend on ``T``, so a
+  prefill, a longer call and token-by-token decoding agree (as :class:`effattn.nn.RoutingMixer`
+  needs); ``num_clusters`` may then exceed ``T``.
 
 ``local_heads`` (the paper mixes routing heads and local-attention heads, half and half:
 ``local_heads = H // 2``): the first ``local_heads`` query heads attend to a sliding window of
@@ -241,7 +244,7 @@ def _merge_occurrences(o: torch.Tensor, lse: torch.Tensor, dest: torch.Tensor, T
 
 
 # ------------------------------------------------------------------------------- the op
-def _check(q, k, v, router, num_clusters, local_heads, window, causal):
+def _check(q, k, v, router, num_clusters, local_heads, window, causal, cluster_window=None):
     B, Tq, Tk, Hq, Hkv, D, Dv = check_qkv(q, k, v)
     if Tq != Tk:
         raise ValueError(f"routing attention is self-attention: seq_q ({Tq}) must equal seq_k ({Tk})")
@@ -268,11 +271,15 @@ def _check(q, k, v, router, num_clusters, local_heads, window, causal):
         if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
             raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
         K = num_clusters
-    if K > Tq:
+    if cluster_window is not None:
+        if not causal:
+            raise ValueError("cluster_window applies to causal routing only (non-causal clusters hold T / K)")
+        check_block_size("cluster_window", cluster_window, Tq)
+    elif K > Tq:
         raise ValueError(f"num_clusters={K} exceeds the sequence length {Tq}")
     if not causal and Tq % K:
         raise ValueError(f"num_clusters={K} must divide the sequence length {Tq} (balanced clusters of T / K)")
-    w = Tq // K
+    w = Tq // K if cluster_window is None else cluster_window
     if window is not None:
         check_block_size("window", window, Tq)
     return Tq, G, Hr, K, w
@@ -289,6 +296,7 @@ def routing_attention(
     causal: bool = False,
     local_heads: int = 0,
     window: int | None = None,
+    cluster_window: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ):
@@ -296,7 +304,9 @@ def routing_attention(
 
     Give either ``router`` (a :class:`KMeansRouter` with ``num_heads = H - local_heads``; updated by EMA
     when in training mode) or ``num_clusters`` (fixed random centroids from ``seed``). Non-causal calls
-    need ``num_clusters | T``. Returns ``o [B, T, H, D_v]`` (and ``lse [B, H, T]`` with ``return_lse``).
+    need ``num_clusters | T``. Causal calls take ``cluster_window`` (default ``T // num_clusters``): the
+    most recent same-cluster keys a query sees. Returns ``o [B, T, H, D_v]`` (and ``lse [B, H, T]`` with
+    ``return_lse``).
 
     Example::
 
@@ -305,7 +315,7 @@ def routing_attention(
         >>> routing_attention(q, k, v, router=router, causal=True, local_heads=2, window=16).shape
         torch.Size([1, 128, 4, 16])
     """
-    T, G, Hr, K, w = _check(q, k, v, router, num_clusters, local_heads, window, causal)
+    T, G, Hr, K, w = _check(q, k, v, router, num_clusters, local_heads, window, causal, cluster_window)
     scale = check_scale(scale, q.shape[-1])
     L = local_heads
     outs, lses = [], []
@@ -346,11 +356,12 @@ def routing_dense_mask(
     causal: bool = False,
     local_heads: int = 0,
     window: int | None = None,
+    cluster_window: int | None = None,
 ) -> torch.Tensor:
     """The pairs :func:`routing_attention` attends to, ``[B, H, T, T]`` bool (small ``T`` only; the router's
     current centroids, no update)."""
     v = k[..., :1]
-    T, G, Hr, K, w = _check(q, k, v, router, num_clusters, local_heads, window, causal)
+    T, G, Hr, K, w = _check(q, k, v, router, num_clusters, local_heads, window, causal, cluster_window)
     L = local_heads
     parts = []
     i = torch.arange(T, device=q.device)
