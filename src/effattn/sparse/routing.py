@@ -22,7 +22,7 @@ after the call's selection is made (the update never affects the call that obser
   ``O(T * w)`` work whatever the cluster sizes, and no look-ahead: the set of same-cluster keys at
   positions ``<= t`` depends on positions ``<= t`` only). The mask is checked on original positions.
   ``cluster_window=`` fixes ``w`` instead: the keys a query sees then no longer depend on ``T``, so a
-  prefill, a longer call and token-by-token decoding agree (as :class:`effattn.nn.RoutingMixer`
+  prefill, a longer call and token-by-token decoding agree (as :class:`effattn.nn.mixers.RoutingMixer`
   needs); ``num_clusters`` may then exceed ``T``.
 
 ``local_heads`` (the paper mixes routing heads and local-attention heads, half and half:
