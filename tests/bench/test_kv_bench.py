@@ -91,3 +91,61 @@ def test_mass_kept_matches_the_kept_positions(policy):
                 want_n.append(sum(lo <= x < lo + 6 for x in kept) / 6)
     assert mass == pytest.approx(sum(want_m) / len(want_m), abs=1e-5)
     assert needle == pytest.approx(sum(want_n) / len(want_n), abs=1e-6)
+
+
+def _tiny_passkey_model():
+    torch.manual_seed(0)
+    model = kv_bench.build_lm("attention", 16, 2, kv_bench.DEFAULT_VOCAB_SIZE, 2, rope_fraction=0.25).eval()
+    return model, make_passkey(2, 48, 5, depth=0.5, seed=1)
+
+
+def test_tova_in_the_model_keeps_the_top_of_the_last_query_attention():
+    """TOVA after a prefill keeps exactly the top-``budget`` tokens of the last prompt query's attention
+    (RoPE'd q and k, mean over the layer's heads), as the full model computes it (reference_probs)."""
+    from effattn.kv import make_policy
+
+    model, batch = _tiny_passkey_model()
+    probs = kv_bench.reference_probs(model, batch.prompts)
+    state = model.compressed_state(make_policy("tova", budget=12))
+    with torch.no_grad():
+        model(batch.prompts, state)
+    cache = state[0].cache
+    for layer, p in enumerate(probs):
+        for b in range(2):
+            want = set(p[b].mean(0).topk(12).indices.tolist())
+            for h in range(2):
+                assert set(cache.kept(layer, h)[2][b].tolist()) == want
+
+
+def test_knorm_in_the_model_keeps_the_smallest_cached_keys():
+    """K-norm keeps the keys of smallest L2 norm among the keys the full cache holds (per layer, head)."""
+    from effattn.kv import make_policy
+
+    model, batch = _tiny_passkey_model()
+    full = model.cache_state("contiguous")
+    state = model.compressed_state(make_policy("knorm", budget=12))
+    with torch.no_grad():
+        model(batch.prompts, full)
+        model(batch.prompts, state)
+    cache = state[0].cache
+    for layer in model.policy_layers():
+        norms = full[layer].k.float().norm(dim=-1)  # [B, T, H_kv]
+        for b in range(2):
+            for h in range(2):
+                want = set(norms[b, :, h].topk(12, largest=False).indices.tolist())
+                assert set(cache.kept(layer, h)[2][b].tolist()) == want
+
+
+def test_extended_config_keeps_the_base_key_and_continues_from_the_base_model(tmp_path):
+    base = kv_bench.PasskeyModelConfig(stages=((2, 16, 32, 64),), extend=(), dim=16, heads=2)
+    cfg = kv_bench.PasskeyModelConfig(stages=((2, 16, 32, 64),), extend=((2, 32, 64, 128),), dim=16, heads=2)
+    assert cfg.base() == base and cfg.key() != base.key() and cfg.steps == 4
+    # the key of a config without extension hashes the fields it had before `extend` existed
+    assert kv_bench.PasskeyModelConfig(extend=()).key() == "passkey-lm-c37d63c5730a"
+    model, info = kv_bench.load_or_train(cfg, tmp_path, log=None)
+    assert (tmp_path / base.key() / "train.json").exists() and info["base"]["steps"] == 2
+    b, _ = kv_bench.load_or_train(base, tmp_path, log=None)
+    again, _ = kv_bench.train_passkey_lm(cfg, log=None, base_model=b)
+    scratch, _ = kv_bench.train_passkey_lm(cfg, log=None)
+    for x, y, z in zip(model.state_dict().values(), again.state_dict().values(), scratch.state_dict().values()):
+        assert torch.equal(x, y) and torch.equal(x, z)
