@@ -25,6 +25,10 @@ import torch
 from effattn.exact.block_mask import BlockMask
 
 TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32)
+# exp() of inputs below about -87 (underflow, -inf) takes a slow path on the CPU, several times slower than
+# in range; in tiles with masked entries, scores minus the row max are clamped first (e^-80 ~ 2e-35 next to
+# the row max's 1 is nothing) and the masked entries are zeroed after the exp, so they stay exactly zero
+EXP_FLOOR = -80.0
 ROWS_PER_STEP = 256  # query rows a step aims for: a taller, narrower score tile for the same budget
 
 
@@ -239,7 +243,8 @@ class _Step:
         if self.flat is None:
             acc_flat.view(lay.B * lay.W, lay.nk * lay.BK, E)[:, self.lo : self.lo + self.cols] += grad
         else:
-            acc_flat.index_add_(0, self.flat, grad.reshape(-1, lay.BK, E))
+            # index_put_ with accumulate, not index_add_: the CPU index_add_ kernel is ~10x slower here
+            acc_flat.index_put_((self.flat,), grad.reshape(-1, lay.BK, E), accumulate=True)
 
     def scores(self, q_rows: torch.Tensor, ks: torch.Tensor, ws: _Workspace, name: str = "s") -> torch.Tensor:
         """Scores ``[B, W, g, R, cols]`` from pre-scaled query rows (before score_mod and masking),
@@ -284,13 +289,13 @@ class _Step:
             allowed = plan.bm.mask_mod(lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
             drop = drop | (part_cols & ~allowed)
 
-        def apply(s: torch.Tensor) -> None:
+        def apply(s: torch.Tensor, value: float = float("-inf")) -> None:
             if n == c:
-                s.masked_fill_(drop, float("-inf"))
+                s.masked_fill_(drop, value)
                 return
             s6 = s.view(*s.shape[:4], c, lay.BK)
             sub = s6[:, :, :, :, slots]
-            sub.masked_fill_(drop.view(*drop.shape[:4], n, lay.BK), float("-inf"))
+            sub.masked_fill_(drop.view(*drop.shape[:4], n, lay.BK), value)
             s6[:, :, :, :, slots] = sub
 
         return apply
@@ -331,13 +336,19 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         m_new = torch.maximum(m, s.amax(-1))
         m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
         alpha = torch.exp(m - m_use)
-        p = s.sub_(m_use[..., None]).exp_()
+        p = s.sub_(m_use[..., None])
+        if st.drop is not None:
+            p = p.clamp_(min=EXP_FLOOR).exp_()
+            st.drop(p, 0.0)
+        else:
+            p = p.exp_()
         l = l * alpha + p.sum(-1)
         pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat, ws, "v")))
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
         if last:
             o = acc.div_(l.clamp_min(torch.finfo(l.dtype).tiny)[..., None])
+            o.masked_fill_(torch.isneginf(m)[..., None], 0.0)  # rows whose every score is -inf (a score_mod's)
             o_view[:, :, i0:i1] = o.view(lay.B, lay.W, st.g, lay.Geff, lay.BQ, lay.Dv)
             lse_r[:, :, i0:i1] = m + torch.log(l)
     return out[:, : lay.Tq], lay.row_stat_back(lse_r)
@@ -357,7 +368,9 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
         delta = delta - dlse.float().nan_to_num(0.0, 0.0, 0.0)  # empty rows (lse = -inf) have P = 0 anyway
     delta_r = lay.row_stat(delta)  # [B, W, nq, R]
     lse_r = lay.row_stat(lse.float())
-    lse_r = lse_r.masked_fill(lse_r == float("-inf"), float("inf"))  # empty rows: P = 0
+    empty_r = lse_r == float("-inf")
+    lse_r = lse_r.masked_fill(empty_r, float("inf"))  # empty rows: P = 0 (zeroed again after a clamp)
+    any_empty = bool(empty_r.any())
     dq = lay.new_rows(lay.D)
     dq_view = lay.rows_view(dq)
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
@@ -375,9 +388,14 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
             s = s_mod.detach().clone()
         else:
             s = s_raw
+        p = s.sub_(lse_r[:, :, i0:i1, :, None])  # [B, W, g, R, cols]
         if st.drop is not None:
-            st.drop(s)
-        p = s.sub_(lse_r[:, :, i0:i1, :, None]).exp_()  # [B, W, g, R, cols]
+            p = p.clamp_(min=EXP_FLOOR).exp_()
+            st.drop(p, 0.0)
+            if any_empty:
+                p.masked_fill_(empty_r[:, :, i0:i1, :, None], 0.0)
+        else:
+            p = p.exp_()
         p_rows, do_rows = st.rows(p), st.rows(do_g)
         st.add_to_keys(dv_flat, torch.bmm(p_rows.transpose(1, 2), do_rows))
         dp = st.matmul_rows(do_rows, vs.transpose(1, 2), ws, "dp")

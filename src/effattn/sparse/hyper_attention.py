@@ -183,7 +183,7 @@ class _Selection:
             kl = kv.clamp(max=T - 1).to(torch.int32)
             in_lsh = kv < T
             if causal:
-                in_lsh = in_lsh & visible(kl, lo_q, len_q, T, cyclic=False) & (kpos[b, hk, kl] <= qpos[b, h, q])
+                in_lsh = in_lsh & visible(kl, lo_q, len_q, T, cyclic=False)  # same-bucket past keys only
             j = (kv - t_pad).clamp(min=0)
             sampled = (kv >= t_pad) & ~visible(s_slot[b, hk, j], lo_q, len_q, T, cyclic=False)
             if causal:
