@@ -32,6 +32,11 @@ CASES = [(name, {}) for name in list_mixers()] + [
     ("based", {"window": 4, "chunk_size": 8}),
     ("topk_block", {"block": 4, "top_k": 1}),
     ("topk_block", {"block": 2, "top_k": 2, "rope": False}),
+    # routing: rings that evict (cluster_window / window below the test lengths), all-routing, all-local
+    ("routing", {"num_clusters": 2, "cluster_window": 3, "window": 4}),
+    ("routing", {"local_heads": 0, "num_clusters": 3, "cluster_window": 2}),
+    ("routing", {"local_heads": 2, "window": 3}),
+    ("routing", {"rope": False, "num_clusters": 20, "cluster_window": 1, "window": 1}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
 

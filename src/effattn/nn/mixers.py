@@ -18,7 +18,7 @@ Layers (each docstring states the layer and cites its paper): :class:`LinearAtte
 :class:`GLAMixer` ("gla"), :class:`DeltaNetMixer` ("deltanet"), :class:`GatedDeltaNetMixer`
 ("gated_deltanet"), :class:`MambaMixer` ("mamba"), :class:`Mamba2Mixer` ("mamba2"),
 :class:`AarenMixer` ("aaren"), :class:`MoMMixer` ("mom"), and from the sparse family
-:class:`TopKBlockMixer` ("topk_block").
+:class:`TopKBlockMixer` ("topk_block") and :class:`RoutingMixer` ("routing").
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from effattn.linear import (
 from effattn.linear.linear_attn import FEATURE_MAPS
 from effattn.nn.registry import register_mixer
 from effattn.nn.rope import RotaryEmbedding
-from effattn.sparse import topk_block_attention
+from effattn.sparse import KMeansRouter, routing_attention, topk_block_attention
 
 __all__ = [
     "ShortConv",
@@ -70,6 +70,7 @@ __all__ = [
     "AarenMixer",
     "MoMMixer",
     "TopKBlockMixer",
+    "RoutingMixer",
     "state_nbytes",
 ]
 
@@ -812,3 +813,277 @@ class TopKBlockMixer(_Mixer):
             out[b, lo:] = o[0]
             new_state.append(st)
         return self.o_proj(_merge_heads(out)), new_state
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse family: Routing Transformer (online k-means routing)
+# ----------------------------------------------------------------------------------------------
+
+
+def _attend_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Softmax attention of ``q [..., D]`` over the slots ``k [..., S, D]``, ``v [..., S, Dv]`` where
+    ``mask [..., S]`` is True; float32, zeros where no slot is valid (as the engine's empty rows)."""
+    s = torch.einsum("...d,...sd->...s", q.float(), k.float()) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(-1e30))
+    return torch.einsum("...s,...sd->...d", p, v.float()) / p.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _grow(buf: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``buf`` padded with zeros along ``dim`` to ``size`` (unchanged if already that long)."""
+    extra = size - buf.shape[dim]
+    if extra <= 0:
+        return buf
+    shape = list(buf.shape)
+    shape[dim] = extra
+    return torch.cat([buf, buf.new_zeros(shape)], dim=dim)
+
+
+def _put(buf: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``buf.scatter(dim, index, src)``: in place for inference, out of place while autograd records."""
+    if torch.is_grad_enabled() and (buf.requires_grad or src.requires_grad):
+        return buf.scatter(dim, index, src)
+    return buf.scatter_(dim, index, src)
+
+
+_ROUTING_STATE_KEYS = ("pos", "lk", "lv", "lmask", "rk", "rv", "rmask", "rcount")
+
+
+@register_mixer("routing")
+class RoutingMixer(_Mixer):
+    """Routing Transformer layer (Roy, Saffar, Vaswani, Grangier, "Efficient Content-Based Sparse
+    Attention with Routing Transformers", 2021), causal, on :func:`effattn.sparse.routing_attention`.
+
+    ``q, k, v = W_qkv x`` in ``heads`` heads; ``y = W_o o``. As in the paper, half the heads
+    (``local_heads``, default ``heads // 2``) are local: exact softmax over the last ``window`` keys
+    (RoPE on their q/k). The others are routing heads: an online spherical k-means
+    (:class:`effattn.sparse.KMeansRouter`, ``num_clusters`` centroids per head, shared by queries and
+    keys; the centroids are a buffer moved by an EMA step in every training-mode forward, over the
+    call's real tokens and after its selection, never by a gradient) sends each query and key to its
+    nearest centroid, and a query attends to the ``cluster_window`` most recent keys of its cluster
+    at positions ``<= t`` (its own key included when it landed there); a query with no such key gets
+    zeros from that head. ``cluster_window`` is fixed (not ``T // num_clusters``), so what a token
+    sees does not depend on the length of the call: prefill, chunked prefill and token-by-token
+    decoding compute the same thing. The routing heads carry no position encoding (routing is by
+    content; a rotation would make a token's cluster depend on its position); order comes from
+    causality and the local heads.
+
+    Decoding state (a dict, bounded whatever the context; ``n`` = real tokens seen):
+    ``pos [B]`` (``n``); for the local heads the last ``min(window, n)`` rotated keys and values,
+    ``lk, lv [B, <= window, local_heads, D]`` with ``lmask`` (a ring: token ``i`` in slot
+    ``i % window``); for every routing head and cluster the last ``cluster_window`` keys and values
+    routed there, ``rk, rv [B, H_r, num_clusters, <= cluster_window, D]`` with ``rmask`` and the
+    per-cluster counts ``rcount [B, H_r, num_clusters]`` (the ``j``-th key of a cluster in slot
+    ``j % cluster_window``). A decoding step routes the new query and key with the same centroids
+    (eval mode: unchanged), writes the key into its cluster's ring and attends to the query's
+    cluster ring and the local ring: exactly the keys the full forward gives that query. Buffers grow
+    with the context up to these bounds (:meth:`state_size`). Prefill runs the sparse engine (row by
+    row when the batch is left-padded), decoding is batched; a call with a state is run token by token.
+
+    Example::
+
+        >>> mixer = RoutingMixer(32, 4, num_clusters=4, cluster_window=8, window=8).eval()
+        >>> x = torch.randn(1, 40, 32)
+        >>> y, state = mixer(x[:, :39])                   # prefill (sparse engine)
+        >>> y_last, state = mixer(x[:, 39:], state)       # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 39:], atol=1e-5)
+        True
+        >>> tuple(state["rk"].shape)                      # [B, routing heads, clusters, <= cluster_window, D]
+        (1, 2, 4, 8, 8)
+    """
+
+    def __init__(self, dim: int, heads: int, num_clusters: int = 8, cluster_window: int = 128,
+                 window: int = 128, local_heads: int | None = None, decay: float = 0.999, rope: bool = True,
+                 rope_base: float = 10000.0, seed: int = 0):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        for name, val in (("num_clusters", num_clusters), ("cluster_window", cluster_window), ("window", window)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        local_heads = heads // 2 if local_heads is None else local_heads
+        if isinstance(local_heads, bool) or not isinstance(local_heads, int) or not 0 <= local_heads <= heads:
+            raise ValueError(f"local_heads must be an int in [0, heads={heads}], got {local_heads!r}")
+        self.num_clusters, self.cluster_window, self.window = num_clusters, cluster_window, window
+        self.local_heads, self.routing_heads = local_heads, heads - local_heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope and local_heads else None
+        self.router = (
+            KMeansRouter(self.routing_heads, self.head_dim, num_clusters, decay=decay, seed=seed)
+            if self.routing_heads
+            else None
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, local_heads={self.local_heads}, window={self.window}, "
+            f"num_clusters={self.num_clusters}, cluster_window={self.cluster_window}"
+        )
+
+    def state_size(self, batch: int, seq_len: int) -> int:
+        """Bytes of decoding state at most held for ``batch`` sequences at context ``seq_len``: local
+        rings of ``min(window, seq_len)`` tokens, routing rings of ``min(cluster_window, seq_len)``
+        slots per cluster, their masks and counts (parameter dtype for keys and values)."""
+        if batch < 1 or seq_len < 0:
+            raise ValueError(f"batch must be >= 1 and seq_len >= 0, got batch={batch}, seq_len={seq_len}")
+        el = self.wqkv.weight.element_size()
+        D, L, Hr, K = self.head_dim, self.local_heads, self.routing_heads, self.num_clusters
+        cl, cr = min(self.window, seq_len) if L else 0, min(self.cluster_window, seq_len)
+        per_row = 8 + cl * (2 * L * D * el + 1) + Hr * K * (cr * (2 * D * el + 1) + 8)
+        return batch * per_row
+
+    # ------------------------------------------------------------------ prefill
+    def _sparse(self, q, k, v):
+        """One row (or an unpadded batch) through the sparse engine, the router's EMA step left out."""
+        training = self.router is not None and self.router.training
+        if training:
+            self.router.train(False)  # the layer makes one EMA step itself, over the real tokens only
+        try:
+            return routing_attention(
+                q, k, v, router=self.router, num_clusters=None if self.router is not None else 1,
+                causal=True, local_heads=self.local_heads, window=self.window,
+                cluster_window=self.cluster_window,
+            )
+        finally:
+            if training:
+                self.router.train(True)
+
+    def _prefill(self, q, k, v, valid):
+        B, T, H, D = q.shape
+        L = self.local_heads
+        if valid is not None and bool(valid.all()):
+            valid = None
+        vm = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
+        idx = vm.long().cumsum(1) - 1  # index of each real token in its row
+        if self.rope is not None:
+            pos = torch.arange(T, device=q.device) if valid is None else idx.clamp(min=0)
+            q = torch.cat([self.rope.apply(q[:, :, :L], pos), q[:, :, L:]], 2)
+            k = torch.cat([self.rope.apply(k[:, :, :L], pos), k[:, :, L:]], 2)
+        if valid is None:
+            o = self._sparse(q, k, v)
+        else:
+            o = q.new_zeros(B, T, H, v.shape[-1])
+            for b in range(B):
+                lo = T - int(vm[b].sum())
+                if not bool(vm[b, lo:].all()):
+                    raise ValueError("valid: routing supports left padding only (False then True per row)")
+                if lo < T:
+                    o[b, lo:] = self._sparse(q[b : b + 1, lo:], k[b : b + 1, lo:], v[b : b + 1, lo:])[0]
+        return o, self._state_from(k, v, vm, idx)
+
+    def _state_from(self, k, v, vm, idx):
+        """The decoding state after a fresh sequence ``k, v [B, T, H, D]`` (local keys rotated)."""
+        B, T, H, D = k.shape
+        L, Hr, K, W, CW = self.local_heads, self.routing_heads, self.num_clusters, self.window, self.cluster_window
+        n = vm.sum(1)
+        st = {"pos": n}
+        cl = min(W, int(n.max())) if L and T else 0
+        keep = vm & (idx >= (n - W)[:, None])
+        slot = torch.where(keep, idx % W, cl)  # slot cl: a token no later query sees, cut off below
+        for name, x in (("lk", k[:, :, :L]), ("lv", v[:, :, :L])):
+            buf = x.new_zeros(B, cl + 1, L, x.shape[-1])
+            st[name] = _put(buf, 1, slot[:, :, None, None].expand(B, T, L, x.shape[-1]), x)[:, :cl]
+        lmask = torch.zeros(B, cl + 1, dtype=torch.bool, device=k.device).scatter_(1, slot.clamp(max=cl), keep)
+        st["lmask"] = lmask[:, :cl]
+        kr = k[:, :, L:]
+        ck = self.router.assign(kr) if Hr else torch.zeros(B, 0, T, dtype=torch.long, device=k.device)  # [B,Hr,T]
+        member = F.one_hot(ck, K).bool() & vm[:, None, :, None]  # [B, Hr, T, K]
+        count = member.long().sum(2)  # [B, Hr, K]
+        j = (member.long().cumsum(2) - 1).gather(-1, ck[..., None])[..., 0]  # index within the cluster
+        keep = vm[:, None] & (j >= count.gather(-1, ck) - CW)
+        cr = min(CW, int(count.max())) if Hr and count.numel() else 0
+        dest = torch.where(keep, ck * cr + j % CW, K * cr)  # [B, Hr, T]; K * cr: dropped
+        for name, x in (("rk", kr), ("rv", v[:, :, L:])):
+            Dx = x.shape[-1]
+            buf = x.new_zeros(B, Hr, K * cr + 1, Dx)
+            buf = _put(buf, 2, dest[..., None].expand(B, Hr, T, Dx), x.transpose(1, 2))
+            st[name] = buf[:, :, : K * cr].reshape(B, Hr, K, cr, Dx)
+        rmask = torch.zeros(B, Hr, K * cr + 1, dtype=torch.bool, device=k.device).scatter_(2, dest, keep)
+        st["rmask"] = rmask[:, :, : K * cr].reshape(B, Hr, K, cr)
+        st["rcount"] = count
+        return st
+
+    # ------------------------------------------------------------------ decoding
+    def _step(self, q, k, v, valid, st):
+        """One token per row ``q, k, v [B, H, D]`` (``valid [B]`` or None) against the state ``st``."""
+        B, H, D = q.shape
+        L, Hr, K, W, CW = self.local_heads, self.routing_heads, self.num_clusters, self.window, self.cluster_window
+        vm = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid
+        n = st["pos"]
+        st = dict(st)
+        scale = D**-0.5
+        outs = []
+        if L:
+            ql, kl, vl = q[:, :L], k[:, :L], v[:, :L]
+            if self.rope is not None:
+                ql = self.rope.apply(ql[:, None], n[:, None])[:, 0]
+                kl = self.rope.apply(kl[:, None], n[:, None])[:, 0]
+            need = min(W, int(torch.where(vm, n, 0).max()) + 1)
+            lk, lv = _grow(st["lk"], 1, need), _grow(st["lv"], 1, need)
+            lmask = _grow(st["lmask"], 1, need)
+            slot = (n % W).clamp(max=lk.shape[1] - 1)[:, None]  # a padded row writes its old value back
+            new_k = torch.where(vm[:, None, None], kl, lk.gather(1, slot[:, :, None, None].expand(B, 1, L, D))[:, 0])
+            new_v = torch.where(vm[:, None, None], vl, lv.gather(1, slot[:, :, None, None].expand(B, 1, L, D))[:, 0])
+            st["lk"] = lk = _put(lk, 1, slot[:, :, None, None].expand(B, 1, L, D), new_k[:, None])
+            st["lv"] = lv = _put(lv, 1, slot[:, :, None, None].expand(B, 1, L, D), new_v[:, None])
+            st["lmask"] = lmask = lmask.scatter(1, slot, lmask.gather(1, slot) | vm[:, None])
+            outs.append(_attend_slots(ql, lk.transpose(1, 2), lv.transpose(1, 2), lmask[:, None], scale))
+        if Hr:
+            qr, kr, vr = q[:, L:], k[:, L:], v[:, L:]
+            cq = self.router.assign(qr[:, None])[..., 0]  # [B, Hr]
+            ck = self.router.assign(kr[:, None])[..., 0]
+            count = st["rcount"]
+            c_now = count.gather(-1, ck[..., None])[..., 0]  # [B, Hr]
+            need = min(CW, int(torch.where(vm[:, None], c_now, 0).max()) + 1)
+            rk, rv, rmask = _grow(st["rk"], 3, need), _grow(st["rv"], 3, need), _grow(st["rmask"], 3, need)
+            C = rk.shape[3]
+            flat = ck * C + (c_now % CW).clamp(max=C - 1)  # [B, Hr]
+            rk, rv, rmask = rk.reshape(B, Hr, K * C, D), rv.reshape(B, Hr, K * C, -1), rmask.reshape(B, Hr, K * C)
+            idx = flat[..., None, None]
+            w = vm[:, None, None]
+            new_k = torch.where(w, kr, rk.gather(2, idx.expand(B, Hr, 1, D))[:, :, 0])
+            new_v = torch.where(w, vr, rv.gather(2, idx.expand(B, Hr, 1, rv.shape[-1]))[:, :, 0])
+            rk = _put(rk, 2, idx.expand(B, Hr, 1, D), new_k[:, :, None]).reshape(B, Hr, K, C, D)
+            rv = _put(rv, 2, idx.expand(B, Hr, 1, rv.shape[-1]), new_v[:, :, None]).reshape(B, Hr, K, C, -1)
+            rmask = rmask.scatter(2, flat[..., None], rmask.gather(2, flat[..., None]) | vm[:, None, None])
+            rmask = rmask.reshape(B, Hr, K, C)
+            st["rk"], st["rv"], st["rmask"] = rk, rv, rmask
+            st["rcount"] = count + F.one_hot(ck, K) * vm[:, None, None].long()
+            g = cq[:, :, None, None]
+            kq = rk.gather(2, g[..., None].expand(B, Hr, 1, C, D))[:, :, 0]
+            vq = rv.gather(2, g[..., None].expand(B, Hr, 1, C, rv.shape[-1]))[:, :, 0]
+            mq = rmask.gather(2, g.expand(B, Hr, 1, C))[:, :, 0]
+            outs.append(_attend_slots(qr, kq, vq, mq, scale))
+        st["pos"] = n + vm.long()
+        o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        return o.to(q.dtype), st
+
+    def _check_state(self, state, B: int) -> dict:
+        if not isinstance(state, dict) or set(state) != set(_ROUTING_STATE_KEYS):
+            raise ValueError(f"state must be the dict a RoutingMixer call returned (keys {_ROUTING_STATE_KEYS})")
+        if state["pos"].shape != (B,):
+            raise ValueError(f"state holds batch {tuple(state['pos'].shape)}, x has batch {B}")
+        return state
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_mixer_input(x, self.dim, valid)
+        B, T, _ = x.shape
+        q, k, v = (_heads_view(t, self.heads) for t in self.wqkv(x).chunk(3, dim=-1))
+        if state is None:
+            o, state = self._prefill(q, k, v, valid)
+        else:
+            state = self._check_state(state, B)
+            outs = []
+            for t in range(T):
+                o_t, state = self._step(q[:, t], k[:, t], v[:, t], None if valid is None else valid[:, t], state)
+                outs.append(o_t)
+            o = torch.stack(outs, 1) if outs else q.new_zeros(q.shape)
+        if self.training and self.router is not None:
+            L = self.local_heads
+            sel = slice(None) if valid is None else valid
+            qr, kr = q[:, :, L:][sel], k[:, :, L:][sel]  # [B, T, Hr, D] or [N, Hr, D]
+            if valid is not None:
+                qr, kr = qr[None], kr[None]
+            if qr.shape[1]:
+                self.router.update(qr, kr)
+        return self.o_proj(_merge_heads(o)), state
