@@ -79,6 +79,19 @@ def check_state(state, batch: int) -> KVCacheBase:
     return state
 
 
+def layer_cache(state, batch: int, keep: int | None) -> KVCacheBase:
+    """The cache a layer continues: ``state`` checked, or a fresh one for ``state=None`` -- a
+    :class:`WindowKVCache` keeping ``keep`` tokens where the layer may bound its cache (``keep`` not
+    None: causal window, no mods), else a :class:`KVCache`."""
+    if state is None and keep is not None:
+        return WindowKVCache(keep)
+    cache = check_state(state, batch)
+    if isinstance(cache, WindowKVCache) and (keep is None or cache.keep < keep):
+        need = "a causal window without mask/score mods" if keep is None else f"keep >= {keep}"
+        raise ValueError(f"state is a WindowKVCache keeping {cache.keep} tokens; this layer needs {need}")
+    return cache
+
+
 def cached_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -346,17 +359,7 @@ class Attention(nn.Module):
         B, T = check_mixer_input(x, self.dim, valid)
         if isinstance(state, CompressedLayerCache):
             return self._attend_compressed(x, state, valid), state
-        keep = self._window_keep()
-        if state is None and keep is not None:
-            cache = WindowKVCache(keep)
-        else:
-            cache = check_state(state, B)
-        if isinstance(cache, WindowKVCache) and (keep is None or cache.keep < keep):
-            raise ValueError(
-                f"state is a WindowKVCache keeping {cache.keep} tokens; this layer needs a causal window "
-                f"without mask/score mods keeping >= {keep} (window={self.window}, mods="
-                f"{self.mask_mod is not None or self.score_mod is not None})"
-            )
+        cache = layer_cache(state, B, self._window_keep())
         pos = cache.next_positions(B, T, valid, x.device)
         q, k, v = self._project(x, pos)
         k_all, v_all = cache.append(k, v, valid)

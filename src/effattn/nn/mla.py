@@ -25,20 +25,23 @@ import torch
 from torch import nn
 
 from effattn.exact.api import BACKENDS
+from effattn.exact.masks import window_bounds
 from effattn.kv.contiguous import KVCache
 from effattn.nn.attention import (
     Attention,
+    WindowKVCache,
     _check_pos_int,
     cached_attention,
     check_mixer_input,
-    check_state,
+    layer_cache,
 )
 from effattn.nn.rope import RotaryEmbedding
 
 
 class MLA(nn.Module):
     """Multi-head latent attention layer; its state is a key-only :class:`KVCache` of
-    ``[c_kv | k_pe]`` rows ``[B, T, 1, kv_lora_rank + qk_rope_head_dim]``.
+    ``[c_kv | k_pe]`` rows ``[B, T, 1, kv_lora_rank + qk_rope_head_dim]`` (a causal windowed layer
+    starts a :class:`~effattn.nn.attention.WindowKVCache`, which keeps about the last ``window`` rows).
 
     Args:
         dim, heads: model width and number of heads.
@@ -135,7 +138,7 @@ class MLA(nn.Module):
         self, x: torch.Tensor, state: KVCache | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, KVCache]:
         B, T = check_mixer_input(x, self.dim, valid)
-        cache = check_state(state, B)
+        cache = layer_cache(state, B, self._window_keep())
         if not cache.key_only and cache.length:
             raise TypeError("state must be an MLA cache (key-only [c_kv | k_pe]); got an Attention KVCache")
         H, dn, dr, r = self.heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
@@ -167,15 +170,29 @@ class MLA(nn.Module):
             k_nope, v = kv[..., :dn], kv[..., dn:]
             if self.rope_nope is not None:
                 kpos = cache.key_positions()
+                if kpos is None:
+                    start = getattr(cache, "dropped", 0)  # tokens a window cache has dropped
+                    kpos = torch.arange(start, start + L, device=x.device)
                 q_nope = self.rope_nope.apply(q_nope, pos)
-                k_nope = self.rope_nope.apply(k_nope, torch.arange(L, device=x.device) if kpos is None else kpos)
+                k_nope = self.rope_nope.apply(k_nope, kpos)
             k = torch.cat([k_nope, lat_all[..., r:].expand(B, L, H, dr)], -1)
             o = _attend(torch.cat([q_nope, q_pe], -1), k, v, cache, self.scale, common)
+        if isinstance(cache, WindowKVCache):
+            cache.trim()
         return self.o_proj(o.flatten(2)), cache
 
+    def _window_keep(self) -> int | None:
+        """Latent rows a later query can still see (``window - 1``) for a causal windowed layer."""
+        if not self.causal or self.window is None:
+            return None
+        return window_bounds(self.window, True)[0]
+
     def state_size(self, batch: int, seq_len: int) -> int:
-        """Bytes of the latent cache: ``kv_lora_rank + qk_rope_head_dim`` numbers per token."""
-        return batch * seq_len * (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv_down.weight.element_size()
+        """Bytes of the latent cache: ``kv_lora_rank + qk_rope_head_dim`` numbers per token; a causal
+        windowed layer holds at most ``min(seq_len, keep + slack - 1)`` tokens (:class:`WindowKVCache`)."""
+        keep = self._window_keep()
+        tokens = seq_len if keep is None else min(seq_len, WindowKVCache(keep).max_length)
+        return batch * tokens * (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv_down.weight.element_size()
 
 
 def _attend(q, k, v, cache, scale: float, common: dict) -> torch.Tensor:
