@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
 
     add_kv_arguments(b)
     b.add_argument("--decode-only", action="store_true", help="linear suite: only the decode-step report")
+    b.add_argument("--mixers", type=str, default=None, help="models suite: comma-separated mixers (default all)")
     from effattn.bench.compare import add_arguments as add_compare_arguments
 
     c = sub.add_parser("compare", help="which attention for my length and memory budget: speed, recall, reasoning")

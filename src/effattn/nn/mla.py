@@ -162,7 +162,8 @@ class MLA(nn.Module):
         W_uk, W_uv = self._up_weights()
         if absorb:
             q_lat = torch.einsum("bthd,hdr->bthr", q_nope, W_uk)
-            o_lat = _attend(torch.cat([q_lat, q_pe], -1), lat_all, lat_all[..., :r], cache, self.scale, common)
+            q_abs = torch.cat([q_lat, q_pe], -1)
+            o_lat = cached_attention(q_abs, lat_all, lat_all[..., :r], cache, scale=self.scale, **common)
             o = torch.einsum("bthr,hvr->bthv", o_lat, W_uv)
         else:
             L = lat_all.shape[1]
@@ -176,7 +177,7 @@ class MLA(nn.Module):
                 q_nope = self.rope_nope.apply(q_nope, pos)
                 k_nope = self.rope_nope.apply(k_nope, kpos)
             k = torch.cat([k_nope, lat_all[..., r:].expand(B, L, H, dr)], -1)
-            o = _attend(torch.cat([q_nope, q_pe], -1), k, v, cache, self.scale, common)
+            o = cached_attention(torch.cat([q_nope, q_pe], -1), k, v, cache, scale=self.scale, **common)
         if isinstance(cache, WindowKVCache):
             cache.trim()
         return self.o_proj(o.flatten(2)), cache
@@ -193,23 +194,6 @@ class MLA(nn.Module):
         keep = self._window_keep()
         tokens = seq_len if keep is None else min(seq_len, WindowKVCache(keep).max_length)
         return batch * tokens * (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv_down.weight.element_size()
-
-
-def _attend(q, k, v, cache, scale: float, common: dict) -> torch.Tensor:
-    """:func:`cached_attention` with the value width padded with zeros to the query/key width when
-    they differ (MLA: ``d_n + d_r`` vs ``d_v``; the other way round, q and k are padded), and the
-    output cut back. PyTorch's fused CPU SDPA kernel (flash) needs one head dim for q, k and v;
-    without the padding a prefill falls back to SDPA's math path, which materializes the ``T x T``
-    scores (7x slower at 8k on 2 CPU threads). The scale is explicit, so zero columns change
-    nothing. One-token decoding (the split-KV decode kernel) is called unpadded.
-    """
-    D, Dv = q.shape[-1], v.shape[-1]
-    if q.shape[1] == 1 or Dv == D:
-        return cached_attention(q, k, v, cache, scale=scale, **common)
-    pad = torch.nn.functional.pad
-    if Dv > D:  # zero query/key columns add nothing to the scores
-        return cached_attention(pad(q, (0, Dv - D)), pad(k, (0, Dv - D)), v, cache, scale=scale, **common)
-    return cached_attention(q, k, pad(v, (0, D - Dv)), cache, scale=scale, **common)[..., :Dv]
 
 
 @torch.no_grad()

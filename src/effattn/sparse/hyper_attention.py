@@ -175,7 +175,7 @@ class _Selection:
         s_slot = rnd.k_slot.gather(-1, S.expand(rnd.k_slot.shape[0], -1, -1)).to(torch.int32)  # [B, H, m]
         s_pos = S.to(torch.int32)
         lo, length = rnd.lo, rnd.length
-        qpos, kpos = rnd.q_order.to(torch.int32), rnd.k_order.to(torch.int32)
+        qpos = rnd.q_order.to(torch.int32)
 
         def mask(b, h, q, kv):
             hk = _rowless(h)
