@@ -148,3 +148,81 @@ def test_train_docstring_example_and_listops_loop():
         batch_size=8,
     )
     assert 0.0 <= r["accuracy"] <= 1.0 and 0.1 <= r["majority"] <= 1.0 and r["params"] > 0
+
+
+def test_recall_preset_and_flags():
+    """The recall preset runs the recall section alone over several widths and pair counts; the
+    --widths / --kv-pairs / --threads flags reach the config and bad values are refused."""
+    import argparse
+
+    cfg = make_config("recall")
+    assert cfg.only == ("recall",) and "attention" in cfg.mixers and len(cfg.mixers) >= 4
+    assert len(cfg.mqar_widths) >= 3 and len(cfg.mqar_kv_pairs) >= 3
+    assert max(cfg.mqar_kv_pairs) * 4 <= cfg.mqar_seq_len < cfg.mqar_vocab  # MQAR's own constraints
+
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    cfg = compare.config_from_args(
+        p.parse_args(["--preset", "recall", "--widths", "16,32", "--kv-pairs", "2,4", "--threads", "1"])
+    )
+    assert cfg.mqar_widths == (16, 32) and cfg.mqar_kv_pairs == (2, 4) and cfg.only == ("recall",)
+    assert compare.config_from_args(p.parse_args(["--kv-pairs", "8"])).mqar_kv_pairs == 8  # one count: an int
+    for bad in (["--widths", "32,x"], ["--kv-pairs", "4,4"], ["--widths", "0"]):
+        with pytest.raises(SystemExit):
+            compare.config_from_args(p.parse_args(bad))
+
+
+def test_recall_mixture_reports_accuracy_per_pair_count(tmp_path):
+    """Several pair counts: one accuracy column per count, their mean as accuracy, a trend line per
+    count in the short answer, and the per-count panels in recall_vs_state.png."""
+    pytest.importorskip("matplotlib")
+    cfg = make_config(
+        "tiny",
+        out=str(tmp_path / "rec"),
+        only=("recall",),
+        mixers=("attention", "gla"),
+        mqar_widths=(16, 32),
+        mqar_kv_pairs=(2, 4, 8),
+        mqar_steps=2,
+    )
+    res = run_compare(cfg)
+    rows = {(r["mixer"], r["dim"]): r for r in res["recall"]}
+    assert set(rows) == {("attention", 16), ("attention", 32), ("gla", 16), ("gla", 32)}
+    for r in rows.values():
+        accs = [r["acc@2"], r["acc@4"], r["acc@8"]]
+        assert all(0.0 <= a <= 1.0 for a in accs) and r["accuracy"] == pytest.approx(sum(accs) / 3)
+        assert "accuracy_by_pairs" not in r
+    assert rows[("attention", 32)]["state_bytes"] == 2 * rows[("attention", 16)]["state_bytes"]
+    trend = [a for a in res["advice"] if a.startswith("MQAR ") and "pairs, accuracy >=" in a]
+    assert [t.split(" pairs")[0] for t in trend] == ["MQAR 2", "MQAR 4", "MQAR 8"]
+    assert all("attention" in t and "gla" in t for t in trend)
+    md = (tmp_path / "rec" / "report.md").read_text()
+    assert "| acc@2 | acc@4 | acc@8 | accuracy |" in md and "mixture of 2, 4, 8 key-value pairs" in md
+    assert "## Speed" not in md and "## Reasoning" not in md
+    assert (tmp_path / "rec" / "recall_vs_state.png").stat().st_size > 0
+    data = json.loads((tmp_path / "rec" / "results.json").read_text())
+    assert data["meta"]["config"]["mqar_kv_pairs"] == [2, 4, 8] and len(data["recall"]) == 4
+
+
+def test_recall_trend_reads_the_threshold():
+    rows = [
+        {"mixer": "a", "dim": 32, "state_bytes": 100, "accuracy": 0.9, "acc@4": 0.95, "acc@16": 0.85},
+        {"mixer": "a", "dim": 64, "state_bytes": 200, "accuracy": 0.95, "acc@4": 0.99, "acc@16": 0.91},
+        {"mixer": "b", "dim": 32, "state_bytes": 10, "accuracy": 0.5, "acc@4": 0.92, "acc@16": 0.1},
+    ]
+    lines = compare.recall_trend(rows, (4, 16))
+    assert lines[0] == "MQAR 4 pairs, accuracy >= 0.9: a from dim=32 (100 B); b from dim=32 (10 B)"
+    assert lines[1] == "MQAR 16 pairs, accuracy >= 0.9: a from dim=64 (200 B); b never (best 0.10)"
+
+
+def test_train_mqar_mixture_keeps_single_count_data():
+    """A mixture splits num_train over the pair counts and tests each; a single count is unchanged."""
+    from effattn.bench.train import train_mqar
+
+    kw = dict(heads=1, vocab_size=32, seq_len=16, num_train=30, num_test=8, steps=1, batch_size=8)
+    one = train_mqar("attention", 16, num_kv_pairs=4, **kw)
+    assert set(one["accuracy_by_pairs"]) == {4} and one["accuracy"] == one["accuracy_by_pairs"][4]
+    mix = train_mqar("attention", 16, num_kv_pairs=(2, 4), **kw)
+    assert set(mix["accuracy_by_pairs"]) == {2, 4}
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        train_mqar("attention", 16, num_kv_pairs=(4, 4), **kw)

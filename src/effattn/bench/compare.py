@@ -15,11 +15,14 @@ On the machine at hand, in one run:
 3. **reasoning** — ListOps (Long Range Arena, Tay et al. 2021) at a CPU-sized length (the LRA
    length 500-2000 with ``--full``).
 
-Presets: ``tiny`` (seconds; tests), ``quick`` (default, about 10 minutes on 2 CPU cores) and
-``full`` (``--full``; long: LRA length, 64k tokens). A mechanism that fails is reported with its
-error in the tables and the run goes on. Output: tables on the terminal (``rich`` where installed,
-plain text otherwise) and a report folder (default ``bench_out/compare``) with ``report.md``,
-``results.json`` and PNG plots (time and memory vs length, recall vs state size).
+Presets: ``tiny`` (seconds; tests), ``quick`` (default, about 10 minutes on 2 CPU cores),
+``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
+attention and fixed-state mixers at three widths, trained on a mixture of pair counts and tested per
+pair count; about an hour on one CPU core) and ``full`` (``--full``; long: LRA length, 64k tokens).
+A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
+on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
+``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (time and memory vs length,
+recall vs state size).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class CompareConfig:
     # CPU budget: T 16 with 4 pairs (the smallest length Zoology's rule 4 * pairs <= T allows), where a
     # 2-layer attention LM at width 64 passes 0.9 after ~300 steps (seeds 0-3); --full runs T 256, 32 pairs
     mqar_seq_len: int = 16
-    mqar_kv_pairs: int = 4
+    mqar_kv_pairs: int | tuple[int, ...] = 4  # several: trained on their mixture, tested per pair count
     mqar_vocab: int = 32
     mqar_train: int = 4000
     mqar_test: int = 256
@@ -85,6 +88,10 @@ class CompareConfig:
     extra_mechanisms: list = field(default_factory=list)  # more SpeedMechanism objects (tests)
 
 
+# attention and fixed-state mixers whose states span ~4 KB to ~400 KB at widths 32-128:
+# GLA < linear attention < DeltaNet < Mamba-2 < Based (attention's KV cache at T=32: 16-64 KB)
+RECALL_MIXERS = ("attention", "gla", "linear_attention", "deltanet", "mamba2", "based")
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         lengths=(64, 128),
@@ -107,6 +114,24 @@ PRESETS: dict[str, dict] = {
         listops_batch=16,
     ),
     "quick": {},
+    # Zoology's finding (attention solves MQAR at every width; fixed-state mixers need more state as the
+    # pair count grows) at a size one CPU core trains in under an hour. Calibrated on this CPU with
+    # 2-layer attention: at T=32 with 2/4/8 pairs and vocabulary 34 width 64 passes 0.98 after 300
+    # steps; at T=64 (4/8/16 or 2-16 pairs, vocabulary 66-128) and at T=32 with vocabulary 64 it
+    # stayed at chance (1 / pairs) for 1200-2400 steps, so this preset runs T=32
+    "recall": dict(
+        only=("recall",),
+        mixers=RECALL_MIXERS,
+        mqar_widths=(32, 64, 128),
+        mqar_seq_len=32,
+        mqar_kv_pairs=(2, 4, 8),
+        mqar_vocab=34,
+        mqar_train=24000,
+        mqar_test=256,
+        mqar_steps=800,
+        mqar_batch=32,
+        mqar_lr=1e-3,
+    ),
     "full": dict(
         lengths=(1024, 4096, 16384, 65536),
         repeats=3,
@@ -487,7 +512,8 @@ def _heads_for(dim: int) -> int:
     return max(1, dim // 32)
 
 
-def run_recall(cfg: CompareConfig) -> list[dict]:
+def run_recall(cfg: CompareConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One MQAR training per (mixer, width); ``on_row(rows so far)`` after each (partial reports)."""
     from effattn.bench.train import train_mqar
 
     names = _mixer_names(cfg)
@@ -514,8 +540,13 @@ def run_recall(cfg: CompareConfig) -> list[dict]:
                     device=cfg.device,
                 )
             )
+            by_pairs = r.pop("accuracy_by_pairs", None) or {}
+            if len(by_pairs) > 1:
+                r.update({f"acc@{p}": a for p, a in by_pairs.items()})
             rows.append({"mixer": name, "dim": dim, **r})
             bar.advance(f"{name} dim={dim}: acc {_fmt(r.get('accuracy'))}")
+            if on_row is not None:
+                on_row(rows)
     bar.close()
     return rows
 
@@ -580,12 +611,48 @@ SPEED_COLUMNS = (
     "error",
 )
 RECALL_COLUMNS = ("mixer", "dim", "state_bytes", "params", "accuracy", "train_s", "final_loss", "error")
+
+
+def _pair_counts(cfg: CompareConfig) -> tuple[int, ...]:
+    p = cfg.mqar_kv_pairs
+    return (p,) if isinstance(p, int) else tuple(p)
+
+
+def recall_columns(cfg: CompareConfig) -> tuple[str, ...]:
+    """The recall table's columns: one accuracy per pair count where the run has several."""
+    pairs = _pair_counts(cfg)
+    if len(pairs) == 1:
+        return RECALL_COLUMNS
+    return RECALL_COLUMNS[:4] + tuple(f"acc@{p}" for p in pairs) + ("accuracy",) + RECALL_COLUMNS[5:]
+
+
+def recall_trend(recall: list[dict], pairs: Sequence[int], threshold: float = 0.9) -> list[str]:
+    """Per pair count, which mixers reach ``threshold`` accuracy and at which smallest width and
+    state: the reading of Zoology's finding off the measurements."""
+    lines = []
+    mixers = sorted({r["mixer"] for r in recall if r.get("accuracy") is not None})
+    for p in pairs:
+        key = f"acc@{p}" if len(pairs) > 1 else "accuracy"
+        parts = []
+        for m in mixers:
+            ok = [r for r in recall if r["mixer"] == m and r.get(key) is not None and r[key] >= threshold]
+            if ok:
+                r = min(ok, key=lambda r: (r["state_bytes"], r["dim"]))
+                parts.append(f"{m} from dim={r['dim']} ({r['state_bytes']} B)")
+            else:
+                best = max((r[key] for r in recall if r["mixer"] == m and r.get(key) is not None), default=None)
+                parts.append(f"{m} never (best {best:.2f})" if best is not None else f"{m} never")
+        lines.append(f"MQAR {p} pairs, accuracy >= {threshold}: " + "; ".join(parts))
+    return lines
+
+
 LISTOPS_COLUMNS = ("mixer", "dim", "params", "accuracy", "majority", "train_s", "final_loss", "error")
 
 
-def advice(speed: list[dict], recall: list[dict]) -> list[str]:
+def advice(speed: list[dict], recall: list[dict], pairs: Sequence[int] = ()) -> list[str]:
     """Short answers read off the measurements: per length the fastest and the leanest mechanism,
-    and the smallest state that reached the best recall."""
+    the smallest state that reached the best recall and, with several MQAR pair counts
+    (``pairs``), per pair count which mixers reach 0.9 and from which width."""
     lines = []
     key = "fwd_bwd_ms" if any("fwd_bwd_ms" in r for r in speed) else "fwd_ms"
     for T in sorted({r["T"] for r in speed}):
@@ -618,6 +685,8 @@ def advice(speed: list[dict], recall: list[dict]) -> list[str]:
                 f"MQAR: best accuracy {best:.3f}; the smallest state within 0.05 of it is {r['mixer']} "
                 f"dim={r['dim']} ({r['state_bytes']} B, accuracy {r['accuracy']:.3f})"
             )
+    if len(pairs) > 1 and good:
+        lines += recall_trend(recall, pairs)
     return lines
 
 
@@ -628,7 +697,9 @@ def _plot_label(machine: dict) -> str:
     )
 
 
-def write_plots(out: Path, speed: list[dict], recall: list[dict], machine: dict) -> tuple[list[str], list[str]]:
+def write_plots(
+    out: Path, speed: list[dict], recall: list[dict], machine: dict, pairs: Sequence[int] = ()
+) -> tuple[list[str], list[str]]:
     """PNG plots (matplotlib, Agg); returns (files written, notes)."""
     try:
         import matplotlib
@@ -681,20 +752,41 @@ def write_plots(out: Path, speed: list[dict], recall: list[dict], machine: dict)
         files.append(fname)
 
     pts = [r for r in recall if r.get("accuracy") is not None and r.get("state_bytes")]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name in sorted({r["mixer"] for r in pts}):
-        rs = sorted((r for r in pts if r["mixer"] == name), key=lambda r: r["state_bytes"])
-        ax.plot([r["state_bytes"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
-    ax.set_ylabel("MQAR accuracy at query positions")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"effattn compare: recall vs state size\n{label}", fontsize=9)
+    # one panel per pair count where the run has several (Zoology's figure), else one panel
+    panels = [(f"acc@{p}", f"{p} key-value pairs") for p in pairs] if len(pairs) > 1 else [("accuracy", "")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 4.6 * len(panels)), 5.5), sharey=True, squeeze=False)
+    names = sorted({r["mixer"] for r in pts})
+    for ax, (key, sub) in zip(axes[0], panels):
+        for i, name in enumerate(names):
+            rs = sorted(
+                (r for r in pts if r["mixer"] == name and r.get(key) is not None), key=lambda r: r["state_bytes"]
+            )
+            ax.plot(
+                [r["state_bytes"] for r in rs],
+                [r[key] for r in rs],
+                marker="os^Dv<>p"[i % 8],
+                label=name,
+            )
+            if len(panels) > 1:
+                for r in rs:
+                    ax.annotate(
+                        str(r["dim"]), (r["state_bytes"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                    )
+        ax.set_xscale("log")
+        ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
+        ax.set_ylim(-0.02, 1.02)
+        if sub:
+            ax.set_title(sub, fontsize=9)
+        if len(panels) > 1:
+            ax.axhline(0.9, color="gray", linewidth=0.6, linestyle=":")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("MQAR accuracy at query positions")
+    widths = "; points labelled with the model width" if len(panels) > 1 else ""
+    fig.suptitle(f"effattn compare: recall vs state size{widths}\n{label}", fontsize=9)
     if pts:
-        ax.legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, "no successful MQAR run", ha="center", transform=ax.transAxes)
-    ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].text(0.5, 0.5, "no successful MQAR run", ha="center", transform=axes[0][0].transAxes)
     fig.tight_layout()
     fig.savefig(out / "recall_vs_state.png", dpi=110)
     plt.close(fig)
@@ -706,7 +798,7 @@ def write_report(cfg: CompareConfig, results: dict) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = results["meta"]["machine"]
-    plots, plot_notes = write_plots(out, results["speed"], results["recall"], machine)
+    plots, plot_notes = write_plots(out, results["speed"], results["recall"], machine, _pair_counts(cfg))
     results["plots"] = plots
     results["notes"] += plot_notes
     payload = {k: v for k, v in results.items()}
@@ -728,15 +820,28 @@ def write_report(cfg: CompareConfig, results: dict) -> Path:
         md += ["## Speed and memory", "", harness.format_markdown_table(payload["speed"], SPEED_COLUMNS), ""]
         md += [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots if p != "recall_vs_state.png"] + [""]
     if "recall" in cfg.only:
+        pairs = _pair_counts(cfg)
+        if len(pairs) == 1:
+            task = f"{pairs[0]} key-value pairs"
+            acc = f"accuracy on {cfg.mqar_test} held-out examples at the query positions"
+        else:
+            task = (
+                f"trained on an even mixture of {', '.join(map(str, pairs))} key-value pairs "
+                f"({cfg.mqar_train} examples)"
+            )
+            acc = (
+                f"acc@n: accuracy at the query positions of {cfg.mqar_test} held-out examples with n pairs; "
+                "accuracy: their mean"
+            )
         md += [
             "## Recall: MQAR (Zoology)",
             "",
-            f"2-layer LM per mixer and width; T={cfg.mqar_seq_len}, {cfg.mqar_kv_pairs} key-value pairs, "
+            f"2-layer LM per mixer and width (heads = width / 32); T={cfg.mqar_seq_len}, {task}, "
             f"vocab {cfg.mqar_vocab}, random_non_queries={cfg.mqar_random_non_queries}, {cfg.mqar_steps} AdamW "
-            f"steps of batch {cfg.mqar_batch} (lr {cfg.mqar_lr:g}); accuracy on "
-            f"{cfg.mqar_test} held-out examples at the query positions; state_bytes = LM.state_size(1, T).",
+            f"steps of batch {cfg.mqar_batch} (lr {cfg.mqar_lr:g}, weight decay {cfg.mqar_weight_decay:g}, one "
+            f"seed, no learning-rate sweep); {acc}; state_bytes = LM.state_size(1, T).",
             "",
-            harness.format_markdown_table(payload["recall"], RECALL_COLUMNS),
+            harness.format_markdown_table(payload["recall"], recall_columns(cfg)),
             "",
             "![recall vs state size](recall_vs_state.png)" if "recall_vs_state.png" in plots else "",
             "",
@@ -781,12 +886,25 @@ def run_compare(cfg: CompareConfig) -> dict:
         results["meta"].update(extra)
         print_table("speed and memory", rows, SPEED_COLUMNS)
     if "recall" in cfg.only:
-        results["recall"] = run_recall(cfg)
-        print_table("recall: MQAR accuracy vs state size", results["recall"], RECALL_COLUMNS)
+
+        def partial_report(rows: list[dict]) -> None:
+            # a long recall run leaves a readable report after every training, not only at its end
+            done = {
+                **results,
+                "recall": rows,
+                "advice": advice(results["speed"], rows, _pair_counts(cfg)),
+                "meta": {**results["meta"], "wall_s": time.perf_counter() - t0},
+                "notes": results["notes"] + [f"partial report: {len(rows)} of {n_runs} trainings done"],
+            }
+            write_report(cfg, done)
+
+        n_runs = len(_mixer_names(cfg)) * len(cfg.mqar_widths)
+        results["recall"] = run_recall(cfg, partial_report if n_runs > 1 else None)
+        print_table("recall: MQAR accuracy vs state size", results["recall"], recall_columns(cfg))
     if "listops" in cfg.only:
         results["listops"] = run_listops(cfg)
         print_table("reasoning: ListOps", results["listops"], LISTOPS_COLUMNS)
-    results["advice"] = advice(results["speed"], results["recall"])
+    results["advice"] = advice(results["speed"], results["recall"], _pair_counts(cfg))
     results["meta"]["wall_s"] = time.perf_counter() - t0
     path = write_report(cfg, results)
     for a in results["advice"]:
@@ -811,6 +929,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=str, default="bench_out/compare")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
+    p.add_argument("--widths", type=str, default=None, help="recall: comma-separated model widths (e.g. 32,64,128)")
+    p.add_argument(
+        "--kv-pairs",
+        type=str,
+        default=None,
+        help="recall: comma-separated MQAR pair counts; several train on their mixture and are tested one by one",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
@@ -834,8 +960,23 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         over["repeats"] = args.repeats
     if getattr(args, "flex", False):
         over["flex"] = True
-    return make_config(preset, **over)
+    for flag, key in (("widths", "mqar_widths"), ("kv_pairs", "mqar_kv_pairs")):
+        text = getattr(args, flag, None)
+        if text:
+            try:
+                vals = tuple(int(x) for x in text.split(",") if x.strip())
+            except ValueError:
+                raise SystemExit(f"--{flag.replace('_', '-')} must be comma-separated integers, got {text!r}") from None
+            if not vals or min(vals) < 1 or len(set(vals)) != len(vals):
+                raise SystemExit(f"--{flag.replace('_', '-')} must be distinct positive integers, got {text!r}")
+            over[key] = vals
+    cfg = make_config(preset, **over)
+    if isinstance(cfg.mqar_kv_pairs, tuple) and len(cfg.mqar_kv_pairs) == 1:
+        cfg = replace(cfg, mqar_kv_pairs=cfg.mqar_kv_pairs[0])
+    return cfg
 
 
 def main(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     run_compare(config_from_args(args))

@@ -10,12 +10,13 @@ Example::
 
     >>> r = train_mqar("attention", 32, heads=1, steps=2, num_train=64, num_test=16, batch_size=16)
     >>> sorted(r)[:3]
-    ['accuracy', 'final_loss', 'params']
+    ['accuracy', 'accuracy_by_pairs', 'final_loss']
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ def train_mqar(
     mlp_ratio: float = 4.0,
     vocab_size: int = 64,
     seq_len: int = 32,
-    num_kv_pairs: int = 4,
+    num_kv_pairs: int | Sequence[int] = 4,
     num_train: int = 2000,
     num_test: int = 256,
     steps: int = 300,
@@ -131,17 +132,32 @@ def train_mqar(
 ) -> dict:
     """Train a ``layers``-layer LM with mixer ``mixer`` at width ``dim`` on MQAR.
 
-    Returns ``accuracy`` (fraction of held-out query positions whose argmax is the paired value),
-    ``state_bytes`` (``LM.state_size(seq_len, batch=1)``), ``params``, ``final_loss``, ``train_s``.
+    ``num_kv_pairs`` is one pair count, or several: then, as in Zoology, the model trains on a
+    mixture (``num_train`` examples split evenly over the pair counts, all at ``seq_len``, shuffled
+    together) and is tested on ``num_test`` held-out examples of each pair count.
+
+    Returns ``accuracy`` (fraction of held-out query positions whose argmax is the paired value;
+    with several pair counts, the mean of the per-count accuracies), ``accuracy_by_pairs``
+    (``{pairs: accuracy}``), ``state_bytes`` (``LM.state_size(seq_len, batch=1)``), ``params``,
+    ``final_loss``, ``train_s``.
     """
+    pair_counts = [num_kv_pairs] if isinstance(num_kv_pairs, int) else list(num_kv_pairs)
+    if not pair_counts or len(set(pair_counts)) != len(pair_counts):
+        raise ValueError(f"num_kv_pairs must be an int or distinct ints, got {num_kv_pairs!r}")
     torch.manual_seed(seed)
     model = build_lm(
         mixer, dim, heads, vocab_size, layers, max_seq_len=max(seq_len, 64), mlp_ratio=mlp_ratio, **(mixer_kw or {})
     )
     model.to(device)
-    gen = dict(input_seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size)
-    x_tr, y_tr = make_mqar(num_train, **gen, random_non_queries=random_non_queries, seed=seed)
-    x_te, y_te = make_mqar(num_test, **gen, random_non_queries=random_non_queries, seed=seed + 10_000)
+    share = [num_train // len(pair_counts) + (i < num_train % len(pair_counts)) for i in range(len(pair_counts))]
+    train_sets, test_sets = [], {}
+    for i, (pairs, n) in enumerate(zip(pair_counts, share)):
+        gen = dict(input_seq_len=seq_len, num_kv_pairs=pairs, vocab_size=vocab_size)
+        # train seeds seed + i, test seeds seed + 10000 + i: one pair count keeps the seeds it always had
+        train_sets.append(make_mqar(n, **gen, random_non_queries=random_non_queries, seed=seed + i))
+        test_sets[pairs] = make_mqar(num_test, **gen, random_non_queries=random_non_queries, seed=seed + 10_000 + i)
+    x_tr = torch.cat([x for x, _ in train_sets])
+    y_tr = torch.cat([y for _, y in train_sets])
 
     def loss_fn(m, x, y):
         logits = _logits(m, x)
@@ -150,9 +166,10 @@ def train_mqar(
     t0 = time.perf_counter()
     final = _train(model, _batcher(x_tr, y_tr, batch_size, seed, device), loss_fn, steps, lr, weight_decay)
     train_s = time.perf_counter() - t0
-    acc = mqar_accuracy(model, x_te, y_te, batch_size, device)
+    by_pairs = {p: mqar_accuracy(model, x_te, y_te, batch_size, device) for p, (x_te, y_te) in test_sets.items()}
     return {
-        "accuracy": acc,
+        "accuracy": sum(by_pairs.values()) / len(by_pairs),
+        "accuracy_by_pairs": by_pairs,
         "state_bytes": int(model.state_size(seq_len=seq_len, batch=1)),
         "params": _params(model),
         "final_loss": final,
