@@ -282,12 +282,15 @@ class _Step:
         if n == 0:
             return None
         kv_pos = (sel[..., slots, None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)  # [Bm, Hm, g, 1, n*BK]
-        drop = (~real[..., slots]).repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)
+        drop = (~real[..., slots]).repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)  # small
         if part is not None:
-            part_cols = part[..., slots].repeat_interleave(lay.BK, -1).unsqueeze(-2)
+            # few passes over score-sized tensors: each costs a sizeable fraction of the tile's matmuls
             h = lay.h_idx if (sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]  # [1, 1, ...] if head-free
-            allowed = plan.bm.mask_mod(lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
-            drop = drop | (part_cols & ~allowed)
+            bad = ~plan.bm.mask_mod(lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
+            part_cols = part[..., slots]
+            if not bool(part_cols.all()):
+                bad = bad & part_cols.repeat_interleave(lay.BK, -1).unsqueeze(-2)
+            drop = bad | drop if bool(drop.any()) else bad
 
         def apply(s: torch.Tensor, value: float = float("-inf")) -> None:
             if n == c:

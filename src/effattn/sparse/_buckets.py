@@ -102,13 +102,13 @@ def visible(k_slot: torch.Tensor, lo: torch.Tensor, length: torch.Tensor, T: int
     """``(k_slot - lo) mod T < length`` (broadcasting; int32 tables keep score-sized temporaries small).
 
     Written without the (slow) integer remainder: ``0 <= d < length`` or, for an interval that wraps
-    past the end (``cyclic``), ``d < length - T`` with ``d = k_slot - lo``.
+    past the end (``cyclic``), ``d < length - T`` with ``d = k_slot - lo``. Not cyclic, it is the one-sided
+    test ``|2 k_slot - (2 lo + length - 1)| < length`` (three passes over the score-sized tensor, not four).
     """
+    if not cyclic:
+        return (2 * k_slot - (2 * lo + length - 1)).abs_() < length
     d = k_slot - lo
-    ok = (d >= 0) & (d < length)
-    if cyclic:
-        ok |= d < (length - T)
-    return ok
+    return ((d >= 0) & (d < length)) | (d < (length - T))
 
 
 def _rowless(h: torch.Tensor) -> torch.Tensor:
