@@ -1,5 +1,6 @@
 """Routing Transformer: engine == exact attention on the routed selection, balanced clusters, the causal
-per-cluster window, the online k-means router (EMA towards the data, no gradient), errors."""
+per-cluster window (default ``T // num_clusters`` or a fixed ``cluster_window``, whose selection does not
+depend on the call length), the online k-means router (EMA towards the data, no gradient), errors."""
 
 import pytest
 import torch
@@ -29,10 +30,22 @@ CASES = [  # causal, T, num_clusters, local_heads
 ]
 
 
-@pytest.mark.parametrize("causal,T,K,L", CASES)
-def test_engine_matches_reference(causal, T, K, L):
+CLUSTER_WINDOW_CASES = [  # causal with a fixed per-cluster window: T, num_clusters, local_heads, cluster_window
+    (97, 6, 2, 5),
+    (64, 4, 0, 40),
+    (7, 16, 2, 3),  # more clusters than tokens
+    (1, 8, 0, 4),
+]
+
+
+@pytest.mark.parametrize(
+    "causal,T,K,L,cw", [(*c, None) for c in CASES] + [(True, *c) for c in CLUSTER_WINDOW_CASES]
+)
+def test_engine_matches_reference(causal, T, K, L, cw):
     q, k, v = _inputs(T=T)
     params = {"num_clusters": K, "causal": causal, "local_heads": L, "seed": 1}
+    if cw is not None:
+        params["cluster_window"] = cw
     o = routing_attention(q, k, v, **params)
     mask = routing_dense_mask(q, k, **params)
     ref = attention(q, k, v, mask_mod=lambda b, h, i, j: mask[b, h, i, j], backend="reference")
@@ -223,3 +236,46 @@ def test_bfloat16_follows_the_flash_attention_rule():
         o = routing_attention(q, k, v, num_clusters=8, causal=causal)
         assert o.dtype == torch.bfloat16
         assert_lowp_close(o, ref_low, ref)
+
+
+def test_cluster_window_selection_rule():
+    """Each query sees the ``cluster_window`` most recent keys of its cluster at positions <= its own."""
+    q, k, _ = _inputs(B=1, T=50, H=2, Hkv=2)
+    K, cw, T = 3, 4, 50
+    mask = routing_dense_mask(q, k, num_clusters=K, causal=True, cluster_window=cw, seed=2)
+    cents = random_centroids(2, 16, K, seed=2)
+    cq, ck = _cosine(q, cents).argmax(-1), _cosine(k, cents).argmax(-1)
+    for h in range(2):
+        for i in range(T):
+            same = [j for j in range(i + 1) if ck[0, h, j] == cq[0, h, i]][-cw:]
+            expected = torch.zeros(T, dtype=torch.bool)
+            expected[same] = True
+            assert torch.equal(mask[0, h, i], expected)
+
+
+def test_prefix_call_gives_the_prefix_outputs():
+    """With a fixed cluster_window a query's keys do not depend on how long the call is; with the
+    default ``w = T // num_clusters`` they do (which is why the nn layer fixes it)."""
+    q, k, v = _inputs(B=1, T=96)
+    router = KMeansRouter(2, 16, 4, seed=0).eval()
+    fixed = {"router": router, "causal": True, "local_heads": 2, "window": 8, "cluster_window": 6}
+    with torch.no_grad():
+        full = routing_attention(q, k, v, **fixed)
+        for t in (1, 5, 33, 95):
+            part = routing_attention(q[:, :t], k[:, :t], v[:, :t], **fixed)
+            assert_fp32_close(part, full[:, :t], name=f"prefix {t}")
+        default = {"router": router, "causal": True, "local_heads": 2, "window": 8}
+        a = routing_attention(q[:, :32], k[:, :32], v[:, :32], **default)  # w = 8
+        b = routing_attention(q, k, v, **default)[:, :32]  # w = 24
+        assert (a - b).abs().max() > 1e-3
+
+
+def test_cluster_window_errors():
+    q, k, v = _inputs(T=16)
+    with pytest.raises(ValueError, match="cluster_window applies to causal"):
+        routing_attention(q, k, v, num_clusters=4, cluster_window=4)
+    with pytest.raises(ValueError, match="cluster_window must be a positive int"):
+        routing_attention(q, k, v, num_clusters=4, causal=True, cluster_window=0)
+    with pytest.raises(ValueError, match="num_clusters=32 exceeds"):  # without cluster_window, as before
+        routing_attention(q, k, v, num_clusters=32, causal=True)
+    assert routing_attention(q, k, v, num_clusters=32, causal=True, cluster_window=2).shape == q.shape
