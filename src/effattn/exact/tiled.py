@@ -243,8 +243,7 @@ class _Step:
         if self.flat is None:
             acc_flat.view(lay.B * lay.W, lay.nk * lay.BK, E)[:, self.lo : self.lo + self.cols] += grad
         else:
-            # index_put_ with accumulate, not index_add_: the CPU index_add_ kernel is ~10x slower here
-            acc_flat.index_put_((self.flat,), grad.reshape(-1, lay.BK, E), accumulate=True)
+            acc_flat.index_add_(0, self.flat, grad.reshape(-1, lay.BK, E))
 
     def scores(self, q_rows: torch.Tensor, ks: torch.Tensor, ws: _Workspace, name: str = "s") -> torch.Tensor:
         """Scores ``[B, W, g, R, cols]`` from pre-scaled query rows (before score_mod and masking),

@@ -69,24 +69,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     b = torch.arange(B, device=x.device).view(B, 1, 1)
     h = torch.arange(H, device=x.device).view(1, 1, H)
     flat = (b * T + idx.transpose(1, 2)) * H + h  # [B, N, H]: row of x.reshape(B * T * H, E)
-    return _RowGather.apply(x.reshape(B * T * H, E), flat.reshape(-1)).view(B, N, H, E)
-
-
-class _RowGather(torch.autograd.Function):
-    """``x[rows]`` whose backward accumulates with ``index_put_`` (the CPU ``index_add_`` behind
-    ``index_select``'s own backward is several times slower)."""
-
-    @staticmethod
-    def forward(ctx, x, rows):
-        ctx.save_for_backward(rows)
-        ctx.n = x.shape[0]
-        return x.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.n, *grad.shape[1:])
-        return out.index_put_((rows,), grad, accumulate=True), None
+    return x.reshape(B * T * H, E).index_select(0, flat.reshape(-1)).view(B, N, H, E)
 
 
 def sort_by_bucket(bucket: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
