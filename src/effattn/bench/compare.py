@@ -18,7 +18,7 @@ On the machine at hand, in one run:
 Presets: ``tiny`` (seconds; tests), ``quick`` (default, about 10 minutes on 2 CPU cores),
 ``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
 attention and fixed-state mixers at three widths, trained on a mixture of pair counts and tested per
-pair count; about an hour on one CPU core) and ``full`` (``--full``; long: LRA length, 64k tokens).
+pair count; about half an hour on one CPU core) and ``full`` (``--full``; long: LRA length, 64k tokens).
 A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
 on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
 ``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (time and memory vs length,
@@ -114,11 +114,13 @@ PRESETS: dict[str, dict] = {
         listops_batch=16,
     ),
     "quick": {},
-    # Zoology's finding (attention solves MQAR at every width; fixed-state mixers need more state as the
-    # pair count grows) at a size one CPU core trains in under an hour. Calibrated on this CPU with
-    # 2-layer attention: at T=32 with 2/4/8 pairs and vocabulary 34 width 64 passes 0.98 after 300
-    # steps; at T=64 (4/8/16 or 2-16 pairs, vocabulary 66-128) and at T=32 with vocabulary 64 it
-    # stayed at chance (1 / pairs) for 1200-2400 steps, so this preset runs T=32
+    # Meant to show Zoology's finding (attention solves MQAR at every width; fixed-state mixers need more
+    # state as the pair count grows) at a size one CPU core trains in about half an hour. Sized by
+    # scratch calibration runs of a 2-layer attention LM on this CPU (not a committed report): at
+    # T=64 (4/8/16 pairs, vocabulary 66-128) and at T=32 with vocabulary 64 it stayed at chance
+    # (1 / pairs) for 1200-2400 steps; at T=32, 2/4/8 pairs, vocabulary 34, width 64 left chance
+    # within 300 steps. With 16 distinct keys every mixer's key space here can hold every key, so
+    # this size does not bind the state: see docs/compare.md for what it does and does not show
     "recall": dict(
         only=("recall",),
         mixers=RECALL_MIXERS,
