@@ -2,9 +2,10 @@
 
 A small attention LM (:class:`effattn.nn.LM`: 2 layers, width 64, 2 heads, partial RoPE on a
 quarter of each head's channels, no sliding window) is trained here on generated passkey prompts
-(:mod:`effattn.bench.tasks.passkey`) until it retrieves the key with its full cache; its weights are
-cached under ``--cache-dir`` (:meth:`~effattn.nn.LM.save`), keyed by the training settings, so a
-rerun skips training. Training is deterministic given ``--seed``.
+(:mod:`effattn.bench.tasks.passkey`) until it retrieves the key with its full cache: the base stages
+on prompts of up to 2k tokens, then the ``extend`` stages on 1k-8k prompts from the base weights. The
+weights of both are cached under ``--cache-dir`` (:meth:`~effattn.nn.LM.save`), keyed by the training
+settings, so a rerun skips training. Training is deterministic given ``--seed``.
 
 Then for each context length (default 2k, 4k, 8k; ``--quick``: 256, 512) ``N`` prompts
 (``--prompts``) hide the key at depths spread evenly over ``[0, 1]``, and each method prefills them
@@ -441,7 +442,9 @@ def run(args: argparse.Namespace) -> None:
     notes = [
         f"model: effattn.nn.LM, {cfg.layers} attention layers, dim {cfg.dim}, {cfg.heads} heads (MHA), RoPE on "
         f"{cfg.rope_fraction:g} of each head's channels, no window; trained {cfg.steps} steps on passkey prompts, "
-        f"stages (steps, min_len, max_len, tokens/step) {[list(s) for s in cfg.stages]} ({source})",
+        f"stages (steps, min_len, max_len, tokens/step) {[list(s) for s in cfg.stages]}"
+        + (f", then extend {[list(s) for s in cfg.extend]} at lr {cfg.extend_lr:g}" if cfg.extend else "")
+        + f" ({source})",
         f"{n_prompts} prompts per length, needle depths evenly spaced in [0, 1]; {cfg.num_digits}-digit keys; greedy "
         f"decoding; accuracy = all digits right",
         "ratio = fraction of the context removed per (layer, kv head); full = contiguous cache (every policy at "
