@@ -116,10 +116,10 @@ PRESETS: dict[str, dict] = {
     "quick": {},
     # Meant to show Zoology's finding (attention solves MQAR at every width; fixed-state mixers need more
     # state as the pair count grows) at a size one CPU core trains in about half an hour. Sized by
-    # scratch calibration runs of a 2-layer attention LM on this CPU (not a committed report): at
-    # T=64 (4/8/16 pairs, vocabulary 66-128) and at T=32 with vocabulary 64 it stayed at chance
-    # (1 / pairs) for 1200-2400 steps; at T=32, 2/4/8 pairs, vocabulary 34, width 64 left chance
-    # within 300 steps. With 16 distinct keys every mixer's key space here can hold every key, so
+    # scratch calibration runs of a 2-layer attention LM on this CPU (docs/results/compare_recall/
+    # calibration): at T=64 (vocabulary 66-128) and at T=32 with vocabulary 64 it stayed at chance
+    # (1 / pairs) for as long as it ran (450-2250 steps); at T=32, 2/4/8 pairs, vocabulary 34, width
+    # 64 left chance within 300 steps. With 16 distinct keys every mixer's key space here can hold every key, so
     # this size does not bind the state: see docs/compare.md for what it does and does not show
     "recall": dict(
         only=("recall",),
