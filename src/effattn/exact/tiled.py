@@ -303,6 +303,16 @@ class _Step:
         return apply
 
 
+def _masked_exp(x: torch.Tensor, drop) -> torch.Tensor:
+    """``exp(x)`` in place with the step's masked entries exactly zero (``drop``: :meth:`_Step._masking`).
+    With a mask, ``x`` is clamped at ``EXP_FLOOR`` first so that ``exp`` stays on its fast path."""
+    if drop is None:
+        return x.exp_()
+    x = x.clamp_(min=EXP_FLOOR).exp_()
+    drop(x, 0.0)
+    return x
+
+
 def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """Learned sink logit per row: ``[1, W, 1, R]``."""
     return sinks.float()[lay.row_heads].view(1, lay.W, 1, lay.R)
@@ -338,12 +348,7 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         m_new = torch.maximum(m, s.amax(-1))
         m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
         alpha = torch.exp(m - m_use)
-        p = s.sub_(m_use[..., None])
-        if st.drop is not None:
-            p = p.clamp_(min=EXP_FLOOR).exp_()
-            st.drop(p, 0.0)
-        else:
-            p = p.exp_()
+        p = _masked_exp(s.sub_(m_use[..., None]), st.drop)
         l = l * alpha + p.sum(-1)
         pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat, ws, "v")))
         acc = acc.mul_(alpha[..., None]).add_(pv)
@@ -390,14 +395,9 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
             s = s_mod.detach().clone()
         else:
             s = s_raw
-        p = s.sub_(lse_r[:, :, i0:i1, :, None])  # [B, W, g, R, cols]
-        if st.drop is not None:
-            p = p.clamp_(min=EXP_FLOOR).exp_()
-            st.drop(p, 0.0)
-            if any_empty:
-                p.masked_fill_(empty_r[:, :, i0:i1, :, None], 0.0)
-        else:
-            p = p.exp_()
+        p = _masked_exp(s.sub_(lse_r[:, :, i0:i1, :, None]), st.drop)  # [B, W, g, R, cols]
+        if st.drop is not None and any_empty:  # the clamp lifted the -inf of empty rows
+            p.masked_fill_(empty_r[:, :, i0:i1, :, None], 0.0)
         p_rows, do_rows = st.rows(p), st.rows(do_g)
         st.add_to_keys(dv_flat, torch.bmm(p_rows.transpose(1, 2), do_rows))
         dp = st.matmul_rows(do_rows, vs.transpose(1, 2), ws, "dp")
