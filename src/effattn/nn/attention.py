@@ -79,6 +79,20 @@ def check_state(state, batch: int) -> KVCacheBase:
     return state
 
 
+def window_keep(causal: bool, window: int | None, mods: bool = False) -> int | None:
+    """Keys a later query can still see (``window - 1``) where a layer's cache may be bounded: causal,
+    windowed, no mask/score mod (``mods``: they see absolute cache indices, which trimming would shift)."""
+    if not causal or window is None or mods:
+        return None
+    return window_bounds(window, True)[0]
+
+
+def cached_tokens(seq_len: int, keep: int | None) -> int:
+    """Tokens a layer's cache holds at most between calls at context ``seq_len`` (:class:`WindowKVCache`
+    with ``keep``: ``keep + slack - 1``; otherwise all of them)."""
+    return seq_len if keep is None else min(seq_len, WindowKVCache(keep).max_length)
+
+
 def layer_cache(state, batch: int, keep: int | None) -> KVCacheBase:
     """The cache a layer continues: ``state`` checked, or a fresh one for ``state=None`` -- a
     :class:`WindowKVCache` keeping ``keep`` tokens where the layer may bound its cache (``keep`` not
@@ -382,11 +396,7 @@ class Attention(nn.Module):
         return o, cache
 
     def _window_keep(self) -> int | None:
-        """Keys a later query can still see (``window - 1``) where the cache may be bounded: causal,
-        windowed, no mask/score mod (mods see absolute cache indices, which trimming would shift)."""
-        if not self.causal or self.window is None or self.mask_mod is not None or self.score_mod is not None:
-            return None
-        return window_bounds(self.window, True)[0]
+        return window_keep(self.causal, self.window, mods=self.mask_mod is not None or self.score_mod is not None)
 
     def _project(self, x: torch.Tensor, pos: torch.Tensor):
         """Queries ``[B, T, heads, head_dim]``, keys and values ``[B, T, kv_heads, head_dim]``, QK-normed
@@ -460,5 +470,4 @@ class Attention(nn.Module):
         bounded window cache the most it holds between calls, ``min(seq_len, keep + slack - 1)`` tokens."""
         el = self.q_proj.weight.element_size()
         keep = self._window_keep()
-        tokens = seq_len if keep is None else min(seq_len, WindowKVCache(keep).max_length)
-        return batch * tokens * self.kv_heads * 2 * self.head_dim * el
+        return batch * cached_tokens(seq_len, keep) * self.kv_heads * 2 * self.head_dim * el

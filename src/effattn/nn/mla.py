@@ -25,15 +25,16 @@ import torch
 from torch import nn
 
 from effattn.exact.api import BACKENDS
-from effattn.exact.masks import window_bounds
 from effattn.kv.contiguous import KVCache
 from effattn.nn.attention import (
     Attention,
     WindowKVCache,
     _check_pos_int,
     cached_attention,
+    cached_tokens,
     check_mixer_input,
     layer_cache,
+    window_keep,
 )
 from effattn.nn.rope import RotaryEmbedding
 
@@ -183,17 +184,13 @@ class MLA(nn.Module):
         return self.o_proj(o.flatten(2)), cache
 
     def _window_keep(self) -> int | None:
-        """Latent rows a later query can still see (``window - 1``) for a causal windowed layer."""
-        if not self.causal or self.window is None:
-            return None
-        return window_bounds(self.window, True)[0]
+        return window_keep(self.causal, self.window)
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Bytes of the latent cache: ``kv_lora_rank + qk_rope_head_dim`` numbers per token; a causal
         windowed layer holds at most ``min(seq_len, keep + slack - 1)`` tokens (:class:`WindowKVCache`)."""
-        keep = self._window_keep()
-        tokens = seq_len if keep is None else min(seq_len, WindowKVCache(keep).max_length)
-        return batch * tokens * (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv_down.weight.element_size()
+        width = self.kv_lora_rank + self.qk_rope_head_dim
+        return batch * cached_tokens(seq_len, self._window_keep()) * width * self.kv_down.weight.element_size()
 
 
 @torch.no_grad()
