@@ -29,6 +29,7 @@ TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32)
 # in range; in tiles with masked entries, scores minus the row max are clamped first (e^-80 ~ 2e-35 next to
 # the row max's 1 is nothing) and the masked entries are zeroed after the exp, so they stay exactly zero
 EXP_FLOOR = -80.0
+MASKED_SCORE = -1e30  # what a masked score becomes before the row max (finite: adding it is a fast pass)
 ROWS_PER_STEP = 256  # query rows a step aims for: a taller, narrower score tile for the same budget
 
 
@@ -204,7 +205,7 @@ class _Step:
             self.lo, self.flat = start * lay.BK, None
         else:
             self.lo, self.flat = None, (sel.expand(lay.B, lay.W, self.g, self.c) + lay.base).reshape(-1)
-        self.drop = self._masking(c0, c1)
+        self.mask = self._masking(c0, c1)
 
     def kv_pos(self) -> torch.Tensor:
         """Key positions of the step's columns (clamped into range), broadcastable to the scores."""
@@ -259,8 +260,8 @@ class _Step:
         lay = self.lay
         return self.plan.score_mod(s, lay.b_idx, lay.h_idx, self.plan.q_pos(self.i0, self.i1), self.kv_pos())
 
-    def _masking(self, c0: int, c1: int):
-        """A function that sets masked scores to -inf in place, or None when nothing is masked.
+    def _masking(self, c0: int, c1: int) -> _TileMask | None:
+        """The step's :class:`_TileMask`, or None when nothing is masked.
 
         Only the key-block slots that need it (padding of ragged rows, the last key block's tail,
         partial tiles) are touched; the mask mod is evaluated on those slots alone and on the block
@@ -277,39 +278,69 @@ class _Step:
             part = plan.partial_raw[:, :, i0:i1, c0:c1] & real
             need = need | part
         slots = need.flatten(0, 2).any(0).nonzero().flatten()
-        n = slots.numel()
-        if n == 0:
+        if slots.numel() == 0:
             return None
         kv_pos = (sel[..., slots, None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)  # [Bm, Hm, g, 1, n*BK]
         drop = (~real[..., slots]).repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)  # small
         if part is not None:
-            # few passes over score-sized tensors: each costs a sizeable fraction of the tile's matmuls
             h = lay.h_idx if (sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]  # [1, 1, ...] if head-free
             bad = ~plan.bm.mask_mod(lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
             part_cols = part[..., slots]
             if not bool(part_cols.all()):
                 bad = bad & part_cols.repeat_interleave(lay.BK, -1).unsqueeze(-2)
             drop = bad | drop if bool(drop.any()) else bad
-
-        def apply(s: torch.Tensor, value: float = float("-inf")) -> None:
-            if n == c:
-                s.masked_fill_(drop, value)
-                return
-            s6 = s.view(*s.shape[:4], c, lay.BK)
-            sub = s6[:, :, :, :, slots]
-            sub.masked_fill_(drop.view(*drop.shape[:4], n, lay.BK), value)
-            s6[:, :, :, :, slots] = sub
-
-        return apply
+        return _TileMask(drop, slots, c, lay.BK)
 
 
-def _masked_exp(x: torch.Tensor, drop) -> torch.Tensor:
-    """``exp(x)`` in place with the step's masked entries exactly zero (``drop``: :meth:`_Step._masking`).
-    With a mask, ``x`` is clamped at ``EXP_FLOOR`` first so that ``exp`` stays on its fast path."""
-    if drop is None:
+class _TileMask:
+    """The masked entries of one step's score tile, applied by arithmetic on the masked key-block slots.
+
+    ``masked_fill_`` with a boolean mask runs at a small fraction of the speed of an elementwise multiply on
+    the CPU, so the mask is kept as two float tensors: ``neg`` (``MASKED_SCORE`` where masked, else 0), added
+    to the scores before the row max, and ``keep`` (0 where masked, else 1), multiplied into
+    ``exp(S - m)`` so that masked entries are exactly zero. Only the ``slots`` (key blocks) that hold a
+    masked entry are touched: a view when they are consecutive, a gather/scatter otherwise.
+    """
+
+    def __init__(self, drop: torch.Tensor, slots: torch.Tensor, c: int, block: int):
+        dropped = drop.float()
+        self.neg = dropped * MASKED_SCORE
+        self.keep = dropped.neg_().add_(1.0)
+        self.c, self.block, self.slots = c, block, slots
+        first, n = int(slots[0]), slots.numel()
+        self.first = first if int(slots[-1]) - first == n - 1 else None  # consecutive slots: a view
+
+    def _apply(self, s: torch.Tensor, fn, operand: torch.Tensor) -> None:
+        n = self.slots.numel()
+        if n == self.c:
+            fn(s, operand)
+            return
+        s6 = s.view(*s.shape[:4], self.c, self.block)
+        operand = operand.unflatten(-1, (n, self.block))
+        if self.first is not None:
+            fn(s6.narrow(4, self.first, n), operand)
+            return
+        sub = s6.index_select(4, self.slots)
+        fn(sub, operand)
+        s6.index_copy_(4, self.slots, sub)
+
+    def lower(self, s: torch.Tensor) -> None:
+        """Masked scores become ``MASKED_SCORE`` (below any real score), in place: before the row max."""
+        self._apply(s, torch.Tensor.add_, self.neg)
+
+    def zero(self, p: torch.Tensor) -> None:
+        """Masked entries of ``p`` become exactly 0, in place."""
+        self._apply(p, torch.Tensor.mul_, self.keep)
+
+
+def _masked_exp(x: torch.Tensor, mask: _TileMask | None) -> torch.Tensor:
+    """``exp(x)`` in place with the step's masked entries exactly zero. With a mask, ``x`` is clamped
+    into ``[EXP_FLOOR, -EXP_FLOOR]`` first: ``exp`` stays on its fast path and a masked entry, whatever
+    its score, is finite before it is multiplied by zero (a visible entry is at most 0 here)."""
+    if mask is None:
         return x.exp_()
-    x = x.clamp_(min=EXP_FLOOR).exp_()
-    drop(x, 0.0)
+    x = x.clamp_(EXP_FLOOR, -EXP_FLOOR).exp_()
+    mask.zero(x)
     return x
 
 
@@ -335,8 +366,8 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         s = st.scores(q_r[:, :, i0:i1], st.keys(k_flat, ws, "k"), ws)
         if plan.score_mod is not None:
             s = st.score_mod(s)
-        if st.drop is not None:
-            st.drop(s)
+        if st.mask is not None:
+            st.mask.lower(s)
         if first:
             if sinks is not None:
                 m = _sink_rows(sinks, lay).expand(lay.B, lay.W, st.g, lay.R).clone()
@@ -348,7 +379,7 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         m_new = torch.maximum(m, s.amax(-1))
         m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
         alpha = torch.exp(m - m_use)
-        p = _masked_exp(s.sub_(m_use[..., None]), st.drop)
+        p = _masked_exp(s.sub_(m_use[..., None]), st.mask)
         l = l * alpha + p.sum(-1)
         pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat, ws, "v")))
         acc = acc.mul_(alpha[..., None]).add_(pv)
@@ -377,7 +408,9 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
     lse_r = lay.row_stat(lse.float())
     empty_r = lse_r == float("-inf")
     lse_r = lse_r.masked_fill(empty_r, float("inf"))  # empty rows: P = 0 (zeroed again after a clamp)
-    any_empty = bool(empty_r.any())
+    # a row is empty when every entry is masked (then the mask zeroes its P) or a score_mod gave -inf to
+    # every visible entry: only then can the clamp in _masked_exp lift an entry of an empty row above 0
+    any_empty = plan.score_mod is not None and bool(empty_r.any())
     dq = lay.new_rows(lay.D)
     dq_view = lay.rows_view(dq)
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
@@ -395,8 +428,8 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
             s = s_mod.detach().clone()
         else:
             s = s_raw
-        p = _masked_exp(s.sub_(lse_r[:, :, i0:i1, :, None]), st.drop)  # [B, W, g, R, cols]
-        if st.drop is not None and any_empty:  # the clamp lifted the -inf of empty rows
+        p = _masked_exp(s.sub_(lse_r[:, :, i0:i1, :, None]), st.mask)  # [B, W, g, R, cols]
+        if st.mask is not None and any_empty:
             p.masked_fill_(empty_r[:, :, i0:i1, :, None], 0.0)
         p_rows, do_rows = st.rows(p), st.rows(do_g)
         st.add_to_keys(dv_flat, torch.bmm(p_rows.transpose(1, 2), do_rows))
