@@ -204,6 +204,33 @@ def test_recall_mixture_reports_accuracy_per_pair_count(tmp_path):
     assert data["meta"]["config"]["mqar_kv_pairs"] == [2, 4, 8] and len(data["recall"]) == 4
 
 
+def test_recall_head_dims_vary_the_state_at_one_width(tmp_path):
+    """--head-dims trains one model per head dim (heads = width // head_dim): a linear-attention state
+    (heads x head_dim^2) grows with the head dim, attention's KV cache does not; the state preset is
+    that sweep at one width."""
+    import argparse
+
+    cfg = make_config("state")
+    assert cfg.only == ("recall",) and len(cfg.mqar_widths) == 1 and len(cfg.mqar_head_dims) >= 3
+    assert "attention" in cfg.mixers and "mamba2" not in cfg.mixers
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    assert compare.config_from_args(p.parse_args(["--head-dims", "4,8"])).mqar_head_dims == (4, 8)
+    with pytest.raises(SystemExit):
+        compare.config_from_args(p.parse_args(["--head-dims", "8,8"]))
+
+    cfg = make_config(
+        "tiny", out=str(tmp_path / "hd"), only=("recall",), mixers=("attention", "linear_attention"),
+        mqar_widths=(32,), mqar_head_dims=(8, 16), mqar_kv_pairs=(2, 4), mqar_steps=1,
+    )
+    rows = {(r["mixer"], r["head_dim"]): r for r in run_compare(cfg)["recall"]}
+    assert set(rows) == {(m, hd) for m in ("attention", "linear_attention") for hd in (8, 16)}
+    assert rows[("attention", 8)]["state_bytes"] == rows[("attention", 16)]["state_bytes"]
+    assert rows[("linear_attention", 16)]["state_bytes"] > 1.5 * rows[("linear_attention", 8)]["state_bytes"]
+    md = (tmp_path / "hd" / "report.md").read_text()
+    assert "| head_dim |" in md and "head_dim in 8, 16" in md
+
+
 def test_recall_trend_reads_the_threshold():
     rows = [
         {"mixer": "a", "dim": 32, "state_bytes": 100, "accuracy": 0.9, "acc@4": 0.95, "acc@16": 0.85},

@@ -18,7 +18,9 @@ On the machine at hand, in one run:
 Presets: ``tiny`` (seconds; tests), ``quick`` (default, about 10 minutes on 2 CPU cores),
 ``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
 attention and fixed-state mixers at three widths, trained on a mixture of pair counts and tested per
-pair count; about half an hour on one CPU core) and ``full`` (``--full``; long: LRA length, 64k tokens).
+pair count; about half an hour on one CPU core), ``state`` (the same task at width 64 with head dims
+4-32: the state of linear attention, GLA and DeltaNet spans 16x at one width) and ``full`` (``--full``;
+long: LRA length, 64k tokens).
 A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
 on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
 ``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (time and memory vs length,
@@ -60,6 +62,7 @@ class CompareConfig:
     mixers: tuple[str, ...] | None = None  # None: every registered mixer
     # MQAR
     mqar_widths: tuple[int, ...] = (64,)
+    mqar_head_dims: tuple[int, ...] = (32,)  # heads = width // head_dim; several: one training per head dim
     # CPU budget: T 16 with 4 pairs (the smallest length Zoology's rule 4 * pairs <= T allows), where a
     # 2-layer attention LM at width 64 passes 0.9 after ~300 steps (seeds 0-3); --full runs T 256, 32 pairs
     mqar_seq_len: int = 16
@@ -125,6 +128,24 @@ PRESETS: dict[str, dict] = {
         only=("recall",),
         mixers=RECALL_MIXERS,
         mqar_widths=(32, 64, 128),
+        mqar_seq_len=32,
+        mqar_kv_pairs=(2, 4, 8),
+        mqar_vocab=34,
+        mqar_train=24000,
+        mqar_test=256,
+        mqar_steps=800,
+        mqar_batch=32,
+        mqar_lr=1e-3,
+    ),
+    # The state-size question at the size where training works (the recall preset's task): width 64, head
+    # dims 4-32, so the state of the mixers whose state is heads x head_dim^2 (linear attention, GLA,
+    # DeltaNet) spans 16x, while attention's KV cache (2 x T x width) stays put. Mamba-2 and Based are left
+    # out: their state does not depend on the head dim (d_state, the feature dimension)
+    "state": dict(
+        only=("recall",),
+        mixers=("attention", "gla", "linear_attention", "deltanet"),
+        mqar_widths=(64,),
+        mqar_head_dims=(4, 8, 16, 32),
         mqar_seq_len=32,
         mqar_kv_pairs=(2, 4, 8),
         mqar_vocab=34,
@@ -510,24 +531,26 @@ def _mixer_names(cfg: CompareConfig) -> list[str]:
     return list_mixers()
 
 
-def _heads_for(dim: int) -> int:
-    return max(1, dim // 32)
+def _heads_for(dim: int, head_dim: int = 32) -> int:
+    return max(1, dim // head_dim)
 
 
 def run_recall(cfg: CompareConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """One MQAR training per (mixer, width); ``on_row(rows so far)`` after each (partial reports)."""
+    """One MQAR training per (mixer, width, head dim); ``on_row(rows so far)`` after each (partial reports)."""
     from effattn.bench.train import train_mqar
 
     names = _mixer_names(cfg)
     rows = []
-    bar = _Progress("recall (MQAR)", len(names) * len(cfg.mqar_widths))
+    shapes = [(dim, hd) for dim in cfg.mqar_widths for hd in cfg.mqar_head_dims]
+    bar = _Progress("recall (MQAR)", len(names) * len(shapes))
     for name in names:
-        for dim in cfg.mqar_widths:
+        for dim, hd in shapes:
+            heads = _heads_for(dim, hd)
             r = _guard(
-                lambda name=name, dim=dim: train_mqar(
+                lambda name=name, dim=dim, heads=heads: train_mqar(
                     name,
                     dim,
-                    heads=_heads_for(dim),
+                    heads=heads,
                     vocab_size=cfg.mqar_vocab,
                     seq_len=cfg.mqar_seq_len,
                     num_kv_pairs=cfg.mqar_kv_pairs,
@@ -545,8 +568,8 @@ def run_recall(cfg: CompareConfig, on_row: Callable[[list[dict]], None] | None =
             by_pairs = r.pop("accuracy_by_pairs", None) or {}
             if len(by_pairs) > 1:
                 r.update({f"acc@{p}": a for p, a in by_pairs.items()})
-            rows.append({"mixer": name, "dim": dim, **r})
-            bar.advance(f"{name} dim={dim}: acc {_fmt(r.get('accuracy'))}")
+            rows.append({"mixer": name, "dim": dim, "head_dim": dim // heads, **r})
+            bar.advance(f"{name} dim={dim} head_dim={dim // heads}: acc {_fmt(r.get('accuracy'))}")
             if on_row is not None:
                 on_row(rows)
     bar.close()
@@ -612,7 +635,7 @@ SPEED_COLUMNS = (
     "note",
     "error",
 )
-RECALL_COLUMNS = ("mixer", "dim", "state_bytes", "params", "accuracy", "train_s", "final_loss", "error")
+RECALL_COLUMNS = ("mixer", "dim", "head_dim", "state_bytes", "params", "accuracy", "train_s", "final_loss", "error")
 
 
 def _pair_counts(cfg: CompareConfig) -> tuple[int, ...]:
@@ -625,7 +648,12 @@ def recall_columns(cfg: CompareConfig) -> tuple[str, ...]:
     pairs = _pair_counts(cfg)
     if len(pairs) == 1:
         return RECALL_COLUMNS
-    return RECALL_COLUMNS[:4] + tuple(f"acc@{p}" for p in pairs) + ("accuracy",) + RECALL_COLUMNS[5:]
+    return RECALL_COLUMNS[:5] + tuple(f"acc@{p}" for p in pairs) + ("accuracy",) + RECALL_COLUMNS[6:]
+
+
+def _shape(r: dict) -> str:
+    """``dim=64 head_dim=8`` (reports made before head dims were swept have no ``head_dim``)."""
+    return f"dim={r['dim']}" + (f" head_dim={r['head_dim']}" if r.get("head_dim") else "")
 
 
 def recall_trend(recall: list[dict], pairs: Sequence[int], threshold: float = 0.9) -> list[str]:
@@ -640,7 +668,7 @@ def recall_trend(recall: list[dict], pairs: Sequence[int], threshold: float = 0.
             ok = [r for r in recall if r["mixer"] == m and r.get(key) is not None and r[key] >= threshold]
             if ok:
                 r = min(ok, key=lambda r: (r["state_bytes"], r["dim"]))
-                parts.append(f"{m} from dim={r['dim']} ({r['state_bytes']} B)")
+                parts.append(f"{m} from {_shape(r)} ({r['state_bytes']} B)")
             else:
                 best = max((r[key] for r in recall if r["mixer"] == m and r.get(key) is not None), default=None)
                 parts.append(f"{m} never (best {best:.2f})" if best is not None else f"{m} never")
@@ -685,7 +713,7 @@ def advice(speed: list[dict], recall: list[dict], pairs: Sequence[int] = ()) -> 
             r = min(near, key=lambda r: r["state_bytes"])
             lines.append(
                 f"MQAR: best accuracy {best:.3f}; the smallest state within 0.05 of it is {r['mixer']} "
-                f"dim={r['dim']} ({r['state_bytes']} B, accuracy {r['accuracy']:.3f})"
+                f"{_shape(r)} ({r['state_bytes']} B, accuracy {r['accuracy']:.3f})"
             )
     if len(pairs) > 1 and good:
         lines += recall_trend(recall, pairs)
@@ -758,6 +786,12 @@ def write_plots(
     panels = [(f"acc@{p}", f"{p} key-value pairs") for p in pairs] if len(pairs) > 1 else [("accuracy", "")]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 4.6 * len(panels)), 5.5), sharey=True, squeeze=False)
     names = sorted({r["mixer"] for r in pts})
+    # points are labelled with what the run varies: the width, the head dim, or both ("64/8")
+    vary_dim, vary_hd = len({r["dim"] for r in pts}) > 1, len({r.get("head_dim") for r in pts}) > 1
+
+    def point_label(r: dict) -> str:
+        return "/".join([str(r["dim"])] * vary_dim + [str(r.get("head_dim"))] * vary_hd)
+
     for ax, (key, sub) in zip(axes[0], panels):
         for i, name in enumerate(names):
             rs = sorted(
@@ -769,10 +803,10 @@ def write_plots(
                 marker="os^Dv<>p"[i % 8],
                 label=name,
             )
-            if len(panels) > 1:
+            if len(panels) > 1 and (vary_dim or vary_hd):
                 for r in rs:
                     ax.annotate(
-                        str(r["dim"]), (r["state_bytes"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                        point_label(r), (r["state_bytes"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
                     )
         ax.set_xscale("log")
         ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
@@ -783,8 +817,9 @@ def write_plots(
             ax.axhline(0.9, color="gray", linewidth=0.6, linestyle=":")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy at query positions")
-    widths = "; points labelled with the model width" if len(panels) > 1 else ""
-    fig.suptitle(f"effattn compare: recall vs state size{widths}\n{label}", fontsize=9)
+    what = " / ".join(["model width"] * vary_dim + ["head dim"] * vary_hd)
+    what = f"; points labelled with the {what}" if len(panels) > 1 and what else ""
+    fig.suptitle(f"effattn compare: recall vs state size{what}\n{label}", fontsize=9)
     if pts:
         axes[0][-1].legend(fontsize=7)
     else:
@@ -838,7 +873,8 @@ def write_report(cfg: CompareConfig, results: dict) -> Path:
         md += [
             "## Recall: MQAR (Zoology)",
             "",
-            f"2-layer LM per mixer and width (heads = width / 32); T={cfg.mqar_seq_len}, {task}, "
+            f"2-layer LM per mixer, width and head dim (heads = width / head_dim, head_dim in "
+            f"{', '.join(map(str, cfg.mqar_head_dims))}); T={cfg.mqar_seq_len}, {task}, "
             f"vocab {cfg.mqar_vocab}, random_non_queries={cfg.mqar_random_non_queries}, {cfg.mqar_steps} AdamW "
             f"steps of batch {cfg.mqar_batch} (lr {cfg.mqar_lr:g}, weight decay {cfg.mqar_weight_decay:g}, one "
             f"seed, no learning-rate sweep); {acc}; state_bytes = LM.state_size(1, T).",
@@ -900,7 +936,7 @@ def run_compare(cfg: CompareConfig) -> dict:
             }
             write_report(cfg, done)
 
-        n_runs = len(_mixer_names(cfg)) * len(cfg.mqar_widths)
+        n_runs = len(_mixer_names(cfg)) * len(cfg.mqar_widths) * len(cfg.mqar_head_dims)
         results["recall"] = run_recall(cfg, partial_report if n_runs > 1 else None)
         print_table("recall: MQAR accuracy vs state size", results["recall"], recall_columns(cfg))
     if "listops" in cfg.only:
@@ -932,6 +968,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
     p.add_argument("--widths", type=str, default=None, help="recall: comma-separated model widths (e.g. 32,64,128)")
+    p.add_argument("--head-dims", type=str, default=None, help="recall: comma-separated head dims (heads = width // it)")
     p.add_argument(
         "--kv-pairs",
         type=str,
@@ -962,7 +999,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         over["repeats"] = args.repeats
     if getattr(args, "flex", False):
         over["flex"] = True
-    for flag, key in (("widths", "mqar_widths"), ("kv_pairs", "mqar_kv_pairs")):
+    for flag, key in (("widths", "mqar_widths"), ("head_dims", "mqar_head_dims"), ("kv_pairs", "mqar_kv_pairs")):
         text = getattr(args, flag, None)
         if text:
             try:
