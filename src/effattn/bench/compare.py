@@ -805,9 +805,8 @@ def write_plots(
             )
             if len(panels) > 1 and (vary_dim or vary_hd):
                 for r in rs:
-                    ax.annotate(
-                        point_label(r), (r["state_bytes"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-                    )
+                    xy = (r["state_bytes"], r[key])
+                    ax.annotate(point_label(r), xy, fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
         ax.set_ylim(-0.02, 1.02)
@@ -968,7 +967,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
     p.add_argument("--widths", type=str, default=None, help="recall: comma-separated model widths (e.g. 32,64,128)")
-    p.add_argument("--head-dims", type=str, default=None, help="recall: comma-separated head dims (heads = width // it)")
+    p.add_argument("--head-dims", type=str, default=None, help="recall: comma-separated head dims (heads = width/hd)")
     p.add_argument(
         "--kv-pairs",
         type=str,

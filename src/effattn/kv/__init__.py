@@ -21,6 +21,7 @@ from effattn.kv.quantized import QuantizedKVCache
 from effattn.kv.snapkv import SnapKVPolicy
 from effattn.kv.streaming_llm import StreamingLLMPolicy
 from effattn.kv.tova import TOVAPolicy
+from effattn.kv.window import WindowKVCache
 
 __all__ = [
     "KVCacheBase",
@@ -30,6 +31,7 @@ __all__ = [
     "paged_decode_attention",
     "naive_paged_decode_attention",
     "QuantizedKVCache",
+    "WindowKVCache",
     "CACHES",
     "make_cache",
     "Policy",

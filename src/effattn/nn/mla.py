@@ -26,9 +26,9 @@ from torch import nn
 
 from effattn.exact.api import BACKENDS
 from effattn.kv.contiguous import KVCache
+from effattn.kv.window import WindowKVCache
 from effattn.nn.attention import (
     Attention,
-    WindowKVCache,
     _check_pos_int,
     cached_attention,
     cached_tokens,
@@ -42,7 +42,7 @@ from effattn.nn.rope import RotaryEmbedding
 class MLA(nn.Module):
     """Multi-head latent attention layer; its state is a key-only :class:`KVCache` of
     ``[c_kv | k_pe]`` rows ``[B, T, 1, kv_lora_rank + qk_rope_head_dim]`` (a causal windowed layer
-    starts a :class:`~effattn.nn.attention.WindowKVCache`, which keeps about the last ``window`` rows).
+    starts a :class:`~effattn.kv.WindowKVCache`, which keeps about the last ``window`` rows).
 
     Args:
         dim, heads: model width and number of heads.
