@@ -253,3 +253,51 @@ def test_train_mqar_mixture_keeps_single_count_data():
     assert set(mix["accuracy_by_pairs"]) == {2, 4}
     with pytest.raises(ValueError, match="num_kv_pairs"):
         train_mqar("attention", 16, num_kv_pairs=(4, 4), **kw)
+
+
+def test_external_baselines_are_wired_to_the_packages_calls(monkeypatch):
+    """flash_attn / fla rows: absent with a note on a CPU run; on a CUDA run each package's function is
+    called with its documented layout ([B, T, H, D], bf16). No GPU here, so stand-in modules with the
+    packages' call signatures take the place of the kernels, and the rows are measured on the CPU."""
+    import importlib.util
+    import sys
+    import types
+
+    calls = []
+
+    def flash_attn_func(q, k, v, causal=False):
+        calls.append(("flash_attn", q.shape, q.dtype, causal))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        )
+        return o.transpose(1, 2)
+
+    def chunk_gated_delta_rule(q, k, v, g, beta):
+        calls.append(("fla", q.shape, q.dtype, g.shape, beta.shape))
+        return (q * k).sum(-1, keepdim=True) * v * beta[..., None] * g.exp()[..., None].to(v.dtype), None
+
+    fake = {
+        "flash_attn": types.SimpleNamespace(flash_attn_func=flash_attn_func),
+        "fla": types.ModuleType("fla"),
+        "fla.ops": types.ModuleType("fla.ops"),
+        "fla.ops.gated_delta_rule": types.SimpleNamespace(chunk_gated_delta_rule=chunk_gated_delta_rule),
+    }
+    for name, mod in fake.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in fake else None)
+
+    mechs, notes = compare._external_baselines(make_config("tiny"), 1e9)
+    assert mechs == [] and all("--device cuda" in n for n in notes) and len(notes) == 2
+    cfg = make_config("tiny", device="cuda")
+    mechs, notes = compare._external_baselines(cfg, 1e9)
+    assert [m.name for m in mechs] == ["flash_attn causal (bf16)", "fla chunk_gated_delta_rule (bf16)"] and not notes
+
+    cpu = make_config("tiny", repeats=1)
+    for pkg in ("flash_attn", "fla"):
+        row = compare._external_row(pkg, cpu, 1e9, 32)
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+    from effattn.bench import linear as lin
+
+    B, H, D = lin.BATCH, lin.HEADS, lin.HEAD_DIM
+    assert ("flash_attn", torch.Size([B, 32, H, D]), torch.bfloat16, True) in calls
+    assert any(c[0] == "fla" and c[1] == torch.Size([B, 32, H, D]) and c[3] == (B, 32, H) for c in calls)
