@@ -199,17 +199,20 @@ def test_fully_masked_rows_give_zeros(backend):
     assert torch.all(gq[:, :10] == 0)
 
 
-def test_tiled_rows_emptied_by_score_mod_give_zeros():
+@pytest.mark.parametrize("masked_too", [True, False], ids=["masked-entries-too", "visible-entries-only"])
+def test_tiled_rows_emptied_by_score_mod_give_zeros(masked_too):
     """A score_mod of -inf on every visible entry of queries 0..9 (with a mask, so tiles are masked too)
-    empties those rows: output 0, zero query gradients, and keys 0..9, seen by those rows only, get
-    value gradients exactly 0; everything matches the reference."""
+    empties those rows, whether or not it also sends their masked entries to -inf: output 0, zero query
+    gradients, and keys 0..9, seen by those rows only, get value gradients exactly 0; everything matches
+    the reference."""
     q, k, v = _inputs((1, 70, 70, 2, 2, 16, 16))
 
     def mask(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((q_idx < 10) | (kv_idx >= 10))
 
     def kill_first_rows(score, b, h, q_idx, kv_idx):
-        return torch.where(q_idx < 10, float("-inf"), score)
+        hit = (q_idx < 10) if masked_too else (q_idx < 10) & (kv_idx <= q_idx)
+        return torch.where(hit, float("-inf"), score)
 
     outs = []
     for backend in ("tiled", "reference"):

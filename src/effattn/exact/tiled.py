@@ -385,10 +385,12 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
         if last:
-            o = acc.div_(l.clamp_min(torch.finfo(l.dtype).tiny)[..., None])
-            o.masked_fill_(torch.isneginf(m)[..., None], 0.0)  # rows whose every score is -inf (a score_mod's)
+            # empty rows: every entry masked (m = MASKED_SCORE) or -inf from a score_mod; the clamp in
+            # _masked_exp gave their -inf entries a tiny weight, so they are set to o = 0, lse = -inf here
+            empty = m < MASKED_SCORE / 2
+            o = acc.div_(l.clamp_min(torch.finfo(l.dtype).tiny)[..., None]).masked_fill_(empty[..., None], 0.0)
             o_view[:, :, i0:i1] = o.view(lay.B, lay.W, st.g, lay.Geff, lay.BQ, lay.Dv)
-            lse_r[:, :, i0:i1] = m + torch.log(l)
+            lse_r[:, :, i0:i1] = (m + torch.log(l)).masked_fill_(empty, float("-inf"))
     return out[:, : lay.Tq], lay.row_stat_back(lse_r)
 
 
