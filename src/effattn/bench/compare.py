@@ -95,6 +95,19 @@ class CompareConfig:
 # GLA < linear attention < DeltaNet < Mamba-2 < Based (attention's KV cache at T=32: 16-64 KB)
 RECALL_MIXERS = ("attention", "gla", "linear_attention", "deltanet", "mamba2", "based")
 
+# the MQAR task and training budget of the recall and state presets
+_RECALL_TASK = dict(
+    only=("recall",),
+    mqar_seq_len=32,
+    mqar_kv_pairs=(2, 4, 8),
+    mqar_vocab=34,
+    mqar_train=24000,
+    mqar_test=256,
+    mqar_steps=800,
+    mqar_batch=32,
+    mqar_lr=1e-3,
+)
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         lengths=(64, 128),
@@ -122,38 +135,18 @@ PRESETS: dict[str, dict] = {
     # scratch calibration runs of a 2-layer attention LM on this CPU (docs/results/compare_recall/
     # calibration): at T=64 (vocabulary 66-128) and at T=32 with vocabulary 64 it stayed at chance
     # (1 / pairs) for as long as it ran (450-2250 steps); at T=32, 2/4/8 pairs, vocabulary 34, width
-    # 64 left chance within 300 steps. With 16 distinct keys every mixer's key space here can hold every key, so
-    # this size does not bind the state: see docs/compare.md for what it does and does not show
-    "recall": dict(
-        only=("recall",),
-        mixers=RECALL_MIXERS,
-        mqar_widths=(32, 64, 128),
-        mqar_seq_len=32,
-        mqar_kv_pairs=(2, 4, 8),
-        mqar_vocab=34,
-        mqar_train=24000,
-        mqar_test=256,
-        mqar_steps=800,
-        mqar_batch=32,
-        mqar_lr=1e-3,
-    ),
-    # The state-size question at the size where training works (the recall preset's task): width 64, head
-    # dims 4-32, so the state of the mixers whose state is heads x head_dim^2 (linear attention, GLA,
-    # DeltaNet) spans 16x, while attention's KV cache (2 x T x width) stays put. Mamba-2 and Based are left
-    # out: their state does not depend on the head dim (d_state, the feature dimension)
+    # 64 left chance within 300 steps. With 16 distinct keys and head dim 32 every mixer's key space can
+    # hold every key, so this preset does not bind the state: see docs/compare.md
+    "recall": dict(_RECALL_TASK, mixers=RECALL_MIXERS, mqar_widths=(32, 64, 128)),
+    # The same task at width 64 with head dims 4-32: the state of the mixers whose state is heads x
+    # head_dim^2 (linear attention, GLA, DeltaNet) spans 16x and binds at small head dims, while attention's
+    # KV cache (2 x T x width) stays put. Mamba-2 and Based are left out: their state does not depend on
+    # the head dim (d_state, the feature dimension)
     "state": dict(
-        only=("recall",),
+        _RECALL_TASK,
         mixers=("attention", "gla", "linear_attention", "deltanet"),
         mqar_widths=(64,),
         mqar_head_dims=(4, 8, 16, 32),
-        mqar_seq_len=32,
-        mqar_kv_pairs=(2, 4, 8),
-        mqar_vocab=34,
-        mqar_train=24000,
-        mqar_test=256,
-        mqar_steps=800,
-        mqar_batch=32,
-        mqar_lr=1e-3,
     ),
     "full": dict(
         lengths=(1024, 4096, 16384, 65536),
