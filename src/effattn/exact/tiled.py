@@ -303,7 +303,7 @@ class _TileMask:
     """
 
     def __init__(self, drop: torch.Tensor, slots: torch.Tensor, c: int, block: int):
-        dropped = drop.float()
+        dropped = drop.view(torch.uint8).float()  # bool -> float directly is ~10x slower on the CPU
         self.neg = dropped * MASKED_SCORE
         self.keep = dropped.neg_().add_(1.0)
         self.c, self.block, self.slots = c, block, slots
