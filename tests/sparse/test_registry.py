@@ -89,3 +89,45 @@ def test_no_quadratic_buffer(name, causal):
     if peak is None:
         pytest.skip("peak memory is not measurable on this platform")
     assert peak < 0.5 * T * T * 4, f"{name}: forward peak rise {peak / 2**20:.1f} MiB at T={T}"
+
+
+@pytest.mark.parametrize("cyclic", [False, True])
+def test_visible_float_equals_the_bool_interval_test(cyclic):
+    """The engine's float keep_mod form of the interval test is exactly the bool one (every slot, start
+    and length of a small order, wrapped intervals included when cyclic)."""
+    from effattn.sparse._buckets import visible, visible_float
+
+    T = 37
+    k = torch.arange(T, dtype=torch.int32).view(1, 1, T)
+    lo = torch.arange(T, dtype=torch.int32).view(T, 1, 1)
+    length = torch.arange(T + 1, dtype=torch.int32).view(1, T + 1, 1)
+    if not cyclic:  # non-cyclic intervals do not wrap: lo + length <= T
+        lo, length = lo.expand(T, T + 1, 1), length.expand(T, T + 1, 1)
+        ok = (lo + length) <= T
+        lo, length = lo[ok].view(-1, 1), length[ok].view(-1, 1)
+        k = k.view(1, T)
+    want = visible(k, lo, length, T, cyclic)
+    got = visible_float(k, lo, length, T, cyclic)
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+
+
+def test_keep_mod_alone_gives_the_bool_mask_mod():
+    """A BlockMask built from a float keep_mod derives its bool mask_mod (dense paths use it) and the
+    tiled engine's result equals the reference on the same rule."""
+    from effattn.exact.block_mask import BlockMask
+
+    T, blk = 64, 16
+    idx = torch.arange(T // blk).expand(1, 1, T // blk, T // blk)
+
+    def keep(b, h, q, kv):
+        return ((q - kv) % 3 == 0).float() * (kv <= q).float()
+
+    bm = BlockMask.from_kv_indices(idx, T, T, q_block=blk, kv_block=blk, keep_mod=keep)
+    assert bm.keep_mod is keep and bm.mask_mod is not None
+    dense = bm.to_dense()[0, 0]
+    qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    assert torch.equal(dense, ((qi - ki) % 3 == 0) & (ki <= qi))
+    q, k, v = _inputs(B=1, T=T)
+    o = attention(q, k, v, block_mask=bm, backend="tiled")
+    o_ref = attention(q, k, v, block_mask=bm, backend="reference")
+    assert_fp32_close(o, o_ref, 1e-5)

@@ -23,6 +23,11 @@ def _num_blocks(n: int, block: int) -> int:
     return max(1, -(-n // block))
 
 
+def _bool_of(keep_mod):
+    """The bool mask mod of a float ``keep_mod``."""
+    return lambda b, h, q, kv: keep_mod(b, h, q, kv) > 0.5
+
+
 @dataclass
 class BlockMask:
     """Per query block, the key blocks to compute.
@@ -34,6 +39,10 @@ class BlockMask:
         kv_partial: ``[Bm, Hm, n_q_blocks, max_k]`` True where ``mask_mod`` must be evaluated.
         q_len, kv_len, q_block, kv_block: sequence lengths and tile sizes.
         mask_mod: rule applied inside partial tiles (``None``: listed tiles are fully visible).
+        keep_mod: optional float form of the same rule (``1.0`` = attend, ``0.0`` = masked), which the
+            tiled engine uses instead of ``mask_mod`` when set: on the CPU, comparisons that produce
+            booleans run several times slower than float arithmetic, so rules written as arithmetic
+            (the sparse selectors' interval tests) save most of the cost of a partial tile's mask.
     """
 
     kv_indices: torch.Tensor
@@ -44,6 +53,7 @@ class BlockMask:
     q_block: int = DEFAULT_BLOCK
     kv_block: int = DEFAULT_BLOCK
     mask_mod: object | None = None
+    keep_mod: object | None = None
 
     @property
     def num_q_blocks(self) -> int:
@@ -95,12 +105,17 @@ class BlockMask:
         kv_counts: torch.Tensor | None = None,
         mask_mod=None,
         kv_partial: torch.Tensor | None = None,
+        keep_mod=None,
     ) -> BlockMask:
         """A block mask from explicit per-query-block key-block lists ``[Bm, Hm, n_q_blocks, k]``.
 
         Rows are sorted; ``kv_counts`` (default: all ``k`` entries real) marks padding. With a
-        ``mask_mod``, every listed tile is partial unless ``kv_partial`` says otherwise.
+        ``mask_mod``, every listed tile is partial unless ``kv_partial`` says otherwise. A ``keep_mod``
+        (float, 1.0 = attend) may be given instead of or with ``mask_mod``; alone, the bool ``mask_mod``
+        is derived from it (``keep_mod(...) > 0.5``).
         """
+        if keep_mod is not None and mask_mod is None:
+            mask_mod = _bool_of(keep_mod)
         if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 4 or kv_indices.dtype.is_floating_point:
             raise ValueError(
                 f"kv_indices must be an integer tensor [batch|1, heads|1, n_q_blocks, k], got "
@@ -135,7 +150,7 @@ class BlockMask:
             partial = torch.full_like(idx, mask_mod is not None, dtype=torch.bool)
         else:
             partial = kv_partial.to(torch.bool).expand_as(kv_indices).gather(-1, order)
-        return cls(idx, kv_counts.long(), partial, q_len, kv_len, q_block, kv_block, mask_mod)
+        return cls(idx, kv_counts.long(), partial, q_len, kv_len, q_block, kv_block, mask_mod, keep_mod)
 
 
 def _classify_exact(mask_mod, B: int, H: int, q_len: int, kv_len: int, q_block: int, kv_block: int, device):

@@ -282,30 +282,31 @@ class _Step:
             return None
         kv_pos = (sel[..., slots, None] * lay.BK + lay.bk_range).flatten(-2).unsqueeze(-2)  # [Bm, Hm, g, 1, n*BK]
         drop = (~real[..., slots]).repeat_interleave(lay.BK, -1).unsqueeze(-2) | (kv_pos >= lay.Tk)  # small
+        keep = _as_float(~drop)  # small: [Bm, Hm, g, 1, n*BK]
         if part is not None:
+            bm = plan.bm
             h = lay.h_idx if (sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]  # [1, 1, ...] if head-free
-            bad = ~plan.bm.mask_mod(lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
+            args = (lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
+            rule = bm.keep_mod(*args).float() if bm.keep_mod is not None else _as_float(bm.mask_mod(*args))
             part_cols = part[..., slots]
-            if not bool(part_cols.all()):
-                bad = bad & part_cols.repeat_interleave(lay.BK, -1).unsqueeze(-2)
-            drop = bad | drop if bool(drop.any()) else bad
-        return _TileMask(drop, slots, c, lay.BK)
+            if not bool(part_cols.all()):  # slots that are not partial for every row: the rule does not apply
+                rule = torch.maximum(rule, _as_float(~part_cols).repeat_interleave(lay.BK, -1).unsqueeze(-2))
+            keep = rule * keep if bool(drop.any()) else rule
+        return _TileMask(keep, slots, c, lay.BK)
 
 
 class _TileMask:
     """The masked entries of one step's score tile, applied by arithmetic on the masked key-block slots.
 
     ``masked_fill_`` with a boolean mask runs at a small fraction of the speed of an elementwise multiply on
-    the CPU, so the mask is kept as two float tensors: ``neg`` (``MASKED_SCORE`` where masked, else 0), added
-    to the scores before the row max, and ``keep`` (0 where masked, else 1), multiplied into
-    ``exp(S - m)`` so that masked entries are exactly zero. Only the ``slots`` (key blocks) that hold a
-    masked entry are touched: a view when they are consecutive, a gather/scatter otherwise.
+    the CPU, so the mask is a float ``keep`` (0 where masked, else 1): ``(keep - 1) * 1e30`` is added to the
+    scores before the row max, and ``exp(S - m)`` is multiplied by ``keep`` so that masked entries are
+    exactly zero. Only the ``slots`` (key blocks) that hold a masked entry are touched: a view when they
+    are consecutive, a gather/scatter otherwise.
     """
 
-    def __init__(self, drop: torch.Tensor, slots: torch.Tensor, c: int, block: int):
-        dropped = drop.view(torch.uint8).float()  # bool -> float directly is ~10x slower on the CPU
-        self.neg = dropped * MASKED_SCORE
-        self.keep = dropped.neg_().add_(1.0)
+    def __init__(self, keep: torch.Tensor, slots: torch.Tensor, c: int, block: int):
+        self.keep = keep
         self.c, self.block, self.slots = c, block, slots
         first, n = int(slots[0]), slots.numel()
         self.first = first if int(slots[-1]) - first == n - 1 else None  # consecutive slots: a view
@@ -326,11 +327,16 @@ class _TileMask:
 
     def lower(self, s: torch.Tensor) -> None:
         """Masked scores become ``MASKED_SCORE`` (below any real score), in place: before the row max."""
-        self._apply(s, torch.Tensor.add_, self.neg)
+        self._apply(s, torch.Tensor.add_, self.keep.sub(1.0).mul_(-MASKED_SCORE))  # 0 kept, MASKED_SCORE masked
 
     def zero(self, p: torch.Tensor) -> None:
         """Masked entries of ``p`` become exactly 0, in place."""
         self._apply(p, torch.Tensor.mul_, self.keep)
+
+
+def _as_float(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as float 0/1 (through ``uint8``: bool -> float directly is ~10x slower on the CPU)."""
+    return mask.view(torch.uint8).float()
 
 
 def _masked_exp(x: torch.Tensor, mask: _TileMask | None) -> torch.Tensor:

@@ -94,6 +94,23 @@ def visible(k_slot: torch.Tensor, lo: torch.Tensor, length: torch.Tensor, T: int
     return ((d >= 0) & (d < length)) | (d < (length - T))
 
 
+def visible_float(k_slot: torch.Tensor, lo: torch.Tensor, length: torch.Tensor, T: int, cyclic: bool = True):
+    """:func:`visible` as float 0/1 (the engine's ``keep_mod`` form): on the CPU a comparison that makes a
+    bool tensor is several times slower than a float pass, so the test is written as arithmetic on whole
+    numbers held exactly in float32 (``T < 2^22``). Not cyclic: ``clamp(length - |2 k_slot - (2 lo + length
+    - 1)|, 0, 1)``, which is 1 exactly inside the interval; cyclic, also ``clamp(length - T - d, 0, 1)``
+    for the part that wraps past the end (``d = k_slot - lo``)."""
+    if T >= 2**22:  # beyond float32's exact whole numbers (with the factor 2): the bool test
+        return visible(k_slot, lo, length, T, cyclic).float()
+    k, lo, length = k_slot.float(), lo.float(), length.float()
+    if not cyclic:
+        t = (2 * k) - (2 * lo + length - 1)
+        return torch.sub(length, t.abs_(), out=t).clamp_(0.0, 1.0)
+    d = k - lo
+    inside = torch.minimum(d + 1, length - d)
+    return torch.maximum(inside, (length - T) - d).clamp_(0.0, 1.0)
+
+
 def _rowless(h: torch.Tensor) -> torch.Tensor:
     """The head index without its row axis when it does not vary along rows.
 
@@ -143,7 +160,7 @@ class Round:
         lo, ln = self.lo_by_query[..., :, None], self.length_by_query[..., :, None]
         return visible(self.k_slot[..., None, :], lo, ln, self.T, self.cyclic)
 
-    def block_mask(self, mask_mod=None, *, all_partial: bool = False, self_pairs: bool = False) -> BlockMask:
+    def block_mask(self, keep_mod=None, *, all_partial: bool = False, self_pairs: bool = False) -> BlockMask:
         """The tiles of the sorted order that hold visible pairs (per head when there is a mask).
 
         Tiles wholly inside every row's interval are *full* (no mask evaluated) unless ``all_partial``
@@ -165,7 +182,7 @@ class Round:
             idx = torch.cat([(c * per)[:, None] + torch.arange(per, device=dev) for c in starts], -1)[None, None]
             counts = None
             partial = None
-            if mask_mod is not None:
+            if keep_mod is not None:
                 idx = idx.expand(B, H, *idx.shape[2:])
                 k_lo = idx * bk
                 diag = (k_lo < q_lo + bq) & (k_lo + bk > q_lo)  # the tiles holding a query's own slot
@@ -193,7 +210,7 @@ class Round:
             diag = (k_lo < q_lo + bq) & (k_hi >= q_lo)
             partial = ~full | all_partial | (diag & self_pairs)
         return BlockMask.from_kv_indices(
-            idx, T, T, q_block=bq, kv_block=bk, kv_counts=counts, mask_mod=mask_mod, kv_partial=partial
+            idx, T, T, q_block=bq, kv_block=bk, kv_counts=counts, keep_mod=keep_mod, kv_partial=partial
         )
 
 
@@ -258,20 +275,21 @@ def round_mask(rnd: Round, earlier: list[Round] = (), self_rule: torch.Tensor | 
     other = None if self_rule is None else self_rule.gather(-1, rnd.q_order)
     lo, length = rnd.lo, rnd.length
 
-    def mask(b, h, q, kv):
+    def keep(b, h, q, kv):  # float 0/1 (BlockMask.keep_mod)
         hk = _rowless(h)
         ok = None
         if causal:  # the interval holds only same-bucket keys at positions <= the query's (window_round)
-            ok = visible(kv.to(torch.int32), lo[b, h, q], length[b, h, q], T, cyclic=False)
+            ok = visible_float(kv, lo[b, h, q], length[b, h, q], T, cyclic=False)
         for tq, tk, cyc in zip(tables_q, tables_k, cyclic):
-            seen = visible(tk[b, hk, kv], tq[0][b, h, q], tq[1][b, h, q], T, cyc)
-            ok = ~seen if ok is None else ok & ~seen
-        if other is not None:
-            keep = (kpos[b, hk, kv] != qpos[b, h, q]) | ~other[b, h, q]
-            ok = keep if ok is None else ok & keep
+            unseen = visible_float(tk[b, hk, kv], tq[0][b, h, q], tq[1][b, h, q], T, cyc).neg_().add_(1.0)
+            ok = unseen if ok is None else ok.mul_(unseen)
+        if other is not None:  # |k_pos - q_pos| >= 1 off the self pair; + 1 where the query has no other key
+            apart = (kpos[b, hk, kv] - qpos[b, h, q]).abs_().float().add_((~other[b, h, q]).float())
+            keep_self = apart.clamp_(0.0, 1.0)
+            ok = keep_self if ok is None else ok.mul_(keep_self)
         return ok
 
-    return rnd.block_mask(mask, all_partial=bool(earlier), self_pairs=self_rule is not None)
+    return rnd.block_mask(keep, all_partial=bool(earlier), self_pairs=self_rule is not None)
 
 
 def attention_lse(q, k, v, block_mask: BlockMask, scale: float):

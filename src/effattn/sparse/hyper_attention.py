@@ -46,7 +46,7 @@ from effattn.sparse._buckets import (
     gather_tokens,
     round_mask,
     sorted_attention,
-    visible,
+    visible_float,
     window_round,
 )
 from effattn.sparse._common import SparseMethod, check_block_size, register
@@ -164,33 +164,35 @@ class _Selection:
         order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices  # real entries first
         return BlockMask.from_kv_indices(
             idx.gather(-1, order), T, t_pad + self.m, q_block=bq, kv_block=bk, kv_counts=real.sum(-1),
-            mask_mod=self.joint_mask(), kv_partial=partial.gather(-1, order),
+            keep_mod=self.joint_mask(), kv_partial=partial.gather(-1, order),
         )
 
     def joint_mask(self):
-        """Query slot ``q`` (sorted order) x key slot ``kv`` of ``[LSH keys | padding | samples]``."""
+        """Query slot ``q`` (sorted order) x key slot ``kv`` of ``[LSH keys | padding | samples]``, as float
+        0/1 (``BlockMask.keep_mod``). A column is an LSH key (``kv < T``) or a sample (``kv >= t_pad``),
+        never both, so the two tests add."""
         rnd, T, causal = self.round, self.T, self.causal
         t_pad = -(-T // rnd.kv_block) * rnd.kv_block
         S = self.samples
         s_slot = rnd.k_slot.gather(-1, S.expand(rnd.k_slot.shape[0], -1, -1)).to(torch.int32)  # [B, H, m]
-        s_pos = S.to(torch.int32)
+        s_pos = S.float()
         lo, length = rnd.lo, rnd.length
-        qpos = rnd.q_order.to(torch.int32)
+        qpos = rnd.q_order.float()
 
-        def mask(b, h, q, kv):
+        def keep(b, h, q, kv):
             hk = _rowless(h)
             lo_q, len_q = lo[b, h, q], length[b, h, q]
-            kl = kv.clamp(max=T - 1).to(torch.int32)
-            in_lsh = kv < T
-            if causal:
-                in_lsh = in_lsh & visible(kl, lo_q, len_q, T, cyclic=False)  # same-bucket past keys only
+            is_lsh, is_sample = (kv < T).float(), (kv >= t_pad).float()  # [.., 1, cols]: small
+            in_lsh = is_lsh
+            if causal:  # same-bucket past keys only
+                in_lsh = visible_float(kv.clamp(max=T - 1), lo_q, len_q, T, cyclic=False).mul_(is_lsh)
             j = (kv - t_pad).clamp(min=0)
-            sampled = (kv >= t_pad) & ~visible(s_slot[b, hk, j], lo_q, len_q, T, cyclic=False)
-            if causal:
-                sampled = sampled & (s_pos[hk, j] <= qpos[b, h, q])
-            return in_lsh | sampled
+            sampled = visible_float(s_slot[b, hk, j], lo_q, len_q, T, cyclic=False).neg_().add_(1.0).mul_(is_sample)
+            if causal:  # s_pos <= q_pos, i.e. q_pos - s_pos + 1 >= 1 for whole numbers
+                sampled.mul_((qpos[b, h, q] - s_pos[hk, j]).add_(1.0).clamp_(0.0, 1.0))
+            return in_lsh.add_(sampled) if causal else sampled.add_(in_lsh)
 
-        return mask
+        return keep
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask, bias) [B, H, T, T]``: the attended pairs and the log-weight added to their scores."""
