@@ -1,6 +1,7 @@
 """Generic checks over every method in ``effattn.sparse.REGISTRY`` with its ``make_params(T)``:
 shape and finiteness, engine == reference on the method's dense selection (forward and gradients),
-no look-ahead in causal mode, determinism, and no ``T x T`` buffer (peak memory at T = 4096)."""
+the engine's count of visible scores == the dense selection's pairs, no look-ahead in causal mode,
+determinism, and no ``T x T`` buffer (peak memory at T = 4096)."""
 
 import pytest
 import torch

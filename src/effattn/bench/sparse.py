@@ -30,13 +30,16 @@ import torch
 import effattn.sparse as sparse
 from effattn.bench import suite
 from effattn.bench.harness import (
+    attention_flops,
     command_line,
     machine_info,
+    matmul_flops_per_second,
     measure_peak_memory,
     measure_time,
     run_guarded,
     write_report,
 )
+from effattn.exact import count_scores
 
 B, H, D = 1, 4, 64
 N_CENTRES = 16
@@ -167,7 +170,10 @@ def _sdpa(T: int, causal: bool, args, mask: torch.Tensor | None = None) -> dict:
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
     else:
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
-    return _timed(fn, (q, k, v), args.repeats, args.device, not args.forward_only)
+    row = _timed(fn, (q, k, v), args.repeats, args.device, not args.forward_only)
+    if mask is None:
+        row["visible_per_query"] = (T + 1) / 2 if causal else T
+    return row
 
 
 def _measure_method(method, T: int, causal: bool, args) -> tuple[dict, torch.Tensor | None]:
@@ -177,6 +183,10 @@ def _measure_method(method, T: int, causal: bool, args) -> tuple[dict, torch.Ten
         lambda: method.attend(q, k, v, causal=causal, **params), (q, k, v), args.repeats, args.device,
         not args.forward_only,
     )
+    with torch.no_grad(), count_scores() as n:
+        method.attend(q, k, v, causal=causal, **params)
+    row["scores_per_query"] = n.computed / (B * H * T)
+    row["visible_per_query"] = n.visible / (B * H * T)
     mask = None
     if method.dense_mask is not None and B * H * T * T <= SDPA_MASK_BUDGET_ELEMENTS:
         with torch.no_grad():
@@ -193,10 +203,11 @@ def _measure_method(method, T: int, causal: bool, args) -> tuple[dict, torch.Ten
     return row, mask
 
 
-def _run_length(T: int, args, rows: list[dict], notes: list[str]) -> None:
+def _run_length(T: int, args, gemm: float, rows: list[dict], notes: list[str]) -> None:
     base = {}
     for causal in (True, False):
         r = {"T": T, "method": "sdpa", "causal": causal, **run_guarded(lambda c=causal: _sdpa(T, c, args))}
+        _efficiency(r, gemm)
         base[causal] = r
         rows.append(r)
         print(_show(r), flush=True)
@@ -212,12 +223,15 @@ def _run_length(T: int, args, rows: list[dict], notes: list[str]) -> None:
 
             r.update(run_guarded(one))
             _speedups(r, base)
+            _efficiency(r, gemm)
             rows.append(r)
             print(_show(r), flush=True)
             mask = box[0] if box else None
             if mask is not None:
                 m = {"T": T, "method": f"sdpa+mask[{name}]", "causal": causal}
                 m.update(run_guarded(lambda mask=mask, causal=causal: _sdpa(T, causal, args, mask)))
+                m["visible_per_query"] = r.get("visible_per_query")
+                _efficiency(m, gemm)
                 rows.append(m)
                 print(_show(m), flush=True)
             elif method.dense_mask is not None and B * H * T * T > SDPA_MASK_BUDGET_ELEMENTS:
@@ -230,10 +244,12 @@ def run(args: argparse.Namespace) -> None:
         [int(x) for x in args.lengths.split(",")] if args.lengths else (QUICK_LENGTHS if args.quick else LENGTHS)
     )
     torch.manual_seed(0)
+    gemm = matmul_flops_per_second(args.device)
+    print(f"matmul rate: {gemm / 1e9:.1f} GFLOP/s (float32)", flush=True)
     rows: list[dict] = []
     skipped: list[str] = []
     for T in lengths:
-        _run_length(T, args, rows, skipped)
+        _run_length(T, args, gemm, rows, skipped)
     notes = [
         f"B={B}, H={H}, D={D}, float32; params from each method's make_params(T) (about 1/16 of the keys per query)",
         "speedup = SDPA (same causality, no mask) time / method time; speedup_vs_causal against SDPA is_causal",
@@ -244,13 +260,19 @@ def run(args: argparse.Namespace) -> None:
         "mass uses centroids fitted by 10 k-means EMA steps on another draw of the same kind of input "
         "(its timing uses make_params' fixed random centroids)",
         "density = fraction of (query, key) pairs in the dense selection (where it was materialized)",
+        "scores_per_query = score entries the tiled engine computes per query and head (every entry of its "
+        "score tiles, masked or not, padding included; counted by effattn.exact.count_scores in one forward), "
+        "visible_per_query = the unmasked ones (the keys the selection keeps; SDPA: (T+1)/2 causal, T not)",
+        f"fwdbwd_eff = useful FLOP/s (4*D per visible pair, fwd+bwd counted 3.5x fwd) / the matmul rate "
+        f"{gemm / 1e9:.1f} GFLOP/s measured in this run",
         *skipped,
     ]
     meta = {"command": command_line(), "machine": machine_info(args.device), "lengths": lengths}
-    meta.update({"B": B, "H": H, "D": D})
+    meta.update({"B": B, "H": H, "D": D, "gemm_flops": gemm})
     cols = [
         "T", "method", "causal", "params", "fwd_s", "fwdbwd_s", "fwd_mem_MiB", "fwdbwd_mem_MiB", "speedup_fwd",
-        "speedup_fwdbwd", "speedup_vs_causal", "density", "mass_random", "mass_clustered", "note", "error",
+        "speedup_fwdbwd", "speedup_vs_causal", "scores_per_query", "visible_per_query", "fwdbwd_eff", "density",
+        "mass_random", "mass_clustered", "note", "error",
     ]
     path = write_report(args.out, "sparse", rows, cols, meta=meta, notes=notes)
     print(f"report: {path}")
@@ -263,6 +285,13 @@ def _speedups(r: dict, base: dict) -> None:
             r[col] = same[key] / r[key]
     if r.get("fwdbwd_s") and causal.get("fwdbwd_s"):
         r["speedup_vs_causal"] = causal["fwdbwd_s"] / r["fwdbwd_s"]
+
+
+def _efficiency(r: dict, gemm: float) -> None:
+    """``fwdbwd_eff``: useful FLOP/s over the visible pairs (backward counted 2.5x the forward) / the GEMM rate."""
+    if r.get("fwdbwd_s") and r.get("visible_per_query"):
+        useful = 3.5 * attention_flops(B, H, D, D, r["T"] * r["visible_per_query"])
+        r["fwdbwd_eff"] = useful / r["fwdbwd_s"] / gemm
 
 
 def _fmt_params(p: dict) -> str:

@@ -27,7 +27,7 @@ from effattn.exact.masks import (
     tanh_softcap,
 )
 from effattn.exact.reference import reference_attention
-from effattn.exact.tiled import tiled_attention
+from effattn.exact.tiled import ScoreCount, count_scores, tiled_attention
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +35,7 @@ __all__ = [
     "BlockMask",
     "Explanation",
     "MaskMod",
+    "ScoreCount",
     "ScoreMod",
     "alibi",
     "alibi_slopes",
@@ -42,6 +43,7 @@ __all__ = [
     "attention",
     "causal_mask",
     "compose_score_mods",
+    "count_scores",
     "create_block_mask",
     "decode_attention",
     "dilated_mask",

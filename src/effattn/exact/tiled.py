@@ -20,6 +20,9 @@ tile budget (``TILE_ELEMENTS``) bounds its size. Everything is computed in float
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 
 from effattn.exact.block_mask import BlockMask
@@ -31,6 +34,38 @@ TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32)
 EXP_FLOOR = -80.0
 MASKED_SCORE = -1e30  # what a masked score becomes before the row max (finite: adding it is a fast pass)
 ROWS_PER_STEP = 256  # query rows a step aims for: a taller, narrower score tile for the same budget
+
+
+@dataclass
+class ScoreCount:
+    """Score entries of the tiled engine's forward passes while :func:`count_scores` is active.
+
+    ``computed``: every entry of every score tile (what the matmuls and the softmax pay for, masked or
+    not, padding included); ``visible``: the entries no mask removed (the pairs the softmax is over).
+    """
+
+    computed: int = 0
+    visible: int = 0
+
+
+_COUNTERS: list[ScoreCount] = []
+
+
+@contextlib.contextmanager
+def count_scores():
+    """Count the score entries of the tiled engine's forward passes inside the block (benchmarks: how many
+    entries a method computes per query, and how many of them its selection keeps)::
+
+        with count_scores() as n:
+            attention(q, k, v, block_mask=bm, backend="tiled")
+        n.computed, n.visible
+    """
+    counter = ScoreCount()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
 
 
 class _Layout:
@@ -333,6 +368,10 @@ class _TileMask:
         """Masked entries of ``p`` become exactly 0, in place."""
         self._apply(p, torch.Tensor.mul_, self.keep)
 
+    def hidden(self, shape: tuple[int, ...]) -> int:
+        """How many entries of a score tile of ``shape`` ``[B, W, g, R, cols]`` are masked."""
+        return int(torch.broadcast_to(1.0 - self.keep, (*shape[:4], self.keep.shape[-1])).sum())
+
 
 def _as_float(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask as float 0/1 (through ``uint8``: bool -> float directly is ~10x slower on the CPU)."""
@@ -390,6 +429,12 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat, ws, "v")))
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
+        if _COUNTERS:
+            n = s.numel()
+            hidden = 0 if st.mask is None else st.mask.hidden(s.shape)
+            for counter in _COUNTERS:
+                counter.computed += n
+                counter.visible += n - hidden
         if last:
             # empty rows: every entry masked (m = MASKED_SCORE) or -inf from a score_mod; the clamp in
             # _masked_exp gave their -inf entries a tiny weight, so they are set to o = 0, lse = -inf here
