@@ -15,7 +15,10 @@ backward (recomputing the tiles from the saved O and lse; Delta = rowsum(dO * O)
 Extra memory is O(T) whatever the mask (the accumulators plus one chunk of tiles). To keep Python
 overhead small, one step processes many query blocks and many key blocks at once: the listed key
 blocks are gathered into one ``[rows, cols]`` score tile per query block, all heads batched, and the
-tile budget (``TILE_ELEMENTS``) bounds its size. Everything is computed in float32.
+tile budget (``TILE_ELEMENTS``) bounds its size. A per-batch or per-head block mask (the sparse
+selectors') gives every (batch, head, query block) its own key list; those are scheduled as items
+sorted by list length, with each list's full tiles before its partial ones, so a step pads little
+and its masked tiles share a few trailing slots. Everything is computed in float32.
 """
 
 from __future__ import annotations
@@ -109,9 +112,11 @@ class _Layout:
         """A ``[B, W, nq, Geff, BQ, E]`` view of a ``[B, nq*BQ, Hq, E]`` tensor (row ``r = g*BQ + t``)."""
         return x.view(self.B, self.nq, self.BQ, self.W, self.Geff, x.shape[-1]).permute(0, 3, 1, 4, 2, 5)
 
-    def new_rows(self, E: int) -> torch.Tensor:
-        """A zero float32 ``[B, nq*BQ, Hq, E]`` tensor: outputs and query gradients are written into it."""
-        return torch.zeros(self.B, self.nq * self.BQ, self.Hq, E, device=self.device)
+    def from_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, W, nq, R, E] -> [B, Tq, Hq, E]`` (inverse of :meth:`q_rows`), in one copy."""
+        out = torch.empty(self.B, self.nq * self.BQ, self.Hq, x.shape[-1], device=self.device)
+        self.rows_view(out).copy_(x.view(self.B, self.W, self.nq, self.Geff, self.BQ, x.shape[-1]))
+        return out[:, : self.Tq]
 
     def q_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, Tq, Hq, E] -> [B, W, nq, R, E]`` float32, zero-padded, in one copy."""
@@ -189,6 +194,9 @@ class _Plan:
         self.idx_raw = bm.kv_indices.to(lay.device)
         self.counts_raw = bm.kv_counts.to(lay.device)
         self.partial_raw = bm.kv_partial.to(lay.device) if bm.mask_mod is not None else None
+        # a per-batch or per-head mask gives every (batch, work head, query block) its own key list: those
+        # are scheduled as items sorted by length (see _Items), not padded to the longest list of a block range
+        self.ragged = self.idx_raw.shape[0] * self.idx_raw.shape[1] > 1
         max_k = max(1, int(self.counts_raw.max()))
         per_block = lay.B * lay.W * lay.R * lay.BK  # elements of one (query block, key block) pair
         # query blocks per step first (rows of the matmuls), then as many key blocks as the budget allows;
@@ -199,47 +207,134 @@ class _Plan:
             self.chunk = min(max_k, 8)
             self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))
 
-    def steps(self):
-        """Yield ``(i0, i1, c0, c1, first, last)`` over query-block groups and key-block chunks."""
-        for i0 in range(0, self.lay.nq, self.group):
-            i1 = min(i0 + self.group, self.lay.nq)
-            n = int(self.counts_raw[:, :, i0:i1].max())
-            if n == 0:
-                continue
-            for c0 in range(0, n, self.chunk):
-                c1 = min(c0 + self.chunk, n)
-                yield i0, i1, c0, c1, c0 == 0, c1 == n
-
-    def step(self, i0: int, i1: int, c0: int, c1: int) -> _Step:
-        return _Step(self, i0, i1, c0, c1)
-
-    def q_pos(self, i0, i1):
-        """Query positions of a step's rows ``[1, 1, g, R, 1]`` (clamped into range: padded rows are dropped later)."""
+    def groups(self):
+        """The query-row groups, in order: block ranges, or (ragged) item lists sorted by key-list length."""
         lay = self.lay
+        if not self.ragged:
+            for i0 in range(0, lay.nq, self.group):
+                yield _BlockRange(self, i0, min(i0 + self.group, lay.nq))
+            return
+        if not hasattr(self, "items"):
+            self._sort_items()
+        for items in self.items.split(lay.B * lay.W * self.group):
+            yield _Items(self, items)
+
+    def _sort_items(self) -> None:
+        """Flatten the key lists to one row per (batch, work head, query block) item, full tiles before partial
+        ones in each row, and order the items by list length (then by full tiles), longest first: a group of
+        items then pads little, and its partial tiles fall in the same trailing key-list slots."""
+        lay = self.lay
+        n_items, k = lay.B * lay.W * lay.nq, self.idx_raw.shape[-1]
+        idx = self.idx_raw.expand(lay.B, lay.W, lay.nq, k).reshape(n_items, k)
+        counts = self.counts_raw.expand(lay.B, lay.W, lay.nq).reshape(n_items)
+        key = counts * (k + 1)
+        if self.partial_raw is not None:
+            partial = self.partial_raw.expand(lay.B, lay.W, lay.nq, k).reshape(n_items, k)
+            real = torch.arange(k, device=lay.device) < counts[:, None]
+            order = (partial.long() + 2 * (~real).long()).argsort(dim=-1, stable=True)
+            idx, partial = idx.gather(-1, order), partial.gather(-1, order)
+            key = key + (real & ~partial).sum(-1)
+            self.partial_items = partial
+        self.idx_items, self.counts_items = idx, counts
+        self.items = key.argsort(descending=True, stable=True)
+
+    def steps(self):
+        """Yield ``(group, c0, c1, first, last)`` over query-row groups and key-block chunks."""
+        for grp in self.groups():
+            if grp.n == 0:
+                continue
+            for c0 in range(0, grp.n, self.chunk):
+                c1 = min(c0 + self.chunk, grp.n)
+                yield grp, c0, c1, c0 == 0, c1 == grp.n
+
+
+class _BlockRange:
+    """Query blocks ``[i0, i1)`` of every (batch, work head): a step's scores are ``[B, W, g, R, cols]``.
+
+    ``sel``/``counts``/``partial`` are the block mask's own ``[Bm, Hm, g, ...]`` rows; ``mod_b``/``mod_h``
+    index the mask mod at that shape, ``b_idx``/``h_idx``/``q_pos`` index score mods at the scores' shape.
+    """
+
+    def __init__(self, plan: _Plan, i0: int, i1: int):
+        lay = plan.lay
+        self.i0, self.i1 = i0, i1
+        self.shape = (lay.B, lay.W, i1 - i0)
+        self.sel = plan.idx_raw[:, :, i0:i1]
+        self.counts = plan.counts_raw[:, :, i0:i1]
+        self.partial = None if plan.partial_raw is None else plan.partial_raw[:, :, i0:i1]
+        self.n = int(self.counts.max())
+        self.base, self.b_idx, self.h_idx = lay.base, lay.b_idx, lay.h_idx
         pos = torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
-        return pos.clamp(max=lay.Tq - 1)
+        self.q_pos = pos.clamp(max=lay.Tq - 1)  # padded rows are dropped later
+        self.mod_b = lay.b_idx[: self.sel.shape[0]]
+        self.mod_h = lay.h_idx if (self.sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]  # [1, 1, ...] head-free
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's rows of a ``[B, W, nq, ...]`` tensor: ``[B, W, g, ...]`` (a view)."""
+        return x[:, :, self.i0 : self.i1]
+
+    def put(self, dst: torch.Tensor, val: torch.Tensor) -> None:
+        dst[:, :, self.i0 : self.i1] = val
+
+    def add(self, dst: torch.Tensor, val: torch.Tensor) -> None:
+        dst[:, :, self.i0 : self.i1] += val
+
+
+class _Items:
+    """A list of ``N`` (batch, work head, query block) items, each with its own key list: scores are
+    ``[1, N, 1, R, cols]`` (the items take the place of the work heads)."""
+
+    def __init__(self, plan: _Plan, items: torch.Tensor):
+        lay = plan.lay
+        N = items.numel()
+        self.items = items
+        self.shape = (1, N, 1)
+        self.sel = plan.idx_items[items].view(1, N, 1, -1)
+        self.counts = plan.counts_items[items].view(1, N, 1)
+        self.partial = None if plan.partial_raw is None else plan.partial_items[items].view(1, N, 1, -1)
+        self.n = int(self.counts.max())
+        b, w, i = items // (lay.W * lay.nq), items // lay.nq % lay.W, items % lay.nq
+        self.base = ((b * lay.W + w) * lay.nk).view(1, N, 1, 1)
+        self.b_idx = b.view(1, N, 1, 1, 1)
+        self.h_idx = lay.row_heads[w].view(1, N, 1, lay.R, 1) if lay.Geff > 1 else w.view(1, N, 1, 1, 1)
+        pos = i.view(1, N, 1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
+        self.q_pos = pos.clamp(max=lay.Tq - 1)
+        self.mod_b, self.mod_h = self.b_idx, self.h_idx
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The items' rows of a contiguous ``[B, W, nq, ...]`` tensor: ``[1, N, 1, ...]`` (a copy)."""
+        rest = x.shape[3:]
+        return x.reshape(-1, *rest).index_select(0, self.items).view(*self.shape, *rest)
+
+    def put(self, dst: torch.Tensor, val: torch.Tensor) -> None:
+        rest = dst.shape[3:]
+        dst.view(-1, *rest).index_copy_(0, self.items, val.reshape(-1, *rest))
+
+    def add(self, dst: torch.Tensor, val: torch.Tensor) -> None:
+        rest = dst.shape[3:]
+        dst.view(-1, *rest).index_add_(0, self.items, val.reshape(-1, *rest))
 
 
 class _Step:
-    """One step: query blocks ``[i0, i1)`` against entries ``[c0, c1)`` of their key-block lists.
+    """One step: a group's query rows against entries ``[c0, c1)`` of their key-block lists.
 
-    When every row of the step lists the same consecutive key blocks (causal, document, prefix and
+    When every row of a block range lists the same consecutive key blocks (causal, document, prefix and
     dense masks), the keys are a *slice* of K shared by the whole group: no gather, and one matmul
     per head takes all ``g * R`` query rows. Otherwise the listed blocks are gathered per query
-    block. Scores are ``[B, W, g, R, cols]`` either way.
+    block. Scores are ``[*group.shape, R, cols]`` either way.
     """
 
-    def __init__(self, plan: _Plan, i0: int, i1: int, c0: int, c1: int):
+    def __init__(self, plan: _Plan, grp, c0: int, c1: int):
         lay = self.lay = plan.lay
-        self.plan, self.i0, self.i1 = plan, i0, i1
-        self.sel = sel = plan.idx_raw[:, :, i0:i1, c0:c1]  # [Bm, Hm, g, c]
-        self.g, self.c = sel.shape[2], sel.shape[3]
+        self.plan, self.grp = plan, grp
+        self.sel = sel = grp.sel[..., c0:c1]  # [Bm, Hm, g, c] (items: [1, N, 1, c])
+        self.c = sel.shape[3]
         self.cols = self.c * lay.BK
         start = int(sel.flatten()[0])
-        if bool((sel == start + torch.arange(self.c, device=lay.device)).all()):
+        if not plan.ragged and bool((sel == start + torch.arange(self.c, device=lay.device)).all()):
             self.lo, self.flat = start * lay.BK, None
         else:
-            self.lo, self.flat = None, (sel.expand(lay.B, lay.W, self.g, self.c) + lay.base).reshape(-1)
+            self.lo, self.flat = None, (sel.expand(*grp.shape, self.c) + grp.base).reshape(-1)
         self.mask = self._masking(c0, c1)
 
     def kv_pos(self) -> torch.Tensor:
@@ -265,12 +360,12 @@ class _Step:
         """Query-side rows ``[B, W, g, R, E]`` as the matmul operand that matches :meth:`keys`."""
         lay = self.lay
         if self.flat is None:
-            return x.reshape(lay.B * lay.W, self.g * lay.R, x.shape[-1])
+            return x.reshape(lay.B * lay.W, self.grp.shape[2] * lay.R, x.shape[-1])
         return x.reshape(-1, lay.R, x.shape[-1])
 
     def unrows(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`rows`: ``-> [B, W, g, R, E]``."""
-        return x.view(self.lay.B, self.lay.W, self.g, self.lay.R, x.shape[-1])
+        """Inverse of :meth:`rows`: ``-> [*group.shape, R, E]``."""
+        return x.view(*self.grp.shape, self.lay.R, x.shape[-1])
 
     def add_to_keys(self, acc_flat: torch.Tensor, grad: torch.Tensor) -> None:
         """Accumulate a key-side gradient (shaped like :meth:`keys`) into ``acc_flat [B*W*nk, BK, E]``."""
@@ -292,8 +387,8 @@ class _Step:
         return self.unrows(torch.bmm(a, b, out=out))
 
     def score_mod(self, s: torch.Tensor) -> torch.Tensor:
-        lay = self.lay
-        return self.plan.score_mod(s, lay.b_idx, lay.h_idx, self.plan.q_pos(self.i0, self.i1), self.kv_pos())
+        grp = self.grp
+        return self.plan.score_mod(s, grp.b_idx, grp.h_idx, grp.q_pos, self.kv_pos())
 
     def _masking(self, c0: int, c1: int) -> _TileMask | None:
         """The step's :class:`_TileMask`, or None when nothing is masked.
@@ -302,15 +397,14 @@ class _Step:
         partial tiles) are touched; the mask mod is evaluated on those slots alone and on the block
         mask's own batch/head shape (usually 1 x 1), not on every head.
         """
-        plan, lay, sel, c = self.plan, self.lay, self.sel, self.c
-        i0, i1 = self.i0, self.i1
-        real = torch.arange(c0, c1, device=lay.device) < plan.counts_raw[:, :, i0:i1, None]
+        plan, lay, sel, c, grp = self.plan, self.lay, self.sel, self.c, self.grp
+        real = torch.arange(c0, c1, device=lay.device) < grp.counts[..., None]
         need = ~real
         if lay.Tk % lay.BK:
             need = need | (sel == lay.nk - 1)
         part = None
-        if plan.partial_raw is not None:
-            part = plan.partial_raw[:, :, i0:i1, c0:c1] & real
+        if grp.partial is not None:
+            part = grp.partial[..., c0:c1] & real
             need = need | part
         slots = need.flatten(0, 2).any(0).nonzero().flatten()
         if slots.numel() == 0:
@@ -320,8 +414,7 @@ class _Step:
         keep = _as_float(~drop)  # small: [Bm, Hm, g, 1, n*BK]
         if part is not None:
             bm = plan.bm
-            h = lay.h_idx if (sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]  # [1, 1, ...] if head-free
-            args = (lay.b_idx[: sel.shape[0]], h, plan.q_pos(i0, i1), kv_pos.clamp(max=lay.Tk - 1))
+            args = (grp.mod_b, grp.mod_h, grp.q_pos, kv_pos.clamp(max=lay.Tk - 1))
             rule = bm.keep_mod(*args).float() if bm.keep_mod is not None else _as_float(bm.mask_mod(*args))
             part_cols = part[..., slots]
             if not bool(part_cols.all()):  # slots that are not partial for every row: the rule does not apply
@@ -399,28 +492,23 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     lay = plan.lay
     q_r = lay.q_rows(q).mul_(plan.scale)  # the scale folded into q: one pass over q, not over every tile
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
-    out = lay.new_rows(lay.Dv)
-    o_view = lay.rows_view(out)
+    o_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.Dv, device=lay.device)
     lse_r = torch.full((lay.B, lay.W, lay.nq, lay.R), float("-inf"), device=lay.device)
     if sinks is not None:
         lse_r.copy_(_sink_rows(sinks, lay).expand_as(lse_r))
     m = l = acc = None
     ws = _Workspace(lay.device)
-    for i0, i1, c0, c1, first, last in plan.steps():
-        st = plan.step(i0, i1, c0, c1)
-        s = st.scores(q_r[:, :, i0:i1], st.keys(k_flat, ws, "k"), ws)
+    for grp, c0, c1, first, last in plan.steps():
+        st = _Step(plan, grp, c0, c1)
+        s = st.scores(grp.take(q_r), st.keys(k_flat, ws, "k"), ws)
         if plan.score_mod is not None:
             s = st.score_mod(s)
         if st.mask is not None:
             st.mask.lower(s)
         if first:
-            if sinks is not None:
-                m = _sink_rows(sinks, lay).expand(lay.B, lay.W, st.g, lay.R).clone()
-                l = torch.ones_like(m)
-            else:
-                m = torch.full((lay.B, lay.W, st.g, lay.R), float("-inf"), device=lay.device)
-                l = torch.zeros_like(m)
-            acc = torch.zeros(lay.B, lay.W, st.g, lay.R, lay.Dv, device=lay.device)
+            m = grp.take(lse_r).clone()  # the sink logit of each row, or -inf
+            l = torch.zeros_like(m) if sinks is None else torch.ones_like(m)
+            acc = torch.zeros(*m.shape, lay.Dv, device=lay.device)
         m_new = torch.maximum(m, s.amax(-1))
         m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
         alpha = torch.exp(m - m_use)
@@ -440,9 +528,9 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
             # _masked_exp gave their -inf entries a tiny weight, so they are set to o = 0, lse = -inf here
             empty = m < MASKED_SCORE / 2
             o = acc.div_(l.clamp_min(torch.finfo(l.dtype).tiny)[..., None]).masked_fill_(empty[..., None], 0.0)
-            o_view[:, :, i0:i1] = o.view(lay.B, lay.W, st.g, lay.Geff, lay.BQ, lay.Dv)
-            lse_r[:, :, i0:i1] = (m + torch.log(l)).masked_fill_(empty, float("-inf"))
-    return out[:, : lay.Tq], lay.row_stat_back(lse_r)
+            grp.put(o_r, o)
+            grp.put(lse_r, (m + torch.log(l)).masked_fill_(empty, float("-inf")))
+    return lay.from_rows(o_r), lay.row_stat_back(lse_r)
 
 
 def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(), dlse=None):
@@ -464,14 +552,13 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
     # a row is empty when every entry is masked (then the mask zeroes its P) or a score_mod gave -inf to
     # every visible entry: only then can the clamp in _masked_exp lift an entry of an empty row above 0
     any_empty = plan.score_mod is not None and bool(empty_r.any())
-    dq = lay.new_rows(lay.D)
-    dq_view = lay.rows_view(dq)
+    dq_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.D, device=lay.device)
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
     ws = _Workspace(lay.device)
-    for i0, i1, c0, c1, _, _ in plan.steps():
-        st = plan.step(i0, i1, c0, c1)
-        q_g, do_g = q_r[:, :, i0:i1], do_r[:, :, i0:i1]
+    for grp, c0, c1, _, _ in plan.steps():
+        st = _Step(plan, grp, c0, c1)
+        q_g, do_g = grp.take(q_r), grp.take(do_r)
         ks, vs = st.keys(k_flat, ws, "k"), st.keys(v_flat, ws, "v")
         s_raw = st.scores(q_g, ks, ws)
         if plan.score_mod is not None:
@@ -481,13 +568,13 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
             s = s_mod.detach().clone()
         else:
             s = s_raw
-        p = _masked_exp(s.sub_(lse_r[:, :, i0:i1, :, None]), st.mask)  # [B, W, g, R, cols]
+        p = _masked_exp(s.sub_(grp.take(lse_r)[..., None]), st.mask)  # [B, W, g, R, cols]
         if st.mask is not None and any_empty:
-            p.masked_fill_(empty_r[:, :, i0:i1, :, None], 0.0)
+            p.masked_fill_(grp.take(empty_r)[..., None], 0.0)
         p_rows, do_rows = st.rows(p), st.rows(do_g)
         st.add_to_keys(dv_flat, torch.bmm(p_rows.transpose(1, 2), do_rows))
         dp = st.matmul_rows(do_rows, vs.transpose(1, 2), ws, "dp")
-        ds = p.mul_(dp.sub_(delta_r[:, :, i0:i1, :, None]))  # P * (dP - Delta), in place of P
+        ds = p.mul_(dp.sub_(grp.take(delta_r)[..., None]))  # P * (dP - Delta), in place of P
         if plan.score_mod is not None:
             grads = torch.autograd.grad(s_mod, (s_raw, *mod_tensors), ds, allow_unused=True)
             ds = grads[0]
@@ -495,14 +582,14 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
                 if gr is not None:
                     acc.add_(gr.float())
         ds_rows = st.rows(ds)
-        dq_view[:, :, i0:i1] += torch.bmm(ds_rows, ks).view(lay.B, lay.W, st.g, lay.Geff, lay.BQ, lay.D)
+        grp.add(dq_r, st.unrows(torch.bmm(ds_rows, ks)))
         st.add_to_keys(dk_flat, torch.bmm(ds_rows.transpose(1, 2), st.rows(q_g)))
     dsinks = None
     if sinks is not None:
         p_sink = torch.exp(_sink_rows(sinks, lay) - lse_r)  # [B, W, nq, R]; padded rows have delta 0
         per_row = -(p_sink * delta_r).sum((0, 2))  # [W, R]
         dsinks = torch.zeros(lay.Hq, device=lay.device).index_add_(0, lay.row_heads.reshape(-1), per_row.reshape(-1))
-    dq = dq[:, : lay.Tq].mul_(plan.scale)  # the scale of S = (q * scale) k^T, applied once
+    dq = lay.from_rows(dq_r).mul_(plan.scale)  # the scale of S = (q * scale) k^T, applied once
     return dq, lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
 
 
