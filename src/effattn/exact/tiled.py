@@ -194,9 +194,6 @@ class _Plan:
         self.idx_raw = bm.kv_indices.to(lay.device)
         self.counts_raw = bm.kv_counts.to(lay.device)
         self.partial_raw = bm.kv_partial.to(lay.device) if bm.mask_mod is not None else None
-        # a per-batch or per-head mask gives every (batch, work head, query block) its own key list: those
-        # are scheduled as items sorted by length (see _Items), not padded to the longest list of a block range
-        self.ragged = self.idx_raw.shape[0] * self.idx_raw.shape[1] > 1
         max_k = max(1, int(self.counts_raw.max()))
         per_block = lay.B * lay.W * lay.R * lay.BK  # elements of one (query block, key block) pair
         # query blocks per step first (rows of the matmuls), then as many key blocks as the budget allows;
@@ -206,6 +203,18 @@ class _Plan:
         if self.chunk < min(max_k, 8):
             self.chunk = min(max_k, 8)
             self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))
+        self.ragged = self._ragged_pays()
+
+    def _ragged_pays(self) -> bool:
+        """Whether to schedule (batch, work head, query block) items sorted by key-list length (see _Items):
+        for a per-batch or per-head mask whose block ranges would pad their lists by more than 5%."""
+        if self.idx_raw.shape[0] * self.idx_raw.shape[1] == 1:
+            return False
+        lay = self.lay
+        counts = self.counts_raw.expand(lay.B, lay.W, lay.nq)
+        pad = torch.nn.functional.pad(counts, (0, -lay.nq % self.group)).unflatten(-1, (-1, self.group))
+        padded = pad.amax((0, 1, 3)).sum() * lay.B * lay.W * self.group
+        return bool(padded > 1.05 * counts.sum())
 
     def groups(self):
         """The query-row groups, in order: block ranges, or (ragged) item lists sorted by key-list length."""
