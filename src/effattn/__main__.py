@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile)")
     b.add_argument("--forward-only", action="store_true", help="skip forward+backward measurements")
+    b.add_argument(
+        "--paired", action="store_true",
+        help="sparse suite: also time SDPA causal back to back with each method (speedup_vs_causal_paired)",
+    )
     b.add_argument("--impls", type=str, default=None, help="attention suite: comma-separated implementations")
     b.add_argument("--patterns", type=str, default=None, help="attention suite: comma-separated mask patterns")
     from effattn.bench.kv import add_arguments as add_kv_arguments

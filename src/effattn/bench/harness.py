@@ -65,6 +65,27 @@ def measure_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
     return statistics.median(times)
 
 
+def paired_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], *, repeats: int = 5, device="cpu") -> float:
+    """Median over ``repeats`` back-to-back pairs of ``time(fn_a) / time(fn_b)`` (after one warm-up of each).
+
+    On a machine whose speed drifts over minutes (a shared VM), a ratio of two medians taken minutes apart
+    carries the drift; alternating the two calls pairs each timing with one taken under the same load.
+    """
+    for fn in (fn_a, fn_b):
+        fn()
+    sync(device)
+    ratios = []
+    for _ in range(repeats):
+        t = []
+        for fn in (fn_a, fn_b):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            t.append(time.perf_counter() - t0)
+        ratios.append(t[0] / t[1])
+    return statistics.median(ratios)
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

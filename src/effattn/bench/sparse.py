@@ -9,6 +9,10 @@ per query), each of its causal modes and each length (default 4k, 16k, 64k; ``--
 - the speed-up over dense SDPA of the same causality (``is_causal`` or no mask) and over SDPA causal;
 - SDPA with the method's dense boolean mask (its selection, materialized) where that fits a memory
   budget (skipped with a note above it);
+- the score entries per query and head the tiled engine computes (``scores_per_query``: every entry of
+  its score tiles, masked or not) and keeps (``visible_per_query``), counted by
+  :func:`effattn.exact.count_scores` in one forward, and ``fwdbwd_eff``: useful FLOP/s over the visible
+  pairs against the machine's GEMM rate measured in the same run;
 - the *attention mass kept*: ``exp(lse_selected - lse_full)`` per query, the share of the full softmax
   (causal or not, as the method runs) that the selection covers, averaged over queries, on random
   inputs and on inputs with planted clusters (queries and keys drawn around 16 shared centres per
@@ -36,6 +40,7 @@ from effattn.bench.harness import (
     matmul_flops_per_second,
     measure_peak_memory,
     measure_time,
+    paired_ratio,
     run_guarded,
     write_report,
 )
@@ -140,14 +145,11 @@ def mass_kept(method, params: dict, q, k, v, causal: bool, kind: str = "random")
     return float(kept.mean()), None
 
 
-def _timed(fn, inputs, repeats: int, device: str, backward: bool) -> dict:
+def _fwd_bwd(fn, inputs):
+    """A forward+backward call of ``fn`` (a fixed random output gradient; input grads cleared)."""
     do = None
 
-    def fwd():
-        with torch.no_grad():
-            return fn()
-
-    def fwd_bwd():
+    def run():
         nonlocal do
         o = fn()
         if do is None:
@@ -156,6 +158,15 @@ def _timed(fn, inputs, repeats: int, device: str, backward: bool) -> dict:
         for x in inputs:
             x.grad = None
 
+    return run
+
+
+def _timed(fn, inputs, repeats: int, device: str, backward: bool) -> dict:
+    def fwd():
+        with torch.no_grad():
+            return fn()
+
+    fwd_bwd = _fwd_bwd(fn, inputs)
     out = {"fwd_s": measure_time(fwd, repeats=repeats, device=device)}
     out["fwd_mem_MiB"] = (measure_peak_memory(fwd, device) or 0) / 2**20
     if backward:
@@ -164,13 +175,19 @@ def _timed(fn, inputs, repeats: int, device: str, backward: bool) -> dict:
     return out
 
 
-def _sdpa(T: int, causal: bool, args, mask: torch.Tensor | None = None) -> dict:
-    q, k, v = (torch.randn(B, H, T, D, device=args.device, requires_grad=True) for _ in range(3))
+def _sdpa_call(T: int, causal: bool, device, mask: torch.Tensor | None = None):
+    """``(fn, inputs)``: SDPA on fresh ``[B, H, T, D]`` inputs, causal, with ``mask``, or full."""
+    q, k, v = (torch.randn(B, H, T, D, device=device, requires_grad=True) for _ in range(3))
     if mask is None:
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
     else:
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
-    row = _timed(fn, (q, k, v), args.repeats, args.device, not args.forward_only)
+    return fn, (q, k, v)
+
+
+def _sdpa(T: int, causal: bool, args, mask: torch.Tensor | None = None) -> dict:
+    fn, inputs = _sdpa_call(T, causal, args.device, mask)
+    row = _timed(fn, inputs, args.repeats, args.device, not args.forward_only)
     if mask is None:
         row["visible_per_query"] = (T + 1) / 2 if causal else T
     return row
@@ -179,10 +196,13 @@ def _sdpa(T: int, causal: bool, args, mask: torch.Tensor | None = None) -> dict:
 def _measure_method(method, T: int, causal: bool, args) -> tuple[dict, torch.Tensor | None]:
     params = method.make_params(T)
     q, k, v = (x.requires_grad_(True) for x in _inputs(T, "random", 0, args.device))
-    row = _timed(
-        lambda: method.attend(q, k, v, causal=causal, **params), (q, k, v), args.repeats, args.device,
-        not args.forward_only,
-    )
+    call = lambda: method.attend(q, k, v, causal=causal, **params)  # noqa: E731
+    row = _timed(call, (q, k, v), args.repeats, args.device, not args.forward_only)
+    if args.paired and not args.forward_only:
+        sdpa, sdpa_inputs = _sdpa_call(T, True, args.device)
+        row["speedup_vs_causal_paired"] = paired_ratio(
+            _fwd_bwd(sdpa, sdpa_inputs), _fwd_bwd(call, (q, k, v)), repeats=args.repeats, device=args.device
+        )
     with torch.no_grad(), count_scores() as n:
         method.attend(q, k, v, causal=causal, **params)
     row["scores_per_query"] = n.computed / (B * H * T)
@@ -253,6 +273,8 @@ def run(args: argparse.Namespace) -> None:
     notes = [
         f"B={B}, H={H}, D={D}, float32; params from each method's make_params(T) (about 1/16 of the keys per query)",
         "speedup = SDPA (same causality, no mask) time / method time; speedup_vs_causal against SDPA is_causal",
+        "speedup_vs_causal_paired (--paired) = median over repeats of SDPA causal fwd+bwd time / the method's, "
+        "the two timed back to back (the drift of a shared machine cancels within a pair)",
         "fwd timed under no_grad; peak memory = rise of the process's peak RSS over the RSS before the call (CPU)",
         "mass = mean over queries of exp(lse_selected - lse_full); clustered = q, k around 16 planted centres "
         f"per head; every query up to T={SUBSAMPLE_ABOVE}, {SUBSAMPLE} evenly spaced queries above",
@@ -271,7 +293,8 @@ def run(args: argparse.Namespace) -> None:
     meta.update({"B": B, "H": H, "D": D, "gemm_flops": gemm})
     cols = [
         "T", "method", "causal", "params", "fwd_s", "fwdbwd_s", "fwd_mem_MiB", "fwdbwd_mem_MiB", "speedup_fwd",
-        "speedup_fwdbwd", "speedup_vs_causal", "scores_per_query", "visible_per_query", "fwdbwd_eff", "density",
+        "speedup_fwdbwd", "speedup_vs_causal", "speedup_vs_causal_paired", "scores_per_query", "visible_per_query",
+        "fwdbwd_eff", "density",
         "mass_random", "mass_clustered", "note", "error",
     ]
     path = write_report(args.out, "sparse", rows, cols, meta=meta, notes=notes)
