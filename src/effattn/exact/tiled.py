@@ -204,6 +204,8 @@ class _Plan:
             self.chunk = min(max_k, 8)
             self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))
         self.ragged = self._ragged_pays()
+        if self.ragged:
+            self._sort_items()
 
     def _ragged_pays(self) -> bool:
         """Whether to schedule (batch, work head, query block) items sorted by key-list length (see _Items):
@@ -223,8 +225,6 @@ class _Plan:
             for i0 in range(0, lay.nq, self.group):
                 yield _BlockRange(self, i0, min(i0 + self.group, lay.nq))
             return
-        if not hasattr(self, "items"):
-            self._sort_items()
         for items in self.items.split(lay.B * lay.W * self.group):
             yield _Items(self, items)
 
@@ -275,6 +275,7 @@ class _BlockRange:
         self.base, self.b_idx, self.h_idx = lay.base, lay.b_idx, lay.h_idx
         pos = torch.arange(i0, i1, device=lay.device).view(1, 1, -1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
         self.q_pos = pos.clamp(max=lay.Tq - 1)  # padded rows are dropped later
+        self.real_rows = (pos < lay.Tq).squeeze(-1)
         self.mod_b = lay.b_idx[: self.sel.shape[0]]
         self.mod_h = lay.h_idx if (self.sel.shape[1] > 1 or lay.Geff > 1) else lay.h_idx[:, :1]  # [1, 1, ...] head-free
 
@@ -308,6 +309,7 @@ class _Items:
         self.h_idx = lay.row_heads[w].view(1, N, 1, lay.R, 1) if lay.Geff > 1 else w.view(1, N, 1, 1, 1)
         pos = i.view(1, N, 1, 1, 1) * lay.BQ + lay.row_pos.view(1, 1, 1, -1, 1)
         self.q_pos = pos.clamp(max=lay.Tq - 1)
+        self.real_rows = (pos < lay.Tq).squeeze(-1)
         self.mod_b, self.mod_h = self.b_idx, self.h_idx
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,9 +472,20 @@ class _TileMask:
         """Masked entries of ``p`` become exactly 0, in place."""
         self._apply(p, torch.Tensor.mul_, self.keep)
 
-    def hidden(self, shape: tuple[int, ...]) -> int:
-        """How many entries of a score tile of ``shape`` ``[B, W, g, R, cols]`` are masked."""
-        return int(torch.broadcast_to(1.0 - self.keep, (*shape[:4], self.keep.shape[-1])).sum())
+    def hidden(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """How many entries of each row of a score tile of ``shape`` ``[B, W, g, R, cols]`` are masked."""
+        return torch.broadcast_to(1.0 - self.keep, (*shape[:4], self.keep.shape[-1])).sum(-1)
+
+
+def _count(shape: tuple[int, ...], st: _Step) -> None:
+    """Add a step's score entries to the active :func:`count_scores` counters (visible: of real query rows)."""
+    visible = torch.full(shape[:4], float(shape[-1]), device=st.lay.device)
+    if st.mask is not None:
+        visible = visible - st.mask.hidden(shape)
+    visible = int((visible * st.grp.real_rows).sum())
+    for counter in _COUNTERS:
+        counter.computed += shape.numel()
+        counter.visible += visible
 
 
 def _as_float(mask: torch.Tensor) -> torch.Tensor:
@@ -527,11 +540,7 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
         if _COUNTERS:
-            n = s.numel()
-            hidden = 0 if st.mask is None else st.mask.hidden(s.shape)
-            for counter in _COUNTERS:
-                counter.computed += n
-                counter.visible += n - hidden
+            _count(s.shape, st)
         if last:
             # empty rows: every entry masked (m = MASKED_SCORE) or -inf from a score_mod; the clamp in
             # _masked_exp gave their -inf entries a tiny weight, so they are set to o = 0, lse = -inf here
