@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from effattn import attention
+from effattn.exact import tiled
 from effattn.sparse import hyper_attention, hyper_attention_dense, sort_lsh_buckets
 from effattn.sparse.hyper_attention import gray_rank
 from tests.helpers import assert_fp32_close, assert_lowp_close
@@ -35,7 +36,9 @@ def _reference(q, k, v, mask, bias, return_lse=False):
     [(False, 128, 16, 24), (False, 128, 32, 0), (False, 256, 128, 40), (True, 128, 16, 24), (True, 97, 8, 30),
      (True, 257, 32, 64)],
 )
-def test_engine_matches_reference(causal, T, block, samples):
+@pytest.mark.parametrize("kept", [True, False], ids=["kept_probs", "recomputed"])
+def test_engine_matches_reference(causal, T, block, samples, kept, monkeypatch):
+    monkeypatch.setattr(tiled, "KEPT_PROBS_PER_Q_ELEMENT", 10**6 if kept else 0)  # both backward paths
     q, k, v = _inputs(T=T)
     params = {"block_size": block, "num_samples": samples, "causal": causal, "seed": 2}
     o = hyper_attention(q, k, v, **params)

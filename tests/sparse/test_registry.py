@@ -9,6 +9,7 @@ import torch
 import effattn.sparse as sparse
 from effattn import attention
 from effattn.bench.harness import measure_peak_memory
+from effattn.exact import tiled
 from tests.helpers import assert_fp32_close
 
 CASES = [(name, causal) for name, m in sorted(sparse.REGISTRY.items()) for causal in m.causal_modes]
@@ -40,8 +41,11 @@ def test_output_shape_finite_deterministic(name, causal):
     assert torch.equal(o, m.attend(q, k, v, causal=causal, **params))
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept_probs", "recomputed"])
 @pytest.mark.parametrize("name,causal", CASES)
-def test_matches_reference_on_dense_selection(name, causal):
+def test_matches_reference_on_dense_selection(name, causal, kept, monkeypatch):
+    """Both backward paths of the engine: kept probability tiles, and tiles recomputed with the masks."""
+    monkeypatch.setattr(tiled, "KEPT_PROBS_PER_Q_ELEMENT", 10**6 if kept else 0)
     m = sparse.REGISTRY[name]
     q, k, v = _inputs()
     params = m.make_params(T_SMALL)

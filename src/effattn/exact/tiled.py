@@ -37,6 +37,10 @@ TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32)
 EXP_FLOOR = -80.0
 MASKED_SCORE = -1e30  # what a masked score becomes before the row max (finite: adding it is a fast pass)
 ROWS_PER_STEP = 256  # query rows a step aims for: a taller, narrower score tile for the same budget
+# the forward keeps its probability tiles for the backward when they hold at most this many entries per
+# element of q (a sparse selection of at most 16 * head_dim keys per query): extra memory <= 16 * |q| floats,
+# linear in T; above it (dense attention, long sequences) the backward recomputes them. 0 disables.
+KEPT_PROBS_PER_Q_ELEMENT = 16
 
 
 @dataclass
@@ -203,6 +207,7 @@ class _Plan:
         if self.chunk < min(max_k, 8):
             self.chunk = min(max_k, 8)
             self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))
+        self.keep_probs = False  # set by tiled_attention: whether the forward keeps its probability tiles
         self.ragged = self._ragged_pays()
         if self.ragged:
             self._sort_items()
@@ -246,6 +251,11 @@ class _Plan:
             self.partial_items = partial
         self.idx_items, self.counts_items = idx, counts
         self.items = key.argsort(descending=True, stable=True)
+
+    def score_entries(self) -> int:
+        """Score entries of the listed tiles (the padding of a step's shorter key lists not counted)."""
+        lay = self.lay
+        return int(self.counts_raw.expand(lay.B, lay.W, lay.nq).sum()) * lay.R * lay.BK
 
     def steps(self):
         """Yield ``(group, c0, c1, first, last)`` over query-row groups and key-block chunks."""
@@ -335,7 +345,7 @@ class _Step:
     block. Scores are ``[*group.shape, R, cols]`` either way.
     """
 
-    def __init__(self, plan: _Plan, grp, c0: int, c1: int):
+    def __init__(self, plan: _Plan, grp, c0: int, c1: int, masked: bool = True):
         lay = self.lay = plan.lay
         self.plan, self.grp = plan, grp
         self.sel = sel = grp.sel[..., c0:c1]  # [Bm, Hm, g, c] (items: [1, N, 1, c])
@@ -346,7 +356,7 @@ class _Step:
             self.lo, self.flat = start * lay.BK, None
         else:
             self.lo, self.flat = None, (sel.expand(*grp.shape, self.c) + grp.base).reshape(-1)
-        self.mask = self._masking(c0, c1)
+        self.mask = self._masking(c0, c1) if masked else None  # a kept probability tile is masked already
 
     def kv_pos(self) -> torch.Tensor:
         """Key positions of the step's columns (clamped into range), broadcastable to the scores."""
@@ -509,8 +519,11 @@ def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
     return sinks.float()[lay.row_heads].view(1, lay.W, 1, lay.R)
 
 
-def tiled_forward(q, k, v, plan: _Plan, sinks=None):
-    """Returns ``(o [B, Tq, Hq, Dv] float32, lse [B, Hq, Tq] float32)``; see the module docstring."""
+def tiled_forward(q, k, v, plan: _Plan, sinks=None, kept: list | None = None):
+    """Returns ``(o [B, Tq, Hq, Dv] float32, lse [B, Hq, Tq] float32)``; see the module docstring.
+
+    With a list ``kept``, each step appends ``(P~, m)``: its probability tile relative to the running row
+    max ``m`` (``P = P~ * exp(m - lse)``), for :func:`tiled_backward` to use instead of recomputing it."""
     lay = plan.lay
     q_r = lay.q_rows(q).mul_(plan.scale)  # the scale folded into q: one pass over q, not over every tile
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
@@ -522,7 +535,8 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     ws = _Workspace(lay.device)
     for grp, c0, c1, first, last in plan.steps():
         st = _Step(plan, grp, c0, c1)
-        s = st.scores(grp.take(q_r), st.keys(k_flat, ws, "k"), ws)
+        # a kept tile needs its own buffer (the workspace's is reused by the next step)
+        s = st.scores(grp.take(q_r), st.keys(k_flat, ws, "k"), ws if kept is None else _Workspace(lay.device))
         if plan.score_mod is not None:
             s = st.score_mod(s)
         if st.mask is not None:
@@ -539,6 +553,8 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
         pv = st.unrows(torch.bmm(st.rows(p), st.keys(v_flat, ws, "v")))
         acc = acc.mul_(alpha[..., None]).add_(pv)
         m = m_new
+        if kept is not None:
+            kept.append((p, m_use))
         if _COUNTERS:
             _count(s.shape, st)
         if last:
@@ -551,8 +567,9 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None):
     return lay.from_rows(o_r), lay.row_stat_back(lse_r)
 
 
-def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(), dlse=None):
-    """Gradients ``(dq, dk, dv, dsinks, d mod_tensors)`` by recomputing tiles (FlashAttention-2).
+def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(), dlse=None, kept=None):
+    """Gradients ``(dq, dk, dv, dsinks, d mod_tensors)`` by recomputing tiles (FlashAttention-2), or from the
+    forward's ``kept`` probability tiles (then no score matmul, exp or mask per step).
 
     A gradient ``dlse`` on the returned log-sum-exp enters as ``dS = P * (dP - (Delta - dlse))``,
     since ``d lse_i / d S_ij = P_ij``.
@@ -574,21 +591,25 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
     ws = _Workspace(lay.device)
-    for grp, c0, c1, _, _ in plan.steps():
-        st = _Step(plan, grp, c0, c1)
+    for i, (grp, c0, c1, _, _) in enumerate(plan.steps()):
+        st = _Step(plan, grp, c0, c1, masked=kept is None)
         q_g, do_g = grp.take(q_r), grp.take(do_r)
         ks, vs = st.keys(k_flat, ws, "k"), st.keys(v_flat, ws, "v")
-        s_raw = st.scores(q_g, ks, ws)
-        if plan.score_mod is not None:
-            s_raw.requires_grad_(True)
-            with torch.enable_grad():
-                s_mod = st.score_mod(s_raw)
-            s = s_mod.detach().clone()
+        if kept is not None:
+            p_rel, m_use = kept[i]
+            p = torch.mul(p_rel, torch.exp(m_use - grp.take(lse_r))[..., None], out=ws.get("s", p_rel.shape))
         else:
-            s = s_raw
-        p = _masked_exp(s.sub_(grp.take(lse_r)[..., None]), st.mask)  # [B, W, g, R, cols]
-        if st.mask is not None and any_empty:
-            p.masked_fill_(grp.take(empty_r)[..., None], 0.0)
+            s_raw = st.scores(q_g, ks, ws)
+            if plan.score_mod is not None:
+                s_raw.requires_grad_(True)
+                with torch.enable_grad():
+                    s_mod = st.score_mod(s_raw)
+                s = s_mod.detach().clone()
+            else:
+                s = s_raw
+            p = _masked_exp(s.sub_(grp.take(lse_r)[..., None]), st.mask)  # [B, W, g, R, cols]
+            if st.mask is not None and any_empty:
+                p.masked_fill_(grp.take(empty_r)[..., None], 0.0)
         p_rows, do_rows = st.rows(p), st.rows(do_g)
         st.add_to_keys(dv_flat, torch.bmm(p_rows.transpose(1, 2), do_rows))
         dp = st.matmul_rows(do_rows, vs.transpose(1, 2), ws, "dp")
@@ -614,7 +635,8 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, plan, *mod_tensors):
-        o, lse = tiled_forward(q, k, v, plan, sinks)
+        ctx.kept = [] if plan.keep_probs else None
+        o, lse = tiled_forward(q, k, v, plan, sinks, ctx.kept)
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse, sinks, *mod_tensors)
         ctx.plan = plan
@@ -625,7 +647,7 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, o, lse, sinks, *mod_tensors = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv, dsinks, d_mod = tiled_backward(q, k, v, o, lse, do, ctx.plan, sinks, mod_tensors, dlse)
+        dq, dk, dv, dsinks, d_mod = tiled_backward(q, k, v, o, lse, do, ctx.plan, sinks, mod_tensors, dlse, ctx.kept)
         dsinks = None if dsinks is None else dsinks.to(sinks.dtype)
         d_mod = [d.to(t.dtype) for d, t in zip(d_mod, mod_tensors)]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, *d_mod
@@ -651,4 +673,10 @@ def tiled_attention(
     """
     lay = _Layout(q, k, v, block_mask)
     plan = _Plan(block_mask, lay, scale, score_mod, tile_elements or TILE_ELEMENTS)
+    plan.keep_probs = (
+        score_mod is None
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
+        and plan.score_entries() <= KEPT_PROBS_PER_Q_ELEMENT * q.numel()
+    )
     return _TiledAttention.apply(q, k, v, sinks, plan, *mod_tensors)

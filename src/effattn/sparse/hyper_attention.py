@@ -44,6 +44,7 @@ from effattn.sparse._buckets import (
     chunk_round,
     expand_kv,
     gather_tokens,
+    permute_tokens,
     round_mask,
     sorted_attention,
     visible_float,
@@ -169,28 +170,40 @@ class _Selection:
 
     def joint_mask(self):
         """Query slot ``q`` (sorted order) x key slot ``kv`` of ``[LSH keys | padding | samples]``, as float
-        0/1 (``BlockMask.keep_mod``). A column is an LSH key (``kv < T``) or a sample (``kv >= t_pad``),
-        never both, so the two tests add."""
-        rnd, T, causal = self.round, self.T, self.causal
+        0/1 (``BlockMask.keep_mod``), from per-column tables so that a tile costs one interval test:
+
+        ``keep = sign_kv * inside(slot_kv) + base``: ``slot_kv`` is the sorted slot of the column's key (its
+        own index for an LSH key, the sample's slot for a sample) and ``inside`` the query's LSH interval.
+        Causal: ``sign`` is +1 on LSH keys (kept when inside the window) and -1 on samples, ``base`` is 1 on
+        samples at positions ``<= q`` (a past sample counts unless the window holds it; the window holds
+        past keys only, so the sum stays in {0, 1}). Not causal: ``sign`` is -1 on samples and 0 on LSH
+        keys, ``base`` 1 on both. Padding columns have ``sign = base = 0``."""
+        rnd, T, causal, m = self.round, self.T, self.causal, self.m
         t_pad = -(-T // rnd.kv_block) * rnd.kv_block
+        B, H, _ = rnd.k_slot.shape
+        dev = rnd.k_slot.device
         S = self.samples
-        s_slot = rnd.k_slot.gather(-1, S.expand(rnd.k_slot.shape[0], -1, -1)).to(torch.int32)  # [B, H, m]
-        s_pos = S.float()
+        s_slot = rnd.k_slot.gather(-1, S.expand(B, -1, -1))  # [B, H, m]
+        lsh_slot = torch.arange(t_pad, device=dev).expand(B, H, -1)
+        slot = torch.cat([lsh_slot, s_slot], -1).to(torch.int32)  # [B, H, t_pad + m]
+        is_lsh = (torch.arange(t_pad + m, device=dev) < T).float()
+        is_sample = torch.zeros(t_pad + m, device=dev)
+        is_sample[t_pad:] = 1.0
+        sign = (is_lsh - is_sample) if causal else -is_sample
         lo, length = rnd.lo, rnd.length
-        qpos = rnd.q_order.float()
+        if causal:  # base = clamp(q_pos + 1 - limit, 0, 1): limit is the sample's position, beyond T elsewhere
+            limit = torch.full((H, t_pad + m), 2.0 * T + 2, device=dev)
+            limit[:, t_pad:] = S.float()
+            qpos1 = rnd.q_order.float() + 1.0
+        else:
+            base = is_lsh + is_sample
 
         def keep(b, h, q, kv):
             hk = _rowless(h)
-            lo_q, len_q = lo[b, h, q], length[b, h, q]
-            is_lsh, is_sample = (kv < T).float(), (kv >= t_pad).float()  # [.., 1, cols]: small
-            in_lsh = is_lsh
-            if causal:  # same-bucket past keys only
-                in_lsh = visible_float(kv.clamp(max=T - 1), lo_q, len_q, T, cyclic=False).mul_(is_lsh)
-            j = (kv - t_pad).clamp(min=0)
-            sampled = visible_float(s_slot[b, hk, j], lo_q, len_q, T, cyclic=False).neg_().add_(1.0).mul_(is_sample)
-            if causal:  # s_pos <= q_pos, i.e. q_pos - s_pos + 1 >= 1 for whole numbers
-                sampled.mul_((qpos[b, h, q] - s_pos[hk, j]).add_(1.0).clamp_(0.0, 1.0))
-            return in_lsh.add_(sampled) if causal else sampled.add_(in_lsh)
+            out = visible_float(slot[b, hk, kv], lo[b, h, q], length[b, h, q], T, cyclic=False).mul_(sign[kv])
+            if causal:
+                return out.add_(torch.sub(qpos1[b, h, q], limit[hk, kv]).clamp_(0.0, 1.0))
+            return out.add_(base[kv])
 
         return keep
 
@@ -247,11 +260,11 @@ def hyper_attention(
     bm = sel.joint_block_mask()
     B = q.shape[0]
     pad = sel.t_pad - T
-    qs = gather_tokens(q, rnd.q_order)
+    qs = permute_tokens(q, rnd.q_order, rnd.q_slot)
     a = sel.log_w.expand(B, -1, -1).gather(-1, rnd.q_order)  # [B, H, T] log-weight of each sorted query
     q_aug = torch.cat([qs, (a / scale).transpose(1, 2)[..., None].to(q.dtype)], -1)
-    parts_k = [gather_tokens(k, rnd.k_order)]
-    parts_v = [gather_tokens(v, rnd.k_order)]
+    parts_k = [permute_tokens(k, rnd.k_order, rnd.k_slot)]
+    parts_v = [permute_tokens(v, rnd.k_order, rnd.k_slot)]
     if pad:
         parts_k.append(k.new_zeros(B, pad, k.shape[2], k.shape[3]))
         parts_v.append(v.new_zeros(B, pad, v.shape[2], v.shape[3]))
@@ -262,7 +275,7 @@ def hyper_attention(
     k_aug = torch.cat([torch.cat(parts_k, 1), flag.view(1, -1, 1, 1).expand(B, -1, k.shape[2], 1)], -1)
     v_all = torch.cat(parts_v, 1)
     o, lse = attention(q_aug, k_aug, v_all, block_mask=bm, scale=scale, return_lse=True, backend="tiled")
-    o, lse = gather_tokens(o, rnd.q_slot), lse.gather(-1, rnd.q_slot)
+    o, lse = permute_tokens(o, rnd.q_slot, rnd.q_order), lse.gather(-1, rnd.q_slot)
     return (o, lse) if return_lse else o
 
 

@@ -238,15 +238,23 @@ def _dense(q, k, *, causal, shared_qk=True, dedup=True, **params):
     return lsh_pair_counts(q, None if shared_qk else k, causal=causal, shared_qk=shared_qk, **params) > 0
 
 
-def _params(T: int) -> dict:
-    """Two rounds of own + previous chunk with ``chunk_size ~ T / 64``: at most ``T / 16`` keys per query
-    (``n_buckets`` by :func:`default_n_buckets`, which depends on ``causal``). The registry's
-    ``attend(q, k, v)`` uses the given keys, so its entry is the separate q/k variant (shared-QK derives
-    the keys from q and is covered by tests/sparse/test_lsh.py)."""
-    chunk = max(4, T // 64)
+def _params(T: int, n_rounds: int = 1) -> dict:
+    """``n_rounds`` rounds of own + previous chunk (causal: a window of two chunks) with ``chunk_size ~ T /
+    (32 n_rounds)``: at most ``T / 16`` keys per query whatever the rounds (``n_buckets`` by
+    :func:`default_n_buckets`, which depends on ``causal``). The registry's ``attend(q, k, v)`` uses the
+    given keys, so its entries are the separate q/k variant (shared-QK derives the keys from q and is
+    covered by tests/sparse/test_lsh.py)."""
+    chunk = max(4, T // (32 * n_rounds))
     while T % chunk:
         chunk -= 1
-    return {"chunk_size": chunk, "n_rounds": 2, "shared_qk": False}
+    return {"chunk_size": chunk, "n_rounds": n_rounds, "shared_qk": False}
 
 
+# one round (the Reformer's and Hugging Face's default), and two rounds of half the chunk at the same key
+# budget: more chances to meet a similar key, paid with a second pass and its de-duplication mask
 register(SparseMethod(name="lsh", attend=_attend, dense_mask=_dense, make_params=_params, content_based=True))
+register(
+    SparseMethod(
+        name="lsh_2rounds", attend=_attend, dense_mask=_dense, make_params=lambda T: _params(T, 2), content_based=True
+    )
+)
