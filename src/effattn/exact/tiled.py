@@ -12,7 +12,12 @@ backward (recomputing the tiles from the saved O and lse; Delta = rowsum(dO * O)
     dQ_i += dS K_j * scale ; dK_j += dS^T Q_i * scale
     d sink_h = -sum_rows exp(sink_h - lse) * Delta
 
-Extra memory is O(T) whatever the mask (the accumulators plus one chunk of tiles). To keep Python
+A sparse selection's probability tiles are few: when they hold at most ``KEPT_PROBS_PER_Q_ELEMENT`` (16)
+entries per element of q, the forward keeps them (each relative to its step's running max, ``P = P~ *
+exp(m - lse)``) and the backward uses them instead of recomputing ``S``, its exp and its mask.
+
+Extra memory is O(T) whatever the mask (the accumulators, one chunk of tiles, and kept probability tiles
+of at most 16 x the size of q). To keep Python
 overhead small, one step processes many query blocks and many key blocks at once: the listed key
 blocks are gathered into one ``[rows, cols]`` score tile per query block, all heads batched, and the
 tile budget (``TILE_ELEMENTS``) bounds its size. A per-batch or per-head block mask (the sparse
