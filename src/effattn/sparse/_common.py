@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SparseMethod:
-    """One registered method.
+    """One registered method (or configuration: ``lsh`` and ``lsh_2rounds`` are the same function with
+    different ``make_params``, benchmarked side by side because the rounds change the cost).
 
     ``attend(q, k, v, *, causal, **params) -> o`` runs the method ([B, T, H, D] layout);
     ``dense_mask(q, k, *, causal, **params) -> bool [B|1, H|1, T_q, T_k]`` materializes exactly the
