@@ -197,7 +197,9 @@ def _copy_padded(dest_blocks: torch.Tensor, src: torch.Tensor, block: int) -> No
 class _Plan:
     """Everything the tile loop needs besides the tensors."""
 
-    def __init__(self, bm: BlockMask, lay: _Layout, scale: float, score_mod, tile_elements: int):
+    def __init__(
+        self, bm: BlockMask, lay: _Layout, scale: float, score_mod, tile_elements: int, needs_grad: bool = False
+    ):
         self.bm, self.lay, self.scale, self.score_mod = bm, lay, scale, score_mod
         # the block mask's own [Bm, Hm, ...] tensors; Hm > 1 only for a per-head mask (then W = H_q)
         self.idx_raw = bm.kv_indices.to(lay.device)
@@ -212,10 +214,14 @@ class _Plan:
         if self.chunk < min(max_k, 8):
             self.chunk = min(max_k, 8)
             self.group = max(1, min(lay.nq, tile_elements // (per_block * self.chunk)))
-        self.keep_probs = False  # set by tiled_attention: whether the forward keeps its probability tiles
         self.ragged = self._ragged_pays()
         if self.ragged:
             self._sort_items()
+        # whether the forward keeps its probability tiles for the backward (a score_mod's gradient needs S)
+        q_elements = lay.B * lay.Tq * lay.Hq * lay.D
+        self.keep_probs = (
+            needs_grad and score_mod is None and self.score_entries() <= KEPT_PROBS_PER_Q_ELEMENT * q_elements
+        )
 
     def _ragged_pays(self) -> bool:
         """Whether to schedule (batch, work head, query block) items sorted by key-list length (see _Items):
@@ -677,11 +683,7 @@ def tiled_attention(
     Prefer :func:`effattn.attention`, which validates, builds the block mask and dispatches.
     """
     lay = _Layout(q, k, v, block_mask)
-    plan = _Plan(block_mask, lay, scale, score_mod, tile_elements or TILE_ELEMENTS)
-    plan.keep_probs = (
-        score_mod is None
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in (q, k, v))
-        and plan.score_entries() <= KEPT_PROBS_PER_Q_ELEMENT * q.numel()
-    )
+    # decided here: inside the autograd Function's forward grad mode is off (and needs_input_grad ignores no_grad)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    plan = _Plan(block_mask, lay, scale, score_mod, tile_elements or TILE_ELEMENTS, needs_grad)
     return _TiledAttention.apply(q, k, v, sinks, plan, *mod_tensors)
