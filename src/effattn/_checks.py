@@ -97,3 +97,40 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int, na
     if len(c) < 2 or c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
         raise ValueError(f"{name} must start at 0, be non-decreasing and end at seq length {total}, got {c}")
     return cu_seqlens
+
+
+def check_int(name: str, value, minimum: int = 0, maximum: int | None = None, allow_none: bool = False) -> int | None:
+    """``value`` is an ``int`` (not a ``bool``) in ``[minimum, maximum]``; ``None`` passes when ``allow_none``.
+
+    >>> check_int("heads", 4, minimum=1)
+    4
+    >>> check_int("heads", 0, minimum=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: heads must be an int >= 1, got 0
+    """
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an int {bound}{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value, allow_none: bool = False) -> int | None:
+    """``value`` is an ``int >= 1`` (``None`` passes when ``allow_none``)."""
+    return check_int(name, value, minimum=1, allow_none=allow_none)
+
+
+def check_float(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` is a finite real number in the interval ``[lo, hi]`` (ends open where asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
+    return float(value)
