@@ -192,21 +192,27 @@ def dilated_mask(window: int, dilation: int, offset: int = 0, causal: bool = Tru
     )
 
 
-def global_tokens_mask(num_global: int) -> MaskMod:
+def global_tokens_mask(num_global: int, offset: int = 0) -> MaskMod:
     """Longformer/BigBird global tokens: the first ``num_global`` positions attend to everything
-    and are attended by every query (combine with a local window through :func:`or_masks`)."""
+    and are attended by every query (combine with a local window through :func:`or_masks`).
+
+    Query ``q_idx`` sits at position ``q_idx + offset``, so in a partial call (the last ``T_q`` queries of
+    a sequence, ``offset = T_k - T_q``) only queries whose *position* is below ``num_global`` are global.
+    """
+    g = num_global - offset  # a query index below g has a position below num_global
     return MaskMod(
-        lambda b, h, q, kv: (q < num_global) | (kv < num_global),
-        lambda ql, qh, kl, kh: ((ql < num_global) | (kl < num_global), (qh < num_global) | (kh < num_global)),
-        f"global({num_global})",
+        lambda b, h, q, kv: (q < g) | (kv < num_global),
+        lambda ql, qh, kl, kh: ((ql < g) | (kl < num_global), (qh < g) | (kh < num_global)),
+        f"global({num_global}, offset={offset})",
     )
 
 
 def global_local_mask(num_global: int, window: int, offset: int = 0, causal: bool = False) -> MaskMod:
-    """Static part of Longformer / BigBird: global tokens plus a local window (causal or not)."""
+    """Static part of Longformer / BigBird: global tokens plus a local window (causal or not); query
+    ``q_idx`` sits at position ``q_idx + offset`` (``offset = T_k - T_q`` for the last queries of a sequence)."""
     left, right = window_bounds(window, causal)
     local = sliding_window_mask(left, right, offset)
-    m = or_masks(global_tokens_mask(num_global), local)
+    m = or_masks(global_tokens_mask(num_global, offset), local)
     return and_masks(causal_mask(offset), m) if causal else m
 
 
