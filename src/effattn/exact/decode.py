@@ -15,6 +15,7 @@ import torch
 
 from effattn._checks import check_qkv, check_scale, check_tensor
 from effattn.exact.masks import window_bounds
+from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
 
 
 def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +105,12 @@ def decode_attention(
     S = -(-L // chunk)
     pad = S * chunk - L
     G = Hq // Hkv
-    kc = torch.nn.functional.pad(k_cache[:, :L].float(), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, D)
-    vc = torch.nn.functional.pad(v_cache[:, :L].float(), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, Dv)
+    k_used, v_used = k_cache[:, :L], v_cache[:, :L]
+    bad = nonfinite_keys(k_used, v_used)  # garbage in unused slots is normal: see effattn.exact.nonfinite
+    if bad is not None:
+        k_used, v_used = zero_keys(k_used, v_used, bad)
+    kc = torch.nn.functional.pad(k_used.float(), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, D)
+    vc = torch.nn.functional.pad(v_used.float(), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, Dv)
     qf = q.float().view(B, Tn, Hkv, G, D)
     s = torch.einsum("bthgd,bschd->bshgtc", qf, kc) * scale  # [B, S, Hkv, G, Tn, chunk]
     if softcap is not None:
@@ -125,5 +130,9 @@ def decode_attention(
         outs = torch.cat([outs, torch.zeros_like(outs[:1])])
         lses = torch.cat([lses, sinks.float().view(1, 1, Hq, 1).expand(1, B, Hq, Tn)])
     o, lse = merge_attention_states(outs, lses)
+    if bad is not None:  # rows whose window holds a non-finite key or value
+        bad_c = torch.nn.functional.pad(bad, (0, 0, 0, pad)).view(B, S, chunk, Hkv).permute(0, 1, 3, 2)
+        sees = (ok & bad_c[:, :, :, None, None, :]).any(-1).any(1)  # [B, Hkv, 1, Tn]
+        o, lse = poison_rows(o, lse, sees.expand(B, Hkv, G, Tn).reshape(B, Hq, Tn).transpose(1, 2))
     o = o.to(q.dtype)
     return (o, lse) if return_lse else o
