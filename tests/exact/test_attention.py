@@ -102,9 +102,9 @@ def test_tiled_many_small_steps(case, small_tiles):
     shape = (2, 83, 83, 4, 2, 24, 24)
     q, k, v = _inputs(shape)
     kw, learn = _case(case, 4, 83, 83)
-    from effattn.exact.api import _call_for
+    from effattn.exact.api import attention_call
 
-    call = _call_for(q, k, v, **kw)
+    call = attention_call(q, k, v, **kw)
     bm = create_block_mask(call.mask_mod, 2, 4, 83, 83, q_block=16, kv_block=8)
     rest = {n: kw[n] for n in ("score_mod", "sinks") if n in kw}
     o = attention(q, k, v, block_mask=bm, backend="tiled", **rest)
@@ -146,9 +146,9 @@ def test_low_precision_flash_rule(dtype, case):
     kw, _ = _case(case, 4, 97, 97)
     q, k, v = (x.to(dtype).requires_grad_(True) for x in (q32, k32, v32))
     q_, k_, v_ = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-    from effattn.exact.api import _call_for
+    from effattn.exact.api import attention_call
 
-    call = _call_for(q, k, v, **kw)
+    call = attention_call(q, k, v, **kw)
     o = attention(q, k, v, backend="tiled", **kw)
     o_low, _ = reference_attention(q, k, v, scale=call.scale, mask_mod=call.mask_mod, score_mod=call.score_mod,
                                    sinks=call.sinks, upcast=False)

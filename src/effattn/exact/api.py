@@ -1,19 +1,26 @@
-"""``effattn.attention``: one entry point over the SDPA, tiled and reference backends.
+"""``effattn.attention``: one entry point over the backends of :mod:`effattn.exact.backends`.
 
-Each backend declares what it supports through ``why_not(call)`` (a list of human-readable
-reasons it cannot run the call; empty means it can, as xFormers' fmha does); ``auto`` picks the
-first backend with no reasons, in the order sdpa, tiled; :func:`explain` shows the reasoning.
+Each backend declares what it supports as data (:class:`~effattn.exact.backends.Capabilities`:
+devices, dtypes, head dims, GQA, mask kinds, score mods and features, backward, determinism, size
+bounds), and ``why_not(call)`` derives from it the human-readable reasons it cannot run a call
+(empty means it can, as xFormers' fmha operators do). ``auto`` tries the backends with an
+``auto_priority`` in ascending order (``sdpa``, then ``tiled``) and runs the first with no reasons;
+:func:`explain` prints the reasons and the rule.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from effattn._checks import check_cu_seqlens, check_qkv, check_scale
-from effattn.exact.block_mask import BlockMask, create_block_mask
+from effattn.exact.backends import REGISTRY, AttentionCall, auto_order, backend_names
+from effattn.exact.backends.reference import ReferenceBackend
+from effattn.exact.backends.sdpa import SdpaBackend
+from effattn.exact.backends.tiled import TiledBackend
+from effattn.exact.block_mask import BlockMask
 from effattn.exact.masks import (
     alibi,
     and_masks,
@@ -27,45 +34,21 @@ from effattn.exact.masks import (
     tanh_softcap,
     window_bounds,
 )
-from effattn.exact.reference import MAX_DENSE_ELEMENTS, reference_attention
-from effattn.exact.tiled import tiled_attention
 
-BACKENDS = ("auto", "sdpa", "tiled", "reference")
-_SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+__all__ = [
+    "BACKENDS",
+    "AttentionCall",
+    "Explanation",
+    "ReferenceBackend",
+    "SdpaBackend",
+    "TiledBackend",
+    "attention",
+    "attention_call",
+    "explain",
+]
 
-
-@dataclass
-class AttentionCall:
-    """A validated, normalized attention call (what backends inspect)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    B: int
-    Tq: int
-    Tk: int
-    Hq: int
-    Hkv: int
-    D: int
-    Dv: int
-    scale: float
-    causal: bool
-    window: tuple[int, int] | None
-    user_mask_mod: object
-    user_score_mod: object
-    softcap: float | None
-    alibi_slopes: torch.Tensor | None
-    sinks: torch.Tensor | None
-    cu_seqlens: torch.Tensor | None
-    block_mask: BlockMask | None
-    return_lse: bool
-    mask_mod: object = None
-    score_mod: object = None
-    mod_tensors: tuple = field(default_factory=tuple)
-
-    @property
-    def offset(self) -> int:
-        return self.Tk - self.Tq
+#: The names ``backend=`` takes: ``"auto"`` and every registered backend (auto's order first).
+BACKENDS = ("auto", *backend_names())
 
 
 def _build_call(
@@ -164,124 +147,68 @@ def _build_call(
     return call
 
 
-# ------------------------------------------------------------------------------------ backends
-class SdpaBackend:
-    """``torch.nn.functional.scaled_dot_product_attention`` without a dense mask: no mask,
-    causal (``T_q == T_k``, or one query), GQA. At the hardware limit for these cases."""
-
-    name = "sdpa"
-
-    def why_not(self, c: AttentionCall) -> list[str]:
-        r = []
-        for flag, what in (
-            (c.user_mask_mod is not None, "mask_mod"),
-            (c.window is not None, "window"),
-            (c.cu_seqlens is not None, "cu_seqlens"),
-            (c.block_mask is not None, "block_mask"),
-            (c.user_score_mod is not None, "score_mod"),
-            (c.softcap is not None, "softcap"),
-            (c.alibi_slopes is not None, "alibi_slopes"),
-            (c.sinks is not None, "sinks"),
-        ):
-            if flag:
-                r.append(f"{what} would need a dense T_q x T_k mask or bias")
-        if c.return_lse:
-            r.append("SDPA does not return the log-sum-exp")
-        if c.causal and c.Tq != c.Tk and c.Tq != 1:
-            r.append(f"SDPA's is_causal is top-left aligned; T_q={c.Tq} != T_k={c.Tk} needs bottom-right")
-        return r
-
-    def run(self, c: AttentionCall):
-        q, k, v = (x.transpose(1, 2) for x in (c.q, c.k, c.v))
-        is_causal = c.causal and c.Tq == c.Tk  # T_q == 1 bottom-right causal sees every key
-        kwargs = {}
-        if c.Hq != c.Hkv:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:
-                k = k.repeat_interleave(c.Hq // c.Hkv, dim=1)
-                v = v.repeat_interleave(c.Hq // c.Hkv, dim=1)
-        # PyTorch's fused CPU kernel needs one head width for q, k and v; otherwise SDPA falls back to its
-        # math path, which materializes the T_q x T_k scores (MLA's prefill at 8k: 7x slower). Zero columns
-        # change nothing (the scale is explicit); one query row has no T x T matrix to avoid.
-        Dv = v.shape[-1]
-        if q.shape[-1] != Dv and c.Tq > 1:
-            width = max(q.shape[-1], Dv)
-            q, k, v = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=c.scale, **kwargs)
-        return o[..., :Dv].transpose(1, 2), None
-
-
-class TiledBackend:
-    """Pure-PyTorch online-softmax tiles over a BlockMask (any mask/score mod), O(T) memory."""
-
-    name = "tiled"
-
-    def why_not(self, c: AttentionCall) -> list[str]:
-        return []
-
-    def run(self, c: AttentionCall):
-        bm = c.block_mask
-        if bm is None:
-            bm = create_block_mask(c.mask_mod, c.B, c.Hq, c.Tq, c.Tk, device=c.q.device)
-        return tiled_attention(
-            c.q, c.k, c.v, bm, scale=c.scale, score_mod=c.score_mod, sinks=c.sinks, mod_tensors=c.mod_tensors
-        )
-
-
-class ReferenceBackend:
-    """The materialized float32 formula (ground truth); refuses sizes above a bound."""
-
-    name = "reference"
-
-    def why_not(self, c: AttentionCall) -> list[str]:
-        n = c.B * c.Hq * c.Tq * c.Tk
-        if n > MAX_DENSE_ELEMENTS:
-            return [f"would materialize {n} scores (> {MAX_DENSE_ELEMENTS}); use backend='tiled' (O(T) memory)"]
-        return []
-
-    def run(self, c: AttentionCall):
-        mask = c.mask_mod
-        if c.block_mask is not None:
-            bm = c.block_mask
-            mask = _dense_block_mask_mod(bm)
-        return reference_attention(c.q, c.k, c.v, scale=c.scale, mask_mod=mask, score_mod=c.score_mod, sinks=c.sinks)
-
-
-def _dense_block_mask_mod(bm: BlockMask):
-    dense = bm.to_dense()
-    return lambda b, h, q, kv: dense[b % dense.shape[0], h % dense.shape[1], q, kv]
-
-
-_REGISTRY = {b.name: b for b in (SdpaBackend(), TiledBackend(), ReferenceBackend())}
-_AUTO_ORDER = ("sdpa", "tiled")
-
-
+# ------------------------------------------------------------------------------------ dispatch
 @dataclass
 class Explanation:
-    """Which backend runs a call and why the others do not."""
+    """Which backend runs a call and why: the reasons each backend refuses it, read from the declared
+    capabilities, and the rule that picked the backend (``auto``'s order, or the backend asked for)."""
 
     backend: str
     reasons: dict[str, list[str]]
+    requested: str = "auto"
+    order: tuple[str, ...] = ()
+
+    def verdict(self, name: str) -> str:
+        """Why backend ``name`` was or was not chosen, in one line."""
+        rs = self.reasons[name]
+        if name == self.backend:
+            if self.requested != "auto":
+                return f"chosen: asked for with backend={name!r}"
+            return "chosen: the first backend in auto's order whose declared capabilities fit the call"
+        if rs:
+            return "refused: " + "; ".join(rs)
+        if self.requested != "auto":
+            return f"can run; not asked for (backend={self.requested!r})"
+        if name not in self.order:
+            return "can run; never chosen by auto (no auto priority)"
+        return f"can run; {self.backend!r} comes first in auto's order"
 
     def __str__(self) -> str:
-        lines = [f"backend: {self.backend}"]
-        for name, rs in self.reasons.items():
-            lines.append(f"  {name}: " + ("can run" if not rs else "; ".join(rs)))
+        if self.requested == "auto":
+            manual = [n for n in self.reasons if n not in self.order]
+            rule = (
+                "auto tries " + " > ".join(self.order) + " (ascending auto_priority) and takes the first whose "
+                "declared capabilities fit the call"
+            )
+            if manual:
+                rule += f"; {', '.join(manual)} {'runs' if len(manual) == 1 else 'run'} only when asked for by name"
+        else:
+            rule = f"backend={self.requested!r} was asked for"
+        lines = [f"backend: {self.backend}", f"  rule: {rule}"]
+        width = max(map(len, self.reasons))
+        for name in self.reasons:
+            lines.append(f"  {name:<{width}}  {self.verdict(name)}")
+        caps = REGISTRY[self.backend].capabilities
+        lines.append(f"  {self.backend} declares: {caps.summary}; {caps.describe()}")
         return "\n".join(lines)
 
 
-def _choose(call: AttentionCall, backend: str) -> tuple[str, dict[str, list[str]]]:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    reasons = {name: b.why_not(call) for name, b in _REGISTRY.items()}
+def _choose(call: AttentionCall, backend: str) -> Explanation:
+    names = ("auto", *backend_names())  # BACKENDS, plus any backend registered since import
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    reasons = {name: REGISTRY[name].why_not(call) for name in backend_names()}
+    order = tuple(auto_order())
     if backend == "auto":
-        chosen = next(n for n in _AUTO_ORDER if not reasons[n])
+        chosen = next((n for n in order if not reasons[n]), None)
+        if chosen is None:
+            detail = "; ".join(f"{n}: " + "; ".join(reasons[n]) for n in order)
+            raise ValueError(f"no backend in auto's order {list(order)} can run this call: {detail}")
     else:
         if reasons[backend]:
             raise ValueError(f"backend={backend!r} cannot run this call: " + "; ".join(reasons[backend]))
         chosen = backend
-    return chosen, reasons
+    return Explanation(chosen, reasons, backend, order)
 
 
 def attention(
@@ -347,8 +274,7 @@ def attention(
         cu_seqlens=cu_seqlens,
         return_lse=return_lse,
     )
-    chosen, _ = _choose(call, backend)
-    o, lse = _REGISTRY[chosen].run(call)
+    o, lse = REGISTRY[_choose(call, backend).backend].run(call)
     return (o, lse) if return_lse else o
 
 
@@ -361,17 +287,24 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str =
         >>> print(explain(q, q, q, window=8).backend)
         tiled
     """
-    chosen, reasons = _choose(_call_for(q, k, v, **kwargs), backend)
-    return Explanation(chosen, reasons)
+    return _choose(attention_call(q, k, v, **kwargs), backend)
 
 
-def _call_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> AttentionCall:
-    """The validated call :func:`attention` would make for these keyword arguments (the rest at their
-    defaults)."""
+def attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> AttentionCall:
+    """The validated :class:`AttentionCall` that :func:`attention` builds for these keyword arguments
+    (the rest at their defaults): what backends' ``why_not`` and ``run`` take.
+
+    Example::
+
+        >>> q = torch.randn(1, 10, 4, 16)
+        >>> c = attention_call(q, q[:, :, :2], q[:, :, :2], causal=True, window=3)
+        >>> c.mask_kinds, c.Hkv, c.window
+        (('causal', 'window'), 2, (2, 0))
+    """
     names = inspect.signature(attention).parameters
     unknown = set(kwargs) - set(names)
     if unknown:
-        raise TypeError(f"explain() got unknown arguments {sorted(unknown)}")
+        raise TypeError(f"unknown attention() arguments {sorted(unknown)}")
     defaults = {n: p.default for n, p in names.items() if p.default is not inspect.Parameter.empty}
     defaults.pop("backend")
     return _build_call(q, k, v, **{**defaults, **kwargs})
