@@ -34,6 +34,10 @@ def _case(name: str, seed: int = 0):
     return op, args, kw, s0, w_o, w_f
 
 
+def _shard(t, a: int, b: int):
+    return t[:, a:b] if _is_seq(t) else t
+
+
 def _leaves(args, kw, s0):
     def leaf(t):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -63,8 +67,9 @@ def _worker(rank, world, names):
         op, args, kw, s0, w_o, w_f = _case(name)
         bounds = torch.linspace(0, T, world + 1).round().long().tolist()  # uneven shards allowed
         a, b = bounds[rank], bounds[rank + 1]
-        shard = lambda t: t[:, a:b] if _is_seq(t) else t  # noqa: E731
-        largs, lkw, ls0 = _leaves([shard(x) for x in args], {n: shard(t) for n, t in kw.items()}, s0)
+        largs, lkw, ls0 = _leaves(
+            [_shard(x, a, b) for x in args], {n: _shard(t, a, b) for n, t in kw.items()}, s0
+        )
         o, fin = lasp2(name, *largs, **lkw, initial_state=ls0, output_final_state=True)
         # the final state enters the loss on one rank only (every rank holds a copy)
         _loss(o, fin, w_o[:, a:b], w_f, with_final=rank == world - 1).backward()
