@@ -7,7 +7,8 @@ import torch
 
 from effattn import attention
 from effattn.sparse import KMeansRouter, routing_attention, routing_dense_mask
-from effattn.sparse.routing import _Balanced, _cosine, random_centroids
+from effattn.sparse.kmeans import centroid_cosine as _cosine
+from effattn.sparse.routing import _Balanced, random_centroids
 from tests.helpers import assert_fp32_close, assert_lowp_close
 
 

@@ -1,6 +1,8 @@
 """Sparse and content-routed attention: selectors on the exact family's block-sparse engine.
 
-See ``effattn.sparse._common`` for the conventions; each method lives in its own module.
+See ``effattn.sparse._common`` for the conventions; each method lives in its own module. Methods that
+decode (routing with a fixed ``cluster_window``, top-k block) keep their one-token ``step_*`` form and
+its state beside the full form, as the linear family does.
 """
 
 from effattn.sparse._common import REGISTRY, SparseMethod
@@ -8,8 +10,15 @@ from effattn.sparse.biformer import biformer_attention, biformer_mask
 from effattn.sparse.combiner import combiner_attention, combiner_reference
 from effattn.sparse.hilo import hilo_attention, hilo_reference
 from effattn.sparse.hyper_attention import hyper_attention, hyper_attention_dense, sort_lsh_buckets
+from effattn.sparse.kmeans import KMeansRouter
 from effattn.sparse.lsh import lsh_attention, lsh_buckets, lsh_pair_counts
-from effattn.sparse.routing import KMeansRouter, routing_attention, routing_dense_mask
+from effattn.sparse.routing import (
+    RoutingDecodeState,
+    routing_attention,
+    routing_decode_state,
+    routing_dense_mask,
+    step_routing_attention,
+)
 from effattn.sparse.static import (
     axial_attention,
     bigbird_attention,
@@ -18,12 +27,21 @@ from effattn.sparse.static import (
     local_attention,
     strided_attention,
 )
-from effattn.sparse.topk_block import attention_mass_kept, topk_block_attention, topk_block_mask
+from effattn.sparse.topk_block import (
+    TopKBlockDecodeState,
+    attention_mass_kept,
+    step_topk_block_attention,
+    topk_block_attention,
+    topk_block_decode_state,
+    topk_block_mask,
+)
 
 __all__ = [
     "REGISTRY",
     "KMeansRouter",
+    "RoutingDecodeState",
     "SparseMethod",
+    "TopKBlockDecodeState",
     "attention_mass_kept",
     "axial_attention",
     "bigbird_attention",
@@ -42,9 +60,13 @@ __all__ = [
     "lsh_buckets",
     "lsh_pair_counts",
     "routing_attention",
+    "routing_decode_state",
     "routing_dense_mask",
     "sort_lsh_buckets",
+    "step_routing_attention",
+    "step_topk_block_attention",
     "strided_attention",
     "topk_block_attention",
+    "topk_block_decode_state",
     "topk_block_mask",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from effattn._checks import check_positive_int
 from effattn.exact.block_mask import BlockMask
 from effattn.exact.masks import MaskMod, causal_mask
 
@@ -95,13 +96,9 @@ def region_permutation(grid: tuple[int, int], region: int, device=None) -> tuple
 
 def check_grid(grid, T: int, region: int | None = None, region_name: str = "region") -> tuple[int, int]:
     """``grid = (rows, cols)`` of positive ints with ``rows * cols == T`` (and ``region`` dividing both)."""
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 2
-        or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)
-    ):
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
         raise ValueError(f"grid must be a pair (rows, cols) of positive ints, got {grid!r}")
-    rows, cols = grid
+    rows, cols = (check_positive_int(f"grid[{i}]", g) for i, g in enumerate(grid))
     if rows * cols != T:
         raise ValueError(f"grid={tuple(grid)} has {rows * cols} cells but the sequence has {T} tokens")
     if region is not None and (rows % region or cols % region):

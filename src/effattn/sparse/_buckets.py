@@ -132,7 +132,7 @@ def visible_float(k_slot: torch.Tensor, lo: torch.Tensor, length: torch.Tensor, 
     return torch.maximum(inside, (length - T) - d).clamp_(0.0, 1.0)
 
 
-def _rowless(h: torch.Tensor) -> torch.Tensor:
+def rowless(h: torch.Tensor) -> torch.Tensor:
     """The head index without its row axis when it does not vary along rows.
 
     The engine passes ``h`` as ``[1, W, 1, R, 1]``; for a per-head block mask it is constant along the
@@ -297,7 +297,7 @@ def round_mask(rnd: Round, earlier: list[Round] = (), self_rule: torch.Tensor | 
     lo, length = rnd.lo, rnd.length
 
     def keep(b, h, q, kv):  # float 0/1 (BlockMask.keep_mod)
-        hk = _rowless(h)
+        hk = rowless(h)
         ok = None
         if causal:  # the interval holds only same-bucket keys at positions <= the query's (window_round)
             ok = visible_float(kv, lo[b, h, q], length[b, h, q], T, cyclic=False)

@@ -16,6 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
+from effattn._checks import check_positive_int
+from effattn._registry import Registry
+
 
 @dataclass(frozen=True)
 class SparseMethod:
@@ -43,20 +48,22 @@ class SparseMethod:
     causal_modes: tuple[bool, ...] = (False, True)
 
 
-REGISTRY: dict[str, SparseMethod] = {}
+#: Every method of the family by name; the first lookup imports every module of ``effattn.sparse``.
+REGISTRY: Registry[SparseMethod] = Registry("sparse method", package="effattn.sparse")
 
 
 def register(method: SparseMethod) -> SparseMethod:
-    if method.name in REGISTRY:
-        raise ValueError(f"sparse method {method.name!r} is registered twice")
-    REGISTRY[method.name] = method
-    return method
+    """Register ``method`` under ``method.name`` (a second, different method of that name raises)."""
+    return REGISTRY.register(method.name, method)
 
 
 def check_block_size(name: str, block: int, length: int, *, must_divide: bool = False) -> int:
-    """A positive block size (dividing ``length`` where the method requires it)."""
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(f"{name} must be a positive int, got {block!r}")
+    """A positive int block size (dividing ``length`` where the method requires it)."""
+    try:
+        check_positive_int(name, block)
+    except ValueError:
+        # the wording callers of the sparse family already match on
+        raise ValueError(f"{name} must be a positive int, got {block!r}") from None
     if must_divide and length % block:
         raise ValueError(f"{name}={block} must divide the sequence length {length}")
     return block
@@ -64,8 +71,22 @@ def check_block_size(name: str, block: int, length: int, *, must_divide: bool = 
 
 def check_top_k(name: str, k: int, available: int) -> int:
     """``1 <= k``; a ``k`` larger than what is available is an error (not silently clamped)."""
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"{name} must be a positive int, got {k!r}")
+    check_positive_int(name, k)
     if k > available:
         raise ValueError(f"{name}={k} exceeds the {available} blocks available")
     return k
+
+
+def softmax_over_slots(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention of ``q [..., D]`` over the slots ``k [..., S, D]``, ``v [..., S, Dv]`` where
+    ``mask [..., S]`` is True: ``o = sum_s p_s v_s``, ``p = softmax_s(scale * q . k_s)`` over the kept
+    slots; float32, zeros where no slot is kept (as the engine's empty rows). The decoding (``step_*``)
+    forms use it for one query against a small gathered key set; a masked slot's values never enter.
+    """
+    s = torch.einsum("...d,...sd->...s", q.float(), k.float()) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(-1e30))
+    v = v.float().masked_fill(~mask[..., None], 0.0)  # a masked slot's value (even NaN) never enters
+    return torch.einsum("...s,...sd->...d", p, v) / p.sum(-1, keepdim=True).clamp_min(1e-30)

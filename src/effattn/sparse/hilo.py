@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from effattn._checks import check_qkv
+from effattn._checks import check_float, check_qkv
 from effattn.exact.api import attention
 from effattn.exact.block_mask import create_block_mask
 from effattn.exact.masks import MaskMod, sliding_window_mask
@@ -61,8 +61,7 @@ def complete_groups_mask(pool: int) -> MaskMod:
 def _split(q, k, v, alpha, window, pool, grid, causal):
     B, Tq, Tk, Hq, Hkv, D, Dv = check_qkv(q, k, v)
     T = check_self_attention(q, k, "hilo_attention")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha (fraction of Lo-Fi heads) must be a number in [0, 1], got {alpha!r}")
+    check_float("alpha", alpha, 0.0, 1.0)  # the fraction of Lo-Fi heads
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     n_lo = int(math.floor(alpha * Hq + 1e-9))

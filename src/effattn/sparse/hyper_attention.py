@@ -36,16 +36,16 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_qkv, check_scale
+from effattn._checks import check_int, check_qkv, check_scale
 from effattn.exact.api import attention
 from effattn.exact.block_mask import BlockMask
 from effattn.sparse._buckets import (
-    _rowless,
     chunk_round,
     expand_kv,
     gather_tokens,
     permute_tokens,
     round_mask,
+    rowless,
     sorted_attention,
     visible_float,
     window_round,
@@ -104,12 +104,10 @@ def _check(q, k, v, block_size, num_samples, n_hash_bits, causal):
     block_size = min(256, Tq) if block_size is None else block_size
     num_samples = min(256, Tq) if num_samples is None else num_samples
     check_block_size("block_size", block_size, Tq, must_divide=not causal)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 0 <= num_samples <= Tq:
-        raise ValueError(f"num_samples must be an int in [0, seq_len={Tq}], got {num_samples!r}")
+    check_int("num_samples", num_samples, 0, Tq)
     if n_hash_bits is None:
         n_hash_bits = default_hash_bits(Tq, block_size, causal)
-    if isinstance(n_hash_bits, bool) or not isinstance(n_hash_bits, int) or not 1 <= n_hash_bits <= 30:
-        raise ValueError(f"n_hash_bits must be an int in [1, 30], got {n_hash_bits!r}")
+    check_int("n_hash_bits", n_hash_bits, 1, 30)
     return Tq, Hq // Hkv, block_size, num_samples, n_hash_bits
 
 
@@ -199,7 +197,7 @@ class _Selection:
             base = is_lsh + is_sample
 
         def keep(b, h, q, kv):
-            hk = _rowless(h)
+            hk = rowless(h)
             out = visible_float(slot[b, hk, kv], lo[b, h, q], length[b, h, q], T, cyclic=False).mul_(sign[kv])
             if causal:
                 return out.add_(torch.sub(qpos1[b, h, q], limit[hk, kv]).clamp_(0.0, 1.0))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_scale, check_tensor
+from effattn._checks import check_int, check_positive_int, check_scale, check_tensor
 from effattn.sparse._buckets import (
     Round,
     chunk_round,
@@ -93,10 +93,10 @@ def _check_params(T: int, n_buckets, chunk_size, n_rounds, causal) -> int:
     check_block_size("chunk_size", chunk_size, T, must_divide=not causal)
     if n_buckets is None:
         n_buckets = default_n_buckets(T, chunk_size, causal)
-    if isinstance(n_buckets, bool) or not isinstance(n_buckets, int) or n_buckets < 2 or n_buckets % 2:
+    check_int("n_buckets", n_buckets, 2)
+    if n_buckets % 2:
         raise ValueError(f"n_buckets must be an even int >= 2 (argmax over [xR, -xR]), got {n_buckets!r}")
-    if isinstance(n_rounds, bool) or not isinstance(n_rounds, int) or n_rounds < 1:
-        raise ValueError(f"n_rounds must be a positive int, got {n_rounds!r}")
+    check_positive_int("n_rounds", n_rounds)
     return n_buckets
 
 

@@ -23,7 +23,7 @@ after the call's selection is made (the update never affects the call that obser
   positions ``<= t`` depends on positions ``<= t`` only). The mask is checked on original positions.
   ``cluster_window=`` fixes ``w`` instead: the keys a query sees then no longer depend on ``T``, so a
   prefill, a longer call and token-by-token decoding agree (as :class:`effattn.nn.mixers.RoutingMixer`
-  needs); ``num_clusters`` may then exceed ``T``.
+  needs; :func:`step_routing_attention` is that one-token form); ``num_clusters`` may then exceed ``T``.
 
 ``local_heads`` (the paper mixes routing heads and local-attention heads, half and half:
 ``local_heads = H // 2``): the first ``local_heads`` query heads attend to a sliding window of
@@ -34,111 +34,28 @@ Without a router (``num_clusters=`` instead), the centroids are random unit vect
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass, fields
 
-from effattn._checks import check_qkv, check_scale
-from effattn.exact.api import attention
-from effattn.exact.block_mask import BlockMask
+import torch
+
+from effattn._checks import check_int, check_positive_int, check_qkv, check_scale
+from effattn.exact import BlockMask, attention
 from effattn.sparse._buckets import (
     NEG_INF,
-    _rowless,
     attention_lse,
     chunk_query_block,
     engine_block,
     expand_kv,
     gather_tokens,
     round_mask,
+    rowless,
     sorted_attention,
     window_round,
 )
-from effattn.sparse._common import SparseMethod, check_block_size, register
+from effattn.sparse._common import SparseMethod, check_block_size, register, softmax_over_slots
+from effattn.sparse.kmeans import KMeansRouter, centroid_cosine, nearest_centroid, random_centroids
 
 _WORD = 31  # cluster-membership bits per int32 word (the sign bit stays unused)
-
-
-class KMeansRouter(nn.Module):
-    """Online spherical k-means with ``num_clusters`` centroids per head, shared by queries and keys.
-
-    ``centroids [num_heads, num_clusters, head_dim]`` is a buffer (saved in the state dict, moved by
-    ``.to()``, never a parameter: it gets no gradient); :meth:`update` applies the exponential moving
-    average, and :func:`routing_attention` calls it when the router is in training mode.
-
-    Example::
-
-        >>> router = KMeansRouter(2, 16, 4, seed=0)
-        >>> q = k = torch.randn(1, 32, 2, 16)
-        >>> router.assign(q).shape
-        torch.Size([1, 2, 32])
-    """
-
-    def __init__(self, num_heads: int, head_dim: int, num_clusters: int, decay: float = 0.999, seed: int | None = None):
-        super().__init__()
-        for name, val in (("num_heads", num_heads), ("head_dim", head_dim), ("num_clusters", num_clusters)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
-        self.num_heads, self.head_dim, self.num_clusters, self.decay = num_heads, head_dim, num_clusters, float(decay)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        init = torch.randn(num_heads, num_clusters, head_dim, generator=gen)
-        self.register_buffer("centroids", nn.functional.normalize(init, dim=-1))
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_heads={self.num_heads}, head_dim={self.head_dim}, num_clusters={self.num_clusters}, "
-            f"decay={self.decay}"
-        )
-
-    def _check(self, x: torch.Tensor, name: str) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[2:]) != (self.num_heads, self.head_dim):
-            raise ValueError(
-                f"{name} must be [batch, seq, {self.num_heads}, {self.head_dim}] for this router, "
-                f"got {tuple(getattr(x, 'shape', ()))}"
-            )
-
-    def similarity(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of ``x [B, T, H, D]`` to every centroid: ``[B, H, T, K]`` (float32, no grad)."""
-        self._check(x, "x")
-        with torch.no_grad():
-            return _cosine(x, self.centroids)
-
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest centroid of every token: ``[B, H, T]``."""
-        return self.similarity(x).argmax(-1)
-
-    @torch.no_grad()
-    def update(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """One EMA step towards the means of the normalized ``q`` and ``k`` assigned to each centroid.
-
-        Centroids with no assigned token stay where they are.
-        """
-        self._check(q, "q")
-        self._check(k, "k")
-        x = torch.cat([q, k], 1).detach().float()
-        x = nn.functional.normalize(x, dim=-1)
-        c = _cosine(x, self.centroids).argmax(-1)  # [B, H, 2T]
-        H, K, D = self.centroids.shape
-        flat = (torch.arange(H, device=x.device).view(1, H, 1) * K + c).reshape(-1)
-        xs = x.transpose(1, 2).reshape(-1, D)
-        sums = torch.zeros(H * K, D, device=x.device).index_add_(0, flat, xs)
-        counts = torch.zeros(H * K, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
-        means = (sums / counts.clamp_min(1)[:, None]).view(H, K, D)
-        hit = (counts > 0).view(H, K, 1)
-        new = self.decay * self.centroids + (1 - self.decay) * means.to(self.centroids.dtype)
-        self.centroids.copy_(torch.where(hit, new, self.centroids))
-
-
-def _cosine(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    xn = nn.functional.normalize(x.detach().float(), dim=-1)
-    cn = nn.functional.normalize(centroids.detach().float().to(x.device), dim=-1)
-    return torch.einsum("bthd,hkd->bhtk", xn, cn)
-
-
-def random_centroids(num_heads: int, head_dim: int, num_clusters: int, seed: int = 0) -> torch.Tensor:
-    """Data-independent unit centroids ``[num_heads, num_clusters, head_dim]`` from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    return nn.functional.normalize(torch.randn(num_heads, num_clusters, head_dim, generator=gen), dim=-1)
 
 
 # ------------------------------------------------------------------------------- selection
@@ -169,8 +86,8 @@ class _Balanced:
         K = centroids.shape[1]
         self.T, self.K, self.w = T, K, T // K
         with torch.no_grad():
-            sq = _cosine(qr, centroids).transpose(-1, -2)  # [B, H, K, T]
-            sk = _cosine(kr, centroids).transpose(-1, -2)
+            sq = centroid_cosine(qr, centroids).transpose(-1, -2)  # [B, H, K, T]
+            sk = centroid_cosine(kr, centroids).transpose(-1, -2)
             self.q_idx = sq.topk(self.w, dim=-1).indices.sort(-1).values  # [B, H, K, w]
             self.k_idx = sk.topk(self.w, dim=-1).indices.sort(-1).values
             mq = torch.zeros(B, H, K, T, dtype=torch.bool, device=qr.device).scatter_(-1, self.q_idx, True)
@@ -207,7 +124,7 @@ class _Balanced:
             partial = q_any[..., None] & k_any.gather(-1, idx.reshape(B, H, -1)).view(B, H, nq, per)
 
         def mask(b, h, qi, ki):
-            hk = _rowless(h)
+            hk = rowless(h)
             seen = None
             for wq, wk in zip(earlier_q, earlier_k):
                 s = (wq[b, h, qi] & wk[b, hk, ki]) != 0
@@ -251,8 +168,7 @@ def _check(q, k, v, router, num_clusters, local_heads, window, causal, cluster_w
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     G = Hq // Hkv
-    if isinstance(local_heads, bool) or not isinstance(local_heads, int) or not 0 <= local_heads <= Hq:
-        raise ValueError(f"local_heads must be an int in [0, heads_q={Hq}], got {local_heads!r}")
+    check_int("local_heads", local_heads, 0, Hq)
     if local_heads % G:
         raise ValueError(f"local_heads={local_heads} must be a multiple of heads_q / heads_kv = {G} (GQA groups)")
     Hr = Hq - local_heads
@@ -268,9 +184,7 @@ def _check(q, k, v, router, num_clusters, local_heads, window, causal, cluster_w
             )
         K = router.num_clusters
     else:
-        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
-            raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
-        K = num_clusters
+        K = check_positive_int("num_clusters", num_clusters)
     if cluster_window is not None:
         if not causal:
             raise ValueError("cluster_window applies to causal routing only (non-causal clusters hold T / K)")
@@ -332,7 +246,7 @@ def routing_attention(
         centroids = router.centroids if router is not None else random_centroids(Hr, q.shape[-1], K, seed)
         if causal:
             with torch.no_grad():
-                rnd = window_round(_cosine(qr, centroids).argmax(-1), _cosine(kr, centroids).argmax(-1), w)
+                rnd = window_round(nearest_centroid(qr, centroids), nearest_centroid(kr, centroids), w)
             o_r, lse_r = sorted_attention(qr, kr, vr, rnd, round_mask(rnd), scale)
         else:
             o_r, lse_r = _Balanced(qr, kr, centroids).attend(qr, kr, vr, scale)
@@ -375,11 +289,270 @@ def routing_dense_mask(
         centroids = router.centroids if router is not None else random_centroids(Hr, q.shape[-1], K, seed)
         with torch.no_grad():
             if causal:
-                rnd = window_round(_cosine(qr, centroids).argmax(-1), _cosine(kr, centroids).argmax(-1), w)
+                rnd = window_round(nearest_centroid(qr, centroids), nearest_centroid(kr, centroids), w)
                 parts.append(rnd.dense_visible())
             else:
                 parts.append(_Balanced(qr, kr, centroids).dense())
     return torch.cat(parts, 1)
+
+
+# ------------------------------------------------------------------------------- decoding
+@dataclass
+class RoutingDecodeState:
+    """What causal routing attention with a fixed ``cluster_window`` needs to continue one token at a time.
+
+    Bounded whatever the context (``n`` = real tokens seen by a row):
+
+    - ``pos [B]``: ``n``;
+    - local heads: the last ``min(window, n)`` keys and values, ``lk [B, <= window, L_kv, D]``,
+      ``lv [B, <= window, L_kv, Dv]`` with ``lmask [B, <= window]``, a ring (token ``i`` in slot
+      ``i % window``; ``L_kv = local_heads / G`` key heads with GQA groups of ``G``);
+    - routing heads (one ring set per query head: its own clusters, GQA keys expanded): for every
+      cluster the last ``cluster_window`` keys and values routed there, ``rk [B, H_r, K, <= cw, D]``,
+      ``rv [B, H_r, K, <= cw, Dv]`` with ``rmask [B, H_r, K, <= cw]``, and the per-cluster counts
+      ``rcount [B, H_r, K]`` (the ``j``-th key of a cluster in slot ``j % cluster_window``).
+
+    The buffers grow with the context up to these bounds. A field also reads as ``state["rk"]``.
+    Built by :func:`routing_decode_state` (after a prefix) or by :func:`step_routing_attention` from
+    ``None`` (an empty sequence).
+    """
+
+    pos: torch.Tensor
+    lk: torch.Tensor
+    lv: torch.Tensor
+    lmask: torch.Tensor
+    rk: torch.Tensor
+    rv: torch.Tensor
+    rmask: torch.Tensor
+    rcount: torch.Tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in _STATE_FIELDS:
+            raise KeyError(f"RoutingDecodeState has no field {name!r}; fields: {_STATE_FIELDS}")
+        return getattr(self, name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in (getattr(self, f) for f in _STATE_FIELDS))
+
+
+_STATE_FIELDS = tuple(f.name for f in fields(RoutingDecodeState))
+
+
+def _grow(buf: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``buf`` padded with zeros along ``dim`` to ``size`` (unchanged if already that long)."""
+    extra = size - buf.shape[dim]
+    if extra <= 0:
+        return buf
+    shape = list(buf.shape)
+    shape[dim] = extra
+    return torch.cat([buf, buf.new_zeros(shape)], dim=dim)
+
+
+def _put(buf: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``buf.scatter(dim, index, src)``: in place for inference, out of place while autograd records."""
+    if torch.is_grad_enabled() and (buf.requires_grad or src.requires_grad):
+        return buf.scatter(dim, index, src)
+    return buf.scatter_(dim, index, src)
+
+
+def _check_valid(valid, shape: tuple[int, ...], layout: str) -> torch.Tensor | None:
+    if valid is None:
+        return None
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != shape:
+        raise ValueError(f"valid must be a bool tensor {layout} = {shape}, got {valid!r:.80}")
+    return valid
+
+
+def routing_decode_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    router: KMeansRouter | None = None,
+    num_clusters: int | None = None,
+    seed: int = 0,
+    local_heads: int = 0,
+    window: int | None = None,
+    cluster_window: int,
+    valid: torch.Tensor | None = None,
+) -> RoutingDecodeState:
+    """The :class:`RoutingDecodeState` after the prefix ``q, k, v [B, T, H, *]`` of a causal call.
+
+    Arguments as :func:`routing_attention` with ``causal=True`` (``q`` gives the query head count
+    only). ``valid [B, T]`` (bool) leaves out the positions where it is False (left padding): a row's
+    state then holds its real tokens only. No router update.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 20, 2, 8)
+        >>> st = routing_decode_state(q, k, v, num_clusters=3, local_heads=1, window=4, cluster_window=5)
+        >>> tuple(st.lk.shape), tuple(st.rk.shape), st.rcount.sum().item()
+        ((1, 4, 1, 8), (1, 1, 3, 5, 8), 20)
+    """
+    _, G, Hr, K, _ = _check(q, k, v, router, num_clusters, local_heads, window, True, cluster_window)
+    B, T = k.shape[:2]
+    vm = _check_valid(valid, (B, T), "[batch, seq]")
+    vm = torch.ones(B, T, dtype=torch.bool, device=k.device) if vm is None else vm
+    L, Lkv, W, CW = local_heads, local_heads // G, window or cluster_window, cluster_window
+    D = q.shape[-1]
+    idx = vm.long().cumsum(1) - 1  # index of each real token in its row
+    n = vm.sum(1)
+    # local ring: token i of a row in slot i % W, the last W tokens kept
+    cl = min(W, int(n.max())) if L and T else 0
+    keep = vm & (idx >= (n - W)[:, None])
+    slot = torch.where(keep, idx % W, cl)  # slot cl: a token no later query sees, cut off below
+    ring = {}
+    for name, x in (("lk", k[:, :, :Lkv]), ("lv", v[:, :, :Lkv])):
+        buf = x.new_zeros(B, cl + 1, Lkv, x.shape[-1])
+        ring[name] = _put(buf, 1, slot[:, :, None, None].expand(B, T, Lkv, x.shape[-1]), x)[:, :cl]
+    lmask = torch.zeros(B, cl + 1, dtype=torch.bool, device=k.device).scatter_(1, slot.clamp(max=cl), keep)
+    # routing rings: per head and cluster, the j-th key routed there in slot j % CW, the last CW kept
+    kr, vr = expand_kv(k[:, :, Lkv:], G), expand_kv(v[:, :, Lkv:], G)
+    if Hr:
+        ck = nearest_centroid(kr, router.centroids if router is not None else random_centroids(Hr, D, K, seed))
+    else:
+        ck = torch.zeros(B, 0, T, dtype=torch.long, device=k.device)
+    member = torch.nn.functional.one_hot(ck, K).bool() & vm[:, None, :, None]  # [B, Hr, T, K]
+    count = member.long().sum(2)  # [B, Hr, K]
+    j = (member.long().cumsum(2) - 1).gather(-1, ck[..., None])[..., 0]  # index within the cluster
+    keep = vm[:, None] & (j >= count.gather(-1, ck) - CW)
+    cr = min(CW, int(count.max())) if Hr and count.numel() else 0
+    dest = torch.where(keep, ck * cr + j % CW, K * cr)  # [B, Hr, T]; K * cr: dropped
+    for name, x in (("rk", kr), ("rv", vr)):
+        Dx = x.shape[-1]
+        buf = x.new_zeros(B, Hr, K * cr + 1, Dx)
+        buf = _put(buf, 2, dest[..., None].expand(B, Hr, T, Dx), x.transpose(1, 2))
+        ring[name] = buf[:, :, : K * cr].reshape(B, Hr, K, cr, Dx)
+    rmask = torch.zeros(B, Hr, K * cr + 1, dtype=torch.bool, device=k.device).scatter_(2, dest, keep)
+    return RoutingDecodeState(
+        pos=n, lmask=lmask[:, :cl], rmask=rmask[:, :, : K * cr].reshape(B, Hr, K, cr), rcount=count, **ring
+    )
+
+
+def _check_state(state, B: int, Lkv: int, Hr: int, K: int, D: int, Dv: int, W: int, CW: int) -> RoutingDecodeState:
+    if not isinstance(state, RoutingDecodeState):
+        raise TypeError(
+            f"state must be a RoutingDecodeState (or None for an empty sequence), got {type(state).__name__}"
+        )
+    if tuple(state.pos.shape) != (B,):
+        raise ValueError(f"state holds batch {tuple(state.pos.shape)}, q has batch {B}")
+    want = {
+        "lk": (B, None, Lkv, D), "lv": (B, None, Lkv, Dv), "rk": (B, Hr, K, None, D), "rv": (B, Hr, K, None, Dv),
+        "rcount": (B, Hr, K),
+    }
+    for name, shape in want.items():
+        got = tuple(state[name].shape)
+        if len(got) != len(shape) or any(s is not None and g != s for g, s in zip(got, shape)):
+            raise ValueError(
+                f"state.{name} has shape {got}, these arguments need {tuple('*' if s is None else s for s in shape)}"
+            )
+    if state.lk.shape[1] > W or state.rk.shape[3] > CW:
+        raise ValueError(
+            f"state rings hold {state.lk.shape[1]} local / {state.rk.shape[3]} cluster slots, more than "
+            f"window={W} / cluster_window={CW}: a state of other arguments"
+        )
+    return state
+
+
+def step_routing_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: RoutingDecodeState | None,
+    *,
+    router: KMeansRouter | None = None,
+    num_clusters: int | None = None,
+    seed: int = 0,
+    local_heads: int = 0,
+    window: int | None = None,
+    cluster_window: int,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, RoutingDecodeState]:
+    """One token of causal routing attention: ``q [B, 1, H, D]``, ``k, v [B, 1, H_kv, *]`` at position
+    ``state.pos`` -> ``(o [B, 1, H, D_v], new_state)``; equals row ``pos`` of
+    ``routing_attention(..., causal=True, cluster_window=cluster_window)`` over the whole sequence.
+
+    The local heads write the key into their ring and attend to the ring (the last ``window`` keys);
+    a routing head sends the query and the key to their nearest centroids (the router's current ones:
+    no update here, the caller decides when the centroids move), writes the key into its cluster's
+    ring and attends to the query's cluster ring, ``o = softmax(scale * q . k_ring) v_ring``; a query
+    whose cluster holds no key gets zeros from that head. ``state=None`` starts an empty sequence.
+    ``valid [B]`` (bool): a row where it is False (padding) keeps its state and gets zeros.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 12, 2, 8)
+        >>> kw = dict(num_clusters=3, local_heads=1, window=4, cluster_window=3)
+        >>> full = routing_attention(q, k, v, causal=True, **kw)
+        >>> state = routing_decode_state(q[:, :11], k[:, :11], v[:, :11], **kw)
+        >>> o, state = step_routing_attention(q[:, 11:], k[:, 11:], v[:, 11:], state, **kw)
+        >>> torch.allclose(o, full[:, 11:], atol=1e-5), state.pos.tolist()
+        (True, [12])
+    """
+    _, G, Hr, K, _ = _check(q, k, v, router, num_clusters, local_heads, window, True, cluster_window)
+    B, T, H, D = q.shape
+    if T != 1:
+        raise ValueError(
+            f"step_routing_attention decodes one token: q must be [batch, 1, heads, head_dim], got {tuple(q.shape)}"
+        )
+    kw = dict(router=router, num_clusters=num_clusters, seed=seed, local_heads=local_heads, window=window,
+              cluster_window=cluster_window)
+    L, Lkv, W, CW, Dv = local_heads, local_heads // G, window or cluster_window, cluster_window, v.shape[-1]
+    if state is None:
+        state = routing_decode_state(q[:, :0], k[:, :0], v[:, :0], **kw)
+    st = _check_state(state, B, Lkv, Hr, K, D, Dv, W, CW)
+    vm = _check_valid(valid, (B,), "[batch]")
+    vm = torch.ones(B, dtype=torch.bool, device=q.device) if vm is None else vm
+    scale = check_scale(scale, D)
+    q1, k1, v1 = q[:, 0], k[:, 0], v[:, 0]  # [B, H, D]
+    n = st.pos
+    new = {}
+    outs = []
+    if L:
+        need = min(W, int(torch.where(vm, n, 0).max()) + 1)
+        lk, lv, lmask = _grow(st.lk, 1, need), _grow(st.lv, 1, need), _grow(st.lmask, 1, need)
+        slot = (n % W).clamp(max=lk.shape[1] - 1)[:, None]  # a padded row writes its old value back
+        for name, buf, x in (("lk", lk, k1[:, :Lkv]), ("lv", lv, v1[:, :Lkv])):
+            idx = slot[:, :, None, None].expand(B, 1, Lkv, x.shape[-1])
+            x = torch.where(vm[:, None, None], x, buf.gather(1, idx)[:, 0])
+            new[name] = _put(buf, 1, idx, x[:, None])
+        new["lmask"] = lmask.scatter(1, slot, lmask.gather(1, slot) | vm[:, None])
+        keys = expand_kv(new["lk"], G).transpose(1, 2)  # [B, L, slots, D]
+        vals = expand_kv(new["lv"], G).transpose(1, 2)
+        outs.append(softmax_over_slots(q1[:, :L], keys, vals, new["lmask"][:, None], scale))
+    else:
+        new.update(lk=st.lk, lv=st.lv, lmask=st.lmask)
+    if Hr:
+        centroids = router.centroids if router is not None else random_centroids(Hr, D, K, seed)
+        qr, kr, vr = q1[:, L:], expand_kv(k[:, :, Lkv:], G)[:, 0], expand_kv(v[:, :, Lkv:], G)[:, 0]
+        cq = nearest_centroid(qr[:, None], centroids)[..., 0]  # [B, Hr]
+        ck = nearest_centroid(kr[:, None], centroids)[..., 0]
+        count = st.rcount
+        c_now = count.gather(-1, ck[..., None])[..., 0]  # keys already in the new key's cluster
+        need = min(CW, int(torch.where(vm[:, None], c_now, 0).max()) + 1)
+        rk, rv, rmask = _grow(st.rk, 3, need), _grow(st.rv, 3, need), _grow(st.rmask, 3, need)
+        C = rk.shape[3]
+        flat = ck * C + (c_now % CW).clamp(max=C - 1)  # [B, Hr]: the key's slot, clusters flattened
+        rk, rv, rmask = rk.reshape(B, Hr, K * C, D), rv.reshape(B, Hr, K * C, Dv), rmask.reshape(B, Hr, K * C)
+        for name, buf, x in (("rk", rk, kr), ("rv", rv, vr)):
+            idx = flat[..., None, None].expand(B, Hr, 1, x.shape[-1])
+            x = torch.where(vm[:, None, None], x, buf.gather(2, idx)[:, :, 0])
+            new[name] = _put(buf, 2, idx, x[:, :, None]).reshape(B, Hr, K, C, x.shape[-1])
+        rmask = rmask.scatter(2, flat[..., None], rmask.gather(2, flat[..., None]) | vm[:, None, None])
+        new["rmask"] = rmask = rmask.reshape(B, Hr, K, C)
+        new["rcount"] = count + torch.nn.functional.one_hot(ck, K) * vm[:, None, None].long()
+        g = cq[:, :, None, None]
+        keys = new["rk"].gather(2, g[..., None].expand(B, Hr, 1, C, D))[:, :, 0]  # the query's cluster ring
+        vals = new["rv"].gather(2, g[..., None].expand(B, Hr, 1, C, Dv))[:, :, 0]
+        outs.append(softmax_over_slots(qr, keys, vals, rmask.gather(2, g.expand(B, Hr, 1, C))[:, :, 0], scale))
+    else:
+        new.update(rk=st.rk, rv=st.rv, rmask=st.rmask, rcount=st.rcount)
+    o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    o = o.masked_fill(~vm[:, None, None], 0.0)
+    return o[:, None].to(q.dtype), RoutingDecodeState(pos=n + vm.long(), **new)
 
 
 def _params(T: int) -> dict:

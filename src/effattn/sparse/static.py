@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from effattn._checks import check_qkv
+from effattn._checks import check_int, check_positive_int, check_qkv
 from effattn.exact.api import attention
 from effattn.exact.block_mask import BlockMask, create_block_mask
 from effattn.exact.masks import MaskMod, causal_mask, dilated_mask, sliding_window_mask, window_bounds
@@ -41,12 +41,6 @@ from effattn.sparse._blockwise import (
     num_blocks,
 )
 from effattn.sparse._common import SparseMethod, check_block_size, register
-
-
-def _positive_int(name: str, x, minimum: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {x!r}")
-    return x
 
 
 def _check_causal(causal) -> bool:
@@ -128,8 +122,8 @@ def dilated_attention(
     """
     check_qkv(q, k, v)
     T = check_self_attention(q, k, "dilated_attention")
-    _positive_int("window", window)
-    _positive_int("dilation", dilation)
+    check_positive_int("window", window)
+    check_positive_int("dilation", dilation)
     _check_causal(causal)
     perm, inv = _residue_order(T, dilation, q.device)
     mm = _dilated_permuted_mask(T, window, dilation, causal, perm)
@@ -184,7 +178,7 @@ def strided_attention(
     """
     check_qkv(q, k, v)
     T = check_self_attention(q, k, "strided_attention")
-    _positive_int("stride", stride)
+    check_positive_int("stride", stride)
     _check_causal(causal)
     ks, vs = k[:, stride - 1 :: stride], v[:, stride - 1 :: stride]
     kc, vc = torch.cat([k, ks], 1), torch.cat([v, vs], 1)
@@ -223,9 +217,9 @@ def bigbird_mask(
     check_self_attention(q, k, "bigbird_attention")
     T, H = k.shape[1], q.shape[2]
     check_block_size("block", block, T)
-    g = _positive_int("num_global_blocks", num_global_blocks, 0)
-    w = _positive_int("num_window_blocks", num_window_blocks, 1)
-    r = _positive_int("num_random_blocks", num_random_blocks, 0)
+    g = check_int("num_global_blocks", num_global_blocks, 0)
+    w = check_positive_int("num_window_blocks", num_window_blocks)
+    r = check_int("num_random_blocks", num_random_blocks, 0)
     _check_causal(causal)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")

@@ -30,11 +30,12 @@ Cost: ``O(T^2 / block^2 * d)`` for the scores, ``O(T * (top_k + 1) * block * d)`
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
-from effattn._checks import check_qkv, check_tensor
-from effattn.exact.api import attention
-from effattn.exact.block_mask import BlockMask
+from effattn._checks import check_positive_int, check_qkv, check_tensor
+from effattn.exact import BlockMask, attention
 from effattn.sparse._blockwise import (
     NEG_INF,
     block_mask_from_selection,
@@ -44,7 +45,7 @@ from effattn.sparse._blockwise import (
     default_block,
     num_blocks,
 )
-from effattn.sparse._common import SparseMethod, check_block_size, check_top_k, register
+from effattn.sparse._common import SparseMethod, check_block_size, check_top_k, register, softmax_over_slots
 
 REPRESENTATIVES = ("mean", "max", "last")
 
@@ -153,6 +154,141 @@ def attention_mass_kept(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask,
         _, lse_full = attention(q, k, v, causal=causal, return_lse=True, backend="tiled")
         empty = lse_full == NEG_INF
         return torch.exp(lse_sel - lse_full.masked_fill(empty, 0.0)).masked_fill(empty, 1.0)
+
+
+@dataclass
+class TopKBlockDecodeState:
+    """What causal top-k block attention needs to continue one token at a time, after ``t`` tokens:
+
+    every key and value so far ``k [B, t, H_kv, D]``, ``v [B, t, H_kv, Dv]`` (any earlier block may be
+    selected, so this grows with the context, as a KV cache); the representatives of the complete
+    blocks ``reps [B, t // block, H_kv, D]`` (float32); the last ``min(block, t)`` queries
+    ``q_recent [B, <= block, H_q, D]`` and the pooled query of the last token's block
+    ``pooled [B, H_q, D]`` (float32). Built by :func:`topk_block_decode_state` (after a prefix) or by
+    :func:`step_topk_block_attention` from ``None`` (an empty sequence).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    reps: torch.Tensor
+    q_recent: torch.Tensor
+    pooled: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in (getattr(self, f.name) for f in fields(self)))
+
+
+def _check_decode_args(q, k, v, block, representative) -> None:
+    check_qkv(q, k, v)
+    check_self_attention(q, k, "top-k block decoding")
+    check_block_size("block", block, q.shape[1])
+    if representative not in REPRESENTATIVES:
+        raise ValueError(f"representative must be one of {REPRESENTATIVES}, got {representative!r}")
+
+
+def topk_block_decode_state(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int = 64, representative: str = "mean"
+) -> TopKBlockDecodeState:
+    """The :class:`TopKBlockDecodeState` after the prefix ``q [B, t, H_q, D]``, ``k, v [B, t, H_kv, *]``
+    of a causal :func:`topk_block_attention` call (``t = 0`` gives the empty state).
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 40, 2, 8)
+        >>> st = topk_block_decode_state(q, k, v, block=16)
+        >>> tuple(st.k.shape), tuple(st.reps.shape), tuple(st.q_recent.shape)
+        ((1, 40, 2, 8), (1, 2, 2, 8), (1, 16, 2, 8))
+    """
+    _check_decode_args(q, k, v, block, representative)
+    B, t, Hq, D = q.shape
+    done = t // block * block  # tokens in complete blocks
+    with torch.no_grad():
+        if done:
+            reps = block_pool(k[:, :done].detach().float(), block, representative)
+        else:
+            reps = k.new_zeros(B, 0, k.shape[2], D, dtype=torch.float32)
+        lo = max(0, (t - 1) // block * block - block + 1)  # the queries pooled for the last token's block
+        first = (t - 1) // block * block
+        pooled = q[:, lo : first + 1].detach().float().mean(1) if t else q.new_zeros(B, Hq, D, dtype=torch.float32)
+    return TopKBlockDecodeState(k=k, v=v, reps=reps, q_recent=q[:, max(0, t - block) :], pooled=pooled)
+
+
+def step_topk_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: TopKBlockDecodeState | None,
+    *,
+    block: int = 64,
+    top_k: int,
+    representative: str = "mean",
+) -> tuple[torch.Tensor, TopKBlockDecodeState]:
+    """One token of causal top-k block attention: ``q [B, 1, H_q, D]``, ``k, v [B, 1, H_kv, *]`` at
+    position ``t`` (the state's length) -> ``(o [B, 1, H_q, D_v], new_state)``; equals row ``t`` of
+    ``topk_block_attention(..., causal=True)`` over the whole sequence (same ``block``, ``top_k``,
+    ``representative``).
+
+    The token's block is ``i = t // block``; its pooled query ``p_i`` (mean of the ``block`` queries
+    ending at position ``i * block``) is formed when the block begins. The query attends (exact softmax)
+    to its own block's keys up to ``t`` and to the ``min(top_k, i)`` earlier blocks ``j`` with the
+    largest ``p_i . r_j`` (``r_j`` the block's representative, made when the block completes; with
+    GQA each query head scores its own key head's representatives).
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 48, 2, 8)
+        >>> full = topk_block_attention(q, k, v, block=8, top_k=2)
+        >>> state = topk_block_decode_state(q[:, :47], k[:, :47], v[:, :47], block=8)
+        >>> o, state = step_topk_block_attention(q[:, 47:], k[:, 47:], v[:, 47:], state, block=8, top_k=2)
+        >>> torch.allclose(o, full[:, 47:], atol=1e-5), tuple(state.k.shape)
+        (True, (1, 48, 2, 8))
+    """
+    _check_decode_args(q, k, v, block, representative)
+    check_positive_int("top_k", top_k)
+    B, T, Hq, D = q.shape
+    if T != 1:
+        raise ValueError(
+            f"step_topk_block_attention decodes one token: q must be [batch, 1, heads, head_dim], got {tuple(q.shape)}"
+        )
+    if state is None:
+        state = topk_block_decode_state(q[:, :0], k[:, :0], v[:, :0], block=block, representative=representative)
+    if not isinstance(state, TopKBlockDecodeState):
+        raise TypeError(f"state must be a TopKBlockDecodeState (or None), got {type(state).__name__}")
+    Hkv, Dv, t = k.shape[2], v.shape[3], state.k.shape[1]
+    if state.k.shape[0] != B or state.k.shape[2:] != k.shape[2:] or state.v.shape[2:] != v.shape[2:]:
+        raise ValueError(f"state holds keys {tuple(state.k.shape)}, values {tuple(state.v.shape)}; "
+                         f"this step has k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if state.reps.shape[1] != t // block:
+        raise ValueError(f"state has {state.reps.shape[1]} block representatives after {t} tokens; "
+                         f"block={block} needs {t // block} (a state of another block size)")
+    k_all, v_all = torch.cat([state.k, k], 1), torch.cat([state.v, v], 1)
+    q_recent = torch.cat([state.q_recent, q], 1)[:, -block:]
+    reps, pooled = state.reps, state.pooled
+    with torch.no_grad():
+        if t % block == 0:  # a new block begins: its pooled query reads positions t - block + 1 .. t
+            pooled = q_recent.detach().float().mean(1)
+        if (t + 1) % block == 0:  # the block is complete: later blocks may select it
+            reps = torch.cat([reps, block_pool(k_all[:, t + 1 - block :].detach().float(), block, representative)], 1)
+        i = t // block
+        own = torch.arange(i * block, t + 1, device=q.device).expand(B, Hq, -1)
+        if i:
+            G = Hq // Hkv
+            scores = torch.einsum("bhd,bjhd->bhj", pooled, reps[:, :i].repeat_interleave(G, dim=2))
+            sel = scores.topk(min(top_k, i), dim=-1).indices  # [B, Hq, top]
+            pos = (sel[..., None] * block + torch.arange(block, device=q.device)).flatten(2)
+            pos = torch.cat([pos, own], -1)
+        else:
+            pos = own
+        head = torch.arange(Hq, device=q.device)[None, :, None] // (Hq // Hkv)
+        flat = (pos * Hkv + head).flatten(1)  # [B, Hq * n_keys] into the flattened (position, head) axis
+    n_keys = pos.shape[-1]
+    kk = k_all.reshape(B, -1, D).gather(1, flat[..., None].expand(-1, -1, D)).view(B, Hq, n_keys, D)
+    vv = v_all.reshape(B, -1, Dv).gather(1, flat[..., None].expand(-1, -1, Dv)).view(B, Hq, n_keys, Dv)
+    keep = torch.ones(B, Hq, n_keys, dtype=torch.bool, device=q.device)
+    o = softmax_over_slots(q[:, 0], kk, vv, keep, D**-0.5)
+    return o[:, None].to(q.dtype), TopKBlockDecodeState(k_all, v_all, reps, q_recent, pooled)
 
 
 def _dense(q, k, *, causal=True, **params):

@@ -1,0 +1,83 @@
+"""Based: Taylor linear attention plus a sliding-window softmax branch as one mixer (``"based"``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effattn.exact import attention
+from effattn.nn.mixers._base import (
+    MixerBase,
+    check_heads,
+    check_x_and_valid,
+    merge_heads,
+    split_heads,
+    zero_invalid,
+)
+from effattn.nn.mixers.linear_attention import normalized_linear_attn
+from effattn.nn.registry import register_mixer
+
+__all__ = ["BasedMixer"]
+
+
+@register_mixer("based")
+class BasedMixer(MixerBase):
+    """Based: Taylor linear attention plus a small sliding-window softmax attention (Arora,
+    Eyuboglu, Zhang, Timalsina, Alberti, Zinsley, Zou, Rudra, Re, "Simple linear attention language
+    models balance the recall-throughput tradeoff", 2024).
+
+    Linear branch: ``phi(x) = [1, x, x (x) x / sqrt(2)]`` on a small feature dim (``feature_dim``,
+    default 16) so ``phi(s q) . phi(k) = 1 + s q.k + (s q.k)^2 / 2`` approximates ``exp(s q.k)``,
+    normalized as softmax is. Window branch: exact causal softmax attention over the ``window``
+    (default 64) most recent tokens (:func:`effattn.attention`). The paper stacks the two as
+    separate layers; here one mixer holds both, ``y = W_o [o_linear ; o_window]``. State:
+    the Taylor state ``[B, H, 1 + f + f^2, V + 1]`` and the window's last ``window - 1`` keys/values
+    (with their validity), constant in the context length. No rotary embedding is applied.
+    """
+
+    def __init__(self, dim: int, heads: int, feature_dim: int = 16, window: int = 64, chunk_size: int = 64):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.feature_dim, self.window, self.chunk_size = feature_dim, window, chunk_size
+        self.q_proj = nn.Linear(dim, heads * feature_dim, bias=False)
+        self.k_proj = nn.Linear(dim, heads * feature_dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.o_proj = nn.Linear(2 * dim, dim, bias=False)
+
+    def _probe_len(self, seq_len: int) -> int:
+        return min(seq_len, self.window)
+
+    def _window_attention(self, x, buf, valid):
+        B, T, _ = x.shape
+        q, k, v = (split_heads(t, self.heads) for t in self.wqkv(x).chunk(3, dim=-1))
+        kval = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if buf is not None:
+            k = torch.cat([buf[0].to(k.dtype), k], dim=1)
+            v = torch.cat([buf[1].to(v.dtype), v], dim=1)
+            kval = torch.cat([buf[2], kval], dim=1)
+        mask_mod = None
+        if not bool(kval.all()):
+            kv_valid = kval
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return kv_valid[b, kv_idx]
+
+        o = attention(q, k, v, causal=True, window=self.window, mask_mod=mask_mod)
+        start = max(0, k.shape[1] - (self.window - 1))  # the keys a later query can still see
+        new_buf = (k[:, start:], v[:, start:], kval[:, start:])
+        return o, new_buf
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_x_and_valid(x, self.dim, valid)
+        lin_state, buf = state if state is not None else (None, None)
+        H = self.heads
+        q, k, v = (split_heads(p(x), H) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o_lin, lin_state = normalized_linear_attn(
+            q, zero_invalid(k, valid), v, valid, "taylor", None, lin_state, self.chunk_size
+        )
+        o_win, buf = self._window_attention(x, buf, valid)
+        o = torch.cat([merge_heads(o_lin.to(x.dtype)), merge_heads(o_win)], dim=-1)
+        return self.o_proj(o), (lin_state, buf)
