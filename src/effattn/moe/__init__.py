@@ -15,6 +15,7 @@ from effattn.moe.experts import Experts, SwiGLU, grouped_matmul
 from effattn.moe.layer import MoE, MoEAux
 from effattn.moe.losses import load_balancing_loss, router_probs, z_loss
 from effattn.moe.router import Router, Routing
+from effattn.moe.upcycling import upcycle
 
 __all__ = [
     "Experts",
@@ -31,5 +32,6 @@ __all__ = [
     "load_balancing_loss",
     "reference_moe",
     "router_probs",
+    "upcycle",
     "z_loss",
 ]
