@@ -5,10 +5,32 @@ Every op works on local sequence shards in the ``[B, T/P, H, D]`` layout, takes 
 rounding for any world size.
 """
 
+from effattn.dist._comm import CommCounter, all_to_all, check_same_shapes, count_bytes, p2p
 from effattn.dist.launch import RankError, free_port, spawn
+from effattn.dist.layout import (
+    LAYOUTS,
+    check_shardable,
+    gather_sequence,
+    layout_permutation,
+    shard_positions,
+    shard_sequence,
+)
+from effattn.dist.ring import ring_attention
 
 __all__ = [
+    "LAYOUTS",
+    "CommCounter",
     "RankError",
+    "all_to_all",
+    "check_same_shapes",
+    "check_shardable",
+    "count_bytes",
     "free_port",
+    "gather_sequence",
+    "layout_permutation",
+    "p2p",
+    "ring_attention",
+    "shard_positions",
+    "shard_sequence",
     "spawn",
 ]

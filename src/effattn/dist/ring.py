@@ -1,0 +1,159 @@
+"""Ring Attention: K/V blocks travel around a ring of ranks while each rank attends with its queries.
+
+Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers for Near-Infinite Context";
+Li et al. 2023, "LightSeq: Sequence Level Parallelism for Distributed Training of Long Context
+Transformers" (the load-balanced causal schedule and the backward that does not re-run attention);
+the zigzag layout of ring-flash-attn (Zhu 2024).
+
+Schedule on ``P`` ranks, rank ``r`` holding queries ``Q_r`` and keys/values ``K_r, V_r`` (``T/P`` tokens):
+
+    step s = 0 .. P-1:  post  send (K, V)_{r-s} -> r+1,  receive (K, V)_{r-s-1} <- r-1
+                        compute (o_s, lse_s) = attention(Q_r, K_{r-s}, V_{r-s})   (overlaps the transfer)
+                        (o, lse) <- merge((o, lse), (o_s, lse_s))
+
+with ``merge`` the log-sum-exp combination of :func:`effattn.merge_attention_states`
+(``lse = log(e^lse_a + e^lse_b)``, ``o = e^(lse_a - lse) o_a + e^(lse_b - lse) o_b``), so the result is
+exact softmax attention over the whole sequence. Under a causal mask, blocks wholly in the future are
+skipped; with the zigzag layout every off-diagonal step is exactly half a block on every rank
+(:func:`effattn.dist._blocks.block_jobs`), and the diagonal block is attended causally.
+
+The backward sends K/V around the ring again together with travelling ``dK, dV`` accumulators that
+return to their owner after ``P`` hops. It recomputes each block's probabilities from the forward's
+saved global LSE, ``P = exp(q k^T scale - L)``, so attention is never re-run as a forward (LightSeq's
+rematerialization-aware checkpointing): the forward saves only the local ``q, k, v``, the output and
+the LSE. A rank holds its own K/V, one travelling block and the one being received, never the full K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effattn._checks import check_qkv, check_scale
+from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
+from effattn.dist._comm import check_same_shapes, p2p
+from effattn.dist.layout import check_layout, group_rank_and_size
+
+__all__ = ["ring_attention"]
+
+
+def check_local_shards(q, k, v, layout: str, world: int) -> tuple[int, int, int, int, int, int]:
+    """Validate local self-attention shards; returns ``(B, T_local, Hq, Hkv, D, Dv)``."""
+    B, Tq, Tk, Hq, Hkv, D, Dv = check_qkv(q, k, v)
+    if Tq != Tk:
+        raise ValueError(
+            f"sequence-parallel attention needs q and k shards of one length (self-attention over one sharded "
+            f"sequence), got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if layout == "zigzag" and Tq % 2:
+        raise ValueError(
+            f"layout 'zigzag' shards hold two equal chunks, so the local length must be even: got local length "
+            f"{Tq} (T = {Tq * world} over P={world} ranks needs T % (2 P) == 0); pad the sequence or use "
+            f"layout='contiguous'"
+        )
+    return B, Tq, Hq, Hkv, D, Dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, layout, backend):
+        rank, world = group_rank_and_size(group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        B, T, Hq, _ = q.shape
+        acc_o = torch.zeros(B, T, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
+        acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+        kb, vb = k, v
+        for s in range(world):
+            if s + 1 < world:  # the next block is in flight while this one is computed
+                pending = p2p([(kb, nxt), (vb, nxt)], [(torch.empty_like(kb), prv), (torch.empty_like(vb), prv)],
+                              group, tag="kv")
+            for job in block_jobs(layout, causal, rank, (rank - s) % world, T):
+                o, lse = block_forward(q, kb, vb, job, scale, backend)
+                merge_into(acc_o, acc_lse, job.q_rows, o, lse)
+            if s + 1 < world:
+                kb, vb = pending.wait()
+        out = acc_o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, acc_lse)
+        ctx.causal, ctx.scale, ctx.group, ctx.layout = causal, scale, group, layout
+        return out, acc_lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        rank, world = group_rank_and_size(ctx.group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        T = q.shape[1]
+        delta = (do.float() * out.float()).sum(-1).transpose(1, 2)  # [B, H, T]
+        if dlse is not None:
+            delta = delta - dlse.float()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kb, vb = k, v
+        dkv_pending = None
+        for s in range(world):
+            if s + 1 < world:
+                kv_pending = p2p([(kb, nxt), (vb, nxt)], [(torch.empty_like(kb), prv), (torch.empty_like(vb), prv)],
+                                 ctx.group, tag="kv")
+            dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv_blk = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            for job in block_jobs(ctx.layout, ctx.causal, rank, (rank - s) % world, T):
+                block_backward(q, kb, vb, do, lse, delta, job, ctx.scale, dq, dk_blk, dv_blk)
+            if dkv_pending is not None:  # what the ranks before this one added to this block's dK, dV
+                dk_in, dv_in = dkv_pending.wait()
+                dk_blk += dk_in
+                dv_blk += dv_in
+            dkv_pending = p2p([(dk_blk, nxt), (dv_blk, nxt)],
+                              [(torch.empty_like(dk_blk), prv), (torch.empty_like(dv_blk), prv)], ctx.group, tag="dkv")
+            if s + 1 < world:
+                kb, vb = kv_pending.wait()
+        dk, dv = dkv_pending.wait()  # after P hops this rank's own block's accumulators are back
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    group=None,
+    layout: str = "zigzag",
+    return_lse: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    check_ranks: bool = True,
+):
+    """Exact attention over a sequence sharded across the ranks of ``group``, by Ring Attention.
+
+    Args:
+        q, k, v: this rank's shards ``[B, T/P, H_q, D]``, ``[B, T/P, H_kv, D]``, ``[B, T/P, H_kv, D_v]``
+            (GQA when ``H_q % H_kv == 0``), laid out by ``layout`` (see
+            :func:`effattn.dist.shard_sequence`).
+        causal: causal over global positions (token ``i`` sees ``j <= i``).
+        group: the process group (``None``: the default group).
+        layout: ``"zigzag"`` (balanced causal work; local length even) or ``"contiguous"``.
+        return_lse: also return the LSE ``[B, H_q, T/P]`` (float32, differentiable).
+        scale: softmax scale (default ``1/sqrt(D)``).
+        backend: the :func:`effattn.attention` backend of each block.
+        check_ranks: compare shapes across ranks first (one small all-gather), so a mismatch raises on
+            every rank instead of timing out in a receive.
+
+    Returns ``o [B, T/P, H_q, D_v]`` (and the LSE), this rank's shard of the single-process result.
+
+    Example (two processes started by :func:`effattn.dist.spawn`)::
+
+        def fn(rank, world_size):
+            torch.manual_seed(0)  # the same full tensors on every rank
+            q, k, v = (torch.randn(1, 16, 4, 24) for _ in range(3))
+            o = ring_attention(*(shard_sequence(t, layout="zigzag") for t in (q, k, v)), causal=True)
+            full = gather_sequence(o, layout="zigzag")
+            return (full - effattn.attention(q, k, v, causal=True)).abs().max().item()
+
+        spawn(fn, 2)  # -> two errors below 1e-6
+    """
+    check_layout(layout)
+    _, world = group_rank_and_size(group)
+    check_local_shards(q, k, v, layout, world)
+    if check_ranks:
+        check_same_shapes(group, q=q, k=k, v=v)
+    scale = check_scale(scale, q.shape[-1])
+    o, lse = _RingAttention.apply(q, k, v, bool(causal), scale, group, layout, backend)
+    return (o, lse) if return_lse else o
