@@ -22,8 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -x
 
+# The architecture's floors (import-linter, configured in pyproject.toml), ruff's rules and its format.
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
