@@ -14,11 +14,13 @@ from effattn.moe.dispatch import capacity, capacity_keep, dispatch_combine, refe
 from effattn.moe.experts import Experts, SwiGLU, grouped_matmul
 from effattn.moe.layer import MoE, MoEAux
 from effattn.moe.losses import load_balancing_loss, router_probs, z_loss
+from effattn.moe.mod import MixtureOfDepths
 from effattn.moe.router import Router, Routing
 from effattn.moe.upcycling import upcycle
 
 __all__ = [
     "Experts",
+    "MixtureOfDepths",
     "MoE",
     "MoEAux",
     "Router",
