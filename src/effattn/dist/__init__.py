@@ -16,6 +16,15 @@ from effattn.dist.layout import (
     shard_sequence,
 )
 from effattn.dist.ring import ring_attention
+from effattn.dist.token_ring import token_ring_attention
+from effattn.dist.ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads, ulysses_attention
+from effattn.dist.usp import (
+    usp_attention,
+    usp_gather_sequence,
+    usp_groups,
+    usp_shard_positions,
+    usp_shard_sequence,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -33,4 +42,14 @@ __all__ = [
     "shard_positions",
     "shard_sequence",
     "spawn",
+    "heads_to_sequence",
+    "replicate_kv_heads",
+    "sequence_to_heads",
+    "token_ring_attention",
+    "ulysses_attention",
+    "usp_attention",
+    "usp_gather_sequence",
+    "usp_groups",
+    "usp_shard_positions",
+    "usp_shard_sequence",
 ]

@@ -96,10 +96,11 @@ def p2p(
     Returns a handle whose ``wait()`` gives the receive buffers in order.
     """
     ops, sent = [], [t.contiguous() for t, _ in sends]
+    tag_id = zlib.crc32(tag.encode()) % 2**15  # distinct streams never match each other's messages (gloo)
     for t, (_, peer) in zip(sent, sends):
-        ops.append(dist.P2POp(dist.isend, t, global_rank(group, peer), group))
+        ops.append(dist.P2POp(dist.isend, t, global_rank(group, peer), group, tag_id))
     for buf, peer in recvs:
-        ops.append(dist.P2POp(dist.irecv, buf, global_rank(group, peer), group))
+        ops.append(dist.P2POp(dist.irecv, buf, global_rank(group, peer), group, tag_id))
     n_sent = sum(t.numel() * t.element_size() for t in sent)
     n_received = sum(b.numel() * b.element_size() for b, _ in recvs)
     for c in _COUNTERS:

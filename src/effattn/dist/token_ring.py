@@ -1,0 +1,164 @@
+"""TokenRing: queries travel around the ring, partial results travel straight back to their owner.
+
+Wang et al. 2024, "TokenRing: An Efficient Parallelism Framework for Infinite-Context LLMs via
+Bidirectional Communication".
+
+Ring Attention keeps queries at home and moves K and V (two tensors per hop, and dK, dV on the way
+back). TokenRing moves the queries instead and uses both directions of each link at once: while the
+query block goes forward to the next rank, the partial result computed for a previous query block goes
+back to the rank that owns those queries. Schedule on ``P`` ranks, rank ``r`` holding ``Q_r, K_r, V_r``:
+
+    step s = 0 .. P-1:  owner j = r - s
+                        post  send Q_j -> r+1,  receive Q_{j-1} <- r-1            (forward direction)
+                        (o, lse)_{j,r} = attention(Q_j, K_r, V_r)                 (K, V never move)
+                        send (o, lse)_{j,r} -> j,  receive (o, lse)_{r,r+s} <- r+s (backward direction)
+    owner:  (o, lse) = merge over s of (o, lse)_{r,r+s}   (effattn.merge_attention_states)
+
+Causal masks follow the same block plan as ring attention (zigzag: half blocks, nothing skipped
+unevenly; future blocks are neither computed nor sent).
+
+Backward: the query-side tensors ``Q, dO, LSE, delta = rowsum(dO * O) - dLSE`` travel forward; each rank
+adds its K/V block's gradients to its own ``dK, dV`` (they never travel) and sends the partial ``dQ`` back
+to the owner. Probabilities come from the saved global LSE (``P = exp(q k^T scale - L)``), so attention is
+not re-run as a forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effattn._checks import check_scale
+from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
+from effattn.dist._comm import check_same_shapes, p2p
+from effattn.dist.layout import check_layout, group_rank_and_size
+from effattn.dist.ring import check_local_shards
+
+__all__ = ["token_ring_attention"]
+
+
+def _one_job(layout, causal, q_rank, kv_rank, T):
+    """The single job of an off-diagonal (query shard, key shard) pair, or ``None`` when it is skipped."""
+    jobs = block_jobs(layout, causal, q_rank, kv_rank, T)
+    assert len(jobs) <= 1, "an off-diagonal pair is at most one block job"
+    return jobs[0] if jobs else None
+
+
+class _TokenRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, layout, backend):
+        rank, world = group_rank_and_size(group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        B, T, Hq, _ = q.shape
+        Dv = v.shape[-1]
+        acc_o = torch.zeros(B, T, Hq, Dv, dtype=torch.float32, device=q.device)
+        acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+        if world > 1:  # the first query block travels while the own block is computed
+            q_pending = p2p([(q, nxt)], [(torch.empty_like(q), prv)], group, tag="q")
+        for job in block_jobs(layout, causal, rank, rank, T):  # step 0: own queries, own keys
+            o, lse = block_forward(q, k, v, job, scale, backend)
+            merge_into(acc_o, acc_lse, job.q_rows, o, lse)
+        for s in range(1, world):
+            (qb,) = q_pending.wait()
+            if s + 1 < world:
+                q_pending = p2p([(qb, nxt)], [(torch.empty_like(qb), prv)], group, tag="q")
+            owner, helper = (rank - s) % world, (rank + s) % world
+            out_job, in_job = _one_job(layout, causal, owner, rank, T), _one_job(layout, causal, rank, helper, T)
+            sends, recvs = [], []
+            if out_job is not None:
+                o, lse = block_forward(qb, k, v, out_job, scale, backend)
+                sends = [(o.float(), owner), (lse, owner)]
+            if in_job is not None:
+                n = in_job.q_rows.stop - in_job.q_rows.start
+                recvs = [(torch.empty(B, n, Hq, Dv, dtype=torch.float32, device=q.device), helper),
+                         (torch.empty(B, Hq, n, dtype=torch.float32, device=q.device), helper)]
+            if sends or recvs:
+                got = p2p(sends, recvs, group, tag="partial").wait()
+                if got:
+                    merge_into(acc_o, acc_lse, in_job.q_rows, got[0], got[1])
+        out = acc_o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, acc_lse)
+        ctx.causal, ctx.scale, ctx.group, ctx.layout = causal, scale, group, layout
+        return out, acc_lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        rank, world = group_rank_and_size(ctx.group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        T = q.shape[1]
+        delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+        if dlse is not None:
+            delta = delta - dlse.float()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        travel = [q, do.contiguous(), lse, delta]
+
+        def pass_on(tensors):
+            return p2p([(t, nxt) for t in tensors], [(torch.empty_like(t), prv) for t in tensors], ctx.group, tag="q")
+
+        if world > 1:
+            pending = pass_on(travel)
+        for job in block_jobs(ctx.layout, ctx.causal, rank, rank, T):
+            block_backward(q, k, v, do, lse, delta, job, ctx.scale, dq, dk, dv)
+        for s in range(1, world):
+            travel = pending.wait()
+            if s + 1 < world:
+                pending = pass_on(travel)
+            owner, helper = (rank - s) % world, (rank + s) % world
+            out_job, in_job = (_one_job(ctx.layout, ctx.causal, owner, rank, T),
+                               _one_job(ctx.layout, ctx.causal, rank, helper, T))
+            sends, recvs = [], []
+            if out_job is not None:
+                dq_part = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+                tq, tdo, tlse, tdelta = travel
+                block_backward(tq, k, v, tdo, tlse, tdelta, out_job, ctx.scale, dq_part, dk, dv)
+                sends = [(dq_part[:, out_job.q_rows], owner)]
+            if in_job is not None:
+                n = in_job.q_rows.stop - in_job.q_rows.start
+                recvs = [(torch.empty(q.shape[0], n, *q.shape[2:], dtype=torch.float32, device=q.device), helper)]
+            if sends or recvs:
+                got = p2p(sends, recvs, ctx.group, tag="partial").wait()
+                if got:
+                    dq[:, in_job.q_rows] += got[0]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def token_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    group=None,
+    layout: str = "zigzag",
+    return_lse: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    check_ranks: bool = True,
+):
+    """Exact attention over a sequence sharded across ``group``, by TokenRing's bidirectional schedule.
+
+    Same arguments, shards and result as :func:`effattn.dist.ring_attention` (``[B, T/P, H, D]`` local
+    shards, GQA, ``layout`` ``"zigzag"`` or ``"contiguous"``, optional LSE); only the communication differs:
+    per step one query block forward and one partial result back, K/V stay where they are.
+
+    Example (two processes started by :func:`effattn.dist.spawn`)::
+
+        def fn(rank, world_size):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(1, 16, 4, 24) for _ in range(3))
+            o = token_ring_attention(*(shard_sequence(t, layout="zigzag") for t in (q, k, v)), causal=True)
+            ref = shard_sequence(effattn.attention(q, k, v, causal=True), layout="zigzag")
+            return (o - ref).abs().max().item()
+
+        spawn(fn, 2)  # -> two errors below 1e-6
+    """
+    check_layout(layout)
+    _, world = group_rank_and_size(group)
+    check_local_shards(q, k, v, layout, world)
+    if check_ranks:
+        check_same_shapes(group, q=q, k=k, v=v)
+    scale = check_scale(scale, q.shape[-1])
+    o, lse = _TokenRingAttention.apply(q, k, v, bool(causal), scale, group, layout, backend)
+    return (o, lse) if return_lse else o
