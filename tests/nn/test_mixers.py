@@ -165,3 +165,41 @@ def test_registry():
     finally:
         del MIXERS["test_identity_mixer"]
     assert "test_identity_mixer" not in list_mixers()
+
+
+def test_every_mixer_module_registers_and_its_examples_run():
+    """One module per mixer: each module of ``effattn.nn.mixers`` (``_base`` aside) registers at least one
+    mixer, every registered mixer comes from one of them, and the docstring examples run."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    import effattn.nn.mixers as pkg
+
+    modules = [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+    for mod in modules:
+        if mod.__name__.endswith("._base"):
+            continue
+        here = [n for n, e in MIXERS.items() if getattr(mod, e.__name__, None) is e]
+        assert here, f"{mod.__name__} registers no mixer"
+    for name, entry in MIXERS.items():
+        assert any(getattr(mod, entry.__name__, None) is entry for mod in modules), f"{name}: not in nn.mixers"
+    for mod in modules:
+        res = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.failed == 0, f"{res.failed} docstring examples of {mod.__name__} failed"
+
+
+def test_registry_module_imports_no_mixer():
+    """The registry loads ``effattn.nn.mixers`` by name on first lookup; it imports none of it (no circle)."""
+    import ast
+    import inspect
+
+    import effattn.nn.registry as registry
+
+    tree = ast.parse(inspect.getsource(registry))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("effattn.nn")], imported
+    assert registry.MIXERS.package == "effattn.nn.mixers"
+    with pytest.raises(ValueError, match="unknown mixer"):
+        del MIXERS["no_such_mixer"]

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effattn._checks import check_positive_int, check_tensor
+from effattn._checks import check_int, check_positive_int, check_tensor
 
 __all__ = [
     "MixerBase",
     "ShortConv",
     "check_heads",
+    "check_state_size_args",
     "check_x_and_valid",
     "merge_heads",
     "split_heads",
@@ -80,6 +81,12 @@ def check_x_and_valid(x: torch.Tensor, dim: int, valid: torch.Tensor | None) -> 
     return valid
 
 
+def check_state_size_args(batch: int, seq_len: int) -> None:
+    """The arguments of ``state_size``: ``batch >= 1`` sequences at context ``seq_len >= 0``."""
+    check_positive_int("batch", batch)
+    check_int("seq_len", seq_len, 0)
+
+
 def zero_invalid(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """``x [B, T, ...]`` with zeros at the positions where ``valid [B, T]`` is False (``x`` if None)."""
     if valid is None:
@@ -133,8 +140,7 @@ class MixerBase(nn.Module):
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Bytes of state held for ``batch`` sequences at context ``seq_len``."""
-        if batch < 1 or seq_len < 0:
-            raise ValueError(f"batch must be >= 1 and seq_len >= 0, got batch={batch}, seq_len={seq_len}")
+        check_state_size_args(batch, seq_len)
         p = next(self.parameters())
         with torch.no_grad():
             x = torch.zeros(batch, max(1, self._probe_len(seq_len)), self.dim, device=p.device, dtype=p.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effattn._checks import check_positive_int
 from effattn.exact import attention
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -38,8 +39,7 @@ class BasedMixer(MixerBase):
     def __init__(self, dim: int, heads: int, feature_dim: int = 16, window: int = 64, chunk_size: int = 64):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        check_positive_int("window", window)
         self.feature_dim, self.window, self.chunk_size = feature_dim, window, chunk_size
         self.q_proj = nn.Linear(dim, heads * feature_dim, bias=False)
         self.k_proj = nn.Linear(dim, heads * feature_dim, bias=False)

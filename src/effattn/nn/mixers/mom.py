@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effattn._checks import check_int, check_positive_int
 from effattn.linear import chunk_mom, step_mom
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -41,8 +42,8 @@ class MoMMixer(MixerBase):
                  conv_size: int = 4, chunk_size: int = 64):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
-        if not 1 <= top_k <= memories:
-            raise ValueError(f"top_k must be in [1, memories={memories}], got {top_k}")
+        check_positive_int("memories", memories)
+        check_int("top_k", top_k, 1, memories)
         self.memories, self.top_k, self.shared_memory, self.chunk_size = memories, top_k, shared_memory, chunk_size
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)

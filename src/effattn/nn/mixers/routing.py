@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int
-from effattn.nn.mixers._base import MixerBase, check_heads, check_x_and_valid, merge_heads, split_heads
+from effattn.nn.mixers._base import (
+    MixerBase,
+    check_heads,
+    check_state_size_args,
+    check_x_and_valid,
+    merge_heads,
+    split_heads,
+)
 from effattn.nn.registry import register_mixer
 from effattn.nn.rope import RotaryEmbedding
 from effattn.sparse import (
@@ -97,8 +104,7 @@ class RoutingMixer(MixerBase):
         """Bytes of decoding state at most held for ``batch`` sequences at context ``seq_len``: local
         rings of ``min(window, seq_len)`` tokens, routing rings of ``min(cluster_window, seq_len)``
         slots per cluster, their masks and counts (parameter dtype for keys and values)."""
-        if batch < 1 or seq_len < 0:
-            raise ValueError(f"batch must be >= 1 and seq_len >= 0, got batch={batch}, seq_len={seq_len}")
+        check_state_size_args(batch, seq_len)
         el = self.wqkv.weight.element_size()
         D, L, Hr, K = self.head_dim, self.local_heads, self.routing_heads, self.num_clusters
         cl, cr = min(self.window, seq_len) if L else 0, min(self.cluster_window, seq_len)
