@@ -6,6 +6,8 @@ rounding for any world size.
 """
 
 from effattn.dist._comm import CommCounter, all_to_all, check_same_shapes, count_bytes, p2p
+from effattn.dist.halo import halo_attention, halo_plan
+from effattn.dist.lasp import lasp2, lasp_schedule
 from effattn.dist.launch import RankError, free_port, spawn
 from effattn.dist.layout import (
     LAYOUTS,
@@ -15,6 +17,17 @@ from effattn.dist.layout import (
     shard_positions,
     shard_sequence,
 )
+from effattn.dist.model import (
+    H100_CLUSTER,
+    Estimate,
+    Hardware,
+    Workload,
+    estimate,
+    markdown_table,
+    ring_min_block,
+    sweep,
+)
+from effattn.dist.model import METHODS as MODEL_METHODS
 from effattn.dist.ring import ring_attention
 from effattn.dist.token_ring import token_ring_attention
 from effattn.dist.ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads, ulysses_attention
@@ -52,4 +65,17 @@ __all__ = [
     "usp_groups",
     "usp_shard_positions",
     "usp_shard_sequence",
+    "halo_attention",
+    "halo_plan",
+    "lasp2",
+    "lasp_schedule",
+    "H100_CLUSTER",
+    "MODEL_METHODS",
+    "Estimate",
+    "Hardware",
+    "Workload",
+    "estimate",
+    "markdown_table",
+    "ring_min_block",
+    "sweep",
 ]
