@@ -186,6 +186,7 @@ def test_every_mixer_module_registers_and_its_examples_run():
         assert any(getattr(mod, entry.__name__, None) is entry for mod in modules), f"{name}: not in nn.mixers"
     for mod in modules:
         res = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.attempted > 0, f"{mod.__name__} has no docstring example"
         assert res.failed == 0, f"{res.failed} docstring examples of {mod.__name__} failed"
 
 

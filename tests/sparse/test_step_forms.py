@@ -18,6 +18,7 @@ from effattn.sparse import (
     topk_block_attention,
     topk_block_decode_state,
 )
+from effattn.sparse import _common as common_mod
 from effattn.sparse import kmeans as kmeans_mod
 from effattn.sparse import routing as routing_mod
 from tests.helpers import assert_fp32_close
@@ -195,3 +196,4 @@ def test_step_forms_are_exported_and_their_examples_run():
     assert RoutingDecodeState is routing_mod.RoutingDecodeState
     run_doctests(routing_mod)
     run_doctests(kmeans_mod)
+    run_doctests(common_mod)

@@ -53,12 +53,24 @@ REGISTRY: Registry[SparseMethod] = Registry("sparse method", package="effattn.sp
 
 
 def register(method: SparseMethod) -> SparseMethod:
-    """Register ``method`` under ``method.name`` (a second, different method of that name raises)."""
+    """Register ``method`` under ``method.name`` (a second, different method of that name raises).
+
+    Example::
+
+        >>> REGISTRY["routing"].content_based, "routing" in REGISTRY
+        (True, True)
+    """
     return REGISTRY.register(method.name, method)
 
 
 def check_block_size(name: str, block: int, length: int, *, must_divide: bool = False) -> int:
-    """A positive int block size (dividing ``length`` where the method requires it)."""
+    """A positive int block size (dividing ``length`` where the method requires it).
+
+    Example::
+
+        >>> check_block_size("block", 16, 64, must_divide=True)
+        16
+    """
     try:
         check_positive_int(name, block)
     except ValueError:
@@ -70,7 +82,15 @@ def check_block_size(name: str, block: int, length: int, *, must_divide: bool = 
 
 
 def check_top_k(name: str, k: int, available: int) -> int:
-    """``1 <= k``; a ``k`` larger than what is available is an error (not silently clamped)."""
+    """``1 <= k``; a ``k`` larger than what is available is an error (not silently clamped).
+
+    Example::
+
+        >>> check_top_k("top_k", 5, 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: top_k=5 exceeds the 4 blocks available
+    """
     check_positive_int(name, k)
     if k > available:
         raise ValueError(f"{name}={k} exceeds the {available} blocks available")
@@ -84,6 +104,13 @@ def softmax_over_slots(
     ``mask [..., S]`` is True: ``o = sum_s p_s v_s``, ``p = softmax_s(scale * q . k_s)`` over the kept
     slots; float32, zeros where no slot is kept (as the engine's empty rows). The decoding (``step_*``)
     forms use it for one query against a small gathered key set; a masked slot's values never enter.
+
+    Example::
+
+        >>> q, k = torch.ones(1, 2), torch.zeros(1, 3, 2)
+        >>> v = torch.tensor([[[1.0], [3.0], [float("nan")]]])
+        >>> softmax_over_slots(q, k, v, torch.tensor([[True, True, False]]), 1.0).tolist()
+        [[2.0]]
     """
     s = torch.einsum("...d,...sd->...s", q.float(), k.float()) * scale
     s = s.masked_fill(~mask, float("-inf"))

@@ -82,25 +82,51 @@ def check_x_and_valid(x: torch.Tensor, dim: int, valid: torch.Tensor | None) -> 
 
 
 def check_state_size_args(batch: int, seq_len: int) -> None:
-    """The arguments of ``state_size``: ``batch >= 1`` sequences at context ``seq_len >= 0``."""
+    """The arguments of ``state_size``: ``batch >= 1`` sequences at context ``seq_len >= 0``.
+
+    Example::
+
+        >>> check_state_size_args(0, 10)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch must be an int >= 1, got 0
+    """
     check_positive_int("batch", batch)
     check_int("seq_len", seq_len, 0)
 
 
 def zero_invalid(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """``x [B, T, ...]`` with zeros at the positions where ``valid [B, T]`` is False (``x`` if None)."""
+    """``x [B, T, ...]`` with zeros at the positions where ``valid [B, T]`` is False (``x`` if None).
+
+    Example::
+
+        >>> zero_invalid(torch.ones(1, 3, 2), torch.tensor([[False, True, True]]))[0, :, 0].tolist()
+        [0.0, 1.0, 1.0]
+    """
     if valid is None:
         return x
     return x * valid.reshape(valid.shape + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, T, heads * D] -> [B, T, heads, D]``."""
+    """``[B, T, heads * D] -> [B, T, heads, D]``.
+
+    Example::
+
+        >>> tuple(split_heads(torch.zeros(2, 5, 12), 3).shape)
+        (2, 5, 3, 4)
+    """
     return x.reshape(x.shape[0], x.shape[1], heads, -1)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H, D] -> [B, T, H * D]``."""
+    """``[B, T, H, D] -> [B, T, H * D]``.
+
+    Example::
+
+        >>> tuple(merge_heads(torch.zeros(2, 5, 3, 4)).shape)
+        (2, 5, 12)
+    """
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
@@ -110,6 +136,15 @@ class ShortConv(nn.Module):
     ``y_t = silu(b + sum_{i<K} w_i * x_{t-K+1+i})``; the state is the last ``K - 1`` inputs
     ``[B, K - 1, C]`` (zeros for a fresh sequence), so decoding one token continues exactly.
     Inputs at invalid (padded) positions are zeroed first, as if the sequence began later.
+
+    Example::
+
+        >>> conv = ShortConv(8)
+        >>> x = torch.randn(1, 6, 8)
+        >>> y, state = conv(x[:, :5])
+        >>> y_last, _ = conv(x[:, 5:], state)             # continues from the last 3 inputs
+        >>> torch.allclose(y_last, conv(x)[0][:, 5:], atol=1e-6)
+        True
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
@@ -133,7 +168,20 @@ class ShortConv(nn.Module):
 
 class MixerBase(nn.Module):
     """Base of the mixers here: ``state_size`` is the bytes of the state a real call leaves behind
-    (measured on a zeros input of ``_probe_len(seq_len)`` tokens; 1 for a recurrent state)."""
+    (measured on a zeros input of ``_probe_len(seq_len)`` tokens; 1 for a recurrent state).
+
+    Example::
+
+        >>> class Cumulative(MixerBase):                    # a running sum: a [B, dim] state
+        ...     def __init__(self, dim, heads):
+        ...         super().__init__()
+        ...         self.dim, self.proj = dim, torch.nn.Linear(dim, dim)
+        ...     def forward(self, x, state=None, valid=None):
+        ...         y = self.proj(x).cumsum(1) + (0 if state is None else state[:, None])
+        ...         return y, y[:, -1]
+        >>> Cumulative(16, 2).state_size(batch=3, seq_len=1000)   # 3 x 16 float32
+        192
+    """
 
     def _probe_len(self, seq_len: int) -> int:
         return 1  # recurrent: the state does not grow with the context

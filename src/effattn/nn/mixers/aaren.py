@@ -36,6 +36,15 @@ class AarenMixer(MixerBase):
     max / sums, carried ``(m, s, a)`` state) and :func:`effattn.linear.step_aaren`. Padded
     positions get a score of ``-1e9`` (through an extra key column), so their weight is exactly zero
     once a real token has been seen. State: ``(m [B, H], s [B, H], a [B, H, V])``.
+
+    Example::
+
+        >>> mixer = AarenMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, chunk_size: int = 64):

@@ -34,6 +34,15 @@ class BasedMixer(MixerBase):
     separate layers; here one mixer holds both, ``y = W_o [o_linear ; o_window]``. State:
     the Taylor state ``[B, H, 1 + f + f^2, V + 1]`` and the window's last ``window - 1`` keys/values
     (with their validity), constant in the context length. No rotary embedding is applied.
+
+    Example::
+
+        >>> mixer = BasedMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, feature_dim: int = 16, window: int = 64, chunk_size: int = 64):

@@ -83,6 +83,15 @@ class DeltaNetMixer(_DeltaBase):
     ``beta_t = sigmoid(W_b x_t)``; ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,
     ``o_t = scale * S_t^T q_t``; ``y = W_o (RMSNorm(o) * swish(W_g x))``.
     State: ``(S [B, H, K, V], conv_q, conv_k, conv_v [B, 3, dim])``.
+
+    Example::
+
+        >>> mixer = DeltaNetMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
 
@@ -95,6 +104,15 @@ class GatedDeltaNetMixer(_DeltaBase):
     ``log alpha_t = -exp(A_log) * softplus(W_a x_t + dt_bias)``:
     ``S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
     State: ``(S [B, H, K, V], conv_q, conv_k, conv_v [B, 3, dim])``.
+
+    Example::
+
+        >>> mixer = GatedDeltaNetMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     gated = True

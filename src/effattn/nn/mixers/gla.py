@@ -29,6 +29,15 @@ class GLAMixer(MixerBase):
     ``log alpha_t = logsigmoid(W_2 W_1 x_t + b) / gate_normalizer`` (rank 16, normalizer 16);
     ``y = W_o (RMSNorm(o) * swish(W_r x))``. Keys use half the width (``expand_k = 0.5``) as in the
     paper. State: ``S [B, H, K, V]`` float32.
+
+    Example::
+
+        >>> mixer = GLAMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, expand_k: float = 0.5, gate_low_rank: int = 16,

@@ -59,6 +59,15 @@ class LinearAttentionMixer(MixerBase):
     non-negative maps, and for ``identity``/``cosine`` (which have none) the output goes through a
     per-head RMSNorm instead. ``feature_dim`` sets the per-head q/k size (default: the head dim).
     State: ``S [B, H, F, V (+1 normalizer column)]`` float32.
+
+    Example::
+
+        >>> mixer = LinearAttentionMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, feature_map: str = "elu1", feature_dim: int | None = None,

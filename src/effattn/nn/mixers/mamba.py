@@ -35,6 +35,15 @@ class MambaMixer(MixerBase):
     ``A = -(1..N)``), ``d_inner = expand * dim``. The ``d_inner`` channels are grouped as ``heads``
     heads for :func:`effattn.linear.chunk_selective_scan` (any split gives the same result).
     Padded steps get ``dt = 0`` (no decay, no write). State: ``(h [B, H, P, N], conv [B, 3, d_inner])``.
+
+    Example::
+
+        >>> mixer = MambaMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,

@@ -34,6 +34,15 @@ class Mamba2Mixer(MixerBase):
     ``k = B``, ``v = dt x``, ``g = dt A``, scale 1); ``out = W_out RMSNorm(y * silu(z))``.
     ``d_inner = expand * dim`` split into ``heads`` heads; ``B, C`` are shared by all heads (one group).
     State: ``(h [B, H, N, P], conv [B, 3, d_inner + 2N])``.
+
+    Example::
+
+        >>> mixer = Mamba2Mixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, d_state: int = 64, d_conv: int = 4, expand: int = 2,

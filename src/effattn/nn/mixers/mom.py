@@ -36,6 +36,15 @@ class MoMMixer(MixerBase):
     selected router logits; ``y = W_o (RMSNorm(o) * swish(W_g x))`` (:func:`effattn.linear.chunk_mom`).
     Keys are L2-normalized so the memories stay bounded. State:
     ``(S [B, H, memories + 1, K, V], conv_q, conv_k, conv_v)``.
+
+    Example::
+
+        >>> mixer = MoMMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, memories: int = 4, top_k: int = 2, shared_memory: bool = True,

@@ -36,6 +36,15 @@ class RetNetMixer(MixerBase):
     alone gives the position signal). With left padding the same recurrence runs as
     :func:`effattn.linear.chunk_simple_gla` with the log decay zeroed at padded steps.
     State: ``S [B, H, K, V]`` float32.
+
+    Example::
+
+        >>> mixer = RetNetMixer(32, 2).eval()
+        >>> x = torch.randn(1, 9, 32)
+        >>> y, state = mixer(x[:, :8])                    # prefill
+        >>> y_last, state = mixer(x[:, 8:], state)        # one decoding step
+        >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, heads: int, chunk_size: int = 64):
