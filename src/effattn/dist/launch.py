@@ -141,14 +141,14 @@ def spawn(
     rank that failed, with its traceback text (and the exception itself as ``__cause__`` when it could
     be pickled); a rank that dies without reporting (a crash) raises with its exit code.
 
-    Example (``fn`` must be importable by the child processes, so examples define it in a module)::
+    Example (with ``"fork"``, the Linux default, ``fn`` may be defined anywhere)::
 
-        def all_reduce_rank(rank, world_size):
-            t = torch.tensor([float(rank)])
-            torch.distributed.all_reduce(t)
-            return t.item()
-
-        spawn(all_reduce_rank, 2)  # -> [1.0, 1.0]
+        >>> def all_reduce_rank(rank, world_size):
+        ...     t = torch.tensor([float(rank)])
+        ...     torch.distributed.all_reduce(t)
+        ...     return rank, t.item()
+        >>> spawn(all_reduce_rank, 3)
+        [(0, 3.0), (1, 3.0), (2, 3.0)]
     """
     world_size = check_positive_int("world_size", world_size)
     grace = check_float("grace", grace, 0.0, math.inf)

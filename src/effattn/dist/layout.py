@@ -109,13 +109,14 @@ def shard_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", dim:
 
     Differentiable as indexing is: the gradient reaches ``x`` at this rank's positions only.
 
-    Example (two processes; ``effattn.dist.spawn`` starts them)::
+    Example (two processes; :func:`effattn.dist.spawn` starts them)::
 
-        def fn(rank, world_size):
-            x = torch.arange(8).view(1, 8)
-            return shard_sequence(x, layout="zigzag").tolist()
-
-        spawn(fn, 2)  # -> [[[0, 1, 6, 7]], [[2, 3, 4, 5]]]
+        >>> from effattn.dist import spawn
+        >>> def fn(rank, world_size):
+        ...     x = torch.arange(8).view(1, 8)
+        ...     return shard_sequence(x, layout="zigzag").tolist()
+        >>> spawn(fn, 2)
+        [[[0, 1, 6, 7]], [[2, 3, 4, 5]]]
     """
     rank, world = group_rank_and_size(group)
     dim = dim % x.dim()
@@ -157,11 +158,12 @@ def gather_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", dim
 
     Example (two processes)::
 
-        def fn(rank, world_size):
-            shard = torch.tensor([[rank, rank]])
-            return gather_sequence(shard, layout="zigzag").tolist()
-
-        spawn(fn, 2)  # -> [[[0, 1, 1, 0]], [[0, 1, 1, 0]]]
+        >>> from effattn.dist import spawn
+        >>> def fn(rank, world_size):
+        ...     shard = torch.tensor([[rank, rank]])
+        ...     return gather_sequence(shard, layout="zigzag").tolist()
+        >>> spawn(fn, 2)
+        [[[0, 1, 1, 0]], [[0, 1, 1, 0]]]
     """
     check_layout(layout)
     dim = dim % x.dim()

@@ -104,15 +104,16 @@ def ulysses_attention(
 
     Example (two processes started by :func:`effattn.dist.spawn`)::
 
-        def fn(rank, world_size):
-            torch.manual_seed(0)
-            q, k, v = (torch.randn(1, 32, 4, 40) for _ in range(3))
-            shards = [shard_sequence(t) for t in (q, k, v)]
-            o = ulysses_attention(*shards, causal=True, window=8)
-            ref = shard_sequence(effattn.attention(q, k, v, causal=True, window=8))
-            return (o - ref).abs().max().item()
-
-        spawn(fn, 2)  # -> two errors below 1e-6
+        >>> import effattn
+        >>> from effattn.dist import shard_sequence, spawn
+        >>> def fn(rank, world_size):
+        ...     torch.manual_seed(0)
+        ...     q, k, v = (torch.randn(1, 32, 4, 40) for _ in range(3))
+        ...     o = ulysses_attention(*(shard_sequence(t) for t in (q, k, v)), causal=True, window=8)
+        ...     ref = shard_sequence(effattn.attention(q, k, v, causal=True, window=8))
+        ...     return (o - ref).abs().max().item()
+        >>> [err < 1e-5 for err in spawn(fn, 2)]
+        [True, True]
     """
     check_layout(layout)
     rank, world = group_rank_and_size(group)

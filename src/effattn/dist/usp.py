@@ -98,16 +98,18 @@ def usp_attention(
 
     Example (four processes, a 2 x 2 mesh)::
 
-        def fn(rank, world_size):
-            from torch.distributed.device_mesh import init_device_mesh
-            mesh = init_device_mesh("cpu", (2, 2))
-            torch.manual_seed(0)
-            q, k, v = (torch.randn(1, 32, 4, 24) for _ in range(3))
-            o = usp_attention(*(usp_shard_sequence(t, mesh) for t in (q, k, v)), mesh=mesh, causal=True)
-            ref = usp_shard_sequence(effattn.attention(q, k, v, causal=True), mesh)
-            return (o - ref).abs().max().item()
-
-        spawn(fn, 4)  # -> four errors below 1e-6
+        >>> import effattn
+        >>> from torch.distributed.device_mesh import init_device_mesh
+        >>> from effattn.dist import spawn
+        >>> def fn(rank, world_size):
+        ...     mesh = init_device_mesh("cpu", (2, 2))
+        ...     torch.manual_seed(0)
+        ...     q, k, v = (torch.randn(1, 32, 4, 24) for _ in range(3))
+        ...     o = usp_attention(*(usp_shard_sequence(t, mesh) for t in (q, k, v)), mesh=mesh, causal=True)
+        ...     ref = usp_shard_sequence(effattn.attention(q, k, v, causal=True), mesh)
+        ...     return (o - ref).abs().max().item()
+        >>> [err < 1e-5 for err in spawn(fn, 4)]
+        [True, True, True, True]
     """
     check_layout(layout)
     ring_group, ulysses_group = usp_groups(mesh, ring_dim, ulysses_dim)
