@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from effattn._checks import check_positive_int
-from effattn.exact.block_mask import BlockMask
-from effattn.exact.masks import MaskMod, causal_mask
+from effattn.exact import BlockMask, MaskMod, causal_mask
 
 NEG_INF = float("-inf")
 

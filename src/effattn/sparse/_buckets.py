@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from effattn.exact.api import attention
-from effattn.exact.block_mask import BlockMask
-from effattn.exact.decode import merge_attention_states
+from effattn.exact import BlockMask, attention, merge_attention_states
 
 NEG_INF = float("-inf")
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 
 from effattn._checks import check_qkv
-from effattn.exact.api import attention
-from effattn.exact.block_mask import BlockMask
+from effattn.exact import BlockMask, attention
 from effattn.sparse._blockwise import (
     NEG_INF,
     block_mask_from_selection,

@@ -24,9 +24,7 @@ from __future__ import annotations
 import torch
 
 from effattn._checks import check_qkv
-from effattn.exact.api import attention
-from effattn.exact.block_mask import create_block_mask
-from effattn.exact.masks import MaskMod
+from effattn.exact import MaskMod, attention, create_block_mask
 from effattn.sparse._blockwise import block_pool, check_self_attention, concat_mask, default_block, num_blocks
 from effattn.sparse._common import SparseMethod, check_block_size, register
 

@@ -28,9 +28,7 @@ import math
 import torch
 
 from effattn._checks import check_float, check_qkv
-from effattn.exact.api import attention
-from effattn.exact.block_mask import create_block_mask
-from effattn.exact.masks import MaskMod, sliding_window_mask
+from effattn.exact import MaskMod, attention, create_block_mask, sliding_window_mask
 from effattn.sparse._blockwise import block_pool, check_grid, check_self_attention, region_permutation
 from effattn.sparse._common import SparseMethod, check_block_size, register
 

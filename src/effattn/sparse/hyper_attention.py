@@ -37,8 +37,7 @@ from __future__ import annotations
 import torch
 
 from effattn._checks import check_int, check_qkv, check_scale
-from effattn.exact.api import attention
-from effattn.exact.block_mask import BlockMask
+from effattn.exact import BlockMask, attention
 from effattn.sparse._buckets import (
     chunk_round,
     expand_kv,

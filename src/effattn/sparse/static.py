@@ -30,9 +30,16 @@ import math
 import torch
 
 from effattn._checks import check_int, check_positive_int, check_qkv
-from effattn.exact.api import attention
-from effattn.exact.block_mask import BlockMask, create_block_mask
-from effattn.exact.masks import MaskMod, causal_mask, dilated_mask, sliding_window_mask, window_bounds
+from effattn.exact import (
+    BlockMask,
+    MaskMod,
+    attention,
+    causal_mask,
+    create_block_mask,
+    dilated_mask,
+    sliding_window_mask,
+)
+from effattn.exact.masks import window_bounds
 from effattn.sparse._blockwise import (
     check_grid,
     check_self_attention,
