@@ -18,7 +18,7 @@ from effattn.linear import (
     step_gated_delta_rule,
 )
 from effattn.linear import gated_delta_rule as module
-from effattn.linear.gated_delta_rule import _log_decay_for_strength
+from effattn.linear._delta import log_decay_for_strength
 from tests.helpers import assert_fp32_close, assert_lowp_close
 
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -27,7 +27,7 @@ NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 def _inputs(B, T, H, D, *, seed, gate_strength=0.5, beta_hi=1.0, dtype=torch.float32):
     torch.manual_seed(seed)
     q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
-    g = _log_decay_for_strength((B, T, H), gate_strength)
+    g = log_decay_for_strength((B, T, H), gate_strength)
     beta = torch.rand(B, T, H) * beta_hi
     h0 = torch.randn(B, H, D, D) * 0.5
     return [x.to(dtype) for x in (q, k, v, g, beta)], h0

@@ -11,7 +11,7 @@ import torch
 
 from effattn.linear import REGISTRY, chunk_mom, naive_mom, step_mom
 from effattn.linear import mom as module
-from effattn.linear.gated_delta_rule import _log_decay_for_strength
+from effattn.linear._delta import log_decay_for_strength
 from tests.helpers import assert_fp32_close, assert_lowp_close
 
 NAMES = ("q", "k", "v", "router_logits", "g", "initial_state")
@@ -21,7 +21,7 @@ def _inputs(B, T, H, D, M, *, seed, gate_strength=0.5, gated=True, shared=False,
     torch.manual_seed(seed)
     q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
     logits = torch.randn(B, T, H, M) * 2
-    g = _log_decay_for_strength((B, T, H), gate_strength) if gated else None
+    g = log_decay_for_strength((B, T, H), gate_strength) if gated else None
     h0 = torch.randn(B, H, M + int(shared), D, D) * 0.5
     return [x.to(dtype) if x is not None else None for x in (q, k, v, logits, g)], h0
 

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from effattn.linear import (
-    _scalar_decay,
     chunk_lightning_attn,
     chunk_retention,
     chunk_simple_gla,
@@ -34,6 +33,7 @@ from effattn.linear import (
     step_retention,
     step_simple_gla,
 )
+from effattn.linear._scalar_decay import chunk_cumsum, decay_magnitude, decay_matrix
 from tests.helpers import assert_fp32_close, assert_lowp_close, rel_rms
 
 FORMS = {
@@ -54,7 +54,7 @@ def _one_thread():
 
 
 def magnitude(strength: float) -> float:
-    return _scalar_decay.decay_magnitude(strength)
+    return decay_magnitude(strength)
 
 
 def make(name: str, B: int, T: int, H: int, K: int, V: int, strength: float, seed: int = 0):
@@ -180,8 +180,8 @@ def test_mixed_decay_keeps_full_accuracy():
     assert err_o < 2e-6 and err_s < 2e-6, (err_o, err_s)
     # the decay matrix itself, against float64
     gc = g[0, :, 0].view(1, T)
-    G64, hi, lo = _scalar_decay.chunk_cumsum(gc)
-    W = _scalar_decay.decay_matrix(hi, lo)[0].double()
+    G64, hi, lo = chunk_cumsum(gc)
+    W = decay_matrix(hi, lo)[0].double()
     G = g[0, :, 0].double().cumsum(0)
     W64 = (G[:, None] - G[None, :]).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf).exp()
     assert rel_rms(W, W64) < 1e-7

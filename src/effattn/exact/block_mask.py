@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from effattn._checks import check_positive_int
 from effattn.exact.masks import MaskMod
 
 DEFAULT_BLOCK = 64
@@ -122,8 +123,7 @@ class BlockMask:
                 f"{getattr(kv_indices, 'shape', kv_indices)!r}"
             )
         for name, v in (("q_block", q_block), ("kv_block", kv_block), ("q_len", q_len), ("kv_len", kv_len)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, v)
         nq, nk = _num_blocks(q_len, q_block), _num_blocks(kv_len, kv_block)
         if kv_indices.shape[2] != nq:
             raise ValueError(

@@ -10,8 +10,11 @@ differentiable, memory linear in T) and ``step_*`` (a few tokens against a carri
 the same arguments). Layout ``[B, T, H, D]``; states float32 ``[B, H, K, V]`` (a method whose state
 is not one matrix, e.g. Mamba or Aaren, uses a tuple of float32 tensors); gates are log-space (<= 0).
 
-Each method module registers a :class:`LinearOp` so that generic consistency tests and the
-benchmark suite cover every op without listing them by hand.
+Each method module registers a :class:`LinearOp` in :data:`REGISTRY` (an
+:class:`effattn._registry.Registry` that imports every module of the package on first lookup), so that
+generic consistency tests and the benchmark suite cover every op without listing them by hand. The
+chunk helpers every chunkwise form uses (:func:`check_chunk_size`, :func:`to_chunks`,
+:func:`from_chunks`) live here, once for the family.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from effattn._checks import check_cu_seqlens, check_same_dtype, check_tensor
+from effattn._checks import check_cu_seqlens, check_positive_int, check_same_dtype, check_tensor
+from effattn._registry import Registry
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -45,14 +49,42 @@ class LinearOp:
     differentiable_args: tuple[str, ...] = field(default=("q", "k", "v"))
 
 
-REGISTRY: dict[str, LinearOp] = {}
+#: Every linear op by name (``REGISTRY["gla"]``, ``sorted(REGISTRY)``, ``REGISTRY.items()``, ``dict(REGISTRY)``).
+REGISTRY: Registry[LinearOp] = Registry("linear op", package="effattn.linear")
 
 
 def register(op: LinearOp) -> LinearOp:
-    if op.name in REGISTRY:
-        raise ValueError(f"linear op {op.name!r} is registered twice")
-    REGISTRY[op.name] = op
+    """Add ``op`` to :data:`REGISTRY` under ``op.name`` (a name taken by another op raises)."""
+    REGISTRY.register(op.name, op)
     return op
+
+
+def check_chunk_size(chunk_size) -> int:
+    """The chunk length of every chunkwise form: an ``int >= 1`` (it need not divide T)."""
+    return check_positive_int("chunk_size", chunk_size)
+
+
+def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[B, T, H, *rest]`` -> ``[B, H, N, C, *rest]`` (a view where no padding is needed), zero-padded at
+    the end to ``N * C`` tokens, ``N = ceil(T / C)``.
+
+    Zero padding is neutral for every chunkwise kernel of the family: padded keys (and betas, routing
+    masks) add nothing to the state, padded log-gates are 0 (no decay), and padded outputs are cut off.
+    """
+    B, T, H = x.shape[:3]
+    rest = x.shape[3:]
+    N = -(-T // chunk_size)
+    pad = N * chunk_size - T
+    if pad:
+        x = torch.cat([x, x.new_zeros(B, pad, H, *rest)], dim=1)
+    x = x.reshape(B, N, chunk_size, H, *rest)
+    return x.permute(0, 3, 1, 2, *range(4, x.dim()))
+
+
+def from_chunks(o: torch.Tensor, T: int) -> torch.Tensor:
+    """``[B, H, N, C, V]`` -> ``[B, T, H, V]`` (drops the padding)."""
+    B, H, N, C, V = o.shape
+    return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
 
 
 def check_linear_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:

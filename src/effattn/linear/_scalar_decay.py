@@ -30,8 +30,9 @@ The diagonal ``G_i - G_i`` is the constant 0, so that no O(1) gradients cancel i
 (possibly tiny) gradients. Gates of ``-inf`` (a hard reset) are allowed: they are clamped to
 ``LOG_DECAY_FLOOR`` (= -1e4, exp() of it is 0).
 
-Some helpers here (validation of chunk sizes and states, chunking, the chunk-state scan) are
-shared with the vector-gate kernel of :mod:`effattn.linear.gla`.
+Some helpers here (validation of states, the chunk-state scan) are shared with the vector-gate
+kernel of :mod:`effattn.linear.gla`; chunking and the chunk-size check are the family's, in
+:mod:`effattn.linear._common`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import math
 import torch
 
 from effattn._checks import check_cu_seqlens, check_scale
-from effattn.linear._common import check_state, run_varlen
+from effattn.linear._common import check_chunk_size, check_state, from_chunks, run_varlen, to_chunks
 
 # ----------------------------------------------------------------------------------------------
 # validation and dtype helpers shared by the front ends
@@ -51,12 +52,6 @@ from effattn.linear._common import check_state, run_varlen
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs; float64 stays float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def check_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
 
 
 def num_states(batch: int, seq: int, cu_seqlens: torch.Tensor | None) -> int:
@@ -123,27 +118,6 @@ def decay_matrix(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     # gradient of strongly decaying gates
     fill = torch.full((C, C), float("-inf"), dtype=hi.dtype, device=hi.device).fill_diagonal_(0.0)
     return torch.where(strict, D, fill).exp()
-
-
-def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[B, T, H, *rest]`` -> ``[B, H, N, C, *rest]``, zero-padded at the end to ``N * C`` tokens.
-
-    Zero padding is neutral for every kernel here: padded keys add nothing to the state, padded
-    log-gates are 0 (no decay), and padded outputs are cut off."""
-    B, T, H = x.shape[:3]
-    rest = x.shape[3:]
-    N = -(-T // chunk_size)
-    pad = N * chunk_size - T
-    if pad:
-        x = torch.cat([x, x.new_zeros(B, pad, H, *rest)], dim=1)
-    x = x.reshape(B, N, chunk_size, H, *rest)
-    return x.permute(0, 3, 1, 2, *range(4, x.dim()))
-
-
-def from_chunks(o: torch.Tensor, T: int) -> torch.Tensor:
-    """``[B, H, N, C, V]`` -> ``[B, T, H, V]`` (drops the padding)."""
-    B, H, N, C, V = o.shape
-    return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
 
 
 def scan_states(

@@ -34,7 +34,7 @@ import math
 import torch
 
 from effattn._checks import check_same_dtype, check_scale, check_tensor
-from effattn.linear._common import LinearOp, check_state, register, run_varlen
+from effattn.linear._common import LinearOp, check_chunk_size, check_state, register, run_varlen
 
 __all__ = ["naive_aaren", "scan_aaren", "chunk_aaren", "step_aaren"]
 
@@ -263,8 +263,7 @@ def chunk_aaren(
     >>> torch.allclose(chunk_aaren(q, k, v, chunk_size=16)[0], naive_aaren(q, k, v)[0], atol=1e-5)
     True
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     q, B, T, H, D, V = _check_inputs(q, k, v)
     scale = check_scale(scale, D)
     if cu_seqlens is not None:

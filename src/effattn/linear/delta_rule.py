@@ -49,52 +49,12 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from effattn._checks import check_cu_seqlens, check_scale, check_tensor
-from effattn.linear._common import LinearOp, check_linear_qkv, check_state, register, run_varlen
+from effattn._checks import check_scale
+from effattn.linear._common import LinearOp, check_chunk_size, check_linear_qkv, check_state, register, run_varlen
+from effattn.linear._delta import check_beta, check_varlen_state, chunk_delta_core, prepare_qk
 
 __all__ = ["naive_delta_rule", "chunk_delta_rule", "step_delta_rule"]
-
-# ----------------------------------------------------------------------------------------------
-# validation shared with gated_delta_rule.py
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_beta(beta: torch.Tensor, shape: tuple[int, int, int], allow_neg_eigval: bool) -> torch.Tensor:
-    check_tensor("beta", beta, 3, "[batch, seq, heads]")
-    if tuple(beta.shape) != tuple(shape):
-        raise ValueError(
-            f"beta must have shape [batch, seq, heads] = {tuple(shape)}, got {tuple(beta.shape)}"
-        )
-    hi = 2.0 if allow_neg_eigval else 1.0
-    if beta.numel() and (torch.isnan(beta).any() or (beta < 0).any() or (beta > hi).any()):
-        what = "[0, 2]" if allow_neg_eigval else "[0, 1] (or [0, 2] with allow_neg_eigval=True)"
-        raise ValueError(
-            f"beta must lie in {what}, got values in [{beta.min().item():.4g}, {beta.max().item():.4g}]"
-        )
-    return beta
-
-
-def _check_chunk_size(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
-
-
-def _check_varlen(cu_seqlens: torch.Tensor, batch: int, total: int, initial_state, state_tail: tuple) -> None:
-    """Packed sequences: batch 1, and the state has one row per sequence, ``[N, *state_tail]``."""
-    check_cu_seqlens(cu_seqlens, batch, total)
-    check_state("initial_state", initial_state, (cu_seqlens.numel() - 1, *state_tail))
-
-
-def _prepare_qk(q: torch.Tensor, k: torch.Tensor, use_qk_l2norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k = q.float(), k.float()
-    if use_qk_l2norm:
-        q = F.normalize(q, p=2.0, dim=-1, eps=1e-6)
-        k = F.normalize(k, p=2.0, dim=-1, eps=1e-6)
-    return q, k
-
 
 # ----------------------------------------------------------------------------------------------
 # reference and decoding forms
@@ -121,16 +81,16 @@ def naive_delta_rule(
     Returns ``(o [B, T, H, V] in q's dtype, final state or None)``.
     """
     B, T, H, K, V = check_linear_qkv(q, k, v)
-    _check_beta(beta, (B, T, H), allow_neg_eigval)
+    check_beta(beta, (B, T, H), allow_neg_eigval)
     scale = check_scale(scale, K)
     kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval)
     if cu_seqlens is not None:
-        _check_varlen(cu_seqlens, B, T, initial_state, (H, K, V))
+        check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
         seq = dict(q=q, k=k, v=v, beta=beta)
         return run_varlen(naive_delta_rule, cu_seqlens, seq, kw, initial_state, output_final_state)
     S0 = check_state("initial_state", initial_state, (B, H, K, V))
 
-    qf, kf = _prepare_qk(q, k, use_qk_l2norm)
+    qf, kf = prepare_qk(q, k, use_qk_l2norm)
     vf, bf = v.float(), beta.float()
     S = S0 if S0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
     outs = []
@@ -176,106 +136,8 @@ def step_delta_rule(
 
 
 # ----------------------------------------------------------------------------------------------
-# chunkwise form (shared with gated_delta_rule.py: g=None is the plain delta rule)
+# chunkwise form (the kernel, shared with gated_delta_rule.py, is effattn.linear._delta.chunk_delta_core)
 # ----------------------------------------------------------------------------------------------
-
-
-def _to_chunks(x: torch.Tensor, T_pad: int, C: int) -> torch.Tensor:
-    """``[B, T, H, *D]`` -> ``[B, H, N, C, *D]``, zero-padded along T to ``T_pad = N * C``."""
-    B, T, H = x.shape[:3]
-    rest = x.shape[3:]
-    if T_pad != T:
-        x = torch.cat([x, x.new_zeros(B, T_pad - T, H, *rest)], dim=1)
-    x = x.reshape(B, T_pad // C, C, H, *rest)
-    return x.movedim(3, 1).contiguous()
-
-
-def _decay_matrix(g: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``Gamma[..., i, j] = exp(g_{j+1} + ... + g_i)`` where ``keep`` (a lower-triangular ``[C, C]``
-    mask, or one broadcasting to ``[..., C, C]``) holds, 0 elsewhere, from per-chunk log-decays
-    ``g [..., C]``.
-
-    Each entry sums only its own segment (a masked cumsum, as Mamba2's ``segsum``) instead of
-    differencing two cumulated sums: after one very strong decay, ``G_i - G_j`` of two large
-    cumsums would lose the small decays that follow to float32 cancellation, and ``-inf`` gates
-    would give ``-inf - (-inf)``. Exponents are <= 0 wherever ``exp`` is taken.
-    """
-    C = g.shape[-1]
-    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
-    seg = g[..., :, None].expand(*g.shape, C).masked_fill(~strictly_lower, 0.0).cumsum(-2)
-    return seg.masked_fill(~keep, float("-inf")).exp()
-
-
-def _chunk_delta_core(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    g: torch.Tensor | None,
-    scale: float,
-    S0: torch.Tensor | None,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunkwise (gated) delta rule on float32 ``[B, T, H, *]`` inputs (q, k already normalised).
-
-    ``g`` (``[B, T, H]`` log-decay, or None for no decay). Returns ``(o [B, T, H, V], S_T [B, H, K, V])``.
-    Padding tokens have ``k = v = beta = g = 0``: they neither write nor decay the state.
-    """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = min(chunk_size, T)
-    N = -(-T // C)
-    T_pad = N * C
-    qc, kc, vc = _to_chunks(q, T_pad, C), _to_chunks(k, T_pad, C), _to_chunks(v, T_pad, C)  # [B,H,N,C,*]
-    bc = _to_chunks(beta, T_pad, C)  # [B, H, N, C]
-
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    kk = kc @ kc.transpose(-1, -2)  # [B, H, N, C, C]
-    qk = qc @ kc.transpose(-1, -2)
-    if g is not None:
-        gamma = _decay_matrix(_to_chunks(g, T_pad, C), causal)  # exp(G_i - G_j), i >= j; [B, H, N, C, C]
-        kk = kk * gamma
-        qk = qk * gamma
-        eG = _to_chunks(g, T_pad, C).cumsum(-1).exp()  # exp(G_i), decay since the chunk start
-        decay_last = eG[..., -1]  # exp(G_C): decay of the whole chunk, [B, H, N]
-        k_to_end = kc * gamma[..., -1, :, None]  # k_j exp(G_C - G_j)
-        k_w = kc * (bc * eG)[..., None]
-    else:
-        qk = qk.masked_fill(~causal, 0.0)
-        decay_last = None
-        k_to_end = kc
-        k_w = kc * bc[..., None]
-
-    # UT transform, all heads and chunks at once: (I + A) [W | U] = [diag(beta e^G) K | diag(beta) V].
-    A = (bc[..., None] * kk).tril(-1)
-    I_plus_A = A + torch.eye(C, dtype=A.dtype, device=A.device)
-    WU = torch.linalg.solve_triangular(
-        I_plus_A, torch.cat([k_w, vc * bc[..., None]], dim=-1), upper=False, unitriangular=True
-    )
-    W, U = WU[..., :K], WU[..., K:]
-
-    # State passing S_n = M_n S_{n-1} + R_n: M_n = e^{G_C} I - (K e^{G_C - G})^T W, R_n = (K e^{G_C - G})^T U
-    kt = k_to_end.transpose(-1, -2)  # [B, H, N, K, C]
-    M = -(kt @ W)
-    if decay_last is not None:
-        M = M + decay_last[..., None, None] * torch.eye(K, dtype=M.dtype, device=M.device)
-    else:
-        M = M + torch.eye(K, dtype=M.dtype, device=M.device)
-    R = kt @ U  # [B, H, N, K, V]
-    S = S0 if S0 is not None else q.new_zeros(B, H, K, V)
-    starts = []
-    # unbind (not M[:, :, n]): its backward is one stack, where indexing would allocate a full-size
-    # zero gradient per chunk (quadratic in the number of chunks).
-    for M_n, R_n in zip(M.unbind(2), R.unbind(2), strict=True):
-        starts.append(S)
-        S = M_n @ S + R_n
-    S_start = torch.stack(starts, dim=2)  # state entering each chunk, [B, H, N, K, V]
-
-    delta = U - W @ S_start  # [B, H, N, C, V]
-    q_in = qc * eG[..., None] if g is not None else qc
-    o = (q_in @ S_start + qk @ delta) * scale  # [B, H, N, C, V]
-    o = o.movedim(1, 3).reshape(B, T_pad, H, V)[:, :T].contiguous()
-    return o, S
 
 
 def chunk_delta_rule(
@@ -300,21 +162,21 @@ def chunk_delta_rule(
     ``chunk_size`` need not divide T.
     """
     B, T, H, K, V = check_linear_qkv(q, k, v)
-    _check_beta(beta, (B, T, H), allow_neg_eigval)
+    check_beta(beta, (B, T, H), allow_neg_eigval)
     scale = check_scale(scale, K)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval)
     kw["chunk_size"] = chunk_size
     if cu_seqlens is not None:
-        _check_varlen(cu_seqlens, B, T, initial_state, (H, K, V))
+        check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
         seq = dict(q=q, k=k, v=v, beta=beta)
         return run_varlen(chunk_delta_rule, cu_seqlens, seq, kw, initial_state, output_final_state)
     S0 = check_state("initial_state", initial_state, (B, H, K, V))
     if T == 0:
         S = S0 if S0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
         return v.new_zeros(B, 0, H, V).to(q.dtype), (S if output_final_state else None)
-    qf, kf = _prepare_qk(q, k, use_qk_l2norm)
-    o, S = _chunk_delta_core(qf, kf, v.float(), beta.float(), None, scale, S0, chunk_size)
+    qf, kf = prepare_qk(q, k, use_qk_l2norm)
+    o, S = chunk_delta_core(qf, kf, v.float(), beta.float(), None, scale, S0, chunk_size)
     return o.to(q.dtype), (S if output_final_state else None)
 
 

@@ -29,18 +29,16 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from effattn._checks import check_log_gate, check_scale
-from effattn.linear._common import LinearOp, check_linear_qkv, check_state, register, run_varlen
-from effattn.linear.delta_rule import (
-    _check_beta,
-    _check_chunk_size,
-    _check_varlen,
-    _chunk_delta_core,
-    _prepare_qk,
+from effattn.linear._common import LinearOp, check_chunk_size, check_linear_qkv, check_state, register, run_varlen
+from effattn.linear._delta import (
+    check_beta,
+    check_varlen_state,
+    chunk_delta_core,
+    log_decay_for_strength,
+    prepare_qk,
 )
 
 __all__ = ["naive_gated_delta_rule", "chunk_gated_delta_rule", "step_gated_delta_rule"]
@@ -49,7 +47,7 @@ __all__ = ["naive_gated_delta_rule", "chunk_gated_delta_rule", "step_gated_delta
 def _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval):
     B, T, H, K, V = check_linear_qkv(q, k, v)
     check_log_gate("g", g, (B, T, H), "[batch, seq, heads]")
-    _check_beta(beta, (B, T, H), allow_neg_eigval)
+    check_beta(beta, (B, T, H), allow_neg_eigval)
     return B, T, H, K, V, check_scale(scale, K)
 
 
@@ -75,12 +73,12 @@ def naive_gated_delta_rule(
     B, T, H, K, V, scale = _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval)
     kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval)
     if cu_seqlens is not None:
-        _check_varlen(cu_seqlens, B, T, initial_state, (H, K, V))
+        check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
         seq = dict(q=q, k=k, v=v, g=g, beta=beta)
         return run_varlen(naive_gated_delta_rule, cu_seqlens, seq, kw, initial_state, output_final_state)
     S0 = check_state("initial_state", initial_state, (B, H, K, V))
 
-    qf, kf = _prepare_qk(q, k, use_qk_l2norm)
+    qf, kf = prepare_qk(q, k, use_qk_l2norm)
     vf, gf, bf = v.float(), g.float(), beta.float()
     S = S0 if S0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
     outs = []
@@ -149,42 +147,29 @@ def chunk_gated_delta_rule(
     ``S <- e^{G_C} S + (K e^{G_C - G})^T Delta``.
     """
     B, T, H, K, V, scale = _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval)
     kw["chunk_size"] = chunk_size
     if cu_seqlens is not None:
-        _check_varlen(cu_seqlens, B, T, initial_state, (H, K, V))
+        check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
         seq = dict(q=q, k=k, v=v, g=g, beta=beta)
         return run_varlen(chunk_gated_delta_rule, cu_seqlens, seq, kw, initial_state, output_final_state)
     S0 = check_state("initial_state", initial_state, (B, H, K, V))
     if T == 0:
         S = S0 if S0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
         return v.new_zeros(B, 0, H, V).to(q.dtype), (S if output_final_state else None)
-    qf, kf = _prepare_qk(q, k, use_qk_l2norm)
-    o, S = _chunk_delta_core(qf, kf, v.float(), beta.float(), g.float(), scale, S0, chunk_size)
+    qf, kf = prepare_qk(q, k, use_qk_l2norm)
+    o, S = chunk_delta_core(qf, kf, v.float(), beta.float(), g.float(), scale, S0, chunk_size)
     return o.to(q.dtype), (S if output_final_state else None)
-
-
-def _log_decay_for_strength(
-    shape: tuple[int, ...], gate_strength: float, *, device="cpu", dtype=torch.float32
-) -> torch.Tensor:
-    """Random log-decays ``g <= 0`` whose typical magnitude goes log-uniformly from 1e-4
-    (``gate_strength=0``: almost no decay) to ~30 (``gate_strength=1``: the state is forgotten
-    within a token, exp(-30) ~ 1e-13). Used by ``make_inputs`` of the gated ops."""
-    if not 0.0 <= float(gate_strength) <= 1.0:
-        raise ValueError(f"gate_strength must be in [0, 1], got {gate_strength!r}")
-    magnitude = 10.0 ** (-4.0 + (4.0 + math.log10(30.0)) * float(gate_strength))
-    spread = torch.empty(shape, device=device, dtype=torch.float32).uniform_(0.5, 1.5)
-    return (-magnitude * spread).to(dtype)
 
 
 def _make_inputs(B, T, H, D, *, device="cpu", dtype=torch.float32, gate_strength=0.5):
     """Random inputs: q, k, v ~ N(0, 1) (normalised inside), beta = sigmoid(N(0, 1)) in (0, 1),
-    g <= 0 from :func:`_log_decay_for_strength`."""
+    g <= 0 from :func:`log_decay_for_strength`."""
     q = torch.randn(B, T, H, D, device=device, dtype=dtype)
     k = torch.randn(B, T, H, D, device=device, dtype=dtype)
     v = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    g = _log_decay_for_strength((B, T, H), gate_strength, device=device, dtype=dtype)
+    g = log_decay_for_strength((B, T, H), gate_strength, device=device, dtype=dtype)
     beta = torch.randn(B, T, H, device=device, dtype=torch.float32).sigmoid().to(dtype)
     return (q, k, v, g, beta), {}
 

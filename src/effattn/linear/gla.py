@@ -54,17 +54,22 @@ import torch
 import torch.nn.functional as F
 
 from effattn._checks import check_log_gate, check_scale
-from effattn.linear._common import LinearOp, check_linear_qkv, register, run_varlen
+from effattn.linear._common import (
+    LinearOp,
+    check_chunk_size,
+    check_linear_qkv,
+    from_chunks,
+    register,
+    run_varlen,
+    to_chunks,
+)
 from effattn.linear._scalar_decay import (
     LOG_DECAY_FLOOR,
-    check_chunk_size,
     check_matrix_state,
     compute_dtype,
     decay_magnitude,
-    from_chunks,
     num_states,
     scan_states,
-    to_chunks,
 )
 
 __all__ = ["naive_gla", "chunk_gla", "step_gla"]

@@ -15,7 +15,8 @@ constant gate, so :func:`chunk_lightning_attn` *is* the shared kernel of
 adds Lightning's default decays and argument names.
 
 Default decays: ``s_h`` are the ALiBi slopes of the TransNormerLLM / Lightning Attention code,
-``2^(-8 (h+1) / H)`` for a power-of-two ``H`` (interleaved for others; :func:`lightning_log_decay`).
+``2^(-8 (h+1) / H)`` for a power-of-two ``H`` (interleaved for others; :func:`lightning_log_decay`
+reads them from :func:`effattn.exact.alibi_slopes`, the one definition of the library).
 TransNormerLLM further scales them per layer; pass your own ``log_decay [H]`` (``-s_h <= 0``) for
 that. Lightning's kernels apply no ``1/sqrt(K)`` scale; here ``scale`` defaults to ``K ** -0.5`` as
 for every op of the family: pass ``scale=1.0`` for the original.
@@ -39,23 +40,15 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from effattn._checks import check_log_gate
+from effattn._checks import check_log_gate, check_positive_int
+from effattn.exact import alibi_slopes
 from effattn.linear._common import LinearOp, check_linear_qkv, register
 from effattn.linear._scalar_decay import decay_magnitude, scalar_decay_op
 
 __all__ = ["lightning_log_decay", "naive_lightning_attn", "chunk_lightning_attn", "step_lightning_attn"]
-
-
-def _alibi_slopes(n: int) -> list[float]:
-    if math.log2(n).is_integer():
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-    p = 2 ** math.floor(math.log2(n))
-    return _alibi_slopes(p) + _alibi_slopes(2 * p)[0::2][: n - p]
 
 
 def lightning_log_decay(num_heads: int) -> torch.Tensor:
@@ -65,9 +58,8 @@ def lightning_log_decay(num_heads: int) -> torch.Tensor:
     >>> lightning_log_decay(4)
     tensor([-0.2500, -0.0625, -0.0156, -0.0039])
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    return -torch.tensor(_alibi_slopes(num_heads), dtype=torch.float32)
+    check_positive_int("num_heads", num_heads)
+    return -alibi_slopes(num_heads)
 
 
 def _lightning(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64):

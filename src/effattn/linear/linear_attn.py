@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 
 from effattn._checks import check_scale
-from effattn.linear._common import LinearOp, check_linear_qkv, check_state, register
-from effattn.linear._scalar_decay import check_chunk_size, compute_dtype, num_states, run_scalar_decay
+from effattn.linear._common import LinearOp, check_chunk_size, check_linear_qkv, check_state, register
+from effattn.linear._scalar_decay import compute_dtype, num_states, run_scalar_decay
 
 __all__ = ["FEATURE_MAPS", "feature_dim", "naive_linear_attn", "chunk_linear_attn", "step_linear_attn"]
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from effattn._checks import check_log_gate, check_same_dtype, check_tensor
-from effattn.linear._common import LinearOp, check_state, register, run_varlen
+from effattn.linear._common import LinearOp, check_chunk_size, check_state, register, run_varlen
 
 __all__ = ["naive_selective_scan", "chunk_selective_scan", "step_selective_scan"]
 
@@ -306,8 +306,7 @@ def chunk_selective_scan(
     >>> torch.allclose(o, naive_selective_scan(x, delta, A, Bm, Cm)[0], atol=1e-5)
     True
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     return _run(
         chunk_selective_scan, _chunk_scan, x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus,
         initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size,

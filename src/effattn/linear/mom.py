@@ -39,10 +39,17 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_log_gate, check_scale, check_tensor
-from effattn.linear._common import LinearOp, check_linear_qkv, check_state, register, run_varlen
-from effattn.linear.delta_rule import _check_chunk_size, _check_varlen, _decay_matrix, _to_chunks
-from effattn.linear.gated_delta_rule import _log_decay_for_strength
+from effattn._checks import check_int, check_log_gate, check_scale, check_tensor
+from effattn.linear._common import (
+    LinearOp,
+    check_chunk_size,
+    check_linear_qkv,
+    check_state,
+    register,
+    run_varlen,
+    to_chunks,
+)
+from effattn.linear._delta import check_varlen_state, log_decay_for_strength, segment_decay_matrix
 
 __all__ = ["naive_mom", "chunk_mom", "step_mom"]
 
@@ -58,8 +65,7 @@ def _check_inputs(q, k, v, router_logits, g, top_k, scale):
     if torch.isnan(router_logits).any():
         raise ValueError("router_logits contains NaN")
     M = router_logits.shape[3]
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= M:
-        raise ValueError(f"top_k must be an int in [1, num_memories = {M}], got {top_k!r}")
+    check_int(f"top_k (num_memories = {M})", top_k, minimum=1, maximum=M)
     if g is not None:
         check_log_gate("g", g, (B, T, H), "[batch, seq, heads]")
     return B, T, H, K, V, M, check_scale(scale, K)
@@ -103,7 +109,7 @@ def naive_mom(
     Ms = M + int(shared_memory)
     kw = dict(top_k=top_k, shared_memory=shared_memory, scale=scale)
     if cu_seqlens is not None:
-        _check_varlen(cu_seqlens, B, T, initial_state, (H, Ms, K, V))
+        check_varlen_state(cu_seqlens, B, T, initial_state, (H, Ms, K, V))
         seq = dict(q=q, k=k, v=v, router_logits=router_logits, g=g)
         return run_varlen(naive_mom, cu_seqlens, seq, kw, initial_state, output_final_state)
     S0 = check_state("initial_state", initial_state, (B, H, Ms, K, V))
@@ -183,18 +189,22 @@ def _chunk_mom_core(
     C = min(chunk_size, T)
     N = -(-T // C)
     T_pad = N * C
-    qc, kc, vc = _to_chunks(q, T_pad, C), _to_chunks(k, T_pad, C), _to_chunks(v, T_pad, C)  # [B,H,N,C,*]
-    wc, ac = _to_chunks(w, T_pad, C), _to_chunks(a, T_pad, C)  # [B, H, N, C, Ms]; padding: not routed
+
+    def chunks(x):  # [B, T, H, *] -> [B, H, N, C, *]
+        return to_chunks(x, C).contiguous()
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    wc, ac = chunks(w), chunks(a)  # [B, H, N, C, Ms]; padding: not routed
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if g is None:
         D = (wc @ ac.transpose(-1, -2)).tril()
         read, write, decay_last = wc, ac, None
     else:
         # a memory that is not selected does not decay; where() also keeps 0 * -inf out
-        g_m = torch.where(ac > 0, _to_chunks(g, T_pad, C)[..., None], 0.0).transpose(-1, -2)  # [B,H,N,Ms,C]
+        g_m = torch.where(ac > 0, chunks(g)[..., None], 0.0).transpose(-1, -2)  # [B,H,N,Ms,C]
         # a^m_j Gamma^m_tj: the write mask folded into the decay matrix's mask (exp(-inf) = 0)
         written = causal & (ac.transpose(-1, -2)[..., None, :] > 0)
-        gamma = _decay_matrix(g_m, written)  # [B, H, N, Ms, C, C]
+        gamma = segment_decay_matrix(g_m, written)  # [B, H, N, Ms, C, C]
         D = (gamma * wc.transpose(-1, -2)[..., :, None]).sum(-3)
         eG = g_m.cumsum(-1).exp()  # [B, H, N, Ms, C]
         read = wc * eG.transpose(-1, -2)
@@ -237,11 +247,11 @@ def chunk_mom(
     ``g^m = a^m g`` (``w`` routing weights, ``a`` the 0/1 selection); their outputs are summed.
     """
     B, T, H, K, V, M, scale = _check_inputs(q, k, v, router_logits, g, top_k, scale)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     Ms = M + int(shared_memory)
     kw = dict(top_k=top_k, shared_memory=shared_memory, scale=scale, chunk_size=chunk_size)
     if cu_seqlens is not None:
-        _check_varlen(cu_seqlens, B, T, initial_state, (H, Ms, K, V))
+        check_varlen_state(cu_seqlens, B, T, initial_state, (H, Ms, K, V))
         seq = dict(q=q, k=k, v=v, router_logits=router_logits, g=g)
         return run_varlen(chunk_mom, cu_seqlens, seq, kw, initial_state, output_final_state)
     S0 = check_state("initial_state", initial_state, (B, H, Ms, K, V))
@@ -265,7 +275,7 @@ def _make_inputs(B, T, H, D, *, device="cpu", dtype=torch.float32, gate_strength
     k = torch.randn(B, T, H, D, device=device, dtype=dtype)
     v = torch.randn(B, T, H, D, device=device, dtype=dtype)
     logits = torch.randn(B, T, H, _NUM_MEMORIES, device=device, dtype=dtype)
-    g = _log_decay_for_strength((B, T, H), gate_strength, device=device, dtype=dtype)
+    g = log_decay_for_strength((B, T, H), gate_strength, device=device, dtype=dtype)
     return (q, k, v, logits, g), dict(top_k=_TOP_K, shared_memory=True)
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from effattn._checks import check_log_gate
+from effattn._checks import check_log_gate, check_positive_int
 from effattn.linear._common import LinearOp, check_linear_qkv, register
 from effattn.linear._scalar_decay import decay_magnitude, scalar_decay_op
 
@@ -48,8 +48,7 @@ def retention_log_decay(num_heads: int) -> torch.Tensor:
     >>> retention_log_decay(2).exp()  # gamma = 1 - 1/32, 1 - 1/64
     tensor([0.9688, 0.9844])
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    check_positive_int("num_heads", num_heads)
     h = torch.arange(num_heads, dtype=torch.float64)
     return torch.log1p(-(2.0 ** (-5.0 - h))).float()
 
