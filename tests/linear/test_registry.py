@@ -90,3 +90,12 @@ def test_no_private_name_is_imported_across_modules(package):
     root = Path(package.__path__[0])
     found = {str(p.relative_to(root)): _private_imports(p) for p in sorted(root.rglob("*.py"))}
     assert {p: names for p, names in found.items() if names} == {}
+
+
+def test_delta_helpers_docstring_example_runs():
+    import doctest
+
+    import effattn.linear._delta as delta
+
+    result = doctest.testmod(delta)
+    assert result.attempted > 0 and result.failed == 0
