@@ -172,8 +172,8 @@ def document_mask(doc_ids: torch.Tensor, kv_doc_ids: torch.Tensor | None = None)
 
 
 def dilated_mask(window: int, dilation: int, offset: int = 0, causal: bool = True) -> MaskMod:
-    """Dilated local attention (Sparse Transformer's strided pattern / LongNet-style): keys at
-    distances ``0, d, 2d, ...`` up to ``window * dilation`` (behind, and ahead if not causal)."""
+    """Dilated local attention (Sparse Transformer's strided pattern / LongNet-style): the ``window`` keys at
+    distances ``0, d, 2d, ..., (window - 1) d`` with ``d = dilation`` (behind, and ahead if not causal)."""
     if window < 1 or dilation < 1:
         raise ValueError(f"window and dilation must be >= 1, got window={window}, dilation={dilation}")
     reach = (window - 1) * dilation
