@@ -48,7 +48,7 @@ def _correctness(rank, world):
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_ring_equals_single_process(world):
     results = [r for rank_results in spawn(_correctness, world, timeout=60) for r in rank_results]
     assert_close(results)

@@ -100,6 +100,8 @@ class _RingAttention(torch.autograd.Function):
                 dk_in, dv_in = dkv_pending.wait()
                 dk_blk += dk_in
                 dv_blk += dv_in
+            if world == 1:
+                return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype), None, None, None, None, None
             dkv_pending = p2p([(dk_blk, nxt), (dv_blk, nxt)],
                               [(torch.empty_like(dk_blk), prv), (torch.empty_like(dv_blk), prv)], ctx.group, tag="dkv")
             if s + 1 < world:
