@@ -11,6 +11,7 @@ bounds), and ``why_not(call)`` derives from it the human-readable reasons it can
 from __future__ import annotations
 
 import inspect
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -184,12 +185,16 @@ class Explanation:
                 rule += f"; {', '.join(manual)} {'runs' if len(manual) == 1 else 'run'} only when asked for by name"
         else:
             rule = f"backend={self.requested!r} was asked for"
-        lines = [f"backend: {self.backend}", f"  rule: {rule}"]
         width = max(map(len, self.reasons))
+
+        def wrap(text: str, indent: int) -> str:  # fits a 100-column terminal
+            return textwrap.fill(text, 100, initial_indent="  ", subsequent_indent=" " * indent)
+
+        lines = [f"backend: {self.backend}", wrap(f"rule: {rule}", 8)]
         for name in self.reasons:
-            lines.append(f"  {name:<{width}}  {self.verdict(name)}")
+            lines.append(wrap(f"{name:<{width}}  {self.verdict(name)}", width + 4))
         caps = REGISTRY[self.backend].capabilities
-        lines.append(f"  {self.backend} declares: {caps.summary}; {caps.describe()}")
+        lines.append(wrap(f"{self.backend} declares: {caps.summary}; {caps.describe()}", 4))
         return "\n".join(lines)
 
 
