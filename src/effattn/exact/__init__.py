@@ -1,5 +1,6 @@
 """Exact softmax attention: one ``attention()`` over SDPA, a tiled block-sparse engine and the
-materialized reference; composable masks and score mods; split-KV decode attention."""
+materialized reference (the backends of :mod:`effattn.exact.backends`, each declaring its capabilities;
+``explain()`` reads them); composable masks and score mods; split-KV decode attention."""
 
 from effattn.exact.api import BACKENDS, AttentionCall, Explanation, attention, explain
 from effattn.exact.block_mask import BlockMask, create_block_mask

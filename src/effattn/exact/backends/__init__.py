@@ -26,10 +26,12 @@ registration, nothing else to edit: write ``backends/<name>.py`` with a subclass
 whose ``capabilities`` state what its kernels cover (for Triton: ``devices=frozenset({"cuda"})``,
 ``max_head_dim=256``, ``masks`` without ``"mask_mod"`` and ``score_mod=False``, since arbitrary Python
 callables are not compiled), put the checks that depend on the environment in ``extra_reasons`` (Triton
-not installed; CPU tensors only under ``TRITON_INTERPRET=1``), give it an ``auto_priority`` below
-``sdpa``'s if ``auto`` should prefer it where it fits, and end the module with
-``REGISTRY.register(name, Backend())``. The registry imports every module of this package on first
-lookup, ``BACKENDS`` and ``explain()`` list it, and the capability tests in ``tests/exact`` cover it.
+not installed; CPU tensors only under ``TRITON_INTERPRET=1``), give it an ``auto_priority`` and end the
+module with ``REGISTRY.register(name, Backend())``. A priority between ``sdpa``'s 10 and ``tiled``'s 20
+lets SDPA keep the plain dense calls it covers, the new backend take the masked ones on its devices and
+``tiled`` the rest (below 10 where it is measured faster than SDPA for plain calls too). The registry
+imports every module of this package on first lookup, so ``BACKENDS`` and ``explain()`` list the new
+backend and the capability tests in ``tests/exact`` cover it.
 """
 
 from __future__ import annotations
