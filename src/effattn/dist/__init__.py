@@ -5,7 +5,7 @@ Every op works on local sequence shards in the ``[B, T/P, H, D]`` layout, takes 
 rounding for any world size.
 """
 
-from effattn.dist._comm import CommCounter, all_to_all, check_same_shapes, count_bytes, p2p
+from effattn.dist._comm import CommCounter, all_to_all, check_same_shapes, count_bytes, p2p, shift
 from effattn.dist.halo import halo_attention, halo_plan
 from effattn.dist.lasp import lasp2, lasp_schedule
 from effattn.dist.launch import RankError, free_port, spawn
@@ -29,6 +29,12 @@ from effattn.dist.model import (
 )
 from effattn.dist.model import METHODS as MODEL_METHODS
 from effattn.dist.ring import ring_attention
+from effattn.dist.sequence_parallel import (
+    ATTENTION_METHODS,
+    SequenceParallel,
+    current_sequence_parallel,
+    sequence_parallel,
+)
 from effattn.dist.token_ring import token_ring_attention
 from effattn.dist.ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads, ulysses_attention
 from effattn.dist.usp import (
@@ -40,24 +46,41 @@ from effattn.dist.usp import (
 )
 
 __all__ = [
+    "ATTENTION_METHODS",
+    "H100_CLUSTER",
     "LAYOUTS",
-    "CommCounter",
-    "RankError",
+    "MODEL_METHODS",
     "all_to_all",
     "check_same_shapes",
     "check_shardable",
+    "CommCounter",
     "count_bytes",
+    "current_sequence_parallel",
+    "Estimate",
+    "estimate",
     "free_port",
     "gather_sequence",
+    "halo_attention",
+    "halo_plan",
+    "Hardware",
+    "heads_to_sequence",
+    "lasp2",
+    "lasp_schedule",
     "layout_permutation",
+    "markdown_table",
     "p2p",
+    "RankError",
+    "replicate_kv_heads",
     "ring_attention",
+    "ring_min_block",
+    "sequence_parallel",
+    "sequence_to_heads",
+    "SequenceParallel",
     "shard_positions",
     "shard_sequence",
+    "shift",
     "spawn",
-    "heads_to_sequence",
-    "replicate_kv_heads",
-    "sequence_to_heads",
+    "sweep",
     "token_ring_attention",
     "ulysses_attention",
     "usp_attention",
@@ -65,17 +88,5 @@ __all__ = [
     "usp_groups",
     "usp_shard_positions",
     "usp_shard_sequence",
-    "halo_attention",
-    "halo_plan",
-    "lasp2",
-    "lasp_schedule",
-    "H100_CLUSTER",
-    "MODEL_METHODS",
-    "Estimate",
-    "Hardware",
     "Workload",
-    "estimate",
-    "markdown_table",
-    "ring_min_block",
-    "sweep",
 ]
