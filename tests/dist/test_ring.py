@@ -38,13 +38,16 @@ def _correctness(rank, world):
     q, k, v = (torch.randn(1, 4 * world, 2, 24, requires_grad=True) for _ in range(3))
     ref = effattn.attention(q, k, v, causal=True, scale=0.3, backend="reference")
     ref.square().sum().backward()
-    local = [shard_sequence(t.detach(), layout="zigzag").requires_grad_() for t in (q, k, v)]
+    # non-contiguous shards (a [B, H, T, D] tensor seen as [B, T, H, D]) travel as well
+    local = [shard_sequence(t.detach(), layout="zigzag").transpose(1, 2).contiguous() for t in (q, k, v)]
+    local = [t.transpose(1, 2).requires_grad_() for t in local]
+    assert not local[0].is_contiguous()
     o = ring_attention(*local, causal=True, scale=0.3)
     o.square().sum().backward()
     errs = {"o": rel_rms(o, shard_sequence(ref.detach(), layout="zigzag"))}
     for n, a, b in zip("qkv", local, (q, k, v)):
         errs[f"d{n}"] = rel_rms(a.grad, shard_sequence(b.grad, layout="zigzag"))
-    results.append((f"rank {rank} scale=0.3 no lse", errs))
+    results.append((f"rank {rank} scale=0.3 no lse, non-contiguous", errs))
     return results
 
 
@@ -92,7 +95,7 @@ def _bad_inputs(rank, world):
     x = torch.randn(1, T, 2, 8)
     out["mismatch"] = error_of(ring_attention, x, x, x, layout="contiguous")
     # the layout positions a rank would need for RoPE are available without communication
-    out["positions"] = shard_positions(8 * world, rank, world, "zigzag").tolist()
+    out["positions"] = shard_positions(8 * world, layout="zigzag").tolist()  # rank and P from the group
     return out
 
 

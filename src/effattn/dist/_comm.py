@@ -27,6 +27,7 @@ __all__ = [
     "count_bytes",
     "global_rank",
     "p2p",
+    "shift",
 ]
 
 _COUNTERS: list[CommCounter] = []
@@ -107,6 +108,13 @@ def p2p(
         c.calls.append((tag, n_sent, n_received))
     works = dist.batch_isend_irecv(ops) if ops else []
     return P2PHandle(works, [b for b, _ in recvs], sent)
+
+
+def shift(tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group=None, tag: str = "shift") -> P2PHandle:
+    """Send ``tensors`` to rank ``send_to`` and receive tensors of the same shapes and dtypes from
+    ``recv_from`` (one ring step when ``send_to = r + 1``, ``recv_from = r - 1``)."""
+    buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+    return p2p([(t, send_to) for t in tensors], [(b, recv_from) for b in buffers], group, tag)
 
 
 class _AllToAll(torch.autograd.Function):

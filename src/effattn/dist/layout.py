@@ -74,13 +74,19 @@ def group_rank_and_size(group=None) -> tuple[int, int]:
 
 
 def shard_positions(
-    seq_len: int, rank: int, world_size: int, layout: str = "contiguous", device=None
+    seq_len: int, rank: int | None = None, world_size: int | None = None, layout: str = "contiguous", device=None,
+    group=None,
 ) -> torch.Tensor:
-    """Global positions (``int64 [T/P]``, increasing) of the tokens rank ``rank`` holds.
+    """Global positions (``int64 [T/P]``, increasing) of the tokens rank ``rank`` holds (``rank`` and
+    ``world_size`` default to this process's in ``group``): RoPE angles and position-dependent masks
+    of a shard use these.
 
     >>> shard_positions(6, rank=2, world_size=3).tolist()
     [4, 5]
     """
+    if rank is None or world_size is None:
+        this_rank, this_world = group_rank_and_size(group)
+        rank, world_size = this_rank if rank is None else rank, this_world if world_size is None else world_size
     world_size = check_positive_int("world_size", world_size)
     rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
     local = check_shardable(check_int("seq_len", seq_len), world_size, layout)
@@ -134,8 +140,9 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, layout, dim):
         rank, world = group_rank_and_size(group)
+        x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        dist.all_gather(parts, x, group=group)
         out = torch.cat(parts, dim=dim)
         T = out.shape[dim]
         ctx.rank, ctx.world, ctx.layout, ctx.dim, ctx.T = rank, world, layout, dim, T

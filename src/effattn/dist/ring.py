@@ -30,7 +30,7 @@ import torch
 
 from effattn._checks import check_qkv, check_scale
 from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
-from effattn.dist._comm import check_same_shapes, p2p
+from effattn.dist._comm import check_same_shapes, shift
 from effattn.dist.layout import check_layout, group_rank_and_size
 
 __all__ = ["ring_attention"]
@@ -64,8 +64,7 @@ class _RingAttention(torch.autograd.Function):
         kb, vb = k, v
         for s in range(world):
             if s + 1 < world:  # the next block is in flight while this one is computed
-                pending = p2p([(kb, nxt), (vb, nxt)], [(torch.empty_like(kb), prv), (torch.empty_like(vb), prv)],
-                              group, tag="kv")
+                pending = shift([kb, vb], nxt, prv, group, tag="kv")
             for job in block_jobs(layout, causal, rank, (rank - s) % world, T):
                 o, lse = block_forward(q, kb, vb, job, scale, backend)
                 merge_into(acc_o, acc_lse, job.q_rows, o, lse)
@@ -90,8 +89,7 @@ class _RingAttention(torch.autograd.Function):
         dkv_pending = None
         for s in range(world):
             if s + 1 < world:
-                kv_pending = p2p([(kb, nxt), (vb, nxt)], [(torch.empty_like(kb), prv), (torch.empty_like(vb), prv)],
-                                 ctx.group, tag="kv")
+                kv_pending = shift([kb, vb], nxt, prv, ctx.group, tag="kv")
             dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv_blk = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
             for job in block_jobs(ctx.layout, ctx.causal, rank, (rank - s) % world, T):
@@ -102,8 +100,7 @@ class _RingAttention(torch.autograd.Function):
                 dv_blk += dv_in
             if world == 1:
                 return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype), None, None, None, None, None
-            dkv_pending = p2p([(dk_blk, nxt), (dv_blk, nxt)],
-                              [(torch.empty_like(dk_blk), prv), (torch.empty_like(dv_blk), prv)], ctx.group, tag="dkv")
+            dkv_pending = shift([dk_blk, dv_blk], nxt, prv, ctx.group, tag="dkv")
             if s + 1 < world:
                 kb, vb = kv_pending.wait()
         dk, dv = dkv_pending.wait()  # after P hops this rank's own block's accumulators are back

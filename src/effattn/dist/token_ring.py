@@ -29,7 +29,7 @@ import torch
 
 from effattn._checks import check_scale
 from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
-from effattn.dist._comm import check_same_shapes, p2p
+from effattn.dist._comm import check_same_shapes, p2p, shift
 from effattn.dist.layout import check_layout, group_rank_and_size
 from effattn.dist.ring import check_local_shards
 
@@ -53,14 +53,14 @@ class _TokenRingAttention(torch.autograd.Function):
         acc_o = torch.zeros(B, T, Hq, Dv, dtype=torch.float32, device=q.device)
         acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
         if world > 1:  # the first query block travels while the own block is computed
-            q_pending = p2p([(q, nxt)], [(torch.empty_like(q), prv)], group, tag="q")
+            q_pending = shift([q], nxt, prv, group, tag="q")
         for job in block_jobs(layout, causal, rank, rank, T):  # step 0: own queries, own keys
             o, lse = block_forward(q, k, v, job, scale, backend)
             merge_into(acc_o, acc_lse, job.q_rows, o, lse)
         for s in range(1, world):
             (qb,) = q_pending.wait()
             if s + 1 < world:
-                q_pending = p2p([(qb, nxt)], [(torch.empty_like(qb), prv)], group, tag="q")
+                q_pending = shift([qb], nxt, prv, group, tag="q")
             owner, helper = (rank - s) % world, (rank + s) % world
             out_job, in_job = _one_job(layout, causal, owner, rank, T), _one_job(layout, causal, rank, helper, T)
             sends, recvs = [], []
@@ -92,19 +92,15 @@ class _TokenRingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        travel = [q, do.contiguous(), lse, delta]
-
-        def pass_on(tensors):
-            return p2p([(t, nxt) for t in tensors], [(torch.empty_like(t), prv) for t in tensors], ctx.group, tag="q")
-
+        travel = [q, do, lse, delta]
         if world > 1:
-            pending = pass_on(travel)
+            pending = shift(travel, nxt, prv, ctx.group, tag="q")
         for job in block_jobs(ctx.layout, ctx.causal, rank, rank, T):
             block_backward(q, k, v, do, lse, delta, job, ctx.scale, dq, dk, dv)
         for s in range(1, world):
             travel = pending.wait()
             if s + 1 < world:
-                pending = pass_on(travel)
+                pending = shift(travel, nxt, prv, ctx.group, tag="q")
             owner, helper = (rank - s) % world, (rank + s) % world
             out_job, in_job = (_one_job(ctx.layout, ctx.causal, owner, rank, T),
                                _one_job(ctx.layout, ctx.causal, rank, helper, T))
