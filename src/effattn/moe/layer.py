@@ -15,7 +15,9 @@ experts run on what arrives (regrouped by expert), and a third exchange brings t
 (GShard 2020; Tutel, "Tutel: Adaptive Mixture-of-Experts at Scale", 2023). With ``ep_chunks=c > 1`` the
 tokens are cut into ``c`` chunks and the exchange of chunk ``i+1`` (``async_op=True``) runs while the
 experts compute chunk ``i``, and the return of chunk ``i`` while they compute chunk ``i+1`` (the
-pipelining of FSMoE, 2025 and Tutel). The backward is the same exchanges in reverse, synchronous.
+pipelining of FSMoE, 2025 and Tutel). The backward is the same exchanges in reverse, synchronous. With a
+capacity factor, each rank applies the capacity to its own tokens before sending them (GShard's
+per-group capacity).
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class MoE(nn.Module):
                              capacity_factor=capacity_factor)
         self.experts = Experts(self.local_experts, dim, hidden, kind=expert, gemm=gemm)
         self.shared = SwiGLU(dim, hidden * shared_experts) if shared_experts else None
-        self.register_buffer("lbl_counts", torch.zeros(num_experts + 1, dtype=torch.float64), persistent=False)
+        # integer counts (assignments per expert, then tokens): model.to(dtype) leaves them exact
+        self.register_buffer("lbl_counts", torch.zeros(num_experts + 1, dtype=torch.int64), persistent=False)
         self.last_aux: MoEAux | None = None
 
     # -- training-loop hooks ------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ class MoE(nn.Module):
         if self.lbl_scope == "micro":
             return load_balancing_loss(prob_sum, n_tokens, routed, float(routed.sum()))
         world, _ = _group_size_rank(self.lbl_group)
-        stats = torch.cat([routed.to(torch.float64), torch.tensor([float(n_tokens)], dtype=torch.float64)])
+        stats = torch.cat([routed.to(torch.int64), torch.tensor([n_tokens], dtype=torch.int64, device=routed.device)])
         if world > 1:
             dist.all_reduce(stats, group=self.lbl_group)
         if self.training and torch.is_grad_enabled():
@@ -235,7 +238,7 @@ class MoE(nn.Module):
             acc = self.lbl_counts
         else:
             acc = stats
-        counts = acc[:-1]
+        counts = acc[:-1].to(prob_sum.dtype)
         # this rank's share of the call's global tokens: averaging the ranks' losses gives the loss of the
         # concatenated batch (what data-parallel gradient averaging does)
         return load_balancing_loss(prob_sum, float(stats[-1]) / world, counts, float(counts.sum()))

@@ -93,7 +93,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_experts, dim) * dim**-0.5)
         self.register_buffer("bias", torch.zeros(num_experts))
         # routed tokens per expert since the last bias update (DeepSeek-V3 balancing)
-        self.register_buffer("load", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
     def expert_capacity(self, num_tokens: int) -> int:
         """Expert choice: tokens per expert ``min(N, ceil(capacity_factor * N * top_k / E))`` (factor 1 if unset)."""
@@ -116,7 +116,7 @@ class Router(nn.Module):
         if self.normalize:
             w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         if self.training and torch.is_grad_enabled():
-            self.load += torch.bincount(idx.reshape(-1), minlength=E).to(self.load.dtype)
+            self.load += torch.bincount(idx.reshape(-1), minlength=E)
         token = torch.arange(N, device=x.device).repeat_interleave(k)
         priority = (torch.arange(k, device=x.device) * N + torch.arange(N, device=x.device)[:, None]).reshape(-1)
         return Routing(logits, scores, token, idx.reshape(-1), w.reshape(-1), priority)
@@ -141,6 +141,7 @@ class Router(nn.Module):
         load = self.load.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load, group=group)
-        self.bias += rate * torch.sign(load.mean() - load)
+        lf = load.to(self.bias.dtype)
+        self.bias += rate * torch.sign(lf.mean() - lf)
         self.load.zero_()
         return load
