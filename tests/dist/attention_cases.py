@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 import effattn
-from tests.helpers import rel_rms
+import effattn.exact
+from tests.helpers import max_err, rel_rms
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4  # DESIGN.md float32 rule
 
@@ -57,3 +58,32 @@ def error_of(fn, *args, **kwargs) -> str:
     except (ValueError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+def compare_low_precision(op, shard, dtype, *, causal, seed=0, B=1, T=32, Hq=4, Hkv=2, D=40) -> dict:
+    """Max errors against the float32 reference of the distributed op in ``dtype`` and of the
+    reference computed in ``dtype`` (FlashAttention's rule: fast <= 2 x reference + atol), output and
+    q/k/v gradients: ``{name: (fast_error, low_precision_reference_error)}``."""
+    q32, k32, v32, do32, _ = full_problem(seed, B, T, Hq, Hkv, D, D)
+    q32, k32, v32 = (t.detach().requires_grad_() for t in (q32, k32, v32))
+    o32 = effattn.attention(q32, k32, v32, causal=causal, backend="reference")
+    o32.backward(do32)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32))
+    mask = effattn.exact.causal_mask() if causal else None
+    o_low, _ = effattn.exact.reference_attention(q, k, v, scale=D**-0.5, mask_mod=mask, upcast=False)
+    o_low.backward(do32.to(dtype))
+    local = [shard(t.detach(), 1).requires_grad_() for t in (q, k, v)]
+    o_l = op(*local)
+    o_l.backward(shard(do32.to(dtype), 1))
+    out = {"o": (max_err(o_l, shard(o32.detach(), 1)), max_err(shard(o_low.detach(), 1), shard(o32.detach(), 1)))}
+    for name, t_l, t_low, t32 in zip(("dq", "dk", "dv"), local, (q, k, v), (q32, k32, v32)):
+        ref = shard(t32.grad, 1)
+        out[name] = (max_err(t_l.grad, ref), max_err(shard(t_low.grad, 1), ref))
+    return out
+
+
+def assert_low_precision_close(results: list[tuple[str, dict]], atol: float = 2e-3) -> None:
+    assert results, "no cases ran"
+    for case, errs in results:
+        for name, (fast, ref) in errs.items():
+            assert fast <= 2 * ref + atol, f"{case}: {name} error {fast:.3g} > 2 x reference error {ref:.3g} + {atol}"

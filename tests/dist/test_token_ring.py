@@ -8,7 +8,13 @@ import torch
 
 import effattn.dist.token_ring
 from effattn.dist import count_bytes, shard_sequence, spawn, token_ring_attention
-from tests.dist.attention_cases import assert_close, compare, error_of
+from tests.dist.attention_cases import (
+    assert_close,
+    assert_low_precision_close,
+    compare,
+    compare_low_precision,
+    error_of,
+)
 
 CASES = [  # (layout, causal, Hq, Hkv, D, Dv, chunk tokens per half shard)
     ("zigzag", True, 4, 2, 40, 24, 3),
@@ -37,6 +43,27 @@ def _correctness(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_token_ring_equals_single_process(world):
     assert_close([r for rank_results in spawn(_correctness, world, timeout=60) for r in rank_results])
+
+
+def _low_precision(rank, world):
+    results = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for layout, causal in (("zigzag", True), ("contiguous", False)):
+
+            def shard(t, dim, layout=layout):
+                return shard_sequence(t, layout=layout, dim=dim)
+
+            def op(q, k, v, layout=layout, causal=causal):
+                return token_ring_attention(q, k, v, causal=causal, layout=layout)
+
+            errs = compare_low_precision(op, shard, dtype, causal=causal, seed=world, T=8 * world)
+            results.append((f"rank {rank} {dtype} {layout} causal={causal}", errs))
+    return results
+
+
+def test_low_precision_flash_rule():
+    """bf16/fp16 shards: error <= 2x that of the reference run in the same dtype (+ atol)."""
+    assert_low_precision_close([r for rank_results in spawn(_low_precision, 2, timeout=60) for r in rank_results])
 
 
 def _traffic(rank, world):
