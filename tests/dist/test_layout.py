@@ -1,6 +1,7 @@
 """Sequence layouts: positions, shard/gather round trips, clear errors for lengths that do not divide."""
 
 import doctest
+import sys
 
 import pytest
 import torch
@@ -87,7 +88,11 @@ def test_shard_and_gather_round_trip(world):
         assert "local length must be even" in out["odd zigzag shard"], out["odd zigzag shard"]
 
 
-@pytest.mark.parametrize("module", [effattn.dist.layout, effattn.dist.launch])
+# the communication helpers' module, reached through a public name
+COMM = sys.modules[effattn.dist.count_bytes.__module__]
+
+
+@pytest.mark.parametrize("module", [effattn.dist.layout, effattn.dist.launch, COMM])
 def test_docstring_examples(module):
     res = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0

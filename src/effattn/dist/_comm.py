@@ -57,7 +57,16 @@ class CommCounter:
 
 @contextlib.contextmanager
 def count_bytes() -> Iterator[CommCounter]:
-    """Record the bytes every :func:`p2p` call of this process sends and receives inside the block."""
+    """Record the bytes every :func:`p2p` call of this process sends and receives inside the block.
+
+    >>> from effattn.dist import spawn
+    >>> def fn(rank, world_size):
+    ...     with count_bytes() as counter:
+    ...         (got,) = shift([torch.full((4,), float(rank))], (rank + 1) % world_size, (rank - 1) % world_size).wait()
+    ...     return got.tolist(), counter.calls
+    >>> spawn(fn, 2)
+    [([1.0, 1.0, 1.0, 1.0], [('shift', 16, 16)]), ([0.0, 0.0, 0.0, 0.0], [('shift', 16, 16)])]
+    """
     counter = CommCounter()
     _COUNTERS.append(counter)
     try:
@@ -148,7 +157,15 @@ def all_to_all(x: torch.Tensor, group=None, scatter_dim: int = 2, gather_dim: in
     """Split ``x`` along ``scatter_dim`` into ``P`` parts, send part ``p`` to rank ``p``, and concatenate
     the received parts along ``gather_dim`` in rank order. Differentiable (the backward is the inverse
     all-to-all). With the defaults, ``[B, T/P, H, D]`` sequence shards become ``[B, T, H/P, D]`` head
-    shards (DeepSpeed-Ulysses)."""
+    shards (DeepSpeed-Ulysses).
+
+    >>> from effattn.dist import spawn
+    >>> def fn(rank, world_size):
+    ...     shard = torch.tensor([[[10 * rank + h for h in range(4)]]])  # [B=1, T/P=1, H=4]: value 10 t + h
+    ...     return all_to_all(shard, scatter_dim=2, gather_dim=1).tolist()  # [1, T=2, H/P=2]
+    >>> spawn(fn, 2)
+    [[[[0, 1], [10, 11]]], [[[2, 3], [12, 13]]]]
+    """
     scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
     if scatter_dim == gather_dim:
         raise ValueError(f"scatter_dim and gather_dim must differ, got {scatter_dim} for both")
@@ -158,7 +175,16 @@ def all_to_all(x: torch.Tensor, group=None, scatter_dim: int = 2, gather_dim: in
 def check_same_shapes(group=None, **tensors: torch.Tensor | None) -> None:
     """Raise on every rank when the named tensors' shapes (or dtypes) differ between ranks.
 
-    One all-gather of a few integers; every rank reaches the same verdict, so none is left waiting.
+    Two all-gathers of a few integers; every rank reaches the same verdict, so none is left waiting.
+
+    >>> from effattn.dist import spawn
+    >>> def fn(rank, world_size):
+    ...     try:
+    ...         check_same_shapes(q=torch.zeros(1, 4 + rank, 2, 8))
+    ...     except ValueError as e:
+    ...         return str(e).split(": ", 1)[1]
+    >>> spawn(fn, 2)[1]
+    'rank 0: q (1, 4, 2, 8); rank 1: q (1, 5, 2, 8)'
     """
     items = [(n, t) for n, t in tensors.items() if t is not None]
     code = []

@@ -73,7 +73,11 @@ def _is_consequence(exc_type: str, tb: str) -> bool:
 
 
 def free_port() -> int:
-    """A TCP port on ``127.0.0.1`` that was free a moment ago (the OS picks it when binding port 0)."""
+    """A TCP port on ``127.0.0.1`` that was free a moment ago (the OS picks it when binding port 0).
+
+    >>> 0 < free_port() < 65536
+    True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]

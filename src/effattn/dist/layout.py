@@ -48,7 +48,15 @@ def check_layout(layout: str) -> str:
 
 
 def check_shardable(seq_len: int, world_size: int, layout: str, name: str = "sequence length") -> int:
-    """The number of tokens per rank; raises naming ``T``, ``P`` and the layout's divisibility rule."""
+    """The number of tokens per rank; raises naming ``T``, ``P`` and the layout's divisibility rule.
+
+    >>> check_shardable(12, 3, "contiguous")
+    4
+    >>> check_shardable(12, 4, "zigzag")
+    Traceback (most recent call last):
+    ...
+    ValueError: layout 'zigzag' cannot shard sequence length T=12 over P=4 ranks: ... pad the sequence to 16 tokens
+    """
     check_layout(layout)
     parts = world_size if layout == "contiguous" else 2 * world_size
     if seq_len % parts != 0:
