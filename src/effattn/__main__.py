@@ -1,5 +1,9 @@
-"""Command line: ``python -m effattn bench <suite> [--quick] [--out DIR] [--device cpu]`` and
-``python -m effattn compare [--full] [--only speed,recall,listops] [--lengths ...] [--mixers ...]``."""
+"""The ``effattn`` command line: benchmark suites and the side-by-side comparison of every mechanism.
+
+    python -m effattn bench <suite> [options]    one benchmark suite (effattn bench <suite> --help)
+    python -m effattn compare [options]          which attention for my length and memory budget
+    python -m effattn --version
+"""
 
 from __future__ import annotations
 
@@ -7,42 +11,57 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> None:
-    from effattn.bench import SUITE_MODULES, run_suite
+def build_parser() -> argparse.ArgumentParser:
+    """The ``effattn`` parser: ``bench <suite>`` (one sub-command per registered suite, each with its own
+    options) and ``compare``.
 
-    parser = argparse.ArgumentParser(prog="effattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="run one benchmark suite")
-    b.add_argument("suite", choices=sorted(SUITE_MODULES))
-    b.add_argument("--quick", action="store_true", help="small sizes, a minute or two on 2 CPU cores")
-    b.add_argument("--lengths", type=str, default=None, help="comma-separated sequence lengths")
-    b.add_argument("--out", type=str, default=None, help="report folder (default bench_out/<suite>)")
-    b.add_argument("--device", type=str, default="cpu")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile)")
-    b.add_argument("--forward-only", action="store_true", help="skip forward+backward measurements")
-    b.add_argument(
-        "--paired", action="store_true",
-        help="sparse suite: also time SDPA causal back to back with each method (speedup_vs_causal_paired)",
+    Example::
+
+        >>> args = build_parser().parse_args(["bench", "linear", "--quick", "--repeats", "1"])
+        >>> args.suite, args.quick, args.repeats, args.out
+        ('linear', True, 1, 'bench_out/linear')
+    """
+    from effattn import __version__
+    from effattn.bench import SUITES
+    from effattn.bench import compare as compare_module
+    from effattn.bench.cli import HelpFormatter, plain_text
+
+    parser = argparse.ArgumentParser(
+        prog="effattn", description=plain_text(__doc__), formatter_class=HelpFormatter
     )
-    b.add_argument("--impls", type=str, default=None, help="attention suite: comma-separated implementations")
-    b.add_argument("--patterns", type=str, default=None, help="attention suite: comma-separated mask patterns")
-    from effattn.bench.kv import add_arguments as add_kv_arguments
+    parser.add_argument("--version", action="version", version=f"effattn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = commands.add_parser(
+        "bench",
+        help="run one benchmark suite (effattn bench --help lists them)",
+        description="Run one benchmark suite; effattn bench <suite> --help shows that suite's options. "
+        "Reports (JSON, markdown, plots) land in --out, default bench_out/<suite>.",
+        formatter_class=HelpFormatter,
+    )
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name, entry in SUITES.items():
+        p = suites.add_parser(name, help=entry.summary, description=entry.description, formatter_class=HelpFormatter)
+        entry.add_arguments(p)
+    compare = commands.add_parser(
+        "compare",
+        help="which attention for my length and memory budget: speed, recall (MQAR), reasoning (ListOps)",
+        description=plain_text(compare_module.__doc__),
+        formatter_class=HelpFormatter,
+    )
+    compare_module.add_arguments(compare)
+    return parser
 
-    add_kv_arguments(b)
-    b.add_argument("--decode-only", action="store_true", help="linear suite: only the decode-step report")
-    b.add_argument("--mixers", type=str, default=None, help="models suite: comma-separated mixers (default all)")
-    from effattn.bench.compare import add_arguments as add_compare_arguments
 
-    c = sub.add_parser("compare", help="which attention for my length and memory budget: speed, recall, reasoning")
-    add_compare_arguments(c)
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the process's arguments) and run the command."""
+    args = build_parser().parse_args(argv)
     if args.command == "compare":
         from effattn.bench.compare import main as compare_main
 
         compare_main(args)
-    if args.command == "bench":
-        args.out = args.out or f"bench_out/{args.suite}"
+    elif args.command == "bench":
+        from effattn.bench import run_suite
+
         run_suite(args.suite, args)
 
 

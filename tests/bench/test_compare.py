@@ -286,15 +286,15 @@ def test_external_baselines_are_wired_to_the_packages_calls(monkeypatch):
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in fake else None)
 
-    mechs, notes = compare._external_baselines(make_config("tiny"), 1e9)
+    mechs, notes = compare.external_baselines(make_config("tiny"), 1e9)
     assert mechs == [] and all("--device cuda" in n for n in notes) and len(notes) == 2
     cfg = make_config("tiny", device="cuda")
-    mechs, notes = compare._external_baselines(cfg, 1e9)
+    mechs, notes = compare.external_baselines(cfg, 1e9)
     assert [m.name for m in mechs] == ["flash_attn causal (bf16)", "fla chunk_gated_delta_rule (bf16)"] and not notes
 
     cpu = make_config("tiny", repeats=1)
     for pkg in ("flash_attn", "fla"):
-        row = compare._external_row(pkg, cpu, 1e9, 32)
+        row = compare.external_row(pkg, cpu, 1e9, 32)
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
     from effattn.bench import linear as lin
 

@@ -11,10 +11,12 @@ with efficiency = useful FLOP/s over the machine's matmul FLOP/s measured in the
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import torch
 
 from effattn.bench import suite
+from effattn.bench.cli import add_common_arguments
 from effattn.bench.harness import (
     attention_flops,
     command_line,
@@ -25,18 +27,22 @@ from effattn.bench.harness import (
     run_guarded,
     write_report,
 )
-from effattn.exact import attention, create_block_mask
-from effattn.exact.masks import (
+from effattn.bench.table import Column, Progress, print_table
+from effattn.exact import (
     and_masks,
+    attention,
     causal_mask,
+    create_block_mask,
     document_ids_from_cu_seqlens,
     document_mask,
+    reference_attention,
     sliding_window_mask,
 )
-from effattn.exact.reference import MAX_DENSE_ELEMENTS
 
 WINDOW = 256
 SDPA_MASK_BUDGET_BYTES = 6 * 2**30  # SDPA with a dense mask converts it to a float T x T bias (and more)
+# the reference backend's bound on materialized scores (its documented default), above which it is skipped
+MAX_DENSE_ELEMENTS = inspect.signature(reference_attention).parameters["max_elements"].default
 
 
 def _doc_cu_seqlens(T: int) -> torch.Tensor:
@@ -100,14 +106,34 @@ def _runner(impl: str, pattern: str, q, k, v, kw, mask_mod):
     raise KeyError(impl)
 
 
-def _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok: bool) -> dict:
+def measure(
+    impl: str,
+    pattern: str,
+    T: int,
+    B: int,
+    H: int,
+    D: int,
+    *,
+    device: str = "cpu",
+    repeats: int = 3,
+    backward: bool = True,
+    gemm: float = 1.0,
+    flex: bool = False,
+) -> dict:
+    """One row of the suite: ``impl`` (``sdpa``, ``tiled``, ``auto``, ``reference``, ``flex``) on mask
+    ``pattern`` (:func:`pattern_spec`) at length ``T`` with ``[B, T, H, D]`` float32 inputs.
+
+    Keys: ``fwd_s``, ``fwd_mem_MiB``, ``fwd_eff`` (useful forward FLOP/s over ``gemm``) and with ``backward``
+    ``fwdbwd_s``, ``fwdbwd_mem_MiB``, ``fwdbwd_eff`` (backward counted 2.5x forward); ``note``; an ``error``
+    (``skipped: ...`` for ``reference`` above its dense bound and ``flex`` without ``flex=True``).
+    """
     kw, mask_mod, pairs = pattern_spec(pattern, T)
     row = {"pattern": pattern, "T": T, "impl": impl}
     if impl == "reference" and B * H * T * T > MAX_DENSE_ELEMENTS:
         return {**row, "error": "skipped: would materialize the T x T scores"}
-    if impl == "flex" and not flex_ok:
+    if impl == "flex" and not flex:
         return {**row, "error": "skipped (run with --flex)"}
-    dev = args.device
+    dev = device
     flex_on_cpu = impl == "flex" and torch.device(dev).type == "cpu"  # FlexAttention has no CPU backward
     q, k, v = (torch.randn(B, T, H, D, device=dev, requires_grad=not flex_on_cpu) for _ in range(3))
     do = torch.randn(B, T, H, D, device=dev)
@@ -126,13 +152,13 @@ def _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok: bool) -> dict:
             run().backward(g)
 
         out = {}
-        out["fwd_s"] = measure_time(fwd, repeats=args.repeats, device=dev)
+        out["fwd_s"] = measure_time(fwd, repeats=repeats, device=dev)
         out["fwd_mem_MiB"] = (measure_peak_memory(fwd, dev) or 0) / 2**20
         out["fwd_eff"] = fwd_flops / out["fwd_s"] / gemm
         if flex_on_cpu:
             out["note"] = "forward only: FlexAttention has no backward on the CPU"
-        elif not args.forward_only:
-            out["fwdbwd_s"] = measure_time(fwd_bwd, repeats=args.repeats, device=dev)
+        elif backward:
+            out["fwdbwd_s"] = measure_time(fwd_bwd, repeats=repeats, device=dev)
             out["fwdbwd_mem_MiB"] = (measure_peak_memory(fwd_bwd, dev) or 0) / 2**20
             out["fwdbwd_eff"] = 3.5 * fwd_flops / out["fwdbwd_s"] / gemm
         return out
@@ -140,28 +166,76 @@ def _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok: bool) -> dict:
     return {**row, **run_guarded(one)}
 
 
-@suite("attention")
-def run(args: argparse.Namespace) -> None:
-    lengths = (
-        [int(x) for x in args.lengths.split(",")]
-        if args.lengths
-        else ([1024, 2048] if args.quick else [1024, 4096, 16384, 32768])
+DEFAULT_LENGTHS = (1024, 4096, 16384, 32768)
+QUICK_LENGTHS = (1024, 2048)
+IMPLS = ("sdpa", "auto", "tiled", "reference", "flex")
+PATTERNS = ("causal", "window", "document")
+
+# the terminal summary (the report files hold every column)
+TERMINAL_COLUMNS = (
+    Column("pattern", key_column=True),
+    Column("T", key_column=True),
+    Column("impl", key_column=True),
+    Column("fwd_s", "fwd ms", scale=1e3),
+    Column("fwdbwd_s", "f+b ms", scale=1e3),
+    Column("fwd_mem_MiB", "fwd MiB"),
+    Column("fwdbwd_mem_MiB", "f+b MiB"),
+    Column("fwd_eff", "fwd eff"),
+    Column("fwdbwd_eff", "f+b eff"),
+    Column("remark", text=True),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The attention suite's options."""
+    add_common_arguments(p, "attention", lengths=DEFAULT_LENGTHS, quick_lengths=QUICK_LENGTHS)
+    p.add_argument(
+        "--impls",
+        type=str,
+        default=",".join(IMPLS),
+        metavar="A,B,...",
+        help="comma-separated implementations to time (default: %(default)s)",
     )
+    p.add_argument(
+        "--patterns",
+        type=str,
+        default=",".join(PATTERNS),
+        metavar="A,B,...",
+        help="comma-separated mask patterns (default: %(default)s)",
+    )
+    p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
+    p.add_argument("--forward-only", action="store_true", help="skip the forward+backward measurements")
+
+
+@suite(
+    "attention",
+    add_arguments=add_arguments,
+    summary="exact attention backends (SDPA, tiled, auto, reference, Flex) on causal, window, document masks",
+    description=__doc__,
+)
+def run(args: argparse.Namespace) -> None:
+    default = QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(default)
     B, H, D = 1, 4, 64
     flex_ok = bool(getattr(args, "flex", False))
-    impls = args.impls.split(",") if getattr(args, "impls", None) else ["sdpa", "auto", "tiled", "reference", "flex"]
-    patterns = args.patterns.split(",") if getattr(args, "patterns", None) else ["causal", "window", "document"]
+    impls = args.impls.split(",") if getattr(args, "impls", None) else list(IMPLS)
+    patterns = args.patterns.split(",") if getattr(args, "patterns", None) else list(PATTERNS)
+    backward = not getattr(args, "forward_only", False)
     torch.manual_seed(0)
     gemm = matmul_flops_per_second(args.device)
     print(f"matmul rate: {gemm / 1e9:.1f} GFLOP/s (float32)", flush=True)
     rows = []
+    bar = Progress("attention", len(patterns) * len(lengths) * len(impls))
     for pattern in patterns:
         for T in lengths:
             for impl in impls:
-                r = _measure(impl, pattern, T, B, H, D, args, gemm, flex_ok)
+                r = measure(
+                    impl, pattern, T, B, H, D, device=args.device, repeats=args.repeats, backward=backward, gemm=gemm,
+                    flex=flex_ok,
+                )
                 rows.append(r)
-                shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}
-                print(shown, flush=True)
+                bar.advance(f"{pattern} T={T} {impl}: " + (r.get("error") or f"fwd {1e3 * r['fwd_s']:.3g} ms"))
+    bar.close()
     # block-mask density of the tiled engine, for the notes
     notes = [
         f"B={B}, H={H}, D={D}, float32; window={WINDOW} (causal); document = packed causal documents",
@@ -196,6 +270,8 @@ def run(args: argparse.Namespace) -> None:
         "error",
     ]
     path = write_report(args.out, "attention", rows, cols, meta=meta, notes=notes)
+    shown = [{**r, "remark": r.get("error") or r.get("note")} for r in rows]
+    print_table("attention: time, peak memory, efficiency against the GEMM rate", shown, TERMINAL_COLUMNS)
     print(f"report: {path}")
 
 

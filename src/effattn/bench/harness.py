@@ -86,6 +86,88 @@ def paired_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], *, repe
     return statistics.median(ratios)
 
 
+SLOW_CALL_S = 5.0  # a first call slower than this is the only timing of time_and_memory (n = 0)
+
+
+def time_and_memory(fn: Callable[[], object], repeats: int, device="cpu") -> tuple[float, int | None, int]:
+    """``(seconds, peak bytes, n)``: peak memory of a first call, then the median time of ``repeats`` further calls.
+
+    A first call slower than :data:`SLOW_CALL_S` is the one timing (``n = 0`` further calls): one-time
+    initialisation belongs in a warm-up at a small size, and at such lengths one call's noise is small.
+    """
+    t0 = time.perf_counter()
+    mem = measure_peak_memory(fn, device=device)
+    sync(device)
+    first = time.perf_counter() - t0
+    if first > SLOW_CALL_S:
+        return first, mem, 0
+    return measure_time(fn, repeats=repeats, warmup=0, device=device), mem, repeats
+
+
+_UPSTREAM: dict[tuple, torch.Tensor] = {}
+
+
+def upstream_gradient(o: torch.Tensor) -> torch.Tensor:
+    """A fixed random output gradient per (shape, dtype, device): every timed backward gets the same one."""
+    key = (tuple(o.shape), o.dtype, o.device)
+    if key not in _UPSTREAM:
+        _UPSTREAM.clear()
+        _UPSTREAM[key] = torch.randn(o.shape, dtype=o.dtype, device=o.device)
+    return _UPSTREAM[key]
+
+
+def measure_forward_backward(
+    forward: Callable[[], torch.Tensor],
+    leaves: Sequence[torch.Tensor],
+    *,
+    repeats: int,
+    device="cpu",
+    flops: float | None = None,
+    bwd_factor: float = 2.0,
+    gemm: float = 1.0,
+    backward: bool = True,
+) -> dict:
+    """Forward (under ``no_grad``) and forward+backward (gradients of ``leaves``) of ``forward()``.
+
+    Row keys: ``fwd_ms``, ``fwd_peak_MiB``, ``repeats`` (``"n_fwd/n_fwd_bwd"``, see :func:`time_and_memory`)
+    and with ``backward`` ``fwd_bwd_ms``, ``fwd_bwd_peak_MiB``; with ``flops`` (forward FLOPs)
+    ``fwd_GFLOP``, ``fwd_eff_%`` = 100 flops / time / ``gemm`` and ``fwd_bwd_eff_%`` with the backward
+    counted ``bwd_factor`` times the forward (FlashAttention's benchmark convention is 2.5).
+
+    Example::
+
+        >>> x = torch.randn(64, 64, requires_grad=True)
+        >>> row = measure_forward_backward(lambda: x @ x, [x], repeats=1, flops=2 * 64**3, gemm=1e9)
+        >>> sorted(row)[:4], row["repeats"]
+        (['fwd_GFLOP', 'fwd_bwd_eff_%', 'fwd_bwd_ms', 'fwd_bwd_peak_MiB'], '1/1')
+    """
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    def fwd_bwd():
+        o = forward()
+        o.backward(upstream_gradient(o))
+        for x in leaves:
+            x.grad = None
+
+    def mib(x: int | None) -> float | None:
+        return None if x is None else x / 2**20
+
+    t_f, m_f, n_f = time_and_memory(fwd, repeats, device)
+    row = {"fwd_ms": 1e3 * t_f, "fwd_peak_MiB": mib(m_f), "repeats": f"{n_f}/-"}
+    if flops is not None:
+        row["fwd_GFLOP"] = flops / 1e9
+        row["fwd_eff_%"] = 100 * flops / t_f / gemm
+    if backward:
+        t_fb, m_fb, n_fb = time_and_memory(fwd_bwd, repeats, device)
+        row.update({"fwd_bwd_ms": 1e3 * t_fb, "fwd_bwd_peak_MiB": mib(m_fb), "repeats": f"{n_f}/{n_fb}"})
+        if flops is not None:
+            row["fwd_bwd_eff_%"] = 100 * flops * (1 + bwd_factor) / t_fb / gemm
+    return row
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -45,9 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from effattn.bench import suite
+from effattn.bench.cli import add_common_arguments
 from effattn.bench.harness import command_line, machine_info, run_guarded, write_report
+from effattn.bench.table import Column, format_value, print_table
 from effattn.bench.tasks.passkey import DEFAULT_VOCAB_SIZE, IGNORE_INDEX, PasskeyBatch, make_passkey
-from effattn.bench.train import _lr_at, build_lm
+from effattn.bench.train import build_lm, lr_at
 
 LENGTHS = [2048, 4096, 8192]
 QUICK_LENGTHS = [256, 512]
@@ -135,7 +137,7 @@ def _fit(model, cfg: PasskeyModelConfig, stages: tuple, lr: float, first_step: i
         T, bs = _stage_shape(i, stages, cfg.seed, draw=step)
         batch = make_passkey(bs, T, cfg.num_digits, cfg.vocab_size, seed=cfg.seed + 7919 * step)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(i, steps, lr)
+            g["lr"] = lr_at(i, steps, lr)
         logits = model(batch.inputs.to(device))[0]
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), batch.labels.to(device).reshape(-1), ignore_index=IGNORE_INDEX
@@ -375,26 +377,63 @@ def run_length(
         if full_bytes and row.get("cache_bytes") is not None:
             row["cache_frac"] = row["cache_bytes"] / full_bytes
         rows.append(row)
-        print(_show(row), flush=True)
+        _progress(row)
     return rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The kv suite's options (added to ``effattn bench``)."""
-    p.add_argument(
-        "--cache-dir", type=str, default=None, help="kv suite: trained model cache (default ~/.cache/effattn)"
+    """The kv suite's options."""
+    add_common_arguments(
+        p,
+        "kv",
+        lengths=LENGTHS,
+        quick_lengths=QUICK_LENGTHS,
+        quick="a 5-step model, short contexts, 4 prompts, ratios " + ",".join(map(str, QUICK_RATIOS)),
+        repeats=None,
+        lengths_help="comma-separated context lengths of the passkey prompts",
     )
-    p.add_argument("--policies", type=str, default=None, help="kv suite: comma-separated policies (default all)")
-    p.add_argument("--ratios", type=str, default=None, help="kv suite: comma-separated compression ratios")
-    p.add_argument("--prompts", type=int, default=None, help="kv suite: prompts per context length")
-    p.add_argument("--seed", type=int, default=0, help="kv suite: training and prompt seed")
+    p.add_argument(
+        "--cache-dir",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="where trained model weights are kept and looked up (default: $XDG_CACHE_HOME/effattn or "
+        "~/.cache/effattn)",
+    )
+    p.add_argument(
+        "--policies",
+        type=str,
+        default=None,
+        metavar="A,B,...",
+        help="comma-separated KV policies (default: every registered policy)",
+    )
+    p.add_argument(
+        "--ratios",
+        type=str,
+        default=None,
+        metavar="R1,R2,...",
+        help="comma-separated compression ratios, the fraction of the context removed (default: "
+        + ",".join(map(str, RATIOS))
+        + "; with --quick: "
+        + ",".join(map(str, QUICK_RATIOS))
+        + ")",
+    )
+    p.add_argument(
+        "--prompts", type=int, default=None, metavar="N", help="prompts per context length (default: 16; --quick: 4)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="training and prompt seed (default: %(default)s)")
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effattn"
 
 
-@suite("kv")
+@suite(
+    "kv",
+    add_arguments=add_arguments,
+    summary="passkey retrieval under every KV policy and the quantized cache (a small LM trained here)",
+    description=__doc__,
+)
 def run(args: argparse.Namespace) -> None:
     from effattn.kv import calibrate_duo_attention, list_policies
 
@@ -463,6 +502,7 @@ def run(args: argparse.Namespace) -> None:
         rows += run_length(model, cfg, T, n_prompts, seed, spec, device, decode_tokens)
         done = "" if i == len(lengths) - 1 else f"partial report: lengths {lengths[: i + 1]} of {lengths} done"
         path = _write(args.out, rows, meta, notes + ([done] if done else []), machine)
+    print_table("kv: passkey retrieval per KV policy and compression ratio", rows, TERMINAL_COLUMNS)
     print(f"report: {path}")
 
 
@@ -565,5 +605,24 @@ def write_plot(out: Path, rows: list[dict], machine: dict) -> str | None:
     return "kv_accuracy.png"
 
 
-def _show(r: dict) -> dict:
-    return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}
+# the terminal summary (the report files hold every column)
+TERMINAL_COLUMNS = (
+    Column("T", key_column=True),
+    Column("method", text=True, min_width=12, key_column=True),
+    Column("ratio", key_column=True),
+    Column("accuracy", "acc"),
+    Column("digit_acc", "digit acc"),
+    Column("cache_bytes", "cache B"),
+    Column("cache_frac", "cache frac"),
+    Column("mass_kept", "mass kept"),
+    Column("needle_kept", "needle"),
+    Column("prefill_s", "prefill s"),
+    Column("tok_per_s", "tok/s"),
+    Column("error", text=True),
+)
+
+
+def _progress(r: dict) -> None:
+    """One readable line per row while the suite runs (the table comes at the end)."""
+    parts = [f"{c.title} {format_value(r[c.key])}" for c in TERMINAL_COLUMNS[2:-1] if r.get(c.key) is not None]
+    print(f"T={r['T']} {r['method']}: " + (r.get("error") or ", ".join(parts)), flush=True)

@@ -35,20 +35,21 @@ import argparse
 import inspect
 import math
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from effattn.bench import harness, suite
+from effattn.bench.cli import add_common_arguments
+from effattn.bench.table import Column, print_table
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
 QUICK_LENGTHS = (1024, 4096)
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 CHUNK_SIZE = 64
 GATE_STRENGTH = 0.5
-SLOW_CALL_S = 5.0  # a first call slower than this is the only timing (repeats column: 0)
+SLOW_CALL_S = harness.SLOW_CALL_S  # a first call slower than this is the only timing (repeats column: 0)
 STEP_REPEATS = 20  # one step is microseconds: more repeats for a stable median
 
 
@@ -190,99 +191,45 @@ def _state_bytes(state) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _time_and_memory(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, int | None, int]:
-    """Peak memory of a first call, then the median time of ``repeats`` further calls. A first call
-    slower than ``SLOW_CALL_S`` is the one timing (``n = 0`` further calls): one-time initialisation
-    was done by :func:`_warm_up` at a small size, and at such lengths a call's noise is small."""
-    t0 = time.perf_counter()
-    mem = harness.measure_peak_memory(fn, device=device)
-    harness.sync(device)
-    first = time.perf_counter() - t0
-    if first > SLOW_CALL_S:
-        return first, mem, 0
-    return harness.measure_time(fn, repeats=repeats, warmup=0, device=device), mem, repeats
-
-
-def _mib(x: int | None) -> float | None:
-    return None if x is None else x / 2**20
-
-
-def _fwd_bwd_fns(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]):
-    def fwd():
-        with torch.no_grad():
-            forward()
-
-    def fwd_bwd():
-        o = forward()
-        o.backward(_upstream(o))
-        for x in leaves:
-            x.grad = None
-
-    return fwd, fwd_bwd
-
-
-_UPSTREAM: dict[tuple, torch.Tensor] = {}
-
-
-def _upstream(o: torch.Tensor) -> torch.Tensor:
-    key = (tuple(o.shape), o.dtype, o.device)
-    if key not in _UPSTREAM:
-        _UPSTREAM.clear()
-        _UPSTREAM[key] = torch.randn(o.shape, dtype=o.dtype, device=o.device)
-    return _UPSTREAM[key]
-
-
-def _measure(
-    forward, leaves, repeats: int, device: str, flops: float | None, bwd_factor: float, gemm: float, backward: bool
-):
-    fwd, fwd_bwd = _fwd_bwd_fns(forward, leaves)
-    t_f, m_f, n_f = _time_and_memory(fwd, repeats, device)
-    row = {"fwd_ms": 1e3 * t_f, "fwd_peak_MiB": _mib(m_f), "repeats": f"{n_f}/-"}
-    if flops is not None:
-        row["fwd_GFLOP"] = flops / 1e9
-        row["fwd_eff_%"] = 100 * flops / t_f / gemm
-    if backward:
-        t_fb, m_fb, n_fb = _time_and_memory(fwd_bwd, repeats, device)
-        row.update({"fwd_bwd_ms": 1e3 * t_fb, "fwd_bwd_peak_MiB": _mib(m_fb), "repeats": f"{n_f}/{n_fb}"})
-        if flops is not None:
-            row["fwd_bwd_eff_%"] = 100 * flops * (1 + bwd_factor) / t_fb / gemm
-    return row
-
-
-def _sdpa_row(T: int, repeats: int, device: str, gemm: float, backward: bool = True) -> dict:
+def sdpa_row(T: int, repeats: int, device: str, gemm: float, backward: bool = True) -> dict:
+    """SDPA causal at the suite's sizes: a :func:`effattn.bench.harness.measure_forward_backward` row with
+    the FLOPs of the ``T (T + 1) / 2`` unmasked pairs, backward counted 2.5 x forward."""
     B, H, D = BATCH, HEADS, HEAD_DIM
     q, k, v = (torch.randn(B, T, H, D, device=device) for _ in range(3))
     q, k, v = (x.transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))  # [B, H, T, D]
     flops = harness.attention_flops(B, H, D, D, T * (T + 1) / 2)
-    return _measure(
+    return harness.measure_forward_backward(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         [q, k, v],
-        repeats,
-        device,
-        flops,
-        SDPA_BWD_FACTOR,
-        gemm,
-        backward,
+        repeats=repeats,
+        device=device,
+        flops=flops,
+        bwd_factor=SDPA_BWD_FACTOR,
+        gemm=gemm,
+        backward=backward,
     )
 
 
-def _op_row(op, T: int, repeats: int, device: str, gemm: float, backward: bool = True) -> dict:
+def measure_op(op, T: int, repeats: int, device: str, gemm: float, backward: bool = True) -> dict:
+    """Linear op ``op``'s chunk form at length ``T`` and the suite's sizes (``make_inputs``, gradients of
+    its differentiable inputs): a :func:`effattn.bench.harness.measure_forward_backward` row with the FLOP
+    estimate of :func:`flops_for` (none where unknown), backward counted 2 x forward."""
     call = _Call(op, BATCH, T, device)
     leaves = call.grad_leaves(op.differentiable_args)
     flops_fn = flops_for(op.name)
-    return _measure(
+    return harness.measure_forward_backward(
         lambda: call(op.chunk, chunk_size=CHUNK_SIZE)[0],
         leaves,
-        repeats,
-        device,
-        None if flops_fn is None else flops_fn(op, T),
-        CHUNK_BWD_FACTOR,
-        gemm,
-        backward,
+        repeats=repeats,
+        device=device,
+        flops=None if flops_fn is None else flops_fn(op, T),
+        bwd_factor=CHUNK_BWD_FACTOR,
+        gemm=gemm,
+        backward=backward,
     )
 
 
-def _decode_rows(op, contexts: list[int], device: str) -> list[dict]:
+def decode_rows(op, contexts: list[int], device: str) -> list[dict]:
     """One-token ``step`` time against the states left by chunk runs over each context.
 
     The states are built first, then the steps are timed round-robin over the contexts (one step
@@ -309,7 +256,9 @@ def _decode_rows(op, contexts: list[int], device: str) -> list[dict]:
     return [{"step_us": 1e6 * statistics.median(t), "state_bytes": _state_bytes(st)} for t, st in zip(times, states)]
 
 
-def _sdpa_decode_row(context: int, device: str) -> dict:
+def sdpa_decode_row(context: int, device: str) -> dict:
+    """SDPA of one query against a float32 KV cache of ``context + 1`` tokens: ``step_us`` (median of
+    :data:`STEP_REPEATS`) and ``state_bytes`` (the cache, ``2 B H (T + 1) D x 4``)."""
     B, H, D = BATCH, HEADS, HEAD_DIM
     q = torch.randn(B, H, 1, D, device=device)
     k, v = (torch.randn(B, H, context + 1, D, device=device) for _ in range(2))  # cache incl. the new token
@@ -320,11 +269,11 @@ def _sdpa_decode_row(context: int, device: str) -> dict:
     return {"step_us": 1e6 * t, "state_bytes": 2 * k.numel() * k.element_size()}
 
 
-def _warm_up(ops, device: str) -> None:
+def warm_up(ops, device: str) -> None:
     """One small call of everything first, so one-time initialisation is in no measurement."""
     for op in ops:
-        harness.run_guarded(lambda op=op: (_op_row(op, 256, 1, device, 1.0), _decode_rows(op, [256], device))[0])
-    harness.run_guarded(lambda: _sdpa_row(256, 1, device, 1.0))
+        harness.run_guarded(lambda op=op: (measure_op(op, 256, 1, device, 1.0), decode_rows(op, [256], device))[0])
+    harness.run_guarded(lambda: sdpa_row(256, 1, device, 1.0))
 
 
 def _crossover(rows: list[dict], name: str, lengths: list[int], key: str = "fwd_bwd_ms") -> dict:
@@ -363,7 +312,46 @@ def _lengths(args: argparse.Namespace) -> list[int]:
     return list(QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
 
 
-@suite("linear")
+# the terminal summaries (the report files hold every column)
+TERMINAL_COLUMNS = (
+    Column("method", text=True, min_width=12, key_column=True),
+    Column("T", key_column=True),
+    Column("fwd_ms", "fwd ms"),
+    Column("fwd_bwd_ms", "f+b ms"),
+    Column("fwd_speedup_vs_sdpa", "fwd x"),
+    Column("fwd_bwd_speedup_vs_sdpa", "f+b x"),
+    Column("fwd_peak_MiB", "fwd MiB"),
+    Column("fwd_bwd_peak_MiB", "f+b MiB"),
+    Column("fwd_eff_%", "eff %"),
+    Column("error", text=True),
+)
+DECODE_TERMINAL_COLUMNS = (
+    Column("method", text=True, min_width=12, key_column=True),
+    Column("context", key_column=True),
+    Column("step_us", "step us"),
+    Column("step_vs_shortest", "x shortest"),
+    Column("state_bytes", "state B"),
+    Column("error", text=True),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The linear suite's options."""
+    add_common_arguments(
+        p, "linear", lengths=DEFAULT_LENGTHS, quick_lengths=QUICK_LENGTHS, quick="small sizes: a minute or two"
+    )
+    p.add_argument(
+        "--forward-only", action="store_true", help="skip forward+backward (the crossover then uses forward times)"
+    )
+    p.add_argument("--decode-only", action="store_true", help="only the decode-step report (linear_decode)")
+
+
+@suite(
+    "linear",
+    add_arguments=add_arguments,
+    summary="every linear op against SDPA causal: time, memory, efficiency, crossover, decode",
+    description=__doc__,
+)
 def run(args: argparse.Namespace) -> None:
     from effattn.linear import REGISTRY
 
@@ -375,12 +363,12 @@ def run(args: argparse.Namespace) -> None:
 
     decode_only = getattr(args, "decode_only", False)  # --decode-only: only the linear_decode report
     gemm = None if decode_only else harness.matmul_flops_per_second(device)
-    _warm_up(ops, device)
+    warm_up(ops, device)
 
     rows: list[dict] = []
     for T in [] if decode_only else lengths:
-        for name, measure in [("sdpa_causal", lambda T=T: _sdpa_row(T, args.repeats, device, gemm, backward))] + [
-            (op.name, lambda T=T, op=op: _op_row(op, T, args.repeats, device, gemm, backward)) for op in ops
+        for name, measure in [("sdpa_causal", lambda T=T: sdpa_row(T, args.repeats, device, gemm, backward))] + [
+            (op.name, lambda T=T, op=op: measure_op(op, T, args.repeats, device, gemm, backward)) for op in ops
         ]:
             row = {"method": name, "T": T, **harness.run_guarded(measure)}
             rows.append(row)
@@ -403,11 +391,11 @@ def run(args: argparse.Namespace) -> None:
         row = {
             "method": "sdpa_kv_cache",
             "context": ctx,
-            **harness.run_guarded(lambda c=ctx: _sdpa_decode_row(c, device)),
+            **harness.run_guarded(lambda c=ctx: sdpa_decode_row(c, device)),
         }
         decode.append(row)
     for op in ops:
-        result = harness.run_guarded(lambda op=op: {"rows": _decode_rows(op, lengths, device)})
+        result = harness.run_guarded(lambda op=op: {"rows": decode_rows(op, lengths, device)})
         per_ctx = result.get("rows") or [{"error": result.get("error", "failed")}] * len(lengths)
         decode += [{"method": op.name, "context": ctx, **r} for ctx, r in zip(lengths, per_ctx)]
     for r in decode:
@@ -502,5 +490,8 @@ def run(args: argparse.Namespace) -> None:
             "state_bytes is the cache's size (2 B H (T+1) D x 4 bytes).",
         ],
     )
+    if not decode_only:
+        print_table("linear: chunk forms against SDPA causal (x = speed-up over SDPA)", rows, TERMINAL_COLUMNS)
+    print_table("linear decode: one step against the state of a context", decode, DECODE_TERMINAL_COLUMNS)
     written = "linear_decode.md" if decode_only else "linear.md, linear_crossover.md, linear_decode.md"
     print(f"wrote {path.parent}/{written} (+ .json)", flush=True)

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from effattn.bench import suite
+from effattn.bench.cli import add_common_arguments
 from effattn.bench.harness import command_line, machine_info, measure_time, run_guarded, sync, write_report
+from effattn.bench.table import Column, format_value, print_table
 from effattn.nn import LM, LMConfig, list_mixers
 
 VOCAB = 16384
@@ -88,12 +90,58 @@ def measure_context(model: LM, L: int, n_decode: int, repeats: int, device: str)
     }
 
 
-@suite("models")
+DEFAULT_LENGTHS = (1024, 8192, 32768)
+QUICK_LENGTHS = (256, 1024)
+
+# the terminal summary (the report files hold every column)
+TERMINAL_COLUMNS = (
+    Column("mixer", text=True, min_width=12, key_column=True),
+    Column("params_M", "params M"),
+    Column("L", key_column=True),
+    Column("train_tok_s", "train tok/s"),
+    Column("prefill_s", "prefill s"),
+    Column("decode_tok_s", "decode tok/s"),
+    Column("state_MiB", "state MiB"),
+    Column("error", text=True),
+)
+
+
+def _progress(r: dict) -> None:
+    """One readable line per measured row while the suite runs (the table comes at the end)."""
+    parts = [f"{c.title} {format_value(r[c.key])}" for c in TERMINAL_COLUMNS[1:-1] if r.get(c.key) is not None]
+    print(f"{r['mixer']}: " + (r.get("error") or ", ".join(parts)), flush=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The models suite's options."""
+    add_common_arguments(
+        p,
+        "models",
+        lengths=DEFAULT_LENGTHS,
+        quick_lengths=QUICK_LENGTHS,
+        quick="a smaller model (4 layers) and batch, short contexts",
+        lengths_help="comma-separated context lengths for prefill and decoding",
+    )
+    p.add_argument(
+        "--mixers",
+        type=str,
+        default=None,
+        metavar="A,B,...",
+        help="comma-separated mixers, one model each (default: every registered mixer)",
+    )
+
+
+@suite(
+    "models",
+    add_arguments=add_arguments,
+    summary="a ~20M-parameter LM per mixer: training tokens/s, prefill, decoding, state size",
+    description=__doc__,
+)
 def run(args: argparse.Namespace) -> None:
     lengths = (
         [int(x) for x in args.lengths.split(",")]
         if args.lengths
-        else ([256, 1024] if args.quick else [1024, 8192, 32768])
+        else list(QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
     )
     n_layers = 4 if args.quick else 8
     batch, T_train = (2, 256) if args.quick else (4, 1024)
@@ -109,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
         built = run_guarded(lambda a=cfg_args: {"model": LM(model_config(*a)).to(device)})
         if "error" in built:
             rows.append({"mixer": mixer, **built})
-            print(rows[-1], flush=True)
+            _progress(rows[-1])
             continue
         model = built["model"]
         params = model.num_parameters()
@@ -117,7 +165,7 @@ def run(args: argparse.Namespace) -> None:
         base = {"mixer": mixer, "params_M": params / 1e6}
         train = run_guarded(functools.partial(measure_training, model, batch, T_train, repeats, device))
         rows.append({**base, "L": None, **train})
-        print(rows[-1], flush=True)
+        _progress(rows[-1])
         skip = None
         for L in lengths:
             if skip:
@@ -125,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             r = run_guarded(functools.partial(measure_context, model, L, n_decode, repeats, device))
             rows.append({**base, "L": L, **r})
-            print(rows[-1], flush=True)
+            _progress(rows[-1])
             if "error" in r:
                 skip = f"skipped after the error at L={L}"
             elif r["prefill_s"] > PREFILL_BUDGET_S:
@@ -150,4 +198,5 @@ def run(args: argparse.Namespace) -> None:
     }
     cols = ["mixer", "params_M", "L", "train_tok_s", "prefill_s", "decode_tok_s", "state_MiB", "error"]
     path = write_report(args.out, "models", rows, cols, meta=meta, notes=notes)
+    print_table("models: training, prefill and decoding per mixer (L: context; none: training)", rows, TERMINAL_COLUMNS)
     print(f"report: {path}")

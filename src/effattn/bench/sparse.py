@@ -33,6 +33,7 @@ import torch
 
 import effattn.sparse as sparse
 from effattn.bench import suite
+from effattn.bench.cli import add_common_arguments
 from effattn.bench.harness import (
     attention_flops,
     command_line,
@@ -44,6 +45,7 @@ from effattn.bench.harness import (
     run_guarded,
     write_report,
 )
+from effattn.bench.table import Column, print_table
 from effattn.exact import count_scores
 
 B, H, D = 1, 4, 64
@@ -230,7 +232,7 @@ def _run_length(T: int, args, gemm: float, rows: list[dict], notes: list[str]) -
         _efficiency(r, gemm)
         base[causal] = r
         rows.append(r)
-        print(_show(r), flush=True)
+        _progress(r)
     for name, method in sorted(sparse.REGISTRY.items()):
         for causal in method.causal_modes:
             r = {"T": T, "method": name, "causal": causal, "params": _fmt_params(method.make_params(T))}
@@ -245,7 +247,7 @@ def _run_length(T: int, args, gemm: float, rows: list[dict], notes: list[str]) -
             _speedups(r, base)
             _efficiency(r, gemm)
             rows.append(r)
-            print(_show(r), flush=True)
+            _progress(r)
             mask = box[0] if box else None
             if mask is not None:
                 m = {"T": T, "method": f"sdpa+mask[{name}]", "causal": causal}
@@ -253,12 +255,45 @@ def _run_length(T: int, args, gemm: float, rows: list[dict], notes: list[str]) -
                 m["visible_per_query"] = r.get("visible_per_query")
                 _efficiency(m, gemm)
                 rows.append(m)
-                print(_show(m), flush=True)
+                _progress(m)
             elif method.dense_mask is not None and B * H * T * T > SDPA_MASK_BUDGET_ELEMENTS:
                 notes.append(f"T={T} {name}: SDPA with the dense mask skipped (B*H*T*T > 2^28 elements)")
 
 
-@suite("sparse")
+# the terminal summary (the report files hold every column)
+TERMINAL_COLUMNS = (
+    Column("T", key_column=True),
+    Column("method", text=True, min_width=14, key_column=True),
+    Column("causal", "c", key_column=True),
+    Column("fwdbwd_s", "f+b ms", scale=1e3),
+    Column("fwdbwd_mem_MiB", "f+b MiB"),
+    Column("speedup_vs_causal", "x causal"),
+    Column("speedup_vs_causal_paired", "x paired"),
+    Column("visible_per_query", "keys/q"),
+    Column("fwdbwd_eff", "eff"),
+    Column("mass_random", "mass r"),
+    Column("mass_clustered", "mass c"),
+    Column("remark", text=True),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The sparse suite's options."""
+    add_common_arguments(p, "sparse", lengths=LENGTHS, quick_lengths=QUICK_LENGTHS, quick="small sizes")
+    p.add_argument("--forward-only", action="store_true", help="skip the forward+backward measurements")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="also time SDPA causal back to back with each method (speedup_vs_causal_paired)",
+    )
+
+
+@suite(
+    "sparse",
+    add_arguments=add_arguments,
+    summary="every sparse / content-routed method against SDPA: time, memory, scores, attention mass",
+    description=__doc__,
+)
 def run(args: argparse.Namespace) -> None:
     lengths = (
         [int(x) for x in args.lengths.split(",")] if args.lengths else (QUICK_LENGTHS if args.quick else LENGTHS)
@@ -298,6 +333,12 @@ def run(args: argparse.Namespace) -> None:
         "mass_random", "mass_clustered", "note", "error",
     ]
     path = write_report(args.out, "sparse", rows, cols, meta=meta, notes=notes)
+    shown = [{**r, "causal": "y" if r["causal"] else "n", "remark": r.get("error") or r.get("note")} for r in rows]
+    print_table(
+        "sparse: x = speed-up over SDPA causal; mass r/c = kept on random/clustered inputs",
+        shown,
+        TERMINAL_COLUMNS,
+    )
     print(f"report: {path}")
 
 
@@ -321,5 +362,9 @@ def _fmt_params(p: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items())
 
 
-def _show(r: dict) -> dict:
-    return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}
+def _progress(r: dict) -> None:
+    """One line per measured row while the suite runs (the table comes at the end)."""
+    what = r.get("error") or f"fwd {1e3 * r['fwd_s']:.3g} ms" + (
+        f", fwd+bwd {1e3 * r['fwdbwd_s']:.3g} ms" if r.get("fwdbwd_s") else ""
+    )
+    print(f"T={r['T']} {r['method']} ({'causal' if r['causal'] else 'full'}): {what}", flush=True)

@@ -64,8 +64,15 @@ def _logits(model, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over the first 5% of the steps, constant after it, linear decay in the last 10%."""
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Learning rate at ``step`` of ``steps``: linear warm-up over the first 5% of the steps, constant
+    after it, linear decay in the last 10%.
+
+    Example::
+
+        >>> [round(lr_at(s, 100, 1.0), 2) for s in (0, 4, 50, 95, 99)]
+        [0.2, 1.0, 1.0, 0.5, 0.1]
+    """
     warm, cool = max(1, steps // 20), max(1, steps // 10)
     if step < warm:
         return lr * (step + 1) / warm
@@ -78,7 +85,7 @@ def _train(model, batches, loss_fn, steps: int, lr: float, weight_decay: float) 
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr)
         x, y = batches(step)
         loss = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)

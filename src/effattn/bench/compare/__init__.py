@@ -1,0 +1,173 @@
+"""``python -m effattn compare``: which attention should I use for my length and memory budget?
+
+On the machine at hand, in one run:
+
+1. **speed and memory** — for every registered mechanism (the exact backends ``sdpa``, ``tiled``,
+   ``auto``, ``reference`` on causal attention and the tiled engine on sliding-window attention;
+   every linear op's chunk form from :data:`effattn.linear.REGISTRY`; every sparse method in
+   :data:`effattn.sparse.REGISTRY`) at each length: forward and forward+backward time (median of
+   repeats), peak memory, efficiency against the machine's own GEMM rate, and the time of one decode
+   step with the state or KV cache it needs. The measurements are those of the ``attention`` and
+   ``linear`` benchmark suites (their functions are reused, not rewritten);
+2. **recall** — MQAR (Zoology, Arora et al. 2023): a 2-layer :class:`effattn.nn.LM` per mixer and
+   width is trained on generated data; accuracy at the query positions of a held-out set against
+   the model's state size (KV cache for attention, the recurrent state otherwise);
+3. **reasoning** — ListOps (Long Range Arena, Tay et al. 2021) at a CPU-sized length (the LRA
+   length 500-2000 with ``--full``).
+
+Presets: ``tiny`` (seconds; tests), ``quick`` (default, about 5 minutes on 2 CPU cores),
+``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
+attention and fixed-state mixers at three widths, trained on a mixture of pair counts and tested per
+pair count; about half an hour on one CPU core), ``state`` (the same task at width 64 with head dims
+4-32: the state of linear attention, GLA and DeltaNet spans 16x at one width) and ``full`` (``--full``;
+long: LRA length, 64k tokens).
+A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
+on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
+``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (time and memory vs length,
+recall vs state size).
+"""
+
+# the package: config (sizes, presets, options), speed, recall, listops (the three sections), report
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+
+import torch
+
+from effattn.bench import harness
+from effattn.bench.compare.config import (
+    PRESETS,
+    RECALL_MIXERS,
+    RECALL_TASK,
+    SECTIONS,
+    CompareConfig,
+    add_arguments,
+    config_from_args,
+    guard,
+    heads_for,
+    make_config,
+    pair_counts,
+)
+from effattn.bench.compare.listops import DEFAULT_LISTOPS_MIXERS, run_listops
+from effattn.bench.compare.recall import mixer_names, run_recall
+from effattn.bench.compare.report import (
+    LISTOPS_COLUMNS,
+    RECALL_COLUMNS,
+    SPEED_COLUMNS,
+    SPEED_TERMINAL_COLUMNS,
+    advice,
+    recall_columns,
+    recall_trend,
+    speed_terminal_rows,
+    terminal_columns,
+    write_plots,
+    write_report,
+)
+from effattn.bench.compare.speed import (
+    EXTERNAL_LABELS,
+    SpeedMechanism,
+    external_baselines,
+    external_row,
+    run_speed,
+    speed_mechanisms,
+)
+from effattn.bench.table import print_table
+
+__all__ = [
+    "DEFAULT_LISTOPS_MIXERS",
+    "EXTERNAL_LABELS",
+    "LISTOPS_COLUMNS",
+    "PRESETS",
+    "RECALL_COLUMNS",
+    "RECALL_MIXERS",
+    "RECALL_TASK",
+    "SECTIONS",
+    "SPEED_COLUMNS",
+    "SPEED_TERMINAL_COLUMNS",
+    "CompareConfig",
+    "SpeedMechanism",
+    "add_arguments",
+    "advice",
+    "config_from_args",
+    "external_baselines",
+    "external_row",
+    "guard",
+    "heads_for",
+    "main",
+    "make_config",
+    "mixer_names",
+    "pair_counts",
+    "print_table",
+    "recall_columns",
+    "recall_trend",
+    "run_compare",
+    "run_listops",
+    "run_recall",
+    "run_speed",
+    "speed_mechanisms",
+    "speed_terminal_rows",
+    "terminal_columns",
+    "write_plots",
+    "write_report",
+]
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Run the selected sections, print the tables, write the report folder; returns the results."""
+    unknown = set(cfg.only) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"only: unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    results: dict = {
+        "meta": {
+            "command": harness.command_line(),
+            "machine": harness.machine_info(cfg.device),
+            "config": {k: v for k, v in asdict(cfg).items() if k != "extra_mechanisms"},
+        },
+        "speed": [],
+        "recall": [],
+        "listops": [],
+        "notes": [],
+    }
+    if "speed" in cfg.only:
+        rows, extra, notes = run_speed(cfg)
+        results["speed"], results["notes"] = rows, results["notes"] + notes
+        results["meta"].update(extra)
+        print_table("speed and memory", speed_terminal_rows(rows), SPEED_TERMINAL_COLUMNS)
+    if "recall" in cfg.only:
+
+        def partial_report(rows: list[dict]) -> None:
+            # a long recall run leaves a readable report after every training, not only at its end
+            done = {
+                **results,
+                "recall": rows,
+                "advice": advice(results["speed"], rows, pair_counts(cfg)),
+                "meta": {**results["meta"], "wall_s": time.perf_counter() - t0},
+                "notes": results["notes"] + [f"partial report: {len(rows)} of {n_runs} trainings done"],
+            }
+            write_report(cfg, done)
+
+        n_runs = len(mixer_names(cfg)) * len(cfg.mqar_widths) * len(cfg.mqar_head_dims)
+        results["recall"] = run_recall(cfg, partial_report if n_runs > 1 else None)
+        print_table("recall: MQAR accuracy vs state size", results["recall"], terminal_columns(recall_columns(cfg)))
+    if "listops" in cfg.only:
+        results["listops"] = run_listops(cfg)
+        print_table("reasoning: ListOps", results["listops"], terminal_columns(LISTOPS_COLUMNS))
+    results["advice"] = advice(results["speed"], results["recall"], pair_counts(cfg))
+    results["meta"]["wall_s"] = time.perf_counter() - t0
+    path = write_report(cfg, results)
+    for a in results["advice"]:
+        print(a)
+    print(f"report: {path}", flush=True)
+    return results
+
+
+def main(args: argparse.Namespace) -> None:
+    """``effattn compare`` with the parsed options of :func:`add_arguments`."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    run_compare(config_from_args(args))

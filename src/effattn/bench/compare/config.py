@@ -1,0 +1,312 @@
+"""The sizes of one ``effattn compare`` run: :class:`CompareConfig`, the presets and the command-line options."""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+SECTIONS = ("speed", "recall", "listops")
+
+
+@dataclass
+class CompareConfig:
+    """Sizes of one comparison run (see :data:`PRESETS`)."""
+
+    preset: str = "quick"
+    lengths: tuple[int, ...] = (512, 2048)
+    repeats: int = 3
+    backward: bool = True
+    device: str = "cpu"
+    out: str = "bench_out/compare"
+    only: tuple[str, ...] = SECTIONS
+    mixers: tuple[str, ...] | None = None  # None: every registered mixer
+    # MQAR
+    mqar_widths: tuple[int, ...] = (64,)
+    mqar_head_dims: tuple[int, ...] = (32,)  # heads = width // head_dim; several: one training per head dim
+    # CPU budget: T 16 with 4 pairs (the smallest length Zoology's rule 4 * pairs <= T allows), where a
+    # 2-layer attention LM at width 64 passes 0.9 after ~300 steps (seeds 0-3); --full runs T 256, 32 pairs
+    mqar_seq_len: int = 16
+    mqar_kv_pairs: int | tuple[int, ...] = 4  # several: trained on their mixture, tested per pair count
+    mqar_vocab: int = 32
+    mqar_train: int = 4000
+    mqar_test: int = 256
+    mqar_steps: int = 400
+    mqar_batch: int = 32
+    mqar_lr: float = 1e-3
+    mqar_weight_decay: float = 0.0
+    mqar_random_non_queries: bool = False  # Zoology's default is True (used by --full)
+    # ListOps
+    listops_mixers: tuple[str, ...] | None = None  # None: a small default set (the mixers of recall)
+    listops_dim: int = 64
+    listops_min_len: int = 16
+    listops_max_len: int = 64
+    listops_depth: int = 6
+    listops_train: int = 2000
+    listops_test: int = 256
+    listops_steps: int = 200
+    listops_batch: int = 32
+    listops_lr: float = 1e-3
+    seed: int = 0
+    flex: bool = False  # compiled FlexAttention rows (about a minute of compilation per shape on a CPU)
+    extra_mechanisms: list = field(default_factory=list)  # more SpeedMechanism objects (tests)
+
+
+# attention and fixed-state mixers whose states span ~4 KB to ~400 KB at widths 32-128:
+# GLA < linear attention < DeltaNet < Mamba-2 < Based (attention's KV cache at T=32: 16-64 KB)
+RECALL_MIXERS = ("attention", "gla", "linear_attention", "deltanet", "mamba2", "based")
+
+# the MQAR task and training budget of the recall and state presets
+RECALL_TASK = dict(
+    only=("recall",),
+    mqar_seq_len=32,
+    mqar_kv_pairs=(2, 4, 8),
+    mqar_vocab=34,
+    mqar_train=24000,
+    mqar_test=256,
+    mqar_steps=800,
+    mqar_batch=32,
+    mqar_lr=1e-3,
+)
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        lengths=(64, 128),
+        repeats=1,
+        mqar_widths=(32,),
+        mqar_seq_len=32,
+        mqar_kv_pairs=4,
+        mqar_vocab=64,
+        mqar_train=128,
+        mqar_test=32,
+        mqar_steps=4,
+        mqar_batch=32,
+        listops_dim=32,
+        listops_min_len=8,
+        listops_max_len=32,
+        listops_depth=4,
+        listops_train=64,
+        listops_test=16,
+        listops_steps=3,
+        listops_batch=16,
+    ),
+    "quick": {},
+    # Meant to show Zoology's finding (attention solves MQAR at every width; fixed-state mixers need more
+    # state as the pair count grows) at a size one CPU core trains in about half an hour. Sized by
+    # scratch calibration runs of a 2-layer attention LM on this CPU (docs/results/compare_recall/
+    # calibration): at T=64 (vocabulary 66-128) and at T=32 with vocabulary 64 it stayed at chance
+    # (1 / pairs) for as long as it ran (450-2250 steps); at T=32, 2/4/8 pairs, vocabulary 34, width
+    # 64 left chance within 300 steps. With 16 distinct keys and head dim 32 every mixer's key space can
+    # hold every key, so this preset does not bind the state: see docs/compare.md
+    "recall": dict(RECALL_TASK, mixers=RECALL_MIXERS, mqar_widths=(32, 64, 128)),
+    # The same task at width 64 with head dims 4-32: the state of the mixers whose state is heads x
+    # head_dim^2 (linear attention, GLA, DeltaNet) spans 16x and binds at small head dims, while attention's
+    # KV cache (2 x T x width) stays put. Mamba-2 and Based are left out: their state does not depend on
+    # the head dim (d_state, the feature dimension)
+    "state": dict(
+        RECALL_TASK,
+        mixers=("attention", "gla", "linear_attention", "deltanet"),
+        mqar_widths=(64,),
+        mqar_head_dims=(4, 8, 16, 32),
+    ),
+    "full": dict(
+        lengths=(1024, 4096, 16384, 65536),
+        repeats=3,
+        mqar_widths=(64, 128, 256),
+        mqar_seq_len=256,
+        mqar_kv_pairs=32,
+        mqar_vocab=8192,
+        mqar_lr=1e-3,
+        mqar_train=20000,
+        mqar_test=1000,
+        mqar_steps=3000,
+        mqar_batch=64,
+        mqar_weight_decay=0.1,
+        mqar_random_non_queries=True,
+        listops_dim=128,
+        listops_min_len=500,
+        listops_max_len=2000,
+        listops_depth=10,
+        listops_train=20000,
+        listops_test=1000,
+        listops_steps=5000,
+        flex=True,
+    ),
+}
+
+
+def make_config(preset: str = "quick", **overrides) -> CompareConfig:
+    """The sizes of preset ``preset`` (:data:`PRESETS`) with ``overrides`` (``CompareConfig`` fields).
+
+    Example::
+
+        >>> cfg = make_config("tiny", lengths=(64,))
+        >>> cfg.lengths, cfg.repeats, cfg.only
+        ((64,), 1, ('speed', 'recall', 'listops'))
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return replace(CompareConfig(preset=preset, **PRESETS[preset]), **overrides)
+
+
+def pair_counts(cfg: CompareConfig) -> tuple[int, ...]:
+    """The MQAR pair counts of a run as a tuple (one count or several, trained on their mixture)."""
+    p = cfg.mqar_kv_pairs
+    return (p,) if isinstance(p, int) else tuple(p)
+
+
+def heads_for(dim: int, head_dim: int = 32) -> int:
+    """Heads of a model of width ``dim`` at ``head_dim`` per head (at least one)."""
+    return max(1, dim // head_dim)
+
+
+def guard(fn: Callable[[], dict]) -> dict:
+    """Run one measurement or training; any exception becomes an ``error`` entry with its ``traceback``
+    (the run goes on: a failing mechanism is a result, not a crash)."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failing mechanism is a result, not a crash
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        return {"error": f"{type(e).__name__}: {msg}", "traceback": traceback.format_exc(limit=3)}
+
+
+def _preset_values(key: str) -> str:
+    """``quick 512,2048; tiny 64,128; ...``: a config field's value in each preset that sets it."""
+    parts = []
+    for name in ("quick", "tiny", "recall", "state", "full"):
+        value = PRESETS[name].get(key, getattr(CompareConfig, key) if name == "quick" else None)
+        if value is not None:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            parts.append(f"{name} {shown}")
+    return "; ".join(parts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``effattn compare`` (a preset sets the sizes; each option overrides one of them)."""
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="quick",
+        help="sizes of the run: tiny (seconds), quick (about 5 minutes on 2 CPU cores), recall and state (the "
+        "recall section alone, 10-35 minutes on one core), full (hours) (default: %(default)s)",
+    )
+    p.add_argument("--full", action="store_true", help="same as --preset full: T up to 64k, LRA-length ListOps")
+    p.add_argument(
+        "--only",
+        type=str,
+        default=None,
+        metavar="A,B",
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all three; "
+        "presets recall and state: recall)",
+    )
+    p.add_argument(
+        "--lengths",
+        type=str,
+        default=None,
+        metavar="T1,T2,...",
+        help=f"comma-separated sequence lengths of the speed section (default: the preset's: "
+        f"{_preset_values('lengths')})",
+    )
+    p.add_argument(
+        "--mixers",
+        type=str,
+        default=None,
+        metavar="A,B,...",
+        help="comma-separated mixers to train for recall (and ListOps) (default: every registered mixer; "
+        "presets recall and state: their own set)",
+    )
+    p.add_argument(
+        "--device",
+        type=str,
+        default="cpu",
+        help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed runs per speed measurement after a warm-up; the median is reported (default: the preset's: "
+        f"{_preset_values('repeats')})",
+    )
+    p.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")
+    p.add_argument(
+        "--out",
+        type=str,
+        default="bench_out/compare",
+        metavar="DIR",
+        help="report folder: report.md, results.json and PNG plots are written there (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every training and input (default: %(default)s)")
+    p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
+    p.add_argument(
+        "--widths",
+        type=str,
+        default=None,
+        metavar="D1,D2,...",
+        help=f"recall: comma-separated model widths (default: the preset's: {_preset_values('mqar_widths')})",
+    )
+    p.add_argument(
+        "--head-dims",
+        type=str,
+        default=None,
+        metavar="D1,D2,...",
+        help="recall: comma-separated head dims, heads = width / head dim (default: the preset's: "
+        f"{_preset_values('mqar_head_dims')})",
+    )
+    p.add_argument(
+        "--kv-pairs",
+        type=str,
+        default=None,
+        metavar="N1,N2,...",
+        help="recall: comma-separated MQAR pair counts; several train on their mixture and are tested one by one "
+        f"(default: the preset's: {_preset_values('mqar_kv_pairs')})",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch.set_num_threads for the run (default: torch's own choice)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """The :class:`CompareConfig` of parsed options: the preset's sizes with the options given (bad values exit)."""
+    preset = "full" if args.full else args.preset
+    over: dict = {"device": args.device, "out": args.out, "seed": args.seed, "backward": not args.forward_only}
+    if args.only:
+        over["only"] = tuple(s.strip() for s in args.only.split(",") if s.strip())
+        bad = set(over["only"]) - set(SECTIONS)
+        if bad:
+            raise SystemExit(f"--only: unknown sections {sorted(bad)}; choose from {','.join(SECTIONS)}")
+    if args.lengths:
+        try:
+            over["lengths"] = tuple(sorted({int(x) for x in args.lengths.split(",") if x.strip()}))
+        except ValueError:
+            raise SystemExit(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+        if not over["lengths"] or over["lengths"][0] < 1:
+            raise SystemExit(f"--lengths must be positive integers, got {args.lengths!r}")
+    if args.mixers:
+        over["mixers"] = tuple(s.strip() for s in args.mixers.split(",") if s.strip())
+    if args.repeats is not None:
+        over["repeats"] = args.repeats
+    if getattr(args, "flex", False):
+        over["flex"] = True
+    for flag, key in (("widths", "mqar_widths"), ("head_dims", "mqar_head_dims"), ("kv_pairs", "mqar_kv_pairs")):
+        text = getattr(args, flag, None)
+        if text:
+            try:
+                vals = tuple(int(x) for x in text.split(",") if x.strip())
+            except ValueError:
+                raise SystemExit(f"--{flag.replace('_', '-')} must be comma-separated integers, got {text!r}") from None
+            if not vals or min(vals) < 1 or len(set(vals)) != len(vals):
+                raise SystemExit(f"--{flag.replace('_', '-')} must be distinct positive integers, got {text!r}")
+            over[key] = vals
+    cfg = make_config(preset, **over)
+    if isinstance(cfg.mqar_kv_pairs, tuple) and len(cfg.mqar_kv_pairs) == 1:
+        cfg = replace(cfg, mqar_kv_pairs=cfg.mqar_kv_pairs[0])
+    return cfg

@@ -1,0 +1,319 @@
+"""The report of ``effattn compare``: tables, the short answer read off the measurements, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from effattn.bench import harness
+from effattn.bench.compare.config import CompareConfig, pair_counts
+from effattn.bench.table import Column
+
+SPEED_COLUMNS = (
+    "family",
+    "mechanism",
+    "T",
+    "fwd_ms",
+    "fwd_bwd_ms",
+    "fwd_MiB",
+    "fwd_bwd_MiB",
+    "eff_%",
+    "step_us",
+    "state_bytes",
+    "note",
+    "error",
+)
+RECALL_COLUMNS = ("mixer", "dim", "head_dim", "state_bytes", "params", "accuracy", "train_s", "final_loss", "error")
+
+
+def recall_columns(cfg: CompareConfig) -> tuple[str, ...]:
+    """The recall table's columns: one accuracy per pair count where the run has several."""
+    pairs = pair_counts(cfg)
+    if len(pairs) == 1:
+        return RECALL_COLUMNS
+    return RECALL_COLUMNS[:5] + tuple(f"acc@{p}" for p in pairs) + ("accuracy",) + RECALL_COLUMNS[6:]
+
+
+def _shape(r: dict) -> str:
+    """``dim=64 head_dim=8`` (reports made before head dims were swept have no ``head_dim``)."""
+    return f"dim={r['dim']}" + (f" head_dim={r['head_dim']}" if r.get("head_dim") else "")
+
+
+def recall_trend(recall: list[dict], pairs: Sequence[int], threshold: float = 0.9) -> list[str]:
+    """Per pair count, which mixers reach ``threshold`` accuracy and at which smallest width and
+    state: the reading of Zoology's finding off the measurements."""
+    lines = []
+    mixers = sorted({r["mixer"] for r in recall if r.get("accuracy") is not None})
+    for p in pairs:
+        key = f"acc@{p}" if len(pairs) > 1 else "accuracy"
+        parts = []
+        for m in mixers:
+            ok = [r for r in recall if r["mixer"] == m and r.get(key) is not None and r[key] >= threshold]
+            if ok:
+                r = min(ok, key=lambda r: (r["state_bytes"], r["dim"]))
+                parts.append(f"{m} from {_shape(r)} ({r['state_bytes']} B)")
+            else:
+                best = max((r[key] for r in recall if r["mixer"] == m and r.get(key) is not None), default=None)
+                parts.append(f"{m} never (best {best:.2f})" if best is not None else f"{m} never")
+        lines.append(f"MQAR {p} pairs, accuracy >= {threshold}: " + "; ".join(parts))
+    return lines
+
+
+LISTOPS_COLUMNS = ("mixer", "dim", "params", "accuracy", "majority", "train_s", "final_loss", "error")
+
+# the terminal summaries (the report holds every column): short headers, note and error of a speed row in
+# one text column, long text cut to fit 80-100 columns
+SPEED_TERMINAL_COLUMNS = (
+    Column("family", text=True, min_width=6, key_column=True),
+    Column("mechanism", text=True, min_width=15, key_column=True),
+    Column("T", key_column=True),
+    Column("fwd_ms", "fwd ms"),
+    Column("fwd_bwd_ms", "f+b ms"),
+    Column("fwd_MiB", "fwd MiB"),
+    Column("fwd_bwd_MiB", "f+b MiB"),
+    Column("eff_%", "eff%"),
+    Column("step_us", "step us"),
+    Column("state_bytes", "state KiB", scale=1 / 1024),
+    Column("remark", text=True),
+)
+_SHORT = {"head_dim": "hd", "state_bytes": "state B", "accuracy": "acc", "train_s": "train s", "final_loss": "loss"}
+
+
+def terminal_columns(columns: Sequence[str]) -> tuple[Column, ...]:
+    """The terminal form of a recall or ListOps table's columns: short headers, the text columns cut to fit."""
+    text = {"mixer": 12, "error": 8}  # text columns and their minimum widths
+    keys = ("mixer", "dim", "head_dim")  # what names a row
+    return tuple(
+        Column(c, text=True, min_width=text[c], key_column=c in keys)
+        if c in text
+        else Column(c, _SHORT.get(c, c), key_column=c in keys)
+        for c in columns
+    )
+
+
+def speed_terminal_rows(rows: Sequence[dict]) -> list[dict]:
+    """Speed rows with their ``note`` and ``error`` in one ``remark`` (the error where there is one)."""
+    return [{**r, "remark": r.get("error") or r.get("note")} for r in rows]
+
+
+def advice(speed: list[dict], recall: list[dict], pairs: Sequence[int] = ()) -> list[str]:
+    """Short answers read off the measurements: per length the fastest and the leanest mechanism,
+    the smallest state that reached the best recall and, with several MQAR pair counts
+    (``pairs``), per pair count which mixers reach 0.9 and from which width."""
+    lines = []
+    key = "fwd_bwd_ms" if any("fwd_bwd_ms" in r for r in speed) else "fwd_ms"
+    for T in sorted({r["T"] for r in speed}):
+        ok = [r for r in speed if r["T"] == T and r.get(key) is not None and "error" not in r]
+        if not ok:
+            continue
+        fast = min(ok, key=lambda r: r[key])
+        line = f"T={T}: fastest {key.replace('_ms', '')} is {fast['mechanism']} ({fast['family']}, {fast[key]:.3g} ms)"
+        mem = [r for r in ok if r.get("fwd_bwd_MiB" if key == "fwd_bwd_ms" else "fwd_MiB") is not None]
+        if mem:
+            mk = "fwd_bwd_MiB" if key == "fwd_bwd_ms" else "fwd_MiB"
+            low = min(r[mk] for r in mem)
+            lean = [r["mechanism"] for r in mem if r[mk] <= low + 1e-9]
+            more = f" and {len(lean) - 3} more" if len(lean) > 3 else ""
+            line += f"; least peak memory: {', '.join(lean[:3])}{more} ({low:.3g} MiB)"
+        dec = [r for r in ok if r.get("state_bytes")]
+        if dec:
+            small = min(dec, key=lambda r: r["state_bytes"])
+            line += f"; smallest decode state: {small['mechanism']} ({small['state_bytes']} B)"
+        lines.append(line)
+    good = [r for r in recall if r.get("accuracy") is not None]
+    if good:
+        best = max(r["accuracy"] for r in good)
+        near = [r for r in good if r["accuracy"] >= best - 0.05 and r.get("state_bytes") is not None]
+        if best < 0.5:
+            lines.append(f"MQAR: best accuracy {best:.3f}: no mixer learned the task at this budget (train longer)")
+        elif near:
+            r = min(near, key=lambda r: r["state_bytes"])
+            lines.append(
+                f"MQAR: best accuracy {best:.3f}; the smallest state within 0.05 of it is {r['mixer']} "
+                f"{_shape(r)} ({r['state_bytes']} B, accuracy {r['accuracy']:.3f})"
+            )
+    if len(pairs) > 1 and good:
+        lines += recall_trend(recall, pairs)
+    return lines
+
+
+def _plot_label(machine: dict) -> str:
+    """The machine line under every plot's title."""
+    hw = machine.get("gpu") or machine.get("cpu_model") or machine.get("processor", "")
+    return (
+        f"{hw} | torch {machine.get('torch')} | python {machine.get('python')} | {machine.get('torch_threads')} threads"
+    )
+
+
+def write_plots(
+    out: Path, speed: list[dict], recall: list[dict], machine: dict, pairs: Sequence[int] = ()
+) -> tuple[list[str], list[str]]:
+    """PNG plots (matplotlib, Agg); returns (files written, notes)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], ["matplotlib is not installed (pip install 'effattn[bench]'): no plots"]
+    files = []
+    label = _plot_label(machine)
+
+    def series(key):
+        by = {}
+        for r in speed:
+            if r.get(key) is not None and "error" not in r:
+                by.setdefault(f"{r['family']}: {r['mechanism']}", []).append((r["T"], r[key]))
+        return by
+
+    for fname, key, ylabel in (
+        ("time_vs_length.png", "fwd_bwd_ms" if any("fwd_bwd_ms" in r for r in speed) else "fwd_ms", "time (ms)"),
+        ("memory_vs_length.png", "fwd_MiB", "forward peak memory (MiB)"),
+    ):
+        by = series(key)
+        if not by:
+            continue
+        fig, ax = plt.subplots(figsize=(12, 6.5))
+        colors = plt.get_cmap("tab20").colors
+        for i, (name, pts) in enumerate(sorted(by.items())):
+            pts.sort()
+            style = "-" if name.startswith("exact") else "--" if name.startswith("linear") else ":"
+            ax.plot(
+                [p[0] for p in pts],
+                [max(p[1], 1e-6) for p in pts],
+                style,
+                marker="os^Dv"[i // len(colors) % 5],
+                color=colors[i % len(colors)],
+                label=name,
+                linewidth=1.2,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(f"{ylabel} [{key}]")
+        ax.set_title(f"effattn compare: {key} vs length\n{label}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+
+    pts = [r for r in recall if r.get("accuracy") is not None and r.get("state_bytes")]
+    # one panel per pair count where the run has several (Zoology's figure), else one panel
+    panels = [(f"acc@{p}", f"{p} key-value pairs") for p in pairs] if len(pairs) > 1 else [("accuracy", "")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 4.6 * len(panels)), 5.5), sharey=True, squeeze=False)
+    names = sorted({r["mixer"] for r in pts})
+    # points are labelled with what the run varies: the width, the head dim, or both ("64/8")
+    vary_dim, vary_hd = len({r["dim"] for r in pts}) > 1, len({r.get("head_dim") for r in pts}) > 1
+
+    def point_label(r: dict) -> str:
+        return "/".join([str(r["dim"])] * vary_dim + [str(r.get("head_dim"))] * vary_hd)
+
+    for ax, (key, sub) in zip(axes[0], panels):
+        for i, name in enumerate(names):
+            rs = sorted(
+                (r for r in pts if r["mixer"] == name and r.get(key) is not None), key=lambda r: r["state_bytes"]
+            )
+            ax.plot(
+                [r["state_bytes"] for r in rs],
+                [r[key] for r in rs],
+                marker="os^Dv<>p"[i % 8],
+                label=name,
+            )
+            if len(panels) > 1 and (vary_dim or vary_hd):
+                for r in rs:
+                    xy = (r["state_bytes"], r[key])
+                    ax.annotate(point_label(r), xy, fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
+        ax.set_ylim(-0.02, 1.02)
+        if sub:
+            ax.set_title(sub, fontsize=9)
+        if len(panels) > 1:
+            ax.axhline(0.9, color="gray", linewidth=0.6, linestyle=":")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("MQAR accuracy at query positions")
+    what = " / ".join(["model width"] * vary_dim + ["head dim"] * vary_hd)
+    what = f"; points labelled with the {what}" if len(panels) > 1 and what else ""
+    fig.suptitle(f"effattn compare: recall vs state size{what}\n{label}", fontsize=9)
+    if pts:
+        axes[0][-1].legend(fontsize=7)
+    else:
+        axes[0][0].text(0.5, 0.5, "no successful MQAR run", ha="center", transform=axes[0][0].transAxes)
+    fig.tight_layout()
+    fig.savefig(out / "recall_vs_state.png", dpi=110)
+    plt.close(fig)
+    files.append("recall_vs_state.png")
+    return files, []
+
+
+def write_report(cfg: CompareConfig, results: dict) -> Path:
+    """``report.md``, ``results.json`` and the plots of ``results`` in ``cfg.out``; returns the report's path."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = results["meta"]["machine"]
+    plots, plot_notes = write_plots(out, results["speed"], results["recall"], machine, pair_counts(cfg))
+    results["plots"] = plots
+    results["notes"] += plot_notes
+    payload = {k: v for k, v in results.items()}
+    for sec in ("speed", "recall", "listops"):
+        payload[sec] = [{k: v for k, v in r.items() if k != "traceback"} for r in results[sec]]
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    meta = results["meta"]
+    md = [
+        "# effattn compare: which attention for my length and memory budget?",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Preset: {cfg.preset}; sections: {', '.join(cfg.only)}; wall time {meta.get('wall_s', 0):.0f} s  ",
+        "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()),
+        "",
+    ]
+    if results["advice"]:
+        md += ["## Short answer", ""] + [f"- {a}" for a in results["advice"]] + [""]
+    if "speed" in cfg.only:
+        md += ["## Speed and memory", "", harness.format_markdown_table(payload["speed"], SPEED_COLUMNS), ""]
+        md += [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots if p != "recall_vs_state.png"] + [""]
+    if "recall" in cfg.only:
+        pairs = pair_counts(cfg)
+        if len(pairs) == 1:
+            task = f"{pairs[0]} key-value pairs"
+            acc = f"accuracy on {cfg.mqar_test} held-out examples at the query positions"
+        else:
+            task = (
+                f"trained on an even mixture of {', '.join(map(str, pairs))} key-value pairs "
+                f"({cfg.mqar_train} examples)"
+            )
+            acc = (
+                f"acc@n: accuracy at the query positions of {cfg.mqar_test} held-out examples with n pairs; "
+                "accuracy: their mean"
+            )
+        md += [
+            "## Recall: MQAR (Zoology)",
+            "",
+            f"2-layer LM per mixer, width and head dim (heads = width / head_dim, head_dim in "
+            f"{', '.join(map(str, cfg.mqar_head_dims))}); T={cfg.mqar_seq_len}, {task}, "
+            f"vocab {cfg.mqar_vocab}, random_non_queries={cfg.mqar_random_non_queries}, {cfg.mqar_steps} AdamW "
+            f"steps of batch {cfg.mqar_batch} (lr {cfg.mqar_lr:g}, weight decay {cfg.mqar_weight_decay:g}, one "
+            f"seed, no learning-rate sweep); {acc}; state_bytes = LM.state_size(1, T).",
+            "",
+            harness.format_markdown_table(payload["recall"], recall_columns(cfg)),
+            "",
+            "![recall vs state size](recall_vs_state.png)" if "recall_vs_state.png" in plots else "",
+            "",
+        ]
+    if "listops" in cfg.only:
+        md += [
+            "## Reasoning: ListOps (LRA)",
+            "",
+            f"Length {cfg.listops_min_len}-{cfg.listops_max_len}, depth <= {cfg.listops_depth}, "
+            f"{cfg.listops_steps} steps of batch {cfg.listops_batch}; accuracy over 10 classes on "
+            f"{cfg.listops_test} held-out examples (majority = the most frequent test label's share).",
+            "",
+            harness.format_markdown_table(payload["listops"], LISTOPS_COLUMNS),
+            "",
+        ]
+    md += ["## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.md"
