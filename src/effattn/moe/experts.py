@@ -87,7 +87,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, impl:
         if y.requires_grad:
             y.register_hook(_contiguous_grad)
         return y
-    parts = [xe @ w[e] for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
+    # unbind, not w[e]: the backward of one w[e] is a zero tensor of w's full size per expert (O(E^2) traffic)
+    ws = w.unbind(0)
+    parts = [xe @ ws[e] for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[2])
 
 
