@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 import effattn  # noqa: E402
 import effattn.hf as ehf  # noqa: E402
-from effattn.hf.attention import HFMask, _attend_compressed  # noqa: E402
+from effattn.hf import CompressedInputs  # noqa: E402
+from effattn.hf.attention import HFMask, attend_compressed  # noqa: E402
 from effattn.kv import CompressedKVCache, make_policy  # noqa: E402
 from tests.helpers import assert_fp32_close  # noqa: E402
 
@@ -350,7 +351,7 @@ def test_attend_compressed_masks_per_head():
     key_mask = torch.ones(B, Hkv, T, dtype=torch.bool)
     key_mask[0, 1, :4] = False
     key_mask[1, 0, :2] = False
-    o = _attend_compressed(q, (k, v, key_mask, None, None), None, None, None, "auto", None, None)
+    o = attend_compressed(q, CompressedInputs(k, v, key_mask), None, None, None, "auto", None, None)
     for b in range(B):
         for h in range(Hkv * G):
             kh = h // G

@@ -13,26 +13,16 @@ from effattn.kv import (
     POLICIES,
     CompressedKVCache,
     Policy,
-    calibrate_duo_attention,
     list_policies,
     make_policy,
 )
 from effattn.kv.policy import split_budget
-from effattn.nn import LM, Attention, LMConfig
+from effattn.nn import LM, Attention, LMConfig, calibrate_duo_attention
 
-ALL = [
-    "streaming_llm",
-    "h2o",
-    "a2sf",
-    "tova",
-    "knorm",
-    "snapkv",
-    "pyramidkv",
-    "cake",
-    "duo_attention",
-]
-EVICTS_ON_DECODE = {"streaming_llm", "h2o", "a2sf", "tova", "duo_attention"}
-MODULES = ["policy", "compressed", *[n for n in ALL if n != "duo_attention"], "duo_attention"]
+# every registered policy (the registry imports the modules of effattn.kv); each is tested below
+ALL = POLICIES.names()
+EVICTS_ON_DECODE = {name for name, cls in POLICIES.items() if cls.evicts_on_decode}
+MODULES = ["policy", "compressed", *sorted({POLICIES.get(n).__module__.rsplit(".", 1)[1] for n in ALL})]
 
 
 def _kw(name: str, layers: int = 2, heads: int = 2) -> dict:
@@ -77,6 +67,10 @@ def _kept(cache, layer=0, head=0, row=0):
 
 def test_registry_lists_every_policy():
     assert list_policies() == sorted(ALL)
+    # the nine methods of the docs are registered (a new one only adds to the list)
+    known = {"streaming_llm", "h2o", "a2sf", "tova", "knorm", "snapkv", "pyramidkv", "cake", "duo_attention"}
+    assert known <= set(ALL)
+    assert EVICTS_ON_DECODE & known == {"streaming_llm", "h2o", "a2sf", "tova", "duo_attention"}
     for name in ALL:
         p = make_policy(name, budget=8, **_kw(name))
         assert isinstance(p, Policy) and p.name == name and isinstance(p, POLICIES[name])

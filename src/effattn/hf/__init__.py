@@ -10,13 +10,25 @@ version raises ``ImportError`` naming what is missing. ``import effattn`` never 
 """
 
 from effattn.hf._compat import SUPPORTED, TESTED_VERSION
-from effattn.hf.attention import HFMask, effattn_mask, is_effattn, make_attention_function, register, registered
+from effattn.hf._handshake import CompressedInputs, PendingUpdate
+from effattn.hf.attention import (
+    HFMask,
+    attend_compressed,
+    effattn_mask,
+    is_effattn,
+    make_attention_function,
+    register,
+    registered,
+)
 from effattn.hf.cache import CompressedCache, CompressedLayer, check_model
 
 __all__ = [
     "SUPPORTED",
     "CompressedCache",
     "CompressedLayer",
+    "CompressedInputs",
+    "PendingUpdate",
+    "attend_compressed",
     "check_model",
     "TESTED_VERSION",
     "HFMask",

@@ -32,7 +32,6 @@ weights, as SDPA does), flex ``BlockMask`` masks.
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +41,17 @@ import torch
 from effattn.exact import BACKENDS, attention
 from effattn.exact.masks import check_mod_signature
 from effattn.hf import _compat  # noqa: F401  (checks the transformers version)
+from effattn.hf._handshake import HANDSHAKE, CompressedInputs
 
-__all__ = ["HFMask", "effattn_mask", "is_effattn", "make_attention_function", "register", "registered"]
+__all__ = [
+    "HFMask",
+    "attend_compressed",
+    "effattn_mask",
+    "is_effattn",
+    "make_attention_function",
+    "register",
+    "registered",
+]
 
 # Names transformers itself owns: registering effattn under one of them would hijack it.
 _RESERVED = {
@@ -57,11 +65,6 @@ _RESERVED = {
 }
 _REGISTERED: dict[str, dict] = {}
 _warned_dense = False
-
-# The last CompressedCache.update, so that the attention call that consumes its output can find
-# the cache (HF passes attention the tensors update returned, not the cache). Set by
-# effattn.hf.cache; one slot per thread.
-_pending = threading.local()
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise
@@ -258,12 +261,11 @@ def make_attention_function(
     ) -> tuple[torch.Tensor, None]:
         _check_unsupported(module, dropout, position_bias, kwargs)
         q = query.transpose(1, 2)  # [B, T, H, D]: the one layout change at the boundary
-        item = getattr(_pending, "item", None)
-        if item is not None and item[2] is key:
-            _pending.item = None
+        pending = HANDSHAKE.take(key)  # keys a CompressedCache.update returned (effattn.hf._handshake)
+        if pending is not None:
             need_pos = mask_mod is not None or score_mod is not None
-            inputs = item[0]._attention_inputs(item[1], q, attention_mask, module, scaling, need_pos)
-            o = _attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod)
+            inputs = pending.resolve(q, attention_mask, module, scaling, need_pos)
+            o = attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod)
             return o, None
 
         k, v = key.transpose(1, 2), value.transpose(1, 2)
@@ -339,11 +341,23 @@ def _chain(fns):
     return sm
 
 
-def _attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod):
-    """Attention of the new queries over a :class:`~effattn.hf.CompressedCache` layer: the kept
-    keys (left-padded per head, ``key_mask`` False at padding) followed by the new tokens in the
-    last slots, so bottom-right causal is right among the new ones."""
-    k, v, key_mask, positions, q_positions = inputs  # k/v [B, T, H_kv, D], key_mask/positions [B, H_kv, T]
+def attend_compressed(
+    q: torch.Tensor,
+    inputs: CompressedInputs,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    backend: str = "auto",
+    mask_mod: Callable | None = None,
+    score_mod: Callable | None = None,
+) -> torch.Tensor:
+    """Attention of the new queries ``q [B, t, H_q, D]`` over a :class:`~effattn.hf.CompressedCache`
+    layer (``inputs``, from :class:`effattn.hf._handshake.CompressedInputs`): the kept keys (left-padded
+    per head, ``key_mask`` False at padding) followed by the new tokens in the last slots, so
+    bottom-right causal is right among the new ones. ``mask_mod``/``score_mod`` see original
+    positions (``inputs.positions``, ``inputs.query_positions``)."""
+    k, v, key_mask = inputs.k, inputs.v, inputs.key_mask  # k/v [B, T, H_kv, D], key_mask [B, H_kv, T]
+    positions, q_positions = inputs.positions, inputs.query_positions
     G = q.shape[2] // k.shape[2]
     masks = []
     if key_mask is not None:

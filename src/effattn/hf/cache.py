@@ -10,11 +10,13 @@ Usage::
 How the queries reach the policy. Scoring policies (H2O, SnapKV, TOVA, ...) need the new
 tokens' RoPE'd queries. kvpress recomputes them in forward hooks on the attention modules
 (``q_proj`` + RoPE from the hidden states), which ties it to a list of model classes. Here the
-registered effattn attention function already receives them, so the cache works in two steps:
-``Cache.update(k, v, layer_idx)`` only records the new keys/values and returns them; the
-attention call that consumes exactly those tensors (the same objects) hands the queries to
-:meth:`effattn.kv.CompressedKVCache.update`, which appends, scores, evicts, and returns what
-these queries attend to (every kept token plus the new ones, as H2O and kvpress do). So any
+registered effattn attention function already receives them, so the cache works in two steps,
+through one explicit object (:mod:`effattn.hf._handshake`): ``Cache.update(k, v, layer_idx)`` only
+records the new keys/values, posts a ``PendingUpdate`` and returns them; the attention call that
+consumes exactly those tensors (the same objects) takes it and resolves it with the queries: the
+layer's :class:`effattn.kv.CompressedLayerCache` (the per-layer cache protocol) appends, scores,
+evicts, and returns what these queries attend to (every kept token plus the new ones, as H2O and
+kvpress do), as ``CompressedInputs``. So any
 decoder whose attention module calls ``cache.update`` and then the attention interface works
 (Llama, Mistral, Qwen2/3, ...), with no per-model code -- but only with an effattn
 ``attn_implementation``: an update whose keys no effattn attention consumed raises at the next
@@ -46,10 +48,13 @@ a padded batch, beam search / assisted decoding (``reorder_cache``, ``crop``, ba
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from effattn.hf import attention as _attn
+from effattn.hf._handshake import HANDSHAKE, CompressedInputs, PendingUpdate
+from effattn.hf.attention import HFMask, is_effattn
 from effattn.kv import CompressedKVCache, Policy, make_policy
 
 __all__ = ["CompressedCache", "check_model"]
@@ -103,7 +108,7 @@ def check_model(model_or_config) -> None:
                 f"layer; {name} has them for layers {sorted(attn)} of {n}"
             )
         impl = getattr(config, "_attn_implementation", None)
-        if not _attn.is_effattn(impl):
+        if not is_effattn(impl):
             raise ValueError(
                 f"CompressedCache needs an effattn attn_implementation (effattn.hf.register(), then "
                 f"from_config(..., attn_implementation='effattn')); the model runs {impl!r}"
@@ -190,7 +195,7 @@ class CompressedCache(Cache):
         self.kv: CompressedKVCache | None = None  # one cache for the batch (no padding)
         self.rows: list[CompressedKVCache] | None = None  # one per row (a left-padded batch)
         self._row_seen: list[int] = []  # rows mode: HF positions per layer (padding included)
-        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._pending: PendingUpdate | None = None  # the last update, until its attention call takes it
         if model is not None:
             check_model(model)
 
@@ -200,10 +205,9 @@ class CompressedCache(Cache):
     # ------------------------------------------------------------------ HF's Cache API
     def _check_consumed(self) -> None:
         if self._pending is not None:
-            layer = self._pending[0]
-            self._pending = None
-            _attn._pending.item = None
-            raise RuntimeError(_NOT_CONSUMED.format(layer=layer))
+            pending, self._pending = self._pending, None
+            HANDSHAKE.discard(pending)
+            raise RuntimeError(_NOT_CONSUMED.format(layer=pending.layer_idx))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Record the new ``[B, H_kv, t, D]`` keys/values of ``layer_idx`` and return them; the
@@ -218,25 +222,29 @@ class CompressedCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(self, len(self.layers)))
         self.layers[layer_idx].is_initialized = True
-        self._pending = (layer_idx, key_states, value_states)
-        _attn._pending.item = (self, layer_idx, key_states)
+        self._pending = PendingUpdate(
+            layer_idx, key_states, value_states, functools.partial(self._resolve, layer_idx)
+        )
+        HANDSHAKE.post(self._pending)
         return key_states, value_states
 
-    def _attention_inputs(self, layer_idx: int, q: torch.Tensor, attention_mask, module, scaling, need_positions):
-        """Called by the effattn attention function with the new queries ``[B, t, H_q, D]``: run
-        the policy update; return ``(k, v, key_mask, positions, query_positions)`` in effattn's
-        layout (positions ``[B, H_kv, T]`` of every key slot, -1 at padding, only when
-        ``need_positions``)."""
+    def _resolve(
+        self, layer_idx: int, q: torch.Tensor, attention_mask, module, scaling, need_positions: bool
+    ) -> CompressedInputs:
+        """:meth:`PendingUpdate.resolve <effattn.hf._handshake.PendingUpdate>` of the last update,
+        called by the effattn attention function with the new queries ``[B, t, H_q, D]``: run the
+        policy update and return what they attend to in effattn's layout (positions ``[B, H_kv, T]``
+        of every key slot, -1 at padding, only when ``need_positions``)."""
         pending, self._pending = self._pending, None
-        if pending is None or pending[0] != layer_idx:
+        if pending is None or pending.layer_idx != layer_idx:
             raise RuntimeError(f"CompressedCache: attention for layer {layer_idx} without a matching update")
-        _, k_new, v_new = pending
+        k_new, v_new = pending.key, pending.value
         if self.kv is None and self.rows is None:
             config = getattr(module, "config", None)
             if config is None:
                 raise ValueError("CompressedCache: the attention module has no config to read the layer count from")
             check_model(config)
-        if isinstance(attention_mask, _attn.HFMask):
+        if isinstance(attention_mask, HFMask):
             q_valid = attention_mask.query_valid() if attention_mask.key_valid is not None else None
             if attention_mask.key_valid is not None and q_valid is None:
                 raise ValueError("CompressedCache: the padding mask does not cover the new tokens")
@@ -261,22 +269,24 @@ class CompressedCache(Cache):
                 raise NotImplementedError(
                     "a registered mask_mod/score_mod with a left-padded batch in a CompressedCache; run unpadded"
                 )
-            return (*self._update_rows(layer_idx, k_new, v_new, q, q_valid), None, None)
+            return CompressedInputs(*self._update_rows(layer_idx, k_new, v_new, q, q_valid))
         if q_valid is not None:
             raise ValueError(
                 "CompressedCache: padding appeared after an unpadded prefill; start a new cache for a padded batch"
             )
         # kept tokens' positions before this update: the returned layout is [kept (left-padded) | new]
-        prev = self.kv.positions(layer_idx) if need_positions else None
-        k_all, v_all, key_mask = self.kv.update(layer_idx, k_new.transpose(1, 2), v_new.transpose(1, 2), q)
+        layer = self.kv.layer(layer_idx)  # the per-layer cache protocol (effattn.kv.LayerCache)
+        prev = layer.positions() if need_positions else None
+        kv = layer.update(k_new.transpose(1, 2), v_new.transpose(1, 2), q=q)
+        k_all, v_all, key_mask = kv.k, kv.v, kv.head_mask
         if not need_positions:
-            return k_all, v_all, key_mask, None, None
+            return CompressedInputs(k_all, v_all, key_mask)
         t, seen = q.shape[1], self.kv.seen(layer_idx)
         new_pos = torch.arange(seen - t, seen, device=q.device)
         positions = new_pos.expand(k_all.shape[0], k_all.shape[2], t)
         if prev.numel():
             positions = torch.cat([prev.to(q.device), positions], dim=-1)
-        return k_all, v_all, key_mask, positions, new_pos
+        return CompressedInputs(k_all, v_all, key_mask, positions, new_pos)
 
     def _update_rows(self, layer_idx, k_new, v_new, q, q_valid):
         """A left-padded batch: each row has its own cache and gives it its real tokens only, so
@@ -291,7 +301,8 @@ class CompressedCache(Cache):
             sel = slice(None) if q_valid is None else q_valid[b]
             if q_valid is not None and not bool(sel.any()):
                 raise ValueError(f"CompressedCache: row {b} has no real token among the {t} new ones")
-            outs.append(self.rows[b].update(layer_idx, k[b : b + 1, sel], v[b : b + 1, sel], q[b : b + 1, sel]))
+            kv = self.rows[b].layer(layer_idx).update(k[b : b + 1, sel], v[b : b + 1, sel], q=q[b : b + 1, sel])
+            outs.append((kv.k, kv.v, kv.head_mask))
         self._row_seen[layer_idx] += t
         T = max(o[0].shape[1] for o in outs)
         k_all = k.new_zeros(B, T, H, k.shape[-1])
@@ -319,6 +330,8 @@ class CompressedCache(Cache):
         return -1
 
     def reset(self) -> None:
+        if self._pending is not None:
+            HANDSHAKE.discard(self._pending)
         self._pending = None
         self.kv, self.rows, self._row_seen = None, None, []
         for layer in self.layers:

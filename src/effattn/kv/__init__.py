@@ -1,7 +1,13 @@
-"""effattn.kv: inference memory — KV caches (contiguous, paged, quantized) and eviction policies."""
+"""effattn.kv: inference memory — KV caches (contiguous, window, paged, quantized, policy-compressed)
+behind one per-layer protocol (:class:`LayerCache`), and eviction policies.
+
+DuoAttention's calibration, which trains gates on a model, lives with the model:
+:func:`effattn.nn.calibrate_duo_attention` (the policy stays here; :func:`calibrate_duo_attention`
+here forwards to the model's own method, so this package never imports :mod:`effattn.nn`).
+"""
 
 from effattn.kv.a2sf import A2SFPolicy
-from effattn.kv.base import KVCacheBase
+from effattn.kv.base import AttentionPattern, CachedKV, KVCacheBase, LayerCache
 from effattn.kv.caches import CACHES, make_cache
 from effattn.kv.cake import CAKEPolicy
 from effattn.kv.compressed import CompressedKVCache, CompressedLayerCache
@@ -11,6 +17,7 @@ from effattn.kv.h2o import H2OPolicy
 from effattn.kv.knorm import KNormPolicy
 from effattn.kv.paged import (
     PagedKVCache,
+    PagedLayerCache,
     PoolExhaustedError,
     naive_paged_decode_attention,
     paged_decode_attention,
@@ -24,9 +31,13 @@ from effattn.kv.tova import TOVAPolicy
 from effattn.kv.window import WindowKVCache
 
 __all__ = [
+    "LayerCache",
+    "CachedKV",
+    "AttentionPattern",
     "KVCacheBase",
     "KVCache",
     "PagedKVCache",
+    "PagedLayerCache",
     "PoolExhaustedError",
     "paged_decode_attention",
     "naive_paged_decode_attention",

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from effattn._checks import check_float
 from effattn.kv.h2o import H2OPolicy
-from effattn.kv.policy import ScoreContext, _check_float, register_policy
+from effattn.kv.policy import ScoreContext, register_policy
 
 __all__ = ["A2SFPolicy"]
 
@@ -44,7 +45,7 @@ class A2SFPolicy(H2OPolicy):
         head_budgets=None,
     ):
         super().__init__(budget=budget, ratio=ratio, recent_fraction=recent_fraction, head_budgets=head_budgets)
-        self.forgetting = _check_float("forgetting", forgetting, 0.0, 1.0, lo_open=True)
+        self.forgetting = check_float("forgetting", forgetting, 0.0, 1.0, lo_open=True)
 
     def extra_args(self) -> dict:
         return {"recent_fraction": self.recent_fraction, "forgetting": self.forgetting}

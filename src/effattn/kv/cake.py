@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from effattn.kv.policy import ScoreContext, _check_float, pool_scores, register_policy, split_budget
+from effattn._checks import check_float
+from effattn.kv.policy import ScoreContext, pool_scores, register_policy, split_budget
 from effattn.kv.snapkv import SnapKVPolicy
 
 __all__ = ["CAKEPolicy"]
@@ -60,9 +61,9 @@ class CAKEPolicy(SnapKVPolicy):
         gamma: float = 200.0,
     ):
         super().__init__(budget=budget, ratio=ratio, window=window, kernel=kernel, pooling="avg")
-        self.tau1 = _check_float("tau1", tau1, 0.0, float("inf"), lo_open=True, hi_open=True)
-        self.tau2 = _check_float("tau2", tau2, 0.0, float("inf"), lo_open=True, hi_open=True)
-        self.gamma = _check_float("gamma", gamma, 0.0, float("inf"), hi_open=True)
+        self.tau1 = check_float("tau1", tau1, 0.0, float("inf"), lo_open=True, hi_open=True)
+        self.tau2 = check_float("tau2", tau2, 0.0, float("inf"), lo_open=True, hi_open=True)
+        self.gamma = check_float("gamma", gamma, 0.0, float("inf"), hi_open=True)
 
     def extra_args(self) -> dict:
         return {**super().extra_args(), "tau1": self.tau1, "tau2": self.tau2, "gamma": self.gamma}

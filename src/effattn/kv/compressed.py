@@ -38,7 +38,8 @@ import math
 
 import torch
 
-from effattn._checks import check_tensor
+from effattn._checks import check_int, check_tensor
+from effattn.kv.base import AttentionPattern, CachedKV, LayerCache, check_index
 from effattn.kv.policy import Policy, ScoreContext
 
 __all__ = ["CompressedKVCache", "CompressedLayerCache"]
@@ -67,6 +68,16 @@ class _LayerStore:
         self.pos[h] = self.pos[h].gather(1, idx)
         for per_head in self.state.values():
             per_head[h] = per_head[h].gather(1, idx)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` in that order (every head keeps as many tokens in every row)."""
+        if self.k is None:
+            return
+        index = index.to(self.k[0].device)
+        self.k = [x.index_select(0, index) for x in self.k]
+        self.v = [x.index_select(0, index) for x in self.v]
+        self.pos = [x.index_select(0, index) for x in self.pos]
+        self.state = {name: [x.index_select(0, index) for x in per_head] for name, per_head in self.state.items()}
 
 
 def _pad_left(parts: list[torch.Tensor], length: int, fill, dim_head: int) -> torch.Tensor:
@@ -99,8 +110,7 @@ class CompressedKVCache:
     def __init__(self, policy: Policy, num_layers: int, *, scale: float | None = None):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be an effattn.kv.Policy (see make_policy), got {type(policy).__name__}")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be an int > 0, got {num_layers!r}")
+        check_int("num_layers", num_layers, minimum=1)
         if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
         self.policy = policy
@@ -122,10 +132,23 @@ class CompressedKVCache:
             raise ValueError(f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}")
         return self._layers[layer_idx]
 
+    @staticmethod
+    def accepts(pattern: AttentionPattern) -> bool:
+        """Whether a layer computing ``pattern`` can attend over a policy cache: the policy keeps a
+        subset of the tokens, so only plain causal attention (no window, no mods) over keys and values."""
+        return pattern.plain_causal and not pattern.key_only
+
     def layer(self, layer_idx: int) -> CompressedLayerCache:
         """The state of layer ``layer_idx`` for :class:`effattn.nn.Attention`."""
         self._store(layer_idx)
         return CompressedLayerCache(self, layer_idx)
+
+    def reorder(self, index, layer_idx: int | None = None) -> None:
+        """Keep rows ``index`` (long ``[B']``, repeats allowed: beam search) in that order, in every
+        layer or in ``layer_idx`` only (what :meth:`CompressedLayerCache.reorder` does)."""
+        index = check_index(index, self.batch_size)
+        for st in self._layers if layer_idx is None else [self._store(layer_idx)]:
+            st.reorder(index)
 
     def seen(self, layer_idx: int) -> int:
         """Tokens appended to ``layer_idx`` so far (kept or not): the next token's position."""
@@ -292,9 +315,26 @@ class CompressedKVCache:
                 other.select(h, other.state["_score"][h], budgets[h])
 
 
-class CompressedLayerCache:
-    """One layer's view of a :class:`CompressedKVCache`: the ``state`` that
-    :class:`effattn.nn.Attention` carries between calls when a KV policy is on."""
+class CompressedLayerCache(LayerCache):
+    """One layer's view of a :class:`CompressedKVCache`: the ``state`` that :class:`effattn.nn.Attention`
+    carries between calls when a KV policy is on (the :class:`~effattn.kv.LayerCache` protocol).
+
+    :meth:`update` needs the new queries ``q`` (the policy scores with them) and returns a
+    :class:`~effattn.kv.CachedKV` whose ``head_mask`` marks the left padding of heads that keep fewer
+    tokens. Positions continue the count of tokens seen (kept or evicted). Only plain causal
+    attention can run over it (:meth:`check_pattern`); left padding is refused; rows can be
+    reordered, but the cache cannot be cropped.
+
+    Example::
+
+        >>> import torch
+        >>> from effattn.kv import CompressedKVCache, make_policy
+        >>> layer = CompressedKVCache(make_policy("streaming_llm", budget=4, sinks=1), num_layers=1).layer(0)
+        >>> k = v = torch.randn(1, 6, 2, 8); q = torch.randn(1, 6, 2, 8)
+        >>> kv = layer.update(k, v, q=q)
+        >>> tuple(kv.k.shape), layer.lengths().tolist(), layer.next_positions(1, 1).tolist()
+        ((1, 6, 2, 8), [[4, 4]], [6])
+    """
 
     is_compressed = True
 
@@ -318,16 +358,58 @@ class CompressedLayerCache:
         st = self.cache._layers[self.layer_idx]
         return 0 if st.k is None else sum(x.numel() * x.element_size() for x in st.k + st.v)
 
-    def next_positions(self, seq: int, device) -> torch.Tensor:
-        """Positions of ``seq`` new tokens: they continue the count of tokens seen (kept or not)."""
+    def check_pattern(self, pattern: AttentionPattern) -> None:
+        """A policy keeps a subset of the tokens: only plain causal attention over keys and values."""
+        if not CompressedKVCache.accepts(pattern):
+            raise ValueError("a KV policy needs a causal attention layer without window, mask_mod or score_mod")
+
+    @staticmethod
+    def _check_valid(valid) -> None:
+        if valid is not None and not bool(valid.all()):
+            raise ValueError("valid: left padding is not supported with a KV policy; run each row on its own")
+
+    def next_positions(self, batch: int, seq=None, valid: torch.Tensor | None = None, device=None) -> torch.Tensor:
+        """Positions ``[seq]`` of ``seq`` new tokens: they continue the count of tokens seen (kept or not).
+        The older form ``next_positions(seq, device)`` still works."""
+        if seq is None or not isinstance(seq, int):  # next_positions(seq, device)
+            seq, device = batch, (seq if device is None else device)
+        self._check_valid(valid)
         s = self.seen
         return torch.arange(s, s + seq, device=device)
 
-    def update(self, k, v, q):
-        return self.cache.update(self.layer_idx, k, v, q)
+    def update(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
+        *,
+        valid: torch.Tensor | None = None,
+    ) -> CachedKV:
+        """Append ``k, v [B, t, H_kv, D]``, let the policy score them with ``q [B, t, H_q, D]`` and
+        evict; return every kept token plus the new ones (``head_mask``: heads of unequal length)."""
+        if v is None or q is None:
+            raise TypeError("a policy cache needs v and the new queries q: update(k, v, q=q)")
+        self._check_valid(valid)
+        k_all, v_all, key_mask = self.cache.update(self.layer_idx, k, v, q)
+        return CachedKV(k_all, v_all, head_mask=key_mask)
 
     def lengths(self) -> torch.Tensor:
         return self.cache.lengths(self.layer_idx)
 
     def positions(self) -> torch.Tensor:
+        """long ``[B, H_kv, T_max]``: original positions of the kept tokens (``-1`` at padding)."""
         return self.cache.positions(self.layer_idx)
+
+    def reset(self) -> None:
+        """Forget this layer's tokens (the other layers of the shared cache keep theirs)."""
+        self.cache._layers[self.layer_idx] = _LayerStore()
+
+    def reorder(self, index) -> None:
+        """Keep rows ``index`` of this layer in that order (beam search reorders every layer)."""
+        self.cache.reorder(index, self.layer_idx)
+
+    def crop(self, length: int) -> None:
+        raise TypeError(
+            "CompressedLayerCache cannot be cropped: the policy evicted tokens using the queries of the ones "
+            "to be removed, and evicted tokens cannot come back"
+        )

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_tensor
-from effattn.kv.base import KVCacheBase
+from effattn._checks import check_int, check_tensor
+from effattn.kv.base import AttentionPattern, KVCacheBase, check_index
 
 _MIN_CAPACITY = 16
 
@@ -38,10 +38,10 @@ class KVCache(KVCacheBase):
         (4, (2, 4, 1, 4), 256)
     """
 
+    supports_key_only = True
+
     def __init__(self, capacity: int = 0):
-        if not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
-        self._initial_capacity = capacity
+        self._initial_capacity = check_int("capacity", capacity, minimum=0)
         self.reset()
 
     def reset(self) -> None:
@@ -70,6 +70,10 @@ class KVCache(KVCacheBase):
     @property
     def batch_size(self) -> int | None:
         return None if self._k is None else self._k.shape[0]
+
+    @property
+    def kv_heads(self) -> int | None:
+        return None if self._k is None else self._k.shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +139,35 @@ class KVCache(KVCacheBase):
         self._v = None if v is None else self._write(self._v, v)
         self.length += T
         return self.k, self.v
+
+    # ------------------------------------------------------------------ protocol extras
+    def check_pattern(self, pattern: AttentionPattern) -> None:
+        """A key-only layer (MLA) needs a key-only cache and a key/value layer one with values."""
+        if self.length and pattern.key_only and not self.key_only:
+            raise TypeError("state must be an MLA cache (key-only [c_kv | k_pe]); got an Attention KVCache")
+        if self.length and self.key_only and not pattern.key_only:
+            raise ValueError("state is a key-only cache (an MLA latent cache); this layer caches keys and values")
+
+    def reorder(self, index) -> None:
+        """Keep rows ``index`` (long ``[B']``, repeats allowed) in that order (beam search)."""
+        index = check_index(index, self.batch_size)
+        if self._k is None:
+            return
+        index = index.to(self._k.device)
+        self._k = self._k[:, : self.length].index_select(0, index)
+        self._v = None if self._v is None else self._v[:, : self.length].index_select(0, index)
+        self._reorder_padding(index)
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` slots of every row (padding included), dropping the newest."""
+        length = self._check_crop(length)
+        if length >= self.length:
+            return
+        self._crop_padding(length)
+        # slices: the next append reallocates instead of writing into a buffer it may not own
+        self._k = self._k[:, :length]
+        self._v = None if self._v is None else self._v[:, :length]
+        self.length = length
 
     def __repr__(self) -> str:
         shape = None if self._k is None else (self._k.shape[0], self.length, *self._k.shape[2:])

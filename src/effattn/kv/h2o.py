@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from effattn.kv.policy import Policy, ScoreContext, _check_float, register_policy
+from effattn._checks import check_float
+from effattn.kv.policy import Policy, ScoreContext, register_policy
 
 __all__ = ["H2OPolicy"]
 
@@ -53,7 +54,7 @@ class H2OPolicy(Policy):
         head_budgets=None,
     ):
         super().__init__(budget=budget, ratio=ratio, head_budgets=head_budgets)
-        self.recent_fraction = _check_float("recent_fraction", recent_fraction, 0.0, 1.0)
+        self.recent_fraction = check_float("recent_fraction", recent_fraction, 0.0, 1.0)
 
     def extra_args(self) -> dict:
         return {"recent_fraction": self.recent_fraction}

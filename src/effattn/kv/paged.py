@@ -33,18 +33,13 @@ from collections.abc import Sequence
 
 import torch
 
-from effattn._checks import check_scale, check_tensor
-from effattn.exact.decode import merge_attention_states
+from effattn._checks import check_int, check_positive_int, check_scale, check_tensor
+from effattn.exact import merge_attention_states
+from effattn.kv.base import CachedKV, LayerCache, check_index
 
 
 class PoolExhaustedError(RuntimeError):
     """The block pool has fewer free blocks than an append or a copy-on-write needs."""
-
-
-def _check_pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class PagedKVCache:
@@ -82,11 +77,11 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        _check_pos_int("num_blocks", num_blocks)
-        _check_pos_int("block_size", block_size)
-        _check_pos_int("kv_heads", kv_heads)
-        _check_pos_int("head_dim", head_dim)
-        head_dim_v = head_dim if head_dim_v is None else _check_pos_int("head_dim_v", head_dim_v)
+        check_positive_int("num_blocks", num_blocks)
+        check_positive_int("block_size", block_size)
+        check_positive_int("kv_heads", kv_heads)
+        check_positive_int("head_dim", head_dim)
+        head_dim_v = head_dim if head_dim_v is None else check_positive_int("head_dim_v", head_dim_v)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -236,6 +231,33 @@ class PagedKVCache:
         self.value_blocks.view(-1, H, Dv).index_copy_(0, slots, v.to(self.device))
         self._lens[sid] = L + t
 
+    def blocks_needed(self, seq_id: int, tokens: int) -> int:
+        """Free blocks an append of ``tokens`` to ``seq_id`` takes (new blocks + a copy-on-write)."""
+        sid = self._check_seq(seq_id)
+        L, table, bs = self._lens[sid], self._tables[sid], self.block_size
+        cow = tokens > 0 and L % bs != 0 and self._ref[table[-1]] > 1
+        return -(-(L + tokens) // bs) - len(table) + int(cow)
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep the first ``length`` tokens of ``seq_id``; blocks past them are released (a shared,
+        partly kept last block is copied on the next write)."""
+        sid = self._check_seq(seq_id)
+        length = check_int("length", length, minimum=0)
+        if length >= self._lens[sid]:
+            return
+        table = self._tables[sid]
+        n = -(-length // self.block_size)
+        for b in reversed(table[n:]):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+        del table[n:]
+        self._lens[sid] = length
+
+    def layer(self, seq_ids: Sequence[int]) -> PagedLayerCache:
+        """The sequences ``seq_ids`` as the rows of one layer's state (:class:`PagedLayerCache`)."""
+        return PagedLayerCache(self, seq_ids)
+
     def append_batch(self, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``T`` tokens to each of ``B`` sequences: ``k [B, T, H_kv, D]``, ``v [B, T, H_kv, D_v]``
         (a decode step is ``T = 1``). Checks the pool has room for all of them before writing."""
@@ -245,11 +267,7 @@ class PagedKVCache:
         if len(ids) != k.shape[0] or len(set(ids)) != len(ids):
             raise ValueError(f"seq_ids must name {k.shape[0]} distinct sequences (k's batch), got {list(seq_ids)}")
         bs, T = self.block_size, k.shape[1]
-        need = 0
-        for s in ids:
-            L, table = self._lens[s], self._tables[s]
-            cow = T > 0 and L % bs != 0 and self._ref[table[-1]] > 1
-            need += -(-(L + T) // bs) - len(table) + int(cow)
+        need = sum(self.blocks_needed(s, T) for s in ids)
         if need > len(self._free):
             raise PoolExhaustedError(
                 f"KV block pool exhausted: {len(ids)} sequences need {need} more block(s) of {bs} tokens, "
@@ -272,6 +290,136 @@ class PagedKVCache:
             f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, kv_heads={self.kv_heads}, "
             f"head_dim={self.head_dim}, sequences={len(self._tables)}, used_blocks={self.num_used_blocks})"
         )
+
+
+class PagedLayerCache(LayerCache):
+    """Sequences of a :class:`PagedKVCache` as the ``B`` rows of one layer's state (the
+    :class:`~effattn.kv.LayerCache` protocol), so that :class:`effattn.nn.Attention` can run on a
+    block pool.
+
+    Only real tokens enter the pool: :meth:`update` appends each row's non-padding tokens to its
+    sequence, then gathers every row left-padded to the longest (``valid`` False at the padding,
+    ``key_positions`` counting real tokens). Rows may so hold different lengths. :meth:`reorder`
+    forks a sequence that is chosen twice (its blocks are shared, copied on write) and frees the
+    ones no row keeps; :meth:`crop` releases the blocks past ``length``. The gather copies the
+    context on every call; a decoding loop that reads the blocks in place uses
+    :func:`paged_decode_attention`. No autograd through the pool.
+
+    Example::
+
+        >>> pool = PagedKVCache(num_blocks=8, block_size=4, kv_heads=1, head_dim=8)
+        >>> layer = pool.layer([pool.allocate(), pool.allocate()])
+        >>> valid = torch.tensor([[False, True, True], [True, True, True]])
+        >>> kv = layer.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8), valid=valid)
+        >>> layer.lengths().tolist(), kv.valid.tolist(), layer.next_positions(2, 1).tolist()
+        ([[2], [3]], [[False, True, True], [True, True, True]], [[2], [3]])
+        >>> layer.reorder(torch.tensor([1, 1])); layer.lengths().tolist(), pool.num_used_blocks
+        ([[3], [3]], 1)
+    """
+
+    def __init__(self, cache: PagedKVCache, seq_ids: Sequence[int]):
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+        ids = [cache._check_seq(s, "seq_ids") for s in seq_ids]
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"seq_ids must name at least one sequence, each once, got {list(seq_ids)}")
+        self.cache, self.seq_ids = cache, ids
+
+    def __repr__(self) -> str:
+        return f"PagedLayerCache(seq_ids={self.seq_ids}, lengths={self._lens().tolist()})"
+
+    def _lens(self) -> torch.Tensor:
+        return torch.tensor([self.cache.seq_len(s) for s in self.seq_ids], dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks these rows use (a block shared by several rows counts once)."""
+        blocks = {b for s in self.seq_ids for b in self.cache.block_table(s)}
+        return len(blocks) * self.cache.bytes_per_block
+
+    def lengths(self) -> torch.Tensor:
+        return self._lens()[:, None].expand(-1, self.cache.kv_heads).clone()
+
+    def next_positions(self, batch: int, seq: int, valid: torch.Tensor | None = None, device=None) -> torch.Tensor:
+        lens = self._lens().to(device)
+        if valid is None and bool((lens == lens[0]).all()):
+            return torch.arange(int(lens[0]), int(lens[0]) + seq, device=device)
+        if valid is None:
+            return lens[:, None] + torch.arange(seq, device=device)
+        return (lens[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+
+    def update(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor | None = None,
+        *,
+        valid: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
+    ) -> CachedKV:
+        """Append each row's real tokens of ``k``/``v [B, T, H_kv, D]`` to its sequence (all of them
+        or none: :class:`PoolExhaustedError` when the pool is short) and gather the rows."""
+        check_tensor("k", k, 4, "[batch, seq, heads_kv, head_dim]")
+        if v is None:
+            raise TypeError("v is required: PagedKVCache holds keys and values (no key-only form)")
+        check_tensor("v", v, 4, "[batch, seq, heads_kv, head_dim_v]")
+        B, T = k.shape[:2]
+        self.check_batch(B)
+        if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (B, T)):
+            raise ValueError(f"valid must be a bool tensor [batch, seq] = [{B}, {T}], got {valid!r:.80}")
+        counts = [T] * B if valid is None else valid.sum(1).tolist()
+        need = sum(self.cache.blocks_needed(s, n) for s, n in zip(self.seq_ids, counts))
+        if need > self.cache.num_free_blocks:
+            raise PoolExhaustedError(
+                f"KV block pool exhausted: {B} sequences need {need} more block(s), "
+                f"{self.cache.num_free_blocks} of {self.cache.num_blocks} are free"
+            )
+        with torch.no_grad():
+            for b, s in enumerate(self.seq_ids):
+                sel = slice(None) if valid is None else valid[b]
+                self.cache.append(s, k[b, sel].detach(), v[b, sel].detach())
+        lens = self._lens()
+        L = int(lens.max())
+        parts = [self.cache.gather(s) for s in self.seq_ids]
+        if bool((lens == L).all()):
+            return CachedKV(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+        k_all = k.new_zeros(B, L, *k.shape[2:])
+        v_all = v.new_zeros(B, L, *v.shape[2:])
+        for b, (kb, vb) in enumerate(parts):
+            n = kb.shape[0]
+            k_all[b, L - n :], v_all[b, L - n :] = kb, vb
+        slots = torch.arange(L, device=k.device)
+        key_valid = slots[None, :] >= (L - lens.to(k.device))[:, None]
+        key_positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)
+        return CachedKV(k_all, v_all, key_valid, key_positions)
+
+    def reset(self) -> None:
+        """Forget every token of these rows (their blocks go back to the pool)."""
+        for s in self.seq_ids:
+            self.cache.truncate(s, 0)
+
+    def reorder(self, index) -> None:
+        """Rows ``index`` in that order: a sequence chosen again is forked (blocks shared), one not
+        chosen is freed."""
+        index = check_index(index, self.batch_size).tolist()
+        chosen: set[int] = set()
+        new_ids = []
+        for i in index:
+            s = self.seq_ids[i]
+            new_ids.append(self.cache.fork(s) if s in chosen else s)
+            chosen.add(s)
+        for s in self.seq_ids:
+            if s not in chosen:
+                self.cache.free(s)
+        self.seq_ids = new_ids
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens of every row (blocks past them are released)."""
+        for s in self.seq_ids:
+            self.cache.truncate(s, length)
 
 
 def _check_decode_query(q, cache: PagedKVCache, seq_ids) -> tuple[torch.Tensor, bool, list[int]]:
@@ -357,7 +505,7 @@ def paged_decode_attention(
     bs, Hkv, Dv = cache.block_size, cache.kv_heads, cache.head_dim_v
     if partition_blocks is None:
         partition_blocks = max(1, 512 // bs)
-    _check_pos_int("partition_blocks", partition_blocks)
+    check_positive_int("partition_blocks", partition_blocks)
     G = Hq // Hkv
     tables, lens = cache.block_tables(ids)
     qf = q3.float().view(B, Hkv, G, D)

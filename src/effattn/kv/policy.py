@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from effattn._checks import check_float, check_positive_int
+from effattn._registry import Registry
+
 __all__ = [
     "Policy",
     "ScoreContext",
@@ -46,7 +49,8 @@ __all__ = [
 ]
 
 DEFAULT_RATIO = 0.5
-POLICIES: dict[str, type] = {}
+# name -> Policy subclass; the policy modules of effattn.kv register themselves on import
+POLICIES: Registry[type] = Registry("KV policy", package="effattn.kv")
 
 # queries scored together when accumulating attention (bounds the transient [B, H, chunk, T] tensor)
 _QUERY_CHUNK = 256
@@ -57,30 +61,11 @@ def resolve_budget(budget, ratio) -> tuple[int | None, float | None]:
     if budget is not None and ratio is not None:
         raise ValueError(f"pass either budget or ratio, not both (got budget={budget!r}, ratio={ratio!r})")
     if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-            raise ValueError(f"budget must be an int > 0 (tokens kept per layer and kv head), got {budget!r}")
+        check_positive_int("budget (tokens kept per layer and kv head)", budget)
         return budget, None
     if ratio is None:
         return None, DEFAULT_RATIO
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 <= ratio < 1.0):
-        raise ValueError(f"ratio must be a float in [0, 1) (fraction of the context removed), got {ratio!r}")
-    return None, float(ratio)
-
-
-def _check_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
-    return float(value)
+    return None, check_float("ratio (fraction of the context removed)", ratio, 0.0, 1.0, hi_open=True)
 
 
 @dataclass
@@ -261,35 +246,27 @@ class Policy:
 
 
 def register_policy(name: str) -> Callable[[type], type]:
-    """Class decorator: register a :class:`Policy` subclass as ``name``."""
+    """Class decorator: register a :class:`Policy` subclass as ``name`` (in :data:`POLICIES`)."""
 
     def decorate(cls: type) -> type:
-        if name in POLICIES and POLICIES[name] is not cls:
-            raise ValueError(f"policy {name!r} is already registered (by {POLICIES[name]!r})")
+        POLICIES.register(name, cls)
         cls.name = name
-        POLICIES[name] = cls
         return cls
 
     return decorate
 
 
-def _ensure_loaded() -> None:
-    import effattn.kv  # noqa: F401  (the policy modules register themselves on import)
-
-
 def list_policies() -> list[str]:
     """The registered policy names, sorted."""
-    _ensure_loaded()
-    return sorted(POLICIES)
+    return POLICIES.names()
 
 
 def make_policy(name: str, *, budget: int | None = None, ratio: float | None = None, **kw) -> Policy:
     """Build the policy registered as ``name`` (see :func:`list_policies`) with a ``budget``
     (tokens per layer and kv head) or a ``ratio`` (fraction removed); ``kw`` are its settings."""
-    _ensure_loaded()
     if not isinstance(name, str) or name not in POLICIES:
-        raise ValueError(f"unknown policy name {name!r}; registered policies: {sorted(POLICIES)}")
-    return POLICIES[name](budget=budget, ratio=ratio, **kw)
+        raise ValueError(f"unknown policy name {name!r}; registered policies: {POLICIES.names()}")
+    return POLICIES.get(name)(budget=budget, ratio=ratio, **kw)
 
 
 def split_budget(total: int, weights: list[float], cap: int | None = None) -> list[int]:

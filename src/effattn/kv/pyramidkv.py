@@ -15,7 +15,8 @@ Inside each layer the tokens are chosen as in SnapKV (window votes, pooled, per-
 
 from __future__ import annotations
 
-from effattn.kv.policy import _check_float, register_policy, split_budget
+from effattn._checks import check_float
+from effattn.kv.policy import register_policy, split_budget
 from effattn.kv.snapkv import SnapKVPolicy
 
 __all__ = ["PyramidKVPolicy"]
@@ -44,7 +45,7 @@ class PyramidKVPolicy(SnapKVPolicy):
         beta: float = 20.0,
     ):
         super().__init__(budget=budget, ratio=ratio, window=window, kernel=kernel, pooling=pooling)
-        self.beta = _check_float("beta", beta, 1.0, float("inf"), hi_open=True)
+        self.beta = check_float("beta", beta, 1.0, float("inf"), hi_open=True)
 
     def extra_args(self) -> dict:
         return {**super().extra_args(), "beta": self.beta}

@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from effattn._checks import check_tensor
-from effattn.kv.base import KVCacheBase
+from effattn._checks import check_int, check_positive_int, check_tensor
+from effattn.kv.base import KVCacheBase, check_index
 
 BITS = (2, 4, 8)
 
@@ -137,13 +137,9 @@ class QuantizedKVCache(KVCacheBase):
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 128, value_group_size: int | None = None):
         self.bits = _check_bits(bits)
-        for name, val, low in (("group_size", group_size, 1), ("residual", residual, 0)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
-        if value_group_size is not None and (
-            isinstance(value_group_size, bool) or not isinstance(value_group_size, int) or value_group_size < 1
-        ):
-            raise ValueError(f"value_group_size must be a positive int (or None), got {value_group_size!r}")
+        check_positive_int("group_size", group_size)
+        check_int("residual", residual, minimum=0)
+        check_positive_int("value_group_size", value_group_size, allow_none=True)
         self.group_size, self.residual, self._value_group_size = group_size, residual, value_group_size
         self.reset()
 
@@ -165,6 +161,10 @@ class QuantizedKVCache(KVCacheBase):
     @property
     def batch_size(self) -> int | None:
         return None if self._rk is None else self._rk.shape[0]
+
+    @property
+    def kv_heads(self) -> int | None:
+        return None if self._rk is None else self._rk.shape[2]
 
     @property
     def value_group_size(self) -> int | None:
@@ -272,6 +272,35 @@ class QuantizedKVCache(KVCacheBase):
             self._rk, self._rv = self._rk[:, m:].clone(), self._rv[:, m:].clone()  # release the old buffer
             self.num_quantized += m
         return self.k, self.v
+
+    # ------------------------------------------------------------------ protocol extras
+    def reorder(self, index) -> None:
+        """Keep rows ``index`` (long ``[B']``, repeats allowed) in that order (beam search)."""
+        index = check_index(index, self.batch_size)
+        if self._rk is None:
+            return
+        index = index.to(self._rk.device)
+        for name in ("_kc", "_ks", "_kz", "_vc", "_vs", "_vz", "_rk", "_rv"):
+            buf = getattr(self, name)
+            if buf is not None:
+                setattr(self, name, buf.index_select(0, index))
+        self._reorder_padding(index)
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` slots of every row; only within the full-precision residual
+        (``length >= num_quantized``): quantized tokens are stored in groups of ``group_size``."""
+        length = self._check_crop(length)
+        if length >= self.length:
+            return
+        if length < self.num_quantized:
+            raise ValueError(
+                f"cannot crop a QuantizedKVCache to {length} tokens: the first {self.num_quantized} are quantized "
+                f"in groups of {self.group_size} tokens (crop to >= num_quantized)"
+            )
+        self._crop_padding(length)
+        keep = length - self.num_quantized
+        self._rk, self._rv = self._rk[:, :keep].clone(), self._rv[:, :keep].clone()
+        self.length = length
 
     def __repr__(self) -> str:
         shape = None if self._rk is None else (self._rk.shape[0], self.length, *self._rk.shape[2:])

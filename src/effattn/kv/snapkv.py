@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from effattn.kv.policy import Policy, ScoreContext, _check_int, pool_scores, register_policy
+from effattn._checks import check_int
+from effattn.kv.policy import Policy, ScoreContext, pool_scores, register_policy
 
 __all__ = ["SnapKVPolicy"]
 
@@ -57,8 +58,8 @@ class SnapKVPolicy(Policy):
         head_budgets=None,
     ):
         super().__init__(budget=budget, ratio=ratio, head_budgets=head_budgets)
-        self.window = _check_int("window", window, 1)
-        self.kernel = _check_int("kernel", kernel, 1)
+        self.window = check_int("window", window, 1)
+        self.kernel = check_int("kernel", kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (a centred pooling window), got {kernel!r}")
         self.pooling = check_pooling(pooling)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from effattn.kv.policy import Policy, ScoreContext, _check_int, register_policy
+from effattn._checks import check_int
+from effattn.kv.policy import Policy, ScoreContext, register_policy
 
 __all__ = ["StreamingLLMPolicy"]
 
@@ -38,7 +39,7 @@ class StreamingLLMPolicy(Policy):
 
     def __init__(self, *, budget: int | None = None, ratio: float | None = None, sinks: int = 4, head_budgets=None):
         super().__init__(budget=budget, ratio=ratio, head_budgets=head_budgets)
-        self.sinks = _check_int("sinks", sinks, 0)
+        self.sinks = check_int("sinks", sinks, 0)
 
     def extra_args(self) -> dict:
         return {"sinks": self.sinks}

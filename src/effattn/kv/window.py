@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from effattn._checks import check_int, check_positive_int
+from effattn.kv.base import AttentionPattern
 from effattn.kv.contiguous import KVCache
 
 
@@ -37,13 +39,8 @@ class WindowKVCache(KVCache):
     """
 
     def __init__(self, keep: int, slack: int | None = None):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise ValueError(f"keep must be an int >= 0 (tokens a later query can see), got {keep!r}")
-        if slack is None:
-            slack = max(1, keep // 4)
-        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 1:
-            raise ValueError(f"slack must be a positive int, got {slack!r}")
-        self.keep, self.slack = keep, slack
+        self.keep = check_int("keep", keep, minimum=0)
+        self.slack = check_positive_int("slack", max(1, keep // 4) if slack is None else slack)
         super().__init__()
 
     def reset(self) -> None:
@@ -55,20 +52,30 @@ class WindowKVCache(KVCache):
         """The most tokens held per row between calls (without padding): ``keep + slack - 1``."""
         return self.keep + self.slack - 1
 
-    def _track_padding(self, batch: int, seq: int, valid, device) -> None:
-        fresh = self._valid is None
-        super()._track_padding(batch, seq, valid, device)
-        if fresh and self._seen is not None:  # every dropped slot was a real token
-            self._seen = self._seen + self.dropped
+    @property
+    def first_position(self) -> int:
+        return self.dropped
 
-    def next_positions(self, batch: int, seq: int, valid, device) -> torch.Tensor:
-        if valid is None and not self.padded:
-            start = self.dropped + self.length
-            return torch.arange(start, start + seq, device=device)
-        seen = self._seen if self._seen is not None else torch.full((batch,), self.dropped + self.length, device=device)
-        if valid is None:
-            return seen[:, None] + torch.arange(seq, device=device)
-        return (seen[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+    def check_pattern(self, pattern: AttentionPattern) -> None:
+        """The layer must be a causal window (no mods) that needs at most ``keep`` earlier keys."""
+        super().check_pattern(pattern)
+        keep = pattern.keep
+        if keep is None or self.keep < keep:
+            need = "a causal window without mask/score mods" if keep is None else f"keep >= {keep}"
+            raise ValueError(f"state is a WindowKVCache keeping {self.keep} tokens; this layer needs {need}")
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` slots seen (dropped ones included); only while the slots held
+        still cover the window of the next query (dropped tokens cannot come back)."""
+        length = self._check_crop(length)
+        if length >= self.dropped + self.length:
+            return
+        if self.dropped and (self.padded or length - self.dropped < self.keep):
+            raise ValueError(
+                f"cannot crop a WindowKVCache to {length} tokens: it dropped the first {self.dropped}, and "
+                f"the next query needs the {self.keep} before it{' (with padding: every row)' if self.padded else ''}"
+            )
+        super().crop(length - self.dropped)
 
     def key_positions(self) -> torch.Tensor | None:
         if not self.padded:

@@ -2,6 +2,7 @@
 
 from effattn.kv import KVCache
 from effattn.nn.attention import Attention, WindowKVCache
+from effattn.nn.duo_calibration import calibrate_duo_attention
 from effattn.nn.lm import LM, LMConfig, mixer_pattern
 from effattn.nn.mla import MLA, mla_from_gqa
 from effattn.nn.moh import MoHAttention
@@ -25,4 +26,5 @@ __all__ = [
     "LM",
     "LMConfig",
     "mixer_pattern",
+    "calibrate_duo_attention",
 ]

@@ -15,12 +15,14 @@ logits as in gpt-oss (OpenAI 2025). The kernel is :func:`effattn.attention`; one
 without a mask/score mod goes through :func:`effattn.decode_attention`.
 
 State: a :class:`~effattn.kv.KVCache` holding the (RoPE'd) keys and values, or any other cache of
-:mod:`effattn.kv` (a :class:`~effattn.kv.KVCacheBase`, e.g. the KIVI
-:class:`~effattn.kv.QuantizedKVCache`). A call with a state continues the sequence: positions start
-at the number of real tokens already cached, and the queries attend to the cache bottom-right
-aligned. The cache is extended in place and returned. A causal layer with a ``window`` (and no
-mask/score mod) starts a :class:`~effattn.kv.WindowKVCache` instead, which keeps only the keys a later query
-can still see (about the last ``window`` tokens), so its state stops growing with the context.
+:mod:`effattn.kv` (the :class:`~effattn.kv.LayerCache` protocol: the KIVI
+:class:`~effattn.kv.QuantizedKVCache`, rows of a :class:`~effattn.kv.PagedKVCache`, a KV policy's
+:class:`~effattn.kv.CompressedLayerCache`); the layer never asks which one it holds. A call with a
+state continues the sequence: positions start at the number of real tokens already cached, and the
+queries attend to the cache bottom-right aligned. The cache is extended in place and returned. A
+causal layer with a ``window`` (and no mask/score mod) starts a :class:`~effattn.kv.WindowKVCache`
+instead, which keeps only the keys a later query can still see (about the last ``window`` tokens),
+so its state stops growing with the context.
 
 Padding: ``valid`` (bool ``[B, T]``, False at left padding) makes padded tokens invisible as keys
 (a mask mod) and excludes them from the position count, so a left-padded batch gives the same
@@ -31,25 +33,16 @@ outputs at real tokens as each sequence on its own. Outputs at padded queries ar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from effattn.exact.api import BACKENDS, attention
-from effattn.exact.decode import decode_attention
+from effattn._checks import check_positive_int
+from effattn.exact import BACKENDS, attention, decode_attention
 from effattn.exact.masks import check_mod_signature, window_bounds
-from effattn.kv.base import KVCacheBase
-from effattn.kv.compressed import CompressedLayerCache
-from effattn.kv.contiguous import KVCache
-from effattn.kv.window import WindowKVCache
+from effattn.kv import AttentionPattern, CachedKV, KVCache, LayerCache, WindowKVCache
 from effattn.nn.rope import RotaryEmbedding
-
-
-def _check_pos_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_mixer_input(x, dim: int, valid) -> tuple[int, int]:
@@ -67,25 +60,24 @@ def check_mixer_input(x, dim: int, valid) -> tuple[int, int]:
     return B, T
 
 
-def check_state(state, batch: int) -> KVCacheBase:
+def check_state(state, batch: int) -> LayerCache:
+    """``state`` is a cache of :mod:`effattn.kv` (the :class:`~effattn.kv.LayerCache` protocol) holding
+    ``batch`` rows, or ``None`` (then a fresh :class:`~effattn.kv.KVCache`)."""
     if state is None:
         return KVCache()
-    if not isinstance(state, KVCacheBase):
+    if not isinstance(state, LayerCache):
         raise TypeError(
-            f"state must be a KV cache of effattn.kv (KVCache, QuantizedKVCache, ...; None for a fresh "
-            f"sequence), got {type(state).__name__}"
+            f"state must be a KV cache of effattn.kv (an effattn.kv.LayerCache: KVCache, QuantizedKVCache, ...; "
+            f"None for a fresh sequence), got {type(state).__name__}"
         )
-    if state.batch_size is not None and state.batch_size != batch:
-        raise ValueError(f"state holds batch {state.batch_size}, x has batch {batch}")
+    state.check_batch(batch)
     return state
 
 
 def window_keep(causal: bool, window: int | None, mods: bool = False) -> int | None:
     """Keys a later query can still see (``window - 1``) where a layer's cache may be bounded: causal,
     windowed, no mask/score mod (``mods``: they see absolute cache indices, which trimming would shift)."""
-    if not causal or window is None or mods:
-        return None
-    return window_bounds(window, True)[0]
+    return AttentionPattern(causal, window, mods).keep
 
 
 def cached_tokens(seq_len: int, keep: int | None) -> int:
@@ -94,24 +86,37 @@ def cached_tokens(seq_len: int, keep: int | None) -> int:
     return seq_len if keep is None else min(seq_len, WindowKVCache(keep).max_length)
 
 
-def layer_cache(state, batch: int, keep: int | None) -> KVCacheBase:
-    """The cache a layer continues: ``state`` checked, or a fresh one for ``state=None`` -- a
-    :class:`WindowKVCache` keeping ``keep`` tokens where the layer may bound its cache (``keep`` not
-    None: causal window, no mods), else a :class:`KVCache`."""
-    if state is None and keep is not None:
-        return WindowKVCache(keep)
+def layer_cache(state, batch: int, pattern: AttentionPattern) -> LayerCache:
+    """The cache a layer computing ``pattern`` continues: ``state`` checked (its batch, and
+    :meth:`~effattn.kv.LayerCache.check_pattern`), or a fresh one for ``state=None`` -- a
+    :class:`WindowKVCache` where the layer may bound its cache (causal window, no mods), else a
+    :class:`KVCache`."""
+    if state is None:
+        keep = pattern.keep
+        return KVCache() if keep is None else WindowKVCache(keep)
     cache = check_state(state, batch)
-    if isinstance(cache, WindowKVCache) and (keep is None or cache.keep < keep):
-        need = "a causal window without mask/score mods" if keep is None else f"keep >= {keep}"
-        raise ValueError(f"state is a WindowKVCache keeping {cache.keep} tokens; this layer needs {need}")
+    cache.check_pattern(pattern)
     return cache
+
+
+def _and_masks(fns: list[Callable]) -> Callable | None:
+    if not fns:
+        return None
+
+    def mm(b, h, qi, kv):
+        m = fns[0](b, h, qi, kv)
+        for f in fns[1:]:
+            m = m & f(b, h, qi, kv)
+        return m
+
+    return fns[0] if len(fns) == 1 else mm
 
 
 def cached_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cache: KVCache,
+    cache: CachedKV,
     *,
     causal: bool = True,
     window=None,
@@ -122,22 +127,30 @@ def cached_attention(
     sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Attention of the newest ``T_q`` queries against every key of ``cache`` (already appended).
+    """Attention of the newest ``T_q`` queries against every key of a cache, as
+    :meth:`effattn.kv.LayerCache.update` returned them (``cache``: the :class:`~effattn.kv.CachedKV`;
+    ``k``/``v`` its keys and values, or tensors derived from them slot by slot, as MLA's).
 
     ``mask_mod``/``score_mod`` receive absolute cache indices (query ``i`` of the call is cache
     index ``length - T_q + i``). Padded cached keys (``cache.valid``) are hidden and the window is
-    measured in real-token positions. Decoding (causal, ``T_q == 1``, no padding, no mod,
-    ``backend="auto"``) uses the split-KV :func:`effattn.decode_attention`.
+    measured in real-token positions. Heads of unequal length (``cache.head_mask``, a policy cache)
+    attend one kv head at a time to their own keys (plain causal attention only). Decoding (causal,
+    ``T_q == 1``, no padding, no mod, ``backend="auto"``) uses the split-KV
+    :func:`effattn.decode_attention`.
     """
     Tq, L = q.shape[1], k.shape[1]
     off = L - Tq
+    if cache.head_mask is not None:
+        if not causal or window is not None or mask_mod is not None or score_mod is not None:
+            raise ValueError("a KV policy needs a causal attention layer without window, mask_mod or score_mod")
+        return _ragged_heads_attention(q, k, v, cache.head_mask, scale, softcap, sinks, backend)
     kvalid = cache.valid
     if causal and Tq == 1 and kvalid is None and mask_mod is None and score_mod is None and backend == "auto":
         win = window_bounds(window, True)[0] + 1 if window is not None else None
         return decode_attention(q, k, v, scale=scale, window=win, softcap=softcap, sinks=sinks)
     masks = []
     if kvalid is not None:
-        kpos = cache.key_positions()
+        kpos = cache.key_positions
         masks.append(lambda b, h, qi, kv: kvalid[b, kv])
         if window is not None:
             left, right = window_bounds(window, causal)
@@ -150,15 +163,6 @@ def cached_attention(
             masks.append(window_mod)
     if mask_mod is not None:
         masks.append(lambda b, h, qi, kv: mask_mod(b, h, qi + off, kv))
-    mm = None
-    if masks:
-
-        def mm(b, h, qi, kv):
-            m = masks[0](b, h, qi, kv)
-            for f in masks[1:]:
-                m = m & f(b, h, qi, kv)
-            return m
-
     sm = None
     if score_mod is not None:
 
@@ -171,12 +175,41 @@ def cached_attention(
         v,
         causal=causal,
         window=window,
-        mask_mod=mm,
+        mask_mod=_and_masks(masks),
         score_mod=sm,
         scale=scale,
         softcap=softcap,
         sinks=sinks,
         backend=backend,
+    )
+
+
+def _causal(q, k, v, scale, softcap, sinks, backend) -> torch.Tensor:
+    if q.shape[1] == 1 and backend == "auto":
+        return decode_attention(q, k, v, scale=scale, softcap=softcap, sinks=sinks)
+    return attention(q, k, v, causal=True, scale=scale, softcap=softcap, sinks=sinks, backend=backend)
+
+
+def _ragged_heads_attention(q, k, v, head_mask, scale, softcap, sinks, backend) -> torch.Tensor:
+    """Causal attention where kv head ``h`` of row ``b`` holds only its last ``head_mask[b, h].sum()``
+    slots (left-padded by a policy cache): heads of one length across rows run one at a time on their
+    own unpadded keys; otherwise the key mask becomes a mask mod."""
+    lengths = head_mask.sum(-1)  # [B, H_kv]
+    group = q.shape[2] // k.shape[2]
+    if bool((lengths == lengths[:1]).all()):
+        L = k.shape[1]
+        outs = []
+        for h, n in enumerate(lengths[0].tolist()):
+            qs = slice(h * group, (h + 1) * group)
+            kh, vh = k[:, L - n :, h : h + 1], v[:, L - n :, h : h + 1]
+            outs.append(_causal(q[:, :, qs], kh, vh, scale, softcap, None if sinks is None else sinks[qs], backend))
+        return torch.cat(outs, dim=2)
+
+    def mm(b, h, qi, kv):
+        return head_mask[b, h // group, kv]
+
+    return attention(
+        q, k, v, causal=True, mask_mod=mm, scale=scale, softcap=softcap, sinks=sinks, backend=backend
     )
 
 
@@ -198,7 +231,15 @@ class Attention(nn.Module):
         backend: passed to :func:`effattn.attention`.
         bias: biases on the q/k/v/o projections.
 
-    ``forward(x, state=None, valid=None) -> (y, KVCache)``.
+    ``forward(x, state=None, valid=None) -> (y, cache)``: ``state`` is any cache of :mod:`effattn.kv`
+    (the :class:`~effattn.kv.LayerCache` protocol: contiguous, window, quantized, paged rows, or a
+    policy's :class:`~effattn.kv.CompressedLayerCache`); ``None`` starts a :class:`KVCache` (a
+    :class:`WindowKVCache` for a causal window without mods). :attr:`cache_pattern` says what a cache
+    must support to be this layer's state.
+
+    Per-head gates: :meth:`set_head_gates` (gates ``[kv_heads]`` and the mask of the gated-off
+    branch) is the one hook for changing what single heads see from outside the layer
+    (DuoAttention's calibration uses it); :attr:`head_gates` reads them back.
 
     Example::
 
@@ -230,10 +271,10 @@ class Attention(nn.Module):
         bias: bool = False,
     ):
         super().__init__()
-        _check_pos_int("dim", dim)
-        _check_pos_int("heads", heads)
-        _check_pos_int("kv_heads", kv_heads, allow_none=True)
-        _check_pos_int("head_dim", head_dim, allow_none=True)
+        check_positive_int("dim", dim)
+        check_positive_int("heads", heads)
+        check_positive_int("kv_heads", kv_heads, allow_none=True)
+        check_positive_int("head_dim", head_dim, allow_none=True)
         kv_heads = heads if kv_heads is None else kv_heads
         if heads % kv_heads != 0:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
@@ -264,6 +305,8 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
         self.rope = RotaryEmbedding(head_dim, rope_base, rope_fraction) if rope else None
         self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
+        self._head_gates: torch.Tensor | None = None  # set through set_head_gates only
+        self._gate_mask_mod = None
 
     def extra_repr(self) -> str:
         return (
@@ -271,37 +314,80 @@ class Attention(nn.Module):
             f"causal={self.causal}, window={self.window}, rope={self.rope}"
         )
 
+    @property
+    def cache_pattern(self) -> AttentionPattern:
+        """What this layer computes over its cache (:class:`effattn.kv.AttentionPattern`): a cache
+        that is to be its ``state`` must accept it (:meth:`effattn.kv.LayerCache.check_pattern`).
+        :class:`effattn.nn.LM` finds the layers that hold a KV cache by this attribute."""
+        mods = self.mask_mod is not None or self.score_mod is not None or self._head_gates is not None
+        return AttentionPattern(self.causal, self.window, mods)
+
+    def set_head_gates(self, gates: torch.Tensor | None, mask_mod=None) -> None:
+        """Mix every kv head's output with its output under an extra mask (``None`` removes the gates).
+
+        With ``g = gates [kv_heads]`` in ``[0, 1]`` (a query head ``h`` uses ``g[h // (heads / kv_heads)]``)::
+
+            o_h = g o_h + (1 - g) o_h'        o_h': the same attention with mask_mod also applied
+
+        ``mask_mod(b, h, q_idx, kv_idx)`` sees absolute cache indices, like the layer's own. The gates
+        may require grad (they are then trained with the model frozen): DuoAttention's retrieval /
+        streaming gates (Xiao et al. 2024, "DuoAttention: Efficient Long-Context LLM Inference with
+        Retrieval and Streaming Heads"), used by :func:`effattn.nn.calibrate_duo_attention`; gates of
+        0 and 1 put single heads under the mask. While gates are set the layer keeps a full cache (no
+        window trimming, no policy cache).
+
+        Example::
+
+            >>> layer = Attention(32, 4, kv_heads=2)
+            >>> x = torch.randn(1, 6, 32)
+            >>> layer.set_head_gates(torch.tensor([1.0, 0.0]), lambda b, h, q, kv: q - kv < 2)
+            >>> y, _ = layer(x)
+            >>> layer.set_head_gates(None)
+        """
+        if gates is None:
+            self._head_gates, self._gate_mask_mod = None, None
+            return
+        if not isinstance(gates, torch.Tensor) or not gates.dtype.is_floating_point:
+            raise TypeError(f"gates must be a floating tensor [kv_heads={self.kv_heads}], got {gates!r:.80}")
+        if tuple(gates.shape) != (self.kv_heads,):
+            raise ValueError(f"gates must have shape [kv_heads] = [{self.kv_heads}], got {tuple(gates.shape)}")
+        if bool(((gates < 0) | (gates > 1) | gates.isnan()).any()):
+            raise ValueError(f"gates must lie in [0, 1], got {gates.detach().tolist()}")
+        if mask_mod is None:
+            raise ValueError("set_head_gates needs the mask_mod of the gated-off branch")
+        check_mod_signature("mask_mod", mask_mod, 4)
+        self._head_gates, self._gate_mask_mod = gates, mask_mod
+
+    @property
+    def head_gates(self) -> torch.Tensor | None:
+        """The gates set by :meth:`set_head_gates` (``None``: no gating)."""
+        return self._head_gates
+
     def attend(
-        self, x: torch.Tensor, state: KVCache | None = None, valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, KVCache]:
-        """Per-head outputs ``o [B, T, heads, head_dim]`` (before ``o_proj``) and the cache."""
+        self, x: torch.Tensor, state: LayerCache | None = None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerCache]:
+        """Per-head outputs ``o [B, T, heads, head_dim]`` (before ``o_proj``) and the cache.
+
+        Any :class:`effattn.kv.LayerCache` works the same way: positions of the new tokens, then
+        ``update`` with the new keys, values and queries, attention over what it returns, ``trim``."""
         B, T = check_mixer_input(x, self.dim, valid)
-        if isinstance(state, CompressedLayerCache):
-            return self._attend_compressed(x, state, valid), state
-        cache = layer_cache(state, B, self._window_keep())
+        cache = layer_cache(state, B, self.cache_pattern)
         pos = cache.next_positions(B, T, valid, x.device)
         q, k, v = self._project(x, pos)
-        k_all, v_all = cache.append(k, v, valid)
+        kv = cache.update(k, v, valid=valid, q=q)
         sinks = None if self.sinks is None else self.sinks.to(q.dtype)
-        o = cached_attention(
-            q,
-            k_all,
-            v_all,
-            cache,
-            causal=self.causal,
-            window=self.window,
-            mask_mod=self.mask_mod,
-            score_mod=self.score_mod,
-            softcap=self.softcap,
-            sinks=sinks,
-            backend=self.backend,
-        )
-        if isinstance(cache, WindowKVCache):
-            cache.trim()
+        common = dict(causal=self.causal, window=self.window, softcap=self.softcap, sinks=sinks, backend=self.backend)
+        o = cached_attention(q, kv.k, kv.v, kv, mask_mod=self.mask_mod, score_mod=self.score_mod, **common)
+        if self._head_gates is not None:
+            gated_off = _and_masks([f for f in (self.mask_mod, self._gate_mask_mod) if f is not None])
+            o_alt = cached_attention(q, kv.k, kv.v, kv, mask_mod=gated_off, score_mod=self.score_mod, **common)
+            g = self._head_gates.repeat_interleave(self.heads // self.kv_heads).view(1, 1, -1, 1).to(o.dtype)
+            o = g * o + (1 - g) * o_alt
+        cache.trim()
         return o, cache
 
     def _window_keep(self) -> int | None:
-        return window_keep(self.causal, self.window, mods=self.mask_mod is not None or self.score_mod is not None)
+        return self.cache_pattern.keep
 
     def _project(self, x: torch.Tensor, pos: torch.Tensor):
         """Queries ``[B, T, heads, head_dim]``, keys and values ``[B, T, kv_heads, head_dim]``, QK-normed
@@ -316,57 +402,9 @@ class Attention(nn.Module):
             q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
         return q, k, v
 
-    def _attend_compressed(self, x: torch.Tensor, cache: CompressedLayerCache, valid) -> torch.Tensor:
-        """:meth:`attend` against a KV-policy cache (:class:`effattn.kv.CompressedKVCache`): the new
-        tokens keep their absolute positions (tokens seen, kept or not). Heads of unequal length
-        (left-padded by the cache) attend one kv head at a time to their own keys; a key mask that
-        differs across rows falls back to a mask mod."""
-        B, T = x.shape[:2]
-        if valid is not None and not bool(valid.all()):
-            raise ValueError("valid: left padding is not supported with a KV policy; run each row on its own")
-        if not self.causal or self.window is not None or self.mask_mod is not None or self.score_mod is not None:
-            raise ValueError("a KV policy needs a causal attention layer without window, mask_mod or score_mod")
-        if cache.batch_size is not None and cache.batch_size != B:
-            raise ValueError(f"state holds batch {cache.batch_size}, x has batch {B}")
-        pos = cache.next_positions(T, x.device)
-        q, k, v = self._project(x, pos)
-        k_all, v_all, key_mask = cache.update(k, v, q)
-        sinks = None if self.sinks is None else self.sinks.to(q.dtype)
-        if key_mask is None:
-            return self._attend_dense(q, k_all, v_all, sinks)
-        lengths = key_mask.sum(-1)  # [B, H_kv]
-        group = self.heads // self.kv_heads
-        if bool((lengths == lengths[:1]).all()):
-            # heads of unequal length: each kv head (and its query group) on its own unpadded keys
-            L = k_all.shape[1]
-            outs = []
-            for h, n in enumerate(lengths[0].tolist()):
-                qs = slice(h * group, (h + 1) * group)
-                outs.append(
-                    self._attend_dense(
-                        q[:, :, qs],
-                        k_all[:, L - n :, h : h + 1],
-                        v_all[:, L - n :, h : h + 1],
-                        None if sinks is None else sinks[qs],
-                    )
-                )
-            return torch.cat(outs, dim=2)
-
-        def mm(b, h, qi, kv):
-            return key_mask[b, h // group, kv]
-
-        return attention(
-            q, k_all, v_all, causal=True, mask_mod=mm, softcap=self.softcap, sinks=sinks, backend=self.backend
-        )
-
-    def _attend_dense(self, q, k, v, sinks):
-        if q.shape[1] == 1 and self.backend == "auto":
-            return decode_attention(q, k, v, softcap=self.softcap, sinks=sinks)
-        return attention(q, k, v, causal=True, softcap=self.softcap, sinks=sinks, backend=self.backend)
-
     def forward(
-        self, x: torch.Tensor, state: KVCache | None = None, valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, KVCache]:
+        self, x: torch.Tensor, state: LayerCache | None = None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerCache]:
         o, cache = self.attend(x, state, valid)
         return self.o_proj(o.flatten(2)), cache
 

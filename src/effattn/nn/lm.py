@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effattn.kv import AttentionPattern, CompressedKVCache, Policy, make_cache
+from effattn.nn.duo_calibration import calibrate_duo_attention
 from effattn.nn.registry import build_mixer, list_mixers
 
 __all__ = ["LMConfig", "LM", "mixer_pattern"]
@@ -269,36 +271,40 @@ class LM(nn.Module):
             logits, state = self(nxt[:, None].to(ids.dtype), state)
         return out
 
-    def cache_state(self, kv_cache="contiguous") -> list:
-        """A fresh decoding ``state`` in which every attention layer (``Attention`` and its
-        subclasses; not MLA, whose cache is key-only) starts with its own cache built by
-        :func:`effattn.kv.make_cache` from ``kv_cache``; other layers start empty as usual."""
-        from effattn.kv import make_cache
-        from effattn.nn.attention import Attention
-
-        return [make_cache(kv_cache) if isinstance(b.mixer, Attention) else None for b in self.blocks]
-
-    def policy_layers(self) -> list[int]:
-        """Indices of the blocks whose KV cache a policy can compress: plain causal
-        :class:`~effattn.nn.Attention` without window or mods (in depth order)."""
-        from effattn.nn.attention import Attention
-
+    def cache_layers(self) -> list[int]:
+        """Indices of the blocks whose mixer holds a KV cache (in depth order): the mixers that declare
+        a ``cache_pattern`` (an :class:`effattn.kv.AttentionPattern`: Attention, MoH, MLA, ...)."""
         return [
             i
             for i, b in enumerate(self.blocks)
-            if type(b.mixer) is Attention
-            and b.mixer.causal
-            and b.mixer.window is None
-            and b.mixer.mask_mod is None
-            and b.mixer.score_mod is None
+            if isinstance(getattr(b.mixer, "cache_pattern", None), AttentionPattern)
         ]
+
+    def cache_state(self, kv_cache="contiguous") -> list:
+        """A fresh decoding ``state`` in which every layer holding a KV cache (:meth:`cache_layers`)
+        starts with its own cache built by :func:`effattn.kv.make_cache` from ``kv_cache``, where that
+        cache accepts the layer's pattern (:meth:`effattn.kv.LayerCache.check_pattern`: MLA's
+        key-only latent cache takes a contiguous cache, not a quantized one); other layers start empty."""
+        state: list = [None] * len(self.blocks)
+        for i in self.cache_layers():
+            cache = make_cache(kv_cache)
+            try:
+                cache.check_pattern(self.blocks[i].mixer.cache_pattern)
+            except (TypeError, ValueError):
+                continue
+            state[i] = cache
+        return state
+
+    def policy_layers(self) -> list[int]:
+        """Indices of the blocks whose KV cache a policy can compress (in depth order): the cache
+        layers whose pattern a policy cache accepts (:meth:`effattn.kv.CompressedKVCache.accepts`:
+        causal attention over keys and values, without window or mods)."""
+        return [i for i in self.cache_layers() if CompressedKVCache.accepts(self.blocks[i].mixer.cache_pattern)]
 
     def compressed_state(self, kv_policy, scale: float | None = None) -> list:
         """A fresh decoding ``state`` whose causal attention layers (no window or mods) share one
         :class:`effattn.kv.CompressedKVCache` under ``kv_policy`` (layers numbered in depth order);
         other layers start empty as usual. The cache is ``state[i].cache`` for those layers."""
-        from effattn.kv import CompressedKVCache, Policy
-
         if not isinstance(kv_policy, Policy):
             raise TypeError(
                 f"kv_policy must be an effattn.kv.Policy (make_policy(...)), got {type(kv_policy).__name__}"
@@ -311,6 +317,12 @@ class LM(nn.Module):
         for n, i in enumerate(idx):
             state[i] = cache.layer(n)
         return state
+
+    def calibrate_duo_attention(self, **kwargs):
+        """DuoAttention's retrieval heads of this model: :func:`effattn.nn.calibrate_duo_attention`
+        ``(self, **kwargs)`` (a bool ``[len(policy_layers()), H_kv]`` mask for
+        ``make_policy("duo_attention", retrieval_heads=...)``)."""
+        return calibrate_duo_attention(self, **kwargs)
 
     @staticmethod
     def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:

@@ -24,18 +24,10 @@ import math
 import torch
 from torch import nn
 
-from effattn.exact.api import BACKENDS
-from effattn.kv.contiguous import KVCache
-from effattn.kv.window import WindowKVCache
-from effattn.nn.attention import (
-    Attention,
-    _check_pos_int,
-    cached_attention,
-    cached_tokens,
-    check_mixer_input,
-    layer_cache,
-    window_keep,
-)
+from effattn._checks import check_int, check_positive_int
+from effattn.exact import BACKENDS
+from effattn.kv import AttentionPattern, LayerCache
+from effattn.nn.attention import Attention, cached_attention, cached_tokens, check_mixer_input, layer_cache
 from effattn.nn.rope import RotaryEmbedding
 
 
@@ -91,10 +83,9 @@ class MLA(nn.Module):
             ("qk_nope_head_dim", qk_nope_head_dim),
             ("v_head_dim", v_head_dim),
         ):
-            _check_pos_int(name, val)
-        _check_pos_int("q_lora_rank", q_lora_rank, allow_none=True)
-        if isinstance(qk_rope_head_dim, bool) or not isinstance(qk_rope_head_dim, int) or qk_rope_head_dim < 0:
-            raise ValueError(f"qk_rope_head_dim must be an int >= 0, got {qk_rope_head_dim!r}")
+            check_positive_int(name, val)
+        check_positive_int("q_lora_rank", q_lora_rank, allow_none=True)
+        check_int("qk_rope_head_dim", qk_rope_head_dim, minimum=0)
         if qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
         if absorb not in (None, True, False):
@@ -135,13 +126,16 @@ class MLA(nn.Module):
         w = self.kv_up.weight.view(self.heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # W_uk [H, d_n, r], W_uv [H, d_v, r]
 
+    @property
+    def cache_pattern(self) -> AttentionPattern:
+        """What this layer computes over its cache: keys only (the latent rows), causal/window as set."""
+        return AttentionPattern(self.causal, self.window, key_only=True)
+
     def forward(
-        self, x: torch.Tensor, state: KVCache | None = None, valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, KVCache]:
+        self, x: torch.Tensor, state: LayerCache | None = None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerCache]:
         B, T = check_mixer_input(x, self.dim, valid)
-        cache = layer_cache(state, B, self._window_keep())
-        if not cache.key_only and cache.length:
-            raise TypeError("state must be an MLA cache (key-only [c_kv | k_pe]); got an Attention KVCache")
+        cache = layer_cache(state, B, self.cache_pattern)
         H, dn, dr, r = self.heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         pos = cache.next_positions(B, T, valid, x.device)
         q = self.q_proj(x).view(B, T, H, dn + dr)
@@ -153,7 +147,8 @@ class MLA(nn.Module):
         if self.rope is not None:
             q_pe = self.rope.apply(q_pe, pos)
             k_pe = self.rope.apply(k_pe.view(B, T, 1, dr), pos).view(B, T, dr)
-        lat_all, _ = cache.append(torch.cat([c_kv, k_pe], -1).unsqueeze(2), None, valid)
+        cached = cache.update(torch.cat([c_kv, k_pe], -1).unsqueeze(2), None, valid=valid)
+        lat_all = cached.k
         absorb = (T == 1) if self.absorb is None else self.absorb
         if absorb and self.rope_nope is not None:
             if self.absorb:
@@ -164,27 +159,25 @@ class MLA(nn.Module):
         if absorb:
             q_lat = torch.einsum("bthd,hdr->bthr", q_nope, W_uk)
             q_abs = torch.cat([q_lat, q_pe], -1)
-            o_lat = cached_attention(q_abs, lat_all, lat_all[..., :r], cache, scale=self.scale, **common)
+            o_lat = cached_attention(q_abs, lat_all, lat_all[..., :r], cached, scale=self.scale, **common)
             o = torch.einsum("bthr,hvr->bthv", o_lat, W_uv)
         else:
             L = lat_all.shape[1]
             kv = self.kv_up(lat_all[:, :, 0, :r]).view(B, L, H, dn + self.v_head_dim)
             k_nope, v = kv[..., :dn], kv[..., dn:]
             if self.rope_nope is not None:
-                kpos = cache.key_positions()
-                if kpos is None:
-                    start = getattr(cache, "dropped", 0)  # tokens a window cache has dropped
-                    kpos = torch.arange(start, start + L, device=x.device)
+                kpos = cached.key_positions
+                if kpos is None:  # slot j at offset + j (a window cache counts the slots it dropped)
+                    kpos = torch.arange(cached.offset, cached.offset + L, device=x.device)
                 q_nope = self.rope_nope.apply(q_nope, pos)
                 k_nope = self.rope_nope.apply(k_nope, kpos)
             k = torch.cat([k_nope, lat_all[..., r:].expand(B, L, H, dr)], -1)
-            o = cached_attention(torch.cat([q_nope, q_pe], -1), k, v, cache, scale=self.scale, **common)
-        if isinstance(cache, WindowKVCache):
-            cache.trim()
+            o = cached_attention(torch.cat([q_nope, q_pe], -1), k, v, cached, scale=self.scale, **common)
+        cache.trim()
         return self.o_proj(o.flatten(2)), cache
 
     def _window_keep(self) -> int | None:
-        return window_keep(self.causal, self.window)
+        return self.cache_pattern.keep
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Bytes of the latent cache: ``kv_lora_rank + qk_rope_head_dim`` numbers per token; a causal

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effattn.kv.contiguous import KVCache
+from effattn._checks import check_int
+from effattn.kv import LayerCache
 from effattn.nn.attention import Attention
 
 ROUTINGS = ("topk", "all")
@@ -69,11 +70,9 @@ class MoHAttention(Attention):
             shared_heads = heads // 4
         if top_k is None and isinstance(shared_heads, int):
             top_k = -(-(heads - shared_heads) // 2)
-        if isinstance(shared_heads, bool) or not isinstance(shared_heads, int) or not 0 <= shared_heads <= heads:
-            raise ValueError(f"shared_heads must be an int in [0, heads={heads}], got {shared_heads!r}")
+        check_int(f"shared_heads (of heads={heads})", shared_heads, minimum=0, maximum=heads)
         routed = heads - shared_heads
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not (0 <= top_k <= routed):
-            raise ValueError(f"top_k must be an int in [0, routed heads = {routed}], got {top_k!r}")
+        check_int(f"top_k (of {routed} routed heads)", top_k, minimum=0, maximum=routed)
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if routing == "topk" and shared_heads + top_k == 0:
@@ -111,8 +110,8 @@ class MoHAttention(Attention):
         return torch.cat(parts, -1), lb
 
     def forward(
-        self, x: torch.Tensor, state: KVCache | None = None, valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, KVCache]:
+        self, x: torch.Tensor, state: LayerCache | None = None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerCache]:
         o, cache = self.attend(x, state, valid)
         g, lb = self.gates(x, valid)
         self.last_gates, self.load_balance_loss = g.detach(), lb

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effattn.exact.api import attention
-from effattn.nn.attention import _check_pos_int
+from effattn._checks import check_positive_int
+from effattn.exact import attention
 
 
 def _tokens(x, dim: int, grid) -> tuple[torch.Tensor, tuple[int, int] | None, tuple[int, ...]]:
@@ -74,13 +74,13 @@ class CascadedGroupAttention(nn.Module):
         self, dim: int, heads: int, key_dim: int | None = None, dw_kernel: int | None = None, activation: bool = True
     ):
         super().__init__()
-        _check_pos_int("dim", dim)
-        _check_pos_int("heads", heads)
-        _check_pos_int("key_dim", key_dim, allow_none=True)
+        check_positive_int("dim", dim)
+        check_positive_int("heads", heads)
+        check_positive_int("key_dim", key_dim, allow_none=True)
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if dw_kernel is not None:
-            _check_pos_int("dw_kernel", dw_kernel)
+            check_positive_int("dw_kernel", dw_kernel)
             if dw_kernel % 2 == 0:
                 raise ValueError(f"dw_kernel must be odd, got {dw_kernel}")
         self.dim, self.heads = dim, heads
@@ -144,10 +144,10 @@ class SingleHeadAttention(nn.Module):
         self, dim: int, partial: int | None = None, qk_dim: int = 16, pre_norm: bool = True, activation: bool = True
     ):
         super().__init__()
-        _check_pos_int("dim", dim)
-        _check_pos_int("qk_dim", qk_dim)
+        check_positive_int("dim", dim)
+        check_positive_int("qk_dim", qk_dim)
         partial = max(1, dim // 4) if partial is None else partial
-        _check_pos_int("partial", partial)
+        check_positive_int("partial", partial)
         if partial > dim:
             raise ValueError(f"partial ({partial}) must be <= dim ({dim})")
         self.dim, self.partial, self.qk_dim = dim, partial, qk_dim
