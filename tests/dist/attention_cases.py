@@ -87,3 +87,11 @@ def assert_low_precision_close(results: list[tuple[str, dict]], atol: float = 2e
     for case, errs in results:
         for name, (fast, ref) in errs.items():
             assert fast <= 2 * ref + atol, f"{case}: {name} error {fast:.3g} > 2 x reference error {ref:.3g} + {atol}"
+
+
+def run_cases(fn, world: int, *args) -> list:
+    """Spawn ``fn`` on ``world`` ranks (group timeout 60 s, parent deadline 180 s) and concatenate the
+    per-rank lists of ``(case, errors)``."""
+    from effattn.dist import spawn
+
+    return [case for rank_cases in spawn(fn, world, *args, timeout=60, deadline=180) for case in rank_cases]

@@ -63,3 +63,16 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="start_method"):
         spawn(_sum_of_ranks, 2, 1.0, start_method="thread")
     assert 0 < free_port() < 65536
+
+
+def _rank0_stuck(rank, world_size):
+    if rank == 0:
+        time.sleep(120)
+    return rank
+
+
+def test_deadline_stops_a_stuck_rank():
+    start = time.monotonic()
+    with pytest.raises(RankError, match=r"rank 0 of 2 raised Timeout(.|\n)*deadline of 1.0 s"):
+        spawn(_rank0_stuck, 2, deadline=1.0)
+    assert time.monotonic() - start < 30

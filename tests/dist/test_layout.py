@@ -81,7 +81,7 @@ def _round_trips(rank, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_shard_and_gather_round_trip(world):
-    for rank, out in enumerate(spawn(_round_trips, world, timeout=30)):
+    for rank, out in enumerate(spawn(_round_trips, world, timeout=30, deadline=90)):
         checks = {k: v for k, v in out.items() if isinstance(v, bool)}
         assert checks and all(checks.values()), f"rank {rank}: {checks}"
         assert f"T={8 * world + 2} over P={world}" in out["uneven T"], out["uneven T"]

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import effattn.dist.usp
 from effattn.dist import spawn, usp_attention, usp_gather_sequence, usp_shard_positions, usp_shard_sequence
-from tests.dist.attention_cases import assert_close, compare, error_of
+from tests.dist.attention_cases import assert_close, compare, error_of, run_cases
 
 CASES = [  # (layout, causal, Hq, Hkv, D, chunk tokens per half ring shard)
     ("zigzag", True, 4, 1, 24, 2),
@@ -43,7 +43,7 @@ def _correctness(rank, world, shape):
 @pytest.mark.parametrize("world,shape", [(4, (2, 2)), (2, (2, 1)), (2, (1, 2))])
 def test_usp_equals_single_process(world, shape):
     """(2, 2): both; (2, 1): pure ring; (1, 2): pure Ulysses."""
-    assert_close([r for rank_results in spawn(_correctness, world, shape, timeout=60) for r in rank_results])
+    assert_close(run_cases(_correctness, world, shape))
 
 
 def test_positions_cover_the_sequence_once():
@@ -65,7 +65,7 @@ def _bad_inputs(rank, world):
 
 
 def test_bad_input_raises_on_every_rank():
-    for out in spawn(_bad_inputs, 4, timeout=20):
+    for out in spawn(_bad_inputs, 4, timeout=20, deadline=60):
         assert "heads_q (3" in out["heads"] and "divisible by its size 2" in out["heads"], out
         assert "2-D DeviceMesh" in out["mesh"], out
 

@@ -122,6 +122,7 @@ def spawn(
     start_method: str | None = None,
     threads_per_rank: int | None = 1,
     grace: float = 2.0,
+    deadline: float | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes in one process group.
 
@@ -140,6 +141,8 @@ def spawn(
             ranks do not oversubscribe the CPU cores.
         grace: seconds the other ranks get to finish (or report their own errors) after one failed,
             before they are terminated.
+        deadline: seconds after which ranks still running are terminated and reported as failed (a
+            last guard for a rank stuck outside any collective; ``None``: no limit).
 
     Returns the list of per-rank results, in rank order. Raises :class:`RankError` naming the first
     rank that failed, with its traceback text (and the exception itself as ``__cause__`` when it could
@@ -156,6 +159,8 @@ def spawn(
     """
     world_size = check_positive_int("world_size", world_size)
     grace = check_float("grace", grace, 0.0, math.inf)
+    if deadline is not None:
+        deadline = check_float("deadline", deadline, 0.0, math.inf, lo_open=True)
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=check_float("timeout", timeout, 0.0, math.inf, lo_open=True))
     if start_method is None:
@@ -180,6 +185,7 @@ def spawn(
     outputs: dict[int, Any] = {}
     errors: dict[int, tuple[str, bytes | None, str]] = {}
     first_error_at: float | None = None
+    started = time.monotonic()
     try:
         while len(outputs) + len(errors) < world_size:
             try:
@@ -192,6 +198,12 @@ def spawn(
                             errors[rank] = ("ProcessExit", None, f"process exited with code {p.exitcode} and no result")
                             first_error_at = first_error_at or time.monotonic()
                 if first_error_at is not None and time.monotonic() - first_error_at > grace:
+                    break
+                if deadline is not None and time.monotonic() - started > deadline:
+                    for rank in range(world_size):
+                        if rank not in outputs and rank not in errors:
+                            errors[rank] = ("Timeout", None, f"still running after spawn's deadline of {deadline} s")
+                    first_error_at = first_error_at or time.monotonic()
                     break
                 continue
             if ok:

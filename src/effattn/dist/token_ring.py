@@ -43,6 +43,18 @@ def _one_job(layout, causal, q_rank, kv_rank, T):
     return jobs[0] if jobs else None
 
 
+def _merge_partial(acc_o, acc_lse, handle, job) -> None:
+    got = handle.wait()
+    if job is not None:
+        merge_into(acc_o, acc_lse, job.q_rows, got[0], got[1])
+
+
+def _add_partial(dq, handle, job) -> None:
+    got = handle.wait()
+    if job is not None:
+        dq[:, job.q_rows] += got[0]
+
+
 class _TokenRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, group, layout, backend):
@@ -57,6 +69,7 @@ class _TokenRingAttention(torch.autograd.Function):
         for job in block_jobs(layout, causal, rank, rank, T):  # step 0: own queries, own keys
             o, lse = block_forward(q, k, v, job, scale, backend)
             merge_into(acc_o, acc_lse, job.q_rows, o, lse)
+        in_flight = None
         for s in range(1, world):
             (qb,) = q_pending.wait()
             if s + 1 < world:
@@ -71,10 +84,13 @@ class _TokenRingAttention(torch.autograd.Function):
                 n = in_job.q_rows.stop - in_job.q_rows.start
                 recvs = [(torch.empty(B, n, Hq, Dv, dtype=torch.float32, device=q.device), helper),
                          (torch.empty(B, Hq, n, dtype=torch.float32, device=q.device), helper)]
-            if sends or recvs:
-                got = p2p(sends, recvs, group, tag="partial").wait()
-                if got:
-                    merge_into(acc_o, acc_lse, in_job.q_rows, got[0], got[1])
+            # the partials travel while the next step computes; merged one step later
+            posted = (p2p(sends, recvs, group, tag="partial"), in_job)
+            if in_flight is not None:
+                _merge_partial(acc_o, acc_lse, *in_flight)
+            in_flight = posted
+        if in_flight is not None:
+            _merge_partial(acc_o, acc_lse, *in_flight)
         out = acc_o.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc_lse)
         ctx.causal, ctx.scale, ctx.group, ctx.layout = causal, scale, group, layout
@@ -97,6 +113,7 @@ class _TokenRingAttention(torch.autograd.Function):
             pending = shift(travel, nxt, prv, ctx.group, tag="q")
         for job in block_jobs(ctx.layout, ctx.causal, rank, rank, T):
             block_backward(q, k, v, do, lse, delta, job, ctx.scale, dq, dk, dv)
+        in_flight = None
         for s in range(1, world):
             travel = pending.wait()
             if s + 1 < world:
@@ -113,10 +130,12 @@ class _TokenRingAttention(torch.autograd.Function):
             if in_job is not None:
                 n = in_job.q_rows.stop - in_job.q_rows.start
                 recvs = [(torch.empty(q.shape[0], n, *q.shape[2:], dtype=torch.float32, device=q.device), helper)]
-            if sends or recvs:
-                got = p2p(sends, recvs, ctx.group, tag="partial").wait()
-                if got:
-                    dq[:, in_job.q_rows] += got[0]
+            posted = (p2p(sends, recvs, ctx.group, tag="partial"), in_job)
+            if in_flight is not None:
+                _add_partial(dq, *in_flight)
+            in_flight = posted
+        if in_flight is not None:
+            _add_partial(dq, *in_flight)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
