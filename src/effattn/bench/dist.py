@@ -310,7 +310,12 @@ def model_report(out: Path, meta: dict) -> None:
     notes = []
     sections = []
     payload = {"meta": {**meta, "hardware": H100_CLUSTER.__dict__}, "workloads": []}
-    for w in (Workload(seq_len=MODEL_SEQ_LEN), Workload(seq_len=MODEL_SEQ_LEN, kv_heads=8)):
+    workloads = (
+        Workload(seq_len=MODEL_SEQ_LEN),
+        Workload(seq_len=MODEL_SEQ_LEN, kv_heads=8),
+        Workload(seq_len=MODEL_SEQ_LEN // 8),
+    )
+    for w in workloads:
         rows = sweep(w)
         payload["workloads"].append({"workload": w.__dict__, "rows": [e.as_dict() for e in rows]})
         sections.append(
