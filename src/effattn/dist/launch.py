@@ -175,7 +175,7 @@ def spawn(
         ctx.Process(
             target=_worker,
             args=(fn, rank, world_size, args, port, timeout, backend, threads_per_rank, results),
-            daemon=True,
+            daemon=False,  # a rank may start its own workers (a DataLoader); the finally below stops every rank
             name=f"effattn-rank{rank}",
         )
         for rank in range(world_size)
@@ -211,9 +211,10 @@ def spawn(
             else:
                 errors[rank] = (payload[0], payload[1], tb)
                 first_error_at = first_error_at or time.monotonic()
-    finally:
+    finally:  # also reached on KeyboardInterrupt: no rank outlives the call
+        unfinished = bool(errors) or len(outputs) < world_size
         for p in procs:
-            if p.is_alive() and (errors or first_error_at is not None):
+            if p.is_alive() and unfinished:
                 p.terminate()
         for p in procs:
             p.join(timeout=5)
