@@ -87,3 +87,17 @@ def test_bad_input():
 
 def test_docstring_examples():
     assert doctest.testmod(halo_module).failed == 0
+
+
+def _mismatched(rank, world):
+    q = torch.randn(1, 5, 2, 8 + rank)  # rank 1 has a larger head dim
+    try:
+        halo_attention(q, q, q, window=3)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_mismatched_shapes_raise_on_every_rank():
+    msgs = spawn(_mismatched, 2, timeout=30)
+    assert all("rank 0" in m and "rank 1" in m for m in msgs), msgs

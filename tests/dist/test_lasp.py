@@ -147,3 +147,22 @@ def test_bad_input():
 
 def test_docstring_examples():
     assert doctest.testmod(lasp_module).failed == 0
+
+
+def _mismatched(rank, world):
+    heads = 2 + rank  # rank 1 has one head more
+    q, k, v = (torch.randn(1, 6, heads, 4) for _ in range(3))
+    out = []
+    for name, gates in (("simple_gla", (-torch.rand(1, 6, heads),)), ("delta_rule", (torch.rand(1, 6, heads),))):
+        try:
+            lasp2(name, q, k, v, *gates)
+            out.append("no error")
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_mismatched_shapes_raise_on_every_rank():
+    results = spawn(_mismatched, 2, timeout=30)
+    for msgs in results:
+        assert all("rank 0" in m and "rank 1" in m for m in msgs), msgs

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.autograd import Function
 
 from effattn._checks import check_positive_int, check_tensor
+from effattn.dist._comm import check_same_shapes
 from effattn.exact import attention
 
 __all__ = ["halo_attention", "halo_plan"]
@@ -155,6 +156,8 @@ def halo_attention(
             raise ValueError("group was given but torch.distributed is not initialized")
         return attention(q, k, v, causal=True, window=window, **kwargs)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # every dim but the length must agree across ranks; a mismatch raises everywhere, nobody waits
+    check_same_shapes(group, q=q[:, :0], k=k[:, :0], v=v[:, :0])
     lengths = [torch.zeros(1, dtype=torch.int64, device=k.device) for _ in range(world)]
     dist.all_gather(lengths, torch.tensor([k.shape[1]], dtype=torch.int64, device=k.device), group=group)
     plan = halo_plan([int(n) for n in lengths], window)

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from effattn.dist._comm import check_same_shapes
 from effattn.linear import (
     REGISTRY,
     LinearOp,
@@ -401,6 +402,7 @@ def lasp2(
     group=None,
     initial_state: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     output_final_state: bool = False,
+    check_ranks: bool = True,
     **kw,
 ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...] | None]:
     """A linear-family op on contiguous sequence shards, equal to ``op.chunk`` on the whole sequence.
@@ -411,7 +413,9 @@ def lasp2(
     ``(U_r, Lambda_r)``, the prefix combine ``S_in(r) = Lambda_{r-1} S_in(r-1) + U_{r-1}``);
     the others the sequential LASP-1 pass (``P`` steps); see :func:`lasp_schedule` and the module
     docstring. Returns ``(o_local, final_state or None)``; the final state is the global one, on
-    every rank. Without an initialized process group it is the op on one process.
+    every rank. Without an initialized process group it is the op on one process. ``check_ranks``
+    compares the inputs' shapes (all but the sequence length) across ranks first, so a mismatch
+    raises on every rank instead of leaving one waiting in a collective.
 
     Sun et al., "LASP-2: Rethinking Sequence Parallelism for Linear Attention and Its Hybrid", 2025.
 
@@ -435,5 +439,14 @@ def lasp2(
     args = (q, k, v, *gates)
     if world == 1:
         return op.chunk(*args, **kw, initial_state=initial_state, output_final_state=output_final_state)
+    if check_ranks:
+        T = q.shape[1]
+        named = {f"arg{i}": a for i, a in enumerate(args)} | {n: t for n, t in kw.items()}
+        if initial_state is not None:
+            named |= {f"initial_state{i}": s for i, s in enumerate(_tuple(initial_state))}
+        check_same_shapes(group, **{
+            n: (t[:, :0] if t.dim() >= 2 and t.shape[1] == T else t)
+            for n, t in named.items() if isinstance(t, torch.Tensor)
+        })
     schedule = _allgather if op.chunk in _DECAYS else _sequential
     return schedule(op, args, kw, initial_state, output_final_state, group, rank, world)
