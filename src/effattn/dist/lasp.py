@@ -89,7 +89,7 @@ def _global_rank(group, r: int) -> int:
 
 
 def _send_meta(tensors: tuple[torch.Tensor, ...], dst: int, group) -> None:
-    dist.send(_meta(tensors), dst, group=group)
+    dist.send(_meta(tensors).to(tensors[0].device), dst, group=group)
 
 
 def _meta(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -127,7 +127,7 @@ class _AllGatherPacked(Function):
     def forward(ctx, group, rank, world, *tensors):
         ctx.group, ctx.rank, ctx.world = group, rank, world
         ctx.meta = [(t.shape, t.dtype) for t in tensors]
-        ctx.dtype = tensors[0].dtype
+        ctx.dtype, ctx.device = tensors[0].dtype, tensors[0].device
         flat = torch.cat([t.detach().reshape(-1).to(ctx.dtype) for t in tensors])
         rows = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(rows, flat, group=group)
@@ -143,7 +143,7 @@ class _AllGatherPacked(Function):
     def backward(ctx, *grads):
         cols = []
         for g, (s, dt) in zip(grads, ctx.meta, strict=True):
-            g = g if g is not None else torch.zeros(ctx.world, *s, dtype=dt)
+            g = g if g is not None else torch.zeros(ctx.world, *s, dtype=dt, device=ctx.device)
             cols.append(g.reshape(ctx.world, -1).to(ctx.dtype))
         flat = torch.cat(cols, dim=1).contiguous()
         dist.all_reduce(flat, group=ctx.group)
@@ -177,18 +177,19 @@ class _RecvState(Function):
     @staticmethod
     def forward(ctx, anchor, group, src, device):
         ctx.group, ctx.src = group, src
-        meta = torch.empty(64, dtype=torch.int64)
+        meta = torch.empty(64, dtype=torch.int64, device=device)  # NCCL moves device tensors only
         dist.recv(meta, src, group=group)
         bufs = _empty_from_meta(meta, device)
         for b in bufs:
             dist.recv(b, src, group=group)
-        ctx.meta = [(b.shape, b.dtype) for b in bufs]
+        ctx.meta = [(b.shape, b.dtype, b.device) for b in bufs]
         return tuple(bufs)
 
     @staticmethod
     def backward(ctx, *grads):
-        for g, (s, dt) in zip(grads, ctx.meta, strict=True):
-            dist.send((g if g is not None else torch.zeros(s, dtype=dt)).contiguous(), ctx.src, group=ctx.group)
+        for g, (s, dt, dev) in zip(grads, ctx.meta, strict=True):
+            g = g if g is not None else torch.zeros(s, dtype=dt, device=dev)
+            dist.send(g.contiguous(), ctx.src, group=ctx.group)
         return None, None, None, None
 
 
@@ -222,20 +223,23 @@ class _BroadcastState(Function):
     @staticmethod
     def forward(ctx, group, src, is_src, device, o, *state):
         ctx.group, ctx.is_src = group, is_src
-        meta = _meta(tuple(s.detach() for s in state)) if is_src else torch.empty(64, dtype=torch.int64)
+        if is_src:
+            meta = _meta(tuple(s.detach() for s in state)).to(device)
+        else:
+            meta = torch.empty(64, dtype=torch.int64, device=device)
         dist.broadcast(meta, src, group=group)
         bufs = [s.detach().clone() for s in state] if is_src else _empty_from_meta(meta, device)
         for b in bufs:
             dist.broadcast(b, src, group=group)
-        ctx.meta = [(b.shape, b.dtype) for b in bufs]
+        ctx.meta = [(b.shape, b.dtype, b.device) for b in bufs]
         ctx.n_state = len(state)
         return (o.view_as(o), *bufs)
 
     @staticmethod
     def backward(ctx, grad_o, *grads):
         summed = []
-        for g, (s, dt) in zip(grads, ctx.meta, strict=True):
-            g = (g if g is not None else torch.zeros(s, dtype=dt)).contiguous().clone()
+        for g, (s, dt, dev) in zip(grads, ctx.meta, strict=True):
+            g = (g if g is not None else torch.zeros(s, dtype=dt, device=dev)).contiguous().clone()
             dist.all_reduce(g, group=ctx.group)
             summed.append(g)
         state_grads = summed if ctx.is_src else [None] * ctx.n_state
