@@ -85,6 +85,42 @@ def test_low_precision_flash_rule():
     assert_low_precision_close(run_cases(_low_precision, 2))
 
 
+def _nonfinite(rank, world):
+    """NaN/inf in some keys and values: rows that cannot see them equal a clean run, rows that can are NaN
+    exactly where single-process attention gives NaN, and no gradient of a clean entry is touched."""
+    from effattn.dist import token_ring_attention
+
+    results = []
+    for name, op in (("ring", ring_attention), ("token_ring", token_ring_attention)):
+        for layout in ("zigzag", "contiguous"):
+            g = torch.Generator().manual_seed(5)
+            T = 4 * world
+            q, k, v, do = (torch.randn(2, T, 4, 24, generator=g) for _ in range(4))
+            k, v = k[:, :, :2].clone(), v[:, :, :2].clone()
+            k[0, T - 2, 0, 3] = float("nan")  # late positions: most rows never see them
+            v[1, T - 3, 1, 0] = float("inf")
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            o = effattn.attention(q, k, v, causal=True)
+            (o.nan_to_num(0.0) * do).sum().backward()
+            local = [shard_sequence(t.detach(), layout=layout).requires_grad_() for t in (q, k, v)]
+            o_l = op(*local, causal=True, layout=layout)
+            (o_l.nan_to_num(0.0) * shard_sequence(do, layout=layout)).sum().backward()
+            ref = shard_sequence(o.detach(), layout=layout)
+            same_nan = torch.equal(torch.isnan(o_l), torch.isnan(ref)) and bool(torch.isnan(o).any())
+            clean = ~torch.isnan(ref)
+            errs = {"o": rel_rms(o_l[clean], ref[clean]) + (0.0 if same_nan else 1.0)}
+            for n, a, b in zip("qkv", local, (q, k, v)):
+                ref_grad = shard_sequence(b.grad, layout=layout)
+                errs[f"d{n}"] = rel_rms(a.grad, ref_grad) if torch.isfinite(ref_grad).all() else 1.0
+            results.append((f"rank {rank} {name} {layout} non-finite keys", errs))
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nonfinite_keys_reach_only_rows_that_see_them(world):
+    assert_close(run_cases(_nonfinite, world))
+
+
 def _traffic(rank, world):
     """Bytes per P2P call: each forward step moves exactly one K/V block, the backward one K/V block and
     one float32 dK/dV block."""

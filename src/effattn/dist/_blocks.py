@@ -11,6 +11,11 @@ exact without re-running attention::
     dQ += scale * dS K ;  dK += scale * dS^T Q
 
 (``dL`` is the gradient reaching the returned LSE, zero when it is unused.)
+
+Non-finite keys and values follow the rule of :func:`effattn.attention`: the forward (run by
+``effattn.attention`` on each block) zeroes them and poisons with NaN only the rows that may see them;
+the backward treats them as zeros and poisoned rows (non-finite LSE) as constants, so garbage in a
+masked or skipped position never reaches a gradient of a clean row.
 """
 
 from __future__ import annotations
@@ -94,13 +99,19 @@ def block_backward(
 
     Query rows are processed in chunks so the score tile stays near ``BACKWARD_TILE_ELEMENTS``.
     GQA: query head ``h`` reads key head ``h // (Hq / Hkv)``; its key gradients are summed per group.
+    Non-finite keys/values count as zeros and rows with a non-finite LSE (poisoned, or empty) as
+    constants, as in the forward.
     """
     qs, ks = job.q_rows, job.k_rows
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
     g = Hq // Hkv
-    kh = k[:, ks].float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Tk, D]
-    vh = v[:, ks].float().permute(0, 2, 1, 3).unsqueeze(2)
+    kb, vb = k[:, ks].float(), v[:, ks].float()
+    bad = ~(torch.isfinite(kb).all(-1) & torch.isfinite(vb).all(-1))  # [B, Tk, Hkv]
+    if bool(bad.any()):
+        kb, vb = kb.masked_fill(bad[..., None], 0.0), vb.masked_fill(bad[..., None], 0.0)
+    kh = kb.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Tk, D]
+    vh = vb.permute(0, 2, 1, 3).unsqueeze(2)
     Tk = kh.shape[3]
     n_rows = qs.stop - qs.start
     step = max(1, BACKWARD_TILE_ELEMENTS // max(1, B * Hq * Tk))
@@ -109,10 +120,12 @@ def block_backward(
     for start in range(0, n_rows, step):
         rows = slice(qs.start + start, qs.start + min(n_rows, start + step))
         n = rows.stop - rows.start
-        qh = q[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, D)
-        doh = do[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, -1)
         L = lse[:, :, rows].reshape(B, Hkv, g, n, 1)
-        L = torch.where(torch.isinf(L), torch.full_like(L, float("inf")), L)  # empty rows: P = 0
+        const = ~torch.isfinite(L)  # empty (-inf) or poisoned (NaN) rows: P = 0, no gradient
+        L = L.masked_fill(const, float("inf"))
+        dlt = delta[:, :, rows].reshape(B, Hkv, g, n, 1).masked_fill(const, 0.0)
+        qh = q[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, D).masked_fill(const, 0.0)
+        doh = do[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, -1).masked_fill(const, 0.0)
         s = (qh @ kh.transpose(-1, -2)) * scale
         if job.causal:
             # bottom-right aligned within the block: key j visible to query i iff j <= i + Tk - Tq
@@ -122,7 +135,7 @@ def block_backward(
         p = torch.exp(s - L)
         dv_acc += (p.transpose(-1, -2) @ doh).sum(2)
         dp = doh @ vh.transpose(-1, -2)
-        ds = p * (dp - delta[:, :, rows].reshape(B, Hkv, g, n, 1))
+        ds = p * (dp - dlt)
         dq[:, rows] += (ds @ kh).reshape(B, Hq, n, D).transpose(1, 2) * scale
         dk_acc += (ds.transpose(-1, -2) @ qh).sum(2) * scale
     dk[:, ks] += dk_acc.transpose(1, 2)

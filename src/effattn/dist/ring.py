@@ -27,6 +27,7 @@ the LSE. A rank holds its own K/V, one travelling block and the one being receiv
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from effattn._checks import check_qkv, check_scale
 from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
@@ -76,6 +77,7 @@ class _RingAttention(torch.autograd.Function):
         return out, acc_lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         rank, world = group_rank_and_size(ctx.group)

@@ -26,6 +26,7 @@ not re-run as a forward.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from effattn._checks import check_scale
 from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
@@ -97,6 +98,7 @@ class _TokenRingAttention(torch.autograd.Function):
         return out, acc_lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         rank, world = group_rank_and_size(ctx.group)
