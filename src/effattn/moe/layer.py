@@ -165,6 +165,19 @@ class MoE(nn.Module):
         self.register_buffer("lbl_counts", torch.zeros(num_experts + 1, dtype=torch.int64), persistent=False)
         self.last_aux: MoEAux | None = None
 
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Re-initialise the router and expert weights: normal with ``std`` (a model's own init scale, e.g.
+        0.02) or, with ``None``, ``1/sqrt(fan_in)``; shared experts' linears likewise. Buffers are kept."""
+        if std is not None:
+            check_float("std", std, 0.0, math.inf, lo_open=True)
+        for p, fan_in in ((self.router.weight, self.dim), (self.experts.w_in, self.dim),
+                          (self.experts.w_out, self.hidden)):
+            p.normal_(0.0, fan_in**-0.5 if std is None else std)
+        if self.shared is not None:
+            for lin in (self.shared.gate, self.shared.up, self.shared.down):
+                lin.weight.normal_(0.0, lin.in_features**-0.5 if std is None else std)
+
     # -- training-loop hooks ------------------------------------------------------------------------------
     def reset_lbl_stats(self) -> None:
         """Start a new global batch: clear the expert counts that ``lbl_scope="global"`` accumulates over
