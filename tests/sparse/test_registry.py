@@ -136,3 +136,19 @@ def test_keep_mod_alone_gives_the_bool_mask_mod():
     o = attention(q, k, v, block_mask=bm, backend="tiled")
     o_ref = attention(q, k, v, block_mask=bm, backend="reference")
     assert_fp32_close(o, o_ref, 1e-5)
+
+
+def test_registry_is_the_generic_registry_and_reads_as_a_mapping():
+    from effattn._registry import Registry
+    from effattn.sparse._common import register
+
+    assert isinstance(sparse.REGISTRY, Registry) and sparse.REGISTRY.package == "effattn.sparse"
+    names = sparse.REGISTRY.names()
+    assert names == sorted(sparse.REGISTRY) == [n for n, _ in sparse.REGISTRY.items()] == sorted(dict(sparse.REGISTRY))
+    assert all(n in sparse.REGISTRY and sparse.REGISTRY[n].name == n for n in names)
+    with pytest.raises(ValueError, match="unknown sparse method 'nope'"):
+        sparse.REGISTRY["nope"]
+    routing = sparse.REGISTRY["routing"]
+    assert register(routing) is routing  # re-registering the same entry (a module reload) is allowed
+    with pytest.raises(ValueError, match="already registered"):
+        register(sparse.SparseMethod("routing", routing.attend, None, routing.make_params, True))
