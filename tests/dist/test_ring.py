@@ -175,6 +175,22 @@ def test_bad_input_raises_on_every_rank(world):
         assert out["positions"] == [*range(c * rank, c * rank + c), *range(c * late, c * late + c)]
 
 
+def _mismatched_groups(rank, world):
+    group = torch.distributed.new_group(list(range(world)))  # the same members, another communicator
+    x = torch.randn(1, 4, 2, 8)
+    try:
+        ring_attention(x, x, x, group=group if rank == 0 else None)
+    except RuntimeError as e:
+        return f"RuntimeError: {e}"
+    return "no error"
+
+
+def test_mismatched_groups_fail_on_every_rank_after_the_timeout():
+    """Rank 0 passes one group, rank 1 another: no rank hangs past the group's timeout."""
+    for out in spawn(_mismatched_groups, 2, timeout=3, deadline=60):
+        assert out.startswith("RuntimeError") and ("Timed out" in out or "closed by peer" in out), out
+
+
 def test_docstring_example():
     res = doctest.testmod(effattn.dist.ring, extraglobs={"torch": torch})
     assert res.attempted > 0 and res.failed == 0
