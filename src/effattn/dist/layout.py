@@ -41,7 +41,11 @@ LAYOUTS = ("contiguous", "zigzag")
 
 
 def check_layout(layout: str) -> str:
-    """``layout`` is one of :data:`LAYOUTS`."""
+    """``layout`` is one of :data:`LAYOUTS`.
+
+    >>> check_layout("zigzag")
+    'zigzag'
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return layout
@@ -69,7 +73,13 @@ def check_shardable(seq_len: int, world_size: int, layout: str, name: str = "seq
 
 
 def group_rank_and_size(group=None) -> tuple[int, int]:
-    """``(rank, world_size)`` of this process in ``group`` (the default group when ``None``)."""
+    """``(rank, world_size)`` of this process in ``group`` (the default group when ``None``).
+
+    >>> group_rank_and_size()
+    Traceback (most recent call last):
+    ...
+    RuntimeError: torch.distributed is not initialized: call torch.distributed.init_process_group first ...
+    """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "torch.distributed is not initialized: call torch.distributed.init_process_group first "

@@ -56,7 +56,17 @@ def replicate_kv_heads(k: torch.Tensor, heads_q: int, world_size: int) -> torch.
 def sequence_to_heads(x: torch.Tensor, group=None, layout: str = "contiguous", seq_dim: int = 1,
                       head_dim: int = 2) -> torch.Tensor:
     """All-to-all ``[B, T/P, H, D]`` sequence shards (laid out by ``layout``) to ``[B, T, H/P, D]``
-    head shards in global sequence order. Differentiable."""
+    head shards in global sequence order. Differentiable.
+
+    >>> from effattn.dist import shard_sequence, spawn
+    >>> def fn(rank, world_size):
+    ...     x = torch.arange(8.0).view(1, 4, 2, 1).expand(1, 4, 2, 3)  # value 2 t + h
+    ...     heads = sequence_to_heads(shard_sequence(x, layout="zigzag"), layout="zigzag")
+    ...     back = heads_to_sequence(heads, layout="zigzag")
+    ...     return heads[0, :, 0, 0].tolist(), torch.equal(back, shard_sequence(x, layout="zigzag"))
+    >>> spawn(fn, 2)
+    [([0.0, 2.0, 4.0, 6.0], True), ([1.0, 3.0, 5.0, 7.0], True)]
+    """
     _, world = group_rank_and_size(group)
     out = all_to_all(x, group, scatter_dim=head_dim, gather_dim=seq_dim)
     if layout == "zigzag":  # the all-to-all concatenates shards in rank order; restore global order
@@ -67,7 +77,8 @@ def sequence_to_heads(x: torch.Tensor, group=None, layout: str = "contiguous", s
 
 def heads_to_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", seq_dim: int = 1,
                       head_dim: int = 2) -> torch.Tensor:
-    """The inverse of :func:`sequence_to_heads`: ``[B, T, H/P, D]`` to ``[B, T/P, H, D]``. Differentiable."""
+    """The inverse of :func:`sequence_to_heads`: ``[B, T, H/P, D]`` to ``[B, T/P, H, D]``. Differentiable
+    (example: :func:`sequence_to_heads`)."""
     _, world = group_rank_and_size(group)
     if layout == "zigzag":
         x = x.index_select(seq_dim, layout_permutation(x.shape[seq_dim], world, layout, x.device))

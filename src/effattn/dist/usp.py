@@ -31,7 +31,16 @@ __all__ = ["usp_attention", "usp_gather_sequence", "usp_groups", "usp_shard_posi
 
 
 def usp_groups(mesh, ring_dim: int | str = 0, ulysses_dim: int | str = 1):
-    """``(ring_group, ulysses_group)`` of a 2-D ``DeviceMesh``."""
+    """``(ring_group, ulysses_group)`` of a 2-D ``DeviceMesh``.
+
+    >>> from torch.distributed.device_mesh import init_device_mesh
+    >>> from effattn.dist import spawn
+    >>> def fn(rank, world_size):
+    ...     ring, ulysses = usp_groups(init_device_mesh("cpu", (2, 2)))
+    ...     return torch.distributed.get_process_group_ranks(ring), torch.distributed.get_process_group_ranks(ulysses)
+    >>> spawn(fn, 4)[1]
+    ([1, 3], [0, 1])
+    """
     if getattr(mesh, "ndim", None) != 2:
         raise ValueError(f"mesh must be a 2-D DeviceMesh (ring x ulysses), got {mesh!r}")
     if ring_dim == ulysses_dim:
@@ -57,14 +66,25 @@ def usp_shard_positions(
 
 def usp_shard_sequence(x: torch.Tensor, mesh, layout: str = "zigzag", dim: int = 1,
                        ring_dim: int | str = 0, ulysses_dim: int | str = 1) -> torch.Tensor:
-    """This rank's USP shard of a full sequence ``x`` (ring layout, then contiguous over Ulysses)."""
+    """This rank's USP shard of a full sequence ``x`` (ring layout, then contiguous over Ulysses).
+
+    >>> from torch.distributed.device_mesh import init_device_mesh
+    >>> from effattn.dist import spawn
+    >>> def fn(rank, world_size):
+    ...     mesh = init_device_mesh("cpu", (2, 2))
+    ...     shard = usp_shard_sequence(torch.arange(16).view(1, 16), mesh, layout="zigzag")
+    ...     return shard.tolist(), torch.equal(usp_gather_sequence(shard, mesh), torch.arange(16).view(1, 16))
+    >>> spawn(fn, 4)
+    [([[0, 1, 2, 3]], True), ([[12, 13, 14, 15]], True), ([[4, 5, 6, 7]], True), ([[8, 9, 10, 11]], True)]
+    """
     ring_group, ulysses_group = usp_groups(mesh, ring_dim, ulysses_dim)
     return shard_sequence(shard_sequence(x, ring_group, layout, dim), ulysses_group, "contiguous", dim)
 
 
 def usp_gather_sequence(x: torch.Tensor, mesh, layout: str = "zigzag", dim: int = 1,
                         ring_dim: int | str = 0, ulysses_dim: int | str = 1) -> torch.Tensor:
-    """The full sequence from every rank's USP shard (inverse of :func:`usp_shard_sequence`)."""
+    """The full sequence from every rank's USP shard (inverse of :func:`usp_shard_sequence`, whose
+    example uses it)."""
     ring_group, ulysses_group = usp_groups(mesh, ring_dim, ulysses_dim)
     return gather_sequence(gather_sequence(x, ulysses_group, "contiguous", dim), ring_group, layout, dim)
 
