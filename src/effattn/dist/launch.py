@@ -86,7 +86,7 @@ def free_port() -> int:
 def _worker(fn, rank, world_size, args, port, timeout, backend, threads, results) -> None:
     """One rank: join the group, run ``fn``, report ``(rank, ok, payload, traceback)`` (pickled bytes)."""
     if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own connections stay on loopback too
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections stay on loopback too
     if threads is not None:
         torch.set_num_threads(threads)
     initialized = False
