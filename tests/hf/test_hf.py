@@ -429,3 +429,34 @@ def test_unsupported_transformers_version_is_refused(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.46.0")
     with pytest.raises(ImportError, match=r"transformers >= 5.0, < 6 .*major version 5 \(found 4.46.0\)"):
         _compat.check_transformers()
+
+
+def test_cache_and_attention_meet_through_one_public_object():
+    """hf/cache.py and hf/attention.py share only the handshake's public names: no underscore name
+    imported across modules, no attribute of another module written."""
+    import ast
+
+    from effattn.hf._handshake import HANDSHAKE, PendingUpdate
+
+    root = Path(ehf.__file__).parent
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not [a.name for a in node.names if a.name.startswith("_")], f"{path.name}: {ast.dump(node)}"
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:  # writes like other_module._private.x = ...
+                    base = t
+                    while isinstance(base, ast.Attribute):
+                        base = base.value
+                    other = isinstance(base, ast.Name) and base.id in ("_attn", "attention", "cache", "effattn")
+                    assert not (t is not base and other), f"{path.name} writes {ast.unparse(t)}"
+    k = torch.zeros(1)
+    item = PendingUpdate(0, k, k, lambda *a: None)
+    HANDSHAKE.post(item)
+    assert HANDSHAKE.take(torch.zeros(1)) is None  # another tensor: not this update's keys
+    assert HANDSHAKE.take(k) is item and HANDSHAKE.take(k) is None  # taken once
+    HANDSHAKE.post(item)
+    HANDSHAKE.discard(PendingUpdate(1, k, k, lambda *a: None))  # someone else's: kept
+    assert HANDSHAKE.take(k) is item

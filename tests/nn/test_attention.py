@@ -337,3 +337,55 @@ def test_bad_input():
 def test_docstring_examples_run(mod):
     res = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0
+
+
+# ----------------------------------------------------------------------------- per-head gates hook
+def _streaming(b, h, q, kv):
+    return (kv < 1) | (q - kv < 3)
+
+
+def test_head_gates_mix_each_kv_head_with_its_masked_output():
+    layer, masked = _layer(kv_heads=2), _layer(kv_heads=2, mask_mod=_streaming)  # same seed: same weights
+    x = _x(T=13)
+    o_full, o_alt = layer.attend(x)[0], masked.attend(x)[0]
+    layer.set_head_gates(torch.ones(2), _streaming)
+    assert_fp32_close(layer(x)[0], layer.o_proj(o_full.flatten(2)), name="gates 1")
+    layer.set_head_gates(torch.zeros(2), _streaming)
+    assert_fp32_close(layer(x)[0], masked(x)[0], name="gates 0")
+    layer.set_head_gates(torch.tensor([1.0, 0.25]), _streaming)
+    want = torch.cat([o_full[:, :, :2], 0.25 * o_full[:, :, 2:] + 0.75 * o_alt[:, :, 2:]], dim=2)
+    assert_fp32_close(layer.attend(x)[0], want, name="mixed heads")
+    # decoding with gates equals the gated full forward (the mask sees absolute cache indices)
+    with torch.no_grad():
+        y, cache = layer(x[:, :7])
+        steps = [y] + [layer(x[:, t : t + 1], cache)[0] for t in range(7, 13)]
+    assert_fp32_close(torch.cat(steps, 1), layer(x)[0], name="gated decode")
+    layer.set_head_gates(None)
+    assert layer.head_gates is None
+    assert_fp32_close(layer(x)[0], layer.o_proj(o_full.flatten(2)), name="gates removed")
+
+
+def test_head_gates_are_differentiable_and_change_the_cache_pattern():
+    layer = _layer(kv_heads=2, window=4)
+    gates = torch.full((2,), 0.5, requires_grad=True)
+    layer.set_head_gates(gates, _streaming)
+    y, cache = layer(_x(T=9))
+    (g,) = torch.autograd.grad(y.square().sum(), gates)
+    assert g.shape == (2,) and bool(g.abs().gt(0).all())
+    # while gated, the window layer keeps its whole cache (the gate's mask sees absolute indices)
+    assert type(cache) is KVCache and layer.cache_pattern.mods
+    layer.set_head_gates(None)
+    assert type(layer(_x(T=9))[1]) is WindowKVCache
+
+
+def test_head_gates_bad_input():
+    layer = _layer(kv_heads=2)
+    with pytest.raises(ValueError, match=r"gates must have shape \[kv_heads\] = \[2\]"):
+        layer.set_head_gates(torch.ones(4), _streaming)
+    with pytest.raises(ValueError, match=r"gates must lie in \[0, 1\]"):
+        layer.set_head_gates(torch.tensor([0.5, 1.5]), _streaming)
+    with pytest.raises(TypeError, match="gates must be a floating tensor"):
+        layer.set_head_gates(torch.ones(2, dtype=torch.long), _streaming)
+    with pytest.raises(ValueError, match="needs the mask_mod"):
+        layer.set_head_gates(torch.ones(2))
+    assert layer.head_gates is None
