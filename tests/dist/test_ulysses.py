@@ -9,7 +9,7 @@ import torch
 
 import effattn
 import effattn.dist.ulysses
-from effattn.dist import replicate_kv_heads, shard_sequence, spawn, ulysses_attention
+from effattn.dist import count_bytes, replicate_kv_heads, shard_sequence, spawn, ulysses_attention
 from tests.dist.attention_cases import assert_close, compare, error_of, run_cases
 from tests.helpers import rel_rms
 
@@ -75,6 +75,24 @@ def test_bad_input_raises_on_every_rank(world):
         assert f"alibi_slopes must be a tensor [heads_q] = [{2 * world}]" in out["slopes"], out
         assert "even local length" in out["odd zigzag"], out
         assert "different shapes" in out["mismatch"], out
+
+
+def _traffic(rank, world):
+    x = torch.randn(1, 6, 2 * world, 40, requires_grad=True)
+    with count_bytes() as fwd:
+        o = ulysses_attention(x, x, x, causal=True)
+    with count_bytes() as bwd:
+        o.sum().backward()
+    return fwd.calls, bwd.calls, x.numel() * 4
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_four_all_to_alls_of_the_shard(world):
+    """q, k, v to head shards and the output back: 4 all-to-alls moving (P-1)/P of a shard each."""
+    for fwd, bwd, shard in spawn(_traffic, world, timeout=20, deadline=60):
+        moved = shard * (world - 1) // world
+        assert fwd == [("all_to_all", moved, moved)] * 4
+        assert bwd == [("all_to_all", moved, moved)] * 4  # the backward is the inverse all-to-alls
 
 
 def test_replicate_kv_heads():

@@ -1,8 +1,9 @@
 """Communication pieces shared by the sequence-parallel methods (``torch.distributed`` only).
 
 * :func:`p2p` posts point-to-point sends and receives with ``batch_isend_irecv`` and returns a
-  handle; every transfer is recorded by an active :func:`count_bytes` counter, which is how the tests
-  check that a rank never receives more than one travelling block at a time.
+  handle; every transfer (and every :func:`all_to_all`) is recorded by an active :func:`count_bytes`
+  counter, which is how the tests check that a rank never receives more than one travelling block at
+  a time.
 * :func:`all_to_all` is a differentiable ``all_to_all_single`` that scatters one dimension and gathers
   another (its backward is the inverse all-to-all), the building block of Ulysses.
 * :func:`check_same_shapes` compares tensor shapes across ranks with one small all-gather, so that a
@@ -57,7 +58,8 @@ class CommCounter:
 
 @contextlib.contextmanager
 def count_bytes() -> Iterator[CommCounter]:
-    """Record the bytes every :func:`p2p` call of this process sends and receives inside the block.
+    """Record the bytes every :func:`p2p` and :func:`all_to_all` call of this process sends and receives
+    inside the block (an all-to-all counts the ``(P-1)/P`` of its input that leaves the rank).
 
     >>> from effattn.dist import spawn
     >>> def fn(rank, world_size):
@@ -146,6 +148,9 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     n = shape[scatter_dim] // world
     parts = x.reshape(shape[:scatter_dim] + [world, n] + shape[scatter_dim + 1 :]).movedim(scatter_dim, 0).contiguous()
     out = torch.empty_like(parts)
+    moved = parts.numel() * parts.element_size() * (world - 1) // world  # the own part stays
+    for c in _COUNTERS:
+        c.calls.append(("all_to_all", moved, moved))
     dist.all_to_all_single(out, parts, group=group)
     # out[p] came from rank p: its piece of the gathered dim, placed in rank order
     out = out.movedim(0, gather_dim)  # [.., P, m, ..] at gather_dim (the scattered dim keeps size n)
