@@ -6,10 +6,11 @@ Three parts (``--parts``, default all three):
   (``dim`` 128, expert hidden 256, top-2) at 1k/4k/16k tokens and 8/32/64 experts, for dropless dispatch
   with ``torch._grouped_mm`` (``dropless``), dropless with one matmul per expert slice
   (``dropless_loop``), GShard capacity 1.25 (``capacity``), the per-token reference loop
-  (``reference``, only up to ``--reference-max`` tokens: it makes ``2 N`` tiny matmuls and an autograd
-  graph of that size; one run, no warm-up, timed together with its memory measurement) and a dense
-  SwiGLU of equal active parameters (hidden ``top_k * 256``, ``dense``).
-  Every row: median, min and max of ``--repeats`` timed runs after a warm-up, and the ratio to dense.
+  (``reference``, only up to ``--reference-max`` tokens and ``--reference-experts`` experts: it makes
+  ``2 N`` tiny matmuls and an autograd graph of that size; one run, no warm-up, timed together with its
+  memory measurement) and a dense SwiGLU of equal active parameters (hidden ``top_k * 256``, ``dense``).
+  Every row: median, min and max of ``--repeats`` timed runs after a warm-up, and the time relative to
+  dense timed back to back (``vs_dense_paired``, the median of per-pair ratios).
 - ``ep``: expert parallelism on 1/2/4 gloo ranks (``spawn`` over 127.0.0.1): time per forward+backward
   step (the slowest rank of each repeat), bytes each rank sends per step (forward and backward
   all-to-alls) and peak memory per rank, plain and overlapped (``ep_chunks=4``). Ranks share this
@@ -56,10 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed runs per measurement after a warm-up (default: %(default)s)")
     p.add_argument("--reference-max", type=int, default=1024, metavar="N",
                    help="largest token count the per-token reference loop is timed at (default: %(default)s)")
+    p.add_argument("--reference-experts", type=int, default=8, metavar="E",
+                   help="largest expert count the reference loop is timed at (default: %(default)s; its per-token "
+                        "autograd graph grows with E: 2 min per call at 64 experts on a busy 2-core machine)")
     p.add_argument("--parts", type=str, default=",".join(PARTS), help="comma-separated parts (default: %(default)s)")
     p.add_argument("--ep-ranks", type=str, default="1,2,4", help="expert-parallel world sizes (default: %(default)s)")
     p.add_argument("--train-steps", type=int, default=None, metavar="S",
-                   help="optimizer steps per training run (default: 150; with --quick: 4)")
+                   help="optimizer steps per training run (default: 60; with --quick: 4)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads in this process (default: %(default)s: on a shared, loaded CPU two OpenMP "
                         "threads spin against other jobs and run 10x slower than one)")
@@ -109,31 +113,37 @@ def _dispatch_case(method: str, N: int, E: int, device: str):
     return (lambda: moe(x)), x
 
 
+def _step(method: str, N: int, E: int, device: str):
+    fwd, x = _dispatch_case(method, N, E, device)
+    g = torch.randn(N, DIM) if method == "reference" else torch.randn(1, N, DIM)
+
+    def step():
+        fwd().backward(g)
+        x.grad = None
+
+    return step
+
+
 def dispatch_rows(args) -> list[dict]:
     tokens = _ints(args.tokens, QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     experts = _ints(args.experts, QUICK_EXPERTS if args.quick else DEFAULT_EXPERTS)
     rows = []
     for N in tokens:
+        dense_step = _step("dense", N, 0, args.device)
         dense_ms = None
         for E in experts:
             for method in ("dense", "dropless", "dropless_loop", "capacity", "reference"):
                 if method == "dense" and dense_ms is not None:
                     continue  # the dense layer does not depend on E
                 row = {"tokens": N, "experts": "-" if method == "dense" else E, "method": method}
-                if method == "reference" and N > args.reference_max:
-                    row["note"] = f"skipped: reference loop above {args.reference_max} tokens takes too long"
+                if method == "reference" and (N > args.reference_max or E > args.reference_experts):
+                    row["note"] = (f"skipped: the reference loop above {args.reference_max} tokens or "
+                                   f"{args.reference_experts} experts takes too long")
                     rows.append(row)
                     continue
 
-                def one(method=method, E=E, N=N):
-                    fwd, x = _dispatch_case(method, N, E, args.device)
-                    g = torch.randn(N, DIM).view(1, N, DIM) if method != "reference" else torch.randn(N, DIM)
-
-                    def step():
-                        y = fwd()
-                        y.backward(g)
-                        x.grad = None
-
+                def one(method=method, E=E, N=N, dense_step=dense_step):
+                    step = dense_step if method == "dense" else _step(method, N, E, args.device)
                     if method == "reference":  # seconds per call: one run, timed and measured at once
                         t0 = time.perf_counter()
                         mem = harness.measure_peak_memory(step, device=args.device)
@@ -142,9 +152,12 @@ def dispatch_rows(args) -> list[dict]:
                         ts = _times(step, args.repeats)
                         mem = harness.measure_peak_memory(step, device=args.device)
                     med = statistics.median(ts)
-                    return {"fwd_bwd_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
-                            "tokens_per_s": N / med, "peak_MiB": None if mem is None else mem / 2**20,
-                            "repeats": len(ts)}
+                    r = {"fwd_bwd_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
+                         "tokens_per_s": N / med, "peak_MiB": None if mem is None else mem / 2**20,
+                         "repeats": len(ts)}
+                    if method not in ("dense", "reference"):  # headline: timed back to back with dense
+                        r["vs_dense_paired"] = harness.paired_ratio(step, dense_step, repeats=args.repeats)
+                    return r
 
                 row.update(harness.run_guarded(one))
                 if method == "dense":
@@ -185,7 +198,7 @@ def _ep_rank(rank: int, world: int, N: int, E: int, chunks: int, repeats: int) -
 def ep_rows(args) -> list[dict]:
     from effattn.dist import spawn
 
-    N, E = (128, 4) if args.quick else (4096, 8)
+    N, E = (128, 4) if args.quick else (2048, 8)
     rows = []
     for world in _ints(args.ep_ranks, (1, 2, 4)):
         for chunks in (1, 4):
@@ -266,7 +279,7 @@ def _train_one(name: str, ffn: str, lbl_scope: str, steps: int, quick: bool) -> 
 
 
 def train_rows(args) -> list[dict]:
-    steps = args.train_steps or (4 if args.quick else 150)
+    steps = args.train_steps or (4 if args.quick else 60)
     runs = (("dense", "dense", "micro"), ("moe_micro_lbl", "moe", "micro"), ("moe_global_lbl", "moe", "global"))
     return [{"run": n, **harness.run_guarded(lambda n=n, f=f, s=s: _train_one(n, f, s, steps, args.quick))}
             for n, f, s in runs]
@@ -328,12 +341,15 @@ def run(args: argparse.Namespace) -> None:
     for part, fn, columns, notes in (
         ("dispatch", dispatch_rows,
          ["tokens", "experts", "method", "tokens_per_s", "fwd_bwd_ms", "min_ms", "max_ms", "repeats",
-          "time_vs_dense", "peak_MiB", "note", "error"],
+          "vs_dense_paired", "time_vs_dense", "peak_MiB", "note", "error"],
          [f"one MoE layer, dim {DIM}, expert hidden {HIDDEN}, top-{TOP_K}, float32; dense = SwiGLU hidden "
           f"{TOP_K * HIDDEN} (equal active parameters, router excluded)",
           "dropless uses torch._grouped_mm (present on this CPU build for float32 with rows of 16-byte "
           "multiples); dropless_loop one matmul per expert slice; capacity: factor 1.25, drops reported by "
           "the layer",
+          "vs_dense_paired: median over repeats of (time of this layer / time of dense) timed back to back "
+          "(the headline: machine drift cancels within a pair); time_vs_dense: ratio of medians taken minutes "
+          "apart",
           "peak_MiB: rise of the process's peak RSS during one forward+backward"]),
         ("ep", ep_rows,
          ["ranks", "tokens_per_rank", "experts", "ep_chunks", "step_ms", "min_ms", "max_ms", "repeats",
