@@ -227,10 +227,11 @@ class LM(nn.Module):
         the attention layers then share one :class:`effattn.kv.CompressedKVCache` that keeps what
         the policy selects (:meth:`compressed_state`). Left padding is not supported with a policy.
 
-        ``kv_cache``: the cache of every attention layer (:meth:`cache_state`): ``None`` (the
-        contiguous :class:`effattn.kv.KVCache`), a name (``"contiguous"``, ``"quantized"``: KIVI's
-        :class:`effattn.kv.QuantizedKVCache` with its defaults) or a callable returning a fresh
-        cache (``functools.partial(QuantizedKVCache, bits=4)``). Not together with ``kv_policy``.
+        ``kv_cache``: the cache of every layer that holds one and accepts it (:meth:`cache_state`):
+        ``None`` (the contiguous :class:`effattn.kv.KVCache`), a name (``"contiguous"``,
+        ``"quantized"``: KIVI's :class:`effattn.kv.QuantizedKVCache` with its defaults) or a callable
+        returning a fresh :class:`effattn.kv.LayerCache` (``functools.partial(QuantizedKVCache,
+        bits=4)``). Not together with ``kv_policy``.
         """
         _check_ids(ids, self.config.vocab_size)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
