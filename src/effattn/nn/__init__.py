@@ -6,7 +6,7 @@ from effattn.nn.duo_calibration import calibrate_duo_attention
 from effattn.nn.lm import LM, LMConfig, mixer_pattern
 from effattn.nn.mla import MLA, mla_from_gqa
 from effattn.nn.moh import MoHAttention
-from effattn.nn.registry import build_mixer, list_mixers, register_mixer
+from effattn.nn.registry import MIXERS, build_mixer, list_mixers, register_mixer
 from effattn.nn.rope import RotaryEmbedding
 from effattn.nn.vision import CascadedGroupAttention, SingleHeadAttention
 
@@ -20,6 +20,7 @@ __all__ = [
     "RotaryEmbedding",
     "CascadedGroupAttention",
     "SingleHeadAttention",
+    "MIXERS",
     "build_mixer",
     "list_mixers",
     "register_mixer",
