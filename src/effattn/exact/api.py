@@ -10,6 +10,7 @@ bounds), and ``why_not(call)`` derives from it the human-readable reasons it can
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import textwrap
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from effattn.exact.masks import (
     tanh_softcap,
     window_bounds,
 )
+from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
 
 __all__ = [
     "BACKENDS",
@@ -254,7 +256,9 @@ def attention(
             differentiable, so results merged by their lse train correctly).
         backend: ``"auto"`` | ``"sdpa"`` | ``"tiled"`` | ``"reference"`` (see :func:`explain`).
 
-    Returns ``o [B, T_q, H_q, D_v]`` (or ``(o, lse)``). Fully masked rows give zeros.
+    Returns ``o [B, T_q, H_q, D_v]`` (or ``(o, lse)``). Fully masked rows give zeros. A NaN or inf in a
+    key or value reaches only the rows whose mask lets them see it (those rows are NaN; every other row
+    equals a clean run, forward and backward): :mod:`effattn.exact.nonfinite`.
 
     Example::
 
@@ -279,7 +283,28 @@ def attention(
         cu_seqlens=cu_seqlens,
         return_lse=return_lse,
     )
+    bad = nonfinite_keys(call.k, call.v)  # masked garbage must not reach any row: effattn.exact.nonfinite
+    if bad is not None:
+        k_clean, v_clean = zero_keys(call.k, call.v, bad)
+        call = dataclasses.replace(call, k=k_clean, v=v_clean)
     o, lse = REGISTRY[_choose(call, backend).backend].run(call)
+    if bad is not None:
+        # which rows may see a bad key: the mask alone (no score_mod, sinks or scale), on the tiled engine
+        # with q = k = 0 of head dim 1 and the bad flags as values, so every visible key weighs alike
+        B, Tq, Hq, Tk, Hkv = call.B, call.Tq, call.Hq, call.Tk, call.Hkv
+        with torch.no_grad():
+            frac = attention(
+                q.new_zeros(B, Tq, Hq, 1, dtype=torch.float32),
+                q.new_zeros(B, Tk, Hkv, 1, dtype=torch.float32),
+                bad.float()[..., None],
+                causal=causal,
+                window=window,
+                mask_mod=mask_mod,
+                block_mask=block_mask,
+                cu_seqlens=cu_seqlens,
+                backend="tiled",
+            )
+        o, lse = poison_rows(o, lse, frac[..., 0] > 0)
     return (o, lse) if return_lse else o
 
 
