@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 __all__ = [
     "CommCounter",
@@ -99,7 +100,7 @@ class P2PHandle:
 def p2p(
     sends: Sequence[tuple[torch.Tensor, int]],
     recvs: Sequence[tuple[torch.Tensor, int]],
-    group=None,
+    group: ProcessGroup | None = None,
     tag: str = "p2p",
 ) -> P2PHandle:
     """Post sends ``(tensor, peer)`` and receives ``(buffer, peer)`` at once (``batch_isend_irecv``).
@@ -121,7 +122,10 @@ def p2p(
     return P2PHandle(works, [b for b, _ in recvs], sent)
 
 
-def shift(tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group=None, tag: str = "shift") -> P2PHandle:
+def shift(
+    tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group: ProcessGroup | None = None,
+    tag: str = "shift",
+) -> P2PHandle:
     """Send ``tensors`` to rank ``send_to`` and receive tensors of the same shapes and dtypes from
     ``recv_from`` (one ring step when ``send_to = r + 1``, ``recv_from = r - 1``)."""
     buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
@@ -158,7 +162,9 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     return out.reshape(new[:gather_dim] + [new[gather_dim] * new[gather_dim + 1]] + new[gather_dim + 2 :])
 
 
-def all_to_all(x: torch.Tensor, group=None, scatter_dim: int = 2, gather_dim: int = 1) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor, group: ProcessGroup | None = None, scatter_dim: int = 2, gather_dim: int = 1
+) -> torch.Tensor:
     """Split ``x`` along ``scatter_dim`` into ``P`` parts, send part ``p`` to rank ``p``, and concatenate
     the received parts along ``gather_dim`` in rank order. Differentiable (the backward is the inverse
     all-to-all). With the defaults, ``[B, T/P, H, D]`` sequence shards become ``[B, T, H/P, D]`` head
@@ -177,7 +183,7 @@ def all_to_all(x: torch.Tensor, group=None, scatter_dim: int = 2, gather_dim: in
     return _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
-def check_same_shapes(group=None, **tensors: torch.Tensor | None) -> None:
+def check_same_shapes(group: ProcessGroup | None = None, **tensors: torch.Tensor | None) -> None:
     """Raise on every rank when the named tensors' shapes (or dtypes) differ between ranks.
 
     Two all-gathers of a few integers; every rank reaches the same verdict, so none is left waiting.

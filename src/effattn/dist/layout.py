@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from effattn._checks import check_int, check_positive_int
 
@@ -72,7 +73,7 @@ def check_shardable(seq_len: int, world_size: int, layout: str, name: str = "seq
     return seq_len // world_size
 
 
-def group_rank_and_size(group=None) -> tuple[int, int]:
+def group_rank_and_size(group: ProcessGroup | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process in ``group`` (the default group when ``None``).
 
     >>> group_rank_and_size()
@@ -93,7 +94,7 @@ def group_rank_and_size(group=None) -> tuple[int, int]:
 
 def shard_positions(
     seq_len: int, rank: int | None = None, world_size: int | None = None, layout: str = "contiguous", device=None,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Global positions (``int64 [T/P]``, increasing) of the tokens rank ``rank`` holds (``rank`` and
     ``world_size`` default to this process's in ``group``): RoPE angles and position-dependent masks
@@ -128,7 +129,9 @@ def layout_permutation(seq_len: int, world_size: int, layout: str = "contiguous"
     return torch.cat([shard_positions(seq_len, r, world_size, layout, device) for r in range(world_size)])
 
 
-def shard_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+def shard_sequence(
+    x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", dim: int = 1
+) -> torch.Tensor:
     """This rank's shard of a full sequence ``x`` (every rank passes the same ``x``).
 
     Differentiable as indexing is: the gradient reaches ``x`` at this rank's positions only.
@@ -174,7 +177,9 @@ class _GatherSequence(torch.autograd.Function):
         return grad.index_select(ctx.dim, pos), None, None, None
 
 
-def gather_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+def gather_sequence(
+    x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", dim: int = 1
+) -> torch.Tensor:
     """The full sequence from every rank's shard ``x`` (inverse of :func:`shard_sequence`).
 
     All shards must have the same shape. Differentiable for a computation replicated on every rank

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
 
 from effattn._checks import check_qkv, check_scale
 from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
@@ -115,7 +116,7 @@ def ring_attention(
     v: torch.Tensor,
     *,
     causal: bool = False,
-    group=None,
+    group: ProcessGroup | None = None,
     layout: str = "zigzag",
     return_lse: bool = False,
     scale: float | None = None,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
 
 from effattn._checks import check_scale
 from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
@@ -147,7 +148,7 @@ def token_ring_attention(
     v: torch.Tensor,
     *,
     causal: bool = False,
-    group=None,
+    group: ProcessGroup | None = None,
     layout: str = "zigzag",
     return_lse: bool = False,
     scale: float | None = None,

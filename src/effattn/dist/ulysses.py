@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed import ProcessGroup
 
 from effattn._checks import check_qkv
 from effattn.dist._comm import all_to_all, check_same_shapes
@@ -53,7 +54,7 @@ def replicate_kv_heads(k: torch.Tensor, heads_q: int, world_size: int) -> torch.
     return k.repeat_interleave(heads // hkv, dim=2)
 
 
-def sequence_to_heads(x: torch.Tensor, group=None, layout: str = "contiguous", seq_dim: int = 1,
+def sequence_to_heads(x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", seq_dim: int = 1,
                       head_dim: int = 2) -> torch.Tensor:
     """All-to-all ``[B, T/P, H, D]`` sequence shards (laid out by ``layout``) to ``[B, T, H/P, D]``
     head shards in global sequence order. Differentiable.
@@ -75,7 +76,7 @@ def sequence_to_heads(x: torch.Tensor, group=None, layout: str = "contiguous", s
     return out
 
 
-def heads_to_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", seq_dim: int = 1,
+def heads_to_sequence(x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", seq_dim: int = 1,
                       head_dim: int = 2) -> torch.Tensor:
     """The inverse of :func:`sequence_to_heads`: ``[B, T, H/P, D]`` to ``[B, T/P, H, D]``. Differentiable
     (example: :func:`sequence_to_heads`)."""
@@ -90,7 +91,7 @@ def ulysses_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    group=None,
+    group: ProcessGroup | None = None,
     layout: str = "contiguous",
     return_lse: bool = False,
     check_ranks: bool = True,

@@ -20,6 +20,7 @@ than a ring over all ranks. ``P_u = 1`` is plain ring attention, ``P_r = 1`` pla
 from __future__ import annotations
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from effattn._checks import check_int, check_qkv
 from effattn.dist._comm import check_same_shapes
@@ -30,7 +31,7 @@ from effattn.dist.ulysses import heads_to_sequence, replicate_kv_heads, sequence
 __all__ = ["usp_attention", "usp_gather_sequence", "usp_groups", "usp_shard_positions", "usp_shard_sequence"]
 
 
-def usp_groups(mesh, ring_dim: int | str = 0, ulysses_dim: int | str = 1):
+def usp_groups(mesh: DeviceMesh, ring_dim: int | str = 0, ulysses_dim: int | str = 1):
     """``(ring_group, ulysses_group)`` of a 2-D ``DeviceMesh``.
 
     >>> from torch.distributed.device_mesh import init_device_mesh
@@ -64,7 +65,7 @@ def usp_shard_positions(
     return ring[ulysses_rank * n : (ulysses_rank + 1) * n]
 
 
-def usp_shard_sequence(x: torch.Tensor, mesh, layout: str = "zigzag", dim: int = 1,
+def usp_shard_sequence(x: torch.Tensor, mesh: DeviceMesh, layout: str = "zigzag", dim: int = 1,
                        ring_dim: int | str = 0, ulysses_dim: int | str = 1) -> torch.Tensor:
     """This rank's USP shard of a full sequence ``x`` (ring layout, then contiguous over Ulysses).
 
@@ -81,7 +82,7 @@ def usp_shard_sequence(x: torch.Tensor, mesh, layout: str = "zigzag", dim: int =
     return shard_sequence(shard_sequence(x, ring_group, layout, dim), ulysses_group, "contiguous", dim)
 
 
-def usp_gather_sequence(x: torch.Tensor, mesh, layout: str = "zigzag", dim: int = 1,
+def usp_gather_sequence(x: torch.Tensor, mesh: DeviceMesh, layout: str = "zigzag", dim: int = 1,
                         ring_dim: int | str = 0, ulysses_dim: int | str = 1) -> torch.Tensor:
     """The full sequence from every rank's USP shard (inverse of :func:`usp_shard_sequence`, whose
     example uses it)."""
@@ -94,7 +95,7 @@ def usp_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    mesh,
+    mesh: DeviceMesh,
     causal: bool = False,
     layout: str = "zigzag",
     return_lse: bool = False,
