@@ -81,10 +81,10 @@ class _TokenRingAttention(torch.autograd.Function):
             sends, recvs = [], []
             if out_job is not None:
                 o, lse = block_forward(qb, k, v, out_job, scale, backend)
-                sends = [(o.float(), owner), (lse, owner)]
+                sends = [(o, owner), (lse.float(), owner)]  # o in the input dtype, lse in float32
             if in_job is not None:
                 n = in_job.q_rows.stop - in_job.q_rows.start
-                recvs = [(torch.empty(B, n, Hq, Dv, dtype=torch.float32, device=q.device), helper),
+                recvs = [(torch.empty(B, n, Hq, Dv, dtype=q.dtype, device=q.device), helper),
                          (torch.empty(B, Hq, n, dtype=torch.float32, device=q.device), helper)]
             # the partials travel while the next step computes; merged one step later
             posted = (p2p(sends, recvs, group, tag="partial"), in_job)
