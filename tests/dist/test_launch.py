@@ -2,12 +2,14 @@
 
 import datetime
 import os
+import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
+import effattn.dist.launch as launch
 from effattn.dist import RankError, free_port, spawn
 
 
@@ -76,3 +78,14 @@ def test_deadline_stops_a_stuck_rank():
     with pytest.raises(RankError, match=r"rank 0 of 2 raised Timeout(.|\n)*deadline of 1.0 s"):
         spawn(_rank0_stuck, 2, deadline=1.0)
     assert time.monotonic() - start < 30
+
+
+def test_a_port_taken_before_the_store_binds_it_is_retried(monkeypatch):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = [busy.getsockname()[1]]  # the first attempt gets a port somebody else holds
+        real = launch.free_port
+        monkeypatch.setattr(launch, "free_port", lambda: ports.pop() if ports else real())
+        assert [o[2] for o in spawn(_sum_of_ranks, 2, 1.0, timeout=20, grace=1.0)] == [1.0, 1.0]
+        assert not ports

@@ -168,6 +168,20 @@ def spawn(
         start_method = "fork" if linux and not torch.cuda.is_initialized() else "spawn"
     if start_method not in ("spawn", "fork", "forkserver"):
         raise ValueError(f"start_method must be 'spawn', 'fork' or 'forkserver', got {start_method!r}")
+    for attempt in range(3):
+        try:
+            return _run(fn, world_size, args, timeout, backend, start_method, threads_per_rank, grace, deadline)
+        except RankError as e:
+            # the free port was taken between free_port() and rank 0's store binding it: a new port
+            tb = e.remote_traceback
+            taken = "init_process_group" in tb and "address already in use" in tb.lower()
+            if not taken or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run(fn, world_size, args, timeout, backend, start_method, threads_per_rank, grace, deadline) -> list[Any]:
+    """One attempt of :func:`spawn` (arguments already validated)."""
     ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
