@@ -24,6 +24,7 @@ CASES = [  # (layout, causal, Hq, Hkv, D, Dv, chunk tokens per half shard)
     ("zigzag", False, 3, 3, 40, 24, 2),
     ("contiguous", True, 4, 1, 40, 40, 3),
     ("contiguous", False, 4, 2, 24, 16, 1),
+    ("zigzag", True, 2, 1, 40, 40, 1),  # one token per chunk
 ]
 
 

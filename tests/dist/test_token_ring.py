@@ -22,6 +22,7 @@ CASES = [  # (layout, causal, Hq, Hkv, D, Dv, chunk tokens per half shard)
     ("zigzag", False, 2, 1, 24, 24, 2),
     ("contiguous", True, 3, 3, 24, 40, 2),
     ("contiguous", False, 4, 4, 40, 16, 1),
+    ("zigzag", True, 2, 2, 24, 24, 1),  # one token per chunk
 ]
 
 
