@@ -13,7 +13,7 @@ dimension inner, e.g. within a node where all-to-all is cheap):
 * :func:`effattn.dist.ring_attention` over the ring group computes those heads over the whole sequence;
 * the inverse all-to-all returns ``[B, T/(P_r P_u), H, D_v]``.
 
-Heads must be divisible by ``P_u`` only (not by the world size); ring traffic is ``P_u`` times smaller
+Heads must be divisible by ``P_u`` only (not by the world size); ring traffic is about ``P_u`` times smaller
 than a ring over all ranks. ``P_u = 1`` is plain ring attention, ``P_r = 1`` plain Ulysses.
 """
 
