@@ -134,9 +134,10 @@ def spawn(
         timeout: the process group's timeout (``datetime.timedelta`` or seconds): a collective or a
             receive that waits longer raises on that rank, so a failing rank never hangs the others.
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per rank, chosen by ``fn``).
-        start_method: ``"fork"`` (the default on Linux while CUDA is not initialized: a rank starts in
-            a fraction of a second and ``fn`` may be a closure) or ``"spawn"`` (the default elsewhere:
-            portable, but each rank imports torch afresh, seconds per rank on a small machine).
+        start_method: ``"fork"`` (the default on Linux while neither CUDA nor a default process group is
+            initialized here: a rank starts in a fraction of a second and ``fn`` may be a closure) or
+            ``"spawn"`` (the default otherwise: portable, but each rank imports torch afresh, seconds per
+            rank on a small machine).
         threads_per_rank: ``torch.set_num_threads`` in each rank (``None`` keeps torch's default), so
             ranks do not oversubscribe the CPU cores.
         grace: seconds the other ranks get to finish (or report their own errors) after one failed,
@@ -163,9 +164,16 @@ def spawn(
         deadline = check_float("deadline", deadline, 0.0, math.inf, lo_open=True)
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=check_float("timeout", timeout, 0.0, math.inf, lo_open=True))
+    # a forked rank would inherit this process's default group (its sockets included) and CUDA state
+    inherited = dist.is_available() and dist.is_initialized()
     if start_method is None:
         linux = sys.platform.startswith("linux")
-        start_method = "fork" if linux and not torch.cuda.is_initialized() else "spawn"
+        start_method = "fork" if linux and not torch.cuda.is_initialized() and not inherited else "spawn"
+    if start_method == "fork" and inherited:
+        raise ValueError(
+            "start_method='fork' cannot be used while this process has a torch.distributed default group "
+            "(the ranks would inherit it); use start_method='spawn'"
+        )
     if start_method not in ("spawn", "fork", "forkserver"):
         raise ValueError(f"start_method must be 'spawn', 'fork' or 'forkserver', got {start_method!r}")
     for attempt in range(3):

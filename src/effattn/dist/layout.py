@@ -76,10 +76,9 @@ def check_shardable(seq_len: int, world_size: int, layout: str, name: str = "seq
 def group_rank_and_size(group: ProcessGroup | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process in ``group`` (the default group when ``None``).
 
-    >>> group_rank_and_size()
-    Traceback (most recent call last):
-    ...
-    RuntimeError: torch.distributed is not initialized: call torch.distributed.init_process_group first ...
+    >>> from effattn.dist import spawn
+    >>> spawn(lambda rank, world_size: group_rank_and_size(), 2)
+    [(0, 2), (1, 2)]
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
