@@ -53,6 +53,7 @@ import functools
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from effattn._checks import check_int
 from effattn.hf._handshake import HANDSHAKE, CompressedInputs, PendingUpdate
 from effattn.hf.attention import HFMask, is_effattn
 from effattn.kv import CompressedKVCache, Policy, make_policy
@@ -217,8 +218,7 @@ class CompressedCache(Cache):
             raise ValueError(
                 f"key_states must be [batch, heads_kv, seq, head_dim], got {getattr(key_states, 'shape', key_states)}"
             )
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
+        check_int("layer_idx", layer_idx, minimum=0)
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(self, len(self.layers)))
         self.layers[layer_idx].is_initialized = True

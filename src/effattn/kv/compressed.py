@@ -128,8 +128,7 @@ class CompressedKVCache:
 
     # ------------------------------------------------------------------ inspection
     def _store(self, layer_idx: int) -> _LayerStore:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise ValueError(f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}")
+        check_int("layer_idx", layer_idx, minimum=0, maximum=self.num_layers - 1)
         return self._layers[layer_idx]
 
     @staticmethod

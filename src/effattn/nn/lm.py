@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effattn._checks import check_int, check_positive_int
 from effattn.kv import AttentionPattern, CompressedKVCache, Policy, make_cache
 from effattn.nn.duo_calibration import calibrate_duo_attention
 from effattn.nn.registry import build_mixer, list_mixers
@@ -82,9 +83,7 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "heads", "max_seq_len"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, getattr(self, name))
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.kv_heads is not None and (self.kv_heads <= 0 or self.heads % self.kv_heads):
@@ -234,8 +233,7 @@ class LM(nn.Module):
         bits=4)``). Not together with ``kv_policy``.
         """
         _check_ids(ids, self.config.vocab_size)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         if top_k is not None and top_k < 1:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from effattn._checks import check_positive_int
+
 
 class RotaryEmbedding:
     """RoPE on the first ``fraction * head_dim`` channels of ``[B, T, H, D]`` tensors.
@@ -35,8 +37,7 @@ class RotaryEmbedding:
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, fraction: float = 1.0):
-        if not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        check_positive_int("head_dim", head_dim)
         if not (0.0 < float(fraction) <= 1.0):
             raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
         if not float(base) > 1.0:
