@@ -202,3 +202,16 @@ def test_experts_reference_one_expert():
     x = torch.randn(4, 8)
     y = ex(x, torch.tensor([0, 4, 0]))
     assert_fp32_close(y, ex.expert(x, 1))
+
+
+def test_reset_parameters_and_dtype_cast_keep_counts_exact():
+    torch.manual_seed(9)
+    moe = MoE(64, 64, 8, 2, shared_experts=1, lbl_scope="global")
+    moe.reset_parameters(std=0.02)
+    for p in (moe.router.weight, moe.experts.w_in, moe.experts.w_out, moe.shared.down.weight):
+        assert abs(p.std().item() - 0.02) < 0.004
+    moe(torch.randn(1, 5, 64))
+    moe.to(torch.bfloat16)
+    assert moe.lbl_counts.dtype == torch.int64 and moe.lbl_counts[-1].item() == 5
+    y = moe(torch.randn(1, 3, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and moe.lbl_counts[-1].item() == 8

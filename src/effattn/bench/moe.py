@@ -297,29 +297,32 @@ def _plot(out: Path, dispatch: list[dict], machine: dict) -> str | None:
     experts = sorted({r["experts"] for r in dispatch if r["experts"] != "-"})
     if not experts:
         return None
-    fig, axes = plt.subplots(1, len(experts), figsize=(4.2 * len(experts), 3.6), squeeze=False)
-    for ax, E in zip(axes[0], experts):
+    fig, axes = plt.subplots(2, len(experts), figsize=(4.2 * len(experts), 6.6), squeeze=False)
+    for col, E in enumerate(experts):
+        ax, ax2 = axes[0][col], axes[1][col]
         for i, method in enumerate(("dense", "dropless", "dropless_loop", "capacity", "reference")):
-            pts = [(r["tokens"], r["tokens_per_s"], r["min_ms"], r["max_ms"]) for r in dispatch
-                   if r["method"] == method and r["experts"] in (E, "-") and r.get("tokens_per_s")]
+            pts = [r for r in dispatch if r["method"] == method and r["experts"] in (E, "-") and r.get("tokens_per_s")]
             if not pts:
                 continue
-            xs = [p[0] for p in pts]
-            ys = [p[1] for p in pts]
-            lo = [p[0] / (p[3] / 1e3) for p in pts]
-            hi = [p[0] / (p[2] / 1e3) for p in pts]
-            ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
-                        marker="os^Dv"[i], linestyle=("-", "--", ":", "-.", "-")[i], label=method, capsize=3)
-        ax.set_xscale("log", base=2)
+            xs = [r["tokens"] for r in pts]
+            ys = [r["tokens_per_s"] for r in pts]
+            lo = [max(0.0, y - r["tokens"] / (r["max_ms"] / 1e3)) for y, r in zip(ys, pts)]
+            hi = [max(0.0, r["tokens"] / (r["min_ms"] / 1e3) - y) for y, r in zip(ys, pts)]
+            style = {"marker": "os^Dv"[i], "linestyle": ("-", "--", ":", "-.", "-")[i], "label": method}
+            ax.errorbar(xs, ys, yerr=[lo, hi], capsize=3, **style)
+            paired = [(r["tokens"], r["vs_dense_paired"]) for r in pts if r.get("vs_dense_paired")]
+            if paired:
+                ax2.plot([p[0] for p in paired], [p[1] for p in paired], color=f"C{i}", **style)
+        ax2.axhline(1.0, color="C0", linewidth=1)
+        for a in (ax, ax2):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("tokens per call")
+            a.grid(True, alpha=0.3)
         ax.set_yscale("log")
         ax.set_title(f"{E} experts (top-{TOP_K}, dim {DIM}, hidden {HIDDEN})", fontsize=9)
-        ax.set_xlabel("tokens per call")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("forward+backward tokens/s (median; bars min/max)")
+    axes[0][0].set_ylabel("fwd+bwd tokens/s (median; bars min/max)")
+    axes[1][0].set_ylabel("time / dense time (back to back)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"effattn bench moe: dispatch\n{machine.get('cpu_model', '')}, torch {machine.get('torch')}",
-                 fontsize=9)
-    fig.tight_layout()
     fig.savefig(out / "moe_dispatch.png", dpi=110)
     plt.close(fig)
     return "moe_dispatch.png"
@@ -381,6 +384,7 @@ def run(args: argparse.Namespace) -> None:
             part_notes.append(f"busy: load average {before:.1f} -> {after:.1f} on {os.cpu_count()} cores while "
                               "measuring; times are pessimistic")
         if part == "dispatch":
+            harness.write_report(out, f"moe_{part}", rows, columns, meta=part_meta, notes=part_notes)
             png = _plot(out, rows, machine)
             if png:
                 part_notes.append(f"plot: {png}")
