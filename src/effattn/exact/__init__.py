@@ -27,6 +27,7 @@ from effattn.exact.masks import (
     streaming_mask,
     tanh_softcap,
 )
+from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
 from effattn.exact.reference import reference_attention
 from effattn.exact.tiled import ScoreCount, count_scores, tiled_attention
 
@@ -55,6 +56,9 @@ __all__ = [
     "global_local_mask",
     "global_tokens_mask",
     "merge_attention_states",
+    "nonfinite_keys",
+    "poison_rows",
+    "zero_keys",
     "or_masks",
     "prefix_lm_mask",
     "reference_attention",

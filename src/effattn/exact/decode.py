@@ -25,7 +25,8 @@ def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
         outs: ``[S, B, T, H, D_v]`` (or a sequence of S tensors ``[B, T, H, D_v]``), each normalized
             over its own keys.
         lses: ``[S, B, H, T]`` (or a sequence) log-sum-exps of the parts; ``-inf`` marks an empty part.
-    Returns ``(o [B, T, H, D_v], lse [B, H, T])``; rows empty in every part give ``o = 0, lse = -inf``.
+    Returns ``(o [B, T, H, D_v], lse [B, H, T])``; rows empty in every part give ``o = 0, lse = -inf``;
+    a row whose lse is NaN in some part (it saw a non-finite key) is NaN, with no gradient.
 
     Example::
 
@@ -41,11 +42,18 @@ def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     if tuple(lses.shape) != (S, B, H, T):
         raise ValueError(f"lses must have shape [parts, batch, heads, seq] = {(S, B, H, T)}, got {tuple(lses.shape)}")
     lses = lses.float()
+    # a part whose row saw a non-finite key is NaN there (effattn.exact.nonfinite): the merged row is NaN
+    # too, and constant, so no NaN weight multiplies a zero gradient on the way back
+    poisoned = torch.isnan(lses).any(0)  # [B, H, T]
+    if bool(poisoned.any()):
+        lses = lses.masked_fill(poisoned, float("-inf"))
+        outs = outs.masked_fill(poisoned.transpose(1, 2)[None, ..., None], 0.0)
     empty = (lses == float("-inf")).all(0)  # rows empty in every part: logsumexp's gradient would be NaN
     lse = torch.logsumexp(lses.masked_fill(empty, 0.0), dim=0).masked_fill(empty, float("-inf"))  # [B, H, T]
     lse_safe = lse.masked_fill(empty, 0.0)
     w = torch.exp(lses - lse_safe)  # [S, B, H, T]; empty parts weigh 0
     o = (outs.float() * w.permute(0, 1, 3, 2)[..., None]).sum(0)
+    o, lse = poison_rows(o, lse, poisoned.transpose(1, 2))
     return o.to(outs.dtype), lse
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from effattn._checks import check_int, check_positive_int, check_qkv, check_scale
-from effattn.exact import BlockMask, attention
+from effattn.exact import BlockMask, attention, poison_rows
 from effattn.sparse._buckets import (
     NEG_INF,
     attention_lse,
@@ -145,6 +145,16 @@ def _merge_occurrences(o: torch.Tensor, lse: torch.Tensor, dest: torch.Tensor, T
     """Combine per-occurrence results ``o [B, N, H, Dv]``, ``lse [B, H, N]`` of queries ``dest [B, H, N]``
     by their log-sum-exps into ``[B, T, H, Dv]``, ``[B, H, T]``; a query with no occurrence gets zeros."""
     B, N, H, Dv = o.shape
+    # an occurrence that saw a non-finite key is NaN (effattn.exact.nonfinite): its query's row is NaN,
+    # and constant, so no NaN weight meets a zero gradient on the way back
+    bad = torch.isnan(lse)
+    poisoned = None
+    if bool(bad.any()):
+        poisoned = torch.zeros(B, H, T, dtype=torch.uint8, device=o.device).scatter_reduce(
+            -1, dest, bad.to(torch.uint8), "amax"
+        ).bool()
+        lse = lse.masked_fill(bad, NEG_INF)
+        o = o.masked_fill(bad.transpose(1, 2)[..., None], 0.0)
     with torch.no_grad():
         m = torch.full((B, H, T), NEG_INF, device=o.device).scatter_reduce(-1, dest, lse.detach(), "amax")
         m = m.masked_fill(torch.isneginf(m), 0.0)
@@ -157,6 +167,8 @@ def _merge_occurrences(o: torch.Tensor, lse: torch.Tensor, dest: torch.Tensor, T
     empty = den == 0
     out = (num / den.masked_fill(empty, 1.0)[..., None]).transpose(1, 2).to(o.dtype)
     lse_out = (torch.log(den.masked_fill(empty, 1.0)) + m).masked_fill(empty, NEG_INF)
+    if poisoned is not None:
+        out, lse_out = poison_rows(out, lse_out, poisoned.transpose(1, 2))
     return out, lse_out
 
 
