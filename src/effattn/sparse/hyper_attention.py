@@ -80,10 +80,21 @@ def gray_rank(code: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _samples(H: int, T: int, m: int, seed: int, device) -> torch.Tensor:
-    """``[H, m]`` sorted key positions per head, uniform without replacement."""
+def sampled_positions(
+    num_heads: int, seq_len: int, num_samples: int, *, seed: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The residual part's key positions ``S``: ``[num_heads, num_samples]``, sorted, drawn uniformly
+    without replacement from ``[0, seq_len)`` per head (the same draw as :func:`hyper_attention` with
+    this ``seed``).
+
+    Example::
+
+        >>> s = sampled_positions(2, 10, 4, seed=3)
+        >>> s.shape, bool((s.diff(dim=-1) > 0).all()), bool((s < 10).all())
+        (torch.Size([2, 4]), True, True)
+    """
     gen = torch.Generator().manual_seed(seed + 1)
-    return torch.rand(H, T, generator=gen).argsort(-1)[:, :m].sort(-1).values.to(device)
+    return torch.rand(num_heads, seq_len, generator=gen).argsort(-1)[:, :num_samples].sort(-1).values.to(device)
 
 
 def default_hash_bits(T: int, block_size: int, causal: bool) -> int:
@@ -124,7 +135,7 @@ class _Selection:
             else:
                 self.round = chunk_round(bq, bk, block_size, look_back=False)
             self.m = num_samples
-            self.samples = _samples(H, T, num_samples, seed, q.device)  # [H, m]
+            self.samples = sampled_positions(H, T, num_samples, seed=seed, device=q.device)  # [H, m]
             pos = torch.arange(T, device=q.device)
             if causal:
                 m_i = torch.searchsorted(self.samples, pos.expand(H, T).contiguous(), right=True)  # [H, T]
