@@ -4,6 +4,12 @@ from effattn.kv import KVCache
 from effattn.nn.attention import Attention, WindowKVCache
 from effattn.nn.duo_calibration import calibrate_duo_attention
 from effattn.nn.lm import LM, LMConfig, mixer_pattern
+from effattn.nn.memory_saving import (
+    CHECKPOINT_MODES,
+    Int8SavedActivations,
+    chunked_apply,
+    reversible_stack,
+)
 from effattn.nn.mla import MLA, mla_from_gqa
 from effattn.nn.moh import MoHAttention
 from effattn.nn.registry import MIXERS, build_mixer, list_mixers, register_mixer
@@ -27,5 +33,9 @@ __all__ = [
     "LM",
     "LMConfig",
     "mixer_pattern",
+    "CHECKPOINT_MODES",
+    "Int8SavedActivations",
+    "chunked_apply",
+    "reversible_stack",
     "calibrate_duo_attention",
 ]

@@ -40,6 +40,7 @@ from torch import nn
 from effattn._checks import check_int, check_positive_int
 from effattn.kv import AttentionPattern, CompressedKVCache, Policy, make_cache
 from effattn.nn.duo_calibration import calibrate_duo_attention
+from effattn.nn.memory_saving import check_memory_options, run_blocks
 from effattn.nn.registry import build_mixer, list_mixers
 
 __all__ = ["LMConfig", "LM", "mixer_pattern"]
@@ -80,8 +81,16 @@ class LMConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     mixer_kwargs: dict[str, dict] = field(default_factory=dict)
+    # training memory (effattn.nn.memory_saving, docs/train.md): recomputation, reversible stream,
+    # MLP in sequence chunks of this many tokens (0: off), loss chunk for effattn.train (0: off), int8
+    checkpoint: str = "none"
+    reversible: bool = False
+    chunked_mlp: int = 0
+    chunked_loss: int = 0
+    mesa: bool = False
 
     def __post_init__(self) -> None:
+        check_memory_options(self.checkpoint, self.reversible, self.chunked_mlp, self.chunked_loss, self.mesa)
         for name in ("vocab_size", "dim", "n_layers", "heads", "max_seq_len"):
             check_positive_int(name, getattr(self, name))
         if self.dim % self.heads:
@@ -188,13 +197,16 @@ class LM(nn.Module):
             raise ValueError(f"state must be a list of {len(self.blocks)} per-layer states (or None)")
         if valid is not None and (not isinstance(valid, torch.Tensor) or tuple(valid.shape) != tuple(ids.shape)):
             raise ValueError(f"valid must be a bool tensor of ids' shape {tuple(ids.shape)}")
+        h, new_states = self.features(ids, state, valid)
+        return self.head(h), new_states
+
+    def features(self, ids: torch.Tensor, state: list | None = None, valid: torch.Tensor | None = None):
+        """The final normed hidden states ``[B, T, dim]`` (the head's input) and the new state: what
+        a chunked loss (:func:`effattn.train.chunked_cross_entropy`) takes instead of logits."""
         h = self.embed(ids)
         states = state if state is not None else [None] * len(self.blocks)
-        new_states = []
-        for block, s in zip(self.blocks, states):
-            h, s = block(h, s, valid)
-            new_states.append(s)
-        return self.head(self.norm(h)), new_states
+        h, new_states = run_blocks(self.blocks, h, states, valid, self.config)
+        return self.norm(h), new_states
 
     def state_size(self, seq_len: int, batch: int = 1) -> int:
         """Bytes of decoding state (KV caches, recurrent and conv states) at context ``seq_len``."""
