@@ -183,8 +183,10 @@ def attn_bwd_dq_kernel(
         for sub in range(0, KV_BLOCK // BLOCK_N):
             cols = kb * KV_BLOCK + sub * BLOCK_N + cn
             col_ok = cols < Tk
-            kT = tl.load(k_base + cols[None, :] * s_kt + dk_[:, None], mask=col_ok[None, :] & (dk_[:, None] < D), other=0.0)
-            vT = tl.load(v_base + cols[None, :] * s_vt + dv_[:, None], mask=col_ok[None, :] & (dv_[:, None] < DVD), other=0.0)
+            k_ok = col_ok[None, :] & (dk_[:, None] < D)
+            kT = tl.load(k_base + cols[None, :] * s_kt + dk_[:, None], mask=k_ok, other=0.0)
+            v_ok = col_ok[None, :] & (dv_[:, None] < DVD)
+            vT = tl.load(v_base + cols[None, :] * s_vt + dv_[:, None], mask=v_ok, other=0.0)
             s = tl.dot(q, kT, input_precision=PREC) * scale
             if HAS_SOFTCAP:
                 th = 2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0

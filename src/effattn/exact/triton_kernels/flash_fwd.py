@@ -73,7 +73,8 @@ def attn_fwd_kernel(
         for sub in range(0, KV_BLOCK // BLOCK_N):
             cols = kb * KV_BLOCK + sub * BLOCK_N + cn
             col_ok = cols < Tk
-            k = tl.load(k_base + cols[None, :] * s_kt + dk[:, None], mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+            k_ok = col_ok[None, :] & (dk[:, None] < D)
+            k = tl.load(k_base + cols[None, :] * s_kt + dk[:, None], mask=k_ok, other=0.0)
             s = tl.dot(q, k, input_precision=PREC) * scale
             if HAS_SOFTCAP:
                 s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
@@ -104,7 +105,8 @@ def attn_fwd_kernel(
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + cols[:, None] * s_vt + dv[None, :], mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+            v_ok = col_ok[:, None] & (dv[None, :] < DV)
+            v = tl.load(v_base + cols[:, None] * s_vt + dv[None, :], mask=v_ok, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
     if HAS_SINKS:
