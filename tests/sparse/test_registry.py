@@ -65,6 +65,37 @@ def test_matches_reference_on_dense_selection(name, causal, kept, monkeypatch):
         assert_fp32_close(g, gr, 1e-4, "d" + n)
 
 
+def _dense_selection(name, q, k, causal, params):
+    """The method's dense selection ``[B|1, H|1, T, T]``, or ``None``: the registry's ``dense_mask``;
+    HyperAttention's pairs come from :func:`hyper_attention_dense` (its sampled scores also carry
+    log-weights, which do not change which pairs are scored)."""
+    m = sparse.REGISTRY[name]
+    if name == "hyper_attention":
+        return sparse.hyper_attention_dense(q, k, causal=causal, **params)[0]
+    return m.dense_mask(q, k, causal=causal, **params) if m.dense_mask is not None else None
+
+
+@pytest.mark.parametrize("name,causal", CASES)
+def test_visible_count_equals_dense_selection(name, causal):
+    """The engine's count of visible score entries (:func:`effattn.exact.count_scores`) equals the number
+    of (batch, head, query, key) pairs of the dense selection: every selected pair is scored once and
+    nothing else is (LSH with several rounds: the union of the rounds, each pair once)."""
+    from effattn.exact import count_scores
+
+    m = sparse.REGISTRY[name]
+    B, H, T = 2, 2, 97  # odd T: ragged last blocks
+    q, k, v = _inputs(B=B, T=T, H=H, grad=False)
+    params = m.make_params(T)
+    mask = _dense_selection(name, q, k, causal, params)
+    if mask is None:
+        pytest.skip(f"{name} has no dense pair set (factorised, pooled or summarised keys)")
+    with torch.no_grad(), count_scores() as n:
+        m.attend(q, k, v, causal=causal, **params)
+    pairs = int(mask.expand(B, H, T, T).sum())
+    assert pairs > 0
+    assert n.visible == pairs, f"{name}: engine scores {n.visible} visible entries, dense selection has {pairs}"
+
+
 @pytest.mark.parametrize("name", [n for n, c in CASES if c])
 def test_causal_no_look_ahead(name):
     m = sparse.REGISTRY[name]
