@@ -2,6 +2,7 @@
 
     python -m effattn bench <suite> [options]    one benchmark suite (effattn bench <suite> --help)
     python -m effattn compare [options]          which attention for my length and memory budget
+    python -m effattn train [options]            train an LM (effattn train --help)
     python -m effattn --version
 """
 
@@ -49,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     compare_module.add_arguments(compare)
+    from effattn.train import cli as train_cli
+
+    train = commands.add_parser(
+        "train",
+        help="train an LM of any mixer pattern (memory options, checkpoints, DDP/FSDP2 under torchrun)",
+        description=plain_text(train_cli.__doc__),
+        formatter_class=HelpFormatter,
+    )
+    train_cli.add_arguments(train)
     return parser
 
 
@@ -59,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         from effattn.bench.compare import main as compare_main
 
         compare_main(args)
+    elif args.command == "train":
+        from effattn.train.cli import main as train_main
+
+        train_main(args)
     elif args.command == "bench":
         from effattn.bench import run_suite
 
