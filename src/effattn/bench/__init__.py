@@ -38,6 +38,10 @@ class Suite:
     summary: str
     description: str = ""
 
+    def __call__(self, args: argparse.Namespace) -> None:
+        """Run the suite (``SUITES[name](args)``, as when the registry held the run functions)."""
+        self.run(args)
+
 
 SUITES: Registry[Suite] = Registry("benchmark suite", package="effattn.bench")
 

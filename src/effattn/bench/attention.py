@@ -180,8 +180,8 @@ TERMINAL_COLUMNS = (
     Column("fwdbwd_s", "f+b ms", scale=1e3),
     Column("fwd_mem_MiB", "fwd MiB"),
     Column("fwdbwd_mem_MiB", "f+b MiB"),
-    Column("fwd_eff", "fwd eff"),
-    Column("fwdbwd_eff", "f+b eff"),
+    Column("fwd_eff", "fwd eff%", scale=100),
+    Column("fwdbwd_eff", "f+b eff%", scale=100),
     Column("remark", text=True),
 )
 

@@ -270,7 +270,7 @@ TERMINAL_COLUMNS = (
     Column("speedup_vs_causal", "x causal"),
     Column("speedup_vs_causal_paired", "x paired"),
     Column("visible_per_query", "keys/q"),
-    Column("fwdbwd_eff", "eff"),
+    Column("fwdbwd_eff", "eff%", scale=100),
     Column("mass_random", "mass r"),
     Column("mass_clustered", "mass c"),
     Column("remark", text=True),
