@@ -32,15 +32,16 @@ class _ChunkedCE(torch.autograd.Function):
         valid = targets != ignore_index
         count = int(valid.sum()) if reduction == "mean" else 1
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 for bf16/fp16, float64 stays
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         w = weight
         for s in range(0, n, chunk):
             h = hidden[s : s + chunk]
             t = targets[s : s + chunk]
             keep = valid[s : s + chunk]
-            z = (h @ w.t()).float()
+            z = (h @ w.t()).to(acc)
             lse = torch.logsumexp(z, dim=-1)
             tz = z.gather(1, t.clamp(0, vocab - 1)[:, None]).squeeze(1)
             loss = lse - (1 - label_smoothing) * tz
@@ -60,7 +61,8 @@ class _ChunkedCE(torch.autograd.Function):
                 if need_h:
                     grad_h[s : s + chunk] = (dz.to(w.dtype) @ w).to(hidden.dtype)
                 if need_w:  # ignored rows: zero, not 0 * h (h may hold inf/NaN there)
-                    grad_w += dz.t() @ torch.where(keep[:, None], h.float(), torch.zeros((), device=h.device))
+                    zero = torch.zeros((), dtype=acc, device=h.device)
+                    grad_w += dz.t() @ torch.where(keep[:, None], h.to(acc), zero)
         ctx.save_for_backward(grad_h if need_h else None, grad_w.to(weight.dtype) if need_w else None)
         return (total / max(count, 1)).to(hidden.dtype)
 
