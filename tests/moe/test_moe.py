@@ -215,3 +215,16 @@ def test_reset_parameters_and_dtype_cast_keep_counts_exact():
     assert moe.lbl_counts.dtype == torch.int64 and moe.lbl_counts[-1].item() == 5
     y = moe(torch.randn(1, 3, 64, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and moe.lbl_counts[-1].item() == 8
+
+
+def test_model_level_hooks():
+    from effattn.moe import reset_lbl_stats, update_bias
+
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(MoE(8, 8, 4, 1, lbl_scope="global"), MoE(8, 8, 4, 1, router="sigmoid"))
+    x = torch.randn(1, 6, 8)
+    model(x)
+    assert model[0].lbl_counts[-1].item() == 6 and model[1].router.load.sum().item() == 6
+    assert reset_lbl_stats(model) == 2 and model[0].lbl_counts.sum().item() == 0
+    assert update_bias(model, rate=0.1) == 1
+    assert model[1].router.load.sum().item() == 0 and model[1].router.bias.abs().sum() > 0

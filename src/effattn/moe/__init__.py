@@ -12,7 +12,7 @@ group with an overlapped chunked schedule, :func:`upcycle` (sparse upcycling of 
 from effattn.moe.comm import all_to_all
 from effattn.moe.dispatch import capacity, capacity_keep, dispatch_combine, reference_moe
 from effattn.moe.experts import Experts, SwiGLU, grouped_matmul
-from effattn.moe.layer import MoE, MoEAux
+from effattn.moe.layer import MoE, MoEAux, reset_lbl_stats, update_bias
 from effattn.moe.losses import load_balancing_loss, router_probs, z_loss
 from effattn.moe.mod import MixtureOfDepths
 from effattn.moe.router import Router, Routing
@@ -33,7 +33,9 @@ __all__ = [
     "grouped_matmul",
     "load_balancing_loss",
     "reference_moe",
+    "reset_lbl_stats",
     "router_probs",
+    "update_bias",
     "upcycle",
     "z_loss",
 ]

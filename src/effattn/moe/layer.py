@@ -36,7 +36,7 @@ from effattn.moe.experts import EXPERT_KINDS, GEMM_IMPLS, Experts, SwiGLU
 from effattn.moe.losses import load_balancing_loss, router_probs, z_loss
 from effattn.moe.router import ROUTER_KINDS, ROUTINGS, Router
 
-__all__ = ["MoE", "MoEAux", "LBL_SCOPES"]
+__all__ = ["MoE", "MoEAux", "LBL_SCOPES", "reset_lbl_stats", "update_bias"]
 
 LBL_SCOPES = ("micro", "global")
 
@@ -318,3 +318,28 @@ class MoE(nn.Module):
         return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"routing={self.routing!r}, capacity_factor={self.capacity_factor}, lbl_scope={self.lbl_scope!r}, "
                 f"ep_size={self.ep_size}")
+
+
+def reset_lbl_stats(model: nn.Module) -> int:
+    """:meth:`MoE.reset_lbl_stats` on every MoE layer of ``model`` (call before each optimizer step's first
+    micro-batch when ``lbl_scope="global"``; without it the counts keep growing and ``f`` becomes a running
+    frequency over all of training). Returns the number of MoE layers.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(MoE(8, 8, 2, 1, lbl_scope="global"), MoE(8, 8, 2, 1))
+    >>> reset_lbl_stats(model)
+    2
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in layers:
+        m.reset_lbl_stats()
+    return len(layers)
+
+
+def update_bias(model: nn.Module, rate: float = 1e-3, group=None) -> int:
+    """DeepSeek-V3's balancing step (:meth:`MoE.update_bias`) on every sigmoid-routed MoE layer of ``model``;
+    call after ``optimizer.step()``. Returns the number of layers updated."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.router.kind == "sigmoid"]
+    for m in layers:
+        m.update_bias(rate, group)
+    return len(layers)
