@@ -16,3 +16,9 @@ def _seed_everything():
     except ImportError:
         return
     numpy.random.seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: runs on CUDA tensors when a GPU is present (else on the CPU, e.g. in Triton's interpreter)"
+    )

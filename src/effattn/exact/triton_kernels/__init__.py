@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-__all__ = ["interpret_mode", "jit", "triton_status"]
+__all__ = ["dot_flags", "interpret_mode", "jit", "triton_status"]
 
 _JITTED: dict = {}
 
@@ -75,3 +75,17 @@ def jit(fn):
     if key not in _JITTED:  # triton reads TRITON_INTERPRET when it decorates
         _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The kernels' matmul constants for inputs of ``dtype``: ``IO_DT`` (P and dS are rounded to it
+    before their matmuls, as FlashAttention does), ``PREC`` (``"ieee"`` for float32: no TF32) and
+    ``UPCAST``: Triton's interpreter computes ``tl.dot`` of bfloat16 operands wrongly (numpy has no
+    bfloat16), so there the operands, exact bfloat16 values, are widened to float32 first; products of
+    bfloat16 values are exact in float32, so only the summation order differs from a bf16 MMA.
+    """
+    import triton.language as tl
+
+    io = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+    upcast = interpret_mode() and dtype == torch.bfloat16
+    return {"IO_DT": io, "UPCAST": upcast, "PREC": "ieee" if dtype == torch.float32 or upcast else "tf32"}

@@ -24,7 +24,7 @@ import torch
 from effattn._checks import check_positive_int, check_qkv, check_scale, check_tensor
 from effattn.exact.decode import merge_attention_states
 from effattn.exact.masks import window_bounds
-from effattn.exact.triton_kernels import jit, triton_status
+from effattn.exact.triton_kernels import dot_flags, jit, triton_status
 
 # bound to ``triton.language`` by :func:`effattn.exact.triton_kernels.jit` on first use
 tl = None
@@ -39,6 +39,7 @@ def decode_kernel(
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, WINDOW: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, IO_DT: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -59,6 +60,8 @@ def decode_kernel(
         mask=row_ok[:, None] & (dk[None, :] < D),
         other=0.0,
     )
+    if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+        q = q.to(tl.float32)
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h, mask=row_ok, other=0.0).to(tl.float32)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -78,7 +81,11 @@ def decode_kernel(
             k_off = b * s_kb + pos * s_kt
             v_off = b * s_vb + pos * s_vt
         k = tl.load(K + k_off[None, :] + hk * s_kh + dk[:, None], mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+        if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+            k = k.to(tl.float32)
         v = tl.load(V + v_off[:, None] + hk * s_vh + dv[None, :], mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+            v = v.to(tl.float32)
         kf = k.to(tl.float32)
         vf = v.to(tl.float32)
         k_bad = tl.max(((kf != kf) | (tl.abs(kf) == float("inf"))).to(tl.int32), 0)
@@ -101,7 +108,7 @@ def decode_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(IO_DT).to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -218,7 +225,7 @@ def triton_decode_attention(
         B, Tn, Hq, Hkv, G, chunk, scale, float(softcap) if softcap is not None else 1.0, left,
         D=D, DV=Dv, D_PAD=_pow2(D), DV_PAD=_pow2(Dv), ROWS=_pow2(G * Tn), BLOCK_N=BLOCK_N, PAGE=page,
         PAGED=block_table is not None, WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
-        HAS_SOFTCAP=softcap is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_SOFTCAP=softcap is not None, **dot_flags(q.dtype),
     )  # fmt: skip
     if sinks is not None:  # the sink is one more part: an empty value with logit sink_h
         o_part = torch.cat([o_part, torch.zeros_like(o_part[:1])])

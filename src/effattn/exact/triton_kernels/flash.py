@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from effattn.exact.block_mask import BlockMask, create_block_mask
-from effattn.exact.triton_kernels import jit
+from effattn.exact.triton_kernels import dot_flags, jit
 from effattn.exact.triton_kernels.flash_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from effattn.exact.triton_kernels.flash_fwd import attn_fwd_kernel
 
@@ -165,7 +165,7 @@ def _common(q, plan: TilePlan, spec: MaskSpec, alibi_slopes, softcap):
         HAS_BITS=plan.bits is not None,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_SOFTCAP=softcap is not None,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **dot_flags(q.dtype),
     )
     return doc, slopes, bits, scalars, flags
 

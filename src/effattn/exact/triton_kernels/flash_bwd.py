@@ -36,6 +36,7 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, IO_DT: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -54,11 +55,15 @@ def attn_bwd_dkdv_kernel(
         mask=col_ok[None, :] & (dk_[:, None] < D),
         other=0.0,
     )
+    if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+        kT = kT.to(tl.float32)
     vT = tl.load(
         V + b * s_vb + hk * s_vh + cols[None, :] * s_vt + dv_[:, None],
         mask=col_ok[None, :] & (dv_[:, None] < DVD),
         other=0.0,
     )
+    if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+        vT = vT.to(tl.float32)
     acc_dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     acc_dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     if HAS_DOC:
@@ -80,11 +85,15 @@ def attn_bwd_dkdv_kernel(
                     mask=row_ok[:, None] & (dk_[None, :] < D),
                     other=0.0,
                 )
+                if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+                    q = q.to(tl.float32)
                 do = tl.load(
                     DO + b * s_dob + h * s_doh + rows[:, None] * s_dot + dv_[None, :],
                     mask=row_ok[:, None] & (dv_[None, :] < DVD),
                     other=0.0,
                 )
+                if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+                    do = do.to(tl.float32)
                 lse = tl.load(LSE + (b * Hq + h) * Tq + rows, mask=row_ok, other=float("inf"))
                 lse = tl.where(lse == float("-inf"), float("inf"), lse)
                 delta = tl.load(DELTA + (b * Hq + h) * Tq + rows, mask=row_ok, other=0.0)
@@ -114,12 +123,12 @@ def attn_bwd_dkdv_kernel(
                             qdoc = tl.load(DOC + rows, mask=row_ok, other=-1)
                             keep = keep & (qdoc[:, None] == kdoc[None, :])
                 p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-                acc_dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                acc_dv += tl.dot(tl.trans(p.to(IO_DT).to(do.dtype)), do, input_precision=PREC)
                 dp = tl.dot(do, vT, input_precision=PREC)
                 ds = p * (dp - delta[:, None])
                 if HAS_SOFTCAP:
                     ds = ds * (1.0 - th * th)
-                acc_dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+                acc_dk += tl.dot(tl.trans(ds.to(IO_DT).to(q.dtype)), q, input_precision=PREC)
     acc_dk = acc_dk * scale
     tl.store(
         DK + b * s_dkb + hk * s_dkh + cols[:, None] * s_dkt + dk_[None, :],
@@ -142,6 +151,7 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, IO_DT: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -160,11 +170,15 @@ def attn_bwd_dq_kernel(
         mask=row_ok[:, None] & (dk_[None, :] < D),
         other=0.0,
     )
+    if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+        q = q.to(tl.float32)
     do = tl.load(
         DO + b * s_dob + h * s_doh + rows[:, None] * s_dot + dv_[None, :],
         mask=row_ok[:, None] & (dv_[None, :] < DVD),
         other=0.0,
     )
+    if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+        do = do.to(tl.float32)
     lse = tl.load(LSE + pid_bh * Tq + rows, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + pid_bh * Tq + rows, mask=row_ok, other=0.0)
@@ -185,8 +199,12 @@ def attn_bwd_dq_kernel(
             col_ok = cols < Tk
             k_ok = col_ok[None, :] & (dk_[:, None] < D)
             kT = tl.load(k_base + cols[None, :] * s_kt + dk_[:, None], mask=k_ok, other=0.0)
+            if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+                kT = kT.to(tl.float32)
             v_ok = col_ok[None, :] & (dv_[:, None] < DVD)
             vT = tl.load(v_base + cols[None, :] * s_vt + dv_[:, None], mask=v_ok, other=0.0)
+            if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+                vT = vT.to(tl.float32)
             s = tl.dot(q, kT, input_precision=PREC) * scale
             if HAS_SOFTCAP:
                 th = 2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0
@@ -217,7 +235,7 @@ def attn_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - th * th)
-            acc += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PREC)
+            acc += tl.dot(ds.to(IO_DT).to(q.dtype), tl.trans(kT), input_precision=PREC)
     acc = acc * scale
     tl.store(
         DQ + b * s_dqb + h * s_dqh + rows[:, None] * s_dqt + dk_[None, :],

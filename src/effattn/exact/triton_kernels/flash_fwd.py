@@ -38,6 +38,7 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, IO_DT: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -56,6 +57,8 @@ def attn_fwd_kernel(
         mask=row_ok[:, None] & (dk[None, :] < D),
         other=0.0,
     )
+    if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+        q = q.to(tl.float32)
     tab = b * s_ib + h * s_ih + qblk * s_iq
     cnt = tl.load(KV_CNT + b * s_cb + h * s_ch + qblk)
     if HAS_DOC:
@@ -75,6 +78,8 @@ def attn_fwd_kernel(
             col_ok = cols < Tk
             k_ok = col_ok[None, :] & (dk[:, None] < D)
             k = tl.load(k_base + cols[None, :] * s_kt + dk[:, None], mask=k_ok, other=0.0)
+            if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+                k = k.to(tl.float32)
             s = tl.dot(q, k, input_precision=PREC) * scale
             if HAS_SOFTCAP:
                 s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
@@ -107,7 +112,9 @@ def attn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v_ok = col_ok[:, None] & (dv[None, :] < DV)
             v = tl.load(v_base + cols[:, None] * s_vt + dv[None, :], mask=v_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(IO_DT).to(v.dtype), v, input_precision=PREC)
             m_i = m_new
     if HAS_SINKS:
         sink = tl.load(SINKS + h).to(tl.float32)
