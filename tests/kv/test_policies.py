@@ -18,6 +18,8 @@ from effattn.kv import (
 )
 from effattn.kv.policy import split_budget
 from effattn.nn import LM, Attention, LMConfig, calibrate_duo_attention
+from effattn.nn.duo_calibration import passkey_batch, streaming_mask
+from tests.helpers import assert_fp32_close
 
 # every registered policy (the registry imports the modules of effattn.kv); each is tested below
 ALL = POLICIES.names()
@@ -194,7 +196,8 @@ def test_keeps_exactly_its_budget(name):
             assert want == [budget, budget]
         pos = cache.positions(layer)
         assert (pos[pos >= 0].view(-1) < T).all()
-        assert (pos.diff(dim=-1)[pos[..., 1:] >= 0 & (pos[..., :-1] >= 0)] > 0).all()  # ascending, no repeats
+        real = (pos[..., 1:] >= 0) & (pos[..., :-1] >= 0)  # both neighbours kept (-1: left padding)
+        assert real.any() and (pos.diff(dim=-1)[real] > 0).all()  # ascending, no repeats
     before = [cache.lengths(i)[0].tolist() for i in range(L)]
     for step in range(3):
         qd, kd, vd = _qkv(T=1, seed=10 + step)
@@ -526,14 +529,76 @@ def tiny_lm():
     return model, ids, model.generate(ids, 4, temperature=0.0)
 
 
+def _decode_recording_kept(model, ids, policy, steps):
+    """Greedy prefill + ``steps`` decode steps on ``model.compressed_state(policy)``: the last-row logits
+    of every call and, before each decode step, the positions each policy layer's cache holds."""
+    state = model.compressed_state(policy)
+    layers = model.policy_layers()
+    cache = state[layers[0]].cache
+    logits, state = model(ids, state)
+    rows, kept, fed = [logits[:, -1]], [], ids
+    for _ in range(steps):
+        nxt = rows[-1].argmax(-1)[:, None]
+        kept.append([cache.positions(n) for n in range(len(layers))])  # [B, H_kv, n], -1 = padding
+        fed = torch.cat([fed, nxt], 1)
+        logits, state = model(nxt, state)
+        rows.append(logits[:, -1])
+    return fed, torch.stack(rows, 1), kept, cache
+
+
+def _visible_table(kept, B, Hq, Hkv, T_prompt, steps, layer):
+    """``[B, Hq, N, N]``: prompt rows causal (the prefill attends to everything); the row of decode step
+    ``i`` (position ``T_prompt + i``) sees the positions its kv head kept before the step, and itself."""
+    N = T_prompt + steps
+    table = torch.ones(N, N, dtype=torch.bool).tril().repeat(B, Hq, 1, 1)
+    G = Hq // Hkv
+    for i in range(steps):
+        t = T_prompt + i
+        table[:, :, t] = False
+        for b in range(B):
+            for h in range(Hq):
+                pos = kept[i][layer][b, h // G]
+                table[b, h, t, pos[pos >= 0]] = True
+        table[:, :, t, t] = True
+    return table
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_generate_with_policy(tiny_lm, name):
+def test_generate_with_policy(tiny_lm, name, monkeypatch):
     model, ids, full = tiny_lm
     big = model.generate(ids, 4, temperature=0.0, kv_policy=make_policy(name, budget=1000, **_kw(name)))
     assert torch.equal(big, full)  # budget >= context: exactly the full cache
     small = make_policy(name, budget=6, **_kw(name))
     out = model.generate(ids, 4, temperature=0.0, kv_policy=small)
     assert out.shape == (2, 28) and torch.equal(out[:, :24], ids)
+    # the rule on real values: each decoded token's logits are those of a full forward in which that
+    # token's query, in every layer and head, sees exactly the keys its cache kept before its step
+    # (plus itself), and earlier rows see what they saw when they were computed
+    steps = 3
+    policy = make_policy(name, budget=6, **_kw(name))
+    fed, rows, kept, cache = _decode_recording_kept(model, ids, policy, steps)
+    assert torch.equal(torch.cat([fed, rows[:, -1].argmax(-1)[:, None]], 1), out)  # generate() is this loop
+    B, T = ids.shape
+    layers = model.policy_layers()
+    tables = []
+    for n, i in enumerate(layers):
+        mixer = model.blocks[i].mixer
+        table = _visible_table(kept, B, mixer.heads, mixer.kv_heads, T, steps, n)
+        tables.append(table)
+        monkeypatch.setattr(mixer, "mask_mod", lambda b, h, q, kv, table=table: table[b, h, q, kv])
+    with torch.no_grad():
+        ref = model(fed)[0][:, T - 1 :]
+    assert_fp32_close(rows, ref, 1e-5, "decode logits")
+    decode_rows = torch.stack([t[:, :, T:] for t in tables])
+    assert (decode_rows.sum(-1) < torch.arange(T, T + steps).view(1, 1, 1, -1) + 1).any()  # something evicted
+    for i in range(steps):  # the budget rule: what each head holds before decode step i
+        for n in range(len(layers)):
+            held = (kept[i][n] >= 0).sum(-1)
+            want = [min(b, T + i) if name in EVICTS_ON_DECODE else min(b, T) + i for b in cache.budgets(n)]
+            assert held.tolist() == [want] * B, (i, n)
+            if name == "streaming_llm":  # sinks + the most recent
+                rule = list(range(policy.sinks)) + list(range(T + i - (6 - policy.sinks), T + i))
+                assert all(kept[i][n][b, h].tolist() == rule for b in range(B) for h in (0, 1))
 
 
 def test_generate_with_policy_errors(tiny_lm):
@@ -577,6 +642,43 @@ def test_duo_attention_calibration(tiny_lm, method):
         tiny_lm[1], 2, temperature=0.0, kv_policy=make_policy("duo_attention", budget=6, retrieval_heads=mask)
     )
     assert out.shape == (2, 26)
+    # the scores on real values, recomputed outside the calibration's gate hook
+    ids, tail = passkey_batch(40, 2, 24, 4, torch.Generator().manual_seed(0))  # the calibration's data (seed 0)
+    with torch.no_grad():
+        ref = model(ids)[0][:, -tail:]
+    if method == "error":
+        # score(l, h) = relative MSE of the answer logits when only kv head h of layer l is streaming
+        # (sinks=4 + recent=4 keys, causal), written as a per-head mask on the layer
+        t = torch.arange(24)
+        stream = ((t[None, :] < 4) | (t[:, None] - t[None, :] < 4)) & (t[None, :] <= t[:, None])
+        full = torch.ones(24, 24, dtype=torch.bool).tril()
+        for li, i in enumerate(model.policy_layers()):
+            mixer = model.blocks[i].mixer
+            G = mixer.heads // mixer.kv_heads
+            for h in range(mixer.kv_heads):
+                table = torch.stack([stream if hq // G == h else full for hq in range(mixer.heads)])
+                mixer.mask_mod = lambda b, hq, q, kv, table=table: table[hq, q, kv]
+                try:
+                    with torch.no_grad():
+                        o = model(ids)[0][:, -tail:]
+                finally:
+                    mixer.mask_mod = None
+                want = ((o - ref).pow(2).mean() / ref.pow(2).mean()).item()
+                assert want > 0 and scores[li, h].item() == pytest.approx(want, rel=1e-4, abs=1e-9), (li, h)
+    else:
+        # the gates lower the distillation objective (relative logit MSE + l1 * mean gate) below the
+        # starting point, all gates 1 (objective = l1 = 0.05)
+        stream_mod = streaming_mask(4, 4)
+        for li, i in enumerate(model.policy_layers()):
+            model.blocks[i].mixer.set_head_gates(scores[li].clone(), stream_mod)
+        try:
+            with torch.no_grad():
+                o = model(ids)[0][:, -tail:]
+        finally:
+            for i in model.policy_layers():
+                model.blocks[i].mixer.set_head_gates(None)
+        objective = ((o - ref).pow(2).mean() / ref.pow(2).mean()).item() + 0.05 * scores.mean().item()
+        assert ((scores >= 0) & (scores <= 1)).all() and objective < 0.05
 
 
 def test_duo_attention_calibration_errors(tiny_lm):
