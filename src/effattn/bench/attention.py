@@ -6,6 +6,12 @@ several lengths: forward and forward+backward time (median of repeats) and peak 
 ``auto``, ``reference`` (skipped where it would not fit) and compiled FlexAttention (``--flex``),
 with efficiency = useful FLOP/s over the machine's matmul FLOP/s measured in the same run
 (only unmasked pairs count; backward counted as 2.5x forward, FlashAttention's convention).
+
+With ``--device cuda`` it runs the GPU comparison instead (:func:`run_gpu`): bf16, ``B * T = 16k``
+tokens, ``H = 16``, ``D = 64`` and ``128``, T from 1k to 32k, forward and forward+backward TFLOP/s of
+the ``triton`` backend, FlashAttention-2 (``flash_attn``, optional), PyTorch SDPA and compiled
+FlexAttention on dense causal and on a 1/16-dense block-sparse pattern (the same BlockMask for
+triton and Flex; FA2 and SDPA have no block-sparse form).
 """
 
 from __future__ import annotations
@@ -214,6 +220,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     description=__doc__,
 )
 def run(args: argparse.Namespace) -> None:
+    if torch.device(args.device).type == "cuda":
+        run_gpu(args)
+        return
     default = QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(default)
     B, H, D = 1, 4, 64
@@ -300,3 +309,173 @@ def _summarize(rows: list[dict], notes: list[str]) -> None:
                 f"T={T} causal: tiled fwd efficiency {e:.2f} of GEMM "
                 f"(sdpa {get('causal', T, 'sdpa', 'fwd_eff') or 0:.2f})"
             )
+
+
+# ----------------------------------------------------------------- GPU: triton vs FA2 vs SDPA vs Flex
+GPU_IMPLS = ("triton", "fa2", "sdpa", "flex")
+GPU_PATTERNS = ("causal", "block_sparse")
+GPU_HEAD_DIMS = (64, 128)
+GPU_HEADS = 16
+GPU_TOKENS = 16384  # B * T, FlashAttention's benchmark setting
+GPU_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+SPARSE_BLOCK = 128  # FlexAttention's default block; the triton kernels walk it as two 64-tiles
+SPARSE_DENSITY = 1 / 16
+
+
+def sparse_block_mask(T: int, device, block: int = SPARSE_BLOCK, seed: int = 0):
+    """A non-causal BlockMask with about ``SPARSE_DENSITY`` of the key blocks per query block: its
+    diagonal block plus random others (all full tiles), the same for every batch and head."""
+    from effattn.exact import BlockMask
+
+    n = -(-T // block)
+    k = max(1, round(n * SPARSE_DENSITY))
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, n, generator=g)
+    scores.fill_diagonal_(2.0)  # own block first
+    idx = scores.topk(k, dim=-1).indices.view(1, 1, n, k)
+    return BlockMask.from_kv_indices(idx.to(device), T, T, q_block=block, kv_block=block)
+
+
+def _allowed_pairs(pattern: str, T: int, bm) -> float:
+    if pattern == "causal":
+        return T * (T + 1) / 2
+    sizes = torch.full((bm.num_kv_blocks,), bm.kv_block, dtype=torch.float64)
+    sizes[-1] = T - bm.kv_block * (bm.num_kv_blocks - 1)
+    valid = torch.arange(bm.kv_indices.shape[-1]) < bm.kv_counts[0, 0, :, None].cpu()
+    cols = torch.where(valid, sizes[bm.kv_indices[0, 0].cpu()], 0.0).sum(-1)  # keys per query block
+    rows = torch.full((bm.num_q_blocks,), float(bm.q_block), dtype=torch.float64)
+    rows[-1] = T - bm.q_block * (bm.num_q_blocks - 1)
+    return float((rows * cols).sum())
+
+
+def gpu_runner(impl: str, pattern: str, q, k, v, bm):
+    """A callable computing ``impl`` on ``[B, T, H, D]`` inputs (``bm``: the block-sparse pattern's mask)."""
+    causal = pattern == "causal"
+    if impl == "triton":
+        if causal:
+            return lambda: attention(q, k, v, causal=True, backend="triton")
+        return lambda: attention(q, k, v, block_mask=bm, backend="triton")
+    if impl == "fa2":
+        if not causal:
+            raise ValueError("skipped: FlashAttention-2 has no block-sparse mask")
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError:
+            raise RuntimeError("skipped: flash_attn is not installed") from None
+        return lambda: flash_attn_func(q, k, v, causal=True)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # views; SDPA and Flex take [B, H, T, D]
+    if impl == "sdpa":
+        if not causal:
+            raise ValueError("skipped: SDPA has no block-sparse mask (only a dense T x T one)")
+        return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask as flex_block_mask
+        from torch.nn.attention.flex_attention import flex_attention
+
+        T = q.shape[1]
+        if causal:
+            mod = lambda b, h, qi, ki: ki <= qi  # noqa: E731
+        else:
+            tiles = _tile_table(bm)
+            mod = lambda b, h, qi, ki: tiles[qi // SPARSE_BLOCK, ki // SPARSE_BLOCK]  # noqa: E731
+        fbm = flex_block_mask(mod, None, None, T, T, device=str(q.device), BLOCK_SIZE=SPARSE_BLOCK)
+        fn = torch.compile(flex_attention, dynamic=False)
+        return lambda: fn(qt, kt, vt, block_mask=fbm).transpose(1, 2)
+    raise KeyError(impl)
+
+
+def _tile_table(bm) -> torch.Tensor:
+    """``[n_q, n_k]`` bool: the tiles the (batch- and head-broadcast) BlockMask lists."""
+    n_q, n_k = bm.num_q_blocks, bm.num_kv_blocks
+    valid = torch.arange(bm.kv_indices.shape[-1], device=bm.kv_indices.device) < bm.kv_counts[0, 0, :, None]
+    table = torch.zeros(n_q, n_k + 1, dtype=torch.bool, device=bm.kv_indices.device)
+    table.scatter_(1, torch.where(valid, bm.kv_indices[0, 0], n_k), True)
+    return table[:, :n_k]
+
+
+def measure_gpu(
+    impl: str,
+    pattern: str,
+    T: int,
+    D: int,
+    *,
+    heads: int = GPU_HEADS,
+    tokens: int = GPU_TOKENS,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    repeats: int = 5,
+    backward: bool = True,
+    runners: dict | None = None,
+) -> dict:
+    """One row of the GPU comparison: ``fwd_tflops`` and ``fwdbwd_tflops`` (useful FLOPs: unmasked pairs
+    only, backward 2.5x forward) of ``impl`` on ``pattern`` with ``B = tokens // T``. ``runners`` maps
+    an impl to ``(pattern, q, k, v, bm) -> callable`` in place of :func:`gpu_runner` (the CPU smoke
+    test's stand-ins)."""
+    B = max(1, tokens // T)
+    row = {"pattern": pattern, "T": T, "D": D, "B": B, "impl": impl}
+    g = torch.Generator(device=device).manual_seed(T + D)
+    q, k, v = (
+        torch.randn(B, T, heads, D, device=device, dtype=dtype, generator=g).requires_grad_(backward) for _ in range(3)
+    )
+    bm = sparse_block_mask(T, device) if pattern == "block_sparse" else None
+    flops = attention_flops(B, heads, D, D, _allowed_pairs(pattern, T, bm))
+
+    def one():
+        make = (runners or {}).get(impl)
+        fn = make(pattern, q, k, v, bm) if make else gpu_runner(impl, pattern, q, k, v, bm)
+        out = {}
+
+        def fwd():
+            with torch.no_grad():
+                return fn()
+
+        out["fwd_ms"] = 1e3 * measure_time(fwd, repeats=repeats, device=device)
+        out["fwd_tflops"] = flops / out["fwd_ms"] * 1e3 / 1e12
+        if backward:
+            do = torch.randn_like(q)
+            out["fwdbwd_ms"] = 1e3 * measure_time(lambda: fn().backward(do), repeats=repeats, device=device)
+            out["fwdbwd_tflops"] = 3.5 * flops / out["fwdbwd_ms"] * 1e3 / 1e12
+        return out
+
+    return {**row, **run_guarded(one)}
+
+
+def run_gpu(args: argparse.Namespace, *, dtype: torch.dtype = torch.bfloat16, runners: dict | None = None, **sizes):
+    """The GPU comparison (``bench attention --device cuda``); ``sizes`` overrides ``heads``, ``tokens``,
+    ``head_dims`` (for the CPU smoke test)."""
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(GPU_LENGTHS)
+    head_dims = sizes.get("head_dims", GPU_HEAD_DIMS)
+    heads, tokens = sizes.get("heads", GPU_HEADS), sizes.get("tokens", GPU_TOKENS)
+    backward = not getattr(args, "forward_only", False)
+    rows = []
+    for pattern in GPU_PATTERNS:
+        for D in head_dims:
+            for T in lengths:
+                for impl in GPU_IMPLS:
+                    r = measure_gpu(
+                        impl, pattern, T, D, heads=heads, tokens=tokens, device=args.device, dtype=dtype,
+                        repeats=args.repeats, backward=backward, runners=runners,
+                    )  # fmt: skip
+                    rows.append(r)
+                    done = r.get("error") or f"{r['fwd_tflops']:.1f} TFLOP/s fwd"
+                    print(f"{pattern} D={D} T={T} {impl}: {done}", flush=True)
+    machine = machine_info(args.device)
+    notes = [
+        f"{str(dtype).removeprefix('torch.')}, H={heads}, B*T={tokens}; TFLOP/s of useful work (unmasked pairs; "
+        "backward counted 2.5x forward)",
+        f"block_sparse: {SPARSE_BLOCK}-blocks, about {SPARSE_DENSITY:.4f} of the key blocks per query block "
+        "(diagonal + random), the same BlockMask for triton and FlexAttention",
+    ]
+    for pattern, D, T in {(r["pattern"], r["D"], r["T"]) for r in rows}:
+        tr = next((r for r in rows if (r["pattern"], r["D"], r["T"], r["impl"]) == (pattern, D, T, "triton")), {})
+        base = "fa2" if pattern == "causal" else "flex"
+        ref = next((r for r in rows if (r["pattern"], r["D"], r["T"], r["impl"]) == (pattern, D, T, base)), {})
+        if tr.get("fwdbwd_tflops") and ref.get("fwdbwd_tflops"):
+            notes.append(
+                f"{pattern} D={D} T={T}: triton / {base} fwd+bwd = {tr['fwdbwd_tflops'] / ref['fwdbwd_tflops']:.2f}"
+            )
+    meta = {"command": command_line(), "machine": machine, "lengths": lengths, "H": heads, "tokens": tokens}
+    cols = ["pattern", "D", "T", "B", "impl", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "error"]
+    path = write_report(args.out, "attention_gpu", rows, cols, meta=meta, notes=sorted(notes))
+    print(f"report: {path}")
+    return rows
