@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,7 +50,8 @@ class TrainConfig:
 
     ``data``: ``"stdlib"`` (:func:`effattn.data.byte_corpus`), a list of text files (bytes are tokens),
     or one ``.bin`` file of token ids (``bin_dtype``; the last ``val_fraction`` is validation).
-    ``batch_size`` is the global number of sequences per micro-step.
+    ``batch_size`` is the global number of sequences per micro-step. ``stop_after``: end the run
+    after that step as a killed run would (no final checkpoint; the schedule still spans ``steps``).
     """
 
     data: str | list[str] = "stdlib"
@@ -81,7 +82,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     device: str | None = None
-    extra: dict = field(default_factory=dict)
+    stop_after: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
@@ -89,6 +90,7 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "save_every", "seed"):
             check_int(name, getattr(self, name), minimum=0)
         check_int("max_bytes", self.max_bytes, minimum=2, allow_none=True)
+        check_int("stop_after", self.stop_after, minimum=1, allow_none=True)
         check_float("lr", self.lr, 0.0, math.inf, lo_open=True)
         check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         check_float("weight_decay", self.weight_decay, 0.0, math.inf)
@@ -383,13 +385,15 @@ def train(model_config: LMConfig, cfg: TrainConfig, model: LM | None = None) -> 
             progress.update(step + 1, float(total), val, timed_tokens / max(elapsed, 1e-9), _memory(device))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 _save(cfg, wrapped, opt, opt_names, step + 1, meta_cfg, history, rank, cfg.parallel)
+            if cfg.stop_after is not None and step + 1 >= cfg.stop_after:
+                break
     finally:
         progress.close()
     elapsed = time.perf_counter() - t0
     history["tokens_per_s"] = timed_tokens / max(elapsed, 1e-9)
     history["peak_mib"] = _memory(device)
     history["params"] = lm.num_parameters() if cfg.parallel != "fsdp" else None
-    if cfg.save_every and cfg.out_dir:
+    if cfg.save_every and cfg.out_dir and (cfg.stop_after is None or cfg.stop_after >= cfg.steps):
         _save(cfg, wrapped, opt, opt_names, cfg.steps, meta_cfg, history, rank, cfg.parallel)
     if cfg.out_dir and rank == 0:
         out = Path(cfg.out_dir)
@@ -403,7 +407,7 @@ def train(model_config: LMConfig, cfg: TrainConfig, model: LM | None = None) -> 
 
 def _micro_loss(runner, x, y, cfg: TrainConfig, amp) -> torch.Tensor:
     if cfg.sequence_parallel:
-        denom = y.numel() * dist.get_world_size()
+        denom = y.numel()  # the whole (unsharded) batch: each rank's loss is its share of the global mean
         with sequence_parallel(attention=cfg.sequence_parallel), amp:
             return runner(shard_sequence(x), shard_sequence(y), denom)
     with amp:
