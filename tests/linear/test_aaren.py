@@ -169,10 +169,11 @@ def test_bf16_follows_the_flash_attention_rule():
     for fn, kw in ((chunk_aaren, {"chunk_size": 16}), (scan_aaren, {})):
         o, _, g = _with_grads(fn, q16, k16, v16, st, d_o, d_s, **kw)
         assert o.dtype == torch.bfloat16
-        assert_lowp_close(o, o_low, o_ref, atol=1e-2, name=f"{fn.__name__} output")
+        # the helper's atol 1e-3 (was 1e-2, grads 1% of max|grad|): measured e_fast - 2 e_ref <= 0 for grads and
+        # <= 3e-5 for outputs/float32 states (the chunk form errs no more than the naive one in bf16)
+        assert_lowp_close(o, o_low, o_ref, name=f"{fn.__name__} output")
         for n in g_ref:
-            atol = 1e-2 * g_ref[n].abs().max().item()
-            assert_lowp_close(g[n], g_low[n], g_ref[n], atol=atol, name=f"{fn.__name__} grad {n}")
+            assert_lowp_close(g[n], g_low[n], g_ref[n], name=f"{fn.__name__} grad {n}")
 
 
 def test_step_equals_full():

@@ -69,7 +69,9 @@ def test_chunk_matches_naive_bf16():
     assert_lowp_close(fast[1], ref16[1], ref32[1], name="final state")
     for n, a, b, c in zip(NAMES, fast[2], ref16[2], ref32[2], strict=True):
         assert a.dtype == b.dtype
-        assert_lowp_close(a, b, c, atol=1e-2, name=f"grad {n}")
+        # the helper's atol (1e-3), down from 1e-2: measured e_fast - 2 e_ref <= 0 for every gradient and
+        # <= 3e-5 for outputs/float32 states (the chunk form errs no more than the naive one in bf16)
+        assert_lowp_close(a, b, c, name=f"grad {n}")
 
 
 def test_naive_is_the_delta_rule():

@@ -98,7 +98,9 @@ def test_chunk_matches_naive_bf16():
     assert_lowp_close(o_c, o_low, o_ref, name="output")
     assert_lowp_close(s_c, s_low, s_ref, name="final state")
     for n in ("q", "k", "v", "gk"):
-        assert_lowp_close(g_c[n], g_low[n], g_ref[n], atol=1e-2, name=f"grad {n}")
+        # the helper's atol (1e-3), down from 1e-2: measured e_fast - 2 e_ref <= 0 for every gradient and
+        # <= 3e-5 for outputs/float32 states (the chunk form errs no more than the naive one in bf16)
+        assert_lowp_close(g_c[n], g_low[n], g_ref[n], name=f"grad {n}")
 
 
 # ------------------------------------------------------------------------------------------------

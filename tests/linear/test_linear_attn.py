@@ -136,7 +136,9 @@ def test_chunk_matches_naive_bf16(feature_map, normalize):
     for i in range(len(s_c)):
         assert_lowp_close(s_c[i], s_low[i], s_ref[i], name=f"final state[{i}]")
     for n in ("q", "k", "v"):
-        assert_lowp_close(g_c[n], g_low[n], g_ref[n], atol=1e-2, name=f"grad {n}")
+        # the helper's atol (1e-3), down from 1e-2: measured e_fast - 2 e_ref <= 0 for every gradient and
+        # <= 3e-5 for outputs/float32 states (the chunk form errs no more than the naive one in bf16)
+        assert_lowp_close(g_c[n], g_low[n], g_ref[n], name=f"grad {n}")
 
 
 # ------------------------------------------------------------------------------------------------

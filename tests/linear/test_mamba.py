@@ -187,12 +187,13 @@ def test_bf16_follows_the_flash_attention_rule():
     o_low, s_low, g_low = run_with_grads(naive_selective_scan, x16, h0, d_o, d_s)
     o_c, s_c, g_c = run_with_grads(chunk_selective_scan, x16, h0, d_o, d_s, chunk_size=16)
     assert o_c.dtype == torch.bfloat16 and s_c.dtype == torch.float32
-    assert_lowp_close(o_c, o_low, o_ref, atol=1e-2)
-    assert_lowp_close(s_c, s_low, s_ref, atol=1e-2, name="final state")
+    # the helper's atol 1e-3 (was 1e-2, grads 1% of max|grad|): measured e_fast - 2 e_ref <= 0 for grads and
+    # <= 3e-5 for outputs/float32 states (the chunk form errs no more than the naive one in bf16)
+    assert_lowp_close(o_c, o_low, o_ref)
+    assert_lowp_close(s_c, s_low, s_ref, name="final state")
     for n in g_ref:
         assert g_c[n].dtype == (torch.float32 if n == "initial_state" else torch.bfloat16)
-        atol = 1e-2 * g_ref[n].abs().max().item()
-        assert_lowp_close(g_c[n], g_low[n], g_ref[n], atol=atol, name=f"grad {n}")
+        assert_lowp_close(g_c[n], g_low[n], g_ref[n], name=f"grad {n}")
 
 
 def test_step_token_by_token_equals_full():

@@ -159,10 +159,14 @@ def test_chunk_matches_naive_bf16():
     ref16 = _fwd_bwd(naive_mom, q, k, v, logits, g, h0, d_o, d_s, **kw)
     fast = _fwd_bwd(chunk_mom, q, k, v, logits, g, h0, d_o, d_s, chunk_size=16, **kw)
     assert fast[0].dtype == torch.bfloat16
-    assert_lowp_close(fast[0], ref16[0], ref32[0], atol=1e-2, name="output")
-    assert_lowp_close(fast[1], ref16[1], ref32[1], atol=1e-2, name="final state")
+    # the helper's atol (1e-3), down from 1e-2 / 5e-2: chunk_mom and naive_mom both upcast to float32 and
+    # round once to bf16, so their errors against the float32 run are equal (measured on seeds 5-12: every
+    # gradient's e_fast == e_ref; final state 4e-6, both float32). The old 5e-2 only looked needed because
+    # the errors are absolute and the g gradient is large (|dg| up to ~500, e_ref ~1): 2 e_ref covers it.
+    assert_lowp_close(fast[0], ref16[0], ref32[0], name="output")
+    assert_lowp_close(fast[1], ref16[1], ref32[1], name="final state")
     for n, a, b, c in zip(NAMES, fast[2], ref16[2], ref32[2], strict=True):
-        assert_lowp_close(a, b, c, atol=5e-2, name=f"grad {n}")
+        assert_lowp_close(a, b, c, name=f"grad {n}")
 
 
 def test_step_token_by_token_equals_full():
