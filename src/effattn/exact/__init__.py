@@ -12,6 +12,7 @@ from effattn.exact.masks import (
     alibi_slopes,
     and_masks,
     causal_mask,
+    check_mod_signature,
     compose_score_mods,
     dilated_mask,
     document_ids_from_cu_seqlens,
@@ -26,6 +27,7 @@ from effattn.exact.masks import (
     sliding_window_mask,
     streaming_mask,
     tanh_softcap,
+    window_bounds,
 )
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
 from effattn.exact.reference import reference_attention
@@ -44,6 +46,7 @@ __all__ = [
     "and_masks",
     "attention",
     "causal_mask",
+    "check_mod_signature",
     "compose_score_mods",
     "count_scores",
     "create_block_mask",
@@ -68,4 +71,5 @@ __all__ = [
     "streaming_mask",
     "tanh_softcap",
     "tiled_attention",
+    "window_bounds",
 ]

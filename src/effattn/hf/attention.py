@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import torch
 
 import effattn.hf._compat  # noqa: F401  (checks the transformers version)
-from effattn.exact import BACKENDS, attention
-from effattn.exact.masks import check_mod_signature
+from effattn.exact import BACKENDS, attention, check_mod_signature
 from effattn.hf._handshake import HANDSHAKE, CompressedInputs
 
 __all__ = [

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from effattn._checks import check_int
-from effattn.exact.masks import window_bounds
+from effattn.exact import window_bounds
 
 __all__ = ["AttentionPattern", "CachedKV", "KVCacheBase", "LayerCache"]
 

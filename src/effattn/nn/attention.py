@@ -39,8 +39,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_positive_int
-from effattn.exact import BACKENDS, attention, decode_attention
-from effattn.exact.masks import check_mod_signature, window_bounds
+from effattn.exact import BACKENDS, attention, check_mod_signature, decode_attention, window_bounds
 from effattn.kv import AttentionPattern, CachedKV, KVCache, LayerCache, WindowKVCache
 from effattn.nn.rope import RotaryEmbedding
 

@@ -38,8 +38,8 @@ from effattn.exact import (
     create_block_mask,
     dilated_mask,
     sliding_window_mask,
+    window_bounds,
 )
-from effattn.exact.masks import window_bounds
 from effattn.sparse._blockwise import (
     check_grid,
     check_self_attention,
