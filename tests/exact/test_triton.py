@@ -26,7 +26,10 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"] if triton_status(torch.device("cpu"))[0] else []
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not DEVICES, reason="triton cannot run here")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not DEVICES, reason=f"triton cannot run here: {triton_status(torch.device('cpu'))[1]}"),
+]
 
 
 def _inputs(B, Tq, Tk, Hq, Hkv, D, Dv, device, dtype=torch.float32, seed=0):

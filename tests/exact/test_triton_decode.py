@@ -27,7 +27,10 @@ from effattn.exact.triton_kernels.decode import triton_decode_attention  # noqa:
 from effattn.kv import PagedKVCache  # noqa: E402
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"] if triton_status(torch.device("cpu"))[0] else []
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not DEVICES, reason="triton cannot run here")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not DEVICES, reason=f"triton cannot run here: {triton_status(torch.device('cpu'))[1]}"),
+]
 
 
 def _full(q, kc, vc, lens, dtype=torch.float64, **kw):
