@@ -74,6 +74,7 @@ CASES = {
     "dense_gqa_odd": (2, 77, 77, 4, 2, 40, 24, {}),
     "causal_bottom_right": (1, 45, 130, 2, 1, 32, 32, {"causal": True}),
     "causal_more_queries_than_keys": (1, 70, 33, 2, 2, 16, 16, {"causal": True}),  # empty rows
+    "empty_rows_with_sinks": (1, 50, 20, 2, 1, 16, 16, {"causal": True, "sinks": "sinks"}),
     "window_pair": (1, 100, 100, 2, 1, 32, 32, {"window": (20, 7)}),
     "causal_window": (1, 150, 150, 3, 1, 16, 16, {"causal": True, "window": 33}),
     "varlen": (1, 140, 140, 2, 2, 32, 32, {"causal": True, "cu_seqlens": torch.tensor([0, 30, 31, 97, 140])}),
@@ -179,6 +180,17 @@ def test_nonfinite_in_masked_keys_never_leaks(device):
     for g in grads:
         assert torch.isfinite(g).all()
     assert torch.allclose(grads[0][0, :40], clean[2][0][0, :40], atol=1e-6)  # clean rows: clean dq
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_are_read_in_place(device):
+    """A [B, H, T, D] tensor transposed to [B, T, H, D] (and a slice of a wider head dim) gives the same result."""
+    q, k, v = _inputs(2, 45, 45, 2, 2, 32, 32, device)
+    qs, ks, vs = (torch.cat([x, x], -1).transpose(1, 2).contiguous().transpose(1, 2)[..., :32] for x in (q, k, v))
+    assert qs.stride(-1) == 1 and not qs.is_contiguous()
+    a = attention(qs, ks, vs, causal=True, backend="triton")
+    b = attention(q, k, v, causal=True, backend="triton")
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
