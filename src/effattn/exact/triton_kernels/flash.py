@@ -170,6 +170,13 @@ def _common(q, plan: TilePlan, spec: MaskSpec, alibi_slopes, softcap):
     return doc, slopes, bits, scalars, flags
 
 
+def _launch(D: int, Dv: int) -> dict:
+    """Warps and pipeline stages by head width (untuned: no GPU was available; conservative so that a
+    256-wide head's K/V tiles fit in shared memory)."""
+    width = max(_pow2(D), _pow2(Dv))
+    return {"num_warps": 4 if width <= 64 else 8, "num_stages": 2 if width <= 128 else 1}
+
+
 def _tiles(plan: TilePlan) -> tuple[int, int]:
     return min(plan.q_block, MAX_TILE), min(plan.kv_block, MAX_TILE)
 
@@ -192,7 +199,7 @@ def _forward(q, k, v, sinks, plan, spec, scale, alibi_slopes, softcap):
         s_ib, s_ih, plan.kv_idx.stride(2), s_cb, s_ch,
         Tq, Tk, Hq, Hq // Hkv, scale, **scalars,
         D=D, DV=Dv, D_PAD=_pow2(D), DV_PAD=_pow2(Dv), BLOCK_M=bm_, BLOCK_N=bn_,
-        Q_BLOCK=plan.q_block, KV_BLOCK=plan.kv_block, HAS_SINKS=sinks is not None, **flags,
+        Q_BLOCK=plan.q_block, KV_BLOCK=plan.kv_block, HAS_SINKS=sinks is not None, **flags, **_launch(D, Dv),
     )  # fmt: skip
     return o, lse
 
@@ -208,7 +215,7 @@ def _backward(q, k, v, o, lse, do, dlse, sinks, plan, spec, scale, alibi_slopes,
     doc, slopes, bits, scalars, flags = _common(q, plan, spec, alibi_slopes, softcap)
     bm_, bn_ = _tiles(plan)
     common = dict(D=D, DVD=Dv, D_PAD=_pow2(D), DV_PAD=_pow2(Dv), BLOCK_M=bm_, BLOCK_N=bn_,
-                  Q_BLOCK=plan.q_block, KV_BLOCK=plan.kv_block, **flags)  # fmt: skip
+                  Q_BLOCK=plan.q_block, KV_BLOCK=plan.kv_block, **flags, **_launch(D, Dv))  # fmt: skip
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
