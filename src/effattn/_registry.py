@@ -67,6 +67,16 @@ class Registry(Generic[T]):
 
         return add if entry is None else add(entry)
 
+    def unregister(self, name: str) -> T:
+        """Remove and return the entry ``name`` (an unknown name raises); for tests and examples that register
+        a throw-away entry. ``del registry[name]`` does the same."""
+        entry = self.get(name)
+        del self._entries[name]
+        return entry
+
+    def __delitem__(self, name: str) -> None:
+        self.unregister(name)
+
     # -- lookup -------------------------------------------------------------------------------------------
     def _load(self) -> None:
         if self._loaded:

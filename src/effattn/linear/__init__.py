@@ -4,7 +4,7 @@ Each method lives in its own module with ``naive_*`` (reference), ``chunk_*`` (c
 parallel) and ``step_*`` (decoding) forms; see ``effattn.linear._common`` for the conventions.
 """
 
-from effattn.linear._common import REGISTRY, LinearOp
+from effattn.linear._common import REGISTRY, LinearOp, register
 from effattn.linear.aaren import chunk_aaren, naive_aaren, scan_aaren, step_aaren
 from effattn.linear.delta_rule import chunk_delta_rule, naive_delta_rule, step_delta_rule
 from effattn.linear.gated_delta_rule import (
@@ -33,6 +33,7 @@ from effattn.linear.simple_gla import chunk_simple_gla, naive_simple_gla, step_s
 
 __all__ = [
     "REGISTRY",
+    "register",
     "LinearOp",
     "naive_delta_rule",
     "chunk_delta_rule",

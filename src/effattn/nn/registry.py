@@ -26,22 +26,13 @@ from torch import nn
 
 from effattn._registry import Registry
 
-__all__ = ["MIXERS", "MixerRegistry", "register_mixer", "build_mixer", "list_mixers"]
+__all__ = ["MIXERS", "register_mixer", "build_mixer", "list_mixers"]
 
 MixerFactory = Callable[..., nn.Module]
 
 
-class MixerRegistry(Registry[MixerFactory]):
-    """:class:`effattn._registry.Registry` of mixers; ``del MIXERS[name]`` removes one (tests that
-    register a throw-away mixer clean up with it)."""
-
-    def __delitem__(self, name: str) -> None:
-        self.get(name)  # an unknown name raises, listing the known ones
-        del self._entries[name]
-
-
 #: name -> mixer class or factory ``(dim, heads, **kw) -> Module``; filled from :mod:`effattn.nn.mixers`.
-MIXERS = MixerRegistry("mixer", package="effattn.nn.mixers")
+MIXERS: Registry[MixerFactory] = Registry("mixer", package="effattn.nn.mixers")
 
 
 def register_mixer(name: str) -> Callable[[MixerFactory], MixerFactory]:

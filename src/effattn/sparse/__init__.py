@@ -5,7 +5,7 @@ decode (routing with a fixed ``cluster_window``, top-k block) keep their one-tok
 its state beside the full form, as the linear family does.
 """
 
-from effattn.sparse._common import REGISTRY, SparseMethod
+from effattn.sparse._common import REGISTRY, SparseMethod, register
 from effattn.sparse.biformer import biformer_attention, biformer_mask
 from effattn.sparse.combiner import combiner_attention, combiner_reference
 from effattn.sparse.hilo import hilo_attention, hilo_reference
@@ -38,6 +38,7 @@ from effattn.sparse.topk_block import (
 
 __all__ = [
     "REGISTRY",
+    "register",
     "KMeansRouter",
     "RoutingDecodeState",
     "SparseMethod",
