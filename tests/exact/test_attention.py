@@ -160,7 +160,8 @@ def test_low_precision_flash_rule(dtype, case):
     g_low = _grads(o_low, (q, k, v), do.to(dtype))
     g_ref = _grads(o_ref, (q_, k_, v_), do)
     for name, a, b, c in zip(("dq", "dk", "dv"), g, g_low, g_ref):
-        assert_lowp_close(a, b, c, atol=2e-3, name=name)
+        # the helper's atol 1e-3 (was 2e-3): measured e_fast - 2 e_ref <= -4e-3 for every gradient here
+        assert_lowp_close(a, b, c, name=name)
 
 
 def test_varlen_equals_per_sequence_loop():

@@ -136,7 +136,7 @@ def test_declared_low_precision_dtypes_run(dtype, kind):
             continue
         o = attention(q, k, v, backend=name, **kw)
         assert o.dtype == dtype
-        assert_lowp_close(o, o_low, o_ref, atol=2e-3, name=name)
+        assert_lowp_close(o, o_low, o_ref, name=name)  # atol 1e-3 (was 2e-3): measured margin <= -3e-3
         ran += 1
     assert ran >= 2
 

@@ -131,7 +131,7 @@ def test_bf16_flash_attention_rule(case, device):
     g_low = torch.autograd.grad(o_low, (q, k, v), do.to(o.dtype))
     g_ref = torch.autograd.grad(o_ref, (q_, k_, v_), do)
     for name, a, b, c in zip(("dq", "dk", "dv"), g, g_low, g_ref):
-        assert_lowp_close(a, b, c, atol=2e-3, name=name)
+        assert_lowp_close(a, b, c, name=name)  # atol 1e-3 (was 2e-3): interpreter margin e_fast - 2 e_ref <= -0.03
 
 
 def _selector_masks(q, k):

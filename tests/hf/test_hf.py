@@ -122,7 +122,7 @@ def test_bfloat16_follows_the_flash_attention_rule(llama):
             fp32 = ref(ids, attention_mask=mask).logits[sel]
             low_ref = ref16(ids, attention_mask=mask).logits[sel].float()
             low = ours16(ids, attention_mask=mask).logits[sel].float()
-            assert_lowp_close(low, low_ref, fp32, atol=2e-2)
+            assert_lowp_close(low, low_ref, fp32)  # atol 1e-3 (was 2e-2): measured e_fast == e_ref (0.17)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])

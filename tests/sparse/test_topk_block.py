@@ -168,4 +168,4 @@ def test_bfloat16_follows_the_flash_attention_rule():
     ref16 = attention(
         q, k, v, mask_mod=lambda b, h, i, j: dense[b % dense.shape[0], h, i, j], backend="reference"
     )  # the reference backend computes in float32 and rounds the output once
-    assert_lowp_close(o, ref16, ref32, atol=1e-2)
+    assert_lowp_close(o, ref16, ref32)  # the helper's atol 1e-3 (was 1e-2): measured e_fast == e_ref
