@@ -168,3 +168,37 @@ def test_decode_unused_and_masked_slots(poison):
             assert torch.isnan(out[1]).all()
         else:
             torch.testing.assert_close(out, clean, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("poison", sorted(POISON))
+def test_paged_decode_unused_slots(poison):
+    """paged_decode_attention: garbage in the unused tail of a sequence's last block and in free blocks of
+    the pool never reaches a query; a real token with a non-finite value poisons only its own sequence."""
+    from effattn.kv import PagedKVCache, paged_decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    cache = PagedKVCache(num_blocks=8, block_size=4, kv_heads=HKV, head_dim=D)
+    a, b = cache.allocate(), cache.allocate()
+    cache.append(a, torch.randn(10, HKV, D, generator=g), torch.randn(10, HKV, D, generator=g))
+    cache.append(b, torch.randn(5, HKV, D, generator=g), torch.randn(5, HKV, D, generator=g))
+    q = torch.randn(2, H, D, generator=g)
+    clean = paged_decode_attention(q, cache, [a, b], partition_blocks=1)
+    # the same tokens in a pool whose every other slot holds garbage
+    cache = PagedKVCache(num_blocks=8, block_size=4, kv_heads=HKV, head_dim=D)
+    cache.key_blocks.fill_(POISON[poison])
+    cache.value_blocks.fill_(POISON[poison])
+    g = torch.Generator().manual_seed(3)
+    a, b = cache.allocate(), cache.allocate()
+    ka, va = torch.randn(10, HKV, D, generator=g), torch.randn(10, HKV, D, generator=g)
+    cache.append(a, ka, va)
+    kb, vb = torch.randn(5, HKV, D, generator=g), torch.randn(5, HKV, D, generator=g)
+    cache.append(b, kb, vb)
+    out = paged_decode_attention(q, cache, [a, b], partition_blocks=1)
+    torch.testing.assert_close(out, clean, atol=1e-6, rtol=1e-5)
+    vb_bad = vb.clone()
+    vb_bad[2, 1] = POISON[poison]  # a real token of sequence b, kv head 1
+    c = cache.allocate()
+    cache.append(c, kb, vb_bad)
+    out = paged_decode_attention(q, cache, [a, c], partition_blocks=1)
+    torch.testing.assert_close(out[0], clean[0], atol=1e-6, rtol=1e-5)
+    assert torch.isnan(out[1, H // HKV :]).all() and torch.isfinite(out[1, : H // HKV]).all()

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from effattn._checks import check_int, check_positive_int, check_scale, check_tensor
-from effattn.exact import merge_attention_states
+from effattn.exact import merge_attention_states, nonfinite_keys, poison_rows, zero_keys
 from effattn.kv.base import CachedKV, LayerCache, check_index
 
 
@@ -522,13 +522,20 @@ def paged_decode_attention(
         vb = cache.value_blocks[idx].view(B, n * bs, Hkv, Dv).float()
         kpos = start * bs + torch.arange(n * bs, device=cache.device)
         seen = kpos[None, :] < lens[:, None]  # [B, n bs]
+        bad = nonfinite_keys(kb, vb)  # garbage in unused slots is normal: effattn.exact.nonfinite
+        if bad is not None:
+            kb, vb = zero_keys(kb, vb, bad)
         s = torch.einsum("bhgd,bchd->bhgc", qf, kb) * scale
         s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G]
         p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
-        o = torch.einsum("bhgc,bchd->bhgd", p, vb)
-        outs.append(o.reshape(B, 1, Hq, Dv))
-        lses.append(lse.reshape(B, Hq, 1))
+        o = torch.einsum("bhgc,bchd->bhgd", p, vb).reshape(B, 1, Hq, Dv)
+        lse = lse.reshape(B, Hq, 1)
+        if bad is not None:  # a real (seen) token with a non-finite key or value poisons its row
+            sees = (bad & seen[..., None]).any(1).repeat_interleave(G, -1)  # [B, Hq]
+            o, lse = poison_rows(o, lse, sees[:, None])
+        outs.append(o)
+        lses.append(lse)
     o, lse = merge_attention_states(outs, lses)  # [B, 1, Hq, Dv], [B, Hq, 1]
     o = o.to(q3.dtype)
     o = o if had_seq else o[:, 0]
