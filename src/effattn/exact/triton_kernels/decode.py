@@ -44,6 +44,7 @@ def decode_kernel(
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
+    b64 = b.to(tl.int64)  # 64-bit tensor offsets: large batches and pools
     hk = pid_bh % Hkv
     L = tl.load(LENS + b)
     r = tl.arange(0, ROWS)
@@ -56,7 +57,7 @@ def decode_kernel(
     dv = tl.arange(0, DV_PAD)
     cn = tl.arange(0, BLOCK_N)
     q = tl.load(
-        Q + b * s_qb + t[:, None] * s_qt + h[:, None] * s_qh + dk[None, :],
+        Q + b64 * s_qb + t[:, None] * s_qt + h[:, None] * s_qh + dk[None, :],
         mask=row_ok[:, None] & (dk[None, :] < D),
         other=0.0,
     )
@@ -75,11 +76,11 @@ def decode_kernel(
         col_ok = pos < end
         if PAGED:
             phys = tl.load(BT + b * s_bt + pos // PAGE, mask=col_ok, other=0)
-            k_off = phys * s_kb + (pos % PAGE) * s_kt
-            v_off = phys * s_vb + (pos % PAGE) * s_vt
+            k_off = phys.to(tl.int64) * s_kb + (pos % PAGE) * s_kt
+            v_off = phys.to(tl.int64) * s_vb + (pos % PAGE) * s_vt
         else:
-            k_off = b * s_kb + pos * s_kt
-            v_off = b * s_vb + pos * s_vt
+            k_off = b64 * s_kb + pos * s_kt
+            v_off = b64 * s_vb + pos * s_vt
         k = tl.load(K + k_off[None, :] + hk * s_kh + dk[:, None], mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
         if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
             k = k.to(tl.float32)

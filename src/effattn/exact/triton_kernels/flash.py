@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from effattn.exact.block_mask import BlockMask, create_block_mask
+from effattn.exact.masks import and_masks, causal_mask, document_mask, sliding_window_mask
 from effattn.exact.triton_kernels import dot_flags, jit
 from effattn.exact.triton_kernels.flash_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from effattn.exact.triton_kernels.flash_fwd import attn_fwd_kernel
@@ -94,8 +95,6 @@ def tile_plan(
     """
     bits = None
     if block_mask is None:
-        from effattn.exact.masks import and_masks, causal_mask, document_mask, sliding_window_mask
-
         parts = []
         if spec.causal:
             parts.append(causal_mask(spec.offset))
@@ -253,7 +252,6 @@ class _FlashFunction(torch.autograd.Function):
         o, lse = _forward(q, k, v, sinks, plan, spec, scale, alibi_slopes, softcap)
         ctx.save_for_backward(q, k, v, o, lse, sinks)
         ctx.args = (plan, spec, scale, alibi_slopes, softcap)
-        ctx.mark_non_differentiable()
         return o, lse
 
     @staticmethod

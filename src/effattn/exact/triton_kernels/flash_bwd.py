@@ -41,6 +41,7 @@ def attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
+    b64 = b.to(tl.int64)  # 64-bit tensor offsets: large batches and pools
     hk = pid_bh % Hkv
     col0 = pid_n * BLOCK_N
     kvblk = col0 // KV_BLOCK
@@ -51,14 +52,14 @@ def attn_bwd_dkdv_kernel(
     rm = tl.arange(0, BLOCK_M)
     # K and V as [D, BLOCK_N] (for S = Q K^T and dP = dO V^T)
     kT = tl.load(
-        K + b * s_kb + hk * s_kh + cols[None, :] * s_kt + dk_[:, None],
+        K + b64 * s_kb + hk * s_kh + cols[None, :] * s_kt + dk_[:, None],
         mask=col_ok[None, :] & (dk_[:, None] < D),
         other=0.0,
     )
     if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
         kT = kT.to(tl.float32)
     vT = tl.load(
-        V + b * s_vb + hk * s_vh + cols[None, :] * s_vt + dv_[:, None],
+        V + b64 * s_vb + hk * s_vh + cols[None, :] * s_vt + dv_[:, None],
         mask=col_ok[None, :] & (dv_[:, None] < DVD),
         other=0.0,
     )
@@ -81,14 +82,14 @@ def attn_bwd_dkdv_kernel(
                 rows = qb * Q_BLOCK + sub * BLOCK_M + rm
                 row_ok = rows < Tq
                 q = tl.load(
-                    Q + b * s_qb + h * s_qh + rows[:, None] * s_qt + dk_[None, :],
+                    Q + b64 * s_qb + h * s_qh + rows[:, None] * s_qt + dk_[None, :],
                     mask=row_ok[:, None] & (dk_[None, :] < D),
                     other=0.0,
                 )
                 if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
                     q = q.to(tl.float32)
                 do = tl.load(
-                    DO + b * s_dob + h * s_doh + rows[:, None] * s_dot + dv_[None, :],
+                    DO + b64 * s_dob + h * s_doh + rows[:, None] * s_dot + dv_[None, :],
                     mask=row_ok[:, None] & (dv_[None, :] < DVD),
                     other=0.0,
                 )
@@ -131,12 +132,12 @@ def attn_bwd_dkdv_kernel(
                 acc_dk += tl.dot(tl.trans(ds.to(IO_DT).to(q.dtype)), q, input_precision=PREC)
     acc_dk = acc_dk * scale
     tl.store(
-        DK + b * s_dkb + hk * s_dkh + cols[:, None] * s_dkt + dk_[None, :],
+        DK + b64 * s_dkb + hk * s_dkh + cols[:, None] * s_dkt + dk_[None, :],
         acc_dk.to(DK.dtype.element_ty),
         mask=col_ok[:, None] & (dk_[None, :] < D),
     )
     tl.store(
-        DV + b * s_dvb + hk * s_dvh + cols[:, None] * s_dvt + dv_[None, :],
+        DV + b64 * s_dvb + hk * s_dvh + cols[:, None] * s_dvt + dv_[None, :],
         acc_dv.to(DV.dtype.element_ty),
         mask=col_ok[:, None] & (dv_[None, :] < DVD),
     )
@@ -156,6 +157,7 @@ def attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
+    b64 = b.to(tl.int64)  # 64-bit tensor offsets: large batches and pools
     h = pid_bh % Hq
     hk = h // G
     row0 = pid_m * BLOCK_M
@@ -166,14 +168,14 @@ def attn_bwd_dq_kernel(
     dv_ = tl.arange(0, DV_PAD)
     cn = tl.arange(0, BLOCK_N)
     q = tl.load(
-        Q + b * s_qb + h * s_qh + rows[:, None] * s_qt + dk_[None, :],
+        Q + b64 * s_qb + h * s_qh + rows[:, None] * s_qt + dk_[None, :],
         mask=row_ok[:, None] & (dk_[None, :] < D),
         other=0.0,
     )
     if UPCAST:  # the interpreter has no bf16 dot: exact bf16 values in fp32
         q = q.to(tl.float32)
     do = tl.load(
-        DO + b * s_dob + h * s_doh + rows[:, None] * s_dot + dv_[None, :],
+        DO + b64 * s_dob + h * s_doh + rows[:, None] * s_dot + dv_[None, :],
         mask=row_ok[:, None] & (dv_[None, :] < DVD),
         other=0.0,
     )
@@ -189,8 +191,8 @@ def attn_bwd_dq_kernel(
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h).to(tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
+    k_base = K + b64 * s_kb + hk * s_kh
+    v_base = V + b64 * s_vb + hk * s_vh
     for t in range(0, cnt):
         kb = tl.load(KV_IDX + tab + t)
         code = tl.load(KV_TILE + tab + t)
@@ -238,7 +240,7 @@ def attn_bwd_dq_kernel(
             acc += tl.dot(ds.to(IO_DT).to(q.dtype), tl.trans(kT), input_precision=PREC)
     acc = acc * scale
     tl.store(
-        DQ + b * s_dqb + h * s_dqh + rows[:, None] * s_dqt + dk_[None, :],
+        DQ + b64 * s_dqb + h * s_dqh + rows[:, None] * s_dqt + dk_[None, :],
         acc.to(DQ.dtype.element_ty),
         mask=row_ok[:, None] & (dk_[None, :] < D),
     )

@@ -43,6 +43,7 @@ def attn_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
+    b64 = b.to(tl.int64)  # 64-bit tensor offsets: large batches and pools
     h = pid_bh % Hq
     hk = h // G
     row0 = pid_m * BLOCK_M
@@ -53,7 +54,7 @@ def attn_fwd_kernel(
     cn = tl.arange(0, BLOCK_N)
     row_ok = rows < Tq
     q = tl.load(
-        Q + b * s_qb + h * s_qh + rows[:, None] * s_qt + dk[None, :],
+        Q + b64 * s_qb + h * s_qh + rows[:, None] * s_qt + dk[None, :],
         mask=row_ok[:, None] & (dk[None, :] < D),
         other=0.0,
     )
@@ -68,8 +69,8 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
+    k_base = K + b64 * s_kb + hk * s_kh
+    v_base = V + b64 * s_vb + hk * s_vh
     for t in range(0, cnt):
         kb = tl.load(KV_IDX + tab + t)
         code = tl.load(KV_TILE + tab + t)
@@ -127,7 +128,7 @@ def attn_fwd_kernel(
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(
-        O + b * s_ob + h * s_oh + rows[:, None] * s_ot + dv[None, :],
+        O + b64 * s_ob + h * s_oh + rows[:, None] * s_ot + dv[None, :],
         o.to(O.dtype.element_ty),
         mask=row_ok[:, None] & (dv[None, :] < DV),
     )
