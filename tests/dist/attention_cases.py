@@ -82,7 +82,9 @@ def compare_low_precision(op, shard, dtype, *, causal, seed=0, B=1, T=32, Hq=4, 
     return out
 
 
-def assert_low_precision_close(results: list[tuple[str, dict]], atol: float = 2e-3) -> None:
+def assert_low_precision_close(results: list[tuple[str, dict]], atol: float = 1e-3) -> None:
+    """FlashAttention rule per case and tensor; atol 1e-3 as tests.helpers (was 2e-3: the ring and
+    TokenRing cases measure e_fast - 2 e_ref <= -0.015 in bf16, so the looser atol was never needed)."""
     assert results, "no cases ran"
     for case, errs in results:
         for name, (fast, ref) in errs.items():
