@@ -9,7 +9,8 @@ import torch
 
 from effattn.__main__ import main
 from effattn.bench import kv as kv_bench
-from effattn.bench.tasks.passkey import make_passkey
+from effattn.bench.tasks.passkey import DEFAULT_VOCAB_SIZE, make_passkey
+from effattn.bench.train import build_lm
 from effattn.kv import list_policies
 
 
@@ -72,7 +73,7 @@ def test_mass_kept_matches_the_kept_positions(policy):
 
     cfg = kv_bench.PasskeyModelConfig(dim=16, heads=2)
     torch.manual_seed(0)
-    model = kv_bench.build_lm("attention", 16, 2, cfg.vocab_size, 2, rope_fraction=0.25).eval()
+    model = build_lm("attention", 16, 2, cfg.vocab_size, 2, rope_fraction=0.25).eval()
     batch = make_passkey(2, 48, 5, depth=0.5, seed=0)
     probs = kv_bench.reference_probs(model, batch.prompts)
     assert all(torch.allclose(p.sum(-1), torch.ones(2, 2)) for p in probs)
@@ -95,7 +96,7 @@ def test_mass_kept_matches_the_kept_positions(policy):
 
 def _tiny_passkey_model():
     torch.manual_seed(0)
-    model = kv_bench.build_lm("attention", 16, 2, kv_bench.DEFAULT_VOCAB_SIZE, 2, rope_fraction=0.25).eval()
+    model = build_lm("attention", 16, 2, DEFAULT_VOCAB_SIZE, 2, rope_fraction=0.25).eval()
     return model, make_passkey(2, 48, 5, depth=0.5, seed=1)
 
 
