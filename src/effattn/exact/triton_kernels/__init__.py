@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-__all__ = ["dot_flags", "interpret_mode", "jit", "triton_status"]
+__all__ = ["dot_flags", "interpret_mode", "jit", "out_dtype", "triton_status"]
 
 _JITTED: dict = {}
 
@@ -80,12 +80,24 @@ def jit(fn):
 def dot_flags(dtype: torch.dtype) -> dict:
     """The kernels' matmul constants for inputs of ``dtype``: ``IO_DT`` (P and dS are rounded to it
     before their matmuls, as FlashAttention does), ``PREC`` (``"ieee"`` for float32: no TF32) and
-    ``UPCAST``: Triton's interpreter computes ``tl.dot`` of bfloat16 operands wrongly (numpy has no
-    bfloat16), so there the operands, exact bfloat16 values, are widened to float32 first; products of
-    bfloat16 values are exact in float32, so only the summation order differs from a bf16 MMA.
+    ``UPCAST``. Triton's interpreter computes ``tl.dot`` of bfloat16 operands wrongly (numpy has no
+    bfloat16) and rounds float32 to bfloat16 toward zero, so under it bf16 operands, exact bf16 values,
+    are widened to float32 before every dot, P and dS stay float32, and the host rounds the float32
+    outputs to bf16 with PyTorch (:func:`out_dtype`): the interpreter checks the kernels' logic in
+    bf16, not the GPU's bf16 rounding of P and dS.
     """
     import triton.language as tl
 
-    io = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
     upcast = interpret_mode() and dtype == torch.bfloat16
-    return {"IO_DT": io, "UPCAST": upcast, "PREC": "ieee" if dtype == torch.float32 or upcast else "tf32"}
+    io = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+    return {
+        "IO_DT": tl.float32 if upcast else io,
+        "UPCAST": upcast,
+        "PREC": "ieee" if dtype == torch.float32 or upcast else "tf32",
+    }
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels write for inputs of ``dtype`` (float32 for bf16 under the interpreter: see
+    :func:`dot_flags`); the host casts to ``dtype``."""
+    return torch.float32 if interpret_mode() and dtype == torch.bfloat16 else dtype

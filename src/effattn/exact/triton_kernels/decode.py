@@ -4,9 +4,10 @@ Dao et al. 2023, "Flash-Decoding for long-context inference"; paged cache as in 
 "Efficient Memory Management for Large Language Model Serving with PagedAttention". The cache of
 each sequence is split into ``num_splits`` chunks; one program per (chunk, batch, kv head) attends
 the group's ``G * T_new`` query rows (GQA: the query heads sharing a kv head run as one tile) to its
-chunk with the online softmax and writes a partial ``(o_s, lse_s)``;
-:func:`effattn.exact.decode.merge_attention_states` combines them (a learned sink is one more part
-with an empty value):
+chunk with the online softmax and writes a partial ``(o_s, lse_s)``; a second kernel merges them,
+one program per query row (the rule of :func:`effattn.exact.decode.merge_attention_states`; a learned
+sink is one more part with an empty value; a NaN part, a row that saw a non-finite key, makes the row
+NaN):
 
     lse = log sum_s exp(lse_s) ;  o = sum_s exp(lse_s - lse) o_s
 
@@ -22,14 +23,13 @@ from __future__ import annotations
 import torch
 
 from effattn._checks import check_positive_int, check_qkv, check_scale, check_tensor
-from effattn.exact.decode import merge_attention_states
 from effattn.exact.masks import window_bounds
-from effattn.exact.triton_kernels import dot_flags, jit, triton_status
+from effattn.exact.triton_kernels import dot_flags, jit, out_dtype, triton_status
 
 # bound to ``triton.language`` by :func:`effattn.exact.triton_kernels.jit` on first use
 tl = None
 
-__all__ = ["decode_kernel", "triton_decode_attention"]
+__all__ = ["decode_kernel", "merge_kernel", "triton_decode_attention"]
 
 
 def decode_kernel(
@@ -118,6 +118,42 @@ def decode_kernel(
     o_off = (((split * B + b) * Tn + t) * Hq + h) * DV
     tl.store(O_PART + o_off[:, None] + dv[None, :], o, mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(LSE_PART + ((split * B + b) * Hq + h) * Tn + t, lse, mask=row_ok)
+
+
+def merge_kernel(
+    O_PART, LSE_PART, O, LSE, SINKS, B, Tn, Hq, S,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr, HAS_SINKS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)  # one query row: (b, t, h)
+    h = pid % Hq
+    t = (pid // Hq) % Tn
+    b = pid // (Hq * Tn)
+    sp = tl.arange(0, S_PAD)
+    dv = tl.arange(0, DV_PAD)
+    lse = tl.load(LSE_PART + ((sp * B + b) * Hq + h) * Tn + t, mask=sp < S, other=float("-inf"))
+    o_s = tl.load(
+        O_PART + (((sp[:, None] * B + b) * Tn + t) * Hq + h) * DV + dv[None, :],
+        mask=(sp[:, None] < S) & (dv[None, :] < DV),
+        other=0.0,
+    )
+    poisoned = tl.max((lse != lse).to(tl.int32), 0) > 0
+    lse = tl.where(lse != lse, float("-inf"), lse)
+    m = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h).to(tl.float32)
+        m = tl.maximum(m, sink)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp(sink - m_safe)
+    has = total > 0.0
+    o = tl.sum(w[:, None] * o_s, 0) / tl.where(has, total, 1.0)
+    out = tl.where(has, m_safe + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+    o = tl.where(poisoned, float("nan"), o)
+    out = tl.where(poisoned, float("nan"), out)
+    tl.store(O + pid * DV + dv, o.to(O.dtype.element_ty), mask=dv < DV)
+    tl.store(LSE + (b * Hq + h) * Tn + t, out)
 
 
 def _pow2(n: int) -> int:
@@ -228,9 +264,12 @@ def triton_decode_attention(
         PAGED=block_table is not None, WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
         HAS_SOFTCAP=softcap is not None, **dot_flags(q.dtype),
     )  # fmt: skip
-    if sinks is not None:  # the sink is one more part: an empty value with logit sink_h
-        o_part = torch.cat([o_part, torch.zeros_like(o_part[:1])])
-        lse_part = torch.cat([lse_part, sinks.float().view(1, 1, Hq, 1).expand(1, B, Hq, Tn)])
-    o, lse = merge_attention_states(o_part, lse_part)
+    o = torch.empty(B, Tn, Hq, Dv, dtype=out_dtype(q.dtype), device=dev)
+    lse = torch.empty(B, Hq, Tn, dtype=torch.float32, device=dev)
+    sinks_t = sinks.float().contiguous() if sinks is not None else lse
+    jit(merge_kernel)[(B * Tn * Hq,)](
+        o_part, lse_part, o, lse, sinks_t, B, Tn, Hq, S,
+        DV=Dv, DV_PAD=_pow2(Dv), S_PAD=max(2, 1 << (S - 1).bit_length()), HAS_SINKS=sinks is not None,
+    )  # fmt: skip
     o = o.to(q.dtype)
     return (o, lse) if return_lse else o

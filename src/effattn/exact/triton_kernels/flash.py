@@ -23,7 +23,7 @@ import torch
 
 from effattn.exact.block_mask import BlockMask, create_block_mask
 from effattn.exact.masks import and_masks, causal_mask, document_mask, sliding_window_mask
-from effattn.exact.triton_kernels import dot_flags, jit
+from effattn.exact.triton_kernels import dot_flags, jit, out_dtype
 from effattn.exact.triton_kernels.flash_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from effattn.exact.triton_kernels.flash_fwd import attn_fwd_kernel
 
@@ -183,7 +183,7 @@ def _tiles(plan: TilePlan) -> tuple[int, int]:
 def _forward(q, k, v, sinks, plan, spec, scale, alibi_slopes, softcap):
     B, Tq, Hq, D = q.shape
     Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    o = q.new_empty(B, Tq, Hq, Dv)
+    o = q.new_empty(B, Tq, Hq, Dv, dtype=out_dtype(q.dtype))
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     doc, slopes, bits, scalars, flags = _common(q, plan, spec, alibi_slopes, softcap)
     sinks_t = sinks.detach().float().contiguous() if sinks is not None else slopes
@@ -200,7 +200,7 @@ def _forward(q, k, v, sinks, plan, spec, scale, alibi_slopes, softcap):
         D=D, DV=Dv, D_PAD=_pow2(D), DV_PAD=_pow2(Dv), BLOCK_M=bm_, BLOCK_N=bn_,
         Q_BLOCK=plan.q_block, KV_BLOCK=plan.kv_block, HAS_SINKS=sinks is not None, **flags, **_launch(D, Dv),
     )  # fmt: skip
-    return o, lse
+    return o.to(q.dtype), lse
 
 
 def _backward(q, k, v, o, lse, do, dlse, sinks, plan, spec, scale, alibi_slopes, softcap):
@@ -215,9 +215,9 @@ def _backward(q, k, v, o, lse, do, dlse, sinks, plan, spec, scale, alibi_slopes,
     bm_, bn_ = _tiles(plan)
     common = dict(D=D, DVD=Dv, D_PAD=_pow2(D), DV_PAD=_pow2(Dv), BLOCK_M=bm_, BLOCK_N=bn_,
                   Q_BLOCK=plan.q_block, KV_BLOCK=plan.kv_block, **flags, **_launch(D, Dv))  # fmt: skip
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = torch.empty_like(q, dtype=out_dtype(q.dtype))
+    dk = torch.empty_like(k, dtype=out_dtype(k.dtype))
+    dv = torch.empty_like(v, dtype=out_dtype(v.dtype))
     s_ib, s_ih = _bh_strides(plan.kv_idx)
     s_cb, s_ch = _bh_strides(plan.kv_cnt)
     jit(attn_bwd_dq_kernel)[(-(-Tq // bm_), B * Hq)](
@@ -243,7 +243,7 @@ def _backward(q, k, v, o, lse, do, dlse, sinks, plan, spec, scale, alibi_slopes,
     if sinks is not None:  # d loss / d sink_h = -sum_{b,i} P_sink(b,h,i) delta(b,h,i)
         p_sink = torch.exp(sinks.detach().float().view(1, Hq, 1) - lse)
         dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
-    return dq, dk, dv, dsinks
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
 class _FlashFunction(torch.autograd.Function):
