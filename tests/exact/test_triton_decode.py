@@ -145,3 +145,20 @@ def test_nonfinite_cache_entry_poisons_only_rows_that_see_it(device):
     assert torch.isnan(o[0, 0]).all() and torch.isnan(o[0, 1]).all()
     assert torch.equal(o[0, 2], clean[0, 2])
     assert torch.equal(o[1, 0], clean[1, 0]) and torch.isnan(o[1, 1:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_attention_backend_triton_equals_torch(device):
+    from effattn.exact import decode_attention
+
+    kc, vc = _cache(2, 70, 2, 16, 16, device)
+    q = torch.randn(2, 2, 4, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    lens = torch.tensor([70, 30], device=device)
+    sinks = torch.linspace(-1, 1, 4, device=device)
+    kw = {"window": 12, "softcap": 3.0, "sinks": sinks, "num_splits": 3, "return_lse": True}
+    o, lse = decode_attention(q, kc, vc, lens, backend="triton", **kw)
+    ro, rlse = decode_attention(q, kc, vc, lens, **kw)
+    assert_fp32_close(o, ro, 1e-5, "o")
+    assert_fp32_close(lse, rlse, 1e-5, "lse")
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'triton'"):
+        decode_attention(q, kc, vc, lens, backend="cuda")

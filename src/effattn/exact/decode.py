@@ -16,6 +16,7 @@ import torch
 from effattn._checks import check_qkv, check_scale, check_tensor
 from effattn.exact.masks import window_bounds
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
+from effattn.exact.triton_kernels.decode import triton_decode_attention
 
 
 def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +70,7 @@ def decode_attention(
     sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
     return_lse: bool = False,
+    backend: str = "torch",
 ):
     """Attention of a few new queries against a long KV cache, split into chunks and merged.
 
@@ -80,6 +82,9 @@ def decode_attention(
         window: only the last ``window`` keys up to each query's position (sliding-window decode).
         softcap, sinks: as in :func:`effattn.attention`.
         num_splits: number of KV chunks (default: about one per 1024 cached tokens).
+        backend: ``"torch"`` (this function's PyTorch form) or ``"triton"`` (the split-KV kernel of
+            :func:`effattn.exact.triton_kernels.decode.triton_decode_attention`; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``).
     Queries attend causally: query ``t`` sees keys ``j <= cache_seqlens - T_new + t``.
 
     Example::
@@ -88,6 +93,13 @@ def decode_attention(
         >>> decode_attention(q, kc, kc, torch.tensor([300, 120]), num_splits=3).shape
         torch.Size([2, 1, 4, 16])
     """
+    if backend == "triton":
+        return triton_decode_attention(
+            q, k_cache, v_cache, cache_seqlens, scale=scale, window=window, softcap=softcap, sinks=sinks,
+            num_splits=num_splits, return_lse=return_lse,
+        )  # fmt: skip
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     B, Tn, Tmax, Hq, Hkv, D, Dv = check_qkv(q, k_cache, v_cache)
     scale = check_scale(scale, D)
     dev = q.device
