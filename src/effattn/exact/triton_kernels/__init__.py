@@ -35,7 +35,13 @@ _JITTED: dict = {}
 
 
 def interpret_mode() -> bool:
-    """Whether ``TRITON_INTERPRET`` is set to a true value (kernels then run in Triton's CPU interpreter)."""
+    """Whether ``TRITON_INTERPRET`` is set to a true value (kernels then run in Triton's CPU interpreter).
+
+    Example::
+
+        >>> interpret_mode() == (os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"))
+        True
+    """
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -99,5 +105,11 @@ def dot_flags(dtype: torch.dtype) -> dict:
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels write for inputs of ``dtype`` (float32 for bf16 under the interpreter: see
-    :func:`dot_flags`); the host casts to ``dtype``."""
+    :func:`dot_flags`); the host casts to ``dtype``.
+
+    Example::
+
+        >>> out_dtype(torch.float16)
+        torch.float16
+    """
     return torch.float32 if interpret_mode() and dtype == torch.bfloat16 else dtype

@@ -34,7 +34,13 @@ MAX_TILE = 64
 
 
 def block_size_ok(n: int) -> bool:
-    """Whether a BlockMask block size can be walked by the kernels (a power of two >= 16)."""
+    """Whether a BlockMask block size can be walked by the kernels (a power of two >= 16).
+
+    Example::
+
+        >>> [block_size_ok(n) for n in (8, 16, 48, 128)]
+        [False, True, False, True]
+    """
     return n >= 16 and (n & (n - 1)) == 0
 
 
@@ -59,7 +65,15 @@ class TilePlan:
     nk: int
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per key block, the query blocks listing it: ``(q_idx, q_cnt, q_tile)`` (``[Bm, Hm, nk, maxq]``)."""
+        """Per key block, the query blocks listing it: ``(q_idx, q_cnt, q_tile)`` (``[Bm, Hm, nk, maxq]``).
+
+        Example::
+
+            >>> plan = tile_plan(None, MaskSpec(causal=True), 1, 1, 48, 48, torch.device("cpu"), block=16)
+            >>> q_idx, q_cnt, q_tile = plan.transposed()
+            >>> q_cnt.flatten().tolist(), q_idx[0, 0, 2, :1].tolist(), q_tile[0, 0, 0].tolist()
+            ([3, 2, 1], [2], [-2, -1, -1])
+        """
         Bm, Hm, nq, maxk = self.kv_idx.shape
         dev = self.kv_idx.device
         valid = torch.arange(maxk, device=dev) < self.kv_cnt[..., None].long()
