@@ -324,7 +324,14 @@ SPARSE_DENSITY = 1 / 16
 
 def sparse_block_mask(T: int, device, block: int = SPARSE_BLOCK, seed: int = 0):
     """A non-causal BlockMask with about ``SPARSE_DENSITY`` of the key blocks per query block: its
-    diagonal block plus random others (all full tiles), the same for every batch and head."""
+    diagonal block plus random others (all full tiles), the same for every batch and head.
+
+    Example::
+
+        >>> bm = sparse_block_mask(4096, "cpu")
+        >>> bm.kv_counts.flatten().tolist()[:4], round(bm.density(), 4)
+        ([2, 2, 2, 2], 0.0625)
+    """
     from effattn.exact import BlockMask
 
     n = -(-T // block)
