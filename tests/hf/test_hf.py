@@ -162,7 +162,7 @@ def test_custom_4d_masks_match_sdpa(llama):
 
 
 def test_mask_builder_is_compact_for_causal():
-    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+    from transformers.masking_utils import causal_mask_function, or_masks, sliding_window_causal_mask_function
 
     pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     m = ehf.effattn_mask(2, 5, 5, mask_function=causal_mask_function, attention_mask=pad)
@@ -170,9 +170,14 @@ def test_mask_builder_is_compact_for_causal():
     assert torch.equal(m.key_valid, pad)
     m = ehf.effattn_mask(2, 5, 5, mask_function=causal_mask_function, attention_mask=torch.ones(2, 5, dtype=torch.bool))
     assert m.key_valid is None  # nothing padded: no tensor at all
+    # a sliding window is structured now (issue 23): an HFMask with the window, no dense tensor
+    s = ehf.effattn_mask(2, 5, 5, mask_function=sliding_window_causal_mask_function(2), attention_mask=pad)
+    assert isinstance(s, HFMask) and s.window_left == 1 and torch.equal(s.key_valid, pad)
+    # a part with no known structure (an overlay) is still materialized densely
+    overlay = or_masks(sliding_window_causal_mask_function(2), lambda b, h, q, kv: kv == 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        d = ehf.effattn_mask(2, 5, 5, mask_function=sliding_window_causal_mask_function(2), attention_mask=pad)
+        d = ehf.effattn_mask(2, 5, 5, mask_function=overlay, attention_mask=pad)
     assert isinstance(d, torch.Tensor) and d.dtype == torch.bool and d.shape == (2, 1, 5, 5)
 
 

@@ -41,6 +41,7 @@ import torch
 import effattn.hf._compat  # noqa: F401  (checks the transformers version)
 from effattn.exact import BACKENDS, attention, check_mod_signature
 from effattn.hf._handshake import HANDSHAKE, CompressedInputs
+from effattn.hf._structure import parse_mask_function, segment_ids, structured_block_mask, structured_mask_mod
 
 __all__ = [
     "HFMask",
@@ -72,7 +73,11 @@ class HFMask:
 
     Query ``i`` of the call sits at cache position ``q_offset + i``, key ``j`` at ``kv_offset + j``;
     with ``causal`` a query sees keys at positions ``<=`` its own. ``key_valid`` (bool
-    ``[B, kv_length]``, False at padding) is ``None`` when no key is padding.
+    ``[B, kv_length]``, False at padding) is ``None`` when no key is padding. A window bounds the
+    distance ``d = q_pos - kv_pos``: ``d <= window_left`` and ``-d <= window_right`` (None:
+    unbounded; HF's ``sliding_window=w`` is ``window_left = w - 1``). ``q_segment [B, q_length]`` /
+    ``kv_segment [B, kv_length]`` (long): a query sees a key only when their ids are equal (chunked
+    attention's chunks, packed sequences, or both). Nothing here is ``T_q x T_k``.
     """
 
     causal: bool
@@ -82,6 +87,15 @@ class HFMask:
     q_length: int
     kv_length: int
     batch_size: int
+    window_left: int | None = None
+    window_right: int | None = None
+    q_segment: torch.Tensor | None = None
+    kv_segment: torch.Tensor | None = None
+
+    @property
+    def structured(self) -> bool:
+        """Whether anything beyond plain causal/bidirectional is described (window, segments)."""
+        return self.window_left is not None or self.window_right is not None or self.q_segment is not None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -119,14 +133,20 @@ def effattn_mask(
     device: torch.device | str = "cpu",
     **kwargs,
 ):
-    """The ``AttentionMaskInterface`` entry: an :class:`HFMask` for the causal / bidirectional
-    patterns, HF's dense bool mask (``sdpa_mask``) for every other one."""
-    from transformers.masking_utils import (
-        bidirectional_mask_function,
-        causal_mask_function,
-        prepare_padding_mask,
-        sdpa_mask,
-    )
+    """The ``AttentionMaskInterface`` entry: an :class:`HFMask` (no ``T_q x T_k`` tensor) for every
+    pattern built from HF's structured factories -- causal, bidirectional, sliding windows (causal or
+    bidirectional), chunked attention, packed sequences (``position_ids`` that restart), each with
+    left padding -- and HF's dense bool mask (``sdpa_mask``) only for the others (overlays such as
+    image tokens, user ``or``/``and`` mask functions), with a one-time warning.
+
+    Example::
+
+        >>> from transformers.masking_utils import sliding_window_causal_mask_function
+        >>> m = effattn_mask(1, 4096, 4096, mask_function=sliding_window_causal_mask_function(256))
+        >>> type(m).__name__, m.causal, m.window_left
+        ('HFMask', True, 255)
+    """
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     q_offset = int(q_offset)
@@ -141,24 +161,45 @@ def effattn_mask(
                 f"a prebuilt HFMask for (q_length, kv_length, q_offset, kv_offset) = {have} reached a call with {want}"
             )
         return m
-    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
+    pattern = parse_mask_function(mask_function)
+    if pattern is not None and (pattern.packed is not None or pattern.positions is not None):
+        # HF detects packing only without a cache: queries and keys are the same T tokens
+        n = (pattern.packed if pattern.packed is not None else pattern.positions).shape[-1]
+        if pattern.packed is None or (q_offset, kv_offset, q_length, kv_length) != (0, 0, n, n):
+            pattern = None
+    if pattern is not None:
         valid = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if valid is not None:
             valid = valid[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
+        if pattern.padding is not None:
+            extra = prepare_padding_mask(pattern.padding, kv_length, kv_offset)
+            extra = extra[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
+            valid = extra if valid is None else valid & extra
+        if valid is not None:
             if bool(valid.all()):
                 valid = None
             elif valid.shape[0] != batch_size:
                 valid = valid.expand(batch_size, -1)
         return HFMask(
-            mask_function is causal_mask_function, valid, q_offset, kv_offset, q_length, kv_length, batch_size
+            pattern.causal,
+            valid,
+            q_offset,
+            kv_offset,
+            q_length,
+            kv_length,
+            batch_size,
+            window_left=pattern.left,
+            window_right=None if pattern.causal else pattern.right,
+            q_segment=segment_ids(pattern, batch_size, q_offset, q_length, device),
+            kv_segment=segment_ids(pattern, batch_size, kv_offset, kv_length, device),
         )
     global _warned_dense
     if not _warned_dense:
         _warned_dense = True
         warnings.warn(
-            "effattn.hf: this model's mask pattern (sliding window, chunked, packed or overlay) is "
-            "not the plain causal one; it is materialized as HF's dense bool [B, 1, T_q, T_k] mask "
-            "(as HF's SDPA path does) and applied through a mask_mod",
+            "effattn.hf: this model's mask function has a part with no known structure (an overlay "
+            "such as image tokens, or a user mask function); it is materialized as HF's dense bool "
+            "[B, 1, T_q, T_k] mask (as HF's SDPA path does) and applied through a mask_mod",
             stacklevel=2,
         )
     kwargs.pop("allow_is_bidirectional_skip", None)
@@ -285,14 +326,26 @@ def make_attention_function(
                     f"{(Tq, Tk)}; a cache whose update returns another length than get_mask_sizes() said?"
                 )
             q_off, kv_off = m.q_offset, m.kv_offset
-            if m.causal and m.bottom_right:
+            plain = m.key_valid is None and m.q_segment is None and m.bottom_right
+            if plain and m.causal:  # effattn's own causal (+ window): SDPA or tiles skipped by bounds
                 causal = True
-            elif m.causal:
-                d = m.q_offset - m.kv_offset
-                masks.append(lambda b, h, qi, kv: kv <= qi + d)
-            if m.key_valid is not None:
-                valid = m.key_valid
-                masks.append(lambda b, h, qi, kv: valid[b, kv])
+                window = None if m.window_left is None else (m.window_left, 0)
+            elif plain and m.window_left is None and m.window_right is None:
+                pass  # bidirectional
+            elif plain and m.window_left is not None and m.window_right is not None:
+                window = (m.window_left, m.window_right)
+            elif backend in ("auto", "tiled"):
+                extra = None
+                if mask_mod is not None:
+                    extra = lambda b, h, qi, kv: mask_mod(b, h, qi + q_off, kv + kv_off)  # noqa: E731
+                bm = structured_block_mask(m, extra)
+                o = attention(
+                    q, k, v, block_mask=bm, score_mod=_user_score(score_mod, q_off, kv_off), scale=scaling,
+                    softcap=softcap, sinks=s_aux, backend=backend,
+                )
+                return o, None
+            else:  # a backend that takes no block mask: the same rule as a mask_mod
+                masks.append(structured_mask_mod(m))
         elif isinstance(attention_mask, torch.Tensor):
             mfn, sfn = _dense_mask_fns(attention_mask, Tq, Tk)
             masks.append(mfn)
@@ -324,6 +377,12 @@ def make_attention_function(
 
     effattn_attention_forward.backend = backend
     return effattn_attention_forward
+
+
+def _user_score(score_mod, q_off: int, kv_off: int):
+    if score_mod is None:
+        return None
+    return lambda s, b, h, qi, kv: score_mod(s, b, h, qi + q_off, kv + kv_off)
 
 
 def _chain(fns):
