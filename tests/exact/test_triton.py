@@ -81,6 +81,7 @@ CASES = {
     "alibi_softcap_sinks": (1, 90, 90, 4, 2, 32, 32, {"causal": True, "softcap": 5.0, "alibi_slopes": "alibi"}),
     "sinks_gqa": (2, 40, 60, 4, 1, 24, 16, {"sinks": "sinks"}),
     "head_dim_200": (1, 40, 40, 1, 1, 200, 136, {"causal": True}),
+    "one_query": (2, 1, 77, 4, 2, 32, 32, {"causal": True, "window": 20}),
 }
 
 
@@ -164,6 +165,24 @@ def test_block_mask_larger_than_the_kernel_tile(device):
     assert bm.kv_partial.any()
     _check_fp32(q, k, v, block_mask=bm)
     assert causal_mask(20)(0, 0, torch.tensor(3), torch.tensor(23))  # same rule as the built-in
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_mask_with_empty_rows_and_per_head_partial_tiles(device):
+    """Query blocks listing no key block give o = 0, lse = -inf; per-head lists with a callable rule."""
+    from effattn.exact import BlockMask
+
+    q, k, v = _inputs(1, 40, 56, 2, 1, 16, 16, device)
+    idx = torch.tensor([[[0, 0], [1, 3], [2, 0]], [[2, 0], [0, 1], [3, 1]]]).view(1, 2, 3, 2)
+    counts = torch.tensor([[0, 2, 1], [1, 2, 2]]).view(1, 2, 3)
+    partial = torch.tensor([[[0, 0], [1, 0], [1, 0]], [[0, 0], [1, 1], [0, 1]]], dtype=torch.bool).view(1, 2, 3, 2)
+    bm = BlockMask.from_kv_indices(
+        idx.to(device), 40, 56, q_block=16, kv_block=16, kv_counts=counts.to(device),
+        mask_mod=lambda b, h, i, j: (i + j + h) % 3 != 0, kv_partial=partial.to(device),
+    )  # fmt: skip
+    o, lse, _ = _run(q, k, v, "triton", block_mask=bm)
+    assert (o[0, :16, 0] == 0).all() and (lse[0, 0, :16] == float("-inf")).all()
+    _check_fp32(q, k, v, block_mask=bm)
 
 
 @pytest.mark.parametrize("device", DEVICES)
