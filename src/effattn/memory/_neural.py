@@ -1,0 +1,361 @@
+"""The machinery shared by the learned-memory methods (Titans, Miras, ATLAS): a per-head memory MLP
+with hand-written per-token gradients, the attentional-bias losses, the retention read maps, the
+Newton-Schulz orthogonalisation and a linear scan; plus the token-by-token reference and the chunked
+form of the generic update that :mod:`effattn.memory.titans`, :mod:`~effattn.memory.miras` and
+:mod:`~effattn.memory.atlas` state as their rules.
+
+Generic rule (per head; ``W = rho(A)`` the memory read from its accumulator ``A``)::
+
+    g_t = sum_{i = t-c+1}^{t} gamma_i * grad_W loss(W(A_{t-1}); k_i, v_i)      (c = window, 1 for Titans)
+    S_t = eta_t S_{t-1} - theta_t g_t                  U_t = S_t
+    (muon)  S_t = eta_t S_{t-1} + g_t                  U_t = -theta_t NS5(S_t)
+    A_t = (1 - alpha_t) A_{t-1} + U_t                  y_t = M(rho(A_t); q_t)
+
+The chunked form takes every gradient of a chunk at the chunk's start weights (mini-batch gradient
+descent per chunk), then runs the momentum and decay recurrences as linear scans over the chunk's
+tokens (lower-triangular products of the gates, applied as matmuls). Chunk size 1 is the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from effattn._checks import check_float, check_int, check_positive_int, check_tensor
+
+__all__ = [
+    "LOSSES",
+    "RETENTIONS",
+    "check_memory_inputs",
+    "chunk_neural_memory",
+    "linear_scan",
+    "loss_grad",
+    "mlp_apply",
+    "mlp_token_grads",
+    "newton_schulz",
+    "read_weights",
+    "reference_neural_memory",
+]
+
+LOSSES = ("l2", "huber", "lp")
+RETENTIONS = ("linear", "lq", "softmax")
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def mlp_apply(weights: Sequence[torch.Tensor], x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """The memory ``M(x)``: ``h_0 = x``, ``h_l = silu(h_{l-1} W_l)`` for ``l < L``, ``M(x) = h_{L-1} W_L``.
+
+    ``weights[l]`` is ``[B, H, d_l, d_{l+1}]`` (``[B, H, C, d_l, d_{l+1}]`` with ``per_token``, one memory
+    per token); ``x`` is ``[B, H, C, d_0]``.
+
+    Example::
+
+        >>> w = [torch.eye(3).expand(1, 1, 3, 3)]
+        >>> mlp_apply(w, torch.ones(1, 1, 2, 3)).tolist()
+        [[[[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]]]
+    """
+    h = x
+    for i, w in enumerate(weights):
+        h = torch.einsum("bhci,bhcij->bhcj", h, w) if per_token else h @ w
+        if i < len(weights) - 1:
+            h = F.silu(h)
+    return h
+
+
+def loss_grad(err: torch.Tensor, loss: str, p: float) -> torch.Tensor:
+    """``d loss / d M(k)`` at the error ``e = M(k) - v``: ``l2``: ``||e||^2 -> 2e``; ``huber``
+    (``e_i^2`` for ``|e_i| <= p``, ``2p|e_i| - p^2`` beyond) ``-> 2 clamp(e, -p, p)``; ``lp``:
+    ``||e||_p^p -> p sign(e) |e|^(p-1)``.
+
+    Example::
+
+        >>> loss_grad(torch.tensor([-3.0, 0.5]), "huber", 1.0).tolist()
+        [-2.0, 1.0]
+    """
+    if loss == "l2":
+        return 2 * err
+    if loss == "huber":
+        return 2 * err.clamp(-p, p)
+    return p * torch.sign(err) * err.abs().pow(p - 1)
+
+
+def mlp_token_grads(weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor, loss: str,
+                    p: float) -> list[torch.Tensor]:
+    """Per-token gradients ``grad_{W_l} loss(M(k_c), v_c)`` at the shared weights ``weights`` (``[B, H,
+    d_l, d_{l+1}]``) for ``k [B, H, C, d_0]``, ``v [B, H, C, d_L]``; each ``[B, H, C, d_l, d_{l+1}]``.
+    Written out (backpropagation by hand), so the outer model differentiates through them.
+
+    Example::
+
+        >>> w = [torch.zeros(1, 1, 2, 2)]
+        >>> g = mlp_token_grads(w, torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]]), "l2", 2.0)
+        >>> g[0][0, 0, 0].tolist()                        # 2 k (M(k) - v)^T
+        [[0.0, -2.0], [0.0, 0.0]]
+    """
+    hs, zs = [k], []
+    h = k
+    for i, w in enumerate(weights):
+        z = h @ w
+        zs.append(z)
+        h = F.silu(z) if i < len(weights) - 1 else z
+        hs.append(h)
+    delta = loss_grad(h - v, loss, p)
+    grads: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    for i in range(len(weights) - 1, -1, -1):
+        grads[i] = hs[i].unsqueeze(-1) * delta.unsqueeze(-2)
+        if i > 0:
+            delta = (delta @ weights[i].transpose(-1, -2)) * _silu_grad(zs[i - 1])
+    return grads
+
+
+def read_weights(a: torch.Tensor, retention: str, q_exp: float) -> torch.Tensor:
+    """The memory read from its accumulator: ``linear``: ``W = A``; ``lq`` (Moneta):
+    ``W = A / ||A||_q^(q-2)`` (norm over each weight matrix); ``softmax`` (Memora): ``W = softmax(A)``
+    along each row (the memory's rows live on the simplex).
+
+    Example::
+
+        >>> read_weights(torch.zeros(1, 2), "softmax", 2.0).tolist()
+        [[0.5, 0.5]]
+    """
+    if retention == "linear":
+        return a
+    if retention == "softmax":
+        return torch.softmax(a, dim=-1)
+    norm = a.abs().pow(q_exp).sum((-1, -2), keepdim=True).pow(1 / q_exp)
+    return a / norm.clamp_min(1e-6).pow(q_exp - 2)
+
+
+def newton_schulz(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximate orthogonalisation of the last two dims (the quintic Newton-Schulz iteration of Muon,
+    Jordan et al. 2024, coefficients (3.4445, -4.7750, 2.0315)): ``X <- aX + b(XX^T)X + c(XX^T)^2 X``
+    after scaling ``X`` to unit Frobenius norm. Odd in ``X``, so ``NS(-X) = -NS(X)``.
+
+    Example::
+
+        >>> y = newton_schulz(torch.diag(torch.tensor([1.0, 0.5])))
+        >>> bool((y.diagonal() > 0.6).all() and (y.diagonal() < 1.3).all())
+        True
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.transpose(-1, -2) if tall else x
+    y = y / (y.square().sum((-1, -2), keepdim=True) + 1e-7).sqrt()
+    for _ in range(steps):
+        gram = y @ y.transpose(-1, -2)
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.transpose(-1, -2) if tall else y
+
+
+def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """``y_t = d_t y_{t-1} + x_t`` over dim 2 with ``y_{-1} = init``, all ``t`` at once:
+    ``y_t = (prod_{j<=t} d_j) init + sum_{i<=t} (prod_{i<j<=t} d_j) x_i`` as one matmul with the
+    lower-triangular product matrix. ``x [B, H, C, *P]``, ``d [B, H, C]``, ``init [B, H, *P]``.
+
+    Example::
+
+        >>> y = linear_scan(torch.ones(1, 1, 3, 1), torch.full((1, 1, 3), 0.5), torch.zeros(1, 1, 1))
+        >>> y.flatten().tolist()
+        [1.0, 1.5, 1.75]
+    """
+    B, H, C = d.shape
+    idx = torch.arange(C, device=d.device)
+    later = idx[None, :] > idx[:, None]  # [i, j]: j > i
+    e = torch.where(later, d[:, :, None, :], torch.ones_like(d)[:, :, None, :])  # [B, H, i, j]
+    prods = torch.cumprod(e, dim=-1)  # [B, H, i, t] = prod_{i<j<=t} d_j  (t >= i)
+    lower = prods.transpose(-1, -2) * (idx[:, None] >= idx[None, :]).to(d.dtype)  # [B, H, t, i]
+    flat = x.reshape(B, H, C, -1)
+    y = lower @ flat + torch.cumprod(d, dim=-1)[..., None] * init.reshape(B, H, 1, -1)
+    return y.reshape(x.shape)
+
+
+def check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window,
+                        muon) -> tuple[int, int, int]:
+    """Shapes, dtypes and options of a neural-memory call; returns ``(B, T, H)``.
+
+    Example::
+
+        >>> x = torch.zeros(1, 2, 1, 3); g = torch.zeros(1, 2, 1)
+        >>> check_memory_inputs(x, x, x, g, g, g, [torch.zeros(1, 3, 3)], None, "l2", 2.0, "linear", 2.0, 1, False)
+        (1, 2, 1)
+    """
+    check_tensor("q", q, 4, "[batch, seq, heads, key_dim]")
+    check_tensor("k", k, 4, "[batch, seq, heads, key_dim]")
+    check_tensor("v", v, 4, "[batch, seq, heads, value_dim]")
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T, H, K):
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must be [batch, seq, heads, value_dim] with {(B, T, H)} leading, got {tuple(v.shape)}")
+    for name, g in (("theta", theta), ("eta", eta), ("alpha", alpha), ("gamma", gamma)):
+        if g is None and name == "gamma":
+            continue
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, T, H):
+            raise ValueError(f"{name} must be a [batch, seq, heads] = {(B, T, H)} tensor, got "
+                             f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
+        if name != "theta" and g.numel() and (g.min() < 0 or g.max() > 1):
+            raise ValueError(f"{name} must lie in [0, 1], got values in [{g.min().item()}, {g.max().item()}]")
+    if theta.numel() and theta.min() < 0:
+        raise ValueError(f"theta (the step size) must be >= 0, got a minimum of {theta.min().item()}")
+    dims = [K]
+    if not weights:
+        raise ValueError("weights must hold at least one [heads, d_in, d_out] matrix")
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != H or w.shape[1] != dims[-1]:
+            raise ValueError(f"weights[{i}] must be [heads={H}, {dims[-1]}, d_out], got "
+                             f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+        dims.append(w.shape[2])
+    if dims[-1] != v.shape[-1]:
+        raise ValueError(f"the last weight's output dim ({dims[-1]}) must equal v's value_dim ({v.shape[-1]})")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if retention not in RETENTIONS:
+        raise ValueError(f"retention must be one of {RETENTIONS}, got {retention!r}")
+    check_float("p", p, 1.0 if loss == "lp" else 0.0, float("inf"), lo_open=loss != "lp")
+    check_float("q_exp", q_exp, 1.0, float("inf"))
+    check_positive_int("window", window)
+    if muon not in (True, False):
+        raise ValueError(f"muon must be a bool, got {muon!r}")
+    return B, T, H
+
+
+def _init_state(weights, B, window, k, v, initial_state):
+    if initial_state is not None:
+        return ([a.float() for a in initial_state["A"]], [s.float() for s in initial_state["S"]],
+                initial_state["k"].float(), initial_state["v"].float(), initial_state["gamma"].float())
+    H, K, V = k.shape[2], k.shape[3], v.shape[3]
+    A = [w.float().unsqueeze(0).expand(B, *w.shape) for w in weights]
+    S = [torch.zeros_like(a) for a in A]
+    kb = k.new_zeros(B, H, window - 1, K, dtype=torch.float32)
+    vb = v.new_zeros(B, H, window - 1, V, dtype=torch.float32)
+    gb = k.new_zeros(B, H, window - 1, dtype=torch.float32)
+    return A, S, kb, vb, gb
+
+
+def _window_grads(W, kw, vw, gw, C, window, loss, p):
+    """Per-token window gradients for the last ``C`` tokens of ``kw [B, H, window-1+C, K]``."""
+    G = mlp_token_grads(W, kw, vw, loss, p)
+    out = []
+    for g in G:
+        g = g * gw[..., None, None]
+        acc = g[:, :, window - 1:]
+        for j in range(1, window):
+            acc = acc + g[:, :, window - 1 - j: window - 1 - j + C]
+        out.append(acc)
+    return out
+
+
+def reference_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, loss="l2", p=2.0,
+                            retention="linear", q_exp=2.0, window=1, muon=False, initial_state=None,
+                            output_final_state=False, valid=None):
+    """Token-by-token generic rule (module docstring); returns ``(y [B, T, H, V], state or None)``.
+    ``valid [B, T]`` (bool): an invalid token is an identity step (the state is kept as it was).
+
+    Example::
+
+        >>> x = torch.randn(1, 4, 1, 3); g = torch.full((1, 4, 1), 0.5)
+        >>> y, st = reference_neural_memory(x, x, x, g, g, g, [torch.zeros(1, 3, 3)], output_final_state=True)
+        >>> tuple(y.shape), tuple(st["A"][0].shape)
+        ((1, 4, 1, 3), (1, 1, 3, 3))
+    """
+    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp,
+                                  window, muon)
+    A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
+    th, et, al = (t.float().transpose(1, 2) for t in (theta, eta, alpha))
+    ga = torch.ones_like(th) if gamma is None else gamma.float().transpose(1, 2)
+    ys = []
+    for t in range(T):
+        kw = torch.cat([kb, kf[:, :, t: t + 1]], 2)
+        vw = torch.cat([vb, vf[:, :, t: t + 1]], 2)
+        gw = torch.cat([gb, ga[:, :, t: t + 1]], 2)
+        W = [read_weights(a, retention, q_exp) for a in A]
+        G = _window_grads(W, kw, vw, gw, 1, window, loss, p)
+        th_t, et_t, al_t = (x[:, :, t, None, None] for x in (th, et, al))
+        newA, newS = [], []
+        for a, s, g in zip(A, S, G):
+            g = g[:, :, 0]
+            if muon:
+                s = et_t * s + g
+                u = -th_t * newton_schulz(s)
+            else:
+                s = et_t * s - th_t * g
+                u = s
+            newA.append((1 - al_t) * a + u)
+            newS.append(s)
+        if valid is not None:
+            keep = valid[:, t].reshape(B, 1, 1, 1)
+            newA = [torch.where(keep, n, o) for n, o in zip(newA, A)]
+            newS = [torch.where(keep, n, o) for n, o in zip(newS, S)]
+            keep3 = keep.reshape(B, 1, 1)
+            kw = torch.where(keep, kw[:, :, 1:], kw[:, :, :-1])
+            vw = torch.where(keep, vw[:, :, 1:], vw[:, :, :-1])
+            gw = torch.where(keep3, gw[:, :, 1:], gw[:, :, :-1])
+            kb, vb, gb = kw, vw, gw
+        else:
+            kb, vb, gb = kw[:, :, 1:], vw[:, :, 1:], gw[:, :, 1:]
+        A, S = newA, newS
+        Wt = [read_weights(a, retention, q_exp) for a in A]
+        ys.append(mlp_apply(Wt, qf[:, :, t: t + 1])[:, :, 0])
+    y = torch.stack(ys, dim=1) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
+    state = dict(A=A, S=S, k=kb, v=vb, gamma=gb) if output_final_state else None
+    return y.to(q.dtype), state
+
+
+def chunk_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, loss="l2", p=2.0,
+                        retention="linear", q_exp=2.0, window=1, muon=False, chunk_size=16,
+                        initial_state=None, output_final_state=False):
+    """Chunked generic rule: every gradient of a chunk taken at the chunk's start weights, momentum and
+    decay as linear scans over the chunk (:func:`linear_scan`), reads batched per token. ``chunk_size
+    = 1`` equals :func:`reference_neural_memory`; larger chunks are the paper's approximation. The chunk
+    grid starts at this call's first token.
+
+    Example::
+
+        >>> x = torch.randn(1, 6, 1, 3); g = torch.full((1, 6, 1), 0.5)
+        >>> w = [torch.zeros(1, 3, 3)]
+        >>> a, _ = chunk_neural_memory(x, x, x, g, g, g, w, chunk_size=1)
+        >>> b, _ = reference_neural_memory(x, x, x, g, g, g, w)
+        >>> torch.allclose(a, b, atol=1e-6)
+        True
+    """
+    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp,
+                                  window, muon)
+    check_int("chunk_size", chunk_size, 1)
+    A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    th, et, al = (t.float().transpose(1, 2) for t in (theta, eta, alpha))
+    ga = torch.ones_like(th) if gamma is None else gamma.float().transpose(1, 2)
+    ys = []
+    for c0 in range(0, T, chunk_size):
+        c1 = min(T, c0 + chunk_size)
+        C = c1 - c0
+        kw, vw, gw = (torch.cat([buf, x[:, :, c0:c1]], 2) for buf, x in ((kb, kf), (vb, vf), (gb, ga)))
+        W0 = [read_weights(a, retention, q_exp) for a in A]
+        G = _window_grads(W0, kw, vw, gw, C, window, loss, p)
+        th_c, et_c, al_c = th[:, :, c0:c1], et[:, :, c0:c1], al[:, :, c0:c1]
+        newA, newS, Wt = [], [], []
+        for a, s, g in zip(A, S, G):
+            if muon:
+                s_all = linear_scan(g, et_c, s)
+                u = -th_c[..., None, None] * newton_schulz(s_all)
+            else:
+                s_all = linear_scan(-th_c[..., None, None] * g, et_c, s)
+                u = s_all
+            a_all = linear_scan(u, 1 - al_c, a)
+            Wt.append(read_weights(a_all, retention, q_exp))
+            newA.append(a_all[:, :, -1])
+            newS.append(s_all[:, :, -1])
+        ys.append(mlp_apply(Wt, qf[:, :, c0:c1], per_token=True))
+        A, S = newA, newS
+        n = window - 1
+        kb, vb, gb = kw[:, :, kw.shape[2] - n:], vw[:, :, vw.shape[2] - n:], gw[:, :, gw.shape[2] - n:]
+    y = torch.cat(ys, dim=2).transpose(1, 2) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
+    state = dict(A=A, S=S, k=kb, v=vb, gamma=gb) if output_final_state else None
+    return y.to(q.dtype), state

@@ -1,0 +1,201 @@
+"""Titans neural memory (Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", 2025).
+
+A per-head memory ``M`` (an MLP of ``depth`` layers; depth 1 is a ``[K, V]`` matrix) learns at test time
+by gradient descent on the associative loss ``loss_t(M) = ||M(k_t) - v_t||^2``, with a per-token step
+size ``theta_t``, momentum ``eta_t`` (the "surprise") and a forgetting gate ``alpha_t``::
+
+    S_t = eta_t S_{t-1} - theta_t grad loss_t(M_{t-1})        (surprise: past + momentary)
+    M_t = (1 - alpha_t) M_{t-1} + S_t                          (forgetting)
+    y_t = M_t(q_t)                                             (retrieval, no update)
+
+:func:`titans_memory` is the token-by-token reference; :func:`chunk_titans_memory` is the paper's
+parallel form: within a chunk of ``b`` tokens every gradient is taken at the chunk-start memory
+(mini-batch gradient descent), and momentum and decay run as linear scans over the chunk. With
+``chunk_size=1`` the two are the same computation; with larger chunks the chunked form is the paper's
+approximation (it differs from the reference, and the tests check both statements).
+:func:`step_titans_memory` is the one-token step for decoding. With depth 1, ``eta = alpha = 0`` and a
+zero initial memory the rule is the delta rule with ``beta_t = 2 theta_t``.
+
+State (dict): ``A`` (the memory weights, one ``[B, H, d_l, d_{l+1}]`` per layer), ``S`` (momentum,
+same shapes), and an empty window buffer (``k``, ``v``, ``gamma``; used by ATLAS).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effattn._checks import check_positive_int
+from effattn.memory._neural import chunk_neural_memory, reference_neural_memory
+
+__all__ = ["NeuralMemory", "chunk_titans_memory", "init_memory_weights", "step_titans_memory", "titans_memory"]
+
+
+def init_memory_weights(heads: int, key_dim: int, value_dim: int, depth: int = 1, expansion: int = 2,
+                        generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Initial memory weights ``[heads, d_l, d_{l+1}]`` for an MLP ``key_dim -> expansion*key_dim ... ->
+    value_dim`` of ``depth`` layers, scaled ``1/sqrt(d_l)`` (a depth-1 memory starts at zero).
+
+    Example::
+
+        >>> [tuple(w.shape) for w in init_memory_weights(2, 4, 3, depth=2)]
+        [(2, 4, 8), (2, 8, 3)]
+    """
+    for name, val in (("heads", heads), ("key_dim", key_dim), ("value_dim", value_dim), ("depth", depth),
+                      ("expansion", expansion)):
+        check_positive_int(name, val)
+    if depth == 1:
+        return [torch.zeros(heads, key_dim, value_dim)]
+    dims = [key_dim] + [expansion * key_dim] * (depth - 1) + [value_dim]
+    return [torch.randn(heads, a, b, generator=generator) / math.sqrt(a) for a, b in zip(dims[:-1], dims[1:])]
+
+
+def titans_memory(q, k, v, theta, eta, alpha, weights, *, initial_state=None, output_final_state=False,
+                  valid=None):
+    """Token-by-token Titans memory (the rule of the module docstring), float32.
+
+    q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, theta (>= 0), eta, alpha (in [0, 1]) ``[B, T, H]``,
+    ``weights`` the initial memory (:func:`init_memory_weights`). Returns ``(y [B, T, H, V], state)``.
+
+    Example::
+
+        >>> q = k = torch.randn(1, 5, 2, 4); v = torch.randn(1, 5, 2, 3)
+        >>> g = torch.full((1, 5, 2), 0.3)
+        >>> y, st = titans_memory(q, k, v, g, g, g, init_memory_weights(2, 4, 3, depth=2), output_final_state=True)
+        >>> tuple(y.shape), len(st["A"])
+        ((1, 5, 2, 3), 2)
+    """
+    return reference_neural_memory(q, k, v, theta, eta, alpha, weights, initial_state=initial_state,
+                                   output_final_state=output_final_state, valid=valid)
+
+
+def chunk_titans_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size: int = 16, initial_state=None,
+                        output_final_state=False):
+    """Chunked Titans memory (gradients at each chunk's start memory; momentum and decay as scans).
+    ``chunk_size=1`` equals :func:`titans_memory`; larger chunks approximate it.
+
+    Example::
+
+        >>> q = k = torch.randn(1, 7, 1, 4); v = torch.randn(1, 7, 1, 4); g = torch.full((1, 7, 1), 0.2)
+        >>> w = init_memory_weights(1, 4, 4, depth=2, generator=torch.Generator().manual_seed(0))
+        >>> a, _ = chunk_titans_memory(q, k, v, g, g, g, w, chunk_size=1)
+        >>> torch.allclose(a, titans_memory(q, k, v, g, g, g, w)[0], atol=1e-5)
+        True
+    """
+    return chunk_neural_memory(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size,
+                               initial_state=initial_state, output_final_state=output_final_state)
+
+
+def step_titans_memory(q, k, v, theta, eta, alpha, state):
+    """One decoding step (``T = 1``) from ``state``; returns ``(y [B, 1, H, V], new state)``.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 1, 1, 2); g = torch.full((1, 1, 1), 0.5)
+        >>> _, st = titans_memory(q, k, v, g, g, g, [torch.zeros(1, 2, 2)], output_final_state=True)
+        >>> y, st = step_titans_memory(q, k, v, g, g, g, st)
+        >>> tuple(y.shape)
+        (1, 1, 1, 2)
+    """
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [batch, 1, heads, key_dim] for one step, got {tuple(q.shape)}")
+    if state is None:
+        raise ValueError("state must be the state of a previous call (a dict with 'A', 'S', ...), got None")
+    weights = [a[0] for a in state["A"]]  # shapes only: the state replaces them
+    return reference_neural_memory(q, k, v, theta, eta, alpha, weights, initial_state=state,
+                                   output_final_state=True)
+
+
+class NeuralMemory(nn.Module):
+    """A learned-memory layer on ``[B, T, dim]``: projections ``q, k, v`` (q, k L2-normalised, after
+    an optional polynomial feature map), per-token gates ``theta_t = theta_max * sigmoid(w_theta x)``,
+    ``eta_t = sigmoid(w_eta x)``, ``alpha_t = sigmoid(w_alpha x)`` (and ``gamma_t`` for a window),
+    the memory rule (Titans by default; ``loss``/``retention``/``window``/``muon`` select Miras and
+    ATLAS rules), and ``y = W_o(RMSNorm(M_t(q_t)) * silu(W_g x))``.
+
+    ``forward(x, state=None, valid=None) -> (y, state)``; ``chunk_size=1`` (default) runs the exact
+    token-by-token rule, so decoding continues a prefill exactly; a larger ``chunk_size`` uses the
+    chunked approximation for multi-token calls. Invalid (``valid`` False) tokens are identity steps.
+
+    Example::
+
+        >>> mem = NeuralMemory(16, 2, depth=2).eval()
+        >>> x = torch.randn(1, 6, 16)
+        >>> y, st = mem(x[:, :5])
+        >>> y6, _ = mem(x[:, 5:], st)
+        >>> torch.allclose(y6, mem(x)[0][:, 5:], atol=1e-5)
+        True
+    """
+
+    def __init__(self, dim: int, heads: int, depth: int = 1, expansion: int = 2, loss: str = "l2",
+                 p: float = 2.0, retention: str = "linear", q_exp: float = 2.0, window: int = 1,
+                 muon: bool = False, feature_degree: int = 1, momentum: bool = True, theta_max: float = 0.1,
+                 chunk_size: int = 1):
+        super().__init__()
+        check_positive_int("heads", heads)
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        check_positive_int("chunk_size", chunk_size)
+        check_positive_int("feature_degree", feature_degree)
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.opts = dict(loss=loss, p=p, retention=retention, q_exp=q_exp, window=window, muon=muon)
+        self.feature_degree, self.momentum = feature_degree, momentum
+        self.theta_max, self.chunk_size = theta_max, chunk_size
+        fdim = self.head_dim * feature_degree
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, heads * (4 if window > 1 else 3))
+        with torch.no_grad():  # start with small forgetting and a moderate step
+            b = self.gate_proj.bias.view(-1, heads)
+            b[0].fill_(-1.0)
+            b[1].fill_(0.0)
+            b[2].fill_(-3.0)
+        self.weights = nn.ParameterList(init_memory_weights(heads, fdim, self.head_dim, depth, expansion))
+        if retention == "softmax":  # rows of a softmax memory start uniform-ish, not at zero logits only
+            with torch.no_grad():
+                for w in self.weights:
+                    w.normal_(0, 0.1)
+        self.o_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.g_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ``x`` followed by the polynomial map ``[x, x^2, ..., x^p]`` (elementwise powers,
+        each divided by ``sqrt(i!)``) of ``feature_degree`` p."""
+        x = F.normalize(x, dim=-1)
+        if self.feature_degree == 1:
+            return x
+        return torch.cat([x.pow(i) / math.sqrt(math.factorial(i)) for i in range(1, self.feature_degree + 1)], -1)
+
+    def forward(self, x: torch.Tensor, state=None, valid: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        H, D = self.heads, self.head_dim
+        q = self.features(self.q_proj(x).view(B, T, H, D))
+        k = self.features(self.k_proj(x).view(B, T, H, D))
+        v = self.v_proj(x).view(B, T, H, D)
+        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, -1, H)
+        theta = self.theta_max * gates[:, :, 0]
+        eta = gates[:, :, 1] if self.momentum else torch.zeros_like(gates[:, :, 1])
+        alpha = gates[:, :, 2]
+        gamma = gates[:, :, 3] if self.opts["window"] > 1 else None
+        if valid is not None:  # padded tokens: no write, no decay, no window weight
+            theta = theta * valid[..., None]
+            alpha = alpha * valid[..., None]
+            eta = torch.where(valid[..., None], eta, torch.ones_like(eta))
+            gamma = None if gamma is None else gamma * valid[..., None]
+            k = k * valid[..., None, None]
+            v = v * valid[..., None, None]
+        weights = list(self.weights)
+        if self.chunk_size > 1 and valid is None and T > 1:
+            o, state = chunk_neural_memory(q, k, v, theta, eta, alpha, weights, gamma=gamma, **self.opts,
+                                           chunk_size=self.chunk_size, initial_state=state,
+                                           output_final_state=True)
+        else:
+            o, state = reference_neural_memory(q, k, v, theta, eta, alpha, weights, gamma=gamma, **self.opts,
+                                               initial_state=state, output_final_state=True, valid=valid)
+        o = self.o_norm(o.to(x.dtype)).reshape(B, T, -1)
+        return self.o_proj(o * F.silu(self.g_proj(x))), state

@@ -1,0 +1,46 @@
+"""Infini-attention as a mixer (Munkhdalai, Faruqui, Gopal, "Leave No Context Behind: Efficient
+Infinite Context Transformers with Infini-attention", 2024): per-segment causal softmax attention plus a
+compressive linear memory, mixed by a learned per-head gate (:func:`effattn.memory.infini_attention`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effattn.memory import infini_attention
+from effattn.nn.mixers._base import MixerBase, check_heads, check_x_and_valid, zero_invalid
+from effattn.nn.registry import register_mixer
+
+__all__ = ["InfiniAttentionMixer"]
+
+
+@register_mixer("infini_attention")
+class InfiniAttentionMixer(MixerBase):
+    """``y = W_o(infini_attention(x W_q, x W_k, x W_v, beta))`` with segments of ``segment`` tokens
+    (default 8) and the linear (``delta=False``) or delta memory update. State: memory ``M, z`` and the
+    current segment's keys/values (bounded by ``segment``).
+
+    Example::
+
+        >>> mixer = InfiniAttentionMixer(16, 2, segment=4).eval()
+        >>> x = torch.randn(1, 10, 16)
+        >>> y, st = mixer(x[:, :9])
+        >>> torch.allclose(mixer(x[:, 9:], st)[0], mixer(x)[0][:, 9:], atol=1e-5)
+        True
+    """
+
+    def __init__(self, dim: int, heads: int, segment: int = 8, delta: bool = False):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
+        self.segment, self.delta = segment, delta
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.gate = nn.Parameter(torch.zeros(heads))
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_x_and_valid(x, self.dim, valid)
+        B, T, H, D = x.shape[0], x.shape[1], self.heads, self.head_dim
+        x = zero_invalid(x, valid)
+        q, k, v = (p(x).view(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o, state = infini_attention(q, k, v, self.gate, segment=self.segment, delta=self.delta,
+                                    initial_state=state, output_final_state=True, valid=valid)
+        return self.o_proj(o.reshape(B, T, -1)), state
