@@ -39,6 +39,7 @@ from torch import nn
 
 from effattn._checks import check_int, check_positive_int
 from effattn.kv import AttentionPattern, CompressedKVCache, Policy, make_cache
+from effattn.moe import MoE
 from effattn.nn.duo_calibration import calibrate_duo_attention
 from effattn.nn.memory_saving import check_memory_options, run_blocks
 from effattn.nn.registry import build_mixer, list_mixers
@@ -67,7 +68,11 @@ class LMConfig:
     arguments per mixer name (``{"attention": {"kv_heads": 1}}``); ``kv_heads`` is passed to the
     attention-family mixers. ``mlp_ratio``: SwiGLU hidden size is ``2/3 * mlp_ratio * dim``
     rounded up to a multiple of 8. ``max_seq_len`` records the context the model is meant for (the
-    benchmark sizes it; nothing truncates at it).
+    benchmark sizes it; nothing truncates at it). ``ffn``: ``"dense"`` (SwiGLU) or ``"moe"`` per layer, a
+    pattern like ``mixers`` (``"dense,moe"`` alternates); ``moe``: keyword arguments of
+    :class:`effattn.moe.MoE` for the MoE layers (``num_experts`` and ``top_k`` required; ``hidden``
+    defaults to the SwiGLU hidden size / ``top_k``, equal active parameters). Their auxiliary losses
+    of the last forward are :meth:`LM.aux_loss`.
     """
 
     vocab_size: int = 256
@@ -81,6 +86,8 @@ class LMConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     mixer_kwargs: dict[str, dict] = field(default_factory=dict)
+    ffn: str | list[str] = "dense"
+    moe: dict | None = None
     # training memory (effattn.nn.memory_saving, docs/train.md): recomputation, reversible stream,
     # MLP in sequence chunks of this many tokens (0: off), loss chunk for effattn.train (0: off), int8
     checkpoint: str = "none"
@@ -104,6 +111,13 @@ class LMConfig:
         for name in self.mixers:
             if name not in known:
                 raise ValueError(f"unknown mixer {name!r} in mixers; registered mixers: {known}")
+        self.ffn = mixer_pattern(self.ffn, self.n_layers)
+        if any(f not in FFN_KINDS for f in self.ffn):
+            raise ValueError(f"ffn must name {FFN_KINDS} per layer, got {self.ffn}")
+        if "moe" in self.ffn and not (isinstance(self.moe, dict) and {"num_experts", "top_k"} <= set(self.moe)):
+            raise ValueError(
+                f"ffn='moe' needs moe=dict(num_experts=..., top_k=..., ...) (effattn.moe.MoE), got {self.moe!r}"
+            )
         if not isinstance(self.mixer_kwargs, dict):
             raise TypeError(f"mixer_kwargs must be a dict name -> kwargs, got {type(self.mixer_kwargs).__name__}")
 
@@ -111,6 +125,7 @@ class LMConfig:
         return dataclasses.asdict(self)
 
 
+FFN_KINDS = ("dense", "moe")
 _KV_HEAD_MIXERS = ("attention", "sliding_window")
 
 
@@ -130,7 +145,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: ``h + mixer(norm(h))`` then ``h + mlp(norm(h))``."""
 
-    def __init__(self, config: LMConfig, mixer: str):
+    def __init__(self, config: LMConfig, mixer: str, ffn: str = "dense"):
         super().__init__()
         kw = dict(config.mixer_kwargs.get(mixer, {}))
         if config.kv_heads is not None and mixer in _KV_HEAD_MIXERS:
@@ -140,12 +155,18 @@ class Block(nn.Module):
         self.mixer = build_mixer(mixer, dim=config.dim, heads=config.heads, **kw)
         self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         hidden = 8 * math.ceil(2 * config.mlp_ratio * config.dim / 3 / 8)
-        self.mlp = SwiGLU(config.dim, hidden)
+        if ffn == "moe":  # expert hidden defaults to hidden / top_k: the dense layer's active parameters
+            moe_kw = dict(config.moe)
+            moe_kw.setdefault("hidden", max(1, hidden // moe_kw["top_k"]))
+            self.mlp = MoE(config.dim, **moe_kw)
+        else:
+            self.mlp = SwiGLU(config.dim, hidden)
 
     def forward(self, h, state=None, valid=None):
         y, state = self.mixer(self.mixer_norm(h), state, valid)
         h = h + y
-        return h + self.mlp(self.mlp_norm(h)), state
+        x = self.mlp_norm(h)
+        return h + (self.mlp(x, valid) if isinstance(self.mlp, MoE) else self.mlp(x)), state
 
 
 def _check_ids(ids, vocab_size: int, name: str = "ids") -> None:
@@ -170,7 +191,7 @@ class LM(nn.Module):
             raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config, name) for name in config.mixers)
+        self.blocks = nn.ModuleList(Block(config, name, ffn) for name, ffn in zip(config.mixers, config.ffn))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -184,6 +205,14 @@ class LM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, MoE):
+            module.reset_parameters(std=0.02)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses (``MoE.last_aux.loss``) of the last forward; add it to the
+        training loss (0 without MoE layers)."""
+        losses = [b.mlp.last_aux.loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.last_aux is not None]
+        return torch.stack(losses).sum() if losses else self.head.weight.new_zeros(())
 
     def num_parameters(self) -> int:
         """Number of parameters (a tied head counted once)."""
