@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_positive_int
+from effattn.dist import current_sequence_parallel
 from effattn.exact import BACKENDS, attention, check_mod_signature, decode_attention, window_bounds
 from effattn.kv import AttentionPattern, CachedKV, KVCache, LayerCache, WindowKVCache
 from effattn.nn.rope import RotaryEmbedding
@@ -250,6 +251,8 @@ class Attention(nn.Module):
         True
     """
 
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
+
     def __init__(
         self,
         dim: int,
@@ -370,6 +373,15 @@ class Attention(nn.Module):
         Any :class:`effattn.kv.LayerCache` works the same way: positions of the new tokens, then
         ``update`` with the new keys, values and queries, attention over what it returns, ``trim``."""
         B, T = check_mixer_input(x, self.dim, valid)
+        sp = current_sequence_parallel()
+        if sp is not None:  # training on sequence shards (effattn.dist.sequence_parallel): no cache
+            if any(a is not None for a in (state, valid, self.mask_mod, self.score_mod, self._head_gates)):
+                raise ValueError("sequence-parallel attention takes no state, valid, mask/score mod or head gates")
+            q, k, v = self._project(x, sp.positions(T, x.device))  # RoPE at the shard's global positions
+            sinks = None if self.sinks is None else self.sinks.to(q.dtype)
+            o = sp.attention_call(q, k, v, causal=self.causal, window=self.window, softcap=self.softcap,
+                                  sinks=sinks, backend=self.backend)
+            return o, None
         cache = layer_cache(state, B, self.cache_pattern)
         pos = cache.next_positions(B, T, valid, x.device)
         q, k, v = self._project(x, pos)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from effattn.dist import current_sequence_parallel
 from effattn.linear import chunk_gla, step_gla
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -40,6 +41,8 @@ class GLAMixer(MixerBase):
         True
     """
 
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
+
     def __init__(self, dim: int, heads: int, expand_k: float = 0.5, gate_low_rank: int = 16,
                  gate_normalizer: float = 16.0, chunk_size: int = 64):
         super().__init__()
@@ -62,7 +65,11 @@ class GLAMixer(MixerBase):
         q, k, v = (split_heads(p(x), H) for p in (self.q_proj, self.k_proj, self.v_proj))
         gk = split_heads(F.logsigmoid(self.gk_proj(x)) / self.gate_normalizer, H)
         k, v, gk = zero_invalid(k, valid), zero_invalid(v, valid), zero_invalid(gk, valid)
-        if x.shape[1] == 1:
+        sp = current_sequence_parallel()
+        if sp is not None:  # sequence shards: LASP-2 (effattn.dist.sequence_parallel)
+            o, state = sp.linear("gla", q, k, v, gk, initial_state=state, output_final_state=True,
+                                 chunk_size=self.chunk_size)
+        elif x.shape[1] == 1:
             o, state = step_gla(q, k, v, gk, initial_state=state, output_final_state=True)
         else:
             o, state = chunk_gla(q, k, v, gk, initial_state=state, output_final_state=True,
