@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int
+from effattn.dist import current_sequence_parallel
 from effattn.kv import AttentionPattern, CompressedKVCache, Policy, make_cache
 from effattn.moe import MoE
 from effattn.nn.duo_calibration import calibrate_duo_attention
@@ -232,6 +233,10 @@ class LM(nn.Module):
     def features(self, ids: torch.Tensor, state: list | None = None, valid: torch.Tensor | None = None):
         """The final normed hidden states ``[B, T, dim]`` (the head's input) and the new state: what
         a chunked loss (:func:`effattn.train.chunked_cross_entropy`) takes instead of logits."""
+        if current_sequence_parallel() is not None:  # every layer must run on sequence shards
+            bad = [b.mixer_name for b in self.blocks if not getattr(b.mixer, "supports_sequence_parallel", False)]
+            if bad:
+                raise ValueError(f"mixers {bad} do not support sequence parallelism (effattn.dist.sequence_parallel)")
         h = self.embed(ids)
         states = state if state is not None else [None] * len(self.blocks)
         h, new_states = run_blocks(self.blocks, h, states, valid, self.config)
