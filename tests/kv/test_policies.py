@@ -340,12 +340,46 @@ def test_snapkv_window_votes(kernel, pooling):
     cache.update(0, k, v, q)
     votes = _attn_probs(q[:, -w:], k)[0].sum(1)[:, : T - w]  # [Hkv, T - w]
     pool = torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d
-    kw = {} if pooling == "max" else {"count_include_pad": False}
+    kw = {} if pooling == "max" else {"count_include_pad": True}  # the authors' zero-padded average
     pooled = pool(votes[:, None], kernel, 1, kernel // 2, **kw)[:, 0] if kernel > 1 else votes
     for h in range(2):
         kept = _kept(cache, head=h)
         assert set(range(T - w, T)) <= kept  # the window is always kept
         assert kept - set(range(T - w, T)) == set(pooled[h].topk(budget - w).indices.tolist())
+
+
+def test_snapkv_defaults_to_the_authors_average_pooling():
+    assert make_policy("snapkv", budget=4).pooling == "avg"
+    assert make_policy("snapkv", budget=4, pooling="max").pooling == "max"  # max stays an option
+
+
+def test_snapkv_pooling_hand_computed():
+    from effattn.kv.snapkv import snapkv_pool
+
+    votes = torch.tensor([[[4.0, 1.0, 0.0, 2.0, 8.0, 5.0, 7.0]]])
+    valid = torch.tensor([[[True, True, True, True, True, False, False]]])  # last two: the window
+    # kernel 3, padding 1, divisor 3 everywhere; the window counts as 0 (the authors pool only the prefix)
+    avg = snapkv_pool(votes, 3, "avg", valid=valid)[0, 0, :5]
+    want = torch.tensor([(0 + 4 + 1) / 3, (4 + 1 + 0) / 3, (1 + 0 + 2) / 3, (0 + 2 + 8) / 3, (2 + 8 + 0) / 3])
+    torch.testing.assert_close(avg, want)
+    mx = snapkv_pool(votes, 3, "max", valid=valid)[0, 0, :5]
+    assert mx.tolist() == [4.0, 4.0, 2.0, 8.0, 8.0]
+    # kernel 5, padding 2: position 0 sums votes 0..2 over 5
+    torch.testing.assert_close(snapkv_pool(votes, 5, "avg", valid=valid)[0, 0, 0], torch.tensor(5.0 / 5))
+    # in the policy: the last 2 queries (window) favour key 2, then key 0, and most the window's key 5;
+    # avg pooling (kernel 3) ranks key 1 first (it sees keys 0 and 2), max pooling would tie 1..3, and a
+    # pool that let the window's votes spill onto key 4 would pick key 4
+    T, w = 7, 2
+    k = torch.zeros(1, T, 1, 4)
+    k[0, 0, 0, 0], k[0, 2, 0, 0], k[0, 5, 0, 0] = 2.0, 4.0, 12.0
+    q = torch.zeros(1, T, 1, 4)
+    q[0, -w:, 0, 0] = 1.0
+    v = torch.randn(1, T, 1, 4, generator=torch.Generator().manual_seed(0))
+    cache = CompressedKVCache(make_policy("snapkv", budget=3, window=w, kernel=3), 1)
+    cache.update(0, k, v, q)
+    assert _kept(cache, head=0) == {1, 5, 6}
+    with pytest.raises(ValueError, match="kernel"):
+        snapkv_pool(votes, 2)
 
 
 def test_layer_budgets_capped_at_the_context_pass_their_excess_on():
