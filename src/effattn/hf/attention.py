@@ -329,7 +329,10 @@ def make_attention_function(
             plain = m.key_valid is None and m.q_segment is None and m.bottom_right
             if plain and m.causal:  # effattn's own causal (+ window): SDPA or tiles skipped by bounds
                 causal = True
-                window = None if m.window_left is None else (m.window_left, 0)
+                # a window reaching past the first key (a sliding cache's decode step, a short prompt)
+                # bounds nothing: plain causal keeps the SDPA backend
+                if m.window_left is not None and m.window_left < Tk - 1:
+                    window = (m.window_left, 0)
             elif plain and m.window_left is None and m.window_right is None:
                 pass  # bidirectional
             elif plain and m.window_left is not None and m.window_right is not None:
