@@ -125,6 +125,7 @@ class Int8SavedActivations:
         self.stats = {"saved_bytes": 0, "float_bytes": 0}
         self._count = 0
         self._hooks: contextlib.AbstractContextManager | None = None
+        self._packed: dict[tuple, tuple] = {}
 
     def set_skip(self, tensors: Iterable[torch.Tensor]) -> None:
         """Tensors (usually the model's parameters) never quantized, by storage address."""
@@ -139,6 +140,10 @@ class Int8SavedActivations:
             or isinstance(t, nn.Parameter)
         ):
             return t
+        # one int8 copy per tensor: the same activation is often saved by several ops (q, k, v projections)
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+        if ident in self._packed:
+            return self._packed[ident]
         x = t.detach()
         amax = x.abs().flatten(0, -2).amax(dim=0).float()
         key = (self._count, x.shape[-1])
@@ -151,7 +156,8 @@ class Int8SavedActivations:
         self.last_bound = max(self.last_bound, float(scale.max()) / 254)
         self.stats["saved_bytes"] += q.numel() + 4 * scale.numel()
         self.stats["float_bytes"] += x.numel() * x.element_size()
-        return (q, scale, x.dtype)
+        self._packed[ident] = (q, scale, x.dtype)
+        return self._packed[ident]
 
     @staticmethod
     def _unpack(packed):
@@ -168,6 +174,7 @@ class Int8SavedActivations:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._packed = {}
         hooks, self._hooks = self._hooks, None
         hooks.__exit__(*exc)
 
