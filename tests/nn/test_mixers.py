@@ -204,3 +204,31 @@ def test_registry_module_imports_no_mixer():
     assert registry.MIXERS.package == "effattn.nn.mixers"
     with pytest.raises(ValueError, match="unknown mixer"):
         del MIXERS["no_such_mixer"]
+
+
+def test_based_has_the_papers_short_gated_convolution():
+    """Based's gated convolution branch ``(W_g x) * conv_3(W_c x)``: its output at ``t`` sees exactly
+    ``x_{t-2..t}``; ``conv_size=0`` is the mixer without it (linear + window only)."""
+    from effattn.nn.mixers.based import BasedMixer
+
+    torch.manual_seed(0)
+    m = BasedMixer(DIM, HEADS, window=4, conv_size=3).eval()
+    x = torch.randn(1, 11, DIM)
+    o, _ = m._gated_conv(x, None, None)
+    want = torch.zeros_like(o)
+    u = m.conv_in(x)
+    for t in range(11):  # the causal depthwise convolution written out, zeros before the start
+        for i in range(3):
+            if t - 2 + i >= 0:
+                want[:, t] += m.conv.weight[:, i] * u[:, t - 2 + i]
+    want = m.conv_gate(x) * (want + m.conv.bias)
+    assert_fp32_close(o, want)
+    x2 = x.clone()
+    x2[:, 3] += 1.0  # changes the conv output at t = 3, 4, 5 only
+    d = (m._gated_conv(x2, None, None)[0] - o).abs().amax(-1)[0]
+    assert (d[3:6] > 0).all() and (d[:3] == 0).all() and (d[6:] == 0).all()
+    assert m.o_proj.in_features == 3 * DIM and len(m(x)[1]) == 3
+    plain = BasedMixer(DIM, HEADS, window=4, conv_size=0)
+    assert plain.o_proj.in_features == 2 * DIM and not hasattr(plain, "conv")
+    with pytest.raises(ValueError, match="conv_size"):
+        BasedMixer(DIM, HEADS, conv_size=-1)
