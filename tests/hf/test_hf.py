@@ -419,7 +419,7 @@ def test_unsupported_layouts_are_refused():
         ehf.check_model(transformers.MistralConfig(**SMALL, sliding_window=16))
 
 
-@pytest.mark.parametrize("module", ["effattn.hf.attention", "effattn.hf.cache"])
+@pytest.mark.parametrize("module", ["effattn.hf.attention", "effattn.hf.cache", "effattn.hf._structure"])
 def test_docstring_examples(module):
     import doctest
     import importlib

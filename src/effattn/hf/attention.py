@@ -9,17 +9,18 @@ Layout: HF hands attention ``[B, H, T, D]``; the function transposes to effattn'
 once (a view) and the output goes back as HF expects, ``[B, T_q, H_q, D]``. GQA passes through
 unrepeated (effattn takes ``H_q % H_kv == 0``).
 
-Masks: for the plain causal (and bidirectional) pattern the mask builder returns a small
-:class:`HFMask` instead of a dense ``[B, 1, T_q, T_k]`` tensor: the query/key offsets HF computed
-from the cache and, only when some token is padding, the 2-D ``key_valid [B, T_k]``. Without
-padding and with the queries at the end of the keys (a dynamic cache) the call is effattn's
-bottom-right ``causal=True`` (the SDPA backend); left padding becomes a ``mask_mod``
-``key_valid[b, kv]`` on top of causal (the tiled backend, O(T) memory). Any other pattern HF
-builds (sliding windows, chunked attention, packed sequences, image-token overlays) is
-materialized by HF's own ``sdpa_mask`` as a bool ``[B, 1, T_q, T_k]`` tensor -- the memory HF's SDPA
-path spends too -- and read through a ``mask_mod``; a one-time warning says so. A 4-D mask passed
-in by the caller is honoured: bool as is, float as an additive bias (entries at the dtype's
-minimum or ``-inf`` are masked). Fully masked query rows (left padding) give zeros.
+Masks: the mask builder (:func:`effattn_mask`) returns a small :class:`HFMask` instead of a dense
+``[B, 1, T_q, T_k]`` tensor for every pattern HF composes from its structured factories: the
+query/key offsets HF computed from the cache, window bounds (sliding windows, causal or
+bidirectional), per-row segment ids (chunked attention, packed sequences) and, only when some token
+is padding, the 2-D ``key_valid [B, T_k]`` (:mod:`effattn.hf._structure` reads the mask function).
+Without padding or segments and with the queries at the end of the keys the call is effattn's
+bottom-right ``causal=True`` (+ ``window``); otherwise an effattn ``BlockMask`` is built per tile from
+index ranges (``O(B (T/64)^2)``) and the rule runs inside partial tiles only. Masks with no known
+structure (image-token overlays, user mask functions) are materialized by HF's own ``sdpa_mask``
+and read through a ``mask_mod``; a one-time warning says so. A 4-D mask passed in by the caller is
+honoured: bool as is, float as an additive bias (entries at the dtype's minimum or ``-inf`` are
+masked). Fully masked query rows (left padding) give zeros.
 
 With a :class:`~effattn.hf.CompressedCache` the call recognises the keys its ``update`` returned,
 hands the queries to the policy and attends to the kept tokens (ragged heads masked by the cache's
