@@ -270,3 +270,22 @@ def test_bad_combinations_raise():
     _, ours = _pair("mistral")
     with pytest.raises(ValueError, match="sliding"):
         ehf.check_model(ours)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_flash_style_cu_seq_lens_kwargs_pack_sequences(kind):
+    """``cu_seq_lens_q/k`` (DataCollatorWithFlattening's kwargs) become effattn's ``cu_seqlens``: with
+    a cache present HF finds no packing in the mask, so the kwargs alone keep the sequences apart."""
+    ref, ours = _pair(kind)
+    ids = _ids(1, 20, seed=9)
+    pos = _packed_positions([6, 9, 5])
+    cu = torch.tensor([0, 6, 15, 20], dtype=torch.int32)
+    with torch.no_grad():
+        want = ref(ids, position_ids=pos, use_cache=False).logits
+        got = ours(ids, position_ids=pos, use_cache=True, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                   max_length_k=9).logits
+    assert_fp32_close(got, want)
+    with torch.no_grad(), pytest.raises(ValueError, match="must both be given and equal"):
+        ours(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu + 0 * cu - (cu > 6).int())
+    with torch.no_grad(), pytest.raises(ValueError, match="pack one row"):
+        ours(ids.expand(2, -1), use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu)

@@ -304,6 +304,9 @@ def make_attention_function(
         q = query.transpose(1, 2)  # [B, T, H, D]: the one layout change at the boundary
         pending = HANDSHAKE.take(key)  # keys a CompressedCache.update returned (effattn.hf._handshake)
         if pending is not None:
+            if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+                HANDSHAKE.discard()
+                raise ValueError("packed sequences (cu_seq_lens_q/k) cannot be decoded with a CompressedCache")
             need_pos = mask_mod is not None or score_mod is not None
             inputs = pending.resolve(q, attention_mask, module, scaling, need_pos)
             o = attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod)
@@ -311,6 +314,7 @@ def make_attention_function(
 
         k, v = key.transpose(1, 2), value.transpose(1, 2)
         Tq, Tk = q.shape[1], k.shape[1]
+        cu_seqlens = _packed_lengths(kwargs, attention_mask, q.shape[0], Tq, Tk)
         masks: list[Callable] = []
         scores: list[Callable] = []
         causal, window = False, None
@@ -338,6 +342,11 @@ def make_attention_function(
                 pass  # bidirectional
             elif plain and m.window_left is not None and m.window_right is not None:
                 window = (m.window_left, m.window_right)
+            elif cu_seqlens is not None:
+                raise ValueError(
+                    "cu_seq_lens_q/k (packed sequences) together with padding or a cache offset in the mask: "
+                    "pack without padding and without a cache"
+                )
             elif backend in ("auto", "tiled"):
                 extra = None
                 if mask_mod is not None:
@@ -375,12 +384,36 @@ def make_attention_function(
             scale=scaling,
             softcap=softcap,
             sinks=s_aux,
+            cu_seqlens=cu_seqlens,
             backend=backend,
         )
         return o, None
 
     effattn_attention_forward.backend = backend
     return effattn_attention_forward
+
+
+def _packed_lengths(kwargs: dict, attention_mask, B: int, Tq: int, Tk: int) -> torch.Tensor | None:
+    """``cu_seqlens`` from HF's flash-attention packing kwargs (``cu_seq_lens_q/k``, as
+    ``DataCollatorWithFlattening`` gives), or None; raises on layouts effattn cannot pack."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):
+        raise ValueError(
+            "cu_seq_lens_q and cu_seq_lens_k must both be given and equal (packed self-attention); got "
+            f"{None if cu_q is None else cu_q.tolist()} and {None if cu_k is None else cu_k.tolist()}"
+        )
+    if B != 1 or Tq != Tk or int(cu_q[-1]) != Tq:
+        raise ValueError(
+            f"cu_seq_lens_q/k pack one row: need batch 1 and T_q == T_k == cu_seq_lens[-1], got batch {B}, "
+            f"(T_q, T_k) = {(Tq, Tk)}, cu_seq_lens[-1] = {int(cu_q[-1])}"
+        )
+    if isinstance(attention_mask, HFMask) and attention_mask.q_segment is not None:
+        return None  # HF found the packing in position_ids already: the mask's segments carry it
+    if isinstance(attention_mask, torch.Tensor):
+        raise ValueError("cu_seq_lens_q/k with a dense 4-D attention_mask: give one or the other")
+    return cu_q.to(torch.long)
 
 
 def _user_score(score_mod, q_off: int, kv_off: int):
