@@ -135,3 +135,11 @@ def test_bad_memory_options():
         LMConfig(chunked_mlp=-1)
     with pytest.raises(TypeError, match="mesa"):
         LMConfig(mesa="yes")
+
+
+def test_checkpoint_with_moe_layers_equals_baseline():
+    moe = dict(ffn="dense,moe", moe={"num_experts": 4, "top_k": 2})
+    g0 = _grads(**moe)[1]
+    g = _grads(checkpoint="mlp", **moe)[1]
+    for n in g0:
+        assert rel_rms(g[n], g0[n]) < 1e-5, n

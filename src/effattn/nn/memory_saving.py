@@ -277,13 +277,13 @@ def reversible_stack(
 # ------------------------------------------------------------------------------------------------
 
 
-def _mlp(block: nn.Module, chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _mlp(block: nn.Module, chunk: int, valid=None) -> Callable[[torch.Tensor], torch.Tensor]:
     def g(h: torch.Tensor) -> torch.Tensor:
+        if isinstance(block.mlp, MoE):
+            # an MoE layer routes over the whole batch (capacity, load balancing): not token-wise, no chunks
+            return block.mlp(block.mlp_norm(h), valid)
         fn = lambda x: block.mlp(block.mlp_norm(x))  # noqa: E731
-        # an MoE layer routes over the whole batch (capacity, load balancing): not token-wise
-        if chunk and not isinstance(block.mlp, MoE):
-            return chunked_apply(fn, h, chunk)
-        return fn(h)
+        return chunked_apply(fn, h, chunk) if chunk else fn(h)
 
     return g
 
@@ -292,7 +292,7 @@ def _block(block: nn.Module, h, state, valid, mode: str, chunk: int):
     def mix(x, s, v):
         return block.mixer(block.mixer_norm(x), s, v)
 
-    g = _mlp(block, chunk)
+    g = _mlp(block, chunk, valid)
     if mode == "mixer":
         y, state = checkpoint(mix, h, state, valid, use_reentrant=False)
     else:
@@ -324,7 +324,8 @@ def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, states: list, valid, conf
             fresh = all(s is None for s in states)
             if fresh and training:
                 fns = [
-                    ((lambda x, b=b: b.mixer(b.mixer_norm(x), None, valid)[0]), _mlp(b, chunk)) for b in blocks
+                    ((lambda x, b=b: b.mixer(b.mixer_norm(x), None, valid)[0]), _mlp(b, chunk, valid))
+                    for b in blocks
                 ]
                 params = [
                     (
@@ -339,7 +340,7 @@ def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, states: list, valid, conf
             for b, s in zip(blocks, states):
                 y, s = b.mixer(b.mixer_norm(x2), s, valid)
                 x1 = x1 + y
-                x2 = x2 + _mlp(b, chunk)(x1)
+                x2 = x2 + _mlp(b, chunk, valid)(x1)
                 new_states.append(s)
             return (x1 + x2) / 2, new_states
         new_states = []
