@@ -38,3 +38,12 @@ def test_reference_skipped_above_limit(tmp_path):
 def test_unknown_part(tmp_path):
     with pytest.raises(SystemExit, match="unknown --parts"):
         moe_bench.run(_args(tmp_path, "dispatch,nope"))
+
+
+def test_train_quick(tmp_path):
+    moe_bench.run(_args(tmp_path, "train", extra=["--train-steps", "2"]))
+    rows = json.loads((tmp_path / "moe_train.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["dense", "moe_micro_lbl", "moe_global_lbl"]
+    assert all("error" not in r and r["val_bits_per_byte"] > 0 for r in rows), rows
+    assert rows[1]["active_params"] == rows[2]["active_params"] < rows[1]["params"]
+    assert rows[1]["max_over_mean_load"] >= 1.0
