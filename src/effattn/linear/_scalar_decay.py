@@ -43,6 +43,7 @@ import torch
 
 from effattn._checks import check_cu_seqlens, check_scale
 from effattn.linear._common import check_chunk_size, check_state, from_chunks, run_varlen, to_chunks
+from effattn.linear.triton_chunk import chunk_scalar_decay_triton, resolve_backend
 
 # ----------------------------------------------------------------------------------------------
 # validation and dtype helpers shared by the front ends
@@ -213,12 +214,15 @@ def chunk_scalar_decay(
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense(q, k, v, g, *, scale, form, chunk_size, initial_state, output_final_state):
+def _dense(q, k, v, g, *, scale, form, chunk_size, initial_state, output_final_state, backend="auto"):
     cdt = compute_dtype(q)
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     gf = g.to(cdt) if g is not None else None
     s0 = initial_state.to(cdt) if initial_state is not None else None
-    if form == "chunk":
+    if form == "chunk" and resolve_backend(backend, q) == "triton":
+        gf = gf.clamp(min=LOG_DECAY_FLOOR) if gf is not None else None
+        o, s = chunk_scalar_decay_triton(qf, kf, vf, gf, scale, s0, chunk_size)
+    elif form == "chunk":
         o, s = chunk_scalar_decay(qf, kf, vf, gf, scale, s0, chunk_size)
     else:
         o, s = recurrent_scalar_decay(qf, kf, vf, gf, scale, s0)
@@ -237,11 +241,14 @@ def run_scalar_decay(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``form`` ("naive" or "chunk") on validated inputs (``g`` already ``[B, T, H]``,
     ``initial_state`` already checked), splitting packed sequences at ``cu_seqlens``.
+    ``backend`` ("auto", "torch", "triton") selects the chunk form's kernels (see
+    :func:`effattn.linear.triton_chunk.resolve_backend`; "auto" is Triton on CUDA tensors only).
     Returns the output in the compute dtype (callers cast) and the final state or None."""
-    kwargs = {"scale": scale, "form": form, "chunk_size": chunk_size}
+    kwargs = {"scale": scale, "form": form, "chunk_size": chunk_size, "backend": backend}
     if cu_seqlens is not None:
         return run_varlen(
             _dense, cu_seqlens, {"q": q, "k": k, "v": v, "g": g}, kwargs, initial_state, output_final_state
@@ -261,9 +268,11 @@ def scalar_decay_op(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Everything after the gate check for a scalar-decay op: scale, chunk size, packed sequences,
-    initial state, dtypes. ``q, k, v`` validated by the caller, ``g`` a validated ``[B, T, H]``."""
+    initial state, dtypes, the chunk form's ``backend``. ``q, k, v`` validated by the caller, ``g`` a
+    validated ``[B, T, H]``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = check_scale(scale, K)
@@ -273,6 +282,6 @@ def scalar_decay_op(
     check_matrix_state(initial_state, (n, H, K, V))
     o, s = run_scalar_decay(
         form, q, k, v, g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend,
     )
     return o.to(q.dtype), s

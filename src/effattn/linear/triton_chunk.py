@@ -20,9 +20,9 @@ Two chunkwise kernels and two recurrent (one-token) kernels, each computing what
 Numerics: every kernel computes in float32 (inputs of other dtypes are cast on the host; float64 is
 not supported), matmuls in IEEE float32 (no TF32). The cumulated gates are float32 differences
 ``G_i - G_j`` (the PyTorch form uses a float64 ``hi + lo`` split), masked before ``exp``; gates are
-clamped at ``LOG_DECAY_FLOOR`` on the host. The chunk length of the kernels is
-``max(16, next_power_of_2(chunk_size))`` (``tl.dot`` needs tiles of at least 16); the chunkwise
-result does not depend on the chunk length beyond rounding.
+clamped at ``LOG_DECAY_FLOOR`` on the host by the callers (``-inf`` would give ``-inf - (-inf)``).
+The chunk length of the kernels is ``max(16, next_power_of_2(chunk_size))`` (``tl.dot`` needs tiles
+of at least 16); the chunkwise result does not depend on the chunk length beyond rounding.
 
 Triton is optional and imported lazily: Triton fixes its mode (GPU compiler or CPU interpreter,
 ``TRITON_INTERPRET=1``) at its first import, so kernel bodies are plain functions decorated by
@@ -47,7 +47,6 @@ import sys
 import torch
 
 from effattn.linear._delta import chunk_delta_core
-from effattn.linear._scalar_decay import LOG_DECAY_FLOOR
 
 __all__ = [
     "BACKENDS",
@@ -382,7 +381,8 @@ def chunk_scalar_decay_triton(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton form of :func:`effattn.linear._scalar_decay.chunk_scalar_decay` (same arguments and
-    results, float32 out): ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``,
+    results, float32 out; gates must be finite: the caller clamps them at
+    ``_scalar_decay.LOG_DECAY_FLOOR``): ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``,
     chunkwise as in Mamba-2's SSD ("Transformers are SSMs", Dao and Gu, 2024). Differentiable
     in q, k, v, g and ``state`` through Triton backward kernels.
 
@@ -397,7 +397,7 @@ def chunk_scalar_decay_triton(
     V = v.shape[-1]
     if T == 0:
         return q.new_zeros(B, 0, H, V), (q.new_zeros(B, H, K, V) if state is None else state)
-    g = torch.zeros(B, T, H, device=q.device, dtype=torch.float32) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
+    g = torch.zeros(B, T, H, device=q.device, dtype=torch.float32) if g is None else g
     o, s = _ScalarDecayChunk.apply(q, k, v, g, state, scale, _pow2(chunk_size))
     return o, s
 
