@@ -223,7 +223,10 @@ def test_only_effattn_hf_imports_transformers():
         if "hf" in path.relative_to(root).parts:
             continue
         text = path.read_text()
-        assert not re.search(r"^\s*(import|from)\s+(transformers|effattn\.hf)\b", text, re.M), path
+        # bench/hf.py (the `bench hf` suite) imports them inside its functions only: the suite is
+        # listed without transformers and needs it only when run
+        indent = "" if path.relative_to(root).parts == ("bench", "hf.py") else r"\s*"
+        assert not re.search(rf"^{indent}(import|from)\s+(transformers|effattn\.hf)\b", text, re.M), path
 
 
 # ------------------------------------------------------------------------------ CompressedCache
