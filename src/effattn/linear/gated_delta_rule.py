@@ -40,6 +40,12 @@ from effattn.linear._delta import (
     log_decay_for_strength,
     prepare_qk,
 )
+from effattn.linear._scalar_decay import LOG_DECAY_FLOOR
+from effattn.linear.triton_chunk import (
+    chunk_gated_delta_rule_triton,
+    fused_recurrent_gated_delta_rule_triton,
+    resolve_backend,
+)
 
 __all__ = ["naive_gated_delta_rule", "chunk_gated_delta_rule", "step_gated_delta_rule"]
 
@@ -105,9 +111,33 @@ def step_gated_delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = True,
     allow_neg_eigval: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decoding: advance the carried state ``initial_state [B, H, K, V]`` by the few given tokens
-    (the recurrence of :func:`naive_gated_delta_rule`; same arguments and result)."""
+    (the recurrence of :func:`naive_gated_delta_rule`; same arguments and result).
+
+    ``backend="triton"`` runs the recurrent Triton kernel (forward only: refused when a gradient is
+    needed); ``"auto"`` uses it on CUDA tensors when no gradient is needed, else PyTorch.
+    """
+    use = resolve_backend(backend, q)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
+    )
+    if use == "triton" and needs_grad:
+        if backend == "triton":
+            raise ValueError("backend='triton' of step_gated_delta_rule is forward only: inputs require grad")
+        use = "torch"
+    if use == "triton":
+        B, T, H, K, V, scale = _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval)
+        kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval, backend=backend)
+        if cu_seqlens is not None:
+            check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
+            seq = dict(q=q, k=k, v=v, g=g, beta=beta)
+            return run_varlen(step_gated_delta_rule, cu_seqlens, seq, kw, initial_state, output_final_state)
+        S0 = check_state("initial_state", initial_state, (B, H, K, V))
+        qf, kf = prepare_qk(q, k, use_qk_l2norm)
+        o, S = fused_recurrent_gated_delta_rule_triton(qf, kf, v, beta, g, scale, S0)
+        return o.to(q.dtype), (S if output_final_state else None)
     return naive_gated_delta_rule(
         q,
         k,
@@ -137,6 +167,7 @@ def chunk_gated_delta_rule(
     use_qk_l2norm: bool = True,
     allow_neg_eigval: bool = False,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel gated delta rule; same result as :func:`naive_gated_delta_rule`,
     differentiable through autograd, memory linear in T, ``chunk_size`` need not divide T.
@@ -145,11 +176,16 @@ def chunk_gated_delta_rule(
     ``(I + tril(diag(beta) (K K^T * Gamma), -1)) [W | U] = [diag(beta e^G) K | diag(beta) V]``,
     ``Delta = U - W S``, ``O = scale (diag(e^G) Q S + tril(Q K^T * Gamma) Delta)``,
     ``S <- e^{G_C} S + (K e^{G_C - G})^T Delta``.
+
+    ``backend``: ``"torch"``, ``"triton"`` (Triton forward kernel; its backward recomputes the PyTorch
+    form) or ``"auto"`` (Triton on CUDA tensors only; see :mod:`effattn.linear.triton_chunk`).
     """
     B, T, H, K, V, scale = _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval)
     check_chunk_size(chunk_size)
     kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval)
     kw["chunk_size"] = chunk_size
+    kw["backend"] = backend
+    use = resolve_backend(backend, q)
     if cu_seqlens is not None:
         check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
         seq = dict(q=q, k=k, v=v, g=g, beta=beta)
@@ -159,7 +195,11 @@ def chunk_gated_delta_rule(
         S = S0 if S0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
         return v.new_zeros(B, 0, H, V).to(q.dtype), (S if output_final_state else None)
     qf, kf = prepare_qk(q, k, use_qk_l2norm)
-    o, S = chunk_delta_core(qf, kf, v.float(), beta.float(), g.float(), scale, S0, chunk_size)
+    if use == "triton":
+        g_floor = g.float().clamp(min=LOG_DECAY_FLOOR)  # finite: the kernel differences cumulated gates
+        o, S = chunk_gated_delta_rule_triton(qf, kf, v, beta, g_floor, scale, S0, chunk_size)
+    else:
+        o, S = chunk_delta_core(qf, kf, v.float(), beta.float(), g.float(), scale, S0, chunk_size)
     return o.to(q.dtype), (S if output_final_state else None)
 
 
