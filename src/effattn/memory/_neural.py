@@ -43,6 +43,11 @@ LOSSES = ("l2", "huber", "lp")
 RETENTIONS = ("linear", "lq", "softmax")
 
 
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when given float64 (gradchecks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _silu_grad(z: torch.Tensor) -> torch.Tensor:
     s = torch.sigmoid(z)
     return s * (1 + z * (1 - s))
@@ -227,14 +232,14 @@ def check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, ret
 
 def _init_state(weights, B, window, k, v, initial_state):
     if initial_state is not None:
-        return ([a.float() for a in initial_state["A"]], [s.float() for s in initial_state["S"]],
-                initial_state["k"].float(), initial_state["v"].float(), initial_state["gamma"].float())
+        st = initial_state
+        return ([_f(a) for a in st["A"]], [_f(s) for s in st["S"]], _f(st["k"]), _f(st["v"]), _f(st["gamma"]))
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
-    A = [w.float().unsqueeze(0).expand(B, *w.shape) for w in weights]
+    A = [_f(w).unsqueeze(0).expand(B, *w.shape) for w in weights]
     S = [torch.zeros_like(a) for a in A]
-    kb = k.new_zeros(B, H, window - 1, K, dtype=torch.float32)
-    vb = v.new_zeros(B, H, window - 1, V, dtype=torch.float32)
-    gb = k.new_zeros(B, H, window - 1, dtype=torch.float32)
+    kb = k.new_zeros(B, H, window - 1, K, dtype=A[0].dtype)
+    vb = v.new_zeros(B, H, window - 1, V, dtype=A[0].dtype)
+    gb = k.new_zeros(B, H, window - 1, dtype=A[0].dtype)
     return A, S, kb, vb, gb
 
 
@@ -267,9 +272,9 @@ def reference_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, 
     B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp,
                                   window, muon)
     A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
-    th, et, al = (t.float().transpose(1, 2) for t in (theta, eta, alpha))
-    ga = torch.ones_like(th) if gamma is None else gamma.float().transpose(1, 2)
+    qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
+    th, et, al = (_f(t).transpose(1, 2) for t in (theta, eta, alpha))
+    ga = torch.ones_like(th) if gamma is None else _f(gamma).transpose(1, 2)
     ys = []
     for t in range(T):
         kw = torch.cat([kb, kf[:, :, t: t + 1]], 2)
@@ -329,9 +334,9 @@ def chunk_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, loss
                                   window, muon)
     check_int("chunk_size", chunk_size, 1)
     A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
-    th, et, al = (t.float().transpose(1, 2) for t in (theta, eta, alpha))
-    ga = torch.ones_like(th) if gamma is None else gamma.float().transpose(1, 2)
+    qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))
+    th, et, al = (_f(t).transpose(1, 2) for t in (theta, eta, alpha))
+    ga = torch.ones_like(th) if gamma is None else _f(gamma).transpose(1, 2)
     ys = []
     for c0 in range(0, T, chunk_size):
         c1 = min(T, c0 + chunk_size)
