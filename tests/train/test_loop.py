@@ -105,15 +105,7 @@ def _dist_worker(rank, world, data, parallel, sp):
     return h["loss"], state
 
 
-SP_PENDING = pytest.mark.xfail(
-    reason="the sequence-parallel LM of effattn.dist does not yet equal the single-process LM "
-    "(tests/dist/test_sp_lm.py fails on its own at the time of writing); the loop's part is the loss share "
-    "and the gradient all-reduce",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("parallel,sp", [("ddp", None), ("fsdp", None), pytest.param("none", "ring", marks=SP_PENDING)])
+@pytest.mark.parametrize("parallel,sp", [("ddp", None), ("fsdp", None), ("none", "ring")])
 def test_two_process_runs_equal_one_process(tmp_path, parallel, sp):
     data = _text(tmp_path / "t.txt")
     results = spawn(_dist_worker, 2, data, parallel, sp, timeout=120)
