@@ -1,6 +1,6 @@
 """The Triton kernels of the linear family against the PyTorch chunk forms: the scalar-decay chunk
-kernel (outputs, final states, gradients of q, k, v, gates and initial state), the gated delta rule
-chunk kernel (forward kernel; gradients through its PyTorch recomputation) and the recurrent kernels.
+kernels and the gated delta rule chunk kernels, forward and backward (outputs, final states,
+gradients of q, k, v, gates, beta and initial state), and the recurrent (decoding) kernels.
 
 On the CPU the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` is set at the top of this
 module, before anything imports triton (triton fixes its mode at its first import; effattn never

@@ -177,8 +177,8 @@ def chunk_gated_delta_rule(
     ``Delta = U - W S``, ``O = scale (diag(e^G) Q S + tril(Q K^T * Gamma) Delta)``,
     ``S <- e^{G_C} S + (K e^{G_C - G})^T Delta``.
 
-    ``backend``: ``"torch"``, ``"triton"`` (Triton forward kernel; its backward recomputes the PyTorch
-    form) or ``"auto"`` (Triton on CUDA tensors only; see :mod:`effattn.linear.triton_chunk`).
+    ``backend``: ``"torch"``, ``"triton"`` (Triton forward and backward kernels) or ``"auto"``
+    (Triton on CUDA tensors only; see :mod:`effattn.linear.triton_chunk`).
     """
     B, T, H, K, V, scale = _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval)
     check_chunk_size(chunk_size)

@@ -12,8 +12,9 @@ Two chunkwise kernels and two recurrent (one-token) kernels, each computing what
 * gated delta rule (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", 2024):
   ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``. The forward is a Triton
   kernel (the UT transform per chunk: ``(I + tril(diag(beta) K K^T * Gamma, -1))^{-1}`` by forward
-  substitution on chip, then ``W``, ``U``, ``Delta = U - W S``). Its **backward is not a Triton
-  kernel**: it recomputes the PyTorch chunk form and differentiates it with autograd.
+  substitution on chip, then ``W``, ``U``, ``Delta = U - W S``); the forward keeps the entering
+  states, the backward kernel walks the chunks in reverse, recomputes ``(I + A)^{-1}``, ``W``, ``U``
+  per chunk and carries ``dS`` (through ``T = (I + A)^{-1}`` the gradient is ``dA = -T^T dT T^T``).
 * recurrent kernels (``fused_recurrent_*``): the same recurrences token by token, for decoding
   (forward only; not differentiable).
 
@@ -45,8 +46,6 @@ import os
 import sys
 
 import torch
-
-from effattn.linear._delta import chunk_delta_core
 
 __all__ = [
     "BACKENDS",
@@ -244,7 +243,7 @@ def _sd_bwd_kernel(q, k, v, g, states, do, dsfin, dq, dk, dv, dg, ds0, T, H, K, 
     tl.store(ds0 + bh * K * V + kv_off, dS, mask=kv_mask)
 
 
-def _gdr_fwd_kernel(q, k, v, g, beta, s0, o, sfin, T, H, K, V, NT, scale,
+def _gdr_fwd_kernel(q, k, v, g, beta, s0, o, sfin, states, T, H, K, V, NT, scale,
                     HAS_S0: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
@@ -273,6 +272,7 @@ def _gdr_fwd_kernel(q, k, v, g, beta, s0, o, sfin, T, H, K, V, NT, scale,
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m_v, other=0.0)
         bg = tl.load(g + row, mask=mt, other=0.0)
         bb = tl.load(beta + row, mask=mt, other=0.0)
+        tl.store(states + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
         G = tl.cumsum(bg, 0)
         G_last = tl.sum(bg, 0)
         eG = tl.exp(G)
@@ -294,6 +294,97 @@ def _gdr_fwd_kernel(q, k, v, g, beta, s0, o, sfin, T, H, K, V, NT, scale,
         kd = bk * tl.exp(G_last - G)[:, None]
         S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), delta, input_precision="ieee")
     tl.store(sfin + bh * K * V + kv_off, S, mask=kv_mask)
+
+
+def _gdr_bwd_kernel(q, k, v, g, beta, states, do, dsfin, dq, dk, dv, dg, dbeta, ds0, T, H, K, V, NT, scale,
+                    HAS_DSFIN: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk = rk < K
+    mv = rv < V
+    kv_off = rk[:, None] * V + rv[None, :]
+    kv_mask = mk[:, None] & mv[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DSFIN:
+        dS = tl.load(dsfin + bh * K * V + kv_off, mask=kv_mask, other=0.0)
+    causal = rc[:, None] >= rc[None, :]
+    strict = rc[:, None] > rc[None, :]
+    eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    for it in range(NT):
+        n = NT - 1 - it
+        t = n * C + rc
+        mt = t < T
+        row = (b * T + t) * H + h
+        m_qk = mt[:, None] & mk[None, :]
+        m_v = mt[:, None] & mv[None, :]
+        bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m_qk, other=0.0)
+        bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m_qk, other=0.0)
+        bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m_v, other=0.0)
+        bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m_v, other=0.0)
+        bg = tl.load(g + row, mask=mt, other=0.0)
+        bb = tl.load(beta + row, mask=mt, other=0.0)
+        S = tl.load(states + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)
+        # recompute the chunk's forward quantities
+        G = tl.cumsum(bg, 0)
+        G_last = tl.sum(bg, 0)
+        eG = tl.exp(G)
+        e_end = tl.exp(G_last - G)
+        d_last = tl.exp(G_last)
+        gam = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+        kk = tl.dot(bk, tl.trans(bk), input_precision="ieee") * gam
+        A = tl.where(strict, bb[:, None] * kk, 0.0)
+        Tinv = eye
+        for i in range(1, C):
+            a_i = tl.sum(tl.where(rc[:, None] == i, A, 0.0), 0)
+            upd = tl.sum(a_i[:, None] * Tinv, 0)
+            Tinv = tl.where(rc[:, None] == i, Tinv - upd[None, :], Tinv)
+        kw = bk * (bb * eG)[:, None]
+        vb = bv * bb[:, None]
+        W = tl.dot(Tinv, kw, input_precision="ieee")
+        U = tl.dot(Tinv, vb, input_precision="ieee")
+        delta = U - tl.dot(W, S, input_precision="ieee")
+        qk = tl.dot(bq, tl.trans(bk), input_precision="ieee") * gam
+        kd = bk * e_end[:, None]
+        qg = bq * eG[:, None]
+        # gradients of the chunk's outputs (o, S') with respect to its intermediates
+        d_delta = tl.dot(tl.trans(qk), bdo, input_precision="ieee") * scale + tl.dot(kd, dS, input_precision="ieee")
+        dkd = tl.dot(delta, tl.trans(dS), input_precision="ieee")
+        dqg = tl.dot(bdo, tl.trans(S), input_precision="ieee") * scale
+        dqk = tl.where(causal, tl.dot(bdo, tl.trans(delta), input_precision="ieee") * scale, 0.0)
+        dW = -tl.dot(d_delta, tl.trans(S), input_precision="ieee")
+        dkw = tl.dot(tl.trans(Tinv), dW, input_precision="ieee")
+        dvb = tl.dot(tl.trans(Tinv), d_delta, input_precision="ieee")
+        dTinv = tl.dot(dW, tl.trans(kw), input_precision="ieee") + tl.dot(d_delta, tl.trans(vb), input_precision="ieee")
+        dA = -tl.dot(tl.trans(Tinv), tl.dot(dTinv, tl.trans(Tinv), input_precision="ieee"), input_precision="ieee")
+        dA = tl.where(strict, dA, 0.0)
+        dkk = dA * bb[:, None]
+        # q, k, v, beta
+        dP_kk = dkk * gam
+        dP_qk = dqk * gam
+        bdq = tl.dot(dP_qk, bk, input_precision="ieee") + dqg * eG[:, None]
+        bdk = tl.dot(dP_kk, bk, input_precision="ieee") + tl.dot(tl.trans(dP_kk), bk, input_precision="ieee")
+        bdk += tl.dot(tl.trans(dP_qk), bq, input_precision="ieee")
+        bdk += dkw * (bb * eG)[:, None] + dkd * e_end[:, None]
+        bdv = dvb * bb[:, None]
+        bdb = tl.sum(dA * kk, 1) + tl.sum(dkw * bk * eG[:, None], 1) + tl.sum(dvb * bv, 1)
+        # cumulated gates (the diagonal exp(0) is a constant: left out)
+        Z = tl.where(strict, dkk * kk + dqk * qk, 0.0)
+        term_k = tl.sum(dkd * kd, 1)
+        dG = tl.sum(Z, 1) - tl.sum(Z, 0) + tl.sum(dqg * qg, 1) + tl.sum(dkw * kw, 1) - term_k
+        dG_last = tl.sum(term_k, 0) + d_last * tl.sum(tl.sum(S * dS, 1), 0)
+        bdg = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG + dG_last
+        tl.store(dq + row[:, None] * K + rk[None, :], bdq, mask=m_qk)
+        tl.store(dk + row[:, None] * K + rk[None, :], bdk, mask=m_qk)
+        tl.store(dv + row[:, None] * V + rv[None, :], bdv, mask=m_v)
+        tl.store(dg + row, bdg, mask=mt)
+        tl.store(dbeta + row, bdb, mask=mt)
+        dS = dS * d_last + tl.dot(tl.trans(qg), bdo, input_precision="ieee") * scale
+        dS -= tl.dot(tl.trans(W), d_delta, input_precision="ieee")
+    tl.store(ds0 + bh * K * V + kv_off, dS, mask=kv_mask)
 
 
 def _recurrent_kernel(q, k, v, g, beta, s0, o, sfin, T, H, K, V, scale,
@@ -403,41 +494,43 @@ def chunk_scalar_decay_triton(
 
 
 class _GatedDeltaChunk(torch.autograd.Function):
-    """Triton forward; the backward recomputes the PyTorch chunk form and differentiates it."""
+    """Triton forward and backward kernels of the chunkwise gated delta rule."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, s0, scale, C, torch_chunk):
+    def forward(ctx, q, k, v, g, beta, s0, scale, C):
         B, T, H, K = q.shape
         V = v.shape[-1]
         NT = -(-T // C)
         q_, k_, v_, g_, b_ = (_f32(x) for x in (q, k, v, g, beta))
         o = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32)
         sfin = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+        states = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
         s0_ = _f32(s0) if s0 is not None else sfin
         _jit(_gdr_fwd_kernel)[(B * H,)](
-            q_, k_, v_, g_, b_, s0_, o, sfin, T, H, K, V, NT, float(scale),
+            q_, k_, v_, g_, b_, s0_, o, sfin, states, T, H, K, V, NT, float(scale),
             HAS_S0=s0 is not None, C=C, BK=_pow2(K), BV=_pow2(V),
         )
-        ctx.save_for_backward(q, k, v, g, beta, s0 if s0 is not None else torch.empty(0))
-        ctx.meta = (scale, torch_chunk, s0 is not None)
+        ctx.save_for_backward(q_, k_, v_, g_, b_, states)
+        ctx.meta = (scale, C, s0 is not None)
         return o, sfin
 
     @staticmethod
     def backward(ctx, do, dsfin):
-        q, k, v, g, beta, s0 = ctx.saved_tensors
-        scale, torch_chunk, has_s0 = ctx.meta
-        leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
-        s0_ = s0.detach().requires_grad_() if has_s0 else None
-        with torch.enable_grad():
-            o, s = chunk_delta_core(*leaves[:3], leaves[4], leaves[3], scale, s0_, torch_chunk)
-            outs, grads_out = [o], [do if do is not None else torch.zeros_like(o)]
-            if dsfin is not None:
-                outs.append(s)
-                grads_out.append(dsfin)
-            inputs = leaves + ([s0_] if has_s0 else [])
-            grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
-        dq, dk, dv, dg, db = grads[:5]
-        return dq, dk, dv, dg, db, (grads[5] if has_s0 else None), None, None, None
+        q, k, v, g, beta, states = ctx.saved_tensors
+        scale, C, has_s0 = ctx.meta
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        NT = states.shape[2]
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dv, dg, dbeta = torch.empty_like(v), torch.empty_like(g), torch.empty_like(beta)
+        ds0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+        do_ = _f32(do) if do is not None else torch.zeros_like(v)
+        dsfin_ = _f32(dsfin) if dsfin is not None else ds0
+        _jit(_gdr_bwd_kernel)[(B * H,)](
+            q, k, v, g, beta, states, do_, dsfin_, dq, dk, dv, dg, dbeta, ds0, T, H, K, V, NT, float(scale),
+            HAS_DSFIN=dsfin is not None, C=C, BK=_pow2(K), BV=_pow2(V),
+        )
+        return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None
 
 
 def chunk_gated_delta_rule_triton(
@@ -455,7 +548,7 @@ def chunk_gated_delta_rule_triton(
     ``(I + tril(diag(beta) (K K^T * Gamma), -1)) [W | U] = [diag(beta e^G) K | diag(beta) V]``,
     ``O = scale (diag(e^G) Q S + tril(Q K^T * Gamma) (U - W S))`` (Yang et al., "Parallelizing Linear
     Transformers with the Delta Rule over Sequence Length", 2024; "Gated Delta Networks", 2024).
-    The forward is a Triton kernel; gradients recompute the PyTorch chunk form (not a Triton kernel).
+    Differentiable in q, k, v, beta, g and ``S0`` through a Triton backward kernel.
 
     Example (runs where :func:`triton_linear_status` allows)::
 
@@ -466,7 +559,7 @@ def chunk_gated_delta_rule_triton(
     """
     B, T, H, K = q.shape
     gz = torch.zeros(B, T, H, device=q.device, dtype=torch.float32) if g is None else g
-    return _GatedDeltaChunk.apply(q, k, v, gz, beta, S0, scale, _pow2(chunk_size), chunk_size)
+    return _GatedDeltaChunk.apply(q, k, v, gz, beta, S0, scale, _pow2(chunk_size))
 
 
 def _recurrent(q, k, v, g, beta, scale, state, delta):
