@@ -55,12 +55,17 @@ def _check(q, k, v, gate, segment, scale):
     return 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
+def _wd(x: torch.Tensor) -> torch.dtype:
+    """The working dtype: float32, or float64 for float64 inputs (gradchecks)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _empty_state(q, v, segment):
     B, _, H, D = q.shape
     V = v.shape[-1]
-    z = q.new_zeros
-    return dict(M=z(B, H, D, V, dtype=torch.float32), z=z(B, H, D, dtype=torch.float32),
-                k=z(B, segment, H, D, dtype=torch.float32), v=z(B, segment, H, V, dtype=torch.float32),
+    z, wd = q.new_zeros, _wd(q)
+    return dict(M=z(B, H, D, V, dtype=wd), z=z(B, H, D, dtype=wd),
+                k=z(B, segment, H, D, dtype=wd), v=z(B, segment, H, V, dtype=wd),
                 count=torch.zeros(B, dtype=torch.long, device=q.device))
 
 
@@ -93,19 +98,20 @@ def infini_attention_reference(q, k, v, gate, *, segment: int, delta: bool = Fal
     B, T, H, D = q.shape
     st = _empty_state(q, v, segment) if initial_state is None else dict(initial_state)
     M, z, kb, vb, cnt = st["M"], st["z"], st["k"], st["v"], st["count"]
-    g = torch.sigmoid(gate.float())[:, None]
+    wd = _wd(q)
+    g = torch.sigmoid(gate.to(wd))[:, None]
     slots = torch.arange(segment, device=q.device)
     outs = []
     for t in range(T):
         ok = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid[:, t]
         here = (slots[None] == cnt[:, None]) & ok[:, None]  # [B, N]
-        kb = torch.where(here[..., None, None], k[:, t, None].float(), kb)
-        vb = torch.where(here[..., None, None], v[:, t, None].float(), vb)
+        kb = torch.where(here[..., None, None], k[:, t, None].to(wd), kb)
+        vb = torch.where(here[..., None, None], v[:, t, None].to(wd), vb)
         seen = slots[None] <= cnt[:, None]  # [B, N]
-        s = torch.einsum("bhd,bnhd->bhn", q[:, t].float(), kb) * scale
+        s = torch.einsum("bhd,bnhd->bhn", q[:, t].to(wd), kb) * scale
         s = s.masked_fill(~seen[:, None], float("-inf"))
         a_dot = torch.einsum("bhn,bnhv->bhv", torch.softmax(s, -1), vb)
-        a_mem = _read(_sigma(q[:, t].float()), M, z)
+        a_mem = _read(_sigma(q[:, t].to(wd)), M, z)
         outs.append(torch.where(ok[:, None, None], g * a_mem + (1 - g) * a_dot, torch.zeros_like(a_dot)))
         full = ok & (cnt == segment - 1)
         if bool(full.any()):
@@ -113,7 +119,7 @@ def infini_attention_reference(q, k, v, gate, *, segment: int, delta: bool = Fal
             M = torch.where(full[:, None, None, None], M2, M)
             z = torch.where(full[:, None, None], z2, z)
         cnt = torch.where(ok, (cnt + 1) % segment, cnt)
-    o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, H, v.shape[-1], dtype=torch.float32)
+    o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, H, v.shape[-1], dtype=wd)
     state = dict(M=M, z=z, k=kb, v=vb, count=cnt) if output_final_state else None
     return o.to(q.dtype), state
 
@@ -141,13 +147,14 @@ def infini_attention(q, k, v, gate, *, segment: int, delta: bool = False, scale:
     M, z = st["M"], st["z"]
     n_seg = -(-T // segment)
     pad = n_seg * segment - T
-    qf, kf, vf = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    wd = _wd(q)
+    qf, kf, vf = (F.pad(x.to(wd), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
     qs, ks, vs = (x.reshape(B * n_seg, segment, H, -1) for x in (qf, kf, vf))
     a_dot = attention(qs, ks, vs, causal=True, scale=scale).reshape(B, n_seg, segment, H, V)
     sk = _sigma(kf) * (torch.arange(n_seg * segment, device=q.device) < T)[None, :, None, None]
     sk, sq = sk.reshape(B, n_seg, segment, H, D), _sigma(qf).reshape(B, n_seg, segment, H, D)
     vseg = vf.reshape(B, n_seg, segment, H, V)
-    g = torch.sigmoid(gate.float())[:, None]
+    g = torch.sigmoid(gate.to(wd))[:, None]
     outs = []
     for s in range(n_seg):
         outs.append(g * _read(sq[:, s], M[:, None], z[:, None]) + (1 - g) * a_dot[:, s])
@@ -157,8 +164,8 @@ def infini_attention(q, k, v, gate, *, segment: int, delta: bool = False, scale:
     state = None
     if output_final_state:
         n_left = T - (n_seg - 1) * segment if pad else 0
-        kb = torch.zeros(B, segment, H, D, device=q.device)
-        vb = torch.zeros(B, segment, H, V, device=q.device)
+        kb = torch.zeros(B, segment, H, D, device=q.device, dtype=wd)
+        vb = torch.zeros(B, segment, H, V, device=q.device, dtype=wd)
         if n_left:
             kb[:, :n_left], vb[:, :n_left] = kf[:, T - n_left:T], vf[:, T - n_left:T]
         state = dict(M=M, z=z, k=kb, v=vb, count=torch.full((B,), n_left, dtype=torch.long, device=q.device))
