@@ -34,7 +34,9 @@ def test_error_scores_put_one_head_at_a_time_under_the_streaming_mask():
     model = _lm()
     ids, tail = effattn.nn.duo_calibration.passkey_batch(40, 2, 24, 4, torch.Generator().manual_seed(0))
     stream = effattn.nn.duo_calibration.streaming_mask(4, 4)
-    _, scores = calibrate_duo_attention(model, num_samples=2, seq_len=24, recent=4, return_scores=True)
+    _, scores = calibrate_duo_attention(
+        model, method="error", num_samples=2, seq_len=24, recent=4, return_scores=True
+    )
     layer = model.blocks[1].mixer
     with torch.no_grad():
         ref = model(ids)[0][:, -tail:]
@@ -42,6 +44,27 @@ def test_error_scores_put_one_head_at_a_time_under_the_streaming_mask():
         out = model(ids)[0][:, -tail:]
         layer.set_head_gates(None)
     assert abs(((out - ref).pow(2).mean() / ref.pow(2).mean()).item() - scores[1, 1].item()) < 1e-6
+
+
+@pytest.mark.parametrize("target", ["hidden", "logits"])
+def test_gate_optimisation_sends_heads_whose_streaming_output_is_full_to_streaming(target):
+    """The default (the paper's gates): a kv head whose values are zero outputs 0 under full and
+    streaming attention alike, so only the L1 term acts on its gate and it goes to 0 (streaming); the
+    other heads, whose streaming output differs, keep gates above it and are the retrieval heads."""
+    model = _lm(seed=1)
+    with torch.no_grad():
+        for i in (0, 1):  # kv head 0 of layer 0 and kv head 1 of layer 1: values zero
+            attn = model.blocks[i].mixer
+            d = attn.head_dim
+            h = 0 if i == 0 else 1
+            attn.v_proj.weight[h * d : (h + 1) * d] = 0.0
+    mask, gates = calibrate_duo_attention(
+        model, target=target, num_samples=4, seq_len=32, recent=2, sinks=1, steps=60, l1=0.01, return_scores=True
+    )
+    assert gates[0, 0] == 0.0 and gates[1, 1] == 0.0, gates
+    assert gates[0, 1] > 0.05 and gates[1, 0] > 0.05, gates
+    assert mask.tolist() == [[False, True], [True, False]]
+    assert all(b.mixer.head_gates is None for b in model.blocks)
 
 
 def test_gates_are_removed_even_when_calibration_fails(monkeypatch):

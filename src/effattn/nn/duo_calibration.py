@@ -12,11 +12,23 @@ full-attention output with its streaming-attention output (sinks + ``recent`` ke
 
     o = alpha o_full + (1 - alpha) o_stream
 
-- ``method="gates"`` (the paper): with the model frozen the gates minimise
-  ``MSE(logits_mixed, logits_full) / mean(logits_full^2)`` on the answer positions ``+ l1 * mean(alpha)``
-  (Adam, clipped to ``[0, 1]``). The paper distils the last hidden states; here the logits.
-- ``method="error"`` (cheaper, no gradients): one forward per head with only that head's gate at 0
-  (streaming); its score is the MSE of the answer logits against the full model (relative, as above).
+- ``method="gates"`` (the paper; the default): with the model frozen, the gates (initialised to 1)
+  minimise a distillation loss to the full-attention model plus an L1 penalty on the gates::
+
+      L(alpha) = mean_{answer positions} |H_mixed - H_full|^2 / mean |H_full|^2 + l1 * mean(alpha)
+
+  where ``H`` are the final (normed) hidden states of :meth:`effattn.nn.LM.features` (``target=
+  "hidden"``, as the paper; ``target="logits"`` distils the logits instead) on the ``passkey_len + 1``
+  answer positions at the end of each sequence; Adam, each step projected onto ``[0, 1]``. A head
+  whose streaming output equals its full output gets no distillation gradient, so the L1 term drives
+  its gate to 0 (streaming); a head the answer needs is held up by the distillation term. Choices the
+  paper leaves open or sets for 7B models: the loss is normalised by the mean square of the
+  reference (scale-free ``l1``), the L1 term is the mean (not the sum) of the gates, ``l1=0.05`` (the
+  paper's lambda), ``steps=50``, ``lr=0.05``, and the data are short synthetic passkey sequences
+  (:func:`passkey_batch`) rather than the paper's passkeys embedded in long book text.
+- ``method="error"`` (cheaper, no gradients; the default of effattn before): one forward per head
+  with only that head's gate at 0 (streaming); its score is the MSE of the answer logits against the
+  full model (relative, as above).
 
 The ``retrieval_fraction`` highest-scoring heads become retrieval heads. The streaming branch is a
 mask mod (the tiled engine): calibration is meant for short synthetic sequences.
@@ -76,7 +88,8 @@ def streaming_mask(sinks: int, recent: int):
 def calibrate_duo_attention(
     model,
     *,
-    method: str = "error",
+    method: str = "gates",
+    target: str = "hidden",
     retrieval_fraction: float = 0.5,
     sinks: int = 4,
     recent: int = 16,
@@ -93,8 +106,9 @@ def calibrate_duo_attention(
 
     Returns a bool ``[num_policy_layers, H_kv]`` mask (True = retrieval head; layers as in
     :meth:`effattn.nn.LM.policy_layers`), and the per-head scores with ``return_scores=True``.
-    ``method``: ``"gates"`` (the paper's gate optimisation) or ``"error"`` (each head's output error
-    when made streaming); ``sinks``/``recent``: the streaming pattern used while calibrating. The
+    ``method``: ``"gates"`` (default, the paper's gate optimisation; ``target`` ``"hidden"`` or
+    ``"logits"`` is what it distils) or ``"error"`` (each head's output error when made streaming);
+    ``sinks``/``recent``: the streaming pattern used while calibrating. The
     layers' gates are removed afterwards (also on error).
 
     Example::
@@ -112,6 +126,8 @@ def calibrate_duo_attention(
         raise TypeError(f"model must be an effattn.nn.LM, got {type(model).__name__}")
     if method not in ("gates", "error"):
         raise ValueError(f"method must be 'gates' or 'error', got {method!r}")
+    if target not in ("hidden", "logits"):
+        raise ValueError(f"target must be 'hidden' or 'logits', got {target!r}")
     check_float("retrieval_fraction", retrieval_fraction, 0.0, 1.0)
     for name, val, lo in (
         ("sinks", sinks, 0),
@@ -136,12 +152,15 @@ def calibrate_duo_attention(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            ref = model(ids)[0][:, -tail:].float()
         if method == "error":
+            with torch.no_grad():
+                ref = model(ids)[0][:, -tail:].float()
             scores = _error_scores(model, mixers, ids, ref, tail, stream)
         else:
-            scores = _gate_scores(model, mixers, ids, ref, tail, stream, steps, lr, l1)
+            out_fn = model.features if target == "hidden" else model
+            with torch.no_grad():
+                ref = out_fn(ids)[0][:, -tail:].float()
+            scores = _gate_scores(out_fn, model, mixers, ids, ref, tail, stream, steps, lr, l1)
     finally:
         for m in mixers:
             m.set_head_gates(None)
@@ -169,7 +188,8 @@ def _error_scores(model, mixers, ids, ref, tail, stream) -> torch.Tensor:
     return scores
 
 
-def _gate_scores(model, mixers, ids, ref, tail, stream, steps, lr, l1) -> torch.Tensor:
+def _gate_scores(out_fn, model, mixers, ids, ref, tail, stream, steps, lr, l1) -> torch.Tensor:
+    """The paper's gate optimisation; ``out_fn(ids)[0]`` is what is distilled (hidden states or logits)."""
     gates = torch.ones(len(mixers), mixers[0].kv_heads, device=ids.device, requires_grad=True)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -181,7 +201,7 @@ def _gate_scores(model, mixers, ids, ref, tail, stream, steps, lr, l1) -> torch.
     b1, b2 = 0.9, 0.999
     try:
         for step in range(1, steps + 1):
-            out = model(ids)[0][:, -tail:].float()
+            out = out_fn(ids)[0][:, -tail:].float()
             loss = (out - ref).pow(2).mean() / scale + l1 * gates.mean()
             (g,) = torch.autograd.grad(loss, gates)
             with torch.no_grad():  # Adam, projected onto [0, 1] (written out: torch.optim imports dynamo)
