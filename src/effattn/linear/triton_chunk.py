@@ -19,9 +19,11 @@ Two chunkwise kernels and two recurrent (one-token) kernels, each computing what
   (forward only; not differentiable).
 
 Numerics: every kernel computes in float32 (inputs of other dtypes are cast on the host; float64 is
-not supported), matmuls in IEEE float32 (no TF32). The cumulated gates are float32 differences
-``G_i - G_j`` (the PyTorch form uses a float64 ``hi + lo`` split), masked before ``exp``; gates are
-clamped at ``LOG_DECAY_FLOOR`` on the host by the callers (``-inf`` would give ``-inf - (-inf)``).
+not supported), matmuls in IEEE float32 (no TF32). The decays ``exp(G_i - G_j)`` are taken from
+segment sums ``g_{j+1} + ... + g_i`` (a masked cumsum on chip, as the PyTorch gated delta rule does),
+never as a difference of two large cumulated sums, so a hard reset (a gate of ``-inf``, clamped)
+does not cost the following decays their accuracy; every exponent is <= 0. Gates are clamped at
+``LOG_DECAY_FLOOR`` on the host by the callers (an infinite gate would make the gradients NaN).
 The chunk length of the kernels is ``max(16, next_power_of_2(chunk_size))`` (``tl.dot`` needs tiles
 of at least 16); the chunkwise result does not depend on the chunk length beyond rounding.
 
@@ -162,6 +164,7 @@ def _sd_fwd_kernel(q, k, v, g, s0, o, sfin, states, T, H, K, V, NT, scale,
     if HAS_S0:
         S = tl.load(s0 + bh * K * V + kv_off, mask=kv_mask, other=0.0)
     causal = rc[:, None] >= rc[None, :]
+    strict = rc[:, None] > rc[None, :]
     for n in range(NT):
         t = n * C + rc
         mt = t < T
@@ -173,12 +176,15 @@ def _sd_fwd_kernel(q, k, v, g, s0, o, sfin, states, T, H, K, V, NT, scale,
         tl.store(states + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
         G = tl.cumsum(bg, 0)
         G_last = tl.sum(bg, 0)
-        gam = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+        # segment sums seg_ij = g_{j+1} + ... + g_i (a masked cumsum, no difference of two large G)
+        seg = tl.cumsum(tl.where(strict, bg[:, None], 0.0), 0)
+        gam = tl.where(causal, tl.exp(seg), 0.0)  # exp(G_i - G_j) for i >= j
+        e_end = tl.exp(tl.sum(tl.where(rc[:, None] == C - 1, seg, 0.0), 0))  # exp(G_C - G_j)
         A = tl.dot(bq, tl.trans(bk), input_precision="ieee") * gam
         bo = tl.dot(A, bv, input_precision="ieee")
         bo += tl.dot(bq * tl.exp(G)[:, None], S, input_precision="ieee")
         tl.store(o + row[:, None] * V + rv[None, :], bo * scale, mask=mt[:, None] & mv[None, :])
-        kd = bk * tl.exp(G_last - G)[:, None]
+        kd = bk * e_end[:, None]
         S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), bv, input_precision="ieee")
     tl.store(sfin + bh * K * V + kv_off, S, mask=kv_mask)
 
@@ -216,9 +222,11 @@ def _sd_bwd_kernel(q, k, v, g, states, do, dsfin, dq, dk, dv, dg, ds0, T, H, K, 
         G = tl.cumsum(bg, 0)
         G_last = tl.sum(bg, 0)
         eG = tl.exp(G)
-        e_end = tl.exp(G_last - G)
         d_last = tl.exp(G_last)
-        gam = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+        # segment sums seg_ij = g_{j+1} + ... + g_i (a masked cumsum, no difference of two large G)
+        seg = tl.cumsum(tl.where(strict, bg[:, None], 0.0), 0)
+        gam = tl.where(causal, tl.exp(seg), 0.0)  # exp(G_i - G_j) for i >= j
+        e_end = tl.exp(tl.sum(tl.where(rc[:, None] == C - 1, seg, 0.0), 0))  # exp(G_C - G_j)
         A = tl.dot(bq, tl.trans(bk), input_precision="ieee") * gam  # decayed scores
         dA = tl.dot(bdo, tl.trans(bv), input_precision="ieee") * scale  # d o / d A (before the decay)
         dP = dA * gam  # gradient of q k^T
@@ -276,7 +284,10 @@ def _gdr_fwd_kernel(q, k, v, g, beta, s0, o, sfin, states, T, H, K, V, NT, scale
         G = tl.cumsum(bg, 0)
         G_last = tl.sum(bg, 0)
         eG = tl.exp(G)
-        gam = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+        # segment sums seg_ij = g_{j+1} + ... + g_i (a masked cumsum, no difference of two large G)
+        seg = tl.cumsum(tl.where(strict, bg[:, None], 0.0), 0)
+        gam = tl.where(causal, tl.exp(seg), 0.0)  # exp(G_i - G_j) for i >= j
+        e_end = tl.exp(tl.sum(tl.where(rc[:, None] == C - 1, seg, 0.0), 0))  # exp(G_C - G_j)
         kk = tl.dot(bk, tl.trans(bk), input_precision="ieee") * gam
         A = tl.where(strict, bb[:, None] * kk, 0.0)
         # (I + A)^{-1} by forward substitution, row i from the rows above it (A strictly lower)
@@ -291,7 +302,7 @@ def _gdr_fwd_kernel(q, k, v, g, beta, s0, o, sfin, states, T, H, K, V, NT, scale
         qk = tl.dot(bq, tl.trans(bk), input_precision="ieee") * gam
         bo = tl.dot(bq * eG[:, None], S, input_precision="ieee") + tl.dot(qk, delta, input_precision="ieee")
         tl.store(o + row[:, None] * V + rv[None, :], bo * scale, mask=m_v)
-        kd = bk * tl.exp(G_last - G)[:, None]
+        kd = bk * e_end[:, None]
         S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), delta, input_precision="ieee")
     tl.store(sfin + bh * K * V + kv_off, S, mask=kv_mask)
 
@@ -332,9 +343,11 @@ def _gdr_bwd_kernel(q, k, v, g, beta, states, do, dsfin, dq, dk, dv, dg, dbeta, 
         G = tl.cumsum(bg, 0)
         G_last = tl.sum(bg, 0)
         eG = tl.exp(G)
-        e_end = tl.exp(G_last - G)
         d_last = tl.exp(G_last)
-        gam = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+        # segment sums seg_ij = g_{j+1} + ... + g_i (a masked cumsum, no difference of two large G)
+        seg = tl.cumsum(tl.where(strict, bg[:, None], 0.0), 0)
+        gam = tl.where(causal, tl.exp(seg), 0.0)  # exp(G_i - G_j) for i >= j
+        e_end = tl.exp(tl.sum(tl.where(rc[:, None] == C - 1, seg, 0.0), 0))  # exp(G_C - G_j)
         kk = tl.dot(bk, tl.trans(bk), input_precision="ieee") * gam
         A = tl.where(strict, bb[:, None] * kk, 0.0)
         Tinv = eye
