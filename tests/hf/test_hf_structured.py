@@ -289,3 +289,20 @@ def test_flash_style_cu_seq_lens_kwargs_pack_sequences(kind):
         ours(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu + 0 * cu - (cu > 6).int())
     with torch.no_grad(), pytest.raises(ValueError, match="pack one row"):
         ours(ids.expand(2, -1), use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "llama4"])
+def test_static_sliding_caches_match_eager(kind, monkeypatch):
+    """``cache_implementation="static"`` (StaticSlidingWindowLayer for sliding and chunked layers: the
+    cache's own kv_offset / kv_length) gives eager's tokens and per-step logits, no dense mask."""
+    ref, ours = _pair(kind)
+    ids, am = _padded(T=9, pads=(2, 0), seed=3)
+    kw = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_logits=True,
+              cache_implementation="static")
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=am, **kw)
+        _no_dense(monkeypatch)
+        got = ours.generate(ids, attention_mask=am, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert_fp32_close(a, b)
