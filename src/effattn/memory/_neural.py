@@ -100,7 +100,7 @@ def mlp_token_grads(weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.T
 
         >>> w = [torch.zeros(1, 1, 2, 2)]
         >>> g = mlp_token_grads(w, torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]]), "l2", 2.0)
-        >>> g[0][0, 0, 0].tolist()                        # 2 k (M(k) - v)^T
+        >>> (g[0][0, 0, 0] + 0.0).tolist()                # 2 k (M(k) - v)^T
         [[0.0, -2.0], [0.0, 0.0]]
     """
     hs, zs = [k], []
