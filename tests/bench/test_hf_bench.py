@@ -49,3 +49,11 @@ def test_bad_options_exit(tmp_path):
         hf_bench.run(_args(tmp_path, "--models", "llama,nope"))
     with pytest.raises(SystemExit, match="unknown --parts"):
         hf_bench.run(_args(tmp_path, "--parts", "prefill,nope"))
+
+
+def test_effattn_alone_when_nothing_to_pair_with(tmp_path):
+    """Gemma 2 past --eager-max: HF has no sdpa path and eager is skipped; effattn is still timed."""
+    args = _args(tmp_path, "--models", "gemma2", "--lengths", "200", "--eager-max", "100", "--parts", "prefill")
+    rows = hf_bench.prefill_rows(args)
+    ours = [r for r in rows if r["impl"] == "effattn"]
+    assert len(ours) == 1 and ours[0]["runs"] == 1 and ours[0]["median_s"] > 0

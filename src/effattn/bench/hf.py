@@ -167,6 +167,10 @@ def prefill_rows(args) -> list[dict]:
             times = {impl: [] for impl in ("effattn", *others)}
             ratios = {impl: [] for impl in others}
             for _ in range(args.repeats):
+                if not others:  # nothing to pair with (no sdpa path, eager past --eager-max)
+                    t0 = time.perf_counter()
+                    call("effattn")
+                    times["effattn"].append(time.perf_counter() - t0)
                 for impl in others:
                     t = []
                     for name in ("effattn", impl):
