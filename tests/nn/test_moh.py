@@ -120,3 +120,30 @@ def test_bad_input():
 def test_docstring_examples_run():
     res = doctest.testmod(effattn.nn.moh, extraglobs={"torch": torch})
     assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"kv_heads": 2, "window": 5}, {"kv_heads": 1, "rope": False}])
+def test_selected_heads_equal_compute_all_then_weight(kw):
+    """``compute="selected"`` gathers, per head, the queries routed to it; output and gradients equal
+    the dense reference (every head computed, then weighted), and its FLOPs fall with top-k."""
+    from effattn.nn.moh import attention_flops
+
+    torch.manual_seed(0)
+    sel = MoHAttention(DIM, 8, shared_heads=2, top_k=2, **kw)
+    dense = MoHAttention(DIM, 8, shared_heads=2, top_k=2, compute="dense", **kw)
+    dense.load_state_dict(sel.state_dict())
+    x = _x(B=2, T=13).requires_grad_(True)
+    y, cache = sel(x)
+    y_ref, cache_ref = dense(x)
+    assert_fp32_close(y, y_ref)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    assert_fp32_close(gx, gx_ref, tol=1e-4)
+    with torch.no_grad():  # the cache it leaves continues like the dense one
+        x1 = _x(B=2, T=1, seed=5)
+        assert_fp32_close(sel(x1, cache)[0], dense(x1, cache_ref)[0])
+    g = sel.last_gates
+    full = attention_flops(torch.ones_like(g), 4, kw.get("window"))
+    assert attention_flops(g, 4, kw.get("window")) < full * (2 + 2 + 0.5) / 8  # 4 of 8 heads per token
+    with pytest.raises(ValueError, match="compute"):
+        MoHAttention(DIM, 8, compute="sparse")

@@ -15,9 +15,17 @@ with the load-balance loss over routed heads (the paper's L_b, Switch-Transforme
 averaged over real (``valid``) tokens of the batch; add ``beta * layer.load_balance_loss``
 (the paper uses ``beta = 0.01``) to the training loss.
 
-Compute: every head is computed by :func:`effattn.attention` and then weighted (zero for the
-heads a token does not select), as the paper's GPU implementation does; the saving MoH reports
-comes from fewer active heads per token, which a dense kernel does not exploit.
+Compute (``compute=``): ``"selected"`` (default) computes a head only for the tokens routed to it:
+per query head ``i`` (and batch row) the queries of the tokens that selected ``i`` are gathered and
+attend the head's keys and values of every earlier token (keys and values are not routed: the paper
+routes heads on the query side, and the cache keeps every kv head), causal by the tokens' positions.
+The attention FLOPs then fall with ``top_k``: ``4 D sum_{t, i selected} (keys t sees)`` instead of
+``4 D H sum_t (keys t sees)`` (see :func:`attention_flops`). ``"dense"`` computes every head and
+weights it (zero for the heads a token does not select), as the paper's GPU code does; it is the
+reference, and the path taken where ``"selected"`` does not apply (a continued cache, padding,
+mask/score mods, sinks, softcap, non-causal or two-sided windows, head gates): both give equal outputs.
+The per-(row, head) loop of ``"selected"`` is a plain-PyTorch form (:func:`gathered_causal_attention`,
+256 queries at a time): it saves arithmetic, not Python overhead, at small sizes.
 """
 
 from __future__ import annotations
@@ -27,9 +35,55 @@ from torch import nn
 
 from effattn._checks import check_int
 from effattn.kv import LayerCache
-from effattn.nn.attention import Attention
+from effattn.nn.attention import Attention, layer_cache
 
 ROUTINGS = ("topk", "all")
+COMPUTES = ("selected", "dense")
+
+__all__ = ["MoHAttention", "attention_flops", "gathered_causal_attention"]
+
+
+def gathered_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int | None = None, chunk: int = 256
+) -> torch.Tensor:
+    """Softmax attention of the queries ``q [n, D]`` at positions ``pos [n]`` (increasing) over the keys
+    ``k, v [T, D]`` at ``0..T-1``: query ``r`` sees keys ``s <= pos[r]`` (and ``pos[r] - s < window``),
+    scale ``1/sqrt(D)``. Queries go ``chunk`` at a time, each chunk against the keys up to its last
+    position only, so at most ``chunk x T`` scores exist at once.
+
+    >>> q, k = torch.randn(3, 4), torch.randn(6, 4)
+    >>> o = gathered_causal_attention(q, k, k, torch.tensor([0, 2, 5]))
+    >>> torch.allclose(o[0], k[0]), tuple(o.shape)
+    (True, (3, 4))
+    """
+    out = []
+    scale = q.shape[-1] ** -0.5
+    for c in range(0, q.shape[0], chunk):
+        p = pos[c : c + chunk]
+        last = int(p[-1]) + 1
+        s = (q[c : c + chunk].float() @ k[:last].float().T) * scale
+        ks = torch.arange(last, device=q.device)
+        ok = ks[None, :] <= p[:, None]
+        if window is not None:
+            ok = ok & (p[:, None] - ks[None, :] < window)
+        a = s.masked_fill(~ok, float("-inf")).softmax(-1)
+        out.append((a @ v[:last].float()).to(q.dtype))
+    return torch.cat(out, 0)
+
+
+def attention_flops(gates: torch.Tensor, head_dim: int, window: int | None = None) -> int:
+    """FLOPs of causal attention's two matmuls (``QK^T`` and ``AV``, 2 each per multiply-add) over
+    the (token, head) pairs with a nonzero gate in ``gates [B, T, heads]``: token ``t`` sees
+    ``min(t + 1, window)`` keys. With all gates nonzero this is multi-head attention's count.
+
+    >>> attention_flops(torch.ones(1, 4, 2), 8)             # 2 heads x (1+2+3+4) keys x 4 x 8
+    640
+    """
+    T = gates.shape[1]
+    seen = torch.arange(1, T + 1)
+    if window is not None:
+        seen = seen.clamp(max=window)
+    return int(4 * head_dim * ((gates != 0).sum(dim=(0, 2)).cpu() * seen).sum())
 
 
 class MoHAttention(Attention):
@@ -43,6 +97,8 @@ class MoHAttention(Attention):
             activates 50-90% of the heads).
         routing: ``"topk"`` (MoH) or ``"all"`` (every head with weight 1: plain multi-head
             attention, for checks and for converting from MHA).
+        compute: ``"selected"`` (default: only the routed (token, head) pairs are computed where the
+            call allows it) or ``"dense"`` (every head, then weighted; the reference).
         **kw: every other :class:`Attention` argument (``kv_heads``, ``rope``, ``window``, ...).
 
     After each forward, ``load_balance_loss`` (scalar tensor) and ``last_gates`` (``[B, T, heads]``,
@@ -63,6 +119,7 @@ class MoHAttention(Attention):
         shared_heads: int | None = None,
         top_k: int | None = None,
         routing: str = "topk",
+        compute: str = "selected",
         **kw,
     ):
         super().__init__(dim, heads, **kw)
@@ -75,6 +132,9 @@ class MoHAttention(Attention):
         check_int(f"top_k (of {routed} routed heads)", top_k, minimum=0, maximum=routed)
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if compute not in COMPUTES:
+            raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+        self.compute = compute
         if routing == "topk" and shared_heads + top_k == 0:
             raise ValueError("shared_heads + top_k must be >= 1 (each token needs a head)")
         self.shared_heads, self.routed_heads, self.top_k, self.routing = shared_heads, routed, top_k, routing
@@ -109,10 +169,42 @@ class MoHAttention(Attention):
             lb = (f * P).sum()
         return torch.cat(parts, -1), lb
 
+    def _selected_applies(self, state, valid) -> bool:
+        w = self.window
+        return (
+            self.compute == "selected" and state is None and valid is None and self.causal
+            and self.mask_mod is None and self.score_mod is None and self.sinks is None
+            and self.softcap is None and self.head_gates is None and (w is None or isinstance(w, int))
+        )
+
+    def attend_selected(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
+        """Per-head outputs ``[B, T, heads, head_dim]`` computed only where ``g != 0`` (zeros elsewhere),
+        and the new cache (every kv head of every token). Fresh causal sequences only."""
+        B, T, _ = x.shape
+        cache = layer_cache(None, B, self.cache_pattern)
+        pos = cache.next_positions(B, T, None, x.device)
+        q, k, v = self._project(x, pos)
+        cache.update(k, v, valid=None, q=q)
+        cache.trim()
+        o = q.new_zeros(B, T, self.heads, self.head_dim)
+        group, w = self.heads // self.kv_heads, self.window
+        for b in range(B):
+            for i in range(self.heads):
+                idx = (g[b, :, i] != 0).nonzero().flatten()
+                if idx.numel() == 0:
+                    continue
+                j = i // group
+
+                o[b, idx, i] = gathered_causal_attention(q[b, idx, i], k[b, :, j], v[b, :, j], idx, w)
+        return o, cache
+
     def forward(
         self, x: torch.Tensor, state: LayerCache | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LayerCache]:
-        o, cache = self.attend(x, state, valid)
         g, lb = self.gates(x, valid)
         self.last_gates, self.load_balance_loss = g.detach(), lb
+        if self.routing == "topk" and self._selected_applies(state, valid):
+            o, cache = self.attend_selected(x, g)
+        else:
+            o, cache = self.attend(x, state, valid)
         return self.o_proj((o * g[..., None].to(o.dtype)).flatten(2)), cache
