@@ -35,7 +35,7 @@ from torch import nn
 
 from effattn._checks import check_int
 from effattn.kv import LayerCache
-from effattn.nn.attention import Attention, layer_cache
+from effattn.nn.attention import Attention, check_mixer_input, layer_cache
 
 ROUTINGS = ("topk", "all")
 COMPUTES = ("selected", "dense")
@@ -201,6 +201,7 @@ class MoHAttention(Attention):
     def forward(
         self, x: torch.Tensor, state: LayerCache | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LayerCache]:
+        check_mixer_input(x, self.dim, valid)  # before the router sees x
         g, lb = self.gates(x, valid)
         self.last_gates, self.load_balance_loss = g.detach(), lb
         if self.routing == "topk" and self._selected_applies(state, valid):
