@@ -12,8 +12,8 @@ normal in serving, so every attention path applies this rule first:
 Rows whose mask hides every bad key are exactly the rows of a clean run (forward and backward). A row
 that may see a bad key gives NaN (SDPA gives NaN or +-inf there, depending on the values); the mask
 decides visibility, a ``score_mod`` does not (a row whose score_mod would hide the key is still NaN).
-The gradient treats bad entries as zeros and poisoned rows as constants. All of this costs one
-``isfinite`` pass over ``k`` and ``v`` when they are finite.
+The gradient treats bad entries as zeros and poisoned rows as constants. When ``k`` and ``v`` are finite
+all of this costs one sum over each (a non-finite sum sends the call to the exact per-key test).
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         >>> nonfinite_keys(k, k) is None
         True
     """
+    # fast path: one reduction per tensor (a NaN or inf makes the sum non-finite; a finite sum proves every
+    # entry finite); only a non-finite sum (or a float32 overflow of huge finite values) pays the exact test
+    if bool(torch.isfinite(k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32))):
+        return None
     bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
     return bad if bool(bad.any()) else None
 
