@@ -33,7 +33,7 @@ def main() -> None:
     for name, kw in (("window=256", {"causal": True, "window": 256}), ("causal", {"causal": True})):
         pairs = []
         for _ in range(args.repeats):
-            a = _time(lambda: attention(q, k, v, backend="tiled", **kw))
+            a = _time(lambda kw=kw: attention(q, k, v, backend="tiled", **kw))
             c = _time(lambda: nonfinite_keys(k, v))
             pairs.append((a, c))
         att, chk = [p[0] for p in pairs], [p[1] for p in pairs]
