@@ -17,7 +17,6 @@ triton and Flex; FA2 and SDPA have no block-sparse form).
 from __future__ import annotations
 
 import argparse
-import inspect
 
 import torch
 
@@ -35,20 +34,18 @@ from effattn.bench.harness import (
 )
 from effattn.bench.table import Column, Progress, print_table
 from effattn.exact import (
+    MAX_DENSE_ELEMENTS,
     and_masks,
     attention,
     causal_mask,
     create_block_mask,
     document_ids_from_cu_seqlens,
     document_mask,
-    reference_attention,
     sliding_window_mask,
 )
 
 WINDOW = 256
 SDPA_MASK_BUDGET_BYTES = 6 * 2**30  # SDPA with a dense mask converts it to a float T x T bias (and more)
-# the reference backend's bound on materialized scores (its documented default), above which it is skipped
-MAX_DENSE_ELEMENTS = inspect.signature(reference_attention).parameters["max_elements"].default
 
 
 def _doc_cu_seqlens(T: int) -> torch.Tensor:

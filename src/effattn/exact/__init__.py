@@ -30,10 +30,11 @@ from effattn.exact.masks import (
     window_bounds,
 )
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
-from effattn.exact.reference import reference_attention
+from effattn.exact.reference import MAX_DENSE_ELEMENTS, reference_attention
 from effattn.exact.tiled import ScoreCount, count_scores, tiled_attention
 
 __all__ = [
+    "MAX_DENSE_ELEMENTS",
     "BACKENDS",
     "AttentionCall",
     "BlockMask",
