@@ -192,8 +192,8 @@ def prefill_rows(args) -> list[dict]:
                 rows.append(row)
             if "sdpa" not in models:
                 rows.append({"model": kind, "T": T, "impl": "sdpa", "error": "HF has no sdpa path for this model"})
-            print(f"prefill {kind} T={T}: " + ", ".join(f"{r['impl']} {r.get('median_s', 0):.3f}s"
-                                                         for r in rows[-1 - len(others):]), flush=True)
+            done = [r for r in rows if (r["model"], r["T"]) == (kind, T) and "median_s" in r]
+            print(f"prefill {kind} T={T}: " + ", ".join(f"{r['impl']} {r['median_s']:.3f}s" for r in done), flush=True)
     return rows
 
 
