@@ -58,6 +58,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from effattn._checks import check_positive_int
+
 __all__ = [
     "H100_CLUSTER",
     "METHODS",
@@ -192,8 +194,7 @@ def estimate(method: str, devices: int, w: Workload, hw: Hardware = H100_CLUSTER
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"devices must be a positive int, got {devices!r}")
+    check_positive_int("devices", devices)
     P, b, B = devices, w.bytes_per_element, w.batch
     c = w.seq_len / P
     D, H, Hkv = w.head_dim, w.heads, w.kv_heads

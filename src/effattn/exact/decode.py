@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_qkv, check_scale, check_tensor
+from effattn._checks import check_positive_int, check_qkv, check_scale, check_tensor
 from effattn.exact.masks import window_bounds
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
 from effattn.exact.triton_kernels.decode import triton_decode_attention
@@ -119,8 +119,7 @@ def decode_attention(
     L = int(cache_seqlens.max())
     if num_splits is None:
         num_splits = max(1, -(-L // 1024))
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    check_positive_int("num_splits", num_splits)
     chunk = -(-L // num_splits)
     S = -(-L // chunk)
     pad = S * chunk - L

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from effattn._checks import check_positive_int
 from effattn.bench.tasks.mqar import IGNORE_INDEX
 
 BOS, KEY, QUERY = 0, 1, 2
@@ -124,8 +125,8 @@ def make_passkey(
         raise ValueError(f"depth must be in [0, 1] or None, got {depth!r}")
     if filler not in FILLERS:
         raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
-    if filler == "repeat" and (not isinstance(sentence_len, int) or sentence_len < 1):
-        raise ValueError(f"sentence_len must be a positive int, got {sentence_len!r}")
+    if filler == "repeat":
+        check_positive_int("sentence_len", sentence_len)
 
     rng = np.random.RandomState(seed)
     n, T = num_examples, context_len
