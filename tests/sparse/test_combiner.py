@@ -97,3 +97,55 @@ def test_registry_entry():
 
 def test_docstring_examples():
     run_doctests(combiner_mod)
+
+
+# ---------------------------------------------------------------------------------- Combiner-Axial
+
+
+@CAUSAL
+@pytest.mark.parametrize("T,width", [(97, 10), (63, 8), (23, 5), (30, 1), (17, 17)])
+def test_axial_matches_reference(causal, T, width):
+    from effattn.sparse import combiner_axial_attention, combiner_axial_reference
+
+    q, k, v = qkv(T=T)
+    assert_same_fwd_bwd(
+        combiner_axial_attention(q, k, v, width=width, causal=causal),
+        combiner_axial_reference(q, k, v, width=width, causal=causal),
+        (q, k, v),
+    )
+
+
+@CAUSAL
+def test_axial_matches_explicit_formula(causal):
+    """One query at a time: softmax over [own-row keys | per column, the mean of that column's other
+    (causal: earlier) rows]."""
+    from effattn.sparse import combiner_axial_attention
+
+    q, k, v = qkv(B=1, T=22, Hq=2, Hkv=1, D=8)
+    W, scale = 5, 8**-0.5
+    o = combiner_axial_attention(q, k, v, width=W, causal=causal)
+    qd, kd, vd = q.detach().double(), k.detach().double(), v.detach().double()
+    for t in range(22):
+        r, c = divmod(t, W)
+        own = [j for j in range(r * W, min(r * W + W, 22)) if not causal or j <= t]
+        keys, vals = [kd[0, j, 0] for j in own], [vd[0, j, 0] for j in own]
+        for c2 in range(W):
+            region = [r2 * W + c2 for r2 in range(5) if (r2 < r if causal else r2 != r) and r2 * W + c2 < 22]
+            if region:
+                keys.append(kd[0, region, 0].mean(0))
+                vals.append(vd[0, region, 0].mean(0))
+        for h in range(2):
+            p = torch.softmax(torch.stack(keys) @ qd[0, t, h] * scale, 0)
+            torch.testing.assert_close(o[0, t, h].double(), p @ torch.stack(vals), atol=1e-5, rtol=1e-5)
+
+
+@CAUSAL
+def test_axial_one_row_is_full_attention_and_no_lookahead(causal):
+    from effattn.sparse import combiner_axial_attention
+
+    q, k, v = qkv(T=29)
+    full = attention(q, k, v, causal=causal, backend="reference")
+    assert_same_fwd_bwd(combiner_axial_attention(q, k, v, width=29, causal=causal), full, (q, k, v))
+    if causal:
+        for t0 in (1, 12, 28):
+            assert_no_lookahead(combiner_axial_attention, q, k, v, t0, width=6, causal=True)

@@ -7,7 +7,12 @@ its state beside the full form, as the linear family does.
 
 from effattn.sparse._common import REGISTRY, SparseMethod, register
 from effattn.sparse.biformer import biformer_attention, biformer_mask
-from effattn.sparse.combiner import combiner_attention, combiner_reference
+from effattn.sparse.combiner import (
+    combiner_attention,
+    combiner_axial_attention,
+    combiner_axial_reference,
+    combiner_reference,
+)
 from effattn.sparse.hilo import hilo_attention, hilo_reference
 from effattn.sparse.hyper_attention import hyper_attention, hyper_attention_dense, sort_lsh_buckets
 from effattn.sparse.kmeans import KMeansRouter
@@ -50,6 +55,8 @@ __all__ = [
     "biformer_attention",
     "biformer_mask",
     "combiner_attention",
+    "combiner_axial_attention",
+    "combiner_axial_reference",
     "combiner_reference",
     "dilated_attention",
     "hilo_attention",

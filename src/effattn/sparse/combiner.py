@@ -127,3 +127,94 @@ register(
         content_based=False,
     )
 )
+
+
+# ---------------------------------------------------------------------------------- Combiner-Axial
+
+
+def combiner_axial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, width: int | None = None, causal: bool = False
+) -> torch.Tensor:
+    """Combiner-Axial (Ren et al. 2021, "Combiner: Full Attention Transformer with Sparse Computation
+    Cost"): the sequence is read as rows of ``width`` tokens (default ``ceil(sqrt(T))``; the last row
+    may be short). Token ``t`` in row ``r``, column ``c`` attends directly to its own row (causal: the
+    columns ``<= c``) and, through one summary per column ``c'``, to the rest of that column: the rows
+    ``< r`` (causal) or ``!= r`` (non-causal), all in one softmax::
+
+        k̄_{r,c'} = mean(k at column c' in those rows),  v̄ likewise  (the uniform local expectation
+        of Combiner-Fixed; empty regions are dropped)
+        o_t = softmax([q_t K_row^T, q_t k̄_{r,:}^T] / sqrt(d)) [V_row; v̄_{r,:}]
+
+    Every earlier (causal) or other position is reachable in one step. Work ``O(T * width)``: the
+    column summaries are prefix (or total-minus-row) means computed by a cumulative sum over rows.
+    ``width = T`` (one row) is full attention; ``width = 1`` gives each query its own token plus the
+    mean of all earlier tokens (one column).
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 23, 2, 8)
+        >>> combiner_axial_attention(q, k, v, width=5, causal=True).shape
+        torch.Size([1, 23, 2, 8])
+    """
+    check_qkv(q, k, v)
+    T = check_self_attention(q, k, "combiner_axial_attention")
+    width = -(-T // max(1, int(T**0.5))) if width is None else width
+    width = check_block_size("width", width, T)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    B, _, Hq, D = q.shape
+    G = Hq // k.shape[2]
+    k, v = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
+    R = -(-T // width)
+    pad = R * width - T
+
+    def grid(x):  # [B, T, H, D] -> [B, R, W, H, D], zero padded
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(B, R, width, Hq, -1)
+
+    present = torch.arange(R * width, device=q.device).view(R, width) < T  # [R, W]
+    qg, kg, vg = grid(q), grid(k), grid(v)
+    n = present.to(q.dtype)
+    if causal:  # rows strictly above: exclusive prefix sums over rows
+        def above(x, dim):  # exclusive prefix sum (shifted, not cumsum minus own row: exact causality)
+            return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim).narrow(dim, 0, R - 1)], dim)
+
+        ks, vs, cnt = above(kg, 1), above(vg, 1), above(n, 0)
+    else:  # every other row: totals minus the own row
+        ks, vs, cnt = kg.sum(1, keepdim=True) - kg, vg.sum(1, keepdim=True) - vg, n.sum(0, keepdim=True) - n
+    ks = ks / cnt.clamp(min=1.0)[None, :, :, None, None]
+    vs = vs / cnt.clamp(min=1.0)[None, :, :, None, None]
+    keys, vals = torch.cat([kg, ks], 2), torch.cat([vg, vs], 2)  # [B, R, 2W, H, D]
+    s = torch.einsum("brihd,brjhd->brhij", qg.float(), keys.float()) * D**-0.5
+    col = torch.arange(width, device=q.device)
+    own = present[:, None, :] & (col[None, None, :] <= col[None, :, None] if causal else True)  # [R, Wq, Wk]
+    summ = (cnt > 0)[:, None, :].expand(R, width, width)
+    allowed = torch.cat([own.expand(R, width, width), summ], 2)  # [R, Wq, 2W]
+    p = s.masked_fill(~allowed[None, :, None], float("-inf")).softmax(-1)
+    o = torch.einsum("brhij,brjhd->brihd", p, vals.float())
+    return o.reshape(B, R * width, Hq, -1)[:, :T].to(q.dtype)
+
+
+def combiner_axial_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, width: int, causal: bool = False
+) -> torch.Tensor:
+    """Combiner-Axial densely: the summaries of every (row, column) region by an explicit loop, then
+    one ``[T, T + rows * width]`` mask over ``[keys | summaries]`` on the reference backend."""
+    check_qkv(q, k, v)
+    T = check_self_attention(q, k, "combiner_axial_reference")
+    R = -(-T // width)
+    t = torch.arange(T, device=q.device)
+    ks, vs, ok = [], [], torch.zeros(T, R * width, dtype=torch.bool, device=q.device)
+    for r in range(R):
+        for c in range(width):
+            rows = [r2 for r2 in range(R) if (r2 < r if causal else r2 != r) and r2 * width + c < T]
+            idx = torch.tensor([r2 * width + c for r2 in rows], dtype=torch.long, device=q.device)
+            ks.append(k[:, idx].mean(1) if rows else torch.zeros_like(k[:, 0]))
+            vs.append(v[:, idx].mean(1) if rows else torch.zeros_like(v[:, 0]))
+            if rows:
+                ok[t // width == r, r * width + c] = True
+    own = t.view(-1, 1) // width == t.view(1, -1) // width
+    if causal:
+        own = own & (t.view(1, -1) <= t.view(-1, 1))
+    allowed = torch.cat([own, ok], 1)
+    kc, vc = torch.cat([k, torch.stack(ks, 1)], 1), torch.cat([v, torch.stack(vs, 1)], 1)
+    return attention(q, kc, vc, mask_mod=lambda b, h, i, j: allowed[i, j], backend="reference")
