@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 from effattn.linear import chunk_gated_delta_rule, naive_gated_delta_rule, step_gated_delta_rule  # noqa: E402
 from effattn.linear._delta import chunk_delta_core, prepare_qk  # noqa: E402
 from effattn.linear._scalar_decay import recurrent_scalar_decay, scalar_decay_op  # noqa: E402
-from effattn.linear.triton_chunk import (  # noqa: E402
+from effattn.linear._triton import (  # noqa: E402
     chunk_gated_delta_rule_triton,
     fused_recurrent_scalar_decay_triton,
     resolve_backend,

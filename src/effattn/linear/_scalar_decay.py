@@ -43,7 +43,7 @@ import torch
 
 from effattn._checks import check_cu_seqlens, check_scale
 from effattn.linear._common import check_chunk_size, check_state, from_chunks, run_varlen, to_chunks
-from effattn.linear.triton_chunk import chunk_scalar_decay_triton, resolve_backend
+from effattn.linear._triton import chunk_scalar_decay_triton, resolve_backend
 
 # ----------------------------------------------------------------------------------------------
 # validation and dtype helpers shared by the front ends
@@ -246,7 +246,7 @@ def run_scalar_decay(
     """Run ``form`` ("naive" or "chunk") on validated inputs (``g`` already ``[B, T, H]``,
     ``initial_state`` already checked), splitting packed sequences at ``cu_seqlens``.
     ``backend`` ("auto", "torch", "triton") selects the chunk form's kernels (see
-    :func:`effattn.linear.triton_chunk.resolve_backend`; "auto" is Triton on CUDA tensors only).
+    :func:`effattn.linear._triton.resolve_backend`; "auto" is Triton on CUDA tensors only).
     Returns the output in the compute dtype (callers cast) and the final state or None."""
     kwargs = {"scale": scale, "form": form, "chunk_size": chunk_size, "backend": backend}
     if cu_seqlens is not None:

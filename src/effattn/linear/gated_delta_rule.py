@@ -41,7 +41,7 @@ from effattn.linear._delta import (
     prepare_qk,
 )
 from effattn.linear._scalar_decay import LOG_DECAY_FLOOR
-from effattn.linear.triton_chunk import (
+from effattn.linear._triton import (
     chunk_gated_delta_rule_triton,
     fused_recurrent_gated_delta_rule_triton,
     resolve_backend,
@@ -178,7 +178,7 @@ def chunk_gated_delta_rule(
     ``S <- e^{G_C} S + (K e^{G_C - G})^T Delta``.
 
     ``backend``: ``"torch"``, ``"triton"`` (Triton forward and backward kernels) or ``"auto"``
-    (Triton on CUDA tensors only; see :mod:`effattn.linear.triton_chunk`).
+    (Triton on CUDA tensors only; see :mod:`effattn.linear._triton`).
     """
     B, T, H, K, V, scale = _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval)
     check_chunk_size(chunk_size)
