@@ -61,14 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixers", default="attention", help="mixer pattern of the LM (default: attention)")
     p.add_argument("--dim", type=int, default=None, help="model width (default 512; quick 32)")
     p.add_argument("--layers", type=int, default=None, help="layers (default 6; quick 2)")
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8, help="attention heads of the LM (default 8)")
     p.add_argument("--repeats", type=int, default=0, help="timed steps after the measured one (default 0)")
     p.add_argument("--max-tokens", type=int, default=8192,
-                   help="skip contexts above this for every option but baseline and the best combination")
+                   help="skip contexts above this for every option but baseline and the best combination "
+                   "(default 8192)")
     p.add_argument("--loss-steps", type=int, default=None, help="training steps of the loss part (default 60)")
-    p.add_argument("--loss-seq-len", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--loss-seq-len", type=int, default=256, help="sequence length of the loss part (default 256)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to measure on (default: cuda when present, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
     p.add_argument("--out", default=None, help="output directory (default bench_out/train)")
 
 
