@@ -25,6 +25,8 @@ from effattn.sparse.routing import (
     step_routing_attention,
 )
 from effattn.sparse.static import (
+    axial_ar_attention,
+    axial_ar_reference,
     axial_attention,
     bigbird_attention,
     bigbird_mask,
@@ -49,6 +51,8 @@ __all__ = [
     "SparseMethod",
     "TopKBlockDecodeState",
     "attention_mass_kept",
+    "axial_ar_attention",
+    "axial_ar_reference",
     "axial_attention",
     "bigbird_attention",
     "bigbird_mask",

@@ -316,8 +316,8 @@ def axial_attention(
     Row attention: token ``(r, c)`` attends to ``(r, c')`` (``c' <= c`` when causal); column
     attention: to ``(r', c)`` (``r' <= r`` when causal), with the row outputs as values. Causal mode
     is causal-safe, and its two-hop field is the past "upper-left quadrant" ``r' <= r, c' <= c``
-    (Ho et al. reach the rest of the earlier rows with an extra unmasked row pass over shifted rows,
-    not reproduced here).
+    (Ho et al. reach the rest of the earlier rows with an extra unmasked row pass over shifted rows:
+    that is :func:`axial_ar_attention`).
 
     Example::
 
@@ -342,6 +342,69 @@ def axial_attention(
         k = k.repeat_interleave(Hq // Hkv, dim=2)
     o = attention(along_cols(q), along_cols(k), along_cols(o_row), causal=causal, backend="tiled")
     return o.reshape(B, cols, rows, Hq, Dv).transpose(1, 2).reshape(B, T, Hq, Dv)
+
+
+def axial_ar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int]) -> torch.Tensor:
+    """Causal axial attention with the Axial Transformer's shifted-row pass (Ho, Kalchbrenner,
+    Weissenborn, Salimans 2019, "Axial Attention in Multidimensional Transformers"), as one op on a
+    row-major ``rows x cols`` grid::
+
+        u(r, c)   = softmax_{c'} (q(r, c) . k(r, c')) v(r, c')         (unmasked row pass)
+        ctx(r, c) = softmax_{r'' < r} (q(r, c) . k(r'', c)) u(r'', c)  (column pass over the rows above)
+        o(r, c)   = causal_row(q, k, v)(r, c) + ctx(r, c)      (row 0: ctx = 0)
+
+    The row summaries ``u`` of a row see that whole row, so the column pass reads them only from
+    strictly earlier rows (the paper's shift down by one row): token ``(r, c)`` sees every token of
+    the rows above (two hops) and its own row up to ``c`` (the causal row pass, the paper's inner
+    decoder), never its own row's future. The paper adds the outer context to the inner decoder's
+    input across layers; as a single attention op, the two parts are summed (our choice).
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 6 * 8, 2, 16)
+        >>> axial_ar_attention(q, k, v, grid=(6, 8)).shape
+        torch.Size([1, 48, 2, 16])
+    """
+    B, Tq, Tk, Hq, Hkv, D, Dv = check_qkv(q, k, v)
+    T = check_self_attention(q, k, "axial_ar_attention")
+    rows, cols = check_grid(grid, T)
+
+    def along_rows(x):
+        return x.reshape(B * rows, cols, *x.shape[2:])
+
+    def along_cols(x):  # [B, rows, cols, H, E] -> [B * cols, rows, H, E]
+        return x.transpose(1, 2).reshape(B * cols, x.shape[1], *x.shape[3:])
+
+    o_row = attention(along_rows(q), along_rows(k), along_rows(v), causal=True, backend="tiled").reshape(B, T, Hq, Dv)
+    u = attention(along_rows(q), along_rows(k), along_rows(v), backend="tiled").reshape(B, rows, cols, Hq, Dv)
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=2)
+    ctx = torch.zeros_like(u)
+    if rows > 1:  # queries of rows 1.. against keys / row summaries of rows 0..rows-2, causal: r'' <= r - 1
+        qg, kg = q.reshape(B, rows, cols, Hq, D), k.reshape(B, rows, cols, Hq, D)
+        qa, ka, ua = along_cols(qg[:, 1:]), along_cols(kg[:, :-1]), along_cols(u[:, :-1])
+        c = attention(qa, ka, ua, causal=True, backend="tiled")
+        ctx[:, 1:] = c.reshape(B, cols, rows - 1, Hq, Dv).transpose(1, 2)
+    return o_row + ctx.reshape(B, T, Hq, Dv)
+
+
+def axial_ar_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int]) -> torch.Tensor:
+    """:func:`axial_ar_attention` with dense ``T x T`` masks on the reference backend (small sizes)."""
+    check_qkv(q, k, v)
+    T = check_self_attention(q, k, "axial_ar_reference")
+    rows, cols = check_grid(grid, T)
+    t = torch.arange(T, device=q.device)
+    r, c = t // cols, t % cols
+    same_row = r[:, None] == r[None, :]
+    causal_row = same_row & (t[None, :] <= t[:, None])
+    above = (c[:, None] == c[None, :]) & (r[None, :] < r[:, None])
+
+    def run(qq, kk, vv, m):
+        return attention(qq, kk, vv, mask_mod=lambda b, h, i, j: m[i, j], backend="reference")
+
+    u = run(q, k, v, same_row)
+    kq = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    return run(q, k, v, causal_row) + run(q, kq, u, above)
 
 
 def _square_grid(T: int) -> tuple[int, int]:
