@@ -23,7 +23,8 @@ The attention FLOPs then fall with ``top_k``: ``4 D sum_{t, i selected} (keys t 
 ``4 D H sum_t (keys t sees)`` (see :func:`attention_flops`). ``"dense"`` computes every head and
 weights it (zero for the heads a token does not select), as the paper's GPU code does; it is the
 reference, and the path taken where ``"selected"`` does not apply (a continued cache, padding,
-mask/score mods, sinks, softcap, non-causal or two-sided windows, head gates): both give equal outputs.
+mask/score mods, sinks, softcap, non-causal or two-sided windows, head gates, sequence parallelism):
+both give equal outputs.
 The per-(row, head) loop of ``"selected"`` is a plain-PyTorch form (:func:`gathered_causal_attention`,
 256 queries at a time): it saves arithmetic, not Python overhead, at small sizes.
 """
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_int
+from effattn.dist import current_sequence_parallel
 from effattn.kv import LayerCache
 from effattn.nn.attention import Attention, check_mixer_input, layer_cache
 
@@ -175,6 +177,7 @@ class MoHAttention(Attention):
             self.compute == "selected" and state is None and valid is None and self.causal
             and self.mask_mod is None and self.score_mod is None and self.sinks is None
             and self.softcap is None and self.head_gates is None and (w is None or isinstance(w, int))
+            and current_sequence_parallel() is None  # sequence shards: the dense path's ring/Ulysses call
         )
 
     def attend_selected(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
