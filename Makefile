@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m effattn compare
 
+# two pytest workers (pytest-xdist): the suite is CPU-bound and CI has 2 cores
 test: $(STAMP)
-	$(PY) -m pytest -x
+	$(PY) -m pytest -x -n 2
 
 # The architecture's floors (import-linter, configured in pyproject.toml), ruff's rules and its format.
 lint: $(STAMP)

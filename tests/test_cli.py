@@ -99,15 +99,47 @@ def test_bad_suite_name_errors_clearly(capsys):
 
 # a compare speed table at demo sizes: long mechanism names, notes and errors, large state sizes
 SPEED_ROWS = [
-    {"family": "exact", "mechanism": "sdpa causal", "T": 2048, "fwd_ms": 30.83, "fwd_bwd_ms": 118.2,
-     "fwd_MiB": 8.312, "fwd_bwd_MiB": 16.77, "eff_%": 58.12, "step_us": 41.33, "state_bytes": 4196352},
-    {"family": "baseline", "mechanism": "flex window=256 (torch.compile)", "T": 8192,
-     "note": "skipped (run with --flex)"},
-    {"family": "baseline", "mechanism": "fla chunk_gated_delta_rule (bf16)", "T": 8192, "fwd_ms": 1234.5,
-     "fwd_bwd_ms": 98765.4, "fwd_MiB": 12345.6, "fwd_bwd_MiB": 54321.0, "eff_%": 0.771, "step_us": 123456.0,
-     "state_bytes": 16779264, "error": "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB " * 2},
-    {"family": "sparse", "mechanism": "hyper_attention", "T": 512, "fwd_ms": 0.0012, "fwd_bwd_ms": 5e-5,
-     "fwd_MiB": 0.0, "eff_%": None, "note": "no dense selection to count FLOPs on: time and memory only"},
+    {
+        "family": "exact",
+        "mechanism": "sdpa causal",
+        "T": 2048,
+        "fwd_ms": 30.83,
+        "fwd_bwd_ms": 118.2,
+        "fwd_MiB": 8.312,
+        "fwd_bwd_MiB": 16.77,
+        "eff_%": 58.12,
+        "step_us": 41.33,
+        "state_bytes": 4196352,
+    },
+    {
+        "family": "baseline",
+        "mechanism": "flex window=256 (torch.compile)",
+        "T": 8192,
+        "note": "skipped (run with --flex)",
+    },
+    {
+        "family": "baseline",
+        "mechanism": "fla chunk_gated_delta_rule (bf16)",
+        "T": 8192,
+        "fwd_ms": 1234.5,
+        "fwd_bwd_ms": 98765.4,
+        "fwd_MiB": 12345.6,
+        "fwd_bwd_MiB": 54321.0,
+        "eff_%": 0.771,
+        "step_us": 123456.0,
+        "state_bytes": 16779264,
+        "error": "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB " * 2,
+    },
+    {
+        "family": "sparse",
+        "mechanism": "hyper_attention",
+        "T": 512,
+        "fwd_ms": 0.0012,
+        "fwd_bwd_ms": 5e-5,
+        "fwd_MiB": 0.0,
+        "eff_%": None,
+        "note": "no dense selection to count FLOPs on: time and memory only",
+    },
 ]
 
 
@@ -137,9 +169,17 @@ def test_every_suite_table_fits_80_and_100_columns():
     from effattn.bench import attention, kv, linear, models, sparse
 
     recall = compare.terminal_columns(compare.recall_columns(compare.make_config("recall")))
-    tables = [attention.TERMINAL_COLUMNS, kv.TERMINAL_COLUMNS, linear.TERMINAL_COLUMNS,
-              linear.DECODE_TERMINAL_COLUMNS, models.TERMINAL_COLUMNS, sparse.TERMINAL_COLUMNS,
-              compare.SPEED_TERMINAL_COLUMNS, recall, compare.terminal_columns(compare.LISTOPS_COLUMNS)]
+    tables = [
+        attention.TERMINAL_COLUMNS,
+        kv.TERMINAL_COLUMNS,
+        linear.TERMINAL_COLUMNS,
+        linear.DECODE_TERMINAL_COLUMNS,
+        models.TERMINAL_COLUMNS,
+        sparse.TERMINAL_COLUMNS,
+        compare.SPEED_TERMINAL_COLUMNS,
+        recall,
+        compare.terminal_columns(compare.LISTOPS_COLUMNS),
+    ]
     for columns in tables:
         row = {c.key: ("a_long_method_name_of_a_mechanism (variant)" if c.text else 123456.789) for c in columns}
         row["T"] = 65536
@@ -157,7 +197,11 @@ def test_every_suite_table_fits_80_and_100_columns():
 
 def test_number_formatting_and_plain_fallback():
     assert [table_module.format_value(x) for x in (0.77123, 1234.5, None, float("nan"), 7)] == [
-        "0.771", "1234", "—", "—", "7"
+        "0.771",
+        "1234",
+        "—",
+        "—",
+        "7",
     ]
     lines = render_table([{"a": 1.5, "b": None}], ["a", "b"], width=80, use_rich=False).splitlines()
     assert lines == ["  a  b", "1.5  —"]

@@ -19,9 +19,7 @@ import torch
 import effattn
 
 MODULES = sorted(
-    info.name
-    for info in pkgutil.walk_packages(effattn.__path__, prefix="effattn.")
-    if info.name != "effattn.__main__"
+    info.name for info in pkgutil.walk_packages(effattn.__path__, prefix="effattn.") if info.name != "effattn.__main__"
 )
 # modules that need an optional package to import
 OPTIONAL = {"effattn.hf": "transformers"}

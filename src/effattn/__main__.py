@@ -1,9 +1,9 @@
 """The ``effattn`` command line: benchmark suites and the side-by-side comparison of every mechanism.
 
-    python -m effattn bench <suite> [options]    one benchmark suite (effattn bench <suite> --help)
-    python -m effattn compare [options]          which attention for my length and memory budget
-    python -m effattn train [options]            train an LM (effattn train --help)
-    python -m effattn --version
+python -m effattn bench <suite> [options]    one benchmark suite (effattn bench <suite> --help)
+python -m effattn compare [options]          which attention for my length and memory budget
+python -m effattn train [options]            train an LM (effattn train --help)
+python -m effattn --version
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from effattn.bench import compare as compare_module
     from effattn.bench.cli import HelpFormatter, plain_text
 
-    parser = argparse.ArgumentParser(
-        prog="effattn", description=plain_text(__doc__), formatter_class=HelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="effattn", description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"effattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = commands.add_parser(

@@ -55,8 +55,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
     Hkv = k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
-            f"heads_q ({Hq}) must be a multiple of heads_kv ({Hkv}) for GQA/MQA: "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"heads_q ({Hq}) must be a multiple of heads_kv ({Hkv}) for GQA/MQA: q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     return B, Tq, k.shape[1], Hq, Hkv, D, v.shape[3]
 

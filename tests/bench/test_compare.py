@@ -220,8 +220,14 @@ def test_recall_head_dims_vary_the_state_at_one_width(tmp_path):
         compare.config_from_args(p.parse_args(["--head-dims", "8,8"]))
 
     cfg = make_config(
-        "tiny", out=str(tmp_path / "hd"), only=("recall",), mixers=("attention", "linear_attention"),
-        mqar_widths=(32,), mqar_head_dims=(8, 16), mqar_kv_pairs=(2, 4), mqar_steps=1,
+        "tiny",
+        out=str(tmp_path / "hd"),
+        only=("recall",),
+        mixers=("attention", "linear_attention"),
+        mqar_widths=(32,),
+        mqar_head_dims=(8, 16),
+        mqar_kv_pairs=(2, 4),
+        mqar_steps=1,
     )
     rows = {(r["mixer"], r["head_dim"]): r for r in run_compare(cfg)["recall"]}
     assert set(rows) == {(m, hd) for m in ("attention", "linear_attention") for hd in (8, 16)}

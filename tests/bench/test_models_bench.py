@@ -9,11 +9,29 @@ from effattn.__main__ import main
 
 def test_models_suite_rows(tmp_path):
     out = tmp_path / "models"
-    main(["bench", "models", "--quick", "--mixers", "attention,gla", "--lengths", "32,5000", "--repeats", "1",
-          "--out", str(out)])
+    main(
+        [
+            "bench",
+            "models",
+            "--quick",
+            "--mixers",
+            "attention,gla",
+            "--lengths",
+            "32,5000",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = json.loads((out / "models.json").read_text())["rows"]
     assert [(r["mixer"], r["L"]) for r in rows] == [
-        ("attention", None), ("attention", 32), ("attention", 5000), ("gla", None), ("gla", 32), ("gla", 5000)
+        ("attention", None),
+        ("attention", 32),
+        ("attention", 5000),
+        ("gla", None),
+        ("gla", 32),
+        ("gla", 5000),
     ]
     for r in rows:
         assert "error" not in r, r

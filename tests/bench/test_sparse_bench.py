@@ -30,7 +30,6 @@ def test_sparse_suite_rows(tmp_path, monkeypatch):
     assert "scores_per_query" in (out / "sparse.md").read_text()
 
 
-
 def test_paired_ratio_is_the_median_of_back_to_back_ratios(monkeypatch):
     from effattn.bench import harness
 

@@ -30,9 +30,11 @@ def test_quick_step_and_loss(tmp_path):
 
 
 def test_goal_verdict():
-    rows = [dict(context=8, option="baseline", mem_vs_base=1.0, time_vs_base=1.0),
-            dict(context=8, option="a", mem_vs_base=0.2, time_vs_base=1.4),
-            dict(context=8, option="b", mem_vs_base=0.1, time_vs_base=2.0)]
+    rows = [
+        dict(context=8, option="baseline", mem_vs_base=1.0, time_vs_base=1.0),
+        dict(context=8, option="a", mem_vs_base=0.2, time_vs_base=1.4),
+        dict(context=8, option="b", mem_vs_base=0.1, time_vs_base=2.0),
+    ]
     assert train_bench.goal(rows) == ["T=8: best within 1.5x time is a at 0.20x memory, 1.40x time: goal met"]
 
 

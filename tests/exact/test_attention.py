@@ -63,8 +63,22 @@ def _case(name, H, Tq, Tk):
     raise KeyError(name)
 
 
-CASES = ["none", "causal", "causal_window", "window_pair", "softcap", "alibi", "sinks", "rel_bias",
-         "closure_bias", "prefix_lm", "dilated", "global_local", "streaming", "head_dependent"]
+CASES = [
+    "none",
+    "causal",
+    "causal_window",
+    "window_pair",
+    "softcap",
+    "alibi",
+    "sinks",
+    "rel_bias",
+    "closure_bias",
+    "prefix_lm",
+    "dilated",
+    "global_local",
+    "streaming",
+    "head_dependent",
+]
 
 
 def _inputs(shape, dtype=torch.float32):
@@ -133,8 +147,9 @@ def test_sdpa_and_auto_match_reference(kw, gqa, dv):
 
 def test_sdpa_single_query_causal_sees_all_keys():
     q, k, v = _inputs((1, 1, 40, 2, 2, 16, 16))
-    assert_fp32_close(attention(q, k, v, causal=True, backend="sdpa"),
-                      attention(q, k, v, causal=True, backend="reference"), 1e-5)
+    assert_fp32_close(
+        attention(q, k, v, causal=True, backend="sdpa"), attention(q, k, v, causal=True, backend="reference"), 1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -150,8 +165,9 @@ def test_low_precision_flash_rule(dtype, case):
 
     call = attention_call(q, k, v, **kw)
     o = attention(q, k, v, backend="tiled", **kw)
-    o_low, _ = reference_attention(q, k, v, scale=call.scale, mask_mod=call.mask_mod, score_mod=call.score_mod,
-                                   sinks=call.sinks, upcast=False)
+    o_low, _ = reference_attention(
+        q, k, v, scale=call.scale, mask_mod=call.mask_mod, score_mod=call.score_mod, sinks=call.sinks, upcast=False
+    )
     o_ref = attention(q_, k_, v_, backend="reference", **kw)
     assert o.dtype == dtype
     assert_lowp_close(o, o_low, o_ref, atol=1e-3)
@@ -242,8 +258,11 @@ def test_tiled_masked_keys_get_exactly_zero_gradient():
     assert (gk[:, ~hidden] != 0).any()
 
 
-@pytest.mark.parametrize("kw", [{"causal": True}, {"causal": True, "window": 7}, {"causal": True, "softcap": 2.0}],
-                         ids=["causal", "window", "softcap"])
+@pytest.mark.parametrize(
+    "kw",
+    [{"causal": True}, {"causal": True, "window": 7}, {"causal": True, "softcap": 2.0}],
+    ids=["causal", "window", "softcap"],
+)
 @pytest.mark.parametrize("backend", ["auto", "tiled"])
 def test_causal_no_future_leakage(kw, backend):
     q, k, v = (x.detach() for x in _inputs((1, 70, 70, 2, 2, 16, 16)))
@@ -251,10 +270,10 @@ def test_causal_no_future_leakage(kw, backend):
     t = 33
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
-        x[:, t + 1:] = torch.randn_like(x[:, t + 1:]) * 10
+        x[:, t + 1 :] = torch.randn_like(x[:, t + 1 :]) * 10
     o2 = attention(q2, k2, v2, backend=backend, **kw)
     assert torch.equal(o[:, : t + 1], o2[:, : t + 1])
-    assert not torch.allclose(o[:, t + 1:], o2[:, t + 1:])
+    assert not torch.allclose(o[:, t + 1 :], o2[:, t + 1 :])
 
 
 def test_auto_prefers_sdpa_for_plain_calls_and_tiled_otherwise():

@@ -57,10 +57,26 @@ def _kwargs(kind: str, shape) -> dict:
     raise KeyError(kind)
 
 
-KINDS = ["none", "causal", "window", "window_pair", "block_mask", "mask_mod", "varlen", "score_mod", "softcap",
-         "alibi", "sinks", "return_lse"]
-GRID = [(kind, shape) for kind in KINDS for shape in (SQUARE, SHORT_Q, ONE_Q, MHA_DV)
-        if not (kind == "varlen" and shape[0] != 1 or kind == "varlen" and shape[1] != shape[2])]
+KINDS = [
+    "none",
+    "causal",
+    "window",
+    "window_pair",
+    "block_mask",
+    "mask_mod",
+    "varlen",
+    "score_mod",
+    "softcap",
+    "alibi",
+    "sinks",
+    "return_lse",
+]
+GRID = [
+    (kind, shape)
+    for kind in KINDS
+    for shape in (SQUARE, SHORT_Q, ONE_Q, MHA_DV)
+    if not (kind == "varlen" and shape[0] != 1 or kind == "varlen" and shape[1] != shape[2])
+]
 GRID.append(("varlen", (1, 30, 30, 2, 1, 16, 16)))
 # arguments of attention() a reason may start with, besides the call's own keyword arguments
 CALL_WORDS = {"causal", "device", "dtype", "head_dim", "head_dim_v", "GQA", "backward", "would", "an"}
@@ -172,12 +188,29 @@ def test_capabilities_reasons_from_a_restrictive_declaration():
     )
     q = torch.randn(1, 8, 4, 24, requires_grad=True)
     k, v = torch.randn(1, 8, 2, 24), torch.randn(1, 8, 2, 32)
-    kw = dict(mask_mod=prefix_lm_mask(2), score_mod=lambda s, b, h, i, j: s, softcap=1.0,
-              alibi_slopes=alibi_slopes(4), sinks=torch.zeros(4), return_lse=True)
+    kw = dict(
+        mask_mod=prefix_lm_mask(2),
+        score_mod=lambda s, b, h, i, j: s,
+        softcap=1.0,
+        alibi_slopes=alibi_slopes(4),
+        sinks=torch.zeros(4),
+        return_lse=True,
+    )
     reasons = caps.reasons(attention_call(q, k, v, **kw))
-    expected_starts = ["device 'cpu'", "dtype float32", "head_dim 32", "GQA (heads_q 4 != heads_kv 2)",
-                       "head_dim_v 32 != head_dim 24", "mask_mod not supported (Python callables are not compiled)",
-                       "score_mod", "softcap", "alibi_slopes", "sinks", "return_lse", "backward"]
+    expected_starts = [
+        "device 'cpu'",
+        "dtype float32",
+        "head_dim 32",
+        "GQA (heads_q 4 != heads_kv 2)",
+        "head_dim_v 32 != head_dim 24",
+        "mask_mod not supported (Python callables are not compiled)",
+        "score_mod",
+        "softcap",
+        "alibi_slopes",
+        "sinks",
+        "return_lse",
+        "backward",
+    ]
     assert len(reasons) == len(expected_starts)
     for r, start in zip(reasons, expected_starts):
         assert r.startswith(start), (r, start)

@@ -35,10 +35,16 @@ def test_decode_any_split_count_equals_one_shot_and_attention(t_new, kw):
         assert_fp32_close(decode_attention(q, kc, vc, lens, num_splits=splits, **kw), one, 1e-5)
     for b in range(B):  # the same as attention() over that sequence's valid cache
         n = int(lens[b])
-        ref = attention(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], causal=True, backend="reference",
-                        **({"window": kw["window"]} if "window" in kw else {}),
-                        **({"softcap": kw["softcap"]} if "softcap" in kw else {}))
-        assert_fp32_close(one[b:b + 1], ref, 1e-5)
+        ref = attention(
+            q[b : b + 1],
+            kc[b : b + 1, :n],
+            vc[b : b + 1, :n],
+            causal=True,
+            backend="reference",
+            **({"window": kw["window"]} if "window" in kw else {}),
+            **({"softcap": kw["softcap"]} if "softcap" in kw else {}),
+        )
+        assert_fp32_close(one[b : b + 1], ref, 1e-5)
 
 
 def test_decode_with_sinks_matches_attention():
@@ -83,8 +89,9 @@ MASKS = {
     "prefix": lambda Tq, Tk: prefix_lm_mask(20, Tk - Tq),
     "global_local": lambda Tq, Tk: global_local_mask(5, 6, Tk - Tq, causal=True),
     "streaming": lambda Tq, Tk: streaming_mask(8, 2, Tk - Tq),
-    "and_or": lambda Tq, Tk: or_masks(and_masks(causal_mask(Tk - Tq), sliding_window_mask(4, 0, Tk - Tq)),
-                                      prefix_lm_mask(3)),
+    "and_or": lambda Tq, Tk: or_masks(
+        and_masks(causal_mask(Tk - Tq), sliding_window_mask(4, 0, Tk - Tq)), prefix_lm_mask(3)
+    ),
 }
 
 
@@ -254,7 +261,13 @@ def test_ragged_block_masks_with_score_mod_sinks_and_gqa(per, tiles, monkeypatch
     counts = torch.randint(0, 5, (Bm, Hm, nq), generator=gen)
     partial = torch.rand(Bm, Hm, nq, 4, generator=gen) < 0.5
     bm = BlockMask.from_kv_indices(
-        idx, T, T, q_block=blk, kv_block=blk, kv_counts=counts, mask_mod=lambda b, h, i, j: (i + j) % 3 != 0,
+        idx,
+        T,
+        T,
+        q_block=blk,
+        kv_block=blk,
+        kv_counts=counts,
+        mask_mod=lambda b, h, i, j: (i + j) % 3 != 0,
         kv_partial=partial,
     )
     dense = bm.to_dense()
@@ -264,7 +277,12 @@ def test_ragged_block_masks_with_score_mod_sinks_and_gqa(per, tiles, monkeypatch
     soft = lambda s, b, h, i, j: 5.0 * torch.tanh(s / 5.0) - 0.01 * (h + 1) * (i - j).abs() + 0.1 * b  # noqa: E731
     o = attention(q, k, v, block_mask=bm, score_mod=soft, sinks=sinks, backend="tiled")
     ref = attention(
-        q, k, v, mask_mod=lambda b, h, i, j: dense[b % Bm, h % Hm, i, j], score_mod=soft, sinks=sinks,
+        q,
+        k,
+        v,
+        mask_mod=lambda b, h, i, j: dense[b % Bm, h % Hm, i, j],
+        score_mod=soft,
+        sinks=sinks,
         backend="reference",
     )
     assert_fp32_close(o, ref, 1e-5)

@@ -123,9 +123,7 @@ def test_paged_cache_equals_full_call(block_size, device):
     kp, vp, tables, kc, vc = _paged(kc, vc, lens, block_size, device)
     q = torch.randn(B, 2, Hq, D, generator=torch.Generator().manual_seed(1)).to(device)
     sinks = torch.linspace(-1, 1, Hq, device=device)
-    o = triton_decode_attention(
-        q, kp, vp, lens.to(device), block_table=tables, window=30, sinks=sinks, num_splits=2
-    )
+    o = triton_decode_attention(q, kp, vp, lens.to(device), block_table=tables, window=30, sinks=sinks, num_splits=2)
     ro, _ = _full(q, kc.to(device), vc.to(device), lens, window=30, sinks=sinks)
     assert_fp32_close(o, ro, 1e-5, "o")
 

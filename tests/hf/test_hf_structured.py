@@ -52,13 +52,22 @@ def _config(kind: str):
     if kind == "gpt_oss":  # learned sinks + sliding / full
         cfg = dict(SMALL, intermediate_size=32)
         return transformers.GptOssConfig(
-            **cfg, head_dim=16, sliding_window=5, num_local_experts=4, num_experts_per_tok=2,
+            **cfg,
+            head_dim=16,
+            sliding_window=5,
+            num_local_experts=4,
+            num_experts_per_tok=2,
             layer_types=["sliding_attention", "full_attention"],
         )
     if kind == "llama4":  # chunked attention (chunk 4) / full
         return transformers.Llama4TextConfig(
-            **SMALL, head_dim=16, attention_chunk_size=4, num_local_experts=1, interleave_moe_layer_step=1,
-            intermediate_size_mlp=128, no_rope_layers=[1, 0],
+            **SMALL,
+            head_dim=16,
+            attention_chunk_size=4,
+            num_local_experts=1,
+            interleave_moe_layer_step=1,
+            intermediate_size_mlp=128,
+            no_rope_layers=[1, 0],
         )
     raise ValueError(kind)
 
@@ -189,8 +198,14 @@ def test_mask_builder_returns_structure_for_hf_factories():
 
 def _hf_dense(mask_function, B, Tq, Tk, q_offset=0, kv_offset=0, attention_mask=None):
     return mu.sdpa_mask(
-        batch_size=B, q_length=Tq, kv_length=Tk, q_offset=q_offset, kv_offset=kv_offset,
-        mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
+        batch_size=B,
+        q_length=Tq,
+        kv_length=Tk,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
         allow_is_bidirectional_skip=False,
     )
 
@@ -282,8 +297,9 @@ def test_flash_style_cu_seq_lens_kwargs_pack_sequences(kind):
     cu = torch.tensor([0, 6, 15, 20], dtype=torch.int32)
     with torch.no_grad():
         want = ref(ids, position_ids=pos, use_cache=False).logits
-        got = ours(ids, position_ids=pos, use_cache=True, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
-                   max_length_k=9).logits
+        got = ours(
+            ids, position_ids=pos, use_cache=True, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9
+        ).logits
     assert_fp32_close(got, want)
     with torch.no_grad(), pytest.raises(ValueError, match="must both be given and equal"):
         ours(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu + 0 * cu - (cu > 6).int())
@@ -297,8 +313,13 @@ def test_static_sliding_caches_match_eager(kind, monkeypatch):
     cache's own kv_offset / kv_length) gives eager's tokens and per-step logits, no dense mask."""
     ref, ours = _pair(kind)
     ids, am = _padded(T=9, pads=(2, 0), seed=3)
-    kw = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_logits=True,
-              cache_implementation="static")
+    kw = dict(
+        max_new_tokens=9,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        cache_implementation="static",
+    )
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=am, **kw)
         _no_dense(monkeypatch)

@@ -208,9 +208,7 @@ def test_policy_layer_cache_keeps_the_older_next_positions_form():
 
 def test_attend_has_no_cache_type_test_and_lm_finds_cache_layers_by_the_protocol():
     src = Path(effattn.nn.attention.__file__).read_text()
-    attend = next(
-        n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name == "attend"
-    )
+    attend = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name == "attend")
     names = {n.id for n in ast.walk(attend) if isinstance(n, ast.Name)}
     assert "isinstance" not in names and "type" not in names
     model = LM(LMConfig(vocab_size=40, dim=32, n_layers=5, heads=4, mixers="attention,mamba2,moh,mla,sliding_window"))

@@ -54,9 +54,7 @@ class Inputs:
 
     def __init__(self, op, args: tuple, kwargs: dict, per_token: frozenset[str]):
         sig = inspect.signature(op.naive)
-        positional = [
-            p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
+        positional = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.op = op
         self.pos_names = positional[: len(args)]
         self.values = dict(zip(self.pos_names, args, strict=True))
@@ -95,12 +93,7 @@ def _per_token_names(op) -> frozenset[str]:
         names = set()
         for n, x in i5.values.items():
             y = i7.values[n]
-            if (
-                isinstance(x, torch.Tensor)
-                and x.dim() >= 2
-                and x.shape[:2] == (3, 5)
-                and y.shape[:2] == (3, 7)
-            ):
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == (3, 5) and y.shape[:2] == (3, 7):
                 names.add(n)
         _PER_TOKEN_CACHE[op.name] = frozenset(names)
     return _PER_TOKEN_CACHE[op.name]
@@ -123,9 +116,7 @@ def like_state(state, parts):
 def prefix_state(op, B: int, *, seed: int, gate_strength: float = 0.5, d: int = D, h: int = H):
     """A realistic carried state: the naive form's final state after a random 9-token prefix.
     (A random tensor would not do for states with constraints, e.g. a positive normaliser.)"""
-    _, s = make(op, B, 9, seed=seed, gate_strength=gate_strength, d=d, h=h).call(
-        op.naive, output_final_state=True
-    )
+    _, s = make(op, B, 9, seed=seed, gate_strength=gate_strength, d=d, h=h).call(op.naive, output_final_state=True)
     assert s is not None, f"{op.name}: naive form returned no final state with output_final_state=True"
     return like_state(s, [p.detach().clone() for p in state_parts(s)])
 
@@ -203,9 +194,7 @@ def test_chunked_calls_carry_state(name):
         if split:
             state, outs = h0, []
             for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-                o, state = x.seq_slice(a, b).call(
-                    op.chunk, initial_state=state, output_final_state=True, chunk_size=8
-                )
+                o, state = x.seq_slice(a, b).call(op.chunk, initial_state=state, output_final_state=True, chunk_size=8)
                 outs.append(o)
             o = torch.cat(outs, dim=1)
         else:
@@ -279,10 +268,7 @@ def test_no_future_leakage(name, form):
     o_ref, _ = x.call(fn, initial_state=h0, **extra)
     for t in (0, 12, 27):  # start, middle of a chunk, one before the end
         mixed = x.copy(
-            **{
-                n: torch.cat([x.values[n][:, : t + 1], other.values[n][:, t + 1 :]], dim=1)
-                for n in x.per_token
-            }
+            **{n: torch.cat([x.values[n][:, : t + 1], other.values[n][:, t + 1 :]], dim=1) for n in x.per_token}
         )
         o, _ = mixed.call(fn, initial_state=h0, **extra)
         past_err = (o[:, : t + 1] - o_ref[:, : t + 1]).abs().max().item()
@@ -340,9 +326,7 @@ def _bad_inputs(x: Inputs, h0):
     if "q" in seq and "k" in seq:
         a, b = "q", "k"
     else:  # two inputs of one shape, e.g. Mamba's x and delta, Aaren's k and v
-        a, b = next(
-            (a, b) for i, a in enumerate(seq) for b in seq[i + 1 :] if x.values[a].shape == x.values[b].shape
-        )
+        a, b = next((a, b) for i, a in enumerate(seq) for b in seq[i + 1 :] if x.values[a].shape == x.values[b].shape)
     tb, tf = x.values[b], x.values[first]
     late = seq[min(2, len(seq) - 1)]  # v for q/k/v ops
     bad_h0 = list(state_parts(h0))

@@ -86,9 +86,7 @@ def test_naive_is_the_delta_rule():
     for t in range(T):
         kt, vt, bt = kn[0, t, 0].double(), v[0, t, 0].double(), beta[0, t, 0].double()
         S = (torch.eye(D, dtype=torch.float64) - bt * torch.outer(kt, kt)) @ S + bt * torch.outer(kt, vt)
-        torch.testing.assert_close(
-            o[0, t, 0].double(), 0.7 * S.T @ qn[0, t, 0].double(), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(o[0, t, 0].double(), 0.7 * S.T @ qn[0, t, 0].double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s[0, 0].double(), S, rtol=1e-5, atol=1e-5)
 
     key = torch.randn(1, 1, 1, D).expand(1, 3, 1, D)  # the same key three times
@@ -109,9 +107,7 @@ def test_qk_l2norm_switch():
     assert_fp32_close(o2, o1)
     assert_fp32_close(s2, s1)
     k_small = kn * 0.8
-    o3, s3 = naive_delta_rule(
-        q, k_small, v, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=False
-    )
+    o3, s3 = naive_delta_rule(q, k_small, v, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=False)
     o4, s4 = chunk_delta_rule(
         q, k_small, v, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=False, chunk_size=8
     )
@@ -144,9 +140,7 @@ def test_step_token_by_token_equals_full():
     B, T, H, D = 2, 21, 2, 24
     (q, k, v, beta), h0 = _inputs(B, T, H, D, seed=5, beta_hi=2.0)
     kw = dict(allow_neg_eigval=True)
-    o_full, s_full = chunk_delta_rule(
-        q, k, v, beta, initial_state=h0, output_final_state=True, chunk_size=8, **kw
-    )
+    o_full, s_full = chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True, chunk_size=8, **kw)
     state, outs = h0, []
     for t in range(T):
         o, state = step_delta_rule(

@@ -147,9 +147,7 @@ def test_chunk_matches_naive_bf16():
 def test_step_token_by_token_equals_full():
     B, T, H, D = 2, 21, 2, 24
     (q, k, v, g, beta), h0 = _inputs(B, T, H, D, seed=12, gate_strength=0.5)
-    o_full, s_full = chunk_gated_delta_rule(
-        q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=8
-    )
+    o_full, s_full = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=8)
     state, outs = h0, []
     for t in range(T):
         sl = slice(t, t + 1)
@@ -166,9 +164,7 @@ def test_registered_inputs_span_the_gate_strengths():
     mags = []
     for s in (0.0, 1.0):
         torch.manual_seed(0)
-        (q, k, v, g, beta), kw = op.make_inputs(
-            2, 33, 2, 16, device="cpu", dtype=torch.float32, gate_strength=s
-        )
+        (q, k, v, g, beta), kw = op.make_inputs(2, 33, 2, 16, device="cpu", dtype=torch.float32, gate_strength=s)
         assert (g <= 0).all() and ((beta > 0) & (beta < 1)).all()
         mags.append(g.abs().mean().item())
         o_n, _ = op.naive(q, k, v, g, beta, **kw)

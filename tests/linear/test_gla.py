@@ -56,8 +56,11 @@ def run(fn, inputs, h0, d_o=None, d_s=None, **kw):
 
 
 def naive64(x, h0=None):
-    return naive_gla(**{n: t.double() for n, t in x.items()},
-                     initial_state=None if h0 is None else h0.double(), output_final_state=True)
+    return naive_gla(
+        **{n: t.double() for n, t in x.items()},
+        initial_state=None if h0 is None else h0.double(),
+        output_final_state=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,8 +198,7 @@ def test_step_token_by_token_equals_full():
     o_full, s_full = chunk_gla(**x, initial_state=h0, output_final_state=True, chunk_size=8)
     state, outs = h0, []
     for t in range(T):
-        o, state = step_gla(**{n: v[:, t : t + 1] for n, v in x.items()}, initial_state=state,
-                            output_final_state=True)
+        o, state = step_gla(**{n: v[:, t : t + 1] for n, v in x.items()}, initial_state=state, output_final_state=True)
         outs.append(o)
     assert_fp32_close(torch.cat(outs, 1), o_full, name="step outputs")
     assert_fp32_close(state, s_full, name="step state")
@@ -220,8 +222,9 @@ def test_varlen_matches_loop():
     for fn in (chunk_gla, naive_gla):
         o, s = fn(**x, initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor(bounds))
         for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
-            o_i, s_i = naive_gla(**{n: t[:, a:b] for n, t in x.items()}, initial_state=h0[i : i + 1],
-                                 output_final_state=True)
+            o_i, s_i = naive_gla(
+                **{n: t[:, a:b] for n, t in x.items()}, initial_state=h0[i : i + 1], output_final_state=True
+            )
             assert_fp32_close(o[:, a:b], o_i, name=f"{fn.__name__} sequence {i}")
             assert_fp32_close(s[i : i + 1], s_i, name=f"{fn.__name__} state {i}")
 

@@ -236,8 +236,9 @@ def test_step_token_by_token_equals_full(feature_map, normalize):
     o_full, s_full = chunk_linear_attn(**x, initial_state=h0, output_final_state=True, chunk_size=8, **kw)
     state, outs = h0, []
     for t in range(T):
-        o, state = step_linear_attn(**{n: v[:, t : t + 1] for n, v in x.items()}, initial_state=state,
-                                    output_final_state=True, **kw)
+        o, state = step_linear_attn(
+            **{n: v[:, t : t + 1] for n, v in x.items()}, initial_state=state, output_final_state=True, **kw
+        )
         outs.append(o)
     assert_fp32_close(torch.cat(outs, 1), o_full, name="step outputs")
     for a, b in zip(parts(state), parts(s_full), strict=True):
@@ -252,17 +253,28 @@ def test_gradcheck_chunk_float64(feature_map, normalize):
     h = [p.double().requires_grad_() for p in parts(random_state(B, H, Fd, V, normalize))]
 
     def f(q, k, v, *h):
-        o, s = chunk_linear_attn(q, k, v, feature_map=feature_map, normalize=normalize,
-                                 initial_state=tuple(h) if normalize else h[0], output_final_state=True,
-                                 chunk_size=4)
+        o, s = chunk_linear_attn(
+            q,
+            k,
+            v,
+            feature_map=feature_map,
+            normalize=normalize,
+            initial_state=tuple(h) if normalize else h[0],
+            output_final_state=True,
+            chunk_size=4,
+        )
         return (o, *parts(s))
 
     assert torch.autograd.gradcheck(f, (*x, *h))
 
 
 def test_registered_variants():
-    expected = {"linear_attn": ("identity", False), "linear_attn_elu1": ("elu1", True),
-                "based": ("taylor", True), "cottention": ("cosine", False)}
+    expected = {
+        "linear_attn": ("identity", False),
+        "linear_attn_elu1": ("elu1", True),
+        "based": ("taylor", True),
+        "cottention": ("cosine", False),
+    }
     for name, (fm, norm) in expected.items():
         op = REGISTRY[name]
         args, kwargs = op.make_inputs(2, 5, 3, 32)

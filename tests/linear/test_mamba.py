@@ -101,9 +101,7 @@ def test_groups_no_softplus_no_options():
     d_o = torch.randn_like(o_n)
     gn = torch.autograd.grad((o_n * d_o).sum() + s_n.sum(), list(inp.values()))
     inp2, _ = leaves(tensors)
-    o_c, s_c = call(
-        chunk_selective_scan, {**inp2, "delta_softplus": False}, output_final_state=True, chunk_size=8
-    )
+    o_c, s_c = call(chunk_selective_scan, {**inp2, "delta_softplus": False}, output_final_state=True, chunk_size=8)
     gc = torch.autograd.grad((o_c * d_o).sum() + s_c.sum(), list(inp2.values()))
     assert_fp32_close(o_c, o_n)
     assert_fp32_close(s_c, s_n, name="final state")
@@ -146,9 +144,14 @@ def test_naive_matches_independent_formula_in_bdl_layout():
         return t.double().reshape(B, T, H * P).transpose(1, 2)
 
     ref, h_ref = _reference_bdl(
-        bdl(x["x"]), bdl(x["delta"]), x["A"].double().reshape(H * P, N),
-        x["Bm"].double()[:, :, 0].transpose(1, 2), x["Cm"].double()[:, :, 0].transpose(1, 2),
-        x["D"].double().reshape(H * P), bdl(x["z"]), x["delta_bias"].double().reshape(H * P),
+        bdl(x["x"]),
+        bdl(x["delta"]),
+        x["A"].double().reshape(H * P, N),
+        x["Bm"].double()[:, :, 0].transpose(1, 2),
+        x["Cm"].double()[:, :, 0].transpose(1, 2),
+        x["D"].double().reshape(H * P),
+        bdl(x["z"]),
+        x["delta_bias"].double().reshape(H * P),
         h0.double().reshape(B, H * P, N),
     )
     assert_fp32_close(bdl(o), ref, name="naive vs closed form")

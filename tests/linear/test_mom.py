@@ -29,9 +29,7 @@ def _inputs(B, T, H, D, M, *, seed, gate_strength=0.5, gated=True, shared=False,
 def _fwd_bwd(fn, q, k, v, logits, g, h0, d_o, d_s, **kw):
     """Output, final state and gradients of (q, k, v, router_logits, g, h0) for <o, d_o> + <S_T, d_s>
     (None for g when ungated)."""
-    leaves = [
-        x.detach().clone().requires_grad_(True) if x is not None else None for x in (q, k, v, logits, g, h0)
-    ]
+    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in (q, k, v, logits, g, h0)]
     o, s = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True, **kw)
     loss = (o.float() * d_o).sum() + (s * d_s).sum()
     present = [x for x in leaves if x is not None]
@@ -82,9 +80,7 @@ def test_chunk_matches_naive_fp32(T, D, M, top_k, shared, gate_strength, chunk_s
         _assert_grad_close(a, b, f"grad {n}", floor)
     if top_k > 1 and T > 1:  # the router gets a real gradient, and only through the selected logits
         d_logits = ref[2][3]
-        unselected = torch.ones_like(logits, dtype=torch.bool).scatter(
-            -1, logits.topk(top_k, -1).indices, False
-        )
+        unselected = torch.ones_like(logits, dtype=torch.bool).scatter(-1, logits.topk(top_k, -1).indices, False)
         assert (d_logits[unselected] == 0).all()
         if gate_strength is None or gate_strength < 0.9:
             assert d_logits[~unselected].abs().mean() > 1e-3
@@ -150,9 +146,7 @@ def test_reductions_to_linear_attention():
 
 def test_chunk_matches_naive_bf16():
     B, T, H, D, M = 2, 70, 2, 40, 4
-    (q, k, v, logits, g), h0 = _inputs(
-        B, T, H, D, M, seed=5, gate_strength=0.5, shared=True, dtype=torch.bfloat16
-    )
+    (q, k, v, logits, g), h0 = _inputs(B, T, H, D, M, seed=5, gate_strength=0.5, shared=True, dtype=torch.bfloat16)
     d_o, d_s = torch.randn(B, T, H, D), torch.randn(*h0.shape)
     kw = dict(top_k=2, shared_memory=True)
     ref32 = _fwd_bwd(naive_mom, *(x.float() for x in (q, k, v, logits, g)), h0, d_o, d_s, **kw)
@@ -173,9 +167,7 @@ def test_step_token_by_token_equals_full():
     B, T, H, D, M = 2, 21, 2, 16, 4
     (q, k, v, logits, g), h0 = _inputs(B, T, H, D, M, seed=6, shared=True)
     kw = dict(top_k=2, shared_memory=True)
-    o_full, s_full = chunk_mom(
-        q, k, v, logits, g, initial_state=h0, output_final_state=True, chunk_size=8, **kw
-    )
+    o_full, s_full = chunk_mom(q, k, v, logits, g, initial_state=h0, output_final_state=True, chunk_size=8, **kw)
     state, outs = h0, []
     for t in range(T):
         sl = slice(t, t + 1)

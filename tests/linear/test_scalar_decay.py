@@ -145,8 +145,11 @@ def test_chunk_matches_naive_bf16(name):
 
 def naive64(name, x, h0=None):
     naive = FORMS[name][0]
-    o, s = naive(**{n: t.double() for n, t in x.items()}, initial_state=None if h0 is None else h0.double(),
-                 output_final_state=True)
+    o, s = naive(
+        **{n: t.double() for n, t in x.items()},
+        initial_state=None if h0 is None else h0.double(),
+        output_final_state=True,
+    )
     return o, s
 
 
@@ -306,8 +309,9 @@ def test_gradcheck_chunk_float64(name):
     names = list(x)
 
     def f(*args):
-        o, s = FORMS[name][1](**dict(zip(names, args[:-1], strict=True)), initial_state=args[-1],
-                              output_final_state=True, chunk_size=3)
+        o, s = FORMS[name][1](
+            **dict(zip(names, args[:-1], strict=True)), initial_state=args[-1], output_final_state=True, chunk_size=3
+        )
         return o, s
 
     assert torch.autograd.gradcheck(f, (*x.values(), h0))
@@ -322,8 +326,14 @@ def test_varlen_retention_matches_loop():
     for fn in (chunk_retention, naive_retention):
         o, s = fn(**x, initial_state=h0, output_final_state=True, cu_seqlens=cu)
         for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
-            o_i, s_i = naive_retention(x["q"][:, a:b], x["k"][:, a:b], x["v"][:, a:b], x["log_decay"],
-                                       initial_state=h0[i : i + 1], output_final_state=True)
+            o_i, s_i = naive_retention(
+                x["q"][:, a:b],
+                x["k"][:, a:b],
+                x["v"][:, a:b],
+                x["log_decay"],
+                initial_state=h0[i : i + 1],
+                output_final_state=True,
+            )
             if b > a:
                 assert_fp32_close(o[:, a:b], o_i, name=f"{fn.__name__} sequence {i}")
             assert_fp32_close(s[i : i + 1], s_i, name=f"{fn.__name__} state {i}")

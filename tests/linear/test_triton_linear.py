@@ -50,8 +50,17 @@ def _scalar_run(backend, q, k, v, g, s0, **kw):
     leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (q, k, v, g, s0)]
     q_, k_, v_, g_, s_ = leaves
     o, s = scalar_decay_op(
-        "chunk", q_, k_, v_, g_, scale=kw.pop("scale", None), initial_state=s_, output_final_state=True,
-        cu_seqlens=kw.pop("cu_seqlens", None), backend=backend, **kw,
+        "chunk",
+        q_,
+        k_,
+        v_,
+        g_,
+        scale=kw.pop("scale", None),
+        initial_state=s_,
+        output_final_state=True,
+        cu_seqlens=kw.pop("cu_seqlens", None),
+        backend=backend,
+        **kw,
     )
     w_o, w_s = _loss_weights(o, s)
     ((o.double() * w_o).sum() + (s.double() * w_s).sum()).backward()
@@ -109,8 +118,9 @@ def test_scalar_decay_bf16_flash_rule():
     B, T, H, K = 1, 33, 2, 16
     q, k, v = _randn(gen, B, T, H, K), _randn(gen, B, T, H, K), _randn(gen, B, T, H, K)
     g = -torch.rand(B, T, H, generator=gen).to(DEVICE) * 0.5
-    ref = scalar_decay_op("chunk", q, k, v, g, scale=None, initial_state=None, output_final_state=False,
-                          cu_seqlens=None, backend="torch")[0]
+    ref = scalar_decay_op(
+        "chunk", q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, backend="torch"
+    )[0]
     low = [x.bfloat16() for x in (q, k, v, g)]
     common = dict(scale=None, initial_state=None, output_final_state=False, cu_seqlens=None)
     o_t = scalar_decay_op("chunk", *low, **common, backend="triton")[0]
@@ -121,8 +131,9 @@ def test_scalar_decay_bf16_flash_rule():
 
 def _gdr_run(backend, q, k, v, g, beta, s0):
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, s0)]
-    o, s = chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
-                                  chunk_size=16, backend=backend)
+    o, s = chunk_gated_delta_rule(
+        *leaves[:5], initial_state=leaves[5], output_final_state=True, chunk_size=16, backend=backend
+    )
     w_o, w_s = _loss_weights(o, s)
     ((o.double() * w_o).sum() + (s.double() * w_s).sum()).backward()
     return o.detach(), s.detach(), [x.grad for x in leaves]

@@ -44,8 +44,9 @@ def test_varlen_gradients_equal_per_sequence_loop(name, form):
     extra = {"chunk_size": 8} if form == "chunk" else {}
 
     x, leaves, h0 = leaf_inputs(base, h0_base)
-    o, s = x.call(getattr(op, form), cu_seqlens=torch.tensor(bounds), initial_state=h0, output_final_state=True,
-                  **extra)
+    o, s = x.call(
+        getattr(op, form), cu_seqlens=torch.tensor(bounds), initial_state=h0, output_final_state=True, **extra
+    )
     g = torch.Generator().manual_seed(23)
     d_o = torch.randn(o.shape, generator=g)
     d_s = [torch.randn(p.shape, generator=g) for p in state_parts(s)]

@@ -70,8 +70,7 @@ def minibatch_loop(q, k, v, th, et, al, w, C, **kw):
     for t in range(T):
         if t % C == 0:
             W0 = [read_weights(a, kw.get("retention", "linear"), kw.get("q_exp", 2.0)) for a in A]
-        G = mlp_token_grads(W0, k[:, t, :, None], v[:, t, :, None], kw.get("loss", "l2"),
-                            kw.get("p", 2.0))
+        G = mlp_token_grads(W0, k[:, t, :, None], v[:, t, :, None], kw.get("loss", "l2"), kw.get("p", 2.0))
         e, a_, th_ = (x[:, t, :, None, None] for x in (et, al, th))
         S = [e * s - th_ * g[:, :, 0] for s, g in zip(S, G)]
         A = [(1 - a_) * a + s for a, s in zip(A, S)]
@@ -112,14 +111,16 @@ def test_step_and_carried_state_equal_one_call(rule):
     y1, st = reference_neural_memory(*(x[:, :7] for x in (q, k, v, th, et, al)), w, output_final_state=True, **kw)
     ys = [y1]
     for t in range(7, 12):
-        y, st = reference_neural_memory(*(x[:, t: t + 1] for x in (q, k, v, th, et, al)), w, initial_state=st,
-                                        output_final_state=True, **kw)
+        y, st = reference_neural_memory(
+            *(x[:, t : t + 1] for x in (q, k, v, th, et, al)), w, initial_state=st, output_final_state=True, **kw
+        )
         ys.append(y)
     torch.testing.assert_close(torch.cat(ys, 1), full, rtol=1e-5, atol=1e-6)
     # chunked form: a call boundary on the chunk grid continues exactly
     c_full, _ = chunk_neural_memory(q, k, v, th, et, al, w, chunk_size=4, **kw)
-    c1, st = chunk_neural_memory(*(x[:, :8] for x in (q, k, v, th, et, al)), w, chunk_size=4,
-                                 output_final_state=True, **kw)
+    c1, st = chunk_neural_memory(
+        *(x[:, :8] for x in (q, k, v, th, et, al)), w, chunk_size=4, output_final_state=True, **kw
+    )
     c2, _ = chunk_neural_memory(*(x[:, 8:] for x in (q, k, v, th, et, al)), w, chunk_size=4, initial_state=st, **kw)
     torch.testing.assert_close(torch.cat([c1, c2], 1), c_full, rtol=1e-5, atol=1e-6)
 
@@ -172,8 +173,9 @@ def test_valid_false_is_an_identity_step():
     kk[0, 3:5] = float("nan")  # invalid tokens never matter, whatever they hold
     y, st = reference_neural_memory(q, kk, v, th, et, al, w, window=2, valid=valid, output_final_state=True)
     keep = [0, 1, 2, 5, 6, 7, 8]
-    y0, st0 = reference_neural_memory(*(x[:1, keep] for x in (q, k, v, th, et, al)), w, window=2,
-                                      output_final_state=True)
+    y0, st0 = reference_neural_memory(
+        *(x[:1, keep] for x in (q, k, v, th, et, al)), w, window=2, output_final_state=True
+    )
     torch.testing.assert_close(y[:1, keep], y0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st["A"][1][:1], st0["A"][1], rtol=1e-5, atol=1e-6)
 

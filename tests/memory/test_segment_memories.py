@@ -36,7 +36,7 @@ def test_infini_rule_parts():
     q, k, v = qkv(B=1, T=8)
     # gate -> -inf: local causal attention inside each segment only
     y, _ = infini_attention(q, k, v, torch.full((2,), -1e4), segment=4)
-    local = torch.cat([attention(q[:, s:s + 4], k[:, s:s + 4], v[:, s:s + 4], causal=True) for s in (0, 4)], 1)
+    local = torch.cat([attention(q[:, s : s + 4], k[:, s : s + 4], v[:, s : s + 4], causal=True) for s in (0, 4)], 1)
     torch.testing.assert_close(y, local, rtol=1e-5, atol=1e-6)
     # gate -> +inf: the memory read; zero in the first segment, sigma(Q) M / sigma(Q) z in the second
     y, _ = infini_attention(q, k, v, torch.full((2,), 1e4), segment=4)
@@ -56,21 +56,29 @@ def test_infini_padding_and_bounded_state():
     kk = k.clone()
     kk[1, :3] = float("nan")
     y, st = infini_attention(q, kk, v, torch.zeros(2), segment=4, delta=True, valid=valid, output_final_state=True)
-    y1, st1 = infini_attention(q[1:, 3:], k[1:, 3:], v[1:, 3:], torch.zeros(2), segment=4, delta=True,
-                               output_final_state=True)
+    y1, st1 = infini_attention(
+        q[1:, 3:], k[1:, 3:], v[1:, 3:], torch.zeros(2), segment=4, delta=True, output_final_state=True
+    )
     torch.testing.assert_close(y[1:, 3:], y1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st["M"][1:], st1["M"], rtol=1e-5, atol=1e-6)
     for T in (3, 50):
         _, s = infini_attention(*qkv(T=T), torch.zeros(2), segment=4, output_final_state=True)
         assert [tuple(s[n].shape) for n in ("M", "z", "k", "v", "count")] == [
-            (2, 2, 4, 4), (2, 2, 4), (2, 4, 2, 4), (2, 4, 2, 4), (2,)]
+            (2, 2, 4, 4),
+            (2, 2, 4),
+            (2, 4, 2, 4),
+            (2, 4, 2, 4),
+            (2,),
+        ]
 
 
 def test_infini_gradcheck_and_bad_input():
     q, k, v = qkv(B=1, T=5, H=1, D=2, dtype=torch.float64)
-    args = [x.clone().requires_grad_() for x in (q, k, v)] + [torch.tensor([0.2], dtype=torch.float64,
-                                                                            requires_grad=True)]
+    args = [x.clone().requires_grad_() for x in (q, k, v)] + [
+        torch.tensor([0.2], dtype=torch.float64, requires_grad=True)
+    ]
     for delta in (False, True):
+
         def fn(q, k, v, g, delta=delta):
             return infini_attention(q, k, v, g, segment=2, delta=delta)[0]
 
@@ -90,7 +98,7 @@ def test_rmt_segments_equal_tokens_and_memory_carries_information():
     y, st = layer(x)
     ys, s = [], None
     for t in range(13):
-        o, s = layer(x[:, t:t + 1], s)
+        o, s = layer(x[:, t : t + 1], s)
         ys.append(o)
     torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s["mem"], st["mem"], rtol=1e-5, atol=1e-6)

@@ -60,9 +60,16 @@ def test_global_lbl_equals_concatenated_batch(world):
     # data parallelism averages the ranks' gradients
     assert_fp32_close(sum(r[1][0] for r in results) / world, g_one, 1e-5, name="router grad")
     # the micro-batch losses differ from the global one (the test can tell the scopes apart)
-    micro = [load_balancing_loss(one.router(x[v]).scores.sum(0), int(v.sum()),
-                                 torch.bincount(one.router(x[v]).expert, minlength=E).double(), float(v.sum() * k))
-             for per in batches for x, v in per]
+    micro = [
+        load_balancing_loss(
+            one.router(x[v]).scores.sum(0),
+            int(v.sum()),
+            torch.bincount(one.router(x[v]).expert, minlength=E).double(),
+            float(v.sum() * k),
+        )
+        for per in batches
+        for x, v in per
+    ]
     assert abs(sum(m.item() for m in micro) / world - mean_loss) > 1e-4
 
 
@@ -74,7 +81,8 @@ def test_global_lbl_accumulates_micro_batches():
     counts = sum(torch.bincount(one.router(x[v]).expert, minlength=E) for per in batches for x, v in per)
     for r in results:
         assert torch.equal(r[2][:-1], counts) and r[2][-1].item() == sum(
-            int(v.sum()) for per in batches for _, v in per)
+            int(v.sum()) for per in batches for _, v in per
+        )
     # the last micro-batch uses f of the whole global batch and P of its own (all-rank) micro-batch
     last = torch.cat([per[-1][0][per[-1][1]] for per in batches])
     p = one.router(last).scores.sum(0)
@@ -98,7 +106,7 @@ def _ep_rank(rank, world, E, k, chunks, lengths, kw):
     L = E // world
     sd = {n: t for n, t in full.state_dict().items()}
     for name in ("experts.w_in", "experts.w_out"):
-        sd[name] = sd[name][rank * L:(rank + 1) * L]
+        sd[name] = sd[name][rank * L : (rank + 1) * L]
     ep.load_state_dict(sd)
     xs, gy = _ep_inputs(lengths)
     x = xs[rank].clone().requires_grad_(True)
@@ -106,8 +114,15 @@ def _ep_rank(rank, world, E, k, chunks, lengths, kw):
     (y * gy[rank]).sum().backward()
     router_grad = ep.router.weight.grad.clone()
     dist.all_reduce(router_grad)
-    return (y.detach(), x.grad, ep.experts.w_in.grad, ep.experts.w_out.grad, router_grad,
-            ep.last_aux.tokens_per_expert, ep.last_aux.bytes_sent)
+    return (
+        y.detach(),
+        x.grad,
+        ep.experts.w_in.grad,
+        ep.experts.w_out.grad,
+        router_grad,
+        ep.last_aux.tokens_per_expert,
+        ep.last_aux.bytes_sent,
+    )
 
 
 @pytest.mark.parametrize(
@@ -135,8 +150,8 @@ def test_expert_parallel_equals_single_process(world, E, k, chunks, lengths, kw)
         sl = slice(starts[r], starts[r] + lengths[r])
         assert_fp32_close(yr, y[:, sl].detach(), name=f"rank {r} output")
         assert_fp32_close(gx, x.grad[:, sl], 1e-4, name=f"rank {r} dx")
-        assert_fp32_close(gin, full.experts.w_in.grad[r * L:(r + 1) * L], 1e-4, name="dw_in")
-        assert_fp32_close(gout, full.experts.w_out.grad[r * L:(r + 1) * L], 1e-4, name="dw_out")
+        assert_fp32_close(gin, full.experts.w_in.grad[r * L : (r + 1) * L], 1e-4, name="dw_in")
+        assert_fp32_close(gout, full.experts.w_out.grad[r * L : (r + 1) * L], 1e-4, name="dw_out")
         assert_fp32_close(grouter, full.router.weight.grad, 1e-4, name="router grad")
     assert sum(r[5] for r in results).tolist() == full.last_aux.tokens_per_expert.tolist()
     assert sum(r[6] for r in results) > 0

@@ -31,8 +31,17 @@ def test_layer_pattern_and_aux_loss():
 
 
 def test_moe_kwargs_and_all_moe_layers():
-    model = _lm(ffn="moe", moe={"num_experts": 6, "top_k": 1, "hidden": 24, "router": "sigmoid",
-                                "shared_experts": 1, "lbl_scope": "global"})
+    model = _lm(
+        ffn="moe",
+        moe={
+            "num_experts": 6,
+            "top_k": 1,
+            "hidden": 24,
+            "router": "sigmoid",
+            "shared_experts": 1,
+            "lbl_scope": "global",
+        },
+    )
     moes = [b.mlp for b in model.blocks]
     assert all(isinstance(m, MoE) and m.hidden == 24 and m.shared is not None for m in moes)
     model(torch.randint(0, 40, (1, 5)))
@@ -48,7 +57,7 @@ def test_decode_equals_full_forward(mixers):
     logits, state = model(ids[:, :4])
     steps = [logits]
     for t in range(4, 11):
-        logits, state = model(ids[:, t:t + 1], state)
+        logits, state = model(ids[:, t : t + 1], state)
         steps.append(logits)
     assert_fp32_close(torch.cat(steps, 1), full)
     out = model.generate(ids[:, :3], max_new_tokens=4, temperature=0.0)

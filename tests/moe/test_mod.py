@@ -48,7 +48,7 @@ def test_predictor_decode_equals_full_forward(T, prefill):
         y0, state = mod(x[:, :prefill], causal=True)
         outs.append(y0)
     for t in range(prefill, T):
-        y_t, state = mod(x[:, t:t + 1], state)
+        y_t, state = mod(x[:, t : t + 1], state)
         outs.append(y_t)
     assert_fp32_close(torch.cat(outs, 1), y_full)
 
@@ -96,7 +96,7 @@ def test_topk_equals_decode_where_predictor_agrees():
     assert mod.last_agreement == 1.0
     state, outs = [None], []
     for t in range(16):
-        y_t, state = mod(x[:, t:t + 1], state)
+        y_t, state = mod(x[:, t : t + 1], state)
         outs.append(y_t)
     assert_fp32_close(torch.cat(outs, 1), y_topk)
 

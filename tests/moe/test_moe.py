@@ -14,8 +14,14 @@ from tests.helpers import assert_fp32_close
 def _ref(moe: MoE, x: torch.Tensor):
     flat = x.reshape(-1, x.shape[-1])
     y, kept = reference_moe(
-        flat, moe.router.weight, moe.experts, moe.top_k, kind=moe.router.kind,
-        normalize=moe.router.normalize, bias=moe.router.bias, capacity_factor=moe.capacity_factor,
+        flat,
+        moe.router.weight,
+        moe.experts,
+        moe.top_k,
+        kind=moe.router.kind,
+        normalize=moe.router.normalize,
+        bias=moe.router.bias,
+        capacity_factor=moe.capacity_factor,
     )
     if moe.shared is not None:
         y = y + moe.shared(flat)

@@ -34,9 +34,7 @@ def test_error_scores_put_one_head_at_a_time_under_the_streaming_mask():
     model = _lm()
     ids, tail = effattn.nn.duo_calibration.passkey_batch(40, 2, 24, 4, torch.Generator().manual_seed(0))
     stream = effattn.nn.duo_calibration.streaming_mask(4, 4)
-    _, scores = calibrate_duo_attention(
-        model, method="error", num_samples=2, seq_len=24, recent=4, return_scores=True
-    )
+    _, scores = calibrate_duo_attention(model, method="error", num_samples=2, seq_len=24, recent=4, return_scores=True)
     layer = model.blocks[1].mixer
     with torch.no_grad():
         ref = model(ids)[0][:, -tail:]

@@ -24,8 +24,14 @@ def tiny(mixers, seed: int = 0, **kw) -> LM:
     return LM(LMConfig(**cfg)).eval()
 
 
-HYBRIDS = ["gated_deltanet,attention", "mamba2,sliding_window", "mamba,retnet", "gla,deltanet",
-           "based,aaren", "linear_attention,attention"]
+HYBRIDS = [
+    "gated_deltanet,attention",
+    "mamba2,sliding_window",
+    "mamba,retnet",
+    "gla,deltanet",
+    "based,aaren",
+    "linear_attention,attention",
+]
 
 
 @pytest.mark.parametrize("mixers", HYBRIDS)
@@ -56,7 +62,7 @@ def test_generate_left_padded_batch_equals_unbatched(mixers):
     assert out.shape == (2, T + 6)
     for i, p in enumerate(prompts):
         ref = model.generate(p, max_new_tokens=6, temperature=0.0)
-        assert torch.equal(out[i, T:], ref[0, p.shape[1] :]), f"row {i}: {out[i, T:]} != {ref[0, p.shape[1]:]}"
+        assert torch.equal(out[i, T:], ref[0, p.shape[1] :]), f"row {i}: {out[i, T:]} != {ref[0, p.shape[1] :]}"
 
 
 @pytest.mark.parametrize("tie", [True, False])

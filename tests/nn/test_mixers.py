@@ -143,8 +143,18 @@ def test_bad_input(name):
 
 def test_registry():
     names = list_mixers()
-    for expected in ("linear_attention", "based", "retnet", "gla", "deltanet", "gated_deltanet", "mamba",
-                     "mamba2", "aaren", "mom"):
+    for expected in (
+        "linear_attention",
+        "based",
+        "retnet",
+        "gla",
+        "deltanet",
+        "gated_deltanet",
+        "mamba",
+        "mamba2",
+        "aaren",
+        "mom",
+    ):
         assert expected in names
     with pytest.raises(ValueError, match="registered mixers: .*gla"):
         build_mixer("no_such_mixer", dim=DIM, heads=HEADS)

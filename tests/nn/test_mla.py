@@ -50,9 +50,7 @@ def test_plain_matches_formula():
 
 
 @pytest.mark.parametrize("absorb", [None, True, False])
-@pytest.mark.parametrize(
-    "kw", [{}, {"q_lora_rank": 12}, {"qk_rope_head_dim": 0}, {"window": 4}, {"v_head_dim": 16}]
-)
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": 12}, {"qk_rope_head_dim": 0}, {"window": 4}, {"v_head_dim": 16}])
 def test_decode_equals_full(absorb, kw):
     m = _mla(**kw)
     x = _x(T=12)

@@ -78,8 +78,16 @@ def test_centroids_move_only_in_training_and_get_no_gradient():
 
 def test_save_load_keeps_the_centroids(tmp_path):
     torch.manual_seed(0)
-    model = LM(LMConfig(vocab_size=23, dim=DIM, n_layers=2, heads=HEADS, mixers="routing,gla",
-                        mixer_kwargs={"routing": {"num_clusters": 3, "cluster_window": 4}}))
+    model = LM(
+        LMConfig(
+            vocab_size=23,
+            dim=DIM,
+            n_layers=2,
+            heads=HEADS,
+            mixers="routing,gla",
+            mixer_kwargs={"routing": {"num_clusters": 3, "cluster_window": 4}},
+        )
+    )
     ids = torch.randint(0, 23, (2, 16))
     model.train()(ids)  # a training forward moves the centroids away from their initialisation
     model.eval()

@@ -33,7 +33,9 @@ def test_sees_every_earlier_row_and_its_own_row_up_to_itself():
     assert torch.equal(seen, want)
     # the first row has no column context: it is plain causal row attention
     first = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :cols].transpose(1, 2), k[:, :cols].repeat_interleave(2, 2).transpose(1, 2),
-        v[:, :cols].repeat_interleave(2, 2).transpose(1, 2), is_causal=True,
+        q[:, :cols].transpose(1, 2),
+        k[:, :cols].repeat_interleave(2, 2).transpose(1, 2),
+        v[:, :cols].repeat_interleave(2, 2).transpose(1, 2),
+        is_causal=True,
     ).transpose(1, 2)
     torch.testing.assert_close(o[:, :cols], first, atol=1e-5, rtol=1e-5)

@@ -33,8 +33,14 @@ def _reference(q, k, v, mask, bias, return_lse=False):
 
 @pytest.mark.parametrize(
     "causal,T,block,samples",
-    [(False, 128, 16, 24), (False, 128, 32, 0), (False, 256, 128, 40), (True, 128, 16, 24), (True, 97, 8, 30),
-     (True, 257, 32, 64)],
+    [
+        (False, 128, 16, 24),
+        (False, 128, 32, 0),
+        (False, 256, 128, 40),
+        (True, 128, 16, 24),
+        (True, 97, 8, 30),
+        (True, 257, 32, 64),
+    ],
 )
 @pytest.mark.parametrize("kept", [True, False], ids=["kept_probs", "recomputed"])
 def test_engine_matches_reference(causal, T, block, samples, kept, monkeypatch):

@@ -66,7 +66,11 @@ def test_engine_matches_reference_on_selection(causal, shared_qk, dedup, n_round
         keys = torch.nn.functional.normalize(q, dim=-1) if shared_qk else k
         allowed = counts > 0
         _, lse_ref = attention(
-            q, keys, keys[..., :1], mask_mod=lambda b, h, i, j: allowed[b, h, i, j], return_lse=True,
+            q,
+            keys,
+            keys[..., :1],
+            mask_mod=lambda b, h, i, j: allowed[b, h, i, j],
+            return_lse=True,
             backend="reference",
         )
         empty = torch.isneginf(lse_ref)  # queries with no key at all (causal, separate q/k)

@@ -39,9 +39,7 @@ CLUSTER_WINDOW_CASES = [  # causal with a fixed per-cluster window: T, num_clust
 ]
 
 
-@pytest.mark.parametrize(
-    "causal,T,K,L,cw", [(*c, None) for c in CASES] + [(True, *c) for c in CLUSTER_WINDOW_CASES]
-)
+@pytest.mark.parametrize("causal,T,K,L,cw", [(*c, None) for c in CASES] + [(True, *c) for c in CLUSTER_WINDOW_CASES])
 def test_engine_matches_reference(causal, T, K, L, cw):
     q, k, v = _inputs(T=T)
     params = {"num_clusters": K, "causal": causal, "local_heads": L, "seed": 1}

@@ -92,8 +92,9 @@ def test_routing_padded_rows_keep_their_state_and_get_zeros():
         if name in ("rk", "rv", "rmask"):
             new_t = new_t[:, :, : old_t.shape[2]]
         assert torch.isfinite(new_t.float()).all() and torch.equal(new_t, old_t), name
-    o_ref, _ = step_routing_attention(*(x[:1, 8:9] for x in (q, k, v)), routing_decode_state(
-        q[:1, :8], k[:1, :8], v[:1, :8], **kw), **kw)
+    o_ref, _ = step_routing_attention(
+        *(x[:1, 8:9] for x in (q, k, v)), routing_decode_state(q[:1, :8], k[:1, :8], v[:1, :8], **kw), **kw
+    )
     assert_fp32_close(o[:1], o_ref, name="the real row is unaffected by its padded neighbour")
 
 
@@ -145,8 +146,11 @@ def test_topk_block_steps_equal_the_full_causal_call(case, heads, representative
     kw = dict(block=block, top_k=top_k, representative=representative)
     if n_blocks == 1:
         full = torch.nn.functional.scaled_dot_product_attention(
-            *(x.transpose(1, 2).repeat_interleave(heads[0] // heads[1], 1) if i else x.transpose(1, 2)
-              for i, x in enumerate((q, k, v))), is_causal=True
+            *(
+                x.transpose(1, 2).repeat_interleave(heads[0] // heads[1], 1) if i else x.transpose(1, 2)
+                for i, x in enumerate((q, k, v))
+            ),
+            is_causal=True,
         ).transpose(1, 2)
     else:
         full = topk_block_attention(q, k, v, causal=True, **kw)
@@ -190,8 +194,14 @@ def test_topk_block_step_bad_input():
 
 # ----------------------------------------------------------------------------------------------- exports, docs
 def test_step_forms_are_exported_and_their_examples_run():
-    for name in ("RoutingDecodeState", "routing_decode_state", "step_routing_attention", "TopKBlockDecodeState",
-                 "topk_block_decode_state", "step_topk_block_attention"):
+    for name in (
+        "RoutingDecodeState",
+        "routing_decode_state",
+        "step_routing_attention",
+        "TopKBlockDecodeState",
+        "topk_block_decode_state",
+        "step_topk_block_attention",
+    ):
         assert name in sparse.__all__ and hasattr(sparse, name)
     assert RoutingDecodeState is routing_mod.RoutingDecodeState
     run_doctests(routing_mod)

@@ -33,8 +33,9 @@ def _reference(h, w, t, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_equals_full_logits_float64(chunk, label_smoothing, z_loss, reduction):
     h, w, t = _data()
-    loss = chunked_cross_entropy(h, w, t, chunk=chunk, label_smoothing=label_smoothing, z_loss=z_loss,
-                                 reduction=reduction)
+    loss = chunked_cross_entropy(
+        h, w, t, chunk=chunk, label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction
+    )
     ref = _reference(h, w, t, label_smoothing, z_loss, reduction)
     assert rel_rms(loss, ref) < 1e-12
     g = torch.autograd.grad(loss * 1.7, (h, w))

@@ -13,8 +13,14 @@ from effattn.nn import LM, LMConfig
 from effattn.train import CheckpointError, TrainConfig, load_checkpoint, train
 from tests.helpers import rel_rms
 
-MODEL = dict(vocab_size=256, dim=24, n_layers=2, heads=2, mixers="attention,sliding_window",
-             mixer_kwargs={"sliding_window": {"window": 5}})
+MODEL = dict(
+    vocab_size=256,
+    dim=24,
+    n_layers=2,
+    heads=2,
+    mixers="attention,sliding_window",
+    mixer_kwargs={"sliding_window": {"window": 5}},
+)
 
 
 def _text(path: Path) -> str:
@@ -38,12 +44,14 @@ def _params(lm):
 def test_resume_equals_uninterrupted(tmp_path):
     data = _text(tmp_path / "t.txt")
     full = train(LMConfig(**MODEL), _cfg(data, steps=4, grad_accum=2, out_dir=str(tmp_path / "a"), save_every=2))
-    part = train(LMConfig(**MODEL), _cfg(data, steps=4, grad_accum=2, out_dir=str(tmp_path / "b"), save_every=2,
-                                         stop_after=3))  # "killed" after step 3: the step-2 checkpoint survives
+    part = train(
+        LMConfig(**MODEL), _cfg(data, steps=4, grad_accum=2, out_dir=str(tmp_path / "b"), save_every=2, stop_after=3)
+    )  # "killed" after step 3: the step-2 checkpoint survives
     assert (tmp_path / "b" / "latest").read_text().strip() == "ckpt-000002"
     assert part["loss"][:3] == full["loss"][:3]
-    resumed = train(LMConfig(**MODEL), _cfg(data, steps=4, grad_accum=2, out_dir=str(tmp_path / "b"), save_every=2,
-                                            resume=True))
+    resumed = train(
+        LMConfig(**MODEL), _cfg(data, steps=4, grad_accum=2, out_dir=str(tmp_path / "b"), save_every=2, resume=True)
+    )
     assert resumed["loss"] == full["loss"]  # bit for bit, float32 on the CPU
     a, b = _params(full["model"]), _params(resumed["model"])
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -100,8 +108,9 @@ def _dist_worker(rank, world, data, parallel, sp):
     h = train(LMConfig(**MODEL), cfg)
     lm = h["model"]
     # FSDP2 parameters are DTensor shards: gather the full tensors
-    state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-             for n, p in lm.named_parameters()}
+    state = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in lm.named_parameters()
+    }
     return h["loss"], state
 
 
@@ -146,10 +155,37 @@ def test_cli_trains_plots_and_bin_data(tmp_path):
     ids = torch.randint(0, 300, (4000,), generator=torch.Generator().manual_seed(0)).to(torch.int32)
     ids.numpy().tofile(tmp_path / "ids.bin")
     out = tmp_path / "run"
-    cli_main(["train", "--data", str(tmp_path / "ids.bin"), "--bin-dtype", "int32", "--vocab-size", "300",
-              "--layers", "1", "--dim", "16", "--heads", "2", "--mixers", "gla", "--steps", "2",
-              "--batch-size", "2", "--seq-len", "8", "--out", str(out), "--no-progress", "--reversible",
-              "--chunked-loss", "5"])
+    cli_main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "ids.bin"),
+            "--bin-dtype",
+            "int32",
+            "--vocab-size",
+            "300",
+            "--layers",
+            "1",
+            "--dim",
+            "16",
+            "--heads",
+            "2",
+            "--mixers",
+            "gla",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "8",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--reversible",
+            "--chunked-loss",
+            "5",
+        ]
+    )
     hist = json.loads((out / "history.json").read_text())
     assert len(hist["loss"]) == 2 and hist["val"]
     assert (out / "loss.png").stat().st_size > 1000

@@ -8,8 +8,14 @@ from effattn.nn import LM, Int8SavedActivations, LMConfig, chunked_apply, revers
 from tests.helpers import rel_rms
 
 VOCAB = 41
-BASE = dict(vocab_size=VOCAB, dim=32, n_layers=3, heads=4, mixers="attention,gla,sliding_window",
-            mixer_kwargs={"sliding_window": {"window": 5}})
+BASE = dict(
+    vocab_size=VOCAB,
+    dim=32,
+    n_layers=3,
+    heads=4,
+    mixers="attention,gla,sliding_window",
+    mixer_kwargs={"sliding_window": {"window": 5}},
+)
 
 
 def _grads(dtype=torch.float32, **kw):
@@ -22,8 +28,16 @@ def _grads(dtype=torch.float32, **kw):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("opt", [dict(checkpoint="block"), dict(checkpoint="mixer"), dict(checkpoint="mlp"),
-                                 dict(chunked_mlp=5), dict(checkpoint="block", chunked_mlp=4)])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        dict(checkpoint="block"),
+        dict(checkpoint="mixer"),
+        dict(checkpoint="mlp"),
+        dict(chunked_mlp=5),
+        dict(checkpoint="block", chunked_mlp=4),
+    ],
+)
 def test_exact_options_equal_baseline(opt):
     loss0, g0 = _grads()
     loss, g = _grads(**opt)
@@ -75,11 +89,17 @@ def test_reversible_stack_with_frozen_and_shared_parameters():
     f, g = torch.nn.Linear(6, 6).double(), torch.nn.Linear(6, 6).double()
     f.bias.requires_grad_(False)
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    fns, params = [(f, g), (g, f)], [(list(f.parameters()), list(g.parameters()))] * 0 + [
-        (list(f.parameters()), list(g.parameters())), (list(g.parameters()), list(f.parameters()))]
+    fns, params = (
+        [(f, g), (g, f)],
+        [(list(f.parameters()), list(g.parameters()))] * 0
+        + [(list(f.parameters()), list(g.parameters())), (list(g.parameters()), list(f.parameters()))],
+    )
     y = reversible_stack(x, fns, params)
     gx, gw, gg = torch.autograd.grad(y.square().sum(), (x, f.weight, g.weight))
-    y1 = x + f(x); y2 = x + g(y1); z1 = y1 + g(y2); z2 = y2 + f(z1)  # noqa: E702
+    y1 = x + f(x)
+    y2 = x + g(y1)
+    z1 = y1 + g(y2)
+    z2 = y2 + f(z1)  # noqa: E702
     rx, rw, rg = torch.autograd.grad(((z1 + z2) / 2).square().sum(), (x, f.weight, g.weight))
     for a, b in ((gx, rx), (gw, rw), (gg, rg)):
         assert rel_rms(a, b) < 1e-10

@@ -236,7 +236,16 @@ def run(args: argparse.Namespace) -> None:
         for T in lengths:
             for impl in impls:
                 r = measure(
-                    impl, pattern, T, B, H, D, device=args.device, repeats=args.repeats, backward=backward, gemm=gemm,
+                    impl,
+                    pattern,
+                    T,
+                    B,
+                    H,
+                    D,
+                    device=args.device,
+                    repeats=args.repeats,
+                    backward=backward,
+                    gemm=gemm,
                     flex=flex_ok,
                 )
                 rows.append(r)

@@ -90,8 +90,16 @@ class _Bytes:
 def counting_bytes(world: int):
     """Wrap ``torch.distributed``'s send-side calls (this process only) and count bytes sent."""
     counter = _Bytes()
-    names = ["send", "batch_isend_irecv", "all_gather", "all_gather_into_tensor", "all_reduce",
-             "all_to_all_single", "all_to_all", "broadcast"]
+    names = [
+        "send",
+        "batch_isend_irecv",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_reduce",
+        "all_to_all_single",
+        "all_to_all",
+        "broadcast",
+    ]
     originals = {n: getattr(dist, n) for n in names}
 
     def nbytes(t) -> int:
@@ -361,8 +369,9 @@ def _plot_model(path: Path) -> None:
         es = [estimate(m, P, w) for P in devices]
         axes[0].plot(devices, [e.total_s * 1e3 for e in es], st, label=m)
         axes[1].plot(devices, [max(e.comm_s * 1e3, 1e-6) for e in es], st, label=m)
-    axes[0].plot(devices, [estimate("ring", P, w).compute_s * 1e3 for P in devices], "k--", lw=1,
-                 label="softmax compute only")
+    axes[0].plot(
+        devices, [estimate("ring", P, w).compute_s * 1e3 for P in devices], "k--", lw=1, label="softmax compute only"
+    )
     c = [w.seq_len / P for P in devices]
     cmin = [ring_min_block(H100_CLUSTER, w, P) for P in devices]
     axes[2].plot(devices, c, "o-", label="block c = T/P")
@@ -405,11 +414,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         lengths_help="comma-separated total sequence lengths (each divisible by 2 x every world size)",
     )
     p.add_argument(
-        "--world-sizes", type=str, default=None, metavar="P1,P2,...",
+        "--world-sizes",
+        type=str,
+        default=None,
+        metavar="P1,P2,...",
         help="comma-separated world sizes to spawn (default: 1,2,4; ignored under torchrun)",
     )
     p.add_argument(
-        "--methods", type=str, default=None, metavar="A,B,...",
+        "--methods",
+        type=str,
+        default=None,
+        metavar="A,B,...",
         help=f"comma-separated methods (default: {','.join(METHODS)})",
     )
     p.add_argument(
@@ -458,8 +473,16 @@ def run(args: argparse.Namespace) -> None:
                 per_rank = spawn(_spawned_rank, world, methods, T, repeats, timeout=float(args.timeout))
                 rows += summarize(per_rank, world, T)
     add_memory_ratios(rows)
-    meta = {"command": command_line(), "machine": machine_info(args.device), "heads": HEADS,
-            "head_dim": HEAD_DIM, "window": WINDOW, "dtype": "float32", "batch": 1, "causal": True}
+    meta = {
+        "command": command_line(),
+        "machine": machine_info(args.device),
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "window": WINDOW,
+        "dtype": "float32",
+        "batch": 1,
+        "causal": True,
+    }
     notes = [
         "gloo over loopback, the ranks sharing this machine's cores: times at P > 1 show contention "
         "and socket copies, not cluster scaling (see dist_model for that); memory and bytes per rank are "
@@ -479,9 +502,12 @@ def run(args: argparse.Namespace) -> None:
     for r in rows:
         print(
             f"{r['method']:>10} P={r['world']} "
-            + (r["error"] if "error" in r else
-               f"time {r['time_ms']:.1f} ms, peak/rank {r['peak_mb_max_rank']:.1f} MiB, "
-               f"sent/rank {r['mb_sent_per_rank']:.2f} MiB"),
+            + (
+                r["error"]
+                if "error" in r
+                else f"time {r['time_ms']:.1f} ms, peak/rank {r['peak_mb_max_rank']:.1f} MiB, "
+                f"sent/rank {r['mb_sent_per_rank']:.2f} MiB"
+            ),
             flush=True,
         )
     print(f"wrote {md}" + (f", {out / png}" if png else "") + f", {out / 'dist_model.md'}", flush=True)

@@ -63,21 +63,48 @@ WIDTH = dict(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p, "hf", lengths=DEFAULT_LENGTHS, quick_lengths=QUICK_LENGTHS, repeats=3,
-                         quick="one short length, tiny decode: about a minute")
+    add_common_arguments(
+        p,
+        "hf",
+        lengths=DEFAULT_LENGTHS,
+        quick_lengths=QUICK_LENGTHS,
+        repeats=3,
+        quick="one short length, tiny decode: about a minute",
+    )
     p.add_argument("--models", type=str, default=",".join(MODELS), help="comma-separated models (default: %(default)s)")
     p.add_argument("--parts", type=str, default=",".join(PARTS), help="comma-separated parts (default: %(default)s)")
-    p.add_argument("--eager-max", type=int, default=4096, metavar="T",
-                   help="longest prompt HF eager runs on (default: %(default)s)")
+    p.add_argument(
+        "--eager-max",
+        type=int,
+        default=4096,
+        metavar="T",
+        help="longest prompt HF eager runs on (default: %(default)s)",
+    )
     p.add_argument("--window", type=int, default=256, help="Mistral / Gemma 2 sliding window (default: %(default)s)")
-    p.add_argument("--decode-context", type=int, default=None, metavar="T",
-                   help="prompt length before decoding (default: 8192; with --quick: 256)")
-    p.add_argument("--decode-tokens", type=int, default=None, metavar="N",
-                   help="timed greedy steps (default: 16; with --quick: 4)")
-    p.add_argument("--budget", type=int, default=1024, metavar="N",
-                   help="CompressedCache (StreamingLLM) budget in tokens (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch intra-op threads, 0 = leave as is (default: %(default)s)")
+    p.add_argument(
+        "--decode-context",
+        type=int,
+        default=None,
+        metavar="T",
+        help="prompt length before decoding (default: 8192; with --quick: 256)",
+    )
+    p.add_argument(
+        "--decode-tokens", type=int, default=None, metavar="N", help="timed greedy steps (default: 16; with --quick: 4)"
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="CompressedCache (StreamingLLM) budget in tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads, 0 = leave as is (default: %(default)s)",
+    )
 
 
 def _ints(text: str | None, default) -> list[int]:
@@ -100,12 +127,22 @@ def config(kind: str, window: int = 256):
     if kind == "mistral":
         return transformers.MistralConfig(**WIDTH, sliding_window=window)
     if kind == "gemma2":
-        return transformers.Gemma2Config(**WIDTH, sliding_window=window, attn_logit_softcapping=50.0,
-                                         final_logit_softcapping=None, query_pre_attn_scalar=32)
+        return transformers.Gemma2Config(
+            **WIDTH,
+            sliding_window=window,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=None,
+            query_pre_attn_scalar=32,
+        )
     if kind == "gpt_oss":
         cfg = dict(WIDTH, intermediate_size=64)
-        return transformers.GptOssConfig(**cfg, sliding_window=window // 2, num_local_experts=4,
-                                         num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
+        return transformers.GptOssConfig(
+            **cfg,
+            sliding_window=window // 2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+        )
     raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
 
 
@@ -182,8 +219,16 @@ def prefill_rows(args) -> list[dict]:
                     ratios[impl].append(t[0] / t[1])
             for impl in ("effattn", *others):
                 ts = times[impl]
-                row = {"model": kind, "T": T, "impl": impl, "median_s": statistics.median(ts), "min_s": min(ts),
-                       "max_s": max(ts), "runs": len(ts), "peak_MiB": (mem[impl] or 0) / 2**20}
+                row = {
+                    "model": kind,
+                    "T": T,
+                    "impl": impl,
+                    "median_s": statistics.median(ts),
+                    "min_s": min(ts),
+                    "max_s": max(ts),
+                    "runs": len(ts),
+                    "peak_MiB": (mem[impl] or 0) / 2**20,
+                }
                 if impl != "effattn":
                     row["effattn_over_this_paired"] = statistics.median(ratios[impl])
                     row["speedup"] = 1 / row["effattn_over_this_paired"]
@@ -227,14 +272,21 @@ def decode_rows(args) -> list[dict]:
     llama = build("llama", ("effattn", "sdpa"), args.window)
     cases = [
         ("llama", "effattn", "dynamic", llama["effattn"], lambda: None),
-        ("llama", "effattn", f"compressed streaming_llm {budget}", llama["effattn"],
-         lambda: effattn.hf.CompressedCache(make_policy("streaming_llm", budget=budget, sinks=4))),
+        (
+            "llama",
+            "effattn",
+            f"compressed streaming_llm {budget}",
+            llama["effattn"],
+            lambda: effattn.hf.CompressedCache(make_policy("streaming_llm", budget=budget, sinks=4)),
+        ),
         ("llama", "sdpa", "dynamic", llama["sdpa"], lambda: None),
     ]
     if "mistral" in args.models:
         mistral = build("mistral", ("effattn", "sdpa"), args.window)
-        cases += [("mistral", "effattn", "dynamic (sliding layers)", mistral["effattn"], lambda: None),
-                  ("mistral", "sdpa", "dynamic (sliding layers)", mistral["sdpa"], lambda: None)]
+        cases += [
+            ("mistral", "effattn", "dynamic (sliding layers)", mistral["effattn"], lambda: None),
+            ("mistral", "sdpa", "dynamic (sliding layers)", mistral["sdpa"], lambda: None),
+        ]
     first = {}
     for kind, impl, cache_name, model, make_cache in cases:
         r = harness.run_guarded(lambda model=model, make_cache=make_cache: _decode(model, T, steps, make_cache()))
@@ -257,30 +309,41 @@ def targets(prefill: list[dict], decode: list[dict]) -> list[str]:
     causal = [r for r in prefill if r["model"] == "llama" and r["impl"] == "sdpa"]
     if causal:
         worst = max(r["effattn_over_this_paired"] for r in causal)
-        out.append(f"plain causal within 5% of HF sdpa: {'met' if worst <= 1.05 else 'NOT met'} "
-                   f"(effattn/sdpa paired time ratio, worst over lengths: {worst:.3f})")
+        out.append(
+            f"plain causal within 5% of HF sdpa: {'met' if worst <= 1.05 else 'NOT met'} "
+            f"(effattn/sdpa paired time ratio, worst over lengths: {worst:.3f})"
+        )
     else:
         out.append("plain causal within 5% of HF sdpa: not measured")
     sw = _find(prefill, model="mistral", T=16384, impl="sdpa")
     if sw:
         ok = sw["speedup"] >= 5 and sw["memory_ratio"] >= 5
-        out.append(f"sliding window at 16k >= 5x faster and >= 5x less peak memory than HF sdpa: "
-                   f"{'met' if ok else 'NOT met'} (speedup {sw['speedup']:.2f}x, memory {sw['memory_ratio']:.2f}x)")
+        out.append(
+            f"sliding window at 16k >= 5x faster and >= 5x less peak memory than HF sdpa: "
+            f"{'met' if ok else 'NOT met'} (speedup {sw['speedup']:.2f}x, memory {sw['memory_ratio']:.2f}x)"
+        )
     else:
         out.append("sliding window at 16k vs HF sdpa: not measured (16384 not in --lengths or mistral not run)")
     full = _find(decode, model="llama", cache="dynamic", impl="effattn")
     comp = next((r for r in decode if r["cache"].startswith("compressed")), None)
     if full and comp and "tokens_per_s" in full and "tokens_per_s" in comp:
         ok = comp["tokens_per_s"] > full["tokens_per_s"]
-        out.append(f"compressed-cache decode faster than full-cache decode at {full['context']}: "
-                   f"{'met' if ok else 'NOT met'} ({comp['tokens_per_s']:.1f} vs {full['tokens_per_s']:.1f} tokens/s)")
+        out.append(
+            f"compressed-cache decode faster than full-cache decode at {full['context']}: "
+            f"{'met' if ok else 'NOT met'} ({comp['tokens_per_s']:.1f} vs {full['tokens_per_s']:.1f} tokens/s)"
+        )
     else:
         out.append("compressed vs full cache decode: not measured")
     return out
 
 
-@suite("hf", add_arguments=add_arguments, summary="the HF plug-in (attn_implementation='effattn') vs HF sdpa/eager: "
-       "prefill time, memory, logits agreement and decode tokens/s on long-context tiny models", description=__doc__)
+@suite(
+    "hf",
+    add_arguments=add_arguments,
+    summary="the HF plug-in (attn_implementation='effattn') vs HF sdpa/eager: "
+    "prefill time, memory, logits agreement and decode tokens/s on long-context tiny models",
+    description=__doc__,
+)
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out or "bench_out/hf")
     out.mkdir(parents=True, exist_ok=True)
@@ -295,14 +358,40 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     import transformers
 
-    meta = {"command": harness.command_line(), "machine": harness.machine_info(args.device),
-            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    meta = {
+        "command": harness.command_line(),
+        "machine": harness.machine_info(args.device),
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
     results = {"prefill": [], "decode": []}
     columns = {
-        "prefill": ["model", "T", "impl", "median_s", "min_s", "max_s", "runs", "effattn_over_this_paired", "speedup",
-                    "peak_MiB", "memory_ratio", "logits_rel_rms_vs_effattn", "error"],
-        "decode": ["model", "impl", "cache", "context", "steps", "tokens_per_s", "decode_s", "same_tokens_as_first",
-                   "error"],
+        "prefill": [
+            "model",
+            "T",
+            "impl",
+            "median_s",
+            "min_s",
+            "max_s",
+            "runs",
+            "effattn_over_this_paired",
+            "speedup",
+            "peak_MiB",
+            "memory_ratio",
+            "logits_rel_rms_vs_effattn",
+            "error",
+        ],
+        "decode": [
+            "model",
+            "impl",
+            "cache",
+            "context",
+            "steps",
+            "tokens_per_s",
+            "decode_s",
+            "same_tokens_as_first",
+            "error",
+        ],
     }
     for part in parts:
         before = _load()
@@ -311,16 +400,21 @@ def run(args: argparse.Namespace) -> None:
         after = _load()
         busy = max(before, after) > (os.cpu_count() or 1)
         results[part] = rows
-        notes = [f"models: {WIDTH['num_hidden_layers']} layers, hidden {WIDTH['hidden_size']}, "
-                 f"{WIDTH['num_attention_heads']} q / {WIDTH['num_key_value_heads']} kv heads, head dim "
-                 f"{WIDTH['head_dim']}, float32, random weights; window {args.window} (gpt-oss {args.window // 2})",
-                 f"load average {before:.1f} -> {after:.1f} on {os.cpu_count()} cores"
-                 + (": BUSY while measuring, times are pessimistic and noisy" if busy else ""),
-                 f"torch threads: {torch.get_num_threads()}"]
+        notes = [
+            f"models: {WIDTH['num_hidden_layers']} layers, hidden {WIDTH['hidden_size']}, "
+            f"{WIDTH['num_attention_heads']} q / {WIDTH['num_key_value_heads']} kv heads, head dim "
+            f"{WIDTH['head_dim']}, float32, random weights; window {args.window} (gpt-oss {args.window // 2})",
+            f"load average {before:.1f} -> {after:.1f} on {os.cpu_count()} cores"
+            + (": BUSY while measuring, times are pessimistic and noisy" if busy else ""),
+            f"torch threads: {torch.get_num_threads()}",
+        ]
         if part == "prefill":
-            notes += ["effattn_over_this_paired: median over repeats of time(effattn) / time(this), timed back to "
-                      "back; speedup = its inverse", "memory_ratio: this implementation's peak / effattn's",
-                      "logits_rel_rms_vs_effattn: relative RMS difference of all logits from effattn's"]
+            notes += [
+                "effattn_over_this_paired: median over repeats of time(effattn) / time(this), timed back to "
+                "back; speedup = its inverse",
+                "memory_ratio: this implementation's peak / effattn's",
+                "logits_rel_rms_vs_effattn: relative RMS difference of all logits from effattn's",
+            ]
         meta_part = dict(meta, load_before=before, load_after=after, busy=busy, seconds=time.perf_counter() - t0)
         md = harness.write_report(out, f"hf_{part}", rows, columns[part], meta=meta_part, notes=notes)
         print(md.read_text())

@@ -39,8 +39,9 @@ LONG_CONTEXT = 4096
 
 
 def model_config(mixer: str, n_layers: int, max_len: int) -> LMConfig:
-    return LMConfig(vocab_size=VOCAB, dim=DIM, n_layers=n_layers, heads=HEADS, mixers=mixer,
-                    max_seq_len=max(max_len, 2048))
+    return LMConfig(
+        vocab_size=VOCAB, dim=DIM, n_layers=n_layers, heads=HEADS, mixers=mixer, max_seq_len=max(max_len, 2048)
+    )
 
 
 def measure_training(model: LM, batch: int, T: int, repeats: int, device: str) -> dict:

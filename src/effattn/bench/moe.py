@@ -49,24 +49,59 @@ PARTS = ("dispatch", "ep", "train")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The moe suite's options."""
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few training steps: about a minute")
-    p.add_argument("--tokens", type=str, default=None, metavar="N1,N2,...",
-                   help="tokens per call (default: 1024,4096,16384; with --quick: 128)")
-    p.add_argument("--experts", type=str, default=None, metavar="E1,E2,...",
-                   help="expert counts (default: 8,32,64; with --quick: 4)")
-    p.add_argument("--repeats", type=int, default=3, metavar="N",
-                   help="timed runs per measurement after a warm-up (default: %(default)s)")
-    p.add_argument("--reference-max", type=int, default=1024, metavar="N",
-                   help="largest token count the per-token reference loop is timed at (default: %(default)s)")
-    p.add_argument("--reference-experts", type=int, default=8, metavar="E",
-                   help="largest expert count the reference loop is timed at (default: %(default)s; its per-token "
-                        "autograd graph grows with E: 2 min per call at 64 experts on a busy 2-core machine)")
+    p.add_argument(
+        "--tokens",
+        type=str,
+        default=None,
+        metavar="N1,N2,...",
+        help="tokens per call (default: 1024,4096,16384; with --quick: 128)",
+    )
+    p.add_argument(
+        "--experts",
+        type=str,
+        default=None,
+        metavar="E1,E2,...",
+        help="expert counts (default: 8,32,64; with --quick: 4)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        metavar="N",
+        help="timed runs per measurement after a warm-up (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reference-max",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="largest token count the per-token reference loop is timed at (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reference-experts",
+        type=int,
+        default=8,
+        metavar="E",
+        help="largest expert count the reference loop is timed at (default: %(default)s; its per-token "
+        "autograd graph grows with E: 2 min per call at 64 experts on a busy 2-core machine)",
+    )
     p.add_argument("--parts", type=str, default=",".join(PARTS), help="comma-separated parts (default: %(default)s)")
     p.add_argument("--ep-ranks", type=str, default="1,2,4", help="expert-parallel world sizes (default: %(default)s)")
-    p.add_argument("--train-steps", type=int, default=None, metavar="S",
-                   help="optimizer steps per training run (default: 60; with --quick: 4)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch threads in this process (default: %(default)s: on a shared, loaded CPU two OpenMP "
-                        "threads spin against other jobs and run 10x slower than one)")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        metavar="S",
+        help="optimizer steps per training run (default: 60; with --quick: 4)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch threads in this process (default: %(default)s: on a shared, loaded CPU two OpenMP "
+        "threads spin against other jobs and run 10x slower than one)",
+    )
     p.add_argument("--device", type=str, default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--out", type=str, default=None, help="report folder (default: bench_out/moe)")
 
@@ -105,8 +140,12 @@ def _dispatch_case(method: str, N: int, E: int, device: str):
     if method == "dense":
         layer = SwiGLU(DIM, TOP_K * HIDDEN).to(device)
         return (lambda: layer(x)), x
-    kw = {"dropless": {}, "dropless_loop": {"gemm": "loop"}, "capacity": {"capacity_factor": 1.25},
-          "reference": {"gemm": "loop"}}[method]
+    kw = {
+        "dropless": {},
+        "dropless_loop": {"gemm": "loop"},
+        "capacity": {"capacity_factor": 1.25},
+        "reference": {"gemm": "loop"},
+    }[method]
     moe = MoE(DIM, HIDDEN, E, TOP_K, **kw).to(device)
     if method == "reference":
         return (lambda: reference_moe(x[0], moe.router.weight, moe.experts, TOP_K)[0]), x
@@ -137,8 +176,10 @@ def dispatch_rows(args) -> list[dict]:
                     continue  # the dense layer does not depend on E
                 row = {"tokens": N, "experts": "-" if method == "dense" else E, "method": method}
                 if method == "reference" and (N > args.reference_max or E > args.reference_experts):
-                    row["note"] = (f"skipped: the reference loop above {args.reference_max} tokens or "
-                                   f"{args.reference_experts} experts takes too long")
+                    row["note"] = (
+                        f"skipped: the reference loop above {args.reference_max} tokens or "
+                        f"{args.reference_experts} experts takes too long"
+                    )
                     rows.append(row)
                     continue
 
@@ -152,9 +193,14 @@ def dispatch_rows(args) -> list[dict]:
                         ts = _times(step, args.repeats)
                         mem = harness.measure_peak_memory(step, device=args.device)
                     med = statistics.median(ts)
-                    r = {"fwd_bwd_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
-                         "tokens_per_s": N / med, "peak_MiB": None if mem is None else mem / 2**20,
-                         "repeats": len(ts)}
+                    r = {
+                        "fwd_bwd_ms": 1e3 * med,
+                        "min_ms": 1e3 * min(ts),
+                        "max_ms": 1e3 * max(ts),
+                        "tokens_per_s": N / med,
+                        "peak_MiB": None if mem is None else mem / 2**20,
+                        "repeats": len(ts),
+                    }
                     if method not in ("dense", "reference"):  # headline: timed back to back with dense
                         r["vs_dense_paired"] = harness.paired_ratio(step, dense_step, repeats=args.repeats)
                     return r
@@ -202,14 +248,20 @@ def ep_rows(args) -> list[dict]:
     rows = []
     for world in _ints(args.ep_ranks, (1, 2, 4)):
         for chunks in (1, 4):
+
             def one(world=world, chunks=chunks):
                 res = spawn(_ep_rank, world, N, E, chunks, args.repeats, timeout=300)
                 steps = [max(r["times"][i] for r in res) for i in range(args.repeats)]
                 mems = [r["mem"] for r in res if r["mem"] is not None]
                 sent = statistics.mean(r["bytes"] for r in res) / 2**20
-                return {"step_ms": 1e3 * statistics.median(steps), "min_ms": 1e3 * min(steps),
-                        "max_ms": 1e3 * max(steps), "MiB_sent_per_rank": sent,
-                        "peak_MiB_per_rank": max(mems) / 2**20 if mems else None, "repeats": args.repeats}
+                return {
+                    "step_ms": 1e3 * statistics.median(steps),
+                    "min_ms": 1e3 * min(steps),
+                    "max_ms": 1e3 * max(steps),
+                    "MiB_sent_per_rank": sent,
+                    "peak_MiB_per_rank": max(mems) / 2**20 if mems else None,
+                    "repeats": args.repeats,
+                }
 
             row = {"ranks": world, "tokens_per_rank": N, "experts": E, "ep_chunks": chunks}
             row.update(harness.run_guarded(one))
@@ -218,8 +270,18 @@ def ep_rows(args) -> list[dict]:
 
 
 # -- part 3: a small training run ----------------------------------------------------------------------------
-TRAIN = {"dim": 128, "n_layers": 4, "heads": 4, "seq": 128, "micro_batch": 8, "accumulation": 4, "lr": 3e-3,
-         "experts": 8, "top_k": 2, "val_windows": 64}
+TRAIN = {
+    "dim": 128,
+    "n_layers": 4,
+    "heads": 4,
+    "seq": 128,
+    "micro_batch": 8,
+    "accumulation": 4,
+    "lr": 3e-3,
+    "experts": 8,
+    "top_k": 2,
+    "val_windows": 64,
+}
 
 
 def _train_one(name: str, ffn: str, lbl_scope: str, steps: int, quick: bool) -> dict:
@@ -231,11 +293,23 @@ def _train_one(name: str, ffn: str, lbl_scope: str, steps: int, quick: bool) -> 
     if quick:
         c.update(dim=32, n_layers=2, heads=2, seq=32, micro_batch=2, accumulation=2, val_windows=4)
     dense_hidden = 8 * math.ceil(2 * 4.0 * c["dim"] / 3 / 8)
-    moe_kw = {"num_experts": c["experts"], "top_k": c["top_k"], "hidden": dense_hidden // c["top_k"],
-              "lbl_scope": lbl_scope}
+    moe_kw = {
+        "num_experts": c["experts"],
+        "top_k": c["top_k"],
+        "hidden": dense_hidden // c["top_k"],
+        "lbl_scope": lbl_scope,
+    }
     torch.manual_seed(0)
-    cfg = LMConfig(vocab_size=256, dim=c["dim"], n_layers=c["n_layers"], heads=c["heads"], mixers="attention",
-                   ffn=ffn, moe=moe_kw if ffn != "dense" else None, max_seq_len=c["seq"])
+    cfg = LMConfig(
+        vocab_size=256,
+        dim=c["dim"],
+        n_layers=c["n_layers"],
+        heads=c["heads"],
+        mixers="attention",
+        ffn=ffn,
+        moe=moe_kw if ffn != "dense" else None,
+        max_seq_len=c["seq"],
+    )
     model = LM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.0)
     train = byte_corpus("train", max_bytes=4_000_000)
@@ -270,19 +344,28 @@ def _train_one(name: str, ffn: str, lbl_scope: str, steps: int, quick: bool) -> 
     active = sum(p.numel() for n, p in model.named_parameters() if "experts" not in n)
     if moes:
         active += sum(m.experts.w_in[0].numel() + m.experts.w_out[0].numel() for m in moes) * c["top_k"]
-    return {"run": name, "ffn": ffn, "lbl_scope": lbl_scope if ffn != "dense" else "-", "steps": steps,
-            "tokens": steps * c["accumulation"] * c["micro_batch"] * c["seq"],
-            "params": model.num_parameters(), "active_params": active,
-            "val_bits_per_byte": statistics.mean(losses) / math.log(2),
-            "max_over_mean_load": max(loads) if loads else None,
-            "mean_max_over_mean_load": statistics.mean(loads) if loads else None, "train_s": train_s}
+    return {
+        "run": name,
+        "ffn": ffn,
+        "lbl_scope": lbl_scope if ffn != "dense" else "-",
+        "steps": steps,
+        "tokens": steps * c["accumulation"] * c["micro_batch"] * c["seq"],
+        "params": model.num_parameters(),
+        "active_params": active,
+        "val_bits_per_byte": statistics.mean(losses) / math.log(2),
+        "max_over_mean_load": max(loads) if loads else None,
+        "mean_max_over_mean_load": statistics.mean(loads) if loads else None,
+        "train_s": train_s,
+    }
 
 
 def train_rows(args) -> list[dict]:
     steps = args.train_steps or (4 if args.quick else 60)
     runs = (("dense", "dense", "micro"), ("moe_micro_lbl", "moe", "micro"), ("moe_global_lbl", "moe", "global"))
-    return [{"run": n, **harness.run_guarded(lambda n=n, f=f, s=s: _train_one(n, f, s, steps, args.quick))}
-            for n, f, s in runs]
+    return [
+        {"run": n, **harness.run_guarded(lambda n=n, f=f, s=s: _train_one(n, f, s, steps, args.quick))}
+        for n, f, s in runs
+    ]
 
 
 # -- report --------------------------------------------------------------------------------------------------
@@ -328,8 +411,13 @@ def _plot(out: Path, dispatch: list[dict], machine: dict) -> str | None:
     return "moe_dispatch.png"
 
 
-@suite("moe", add_arguments=add_arguments, summary="MoE dispatch speed and memory, expert parallelism, "
-       "dense vs MoE and micro vs global load balancing in a small training run", description=__doc__)
+@suite(
+    "moe",
+    add_arguments=add_arguments,
+    summary="MoE dispatch speed and memory, expert parallelism, "
+    "dense vs MoE and micro vs global load balancing in a small training run",
+    description=__doc__,
+)
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out or "bench_out/moe")
     out.mkdir(parents=True, exist_ok=True)
@@ -342,34 +430,85 @@ def run(args: argparse.Namespace) -> None:
     machine = harness.machine_info(args.device)
     meta = {"command": harness.command_line(), "machine": machine, "grouped_mm": hasattr(torch, "_grouped_mm")}
     for part, fn, columns, notes in (
-        ("dispatch", dispatch_rows,
-         ["tokens", "experts", "method", "tokens_per_s", "fwd_bwd_ms", "min_ms", "max_ms", "repeats",
-          "vs_dense_paired", "time_vs_dense", "peak_MiB", "note", "error"],
-         [f"one MoE layer, dim {DIM}, expert hidden {HIDDEN}, top-{TOP_K}, float32; dense = SwiGLU hidden "
-          f"{TOP_K * HIDDEN} (equal active parameters, router excluded)",
-          "dropless uses torch._grouped_mm (present on this CPU build for float32 with rows of 16-byte "
-          "multiples); dropless_loop one matmul per expert slice; capacity: factor 1.25, drops reported by "
-          "the layer",
-          "vs_dense_paired: median over repeats of (time of this layer / time of dense) timed back to back "
-          "(the headline: machine drift cancels within a pair); time_vs_dense: ratio of medians taken minutes "
-          "apart",
-          "peak_MiB: rise of the process's peak RSS during one forward+backward"]),
-        ("ep", ep_rows,
-         ["ranks", "tokens_per_rank", "experts", "ep_chunks", "step_ms", "min_ms", "max_ms", "repeats",
-          "MiB_sent_per_rank", "peak_MiB_per_rank", "error"],
-         ["gloo over 127.0.0.1, one thread per rank, all ranks on this machine's cores: the step time "
-          "shows the exchange overhead on one host (4 ranks oversubscribe a 2-core machine), not cluster "
-          "scaling",
-          "MiB_sent_per_rank: bytes a rank sends to the other ranks per step (dispatch + combine, forward and "
-          "backward)"]),
-        ("train", train_rows,
-         ["run", "ffn", "lbl_scope", "steps", "tokens", "params", "active_params", "val_bits_per_byte",
-          "max_over_mean_load", "mean_max_over_mean_load", "train_s", "error"],
-         [f"tiny byte LM {TRAIN}; MoE: {TRAIN['experts']} experts top-{TRAIN['top_k']}, expert hidden = dense "
-          "hidden / top_k (equal active parameters); aux loss 1e-2 LBL + 1e-3 z-loss",
-          "global LBL: expert frequencies counted over the 4 accumulated micro-batches of a step (single "
-          "process: no data-parallel ranks)",
-          "max_over_mean_load: max over layers and validation batches of max_i load_i / mean_i load_i"]),
+        (
+            "dispatch",
+            dispatch_rows,
+            [
+                "tokens",
+                "experts",
+                "method",
+                "tokens_per_s",
+                "fwd_bwd_ms",
+                "min_ms",
+                "max_ms",
+                "repeats",
+                "vs_dense_paired",
+                "time_vs_dense",
+                "peak_MiB",
+                "note",
+                "error",
+            ],
+            [
+                f"one MoE layer, dim {DIM}, expert hidden {HIDDEN}, top-{TOP_K}, float32; dense = SwiGLU hidden "
+                f"{TOP_K * HIDDEN} (equal active parameters, router excluded)",
+                "dropless uses torch._grouped_mm (present on this CPU build for float32 with rows of 16-byte "
+                "multiples); dropless_loop one matmul per expert slice; capacity: factor 1.25, drops reported by "
+                "the layer",
+                "vs_dense_paired: median over repeats of (time of this layer / time of dense) timed back to back "
+                "(the headline: machine drift cancels within a pair); time_vs_dense: ratio of medians taken minutes "
+                "apart",
+                "peak_MiB: rise of the process's peak RSS during one forward+backward",
+            ],
+        ),
+        (
+            "ep",
+            ep_rows,
+            [
+                "ranks",
+                "tokens_per_rank",
+                "experts",
+                "ep_chunks",
+                "step_ms",
+                "min_ms",
+                "max_ms",
+                "repeats",
+                "MiB_sent_per_rank",
+                "peak_MiB_per_rank",
+                "error",
+            ],
+            [
+                "gloo over 127.0.0.1, one thread per rank, all ranks on this machine's cores: the step time "
+                "shows the exchange overhead on one host (4 ranks oversubscribe a 2-core machine), not cluster "
+                "scaling",
+                "MiB_sent_per_rank: bytes a rank sends to the other ranks per step (dispatch + combine, forward and "
+                "backward)",
+            ],
+        ),
+        (
+            "train",
+            train_rows,
+            [
+                "run",
+                "ffn",
+                "lbl_scope",
+                "steps",
+                "tokens",
+                "params",
+                "active_params",
+                "val_bits_per_byte",
+                "max_over_mean_load",
+                "mean_max_over_mean_load",
+                "train_s",
+                "error",
+            ],
+            [
+                f"tiny byte LM {TRAIN}; MoE: {TRAIN['experts']} experts top-{TRAIN['top_k']}, expert hidden = dense "
+                "hidden / top_k (equal active parameters); aux loss 1e-2 LBL + 1e-3 z-loss",
+                "global LBL: expert frequencies counted over the 4 accumulated micro-batches of a step (single "
+                "process: no data-parallel ranks)",
+                "max_over_mean_load: max over layers and validation batches of max_i load_i / mean_i load_i",
+            ],
+        ),
     ):
         if part not in parts:
             continue
@@ -381,8 +520,10 @@ def run(args: argparse.Namespace) -> None:
         part_meta = dict(meta, load_before=before, load_after=after, busy=busy, seconds=time.perf_counter() - t0)
         part_notes = list(notes)
         if busy:
-            part_notes.append(f"busy: load average {before:.1f} -> {after:.1f} on {os.cpu_count()} cores while "
-                              "measuring; times are pessimistic")
+            part_notes.append(
+                f"busy: load average {before:.1f} -> {after:.1f} on {os.cpu_count()} cores while "
+                "measuring; times are pessimistic"
+            )
         if part == "dispatch":
             harness.write_report(out, f"moe_{part}", rows, columns, meta=part_meta, notes=part_notes)
             png = _plot(out, rows, machine)

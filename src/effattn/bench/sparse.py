@@ -295,9 +295,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     description=__doc__,
 )
 def run(args: argparse.Namespace) -> None:
-    lengths = (
-        [int(x) for x in args.lengths.split(",")] if args.lengths else (QUICK_LENGTHS if args.quick else LENGTHS)
-    )
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (QUICK_LENGTHS if args.quick else LENGTHS)
     torch.manual_seed(0)
     gemm = matmul_flops_per_second(args.device)
     print(f"matmul rate: {gemm / 1e9:.1f} GFLOP/s (float32)", flush=True)
@@ -327,10 +325,26 @@ def run(args: argparse.Namespace) -> None:
     meta = {"command": command_line(), "machine": machine_info(args.device), "lengths": lengths}
     meta.update({"B": B, "H": H, "D": D, "gemm_flops": gemm})
     cols = [
-        "T", "method", "causal", "params", "fwd_s", "fwdbwd_s", "fwd_mem_MiB", "fwdbwd_mem_MiB", "speedup_fwd",
-        "speedup_fwdbwd", "speedup_vs_causal", "speedup_vs_causal_paired", "scores_per_query", "visible_per_query",
-        "fwdbwd_eff", "density",
-        "mass_random", "mass_clustered", "note", "error",
+        "T",
+        "method",
+        "causal",
+        "params",
+        "fwd_s",
+        "fwdbwd_s",
+        "fwd_mem_MiB",
+        "fwdbwd_mem_MiB",
+        "speedup_fwd",
+        "speedup_fwdbwd",
+        "speedup_vs_causal",
+        "speedup_vs_causal_paired",
+        "scores_per_query",
+        "visible_per_query",
+        "fwdbwd_eff",
+        "density",
+        "mass_random",
+        "mass_clustered",
+        "note",
+        "error",
     ]
     path = write_report(args.out, "sparse", rows, cols, meta=meta, notes=notes)
     shown = [{**r, "causal": "y" if r["causal"] else "n", "remark": r.get("error") or r.get("note")} for r in rows]

@@ -150,9 +150,7 @@ def render_table(
 
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
         for c, w, r in zip(cols, widths, right):
-            table.add_column(
-                _cut(c.title, w), justify="right" if r else "left", no_wrap=True, min_width=w, max_width=w
-            )
+            table.add_column(_cut(c.title, w), justify="right" if r else "left", no_wrap=True, min_width=w, max_width=w)
         for row in cells:
             table.add_row(*row)
         buf = io.StringIO()

@@ -48,8 +48,16 @@ OPTIONS: dict[str, dict] = {
     "reversible+chunked": {"reversible": True, "chunked_loss": 512, "chunked_mlp": 512},
     "reversible+mesa": {"reversible": True, "mesa": True},
 }
-EXACT = {"baseline", "checkpoint=block", "checkpoint=mixer", "checkpoint=mlp", "chunked_mlp", "chunked_loss",
-         "block+chunked_loss", "block+chunked_loss+mlp"}
+EXACT = {
+    "baseline",
+    "checkpoint=block",
+    "checkpoint=mixer",
+    "checkpoint=mlp",
+    "chunked_mlp",
+    "chunked_loss",
+    "block+chunked_loss",
+    "block+chunked_loss+mlp",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,21 +71,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="layers (default 6; quick 2)")
     p.add_argument("--heads", type=int, default=8, help="attention heads of the LM (default 8)")
     p.add_argument("--repeats", type=int, default=0, help="timed steps after the measured one (default 0)")
-    p.add_argument("--max-tokens", type=int, default=8192,
-                   help="skip contexts above this for every option but baseline and the best combination "
-                   "(default 8192)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=8192,
+        help="skip contexts above this for every option but baseline and the best combination (default 8192)",
+    )
     p.add_argument("--loss-steps", type=int, default=None, help="training steps of the loss part (default 60)")
     p.add_argument("--loss-seq-len", type=int, default=256, help="sequence length of the loss part (default 256)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device to measure on (default: cuda when present, else cpu)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device to measure on (default: cuda when present, else cpu)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
     p.add_argument("--out", default=None, help="output directory (default bench_out/train)")
 
 
 def _model(args, opts: dict, seq: int) -> LossModel:
     torch.manual_seed(0)
-    cfg = LMConfig(vocab_size=256, dim=args.dim, n_layers=args.layers, heads=args.heads, mixers=args.mixers,
-                   max_seq_len=seq, **opts)
+    cfg = LMConfig(
+        vocab_size=256,
+        dim=args.dim,
+        n_layers=args.layers,
+        heads=args.heads,
+        mixers=args.mixers,
+        max_seq_len=seq,
+        **opts,
+    )
     return LossModel(LM(cfg)).to(args.device)
 
 
@@ -121,9 +142,16 @@ def step_rows(args) -> tuple[list[dict], list[str]]:
                 harness.sync(args.device)
                 seconds.append(time.perf_counter() - t0)
             sec = sorted(seconds)[len(seconds) // 2]
-            row = {"context": T, "option": name, "exact": name in EXACT, "params_M": round(params / 1e6, 2),
-                   "peak_MiB": None if peak is None else round(peak / 2**20, 1), "step_s": round(sec, 3),
-                   "tokens_per_s": round(T / sec, 1), "timed_steps": len(seconds)}
+            row = {
+                "context": T,
+                "option": name,
+                "exact": name in EXACT,
+                "params_M": round(params / 1e6, 2),
+                "peak_MiB": None if peak is None else round(peak / 2**20, 1),
+                "step_s": round(sec, 3),
+                "tokens_per_s": round(T / sec, 1),
+                "timed_steps": len(seconds),
+            }
             if name == "baseline":
                 base = row
             if base is not None and base["peak_MiB"] and row["peak_MiB"] is not None:
@@ -140,16 +168,38 @@ def loss_rows(args) -> tuple[list[dict], dict]:
     """Final validation loss after ``loss_steps`` steps, per option, and the curves."""
     rows, curves = [], {}
     for name in ("baseline", "mesa", "reversible", "reversible+mesa"):
-        cfg = LMConfig(vocab_size=256, dim=args.loss_dim, n_layers=args.loss_layers, heads=args.heads,
-                       mixers=args.mixers, **OPTIONS[name])
-        tc = TrainConfig(steps=args.loss_steps, batch_size=4, seq_len=args.loss_seq_len, lr=2e-3,
-                         warmup=max(1, args.loss_steps // 10), max_bytes=4_000_000, eval_every=args.loss_steps,
-                         eval_batches=4, progress=False, plot=False, device=args.device)
+        cfg = LMConfig(
+            vocab_size=256,
+            dim=args.loss_dim,
+            n_layers=args.loss_layers,
+            heads=args.heads,
+            mixers=args.mixers,
+            **OPTIONS[name],
+        )
+        tc = TrainConfig(
+            steps=args.loss_steps,
+            batch_size=4,
+            seq_len=args.loss_seq_len,
+            lr=2e-3,
+            warmup=max(1, args.loss_steps // 10),
+            max_bytes=4_000_000,
+            eval_every=args.loss_steps,
+            eval_batches=4,
+            progress=False,
+            plot=False,
+            device=args.device,
+        )
         h = train(cfg, tc)
         curves[name] = h["loss"]
-        rows.append({"option": name, "steps": args.loss_steps, "final_train_loss": round(h["loss"][-1], 4),
-                     "val_loss": round(h["val"][-1][1], 4),
-                     "val_bits_per_byte": round(h["val"][-1][1] / math.log(2), 4)})
+        rows.append(
+            {
+                "option": name,
+                "steps": args.loss_steps,
+                "final_train_loss": round(h["loss"][-1], 4),
+                "val_loss": round(h["val"][-1][1], 4),
+                "val_bits_per_byte": round(h["val"][-1][1] / math.log(2), 4),
+            }
+        )
         print(f"train loss {name}: {rows[-1]}", flush=True)
     return rows, curves
 
@@ -199,20 +249,32 @@ def goal(step: list[dict]) -> list[str]:
     """Whether the best exact/inexact combination meets <= 1/4 memory at <= 1.5x time, per context."""
     lines = []
     for T in sorted({r["context"] for r in step}):
-        ok = [r for r in step if r["context"] == T and r.get("mem_vs_base") is not None and r["option"] != "baseline"
-              and r["time_vs_base"] <= 1.5]
+        ok = [
+            r
+            for r in step
+            if r["context"] == T
+            and r.get("mem_vs_base") is not None
+            and r["option"] != "baseline"
+            and r["time_vs_base"] <= 1.5
+        ]
         if not ok:
             lines.append(f"T={T}: no option measured within 1.5x the baseline's step time")
             continue
         best = min(ok, key=lambda r: r["mem_vs_base"])
         verdict = "met" if best["mem_vs_base"] <= 0.25 else "not met"
-        lines.append(f"T={T}: best within 1.5x time is {best['option']} at {best['mem_vs_base']:.2f}x memory, "
-                     f"{best['time_vs_base']:.2f}x time: goal {verdict}")
+        lines.append(
+            f"T={T}: best within 1.5x time is {best['option']} at {best['mem_vs_base']:.2f}x memory, "
+            f"{best['time_vs_base']:.2f}x time: goal {verdict}"
+        )
     return lines
 
 
-@suite("train", add_arguments=add_arguments, summary="training memory options of the LM: peak memory and step "
-       "time vs baseline, loss of the inexact ones", description=__doc__)
+@suite(
+    "train",
+    add_arguments=add_arguments,
+    summary="training memory options of the LM: peak memory and step time vs baseline, loss of the inexact ones",
+    description=__doc__,
+)
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out or "bench_out/train")
     out.mkdir(parents=True, exist_ok=True)
@@ -247,13 +309,36 @@ def run(args: argparse.Namespace) -> None:
         ]
         if skipped:
             notes.append("skipped (over --max-tokens): " + ", ".join(skipped))
-        harness.write_report(out, "train_step", step, ["context", "option", "exact", "params_M", "peak_MiB",
-                                                       "mem_vs_base", "step_s", "time_vs_base", "tokens_per_s",
-                                                       "timed_steps"], meta=meta, notes=notes)
+        harness.write_report(
+            out,
+            "train_step",
+            step,
+            [
+                "context",
+                "option",
+                "exact",
+                "params_M",
+                "peak_MiB",
+                "mem_vs_base",
+                "step_s",
+                "time_vs_base",
+                "tokens_per_s",
+                "timed_steps",
+            ],
+            meta=meta,
+            notes=notes,
+        )
     if "loss" in parts:
         loss, curves = loss_rows(args)
-        harness.write_report(out, "train_loss", loss, ["option", "steps", "final_train_loss", "val_loss",
-                                                       "val_bits_per_byte"], meta=meta,
-                             notes=[f"LM dim {args.loss_dim}, {args.loss_layers} layers, {args.mixers}, seq "
-                                    f"{args.loss_seq_len}, batch 4, AdamW lr 2e-3, byte_corpus (first 4 MB)"])
+        harness.write_report(
+            out,
+            "train_loss",
+            loss,
+            ["option", "steps", "final_train_loss", "val_loss", "val_bits_per_byte"],
+            meta=meta,
+            notes=[
+                f"LM dim {args.loss_dim}, {args.loss_layers} layers, {args.mixers}, seq "
+                f"{args.loss_seq_len}, batch 4, AdamW lr 2e-3, byte_corpus (first 4 MB)"
+            ],
+        )
     _plot(out, step, curves)

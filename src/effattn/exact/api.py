@@ -94,14 +94,11 @@ def _build_call(
             raise TypeError(f"block_mask must be an effattn BlockMask, got {type(block_mask).__name__}")
         if (block_mask.q_len, block_mask.kv_len) != (Tq, Tk):
             raise ValueError(
-                f"block_mask is for (q_len, kv_len) = {(block_mask.q_len, block_mask.kv_len)}, "
-                f"the call has {(Tq, Tk)}"
+                f"block_mask is for (q_len, kv_len) = {(block_mask.q_len, block_mask.kv_len)}, the call has {(Tq, Tk)}"
             )
         Bm, Hm = block_mask.kv_indices.shape[:2]
         if Bm not in (1, B) or Hm not in (1, Hq):
-            raise ValueError(
-                f"block_mask batch/heads dims {(Bm, Hm)} must be 1 or match (batch, heads_q) = {(B, Hq)}"
-            )
+            raise ValueError(f"block_mask batch/heads dims {(Bm, Hm)} must be 1 or match (batch, heads_q) = {(B, Hq)}")
         if causal or window is not None or mask_mod is not None or cu_seqlens is not None:
             raise ValueError(
                 "block_mask already carries the mask: build it with the mask_mod "

@@ -251,6 +251,4 @@ def structured_block_mask(m, extra_mask_mod: Callable | None = None, block: int 
         partial = torch.ones_like(order, dtype=torch.bool)
     else:
         partial = ~all_.gather(-1, order)
-    return BlockMask(
-        order[:, None], counts[:, None], partial[:, None], Tq, Tk, block, block, mask_mod=rule
-    )
+    return BlockMask(order[:, None], counts[:, None], partial[:, None], Tq, Tk, block, block, mask_mod=rule)

@@ -353,8 +353,15 @@ def make_attention_function(
                     extra = lambda b, h, qi, kv: mask_mod(b, h, qi + q_off, kv + kv_off)  # noqa: E731
                 bm = structured_block_mask(m, extra)
                 o = attention(
-                    q, k, v, block_mask=bm, score_mod=_user_score(score_mod, q_off, kv_off), scale=scaling,
-                    softcap=softcap, sinks=s_aux, backend=backend,
+                    q,
+                    k,
+                    v,
+                    block_mask=bm,
+                    score_mod=_user_score(score_mod, q_off, kv_off),
+                    scale=scaling,
+                    softcap=softcap,
+                    sinks=s_aux,
+                    backend=backend,
                 )
                 return o, None
             else:  # a backend that takes no block mask: the same rule as a mask_mod

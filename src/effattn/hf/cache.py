@@ -222,9 +222,7 @@ class CompressedCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(self, len(self.layers)))
         self.layers[layer_idx].is_initialized = True
-        self._pending = PendingUpdate(
-            layer_idx, key_states, value_states, functools.partial(self._resolve, layer_idx)
-        )
+        self._pending = PendingUpdate(layer_idx, key_states, value_states, functools.partial(self._resolve, layer_idx))
         HANDSHAKE.post(self._pending)
         return key_states, value_states
 

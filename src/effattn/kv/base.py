@@ -124,9 +124,7 @@ class LayerCache(abc.ABC):
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
-    def next_positions(
-        self, batch: int, seq: int, valid: torch.Tensor | None = None, device=None
-    ) -> torch.Tensor:
+    def next_positions(self, batch: int, seq: int, valid: torch.Tensor | None = None, device=None) -> torch.Tensor:
         """Positions of ``seq`` new tokens (call before :meth:`update`): ``[seq]`` when no padding is
         involved, else ``[batch, seq]`` counting only the real tokens of each row."""
 
@@ -302,9 +300,7 @@ class KVCacheBase(LayerCache):
             return None
         return (self.valid.long().cumsum(1) - 1).clamp(min=0)
 
-    def next_positions(
-        self, batch: int, seq: int, valid: torch.Tensor | None = None, device=None
-    ) -> torch.Tensor:
+    def next_positions(self, batch: int, seq: int, valid: torch.Tensor | None = None, device=None) -> torch.Tensor:
         """Positions of ``seq`` new tokens (call before :meth:`append`): ``[seq]`` when no padding is
         involved, else ``[batch, seq]`` counting only the real tokens of each row."""
         start = self.first_position + self.length

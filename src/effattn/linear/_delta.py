@@ -42,15 +42,11 @@ def check_beta(beta: torch.Tensor, shape: tuple[int, int, int], allow_neg_eigval
     """``beta [batch, seq, heads]`` of ``shape``, in [0, 1] (or [0, 2] with ``allow_neg_eigval``)."""
     check_tensor("beta", beta, 3, "[batch, seq, heads]")
     if tuple(beta.shape) != tuple(shape):
-        raise ValueError(
-            f"beta must have shape [batch, seq, heads] = {tuple(shape)}, got {tuple(beta.shape)}"
-        )
+        raise ValueError(f"beta must have shape [batch, seq, heads] = {tuple(shape)}, got {tuple(beta.shape)}")
     hi = 2.0 if allow_neg_eigval else 1.0
     if beta.numel() and (torch.isnan(beta).any() or (beta < 0).any() or (beta > hi).any()):
         what = "[0, 2]" if allow_neg_eigval else "[0, 1] (or [0, 2] with allow_neg_eigval=True)"
-        raise ValueError(
-            f"beta must lie in {what}, got values in [{beta.min().item():.4g}, {beta.max().item():.4g}]"
-        )
+        raise ValueError(f"beta must lie in {what}, got values in [{beta.min().item():.4g}, {beta.max().item():.4g}]")
     return beta
 
 

@@ -68,8 +68,7 @@ def check_matrix_state(initial_state, shape: tuple[int, ...]) -> torch.Tensor | 
     """``initial_state`` is None or a floating tensor of exactly ``shape``."""
     if initial_state is not None and not isinstance(initial_state, torch.Tensor):
         raise TypeError(
-            f"initial_state must be a torch.Tensor of shape {tuple(shape)}, "
-            f"got {type(initial_state).__name__}"
+            f"initial_state must be a torch.Tensor of shape {tuple(shape)}, got {type(initial_state).__name__}"
         )
     check_state("initial_state", initial_state, shape)
     return initial_state
@@ -281,7 +280,16 @@ def scalar_decay_op(
     n = num_states(B, T, cu_seqlens)
     check_matrix_state(initial_state, (n, H, K, V))
     o, s = run_scalar_decay(
-        form, q, k, v, g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend,
+        form,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        backend=backend,
     )
     return o.to(q.dtype), s

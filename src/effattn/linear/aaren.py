@@ -69,8 +69,7 @@ def _check_initial_state(initial_state, B: int, H: int, V: int) -> AarenState | 
         return None
     if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3:
         raise TypeError(
-            "initial_state must be a tuple (m [B, H], s [B, H], a [B, H, V]), "
-            f"got {type(initial_state).__name__}"
+            f"initial_state must be a tuple (m [B, H], s [B, H], a [B, H, V]), got {type(initial_state).__name__}"
         )
     m = check_state("initial_state[0] (m)", initial_state[0], (B, H))
     s = check_state("initial_state[1] (s)", initial_state[1], (B, H))
@@ -119,7 +118,11 @@ def _recurrence(sc: torch.Tensor, vf: torch.Tensor, state: AarenState):
 
 def _varlen(form, q, k, v, scale, initial_state, output_final_state, cu_seqlens, extra):
     return run_varlen(
-        form, cu_seqlens, {"k": k, "v": v}, {"q": q, "scale": scale, **extra}, initial_state,
+        form,
+        cu_seqlens,
+        {"k": k, "v": v},
+        {"q": q, "scale": scale, **extra},
+        initial_state,
         output_final_state,
     )
 

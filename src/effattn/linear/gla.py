@@ -92,9 +92,7 @@ def _recurrent_gla(q, k, v, gk, scale, state):
     return o, S
 
 
-def _intra_chunk(
-    q: torch.Tensor, k: torch.Tensor, g: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _intra_chunk(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The intra-block attention matrix ``A_ij = q_i . (k_j * exp(g_{j+1} + ... + g_i))`` for
     ``j <= i`` (0 above the diagonal) inside blocks of ``P`` tokens, ``P`` a power of two:
     ``q, k, g [..., P, K]`` -> ``A [..., P, P]``, by recursive halving (see the module docstring).
@@ -196,8 +194,7 @@ def _gla(form, q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens
             _dense, cu_seqlens, {"q": q, "k": k, "v": v, "gk": gk}, kwargs, initial_state, output_final_state
         )
     else:
-        o, s = _dense(q, k, v, gk, **kwargs, initial_state=initial_state,
-                      output_final_state=output_final_state)
+        o, s = _dense(q, k, v, gk, **kwargs, initial_state=initial_state, output_final_state=output_final_state)
     return o.to(q.dtype), s
 
 

@@ -69,8 +69,16 @@ def _lightning(form, q, k, v, log_decay, scale, initial_state, output_final_stat
     check_log_gate("log_decay", log_decay, (H,), "[heads]")
     g = log_decay.view(1, 1, H).expand(B, T, H)
     return scalar_decay_op(
-        form, q, k, v, g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        form,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
     )
 
 
@@ -110,9 +118,7 @@ def chunk_lightning_attn(
     """Blockwise Lightning Attention-2 with blocks of ``chunk_size`` tokens (the shared
     scalar-decay chunk kernel). Same arguments and result as :func:`naive_lightning_attn`;
     differentiable by autograd, memory linear in T."""
-    return _lightning(
-        "chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size
-    )
+    return _lightning("chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
 def step_lightning_attn(

@@ -149,8 +149,16 @@ def _linear_attn(
         vf = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
 
     o, s = run_scalar_decay(
-        form, phi_q, phi_k, vf, None, scale=1.0, initial_state=s0,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        form,
+        phi_q,
+        phi_k,
+        vf,
+        None,
+        scale=1.0,
+        initial_state=s0,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
     )
     if normalize:
         o = o[..., :V] / (o[..., V:] + NORMALIZER_EPS)
@@ -179,9 +187,7 @@ def naive_linear_attn(
     (``N`` rows instead of ``B`` for ``N`` packed sequences given by ``cu_seqlens``).
     Returns ``(o [B, T, H, V] in q's dtype, final_state or None)``.
     """
-    return _linear_attn(
-        "naive", q, k, v, feature_map, normalize, scale, initial_state, output_final_state, cu_seqlens
-    )
+    return _linear_attn("naive", q, k, v, feature_map, normalize, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def chunk_linear_attn(
@@ -201,7 +207,16 @@ def chunk_linear_attn(
     ``chunk_size`` tokens, a running ``[F, V]`` state between them. Same arguments and result as
     :func:`naive_linear_attn`; differentiable by autograd, memory linear in T."""
     return _linear_attn(
-        "chunk", q, k, v, feature_map, normalize, scale, initial_state, output_final_state, cu_seqlens,
+        "chunk",
+        q,
+        k,
+        v,
+        feature_map,
+        normalize,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
         chunk_size,
     )
 
@@ -220,9 +235,7 @@ def step_linear_attn(
 ) -> tuple[torch.Tensor, LinearAttnState | None]:
     """Decoding: the recurrence on a few new tokens against the carried ``initial_state``.
     Same arguments and result as :func:`naive_linear_attn`."""
-    return _linear_attn(
-        "naive", q, k, v, feature_map, normalize, scale, initial_state, output_final_state, cu_seqlens
-    )
+    return _linear_attn("naive", q, k, v, feature_map, normalize, scale, initial_state, output_final_state, cu_seqlens)
 
 
 # ----------------------------------------------------------------------------------------------

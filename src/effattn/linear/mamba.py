@@ -47,9 +47,7 @@ def _check_inputs(x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus) -> tupl
     B, T, H, P = x.shape
     check_tensor("delta", delta, 4, "[batch, seq, heads, head_dim]")
     if delta.shape != x.shape:
-        raise ValueError(
-            f"delta must have x's shape [B, T, H, P] = {tuple(x.shape)}, got {tuple(delta.shape)}"
-        )
+        raise ValueError(f"delta must have x's shape [B, T, H, P] = {tuple(x.shape)}, got {tuple(delta.shape)}")
     check_tensor("Bm", Bm, 4, "[batch, seq, groups, state_dim]")
     check_tensor("Cm", Cm, 4, "[batch, seq, groups, state_dim]")
     if Bm.shape[:2] != (B, T):
@@ -58,9 +56,7 @@ def _check_inputs(x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus) -> tupl
         raise ValueError(f"Cm must have Bm's shape [B, T, G, N] = {tuple(Bm.shape)}, got {tuple(Cm.shape)}")
     G, N = Bm.shape[2], Bm.shape[3]
     if G == 0 or H % G != 0:
-        raise ValueError(
-            f"Bm's groups ({G}) must divide x's heads ({H}): x {tuple(x.shape)}, Bm {tuple(Bm.shape)}"
-        )
+        raise ValueError(f"Bm's groups ({G}) must divide x's heads ({H}): x {tuple(x.shape)}, Bm {tuple(Bm.shape)}")
     check_tensor("A", A, 3, "[heads, head_dim, state_dim]")
     check_log_gate("A", A, (H, P, N), "[heads, head_dim, state_dim]")
     if not torch.isfinite(A).all():
@@ -92,10 +88,7 @@ def _discretize(x, delta, Bm, Cm, delta_bias, delta_softplus, H):
     if delta_softplus:
         dt = F.softplus(dt)
     elif (dt < 0).any():
-        raise ValueError(
-            "delta (+ delta_bias) must be >= 0 when delta_softplus=False, "
-            f"got min {dt.min().item():.4g}"
-        )
+        raise ValueError(f"delta (+ delta_bias) must be >= 0 when delta_softplus=False, got min {dt.min().item():.4g}")
     rep = H // Bm.shape[2]
     Bh = Bm.float().repeat_interleave(rep, dim=2) if rep > 1 else Bm.float()
     Ch = Cm.float().repeat_interleave(rep, dim=2) if rep > 1 else Cm.float()
@@ -172,8 +165,23 @@ def _chunk_scan(dt, xf, Af, Bh, Ch, h, chunk_size: int):
     return y, h
 
 
-def _run(form, core, x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, initial_state,
-         output_final_state, cu_seqlens, **extra):
+def _run(
+    form,
+    core,
+    x,
+    delta,
+    A,
+    Bm,
+    Cm,
+    D,
+    z,
+    delta_bias,
+    delta_softplus,
+    initial_state,
+    output_final_state,
+    cu_seqlens,
+    **extra,
+):
     """What the three forms share: validation, cu_seqlens packing, discretization, D skip and gate;
     ``core`` is the scan itself (:func:`_recurrence` or :func:`_chunk_scan`)."""
     B, T, H, P, G, N = _check_inputs(x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus)
@@ -221,8 +229,20 @@ def naive_selective_scan(
     (torch.Size([1, 5, 2, 4]), torch.Size([1, 2, 4, 3]))
     """
     return _run(
-        naive_selective_scan, _recurrence, x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus,
-        initial_state, output_final_state, cu_seqlens,
+        naive_selective_scan,
+        _recurrence,
+        x,
+        delta,
+        A,
+        Bm,
+        Cm,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
     )
 
 
@@ -256,8 +276,20 @@ def step_selective_scan(
     True
     """
     return _run(
-        step_selective_scan, _recurrence, x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus,
-        initial_state, output_final_state, cu_seqlens,
+        step_selective_scan,
+        _recurrence,
+        x,
+        delta,
+        A,
+        Bm,
+        Cm,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
     )
 
 
@@ -308,8 +340,21 @@ def chunk_selective_scan(
     """
     check_chunk_size(chunk_size)
     return _run(
-        chunk_selective_scan, _chunk_scan, x, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus,
-        initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size,
+        chunk_selective_scan,
+        _chunk_scan,
+        x,
+        delta,
+        A,
+        Bm,
+        Cm,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        chunk_size=chunk_size,
     )
 
 

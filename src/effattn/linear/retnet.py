@@ -60,8 +60,16 @@ def _retention(form, q, k, v, log_decay, scale, initial_state, output_final_stat
     check_log_gate("log_decay", log_decay, (H,), "[heads]")
     g = log_decay.view(1, 1, H).expand(B, T, H)
     return scalar_decay_op(
-        form, q, k, v, g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        form,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
     )
 
 
@@ -101,9 +109,7 @@ def chunk_retention(
     """Chunkwise recurrent retention: parallel decayed attention inside chunks of ``chunk_size``
     tokens, recurrent state passing between them. Same arguments and result as
     :func:`naive_retention`; differentiable by autograd, memory linear in T."""
-    return _retention(
-        "chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size
-    )
+    return _retention("chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
 def step_retention(

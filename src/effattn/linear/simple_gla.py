@@ -46,8 +46,16 @@ def _simple_gla(form, q, k, v, g, scale, initial_state, output_final_state, cu_s
     B, T, H, _, _ = check_linear_qkv(q, k, v)
     check_log_gate("g", g, (B, T, H), "[batch, seq, heads]")
     return scalar_decay_op(
-        form, q, k, v, g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        form,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
     )
 
 

@@ -90,8 +90,9 @@ def loss_grad(err: torch.Tensor, loss: str, p: float) -> torch.Tensor:
     return p * torch.sign(err) * err.abs().pow(p - 1)
 
 
-def mlp_token_grads(weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor, loss: str,
-                    p: float) -> list[torch.Tensor]:
+def mlp_token_grads(
+    weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor, loss: str, p: float
+) -> list[torch.Tensor]:
     """Per-token gradients ``grad_{W_l} loss(M(k_c), v_c)`` at the shared weights ``weights`` (``[B, H,
     d_l, d_{l+1}]``) for ``k [B, H, C, d_0]``, ``v [B, H, C, d_L]``; each ``[B, H, C, d_l, d_{l+1}]``.
     Written out (backpropagation by hand), so the outer model differentiates through them.
@@ -180,8 +181,9 @@ def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.T
     return y.reshape(x.shape)
 
 
-def check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window,
-                        muon) -> tuple[int, int, int]:
+def check_memory_inputs(
+    q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon
+) -> tuple[int, int, int]:
     """Shapes, dtypes and options of a neural-memory call; returns ``(B, T, H)``.
 
     Example::
@@ -202,8 +204,10 @@ def check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, ret
         if g is None and name == "gamma":
             continue
         if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, T, H):
-            raise ValueError(f"{name} must be a [batch, seq, heads] = {(B, T, H)} tensor, got "
-                             f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
+            raise ValueError(
+                f"{name} must be a [batch, seq, heads] = {(B, T, H)} tensor, got "
+                f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}"
+            )
         if name != "theta" and g.numel() and (g.min() < 0 or g.max() > 1):
             raise ValueError(f"{name} must lie in [0, 1], got values in [{g.min().item()}, {g.max().item()}]")
     if theta.numel() and theta.min() < 0:
@@ -213,8 +217,10 @@ def check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, ret
         raise ValueError("weights must hold at least one [heads, d_in, d_out] matrix")
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != H or w.shape[1] != dims[-1]:
-            raise ValueError(f"weights[{i}] must be [heads={H}, {dims[-1]}, d_out], got "
-                             f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+            raise ValueError(
+                f"weights[{i}] must be [heads={H}, {dims[-1]}, d_out], got "
+                f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}"
+            )
         dims.append(w.shape[2])
     if dims[-1] != v.shape[-1]:
         raise ValueError(f"the last weight's output dim ({dims[-1]}) must equal v's value_dim ({v.shape[-1]})")
@@ -249,16 +255,33 @@ def _window_grads(W, kw, vw, gw, C, window, loss, p):
     out = []
     for g in G:
         g = g * gw[..., None, None]
-        acc = g[:, :, window - 1:]
+        acc = g[:, :, window - 1 :]
         for j in range(1, window):
-            acc = acc + g[:, :, window - 1 - j: window - 1 - j + C]
+            acc = acc + g[:, :, window - 1 - j : window - 1 - j + C]
         out.append(acc)
     return out
 
 
-def reference_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, loss="l2", p=2.0,
-                            retention="linear", q_exp=2.0, window=1, muon=False, initial_state=None,
-                            output_final_state=False, valid=None):
+def reference_neural_memory(
+    q,
+    k,
+    v,
+    theta,
+    eta,
+    alpha,
+    weights,
+    *,
+    gamma=None,
+    loss="l2",
+    p=2.0,
+    retention="linear",
+    q_exp=2.0,
+    window=1,
+    muon=False,
+    initial_state=None,
+    output_final_state=False,
+    valid=None,
+):
     """Token-by-token generic rule (module docstring); returns ``(y [B, T, H, V], state or None)``.
     ``valid [B, T]`` (bool): an invalid token is an identity step (the state is kept as it was).
 
@@ -269,17 +292,16 @@ def reference_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, 
         >>> tuple(y.shape), tuple(st["A"][0].shape)
         ((1, 4, 1, 3), (1, 1, 3, 3))
     """
-    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp,
-                                  window, muon)
+    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon)
     A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
     qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
     th, et, al = (_f(t).transpose(1, 2) for t in (theta, eta, alpha))
     ga = torch.ones_like(th) if gamma is None else _f(gamma).transpose(1, 2)
     ys = []
     for t in range(T):
-        kw = torch.cat([kb, kf[:, :, t: t + 1]], 2)
-        vw = torch.cat([vb, vf[:, :, t: t + 1]], 2)
-        gw = torch.cat([gb, ga[:, :, t: t + 1]], 2)
+        kw = torch.cat([kb, kf[:, :, t : t + 1]], 2)
+        vw = torch.cat([vb, vf[:, :, t : t + 1]], 2)
+        gw = torch.cat([gb, ga[:, :, t : t + 1]], 2)
         W = [read_weights(a, retention, q_exp) for a in A]
         G = _window_grads(W, kw, vw, gw, 1, window, loss, p)
         th_t, et_t, al_t = (x[:, :, t, None, None] for x in (th, et, al))
@@ -307,15 +329,32 @@ def reference_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, 
             kb, vb, gb = kw[:, :, 1:], vw[:, :, 1:], gw[:, :, 1:]
         A, S = newA, newS
         Wt = [read_weights(a, retention, q_exp) for a in A]
-        ys.append(mlp_apply(Wt, qf[:, :, t: t + 1])[:, :, 0])
+        ys.append(mlp_apply(Wt, qf[:, :, t : t + 1])[:, :, 0])
     y = torch.stack(ys, dim=1) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
     state = dict(A=A, S=S, k=kb, v=vb, gamma=gb) if output_final_state else None
     return y.to(q.dtype), state
 
 
-def chunk_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, loss="l2", p=2.0,
-                        retention="linear", q_exp=2.0, window=1, muon=False, chunk_size=16,
-                        initial_state=None, output_final_state=False):
+def chunk_neural_memory(
+    q,
+    k,
+    v,
+    theta,
+    eta,
+    alpha,
+    weights,
+    *,
+    gamma=None,
+    loss="l2",
+    p=2.0,
+    retention="linear",
+    q_exp=2.0,
+    window=1,
+    muon=False,
+    chunk_size=16,
+    initial_state=None,
+    output_final_state=False,
+):
     """Chunked generic rule: every gradient of a chunk taken at the chunk's start weights, momentum and
     decay as linear scans over the chunk (:func:`linear_scan`), reads batched per token. ``chunk_size
     = 1`` equals :func:`reference_neural_memory`; larger chunks are the paper's approximation. The chunk
@@ -330,8 +369,7 @@ def chunk_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, loss
         >>> torch.allclose(a, b, atol=1e-6)
         True
     """
-    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp,
-                                  window, muon)
+    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon)
     check_int("chunk_size", chunk_size, 1)
     A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
     qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))
@@ -360,7 +398,7 @@ def chunk_neural_memory(q, k, v, theta, eta, alpha, weights, *, gamma=None, loss
         ys.append(mlp_apply(Wt, qf[:, :, c0:c1], per_token=True))
         A, S = newA, newS
         n = window - 1
-        kb, vb, gb = kw[:, :, kw.shape[2] - n:], vw[:, :, vw.shape[2] - n:], gw[:, :, gw.shape[2] - n:]
+        kb, vb, gb = kw[:, :, kw.shape[2] - n :], vw[:, :, vw.shape[2] - n :], gw[:, :, gw.shape[2] - n :]
     y = torch.cat(ys, dim=2).transpose(1, 2) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
     state = dict(A=A, S=S, k=kb, v=vb, gamma=gb) if output_final_state else None
     return y.to(q.dtype), state

@@ -39,8 +39,23 @@ def polynomial_features(x: torch.Tensor, degree: int = 2) -> torch.Tensor:
     return torch.cat([x.pow(i) / math.sqrt(math.factorial(i)) for i in range(1, degree + 1)], -1)
 
 
-def atlas_memory(q, k, v, theta, eta, alpha, weights, *, window: int = 4, gamma=None, muon: bool = False,
-                 chunk_size: int | None = None, initial_state=None, output_final_state=False, valid=None):
+def atlas_memory(
+    q,
+    k,
+    v,
+    theta,
+    eta,
+    alpha,
+    weights,
+    *,
+    window: int = 4,
+    gamma=None,
+    muon: bool = False,
+    chunk_size: int | None = None,
+    initial_state=None,
+    output_final_state=False,
+    valid=None,
+):
     """The Omega rule (module docstring) on already-featurised ``q, k [B, T, H, F]``; ``weights[0]`` is
     ``[H, F, ...]``. ``gamma [B, T, H]`` (None: all ones). ``chunk_size=None``: reference.
 
@@ -53,8 +68,7 @@ def atlas_memory(q, k, v, theta, eta, alpha, weights, *, window: int = 4, gamma=
         >>> torch.allclose(a, atlas_memory(x, x, v, g, g, g, w, window=3)[0], atol=1e-6)
         True
     """
-    kw = dict(gamma=gamma, window=window, muon=muon, initial_state=initial_state,
-              output_final_state=output_final_state)
+    kw = dict(gamma=gamma, window=window, muon=muon, initial_state=initial_state, output_final_state=output_final_state)
     if chunk_size is None:
         return reference_neural_memory(q, k, v, theta, eta, alpha, weights, valid=valid, **kw)
     if valid is not None:

@@ -45,12 +45,16 @@ def _check(q, k, v, gate, segment, scale):
     check_tensor("k", k, 4, "[batch, seq, heads, head_dim]")
     check_tensor("v", v, 4, "[batch, seq, heads, value_dim]")
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"k must be q's shape {tuple(q.shape)} and v [batch, seq, heads, value_dim] with "
-                         f"the same leading dims, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"k must be q's shape {tuple(q.shape)} and v [batch, seq, heads, value_dim] with "
+            f"the same leading dims, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     H = q.shape[2]
     if not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (H,):
-        raise ValueError(f"gate must be a [heads={H}] tensor of logits, got "
-                         f"{tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__}")
+        raise ValueError(
+            f"gate must be a [heads={H}] tensor of logits, got "
+            f"{tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__}"
+        )
     check_positive_int("segment", segment)
     return 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
@@ -64,9 +68,13 @@ def _empty_state(q, v, segment):
     B, _, H, D = q.shape
     V = v.shape[-1]
     z, wd = q.new_zeros, _wd(q)
-    return dict(M=z(B, H, D, V, dtype=wd), z=z(B, H, D, dtype=wd),
-                k=z(B, segment, H, D, dtype=wd), v=z(B, segment, H, V, dtype=wd),
-                count=torch.zeros(B, dtype=torch.long, device=q.device))
+    return dict(
+        M=z(B, H, D, V, dtype=wd),
+        z=z(B, H, D, dtype=wd),
+        k=z(B, segment, H, D, dtype=wd),
+        v=z(B, segment, H, V, dtype=wd),
+        count=torch.zeros(B, dtype=torch.long, device=q.device),
+    )
 
 
 def _read(sq, M, z):
@@ -82,8 +90,19 @@ def _write(sk, v, M, z, delta):
     return M + torch.einsum("bnhd,bnhv->bhdv", sk, v), z + sk.sum(1)
 
 
-def infini_attention_reference(q, k, v, gate, *, segment: int, delta: bool = False, scale: float | None = None,
-                               initial_state=None, output_final_state: bool = False, valid=None):
+def infini_attention_reference(
+    q,
+    k,
+    v,
+    gate,
+    *,
+    segment: int,
+    delta: bool = False,
+    scale: float | None = None,
+    initial_state=None,
+    output_final_state: bool = False,
+    valid=None,
+):
     """Token-by-token Infini-attention (module docstring), float32; invalid (``valid`` False) tokens
     leave the state as it was and output zeros. Returns ``(out [B, T, H, V], state or None)``.
 
@@ -124,8 +143,19 @@ def infini_attention_reference(q, k, v, gate, *, segment: int, delta: bool = Fal
     return o.to(q.dtype), state
 
 
-def infini_attention(q, k, v, gate, *, segment: int, delta: bool = False, scale: float | None = None,
-                     initial_state=None, output_final_state: bool = False, valid=None):
+def infini_attention(
+    q,
+    k,
+    v,
+    gate,
+    *,
+    segment: int,
+    delta: bool = False,
+    scale: float | None = None,
+    initial_state=None,
+    output_final_state: bool = False,
+    valid=None,
+):
     """Segment-parallel Infini-attention: equal to :func:`infini_attention_reference`, which it calls
     when ``valid`` is given or the state sits inside a segment.
 
@@ -167,6 +197,6 @@ def infini_attention(q, k, v, gate, *, segment: int, delta: bool = False, scale:
         kb = torch.zeros(B, segment, H, D, device=q.device, dtype=wd)
         vb = torch.zeros(B, segment, H, V, device=q.device, dtype=wd)
         if n_left:
-            kb[:, :n_left], vb[:, :n_left] = kf[:, T - n_left:T], vf[:, T - n_left:T]
+            kb[:, :n_left], vb[:, :n_left] = kf[:, T - n_left : T], vf[:, T - n_left : T]
         state = dict(M=M, z=z, k=kb, v=vb, count=torch.full((B,), n_left, dtype=torch.long, device=q.device))
     return o.to(q.dtype), state

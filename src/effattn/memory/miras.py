@@ -42,8 +42,21 @@ MIRAS_RULES = {
 }
 
 
-def miras_memory(rule: str, q, k, v, theta, alpha, weights, *, chunk_size: int | None = None,
-                 initial_state=None, output_final_state=False, valid=None, **overrides):
+def miras_memory(
+    rule: str,
+    q,
+    k,
+    v,
+    theta,
+    alpha,
+    weights,
+    *,
+    chunk_size: int | None = None,
+    initial_state=None,
+    output_final_state=False,
+    valid=None,
+    **overrides,
+):
     """Run Miras rule ``rule`` (``moneta``, ``yaad``, ``memora``); ``chunk_size=None`` is the
     token-by-token reference, an int the chunked form. ``overrides`` change ``p`` (Moneta's p, Yaad's
     delta) or ``q_exp`` (Moneta's q). Shapes as :func:`effattn.memory.titans_memory` (no ``eta``).
@@ -60,12 +73,34 @@ def miras_memory(rule: str, q, k, v, theta, alpha, weights, *, chunk_size: int |
     opts = {**MIRAS_RULES[rule], **overrides}
     eta = torch.zeros_like(theta)
     if chunk_size is None:
-        return reference_neural_memory(q, k, v, theta, eta, alpha, weights, initial_state=initial_state,
-                                       output_final_state=output_final_state, valid=valid, **opts)
+        return reference_neural_memory(
+            q,
+            k,
+            v,
+            theta,
+            eta,
+            alpha,
+            weights,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            valid=valid,
+            **opts,
+        )
     if valid is not None:
         raise ValueError("valid is supported by the reference form only (chunk_size=None)")
-    return chunk_neural_memory(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size,
-                               initial_state=initial_state, output_final_state=output_final_state, **opts)
+    return chunk_neural_memory(
+        q,
+        k,
+        v,
+        theta,
+        eta,
+        alpha,
+        weights,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        **opts,
+    )
 
 
 def moneta(q, k, v, theta, alpha, weights, **kw):

@@ -45,8 +45,7 @@ class RecurrentMemoryAttention(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, heads: int, num_memory: int = 4, segment: int = 16,
-                 bptt_segments: int | None = None):
+    def __init__(self, dim: int, heads: int, num_memory: int = 4, segment: int = 16, bptt_segments: int | None = None):
         super().__init__()
         check_positive_int("heads", heads)
         if dim % heads:
@@ -82,8 +81,10 @@ class RecurrentMemoryAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, state=None, valid: torch.Tensor | None = None):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [batch, seq, dim={self.dim}], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"x must be [batch, seq, dim={self.dim}], got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         B, T, _ = x.shape
         st = self._empty(B, x.device) if state is None else dict(state)
         q, k, v = (self._heads(p(x)).float() for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -106,8 +107,15 @@ class RecurrentMemoryAttention(nn.Module):
         for s0 in range(0, T, N):
             s1 = min(T, s0 + N)
             km, vm = self._heads(self.k_proj(mem)), self._heads(self.v_proj(mem))
-            outs.append(attention(q[:, s0:s1], torch.cat([km, k[:, s0:s1]], 1), torch.cat([vm, v[:, s0:s1]], 1),
-                                  causal=True, scale=self.scale))
+            outs.append(
+                attention(
+                    q[:, s0:s1],
+                    torch.cat([km, k[:, s0:s1]], 1),
+                    torch.cat([vm, v[:, s0:s1]], 1),
+                    causal=True,
+                    scale=self.scale,
+                )
+            )
             if s1 - s0 == N:
                 mem = self._maybe_detach(self._write(mem, k[:, s0:s1], v[:, s0:s1]), seg + 1)
                 seg += 1
@@ -115,8 +123,8 @@ class RecurrentMemoryAttention(nn.Module):
         kb = torch.zeros(B, N, self.heads, self.head_dim, device=q.device)
         vb = torch.zeros_like(kb)
         if n_left:
-            kb = torch.cat([k[:, T - n_left:], kb[:, n_left:]], 1)
-            vb = torch.cat([v[:, T - n_left:], vb[:, n_left:]], 1)
+            kb = torch.cat([k[:, T - n_left :], kb[:, n_left:]], 1)
+            vb = torch.cat([v[:, T - n_left :], vb[:, n_left:]], 1)
         count = torch.full((B,), n_left, dtype=torch.long, device=q.device)
         o = torch.cat(outs, 1) if outs else q.new_zeros(B, 0, self.heads, self.head_dim)
         return o, dict(mem=mem, k=kb, v=vb, count=count)
@@ -134,11 +142,13 @@ class RecurrentMemoryAttention(nn.Module):
             vb = torch.where(here[..., None, None], v[:, t, None], vb)
             km, vm = self._heads(self.k_proj(mem)).float(), self._heads(self.v_proj(mem)).float()
             s_mem = torch.einsum("bhd,bmhd->bhm", q[:, t], km)
-            s_seg = torch.einsum("bhd,bnhd->bhn", q[:, t], kb).masked_fill(~(slots[None] <= cnt[:, None])[:, None],
-                                                                           float("-inf"))
+            s_seg = torch.einsum("bhd,bnhd->bhn", q[:, t], kb).masked_fill(
+                ~(slots[None] <= cnt[:, None])[:, None], float("-inf")
+            )
             p = torch.softmax(torch.cat([s_mem, s_seg], -1) * self.scale, -1)
             o = torch.einsum("bhm,bmhd->bhd", p[..., : self.num_memory], vm) + torch.einsum(
-                "bhn,bnhd->bhd", p[..., self.num_memory:], vb)
+                "bhn,bnhd->bhd", p[..., self.num_memory :], vb
+            )
             outs.append(torch.where(ok[:, None, None], o, torch.zeros_like(o)))
             full = ok & (cnt == N - 1)
             if bool(full.any()):

@@ -34,8 +34,14 @@ from effattn.memory._neural import chunk_neural_memory, reference_neural_memory
 __all__ = ["NeuralMemory", "chunk_titans_memory", "init_memory_weights", "step_titans_memory", "titans_memory"]
 
 
-def init_memory_weights(heads: int, key_dim: int, value_dim: int, depth: int = 1, expansion: int = 2,
-                        generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def init_memory_weights(
+    heads: int,
+    key_dim: int,
+    value_dim: int,
+    depth: int = 1,
+    expansion: int = 2,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
     """Initial memory weights ``[heads, d_l, d_{l+1}]`` for an MLP ``key_dim -> expansion*key_dim ... ->
     value_dim`` of ``depth`` layers, scaled ``1/sqrt(d_l)`` (a depth-1 memory starts at zero).
 
@@ -44,8 +50,13 @@ def init_memory_weights(heads: int, key_dim: int, value_dim: int, depth: int = 1
         >>> [tuple(w.shape) for w in init_memory_weights(2, 4, 3, depth=2)]
         [(2, 4, 8), (2, 8, 3)]
     """
-    for name, val in (("heads", heads), ("key_dim", key_dim), ("value_dim", value_dim), ("depth", depth),
-                      ("expansion", expansion)):
+    for name, val in (
+        ("heads", heads),
+        ("key_dim", key_dim),
+        ("value_dim", value_dim),
+        ("depth", depth),
+        ("expansion", expansion),
+    ):
         check_positive_int(name, val)
     if depth == 1:
         return [torch.zeros(heads, key_dim, value_dim)]
@@ -53,8 +64,7 @@ def init_memory_weights(heads: int, key_dim: int, value_dim: int, depth: int = 1
     return [torch.randn(heads, a, b, generator=generator) / math.sqrt(a) for a, b in zip(dims[:-1], dims[1:])]
 
 
-def titans_memory(q, k, v, theta, eta, alpha, weights, *, initial_state=None, output_final_state=False,
-                  valid=None):
+def titans_memory(q, k, v, theta, eta, alpha, weights, *, initial_state=None, output_final_state=False, valid=None):
     """Token-by-token Titans memory (the rule of the module docstring), float32.
 
     q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, theta (>= 0), eta, alpha (in [0, 1]) ``[B, T, H]``,
@@ -68,12 +78,23 @@ def titans_memory(q, k, v, theta, eta, alpha, weights, *, initial_state=None, ou
         >>> tuple(y.shape), len(st["A"])
         ((1, 5, 2, 3), 2)
     """
-    return reference_neural_memory(q, k, v, theta, eta, alpha, weights, initial_state=initial_state,
-                                   output_final_state=output_final_state, valid=valid)
+    return reference_neural_memory(
+        q,
+        k,
+        v,
+        theta,
+        eta,
+        alpha,
+        weights,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        valid=valid,
+    )
 
 
-def chunk_titans_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size: int = 16, initial_state=None,
-                        output_final_state=False):
+def chunk_titans_memory(
+    q, k, v, theta, eta, alpha, weights, *, chunk_size: int = 16, initial_state=None, output_final_state=False
+):
     """Chunked Titans memory (gradients at each chunk's start memory; momentum and decay as scans).
     ``chunk_size=1`` equals :func:`titans_memory`; larger chunks approximate it.
 
@@ -85,8 +106,18 @@ def chunk_titans_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size: int 
         >>> torch.allclose(a, titans_memory(q, k, v, g, g, g, w)[0], atol=1e-5)
         True
     """
-    return chunk_neural_memory(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size,
-                               initial_state=initial_state, output_final_state=output_final_state)
+    return chunk_neural_memory(
+        q,
+        k,
+        v,
+        theta,
+        eta,
+        alpha,
+        weights,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
 
 
 def step_titans_memory(q, k, v, theta, eta, alpha, state):
@@ -105,8 +136,7 @@ def step_titans_memory(q, k, v, theta, eta, alpha, state):
     if state is None:
         raise ValueError("state must be the state of a previous call (a dict with 'A', 'S', ...), got None")
     weights = [a[0] for a in state["A"]]  # shapes only: the state replaces them
-    return reference_neural_memory(q, k, v, theta, eta, alpha, weights, initial_state=state,
-                                   output_final_state=True)
+    return reference_neural_memory(q, k, v, theta, eta, alpha, weights, initial_state=state, output_final_state=True)
 
 
 class NeuralMemory(nn.Module):
@@ -130,10 +160,23 @@ class NeuralMemory(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, heads: int, depth: int = 1, expansion: int = 2, loss: str = "l2",
-                 p: float = 2.0, retention: str = "linear", q_exp: float = 2.0, window: int = 1,
-                 muon: bool = False, feature_degree: int = 1, momentum: bool = True, theta_max: float = 0.1,
-                 chunk_size: int = 1):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        depth: int = 1,
+        expansion: int = 2,
+        loss: str = "l2",
+        p: float = 2.0,
+        retention: str = "linear",
+        q_exp: float = 2.0,
+        window: int = 1,
+        muon: bool = False,
+        feature_degree: int = 1,
+        momentum: bool = True,
+        theta_max: float = 0.1,
+        chunk_size: int = 1,
+    ):
         super().__init__()
         check_positive_int("heads", heads)
         if dim % heads:
@@ -191,11 +234,34 @@ class NeuralMemory(nn.Module):
             v = v * valid[..., None, None]
         weights = list(self.weights)
         if self.chunk_size > 1 and valid is None and T > 1:
-            o, state = chunk_neural_memory(q, k, v, theta, eta, alpha, weights, gamma=gamma, **self.opts,
-                                           chunk_size=self.chunk_size, initial_state=state,
-                                           output_final_state=True)
+            o, state = chunk_neural_memory(
+                q,
+                k,
+                v,
+                theta,
+                eta,
+                alpha,
+                weights,
+                gamma=gamma,
+                **self.opts,
+                chunk_size=self.chunk_size,
+                initial_state=state,
+                output_final_state=True,
+            )
         else:
-            o, state = reference_neural_memory(q, k, v, theta, eta, alpha, weights, gamma=gamma, **self.opts,
-                                               initial_state=state, output_final_state=True, valid=valid)
+            o, state = reference_neural_memory(
+                q,
+                k,
+                v,
+                theta,
+                eta,
+                alpha,
+                weights,
+                gamma=gamma,
+                **self.opts,
+                initial_state=state,
+                output_final_state=True,
+                valid=valid,
+            )
         o = self.o_norm(o.to(x.dtype)).reshape(B, T, -1)
         return self.o_proj(o * F.silu(self.g_proj(x))), state

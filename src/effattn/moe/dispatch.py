@@ -135,4 +135,3 @@ def reference_moe(
         rows.append(acc)
     y = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
     return y, kept
-

@@ -157,8 +157,9 @@ class MoE(nn.Module):
                     f"({self.ep_size}): each rank holds num_experts / group_size experts"
                 )
         self.local_experts = num_experts // self.ep_size
-        self.router = Router(dim, num_experts, top_k, kind=router, routing=routing, normalize=normalize,
-                             capacity_factor=capacity_factor)
+        self.router = Router(
+            dim, num_experts, top_k, kind=router, routing=routing, normalize=normalize, capacity_factor=capacity_factor
+        )
         self.experts = Experts(self.local_experts, dim, hidden, kind=expert, gemm=gemm)
         self.shared = SwiGLU(dim, hidden * shared_experts) if shared_experts else None
         # integer counts (assignments per expert, then tokens): model.to(dtype) leaves them exact
@@ -171,8 +172,11 @@ class MoE(nn.Module):
         0.02) or, with ``None``, ``1/sqrt(fan_in)``; shared experts' linears likewise. Buffers are kept."""
         if std is not None:
             check_float("std", std, 0.0, math.inf, lo_open=True)
-        for p, fan_in in ((self.router.weight, self.dim), (self.experts.w_in, self.dim),
-                          (self.experts.w_out, self.hidden)):
+        for p, fan_in in (
+            (self.router.weight, self.dim),
+            (self.experts.w_in, self.dim),
+            (self.experts.w_out, self.hidden),
+        ):
             p.normal_(0.0, fan_in**-0.5 if std is None else std)
         if self.shared is not None:
             for lin in (self.shared.gate, self.shared.up, self.shared.down):
@@ -300,8 +304,9 @@ class MoE(nn.Module):
         for i in range(c):
             dispatch_work[i].wait()
             if i + 1 < c:
-                received[i + 1] = all_to_all(x[chunks[i + 1][0]], plans[i + 1][1], plans[i + 1][0], group,
-                                             pending=dispatch_work)
+                received[i + 1] = all_to_all(
+                    x[chunks[i + 1][0]], plans[i + 1][1], plans[i + 1][0], group, pending=dispatch_work
+                )
             in_splits, out_splits, perm, counts = plans[i]
             got = received[i]
             out = got.new_zeros(got.shape).index_copy(0, perm, self.experts(got[perm], counts))
@@ -315,9 +320,11 @@ class MoE(nn.Module):
         return y, bytes_sent
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"routing={self.routing!r}, capacity_factor={self.capacity_factor}, lbl_scope={self.lbl_scope!r}, "
-                f"ep_size={self.ep_size}")
+        return (
+            f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"routing={self.routing!r}, capacity_factor={self.capacity_factor}, lbl_scope={self.lbl_scope!r}, "
+            f"ep_size={self.ep_size}"
+        )
 
 
 def reset_lbl_stats(model: nn.Module) -> int:

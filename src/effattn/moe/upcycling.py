@@ -32,8 +32,7 @@ def _swiglu_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
                 raise ValueError("dense_mlp has biases; upcycle copies bias-free SwiGLU projections only")
             return mods[0].weight, mods[1].weight, mods[2].weight
     raise TypeError(
-        f"dense_mlp must be a SwiGLU with nn.Linear projections named {[n for n in _NAMES]}, "
-        f"got {type(mlp).__name__}"
+        f"dense_mlp must be a SwiGLU with nn.Linear projections named {[n for n in _NAMES]}, got {type(mlp).__name__}"
     )
 
 

@@ -208,9 +208,7 @@ def _ragged_heads_attention(q, k, v, head_mask, scale, softcap, sinks, backend) 
     def mm(b, h, qi, kv):
         return head_mask[b, h // group, kv]
 
-    return attention(
-        q, k, v, causal=True, mask_mod=mm, scale=scale, softcap=softcap, sinks=sinks, backend=backend
-    )
+    return attention(q, k, v, causal=True, mask_mod=mm, scale=scale, softcap=softcap, sinks=sinks, backend=backend)
 
 
 class Attention(nn.Module):
@@ -379,8 +377,9 @@ class Attention(nn.Module):
                 raise ValueError("sequence-parallel attention takes no state, valid, mask/score mod or head gates")
             q, k, v = self._project(x, sp.positions(T, x.device))  # RoPE at the shard's global positions
             sinks = None if self.sinks is None else self.sinks.to(q.dtype)
-            o = sp.attention_call(q, k, v, causal=self.causal, window=self.window, softcap=self.softcap,
-                                  sinks=sinks, backend=self.backend)
+            o = sp.attention_call(
+                q, k, v, causal=self.causal, window=self.window, softcap=self.softcap, sinks=sinks, backend=self.backend
+            )
             return o, None
         cache = layer_cache(state, B, self.cache_pattern)
         pos = cache.next_positions(B, T, valid, x.device)

@@ -91,9 +91,7 @@ def chunked_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
     if x.shape[1] <= chunk:
         return fn(x)
     grad = torch.is_grad_enabled()
-    parts = [
-        checkpoint(fn, piece, use_reentrant=False) if grad else fn(piece) for piece in x.split(chunk, dim=1)
-    ]
+    parts = [checkpoint(fn, piece, use_reentrant=False) if grad else fn(piece) for piece in x.split(chunk, dim=1)]
     return torch.cat(parts, dim=1)
 
 
@@ -324,8 +322,7 @@ def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, states: list, valid, conf
             fresh = all(s is None for s in states)
             if fresh and training:
                 fns = [
-                    ((lambda x, b=b: b.mixer(b.mixer_norm(x), None, valid)[0]), _mlp(b, chunk, valid))
-                    for b in blocks
+                    ((lambda x, b=b: b.mixer(b.mixer_norm(x), None, valid)[0]), _mlp(b, chunk, valid)) for b in blocks
                 ]
                 params = [
                     (

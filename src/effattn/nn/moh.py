@@ -174,9 +174,16 @@ class MoHAttention(Attention):
     def _selected_applies(self, state, valid) -> bool:
         w = self.window
         return (
-            self.compute == "selected" and state is None and valid is None and self.causal
-            and self.mask_mod is None and self.score_mod is None and self.sinks is None
-            and self.softcap is None and self.head_gates is None and (w is None or isinstance(w, int))
+            self.compute == "selected"
+            and state is None
+            and valid is None
+            and self.causal
+            and self.mask_mod is None
+            and self.score_mod is None
+            and self.sinks is None
+            and self.softcap is None
+            and self.head_gates is None
+            and (w is None or isinstance(w, int))
             and current_sequence_parallel() is None  # sequence shards: the dense path's ring/Ulysses call
         )
 

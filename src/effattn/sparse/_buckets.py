@@ -244,7 +244,17 @@ def chunk_round(bq: torch.Tensor, bk: torch.Tensor, chunk: int, *, look_back: bo
     lo = (torch.remainder(c - back, nc) * chunk).to(torch.int32).expand_as(q_order).contiguous()
     length = torch.full_like(lo, (1 + back) * chunk)
     return Round(
-        T, False, q_order, k_order, q_slot, k_slot, lo, length, chunk_query_block(chunk), engine_block(chunk), chunk,
+        T,
+        False,
+        q_order,
+        k_order,
+        q_slot,
+        k_slot,
+        lo,
+        length,
+        chunk_query_block(chunk),
+        engine_block(chunk),
+        chunk,
         look_back,
     )
 

@@ -175,6 +175,7 @@ def combiner_axial_attention(
     qg, kg, vg = grid(q), grid(k), grid(v)
     n = present.to(q.dtype)
     if causal:  # rows strictly above: exclusive prefix sums over rows
+
         def above(x, dim):  # exclusive prefix sum (shifted, not cumsum minus own row: exact causality)
             return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim).narrow(dim, 0, R - 1)], dim)
 

@@ -172,8 +172,14 @@ class _Selection:
         partial = torch.cat([lsh.kv_partial.expand(B, H, nq, -1), torch.ones_like(s_real)], -1)
         order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices  # real entries first
         return BlockMask.from_kv_indices(
-            idx.gather(-1, order), T, t_pad + self.m, q_block=bq, kv_block=bk, kv_counts=real.sum(-1),
-            keep_mod=self.joint_mask(), kv_partial=partial.gather(-1, order),
+            idx.gather(-1, order),
+            T,
+            t_pad + self.m,
+            q_block=bq,
+            kv_block=bk,
+            kv_counts=real.sum(-1),
+            keep_mod=self.joint_mask(),
+            kv_partial=partial.gather(-1, order),
         )
 
     def joint_mask(self):

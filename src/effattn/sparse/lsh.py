@@ -181,7 +181,13 @@ def lsh_attention(
     keys = torch.nn.functional.normalize(q, dim=-1) if shared_qk else expand_kv(k, gk)
     vals = expand_kv(v, gv)
     rounds, other = _rounds(
-        q, keys, n_buckets=n_buckets, chunk_size=chunk_size, n_rounds=n_rounds, causal=causal, shared_qk=shared_qk,
+        q,
+        keys,
+        n_buckets=n_buckets,
+        chunk_size=chunk_size,
+        n_rounds=n_rounds,
+        causal=causal,
+        shared_qk=shared_qk,
         seed=seed,
     )
     outs, lses = [], []
@@ -216,7 +222,13 @@ def lsh_pair_counts(
     n_buckets = _check_params(T, n_buckets, chunk_size, n_rounds, causal)
     keys = q if shared_qk else expand_kv(k, q.shape[2] // k.shape[2])
     rounds, other = _rounds(
-        q, keys, n_buckets=n_buckets, chunk_size=chunk_size, n_rounds=n_rounds, causal=causal, shared_qk=shared_qk,
+        q,
+        keys,
+        n_buckets=n_buckets,
+        chunk_size=chunk_size,
+        n_rounds=n_rounds,
+        causal=causal,
+        shared_qk=shared_qk,
         seed=seed,
     )
     counts = torch.zeros(q.shape[0], q.shape[2], T, T, dtype=torch.int16, device=q.device)

@@ -132,7 +132,12 @@ class _Balanced:
             return ~seen
 
         bm = BlockMask.from_kv_indices(
-            idx, N, N, q_block=bq, kv_block=bk, mask_mod=mask if bool(partial.any()) else None,
+            idx,
+            N,
+            N,
+            q_block=bq,
+            kv_block=bk,
+            mask_mod=mask if bool(partial.any()) else None,
             kv_partial=partial,
         )
         qs, ks, vs = gather_tokens(qr, q_order), gather_tokens(kr, k_order), gather_tokens(vr, k_order)
@@ -150,9 +155,11 @@ def _merge_occurrences(o: torch.Tensor, lse: torch.Tensor, dest: torch.Tensor, T
     bad = torch.isnan(lse)
     poisoned = None
     if bool(bad.any()):
-        poisoned = torch.zeros(B, H, T, dtype=torch.uint8, device=o.device).scatter_reduce(
-            -1, dest, bad.to(torch.uint8), "amax"
-        ).bool()
+        poisoned = (
+            torch.zeros(B, H, T, dtype=torch.uint8, device=o.device)
+            .scatter_reduce(-1, dest, bad.to(torch.uint8), "amax")
+            .bool()
+        )
         lse = lse.masked_fill(bad, NEG_INF)
         o = o.masked_fill(bad.transpose(1, 2)[..., None], 0.0)
     with torch.no_grad():
@@ -247,8 +254,14 @@ def routing_attention(
     outs, lses = [], []
     if L:
         o_l, lse_l = attention(
-            q[:, :, :L], k[:, :, : L // G], v[:, :, : L // G], causal=causal, window=window or w, scale=scale,
-            return_lse=True, backend="tiled",
+            q[:, :, :L],
+            k[:, :, : L // G],
+            v[:, :, : L // G],
+            causal=causal,
+            window=window or w,
+            scale=scale,
+            return_lse=True,
+            backend="tiled",
         )
         outs.append(o_l)
         lses.append(lse_l)
@@ -451,7 +464,10 @@ def _check_state(state, B: int, Lkv: int, Hr: int, K: int, D: int, Dv: int, W: i
     if tuple(state.pos.shape) != (B,):
         raise ValueError(f"state holds batch {tuple(state.pos.shape)}, q has batch {B}")
     want = {
-        "lk": (B, None, Lkv, D), "lv": (B, None, Lkv, Dv), "rk": (B, Hr, K, None, D), "rv": (B, Hr, K, None, Dv),
+        "lk": (B, None, Lkv, D),
+        "lv": (B, None, Lkv, Dv),
+        "rk": (B, Hr, K, None, D),
+        "rv": (B, Hr, K, None, Dv),
         "rcount": (B, Hr, K),
     }
     for name, shape in want.items():
@@ -510,8 +526,14 @@ def step_routing_attention(
         raise ValueError(
             f"step_routing_attention decodes one token: q must be [batch, 1, heads, head_dim], got {tuple(q.shape)}"
         )
-    kw = dict(router=router, num_clusters=num_clusters, seed=seed, local_heads=local_heads, window=window,
-              cluster_window=cluster_window)
+    kw = dict(
+        router=router,
+        num_clusters=num_clusters,
+        seed=seed,
+        local_heads=local_heads,
+        window=window,
+        cluster_window=cluster_window,
+    )
     L, Lkv, W, CW, Dv = local_heads, local_heads // G, window or cluster_window, cluster_window, v.shape[-1]
     if state is None:
         state = routing_decode_state(q[:, :0], k[:, :0], v[:, :0], **kw)

@@ -258,11 +258,15 @@ def step_topk_block_attention(
         raise TypeError(f"state must be a TopKBlockDecodeState (or None), got {type(state).__name__}")
     Hkv, Dv, t = k.shape[2], v.shape[3], state.k.shape[1]
     if state.k.shape[0] != B or state.k.shape[2:] != k.shape[2:] or state.v.shape[2:] != v.shape[2:]:
-        raise ValueError(f"state holds keys {tuple(state.k.shape)}, values {tuple(state.v.shape)}; "
-                         f"this step has k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"state holds keys {tuple(state.k.shape)}, values {tuple(state.v.shape)}; "
+            f"this step has k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if state.reps.shape[1] != t // block:
-        raise ValueError(f"state has {state.reps.shape[1]} block representatives after {t} tokens; "
-                         f"block={block} needs {t // block} (a state of another block size)")
+        raise ValueError(
+            f"state has {state.reps.shape[1]} block representatives after {t} tokens; "
+            f"block={block} needs {t // block} (a state of another block size)"
+        )
     k_all, v_all = torch.cat([state.k, k], 1), torch.cat([state.v, v], 1)
     q_recent = torch.cat([state.q_recent, q], 1)[:, -block:]
     reps, pooled = state.reps, state.pooled

@@ -190,15 +190,16 @@ def load_checkpoint(
     if optimizer is not None:
         current = optimizer.state_dict()
         if len(current["param_groups"]) != len(meta["param_groups"]):
-            raise CheckpointError(f"{ckpt}: {len(meta['param_groups'])} param groups saved, optimizer has "
-                                  f"{len(current['param_groups'])}")
+            raise CheckpointError(
+                f"{ckpt}: {len(meta['param_groups'])} param groups saved, optimizer has {len(current['param_groups'])}"
+            )
         ids = [p for g in current["param_groups"] for p in g["params"]]
         by_name = dict(zip(param_names, ids))
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if not key.startswith("state."):
                 continue
-            name, sub = key[len("state."):].rsplit(".", 1)
+            name, sub = key[len("state.") :].rsplit(".", 1)
             if name not in by_name:
                 raise CheckpointError(f"{ckpt}: optimizer state for unknown parameter {name!r}")
             state.setdefault(by_name[name], {})[sub] = value

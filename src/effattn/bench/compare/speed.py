@@ -73,9 +73,7 @@ def _exact_decode(T: int, device: str) -> dict:
     q = torch.randn(lin.BATCH, 1, lin.HEADS, lin.HEAD_DIM, device=device)
     kc, vc = (torch.randn(lin.BATCH, T + 1, lin.HEADS, lin.HEAD_DIM, device=device) for _ in range(2))
     with torch.no_grad():
-        t = harness.measure_time(
-            lambda: decode_attention(q, kc, vc), repeats=lin.STEP_REPEATS, warmup=2, device=device
-        )
+        t = harness.measure_time(lambda: decode_attention(q, kc, vc), repeats=lin.STEP_REPEATS, warmup=2, device=device)
     return {"step_us": 1e6 * t, "state_bytes": 2 * kc.numel() * kc.element_size()}
 
 

@@ -221,9 +221,7 @@ class Capabilities:
         if self.max_scores is not None:
             n = call.B * call.Hq * call.Tq * call.Tk
             if n > self.max_scores:
-                r.append(
-                    f"would materialize {n} scores (> {self.max_scores}); use backend='tiled' (O(T) memory)"
-                )
+                r.append(f"would materialize {n} scores (> {self.max_scores}); use backend='tiled' (O(T) memory)")
         return r
 
     def describe(self) -> str:

@@ -130,8 +130,8 @@ def tile_plan(
             n = bi.numel()
             if n:
                 kb = bm.kv_indices[bi, hi, qi, ti]
-                qpos = (qi[:, None, None] * bm.q_block + torch.arange(bm.q_block, device=device).view(1, -1, 1))
-                kpos = (kb[:, None, None] * bm.kv_block + torch.arange(bm.kv_block, device=device).view(1, 1, -1))
+                qpos = qi[:, None, None] * bm.q_block + torch.arange(bm.q_block, device=device).view(1, -1, 1)
+                kpos = kb[:, None, None] * bm.kv_block + torch.arange(bm.kv_block, device=device).view(1, 1, -1)
                 allowed = bm.mask_mod(
                     bi.view(-1, 1, 1), hi.view(-1, 1, 1), qpos.clamp(max=Tq - 1), kpos.clamp(max=Tk - 1)
                 )

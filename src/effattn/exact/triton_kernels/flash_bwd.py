@@ -108,7 +108,9 @@ def attn_bwd_dkdv_kernel(
                 if code != -1:
                     if HAS_BITS:
                         bits = tl.load(
-                            BITS + code * (Q_BLOCK * KV_BLOCK) + (rows - qb * Q_BLOCK)[:, None] * KV_BLOCK
+                            BITS
+                            + code * (Q_BLOCK * KV_BLOCK)
+                            + (rows - qb * Q_BLOCK)[:, None] * KV_BLOCK
                             + (cols - kvblk * KV_BLOCK)[None, :],
                             mask=keep,
                             other=0,
@@ -217,7 +219,9 @@ def attn_bwd_dq_kernel(
             if code != -1:
                 if HAS_BITS:
                     bits = tl.load(
-                        BITS + code * (Q_BLOCK * KV_BLOCK) + (rows - qblk * Q_BLOCK)[:, None] * KV_BLOCK
+                        BITS
+                        + code * (Q_BLOCK * KV_BLOCK)
+                        + (rows - qblk * Q_BLOCK)[:, None] * KV_BLOCK
                         + (cols - kb * KV_BLOCK)[None, :],
                         mask=keep,
                         other=0,

@@ -90,7 +90,9 @@ def attn_fwd_kernel(
             if code != -1:
                 if HAS_BITS:
                     bits = tl.load(
-                        BITS + code * (Q_BLOCK * KV_BLOCK) + (rows - qblk * Q_BLOCK)[:, None] * KV_BLOCK
+                        BITS
+                        + code * (Q_BLOCK * KV_BLOCK)
+                        + (rows - qblk * Q_BLOCK)[:, None] * KV_BLOCK
                         + (cols - kb * KV_BLOCK)[None, :],
                         mask=keep,
                         other=0,

@@ -95,4 +95,3 @@ def jit(fn):
 def pow2(n: int, least: int = 16) -> int:
     """The next power of two ``>= n`` and ``>= least`` (tile sizes)."""
     return max(least, 1 << (max(int(n), 1) - 1).bit_length())
-

@@ -45,8 +45,24 @@ class _ScalarDecayChunk(torch.autograd.Function):
         states = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
         s0_ = _f32(s0) if s0 is not None else sfin
         jit(scalar_decay_fwd_kernel)[(B * H,)](
-            q_, k_, v_, g_, s0_, o, sfin, states, T, H, K, V, NT, float(scale),
-            HAS_S0=s0 is not None, C=C, BK=pow2(K), BV=pow2(V),
+            q_,
+            k_,
+            v_,
+            g_,
+            s0_,
+            o,
+            sfin,
+            states,
+            T,
+            H,
+            K,
+            V,
+            NT,
+            float(scale),
+            HAS_S0=s0 is not None,
+            C=C,
+            BK=pow2(K),
+            BV=pow2(V),
         )
         ctx.save_for_backward(q_, k_, v_, g_, states)
         ctx.meta = (scale, C, s0 is not None)
@@ -65,8 +81,28 @@ class _ScalarDecayChunk(torch.autograd.Function):
         do_ = _f32(do) if do is not None else torch.zeros_like(v)
         dsfin_ = _f32(dsfin) if dsfin is not None else ds0
         jit(scalar_decay_bwd_kernel)[(B * H,)](
-            q, k, v, g, states, do_, dsfin_, dq, dk, dv, dg, ds0, T, H, K, V, NT, float(scale),
-            HAS_DSFIN=dsfin is not None, C=C, BK=pow2(K), BV=pow2(V),
+            q,
+            k,
+            v,
+            g,
+            states,
+            do_,
+            dsfin_,
+            dq,
+            dk,
+            dv,
+            dg,
+            ds0,
+            T,
+            H,
+            K,
+            V,
+            NT,
+            float(scale),
+            HAS_DSFIN=dsfin is not None,
+            C=C,
+            BK=pow2(K),
+            BV=pow2(V),
         )
         return dq, dk, dv, dg, (ds0 if has_s0 else None), None, None
 
@@ -117,8 +153,25 @@ class _GatedDeltaChunk(torch.autograd.Function):
         states = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
         s0_ = _f32(s0) if s0 is not None else sfin
         jit(gated_delta_fwd_kernel)[(B * H,)](
-            q_, k_, v_, g_, b_, s0_, o, sfin, states, T, H, K, V, NT, float(scale),
-            HAS_S0=s0 is not None, C=C, BK=pow2(K), BV=pow2(V),
+            q_,
+            k_,
+            v_,
+            g_,
+            b_,
+            s0_,
+            o,
+            sfin,
+            states,
+            T,
+            H,
+            K,
+            V,
+            NT,
+            float(scale),
+            HAS_S0=s0 is not None,
+            C=C,
+            BK=pow2(K),
+            BV=pow2(V),
         )
         ctx.save_for_backward(q_, k_, v_, g_, b_, states)
         ctx.meta = (scale, C, s0 is not None)
@@ -137,8 +190,30 @@ class _GatedDeltaChunk(torch.autograd.Function):
         do_ = _f32(do) if do is not None else torch.zeros_like(v)
         dsfin_ = _f32(dsfin) if dsfin is not None else ds0
         jit(gated_delta_bwd_kernel)[(B * H,)](
-            q, k, v, g, beta, states, do_, dsfin_, dq, dk, dv, dg, dbeta, ds0, T, H, K, V, NT, float(scale),
-            HAS_DSFIN=dsfin is not None, C=C, BK=pow2(K), BV=pow2(V),
+            q,
+            k,
+            v,
+            g,
+            beta,
+            states,
+            do_,
+            dsfin_,
+            dq,
+            dk,
+            dv,
+            dg,
+            dbeta,
+            ds0,
+            T,
+            H,
+            K,
+            V,
+            NT,
+            float(scale),
+            HAS_DSFIN=dsfin is not None,
+            C=C,
+            BK=pow2(K),
+            BV=pow2(V),
         )
         return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None
 
@@ -183,8 +258,23 @@ def _recurrent(q, k, v, g, beta, scale, state, delta):
     sfin = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     s0_ = _f32(state) if state is not None else sfin
     jit(recurrent_kernel)[(B * H,)](
-        q_, k_, v_, g_, b_, s0_, o, sfin, T, H, K, V, float(scale),
-        HAS_S0=state is not None, DELTA=delta, BK=pow2(K, 2), BV=pow2(V, 2),
+        q_,
+        k_,
+        v_,
+        g_,
+        b_,
+        s0_,
+        o,
+        sfin,
+        T,
+        H,
+        K,
+        V,
+        float(scale),
+        HAS_S0=state is not None,
+        DELTA=delta,
+        BK=pow2(K, 2),
+        BV=pow2(V, 2),
     )
     return o, sfin
 

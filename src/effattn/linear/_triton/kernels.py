@@ -21,8 +21,26 @@ __all__ = [
 ]
 
 
-def scalar_decay_fwd_kernel(q, k, v, g, s0, o, sfin, states, T, H, K, V, NT, scale,
-                   HAS_S0: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def scalar_decay_fwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    s0,
+    o,
+    sfin,
+    states,
+    T,
+    H,
+    K,
+    V,
+    NT,
+    scale,
+    HAS_S0: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -62,8 +80,30 @@ def scalar_decay_fwd_kernel(q, k, v, g, s0, o, sfin, states, T, H, K, V, NT, sca
     tl.store(sfin + bh * K * V + kv_off, S, mask=kv_mask)
 
 
-def scalar_decay_bwd_kernel(q, k, v, g, states, do, dsfin, dq, dk, dv, dg, ds0, T, H, K, V, NT, scale,
-                   HAS_DSFIN: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def scalar_decay_bwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    states,
+    do,
+    dsfin,
+    dq,
+    dk,
+    dv,
+    dg,
+    ds0,
+    T,
+    H,
+    K,
+    V,
+    NT,
+    scale,
+    HAS_DSFIN: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -124,8 +164,27 @@ def scalar_decay_bwd_kernel(q, k, v, g, states, do, dsfin, dq, dk, dv, dg, ds0, 
     tl.store(ds0 + bh * K * V + kv_off, dS, mask=kv_mask)
 
 
-def gated_delta_fwd_kernel(q, k, v, g, beta, s0, o, sfin, states, T, H, K, V, NT, scale,
-                    HAS_S0: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def gated_delta_fwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    s0,
+    o,
+    sfin,
+    states,
+    T,
+    H,
+    K,
+    V,
+    NT,
+    scale,
+    HAS_S0: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -180,8 +239,32 @@ def gated_delta_fwd_kernel(q, k, v, g, beta, s0, o, sfin, states, T, H, K, V, NT
     tl.store(sfin + bh * K * V + kv_off, S, mask=kv_mask)
 
 
-def gated_delta_bwd_kernel(q, k, v, g, beta, states, do, dsfin, dq, dk, dv, dg, dbeta, ds0, T, H, K, V, NT, scale,
-                    HAS_DSFIN: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def gated_delta_bwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    states,
+    do,
+    dsfin,
+    dq,
+    dk,
+    dv,
+    dg,
+    dbeta,
+    ds0,
+    T,
+    H,
+    K,
+    V,
+    NT,
+    scale,
+    HAS_DSFIN: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -273,8 +356,25 @@ def gated_delta_bwd_kernel(q, k, v, g, beta, states, do, dsfin, dq, dk, dv, dg, 
     tl.store(ds0 + bh * K * V + kv_off, dS, mask=kv_mask)
 
 
-def recurrent_kernel(q, k, v, g, beta, s0, o, sfin, T, H, K, V, scale,
-                      HAS_S0: tl.constexpr, DELTA: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def recurrent_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    s0,
+    o,
+    sfin,
+    T,
+    H,
+    K,
+    V,
+    scale,
+    HAS_S0: tl.constexpr,
+    DELTA: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -299,4 +399,3 @@ def recurrent_kernel(q, k, v, g, beta, s0, o, sfin, T, H, K, V, scale,
         S = S + bk[:, None] * bv[None, :]
         tl.store(o + row * V + rv, tl.sum(S * bq[:, None], 0) * scale, mask=mv)
     tl.store(sfin + bh * K * V + kv_off, S, mask=kv_mask)
-

@@ -70,6 +70,7 @@ class AarenMixer(MixerBase):
         if x.shape[1] == 1:
             o, state = step_aaren(q, k, v, scale=scale, initial_state=state, output_final_state=True)
         else:
-            o, state = chunk_aaren(q, k, v, scale=scale, initial_state=state, output_final_state=True,
-                                   chunk_size=self.chunk_size)
+            o, state = chunk_aaren(
+                q, k, v, scale=scale, initial_state=state, output_final_state=True, chunk_size=self.chunk_size
+            )
         return self.o_proj(merge_heads(o.to(x.dtype))), state

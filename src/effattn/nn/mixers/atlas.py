@@ -26,12 +26,14 @@ class AtlasMixer(MixerBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, window: int = 4, feature_degree: int = 2, depth: int = 2,
-                 muon: bool = False, **kw):
+    def __init__(
+        self, dim: int, heads: int, window: int = 4, feature_degree: int = 2, depth: int = 2, muon: bool = False, **kw
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
-        self.memory = NeuralMemory(dim, heads, depth=depth, window=window, feature_degree=feature_degree,
-                                   muon=muon, **kw)
+        self.memory = NeuralMemory(
+            dim, heads, depth=depth, window=window, feature_degree=feature_degree, muon=muon, **kw
+        )
 
     def forward(self, x, state=None, valid=None):
         valid = check_x_and_valid(x, self.dim, valid)

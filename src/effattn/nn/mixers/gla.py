@@ -43,8 +43,15 @@ class GLAMixer(MixerBase):
 
     supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
 
-    def __init__(self, dim: int, heads: int, expand_k: float = 0.5, gate_low_rank: int = 16,
-                 gate_normalizer: float = 16.0, chunk_size: int = 64):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        expand_k: float = 0.5,
+        gate_low_rank: int = 16,
+        gate_normalizer: float = 16.0,
+        chunk_size: int = 64,
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         key_total = int(dim * expand_k)
@@ -67,12 +74,12 @@ class GLAMixer(MixerBase):
         k, v, gk = zero_invalid(k, valid), zero_invalid(v, valid), zero_invalid(gk, valid)
         sp = current_sequence_parallel()
         if sp is not None:  # sequence shards: LASP-2 (effattn.dist.sequence_parallel)
-            o, state = sp.linear("gla", q, k, v, gk, initial_state=state, output_final_state=True,
-                                 chunk_size=self.chunk_size)
+            o, state = sp.linear(
+                "gla", q, k, v, gk, initial_state=state, output_final_state=True, chunk_size=self.chunk_size
+            )
         elif x.shape[1] == 1:
             o, state = step_gla(q, k, v, gk, initial_state=state, output_final_state=True)
         else:
-            o, state = chunk_gla(q, k, v, gk, initial_state=state, output_final_state=True,
-                                 chunk_size=self.chunk_size)
+            o, state = chunk_gla(q, k, v, gk, initial_state=state, output_final_state=True, chunk_size=self.chunk_size)
         o = merge_heads(self.o_norm(o.to(x.dtype)))
         return self.o_proj(o * F.silu(self.g_proj(x))), state

@@ -41,6 +41,15 @@ class InfiniAttentionMixer(MixerBase):
         B, T, H, D = x.shape[0], x.shape[1], self.heads, self.head_dim
         x = zero_invalid(x, valid)
         q, k, v = (p(x).view(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
-        o, state = infini_attention(q, k, v, self.gate, segment=self.segment, delta=self.delta,
-                                    initial_state=state, output_final_state=True, valid=valid)
+        o, state = infini_attention(
+            q,
+            k,
+            v,
+            self.gate,
+            segment=self.segment,
+            delta=self.delta,
+            initial_state=state,
+            output_final_state=True,
+            valid=valid,
+        )
         return self.o_proj(o.reshape(B, T, -1)), state

@@ -70,8 +70,9 @@ class LinearAttentionMixer(MixerBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, feature_map: str = "elu1", feature_dim: int | None = None,
-                 chunk_size: int = 64):
+    def __init__(
+        self, dim: int, heads: int, feature_map: str = "elu1", feature_dim: int | None = None, chunk_size: int = 64
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         if feature_map not in FEATURE_MAPS:

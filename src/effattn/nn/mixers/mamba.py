@@ -46,8 +46,16 @@ class MambaMixer(MixerBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, chunk_size: int = 64):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        chunk_size: int = 64,
+    ):
         super().__init__()
         check_heads(dim, heads)
         self.dim, self.heads, self.d_state, self.chunk_size = dim, heads, d_state, chunk_size
@@ -76,8 +84,9 @@ class MambaMixer(MixerBase):
         H, P = self.heads, self.d_inner // self.heads
         A = -self.A_log.float().exp().reshape(H, P, self.d_state)
         args = (split_heads(xi, H), split_heads(dt, H), A.to(x.dtype), Bm.unsqueeze(2), Cm.unsqueeze(2))
-        kw = dict(D=self.D.reshape(H, P), z=split_heads(z, H), delta_softplus=False, initial_state=h,
-                  output_final_state=True)
+        kw = dict(
+            D=self.D.reshape(H, P), z=split_heads(z, H), delta_softplus=False, initial_state=h, output_final_state=True
+        )
         if x.shape[1] == 1:
             y, h = step_selective_scan(*args, **kw)
         else:

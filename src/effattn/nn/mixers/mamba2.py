@@ -45,8 +45,7 @@ class Mamba2Mixer(MixerBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, d_state: int = 64, d_conv: int = 4, expand: int = 2,
-                 chunk_size: int = 64):
+    def __init__(self, dim: int, heads: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, chunk_size: int = 64):
         super().__init__()
         check_heads(dim, heads)
         self.dim, self.heads, self.d_state, self.chunk_size = dim, heads, d_state, chunk_size
@@ -78,8 +77,9 @@ class Mamba2Mixer(MixerBase):
         if T == 1:
             y, h = step_simple_gla(q, k, v, g.to(x.dtype), scale=1.0, initial_state=h, output_final_state=True)
         else:
-            y, h = chunk_simple_gla(q, k, v, g.to(x.dtype), scale=1.0, initial_state=h, output_final_state=True,
-                                    chunk_size=self.chunk_size)
+            y, h = chunk_simple_gla(
+                q, k, v, g.to(x.dtype), scale=1.0, initial_state=h, output_final_state=True, chunk_size=self.chunk_size
+            )
         y = y.to(x.dtype) + self.D.to(x.dtype)[:, None] * xs
         y = self.norm(merge_heads(y) * F.silu(z))
         return self.out_proj(y), (h, conv_state)

@@ -47,8 +47,16 @@ class MoMMixer(MixerBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, memories: int = 4, top_k: int = 2, shared_memory: bool = True,
-                 conv_size: int = 4, chunk_size: int = 64):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        memories: int = 4,
+        top_k: int = 2,
+        shared_memory: bool = True,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         check_positive_int("memories", memories)

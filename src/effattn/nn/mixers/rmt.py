@@ -25,12 +25,12 @@ class RMTMixer(MixerBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, num_memory: int = 4, segment: int = 8,
-                 bptt_segments: int | None = None):
+    def __init__(self, dim: int, heads: int, num_memory: int = 4, segment: int = 8, bptt_segments: int | None = None):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
-        self.layer = RecurrentMemoryAttention(dim, heads, num_memory=num_memory, segment=segment,
-                                              bptt_segments=bptt_segments)
+        self.layer = RecurrentMemoryAttention(
+            dim, heads, num_memory=num_memory, segment=segment, bptt_segments=bptt_segments
+        )
 
     def forward(self, x, state=None, valid=None):
         valid = check_x_and_valid(x, self.dim, valid)

@@ -29,7 +29,6 @@ from effattn.sparse import (
 __all__ = ["RoutingMixer"]
 
 
-
 @register_mixer("routing")
 class RoutingMixer(MixerBase):
     """Routing Transformer layer (Roy, Saffar, Vaswani, Grangier, "Efficient Content-Based Sparse
@@ -75,9 +74,19 @@ class RoutingMixer(MixerBase):
         (1, 2, 4, 8, 8)
     """
 
-    def __init__(self, dim: int, heads: int, num_clusters: int = 8, cluster_window: int = 128,
-                 window: int = 128, local_heads: int | None = None, decay: float = 0.999, rope: bool = True,
-                 rope_base: float = 10000.0, seed: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_clusters: int = 8,
+        cluster_window: int = 128,
+        window: int = 128,
+        local_heads: int | None = None,
+        decay: float = 0.999,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         for name, val in (("num_clusters", num_clusters), ("cluster_window", cluster_window), ("window", window)):

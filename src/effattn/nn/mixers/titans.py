@@ -53,8 +53,13 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
         ks = torch.cat([pk[:, None].expand(B, n_seg, P, H, D)] + [seg(k) for k in streams_k], 2)
         vs = torch.cat([pv[:, None].expand(B, n_seg, P, H, D)] + [seg(v) for v in streams_v], 2)
         s = torch.einsum("bnihd,bnjhd->bnhij", seg(q), ks) * scale
-        see = torch.cat([torch.ones(N, P, dtype=torch.bool, device=q.device),
-                         slot[None, :] <= torch.arange(N, device=q.device)[:, None]], 1)
+        see = torch.cat(
+            [
+                torch.ones(N, P, dtype=torch.bool, device=q.device),
+                slot[None, :] <= torch.arange(N, device=q.device)[:, None],
+            ],
+            1,
+        )
         o = torch.einsum("bnhij,bnjhd->bnihd", torch.softmax(s.masked_fill(~see, float("-inf")), -1), vs)
         o = o.reshape(B, n_seg * N, H, D)[:, :T]
         n_left = T - (n_seg - 1) * N if pad else 0
@@ -71,8 +76,9 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
         kb, vb = torch.where(here, kt, kb), torch.where(here, vt, vb)
         see = torch.cat([torch.ones(B, P, dtype=torch.bool, device=q.device), slot[None] <= cnt[:, None]], 1)
         s = torch.einsum("bhd,bjhd->bhj", q[:, t].float(), torch.cat([pk, kb], 1)) * scale
-        o = torch.einsum("bhj,bjhd->bhd", torch.softmax(s.masked_fill(~see[:, None], float("-inf")), -1),
-                         torch.cat([pv, vb], 1))
+        o = torch.einsum(
+            "bhj,bjhd->bhd", torch.softmax(s.masked_fill(~see[:, None], float("-inf")), -1), torch.cat([pv, vb], 1)
+        )
         outs.append(torch.where(ok[:, None, None], o, torch.zeros_like(o)))
         cnt = torch.where(ok, (cnt + 1) % N, cnt)
     o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, D, dtype=torch.float32)
@@ -156,8 +162,16 @@ class TitansMAC(_TitansBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, segment: int = 8, num_persistent: int = 4, depth: int = 2,
-                 chunk_size: int = 1, **memory_kw):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        segment: int = 8,
+        num_persistent: int = 4,
+        depth: int = 2,
+        chunk_size: int = 1,
+        **memory_kw,
+    ):
         super().__init__(dim, heads, depth, chunk_size, **memory_kw)
         check_positive_int("segment", segment)
         self.segment = segment
@@ -173,6 +187,5 @@ class TitansMAC(_TitansBase):
         q = self.q_proj(x).view(B, T, H, D)
         kx, vx = self.k_proj(x).view(B, T, H, D), self.v_proj(x).view(B, T, H, D)
         km, vm = self.k_proj(m).view(B, T, H, D), self.v_proj(m).view(B, T, H, D)
-        o, ss = segment_attention(q, [km, kx], [vm, vx], self.persistent_k, self.persistent_v, self.segment,
-                                  ss, valid)
+        o, ss = segment_attention(q, [km, kx], [vm, vx], self.persistent_k, self.persistent_v, self.segment, ss, valid)
         return self.o_proj(o.reshape(B, T, -1)), (ms, ss)

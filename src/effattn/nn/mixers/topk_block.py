@@ -49,8 +49,9 @@ class TopKBlockMixer(MixerBase):
         (True, (1, 13, 2, 16))
     """
 
-    def __init__(self, dim: int, heads: int, block: int = 64, top_k: int = 4, rope: bool = True,
-                 rope_base: float = 10000.0):
+    def __init__(
+        self, dim: int, heads: int, block: int = 64, top_k: int = 4, rope: bool = True, rope_base: float = 10000.0
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.block, self.top_k = check_positive_int("block", block), check_positive_int("top_k", top_k)
