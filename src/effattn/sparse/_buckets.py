@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from effattn.exact import BlockMask, attention, merge_attention_states
+from effattn.exact import BlockMask, attention, merge_attention_states, poison_rows
 
 NEG_INF = float("-inf")
 
@@ -351,3 +351,39 @@ def merge_states(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[to
     empty = torch.isneginf(lse_stack).all(0)
     o, lse = merge_attention_states(torch.stack(outs), lse_stack.clamp_min(-1e30))
     return o, lse.masked_fill(empty, NEG_INF)
+
+
+def merge_occurrences(o: torch.Tensor, lse: torch.Tensor, dest: torch.Tensor, T: int):
+    """Combine per-occurrence results ``o [B, N, H, Dv]``, ``lse [B, H, N]`` of queries ``dest [B, H, N]``
+    by their log-sum-exps into ``[B, T, H, Dv]``, ``[B, H, T]``; a query with no occurrence gets zeros."""
+    B, N, H, Dv = o.shape
+    # an occurrence that saw a non-finite key is NaN (effattn.exact.nonfinite): its query's row is NaN,
+    # and constant, so no NaN weight meets a zero gradient on the way back
+    bad = torch.isnan(lse)
+    poisoned = None
+    if bool(bad.any()):
+        poisoned = (
+            torch.zeros(B, H, T, dtype=torch.uint8, device=o.device)
+            .scatter_reduce(-1, dest, bad.to(torch.uint8), "amax")
+            .bool()
+        )
+        lse = lse.masked_fill(bad, NEG_INF)
+        o = o.masked_fill(bad.transpose(1, 2)[..., None], 0.0)
+    with torch.no_grad():
+        m = torch.full((B, H, T), NEG_INF, device=o.device).scatter_reduce(-1, dest, lse.detach(), "amax")
+        m = m.masked_fill(torch.isneginf(m), 0.0)
+    lse_safe = lse.clamp_min(-1e30)  # finite gradients for empty occurrences
+    wgt = torch.exp(lse_safe - m.gather(-1, dest))  # [B, H, N]
+    den = torch.zeros(B, H, T, device=o.device).scatter_add(-1, dest, wgt)
+    num = torch.zeros(B, H, T, Dv, device=o.device).scatter_add(
+        2, dest[..., None].expand(B, H, N, Dv), wgt[..., None] * o.float().transpose(1, 2)
+    )
+    empty = den == 0
+    out = (num / den.masked_fill(empty, 1.0)[..., None]).transpose(1, 2).to(o.dtype)
+    lse_out = (torch.log(den.masked_fill(empty, 1.0)) + m).masked_fill(empty, NEG_INF)
+    if poisoned is not None:
+        out, lse_out = poison_rows(out, lse_out, poisoned.transpose(1, 2))
+    return out, lse_out
+
+
+# ------------------------------------------------------------------------------- the op
