@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from effattn.bench.compare.config import CompareConfig, guard, heads_for
+from effattn.bench.compare.config import TOKEN_BY_TOKEN_MIXERS, CompareConfig, guard, heads_for
 from effattn.bench.table import Progress, format_value
 from effattn.bench.train import train_mqar
 from effattn.nn import list_mixers
 
 
 def mixer_names(cfg: CompareConfig) -> list[str]:
-    """The mixers of the recall section: ``cfg.mixers``, or every registered mixer."""
+    """The mixers of the recall section: ``cfg.mixers``, or every registered mixer but the slow
+    token-by-token memories of :data:`TOKEN_BY_TOKEN_MIXERS` (name them with ``--mixers`` to train them)."""
     if cfg.mixers:
         return list(cfg.mixers)
-    return list_mixers()
+    return [n for n in list_mixers() if n not in TOKEN_BY_TOKEN_MIXERS]
 
 
 def run_recall(cfg: CompareConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
