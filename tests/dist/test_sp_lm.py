@@ -11,8 +11,15 @@ from effattn.nn import LM, LMConfig
 
 T, VOCAB = 24, 37
 # window 9 is longer than a shard at P=4 (6 tokens): the halo comes from two ranks
-CFG = dict(vocab_size=VOCAB, dim=32, n_layers=3, heads=4, mixers=["attention", "sliding_window", "gla"],
-           mixer_kwargs={"sliding_window": {"window": 9}}, max_seq_len=64)
+CFG = dict(
+    vocab_size=VOCAB,
+    dim=32,
+    n_layers=3,
+    heads=4,
+    mixers=["attention", "sliding_window", "gla"],
+    mixer_kwargs={"sliding_window": {"window": 9}},
+    max_seq_len=64,
+)
 
 
 def _model_and_data():
@@ -84,3 +91,16 @@ def test_context_needs_a_process_group():
     with pytest.raises(ValueError, match="attention must be one of"):
         with sequence_parallel(attention="nope"):
             pass
+
+
+def test_sequence_parallel_names_the_function_not_a_module():
+    import importlib
+
+    import effattn.dist
+
+    assert (
+        callable(effattn.dist.sequence_parallel)
+        and effattn.dist.sequence_parallel.__module__ == "effattn.dist.sp_context"
+    )
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("effattn.dist.sequence_parallel")

@@ -29,7 +29,7 @@ from effattn.dist.model import (
 )
 from effattn.dist.model import METHODS as MODEL_METHODS
 from effattn.dist.ring import ring_attention
-from effattn.dist.sequence_parallel import (
+from effattn.dist.sp_context import (
     ATTENTION_METHODS,
     SequenceParallel,
     current_sequence_parallel,
