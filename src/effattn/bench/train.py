@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,46 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * min(1.0, (steps - step) / cool)
 
 
-def _train(model, batches, loss_fn, steps: int, lr: float, weight_decay: float) -> float:
+class EarlyStop:
+    """Stop a training once its accuracy on the training batches, pooled over the last ``window`` steps,
+    is at least ``threshold`` (it has held there, not touched it once). A run below the threshold is
+    never stopped: it trains its whole budget.
+
+    Example::
+
+        >>> stop = EarlyStop(0.99, window=2)
+        >>> [stop.update(h, 100) for h in (100, 97, 100, 100)]
+        [False, False, False, True]
+    """
+
+    def __init__(self, threshold: float = 0.99, window: int = 20) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window!r}")
+        self.threshold, self.window = threshold, window
+        self.history: list[tuple[int, int]] = []
+
+    def update(self, hits: int, total: int) -> bool:
+        """Record one step's correct and counted positions; ``True`` when the run may stop."""
+        self.history.append((hits, total))
+        last = self.history[-self.window :]
+        if len(last) < self.window:
+            return False
+        counted = sum(t for _, t in last)
+        return counted > 0 and sum(h for h, _ in last) >= self.threshold * counted
+
+    @property
+    def held(self) -> float | None:
+        """Accuracy pooled over the last ``window`` steps (``None`` before the first step)."""
+        last = self.history[-self.window :]
+        counted = sum(t for _, t in last)
+        return sum(h for h, _ in last) / counted if counted else None
+
+
+def _train(
+    model, batches, loss_fn, steps: int, lr: float, weight_decay: float, stop: Callable[[], bool] | None = None
+) -> tuple[float, int]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     model.train()
     loss = torch.tensor(float("nan"))
@@ -92,7 +131,9 @@ def _train(model, batches, loss_fn, steps: int, lr: float, weight_decay: float) 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return float(loss.detach())
+        if stop is not None and stop():
+            return float(loss.detach()), step + 1
+    return float(loss.detach()), steps
 
 
 def _batcher(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: str):
@@ -136,6 +177,8 @@ def train_mqar(
     seed: int = 0,
     device: str = "cpu",
     mixer_kw: dict | None = None,
+    early_stop: float | None = None,
+    early_stop_window: int = 20,
 ) -> dict:
     """Train a ``layers``-layer LM with mixer ``mixer`` at width ``dim`` on MQAR.
 
@@ -146,7 +189,10 @@ def train_mqar(
     Returns ``accuracy`` (fraction of held-out query positions whose argmax is the paired value;
     with several pair counts, the mean of the per-count accuracies), ``accuracy_by_pairs``
     (``{pairs: accuracy}``), ``state_bytes`` (``LM.state_size(seq_len, batch=1)``), ``params``,
-    ``final_loss``, ``train_s``.
+    ``final_loss``, ``train_s``, ``steps`` (the budget) and ``steps_run``. With ``early_stop`` (e.g. 0.99)
+    training ends once the accuracy at the query positions of the training batches, pooled over the
+    last ``early_stop_window`` steps, is at least ``early_stop`` (:class:`EarlyStop`); until it stops,
+    the run is the same as without it.
     """
     pair_counts = [num_kv_pairs] if isinstance(num_kv_pairs, int) else list(num_kv_pairs)
     if not pair_counts or len(set(pair_counts)) != len(pair_counts):
@@ -166,12 +212,23 @@ def train_mqar(
     x_tr = torch.cat([x for x, _ in train_sets])
     y_tr = torch.cat([y for _, y in train_sets])
 
+    stopper = EarlyStop(early_stop, early_stop_window) if early_stop else None
+    step_hits: list[tuple[int, int]] = []
+
     def loss_fn(m, x, y):
         logits = _logits(m, x)
+        if stopper is not None:
+            with torch.no_grad():
+                counted = y != IGNORE_INDEX
+                step_hits.append((int((logits.argmax(-1)[counted] == y[counted]).sum()), int(counted.sum())))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE_INDEX)
 
+    def stop() -> bool:
+        return stopper.update(*step_hits[-1])
+
     t0 = time.perf_counter()
-    final = _train(model, _batcher(x_tr, y_tr, batch_size, seed, device), loss_fn, steps, lr, weight_decay)
+    batches = _batcher(x_tr, y_tr, batch_size, seed, device)
+    final, steps_run = _train(model, batches, loss_fn, steps, lr, weight_decay, stop if stopper else None)
     train_s = time.perf_counter() - t0
     by_pairs = {p: mqar_accuracy(model, x_te, y_te, batch_size, device) for p, (x_te, y_te) in test_sets.items()}
     return {
@@ -182,6 +239,7 @@ def train_mqar(
         "final_loss": final,
         "train_s": train_s,
         "steps": steps,
+        "steps_run": steps_run,
     }
 
 
@@ -257,7 +315,7 @@ def train_listops(
         return F.cross_entropy(_class_logits(m, x).float(), y)
 
     t0 = time.perf_counter()
-    final = _train(model, _batcher(x_tr, y_tr, batch_size, seed, device), loss_fn, steps, lr, weight_decay)
+    final, _ = _train(model, _batcher(x_tr, y_tr, batch_size, seed, device), loss_fn, steps, lr, weight_decay)
     train_s = time.perf_counter() - t0
     model.eval()
     correct = 0
