@@ -16,6 +16,12 @@ from effattn.sparse.combiner import (
 from effattn.sparse.hilo import hilo_attention, hilo_reference
 from effattn.sparse.hyper_attention import hyper_attention, hyper_attention_dense, sort_lsh_buckets
 from effattn.sparse.kmeans import KMeansRouter
+from effattn.sparse.landmark import (
+    LandmarkDecodeState,
+    landmark_attention,
+    landmark_decode_state,
+    step_landmark_attention,
+)
 from effattn.sparse.lsh import lsh_attention, lsh_buckets, lsh_pair_counts
 from effattn.sparse.routing import (
     RoutingDecodeState,
@@ -47,6 +53,7 @@ __all__ = [
     "REGISTRY",
     "register",
     "KMeansRouter",
+    "LandmarkDecodeState",
     "RoutingDecodeState",
     "SparseMethod",
     "TopKBlockDecodeState",
@@ -67,6 +74,8 @@ __all__ = [
     "hilo_reference",
     "hyper_attention",
     "hyper_attention_dense",
+    "landmark_attention",
+    "landmark_decode_state",
     "local_attention",
     "lsh_attention",
     "lsh_buckets",
@@ -75,6 +84,7 @@ __all__ = [
     "routing_decode_state",
     "routing_dense_mask",
     "sort_lsh_buckets",
+    "step_landmark_attention",
     "step_routing_attention",
     "step_topk_block_attention",
     "strided_attention",
