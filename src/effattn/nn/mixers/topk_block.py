@@ -31,7 +31,9 @@ class TopKBlockMixer(MixerBase):
     a query in block ``i`` attends (exact softmax, RoPE on q/k) to its own block causally and to the
     ``top_k`` earlier complete blocks ``j`` with the largest ``p_i . mean(k_block_j)``, where ``p_i``
     is the mean of the ``block`` queries ending at block ``i``'s first position (no look-ahead);
-    ``y = W_o o``. Prefill runs the sparse engine; decoding runs
+    ``y = W_o o``. ``representative="max"`` or ``"last"`` scores blocks by their max-pooled or last key
+    instead (``"last"``: the old stand-in for Landmark attention, now the ``"landmark"`` mixer);
+    ``rope_fraction``: RoPE on that fraction of each head's channels. Prefill runs the sparse engine; decoding runs
     :func:`effattn.sparse.step_topk_block_attention` (the pooled scores of the complete blocks for the
     one new query, attention to the gathered keys). State: a list with one
     :class:`effattn.sparse.TopKBlockDecodeState` per sequence (its keys and values grow with the
@@ -50,14 +52,23 @@ class TopKBlockMixer(MixerBase):
     """
 
     def __init__(
-        self, dim: int, heads: int, block: int = 64, top_k: int = 4, rope: bool = True, rope_base: float = 10000.0
+        self,
+        dim: int,
+        heads: int,
+        block: int = 64,
+        top_k: int = 4,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        representative: str = "mean",
+        rope_fraction: float = 1.0,
     ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.block, self.top_k = check_positive_int("block", block), check_positive_int("top_k", top_k)
+        self.representative = representative  # "mean" (MoBA), "max", "last" (the old Landmark stand-in)
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_fraction) if rope else None
 
     def _probe_len(self, seq_len: int) -> int:
         return seq_len
@@ -74,7 +85,9 @@ class TopKBlockMixer(MixerBase):
         top_k = min(self.top_k, n_blocks - 1)
         if top_k == 0:
             return attention(q, k, v, causal=True)
-        return topk_block_attention(q, k, v, block=self.block, top_k=top_k, causal=True)
+        return topk_block_attention(
+            q, k, v, block=self.block, top_k=top_k, causal=True, representative=self.representative
+        )
 
     def _row(self, q, k, v, st: TopKBlockDecodeState | None):
         """One sequence: new tokens ``[1, n, H, D]`` and its state (or None)."""
@@ -84,11 +97,18 @@ class TopKBlockMixer(MixerBase):
         if st is None:
             if n == 0:
                 return q.new_zeros(q.shape), None
-            return self._prefill(q, k, v), topk_block_decode_state(q, k, v, block=self.block)
+            st = topk_block_decode_state(q, k, v, block=self.block, representative=self.representative)
+            return self._prefill(q, k, v), st
         outs = []
         for j in range(n):
             o, st = step_topk_block_attention(
-                q[:, j : j + 1], k[:, j : j + 1], v[:, j : j + 1], st, block=self.block, top_k=self.top_k
+                q[:, j : j + 1],
+                k[:, j : j + 1],
+                v[:, j : j + 1],
+                st,
+                block=self.block,
+                top_k=self.top_k,
+                representative=self.representative,
             )
             outs.append(o)
         return (torch.cat(outs, dim=1) if outs else q.new_zeros(q.shape)), st
