@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int
+from effattn.dist import current_sequence_parallel
 from effattn.exact import attention
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -54,6 +55,8 @@ class BasedMixer(MixerBase):
         True
     """
 
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel (linear, window, conv)
+
     def __init__(
         self,
         dim: int,
@@ -86,6 +89,9 @@ class BasedMixer(MixerBase):
     def _window_attention(self, x, buf, valid):
         B, T, _ = x.shape
         q, k, v = (split_heads(t, self.heads) for t in self.wqkv(x).chunk(3, dim=-1))
+        sp = current_sequence_parallel()
+        if sp is not None and buf is None and valid is None:  # sequence shards: the halo exchange
+            return sp.attention_call(q, k, v, causal=True, window=self.window), None
         kval = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
         if buf is not None:
             k = torch.cat([buf[0].to(k.dtype), k], dim=1)
