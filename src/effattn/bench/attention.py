@@ -30,6 +30,7 @@ from effattn.bench.harness import (
     measure_peak_memory,
     measure_time,
     run_guarded,
+    time_stats,
     write_report,
 )
 from effattn.bench.table import Column, Progress, print_table
@@ -126,8 +127,9 @@ def measure(
     """One row of the suite: ``impl`` (``sdpa``, ``tiled``, ``auto``, ``reference``, ``flex``) on mask
     ``pattern`` (:func:`pattern_spec`) at length ``T`` with ``[B, T, H, D]`` float32 inputs.
 
-    Keys: ``fwd_s``, ``fwd_mem_MiB``, ``fwd_eff`` (useful forward FLOP/s over ``gemm``) and with ``backward``
-    ``fwdbwd_s``, ``fwdbwd_mem_MiB``, ``fwdbwd_eff`` (backward counted 2.5x forward); ``note``; an ``error``
+    Keys: ``fwd_s`` (median; ``fwd_s_min``, ``fwd_s_max`` over the repeats), ``fwd_mem_MiB``, ``fwd_eff``
+    (useful forward FLOP/s over ``gemm``) and with ``backward`` ``fwdbwd_s`` (with its min and max),
+    ``fwdbwd_mem_MiB``, ``fwdbwd_eff`` (backward counted 2.5x forward); ``note``; an ``error``
     (``skipped: ...`` for ``reference`` above its dense bound and ``flex`` without ``flex=True``).
     """
     kw, mask_mod, pairs = pattern_spec(pattern, T)
@@ -155,13 +157,15 @@ def measure(
             run().backward(g)
 
         out = {}
-        out["fwd_s"] = measure_time(fwd, repeats=repeats, device=dev)
+        t = time_stats(fwd, repeats=repeats, device=dev)
+        out.update({"fwd_s": t.median, "fwd_s_min": t.min, "fwd_s_max": t.max})
         out["fwd_mem_MiB"] = (measure_peak_memory(fwd, dev) or 0) / 2**20
         out["fwd_eff"] = fwd_flops / out["fwd_s"] / gemm
         if flex_on_cpu:
             out["note"] = "forward only: FlexAttention has no backward on the CPU"
         elif backward:
-            out["fwdbwd_s"] = measure_time(fwd_bwd, repeats=repeats, device=dev)
+            t = time_stats(fwd_bwd, repeats=repeats, device=dev)
+            out.update({"fwdbwd_s": t.median, "fwdbwd_s_min": t.min, "fwdbwd_s_max": t.max})
             out["fwdbwd_mem_MiB"] = (measure_peak_memory(fwd_bwd, dev) or 0) / 2**20
             out["fwdbwd_eff"] = 3.5 * fwd_flops / out["fwdbwd_s"] / gemm
         return out
