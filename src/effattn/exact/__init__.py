@@ -1,10 +1,12 @@
 """Exact softmax attention: one ``attention()`` over SDPA, a tiled block-sparse engine and the
 materialized reference (the backends of :mod:`effattn.exact.backends`, each declaring its capabilities;
-``explain()`` reads them); composable masks and score mods; split-KV decode attention."""
+``explain()`` reads them); composable masks and score mods; split-KV decode attention (Flash-Decoding;
+Lean Attention's stream-K schedule)."""
 
 from effattn.exact.api import BACKENDS, AttentionCall, Explanation, attention, explain
 from effattn.exact.block_mask import BlockMask, create_block_mask
 from effattn.exact.decode import decode_attention, merge_attention_states
+from effattn.exact.lean import lean_decode_attention, lean_schedule
 from effattn.exact.masks import (
     MaskMod,
     ScoreMod,
@@ -59,6 +61,8 @@ __all__ = [
     "full_mask",
     "global_local_mask",
     "global_tokens_mask",
+    "lean_decode_attention",
+    "lean_schedule",
     "merge_attention_states",
     "nonfinite_keys",
     "poison_rows",

@@ -1,8 +1,11 @@
 """Split-KV decode attention and the merge of partial attention states.
 
-Flash-Decoding (Dao et al. 2023, "Flash-Decoding for long-context inference") and Lean Attention
-(Sanovar et al. 2024) split a long KV cache into chunks, attend to each independently and combine
-the partial results with their log-sum-exps. The combination is associative:
+Flash-Decoding (Dao et al. 2023, "Flash-Decoding for long-context inference") splits a long KV cache
+into chunks, attends to each independently and combines the partial results with their
+log-sum-exps. This module's PyTorch form computes every split in one einsum (the scores of the whole
+context at once: simple, not memory-bounded); ``backend="lean"`` runs Lean Attention's stream-K
+schedule instead (:mod:`effattn.exact.lean`: equal work per worker, a bounded tile at a time). The
+combination is associative:
 
     lse = log sum_s exp(lse_s) ;  o = sum_s exp(lse_s - lse) o_s
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from effattn._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from effattn.exact.lean import lean_decode_attention
 from effattn.exact.masks import window_bounds
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
 from effattn.exact.triton_kernels.decode import triton_decode_attention
@@ -82,7 +86,9 @@ def decode_attention(
         window: only the last ``window`` keys up to each query's position (sliding-window decode).
         softcap, sinks: as in :func:`effattn.attention`.
         num_splits: number of KV chunks (default: about one per 1024 cached tokens).
-        backend: ``"torch"`` (this function's PyTorch form) or ``"triton"`` (the split-KV kernel of
+        backend: ``"torch"`` (this function's PyTorch form), ``"lean"`` (the stream-K schedule of
+            :func:`effattn.exact.lean.lean_decode_attention`; ``num_splits`` is then its worker count)
+            or ``"triton"`` (the split-KV kernel of
             :func:`effattn.exact.triton_kernels.decode.triton_decode_attention`; CUDA, or CPU under
             ``TRITON_INTERPRET=1``).
     Queries attend causally: query ``t`` sees keys ``j <= cache_seqlens - T_new + t``.
@@ -98,8 +104,13 @@ def decode_attention(
             q, k_cache, v_cache, cache_seqlens, scale=scale, window=window, softcap=softcap, sinks=sinks,
             num_splits=num_splits, return_lse=return_lse,
         )  # fmt: skip
+    if backend == "lean":
+        return lean_decode_attention(
+            q, k_cache, v_cache, cache_seqlens, scale=scale, window=window, softcap=softcap, sinks=sinks,
+            num_workers=num_splits, return_lse=return_lse,
+        )  # fmt: skip
     if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be 'torch', 'lean' or 'triton', got {backend!r}")
     B, Tn, Tmax, Hq, Hkv, D, Dv = check_qkv(q, k_cache, v_cache)
     scale = check_scale(scale, D)
     dev = q.device
