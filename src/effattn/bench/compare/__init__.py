@@ -52,7 +52,7 @@ from effattn.bench.compare.config import (
     pair_counts,
 )
 from effattn.bench.compare.listops import DEFAULT_LISTOPS_MIXERS, run_listops
-from effattn.bench.compare.recall import mixer_names, run_recall
+from effattn.bench.compare.recall import mixer_names, run_recall, run_recall_sweep
 from effattn.bench.compare.report import (
     LISTOPS_COLUMNS,
     RECALL_COLUMNS,
@@ -74,6 +74,17 @@ from effattn.bench.compare.speed import (
     run_speed,
     speed_mechanisms,
 )
+from effattn.bench.compare.sweep import (
+    RecallRun,
+    aggregate_runs,
+    chance_row,
+    classify,
+    learning_rates,
+    left_chance,
+    seeds,
+    sweep_runs,
+    train_kwargs,
+)
 from effattn.bench.table import print_table
 
 __all__ = [
@@ -84,6 +95,7 @@ __all__ = [
     "RECALL_COLUMNS",
     "RECALL_MIXERS",
     "RECALL_TASK",
+    "RecallRun",
     "SECTIONS",
     "SPEED_COLUMNS",
     "SPEED_TERMINAL_COLUMNS",
@@ -91,11 +103,16 @@ __all__ = [
     "SpeedMechanism",
     "add_arguments",
     "advice",
+    "aggregate_runs",
+    "chance_row",
+    "classify",
     "config_from_args",
     "external_baselines",
     "external_row",
     "guard",
     "heads_for",
+    "learning_rates",
+    "left_chance",
     "main",
     "make_config",
     "mixer_names",
@@ -106,10 +123,14 @@ __all__ = [
     "run_compare",
     "run_listops",
     "run_recall",
+    "run_recall_sweep",
     "run_speed",
+    "seeds",
     "speed_mechanisms",
     "speed_terminal_rows",
+    "sweep_runs",
     "terminal_columns",
+    "train_kwargs",
     "write_plots",
     "write_report",
 ]
@@ -130,6 +151,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         },
         "speed": [],
         "recall": [],
+        "recall_runs": [],
         "listops": [],
         "notes": [],
     }
@@ -140,20 +162,23 @@ def run_compare(cfg: CompareConfig) -> dict:
         print_table("speed and memory", speed_terminal_rows(rows), SPEED_TERMINAL_COLUMNS)
     if "recall" in cfg.only:
 
-        def partial_report(rows: list[dict]) -> None:
+        def partial_report(rows: list[dict], runs: list[dict]) -> None:
             # a long recall run leaves a readable report after every training, not only at its end
             done = {
                 **results,
                 "recall": rows,
+                "recall_runs": runs,
                 "advice": advice(results["speed"], rows, pair_counts(cfg)),
                 "meta": {**results["meta"], "wall_s": time.perf_counter() - t0},
                 "notes": results["notes"] + [f"partial report: {len(rows)} of {n_runs} trainings done"],
             }
             write_report(cfg, done)
 
-        n_runs = len(mixer_names(cfg)) * len(cfg.mqar_widths) * len(cfg.mqar_head_dims)
-        results["recall"] = run_recall(cfg, partial_report if n_runs > 1 else None)
-        print_table("recall: MQAR accuracy vs state size", results["recall"], terminal_columns(recall_columns(cfg)))
+        n_runs = len(sweep_runs(cfg, mixer_names(cfg)))
+        results["recall"], results["recall_runs"] = run_recall_sweep(cfg, partial_report if n_runs > 1 else None)
+        # the terminal keeps the accuracies and the verdict (params, loss and times are in the report)
+        shown = [c for c in recall_columns(cfg) if c not in ("params", "final_loss", "train_s", "steps_run")]
+        print_table("recall: MQAR accuracy vs state size", results["recall"], terminal_columns(shown))
     if "listops" in cfg.only:
         results["listops"] = run_listops(cfg)
         print_table("reasoning: ListOps", results["listops"], terminal_columns(LISTOPS_COLUMNS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,10 @@ class CompareConfig:
     mqar_steps: int = 400
     mqar_batch: int = 32
     mqar_lr: float = 1e-3
+    mqar_lrs: tuple[float, ...] | None = None  # a learning-rate grid (Zoology's sweep); None: mqar_lr alone
+    mqar_seeds: int = 1  # seeds per (cell, lr): seed, seed + 100, ...; cells report the median and spread
+    mqar_early_stop: float | None = 0.99  # stop once training accuracy held >= this (pooled over 20 steps)
+    mqar_jobs: int = 2  # worker processes (one thread each) that share the trainings
     mqar_weight_decay: float = 0.0
     mqar_random_non_queries: bool = False  # Zoology's default is True (used by --full)
     # ListOps
@@ -56,12 +61,23 @@ class CompareConfig:
 # attention and fixed-state mixers whose states span ~4 KB to ~400 KB at widths 32-128:
 # GLA < linear attention < DeltaNet < Mamba-2 < Based (attention's KV cache at T=32: 16-64 KB)
 RECALL_MIXERS = ("attention", "gla", "linear_attention", "deltanet", "mamba2", "based")
+# the recall preset's mixers on a CPU with the sweep (Mamba-2 and Based: name them with --mixers)
+RECALL_CPU_MIXERS = ("attention", "gla", "linear_attention", "deltanet")
 
 # learned-memory mixers that update their memory token by token by default (exact decode == forward): an MQAR
 # training takes minutes each on a 2-core CPU, so "every registered mixer" leaves them out unless named
 TOKEN_BY_TOKEN_MIXERS = ("atlas", "memora", "moneta", "titans_mac", "titans_mag", "titans_mal", "yaad")
 
-# the MQAR task and training budget of the recall and state presets
+# Zoology's learning-rate sweep (np.logspace(-4, -2, 4)): the grid of --full
+ZOOLOGY_LRS = (1e-4, 4.6e-4, 2.2e-3, 1e-2)
+# the grid of the CPU presets: three values, half a decade apart, centred on 1e-3 (the one rate of the
+# single-seed runs before the sweep, which solved most cells within 800 steps); 1e-4 and 1e-2 are left to
+# --full because each point costs 9-12 trainings per cell on a shared 2-core CPU
+CPU_LRS = (3e-4, 1e-3, 3e-3)
+
+# the MQAR task and training budget of the recall and state presets: 3 learning rates x 3 seeds per cell,
+# early stop at 0.99 training accuracy; 600 steps (800 before the sweep: cut so that 9 trainings per cell
+# fit about half an hour per preset with two worker processes on the shared 2-core machine)
 RECALL_TASK = dict(
     only=("recall",),
     mqar_seq_len=32,
@@ -69,9 +85,11 @@ RECALL_TASK = dict(
     mqar_vocab=34,
     mqar_train=24000,
     mqar_test=256,
-    mqar_steps=800,
+    mqar_steps=600,
     mqar_batch=32,
     mqar_lr=1e-3,
+    mqar_lrs=CPU_LRS,
+    mqar_seeds=3,
 )
 
 PRESETS: dict[str, dict] = {
@@ -94,7 +112,9 @@ PRESETS: dict[str, dict] = {
         listops_test=16,
         listops_steps=3,
         listops_batch=16,
+        mqar_jobs=1,
     ),
+    # one learning rate and one seed (make demo's time budget); the MQAR runs share two worker processes
     "quick": {},
     # Meant to show Zoology's finding (attention solves MQAR at every width; fixed-state mixers need more
     # state as the pair count grows) at a size one CPU core trains in about half an hour. Sized by
@@ -102,26 +122,34 @@ PRESETS: dict[str, dict] = {
     # calibration): at T=64 (vocabulary 66-128) and at T=32 with vocabulary 64 it stayed at chance
     # (1 / pairs) for as long as it ran (450-2250 steps); at T=32, 2/4/8 pairs, vocabulary 34, width
     # 64 left chance within 300 steps. With 16 distinct keys and head dim 32 every mixer's key space can
-    # hold every key, so this preset does not bind the state: see docs/compare.md
-    "recall": dict(RECALL_TASK, mixers=RECALL_MIXERS, mqar_widths=(32, 64, 128)),
+    # hold every key, so this preset does not bind the state: see docs/compare.md. With the sweep (9
+    # trainings per cell) the CPU preset keeps attention, GLA, linear attention and DeltaNet at widths
+    # 16/32/64 (width 128, Mamba-2 and Based cost 2-10x more per training: name them with --mixers/--widths)
+    "recall": dict(RECALL_TASK, mixers=RECALL_CPU_MIXERS, mqar_widths=(16, 32, 64)),
     # The same task at width 64 with head dims 4-32: the state of the mixers whose state is heads x
     # head_dim^2 (linear attention, GLA, DeltaNet) spans 16x and binds at small head dims, while attention's
     # KV cache (2 x T x width) stays put. Mamba-2 and Based are left out: their state does not depend on
-    # the head dim (d_state, the feature dimension)
+    # the head dim (d_state, the feature dimension). With the sweep, linear attention is left out too (at
+    # chance at every head dim in two single-seed runs; the recall preset keeps it) and head dims 4/8/16
+    # remain (at 32 all three solved in both single-seed runs), to fit about half an hour
     "state": dict(
         RECALL_TASK,
-        mixers=("attention", "gla", "linear_attention", "deltanet"),
+        mixers=("attention", "gla", "deltanet"),
         mqar_widths=(64,),
-        mqar_head_dims=(4, 8, 16, 32),
+        mqar_head_dims=(4, 8, 16),
     ),
+    # for a GPU: Zoology's MQAR sizes (widths 64-512, T=512, a mixture of 4-64 pairs, vocabulary 8192, the
+    # learning-rate sweep of ZOOLOGY_LRS, 3 seeds); the step budget is ours, not Zoology's epochs
     "full": dict(
         lengths=(1024, 4096, 16384, 65536),
         repeats=3,
-        mqar_widths=(64, 128, 256),
-        mqar_seq_len=256,
-        mqar_kv_pairs=32,
+        mqar_widths=(64, 128, 256, 512),
+        mqar_seq_len=512,
+        mqar_kv_pairs=(4, 8, 16, 32, 64),
         mqar_vocab=8192,
         mqar_lr=1e-3,
+        mqar_lrs=ZOOLOGY_LRS,
+        mqar_seeds=3,
         mqar_train=20000,
         mqar_test=1000,
         mqar_steps=3000,
@@ -183,7 +211,11 @@ def _preset_values(key: str) -> str:
     for name in ("quick", "tiny", "recall", "state", "full"):
         value = PRESETS[name].get(key, getattr(CompareConfig, key) if name == "quick" else None)
         if value is not None:
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            shown = (
+                ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+                if isinstance(value, tuple)
+                else str(value)
+            )
             parts.append(f"{name} {shown}")
     return "; ".join(parts)
 
@@ -271,6 +303,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default: the preset's: {_preset_values('mqar_kv_pairs')})",
     )
     p.add_argument(
+        "--lrs",
+        type=str,
+        default=None,
+        metavar="LR1,LR2,...",
+        help="recall: comma-separated learning rates; every cell trains at each and keeps the best (Zoology's sweep) "
+        f"(default: the preset's: {_preset_values('mqar_lrs')}; others: lr {CompareConfig.mqar_lr:g} alone)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="recall: seeds per cell and learning rate (--seed, --seed + 100, ...); the report gives the median "
+        f"and min-max over seeds (default: the preset's: {_preset_values('mqar_seeds')})",
+    )
+    p.add_argument(
+        "--early-stop",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="recall: stop a training once its training accuracy held >= ACC over 20 steps; 0 turns it off "
+        f"(default: {CompareConfig.mqar_early_stop})",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="recall: worker processes (one thread each) that share the trainings; 1 trains in this process "
+        f"(default: {CompareConfig.mqar_jobs}; preset tiny: 1)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -311,6 +375,25 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
             if not vals or min(vals) < 1 or len(set(vals)) != len(vals):
                 raise SystemExit(f"--{flag.replace('_', '-')} must be distinct positive integers, got {text!r}")
             over[key] = vals
+    if args.lrs:
+        try:
+            lrs = tuple(float(x) for x in args.lrs.split(",") if x.strip())
+        except ValueError:
+            raise SystemExit(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
+        if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs) or not all(math.isfinite(x) for x in lrs):
+            raise SystemExit(f"--lrs must be distinct positive numbers, got {args.lrs!r}")
+        over["mqar_lrs"] = lrs
+    for flag, key in (("seeds", "mqar_seeds"), ("jobs", "mqar_jobs")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"--{flag} must be a positive integer, got {value}")
+            over[key] = value
+    stop = getattr(args, "early_stop", None)
+    if stop is not None:
+        if not 0.0 <= stop <= 1.0:
+            raise SystemExit(f"--early-stop must be in [0, 1] (0: off), got {stop}")
+        over["mqar_early_stop"] = stop or None
     cfg = make_config(preset, **over)
     if isinstance(cfg.mqar_kv_pairs, tuple) and len(cfg.mqar_kv_pairs) == 1:
         cfg = replace(cfg, mqar_kv_pairs=cfg.mqar_kv_pairs[0])

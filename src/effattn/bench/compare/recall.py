@@ -1,15 +1,18 @@
 """The recall section of ``effattn compare``: MQAR (Zoology, Arora et al. 2023) per mixer, width and head dim.
 
 A 2-layer :class:`effattn.nn.LM` per mixer and shape is trained on generated MQAR data
-(:func:`effattn.bench.train.train_mqar`); accuracy at the query positions of a held-out set is
-reported against the model's state size (the KV cache for attention, the recurrent state otherwise).
+(:func:`effattn.bench.train.train_mqar`) at every learning rate of the grid and every seed
+(:mod:`effattn.bench.compare.sweep`: Zoology's protocol); accuracy at the query positions of a held-out
+set, best over learning rates, median and spread over seeds, is reported against the model's state size
+(the KV cache for attention, the recurrent state otherwise).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from effattn.bench.compare.config import TOKEN_BY_TOKEN_MIXERS, CompareConfig, guard, heads_for
+from effattn.bench.compare.config import TOKEN_BY_TOKEN_MIXERS, CompareConfig, pair_counts
+from effattn.bench.compare.sweep import aggregate_runs, execute, sweep_runs, train_kwargs
 from effattn.bench.table import Progress, format_value
 from effattn.bench.train import train_mqar
 from effattn.nn import list_mixers
@@ -23,40 +26,37 @@ def mixer_names(cfg: CompareConfig) -> list[str]:
     return [n for n in list_mixers() if n not in TOKEN_BY_TOKEN_MIXERS]
 
 
-def run_recall(cfg: CompareConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """One MQAR training per (mixer, width, head dim); ``on_row(rows so far)`` after each (partial reports)."""
-    names = mixer_names(cfg)
-    rows = []
-    shapes = [(dim, hd) for dim in cfg.mqar_widths for hd in cfg.mqar_head_dims]
-    bar = Progress("recall (MQAR)", len(names) * len(shapes))
-    for name in names:
-        for dim, hd in shapes:
-            heads = heads_for(dim, hd)
-            r = guard(
-                lambda name=name, dim=dim, heads=heads: train_mqar(
-                    name,
-                    dim,
-                    heads=heads,
-                    vocab_size=cfg.mqar_vocab,
-                    seq_len=cfg.mqar_seq_len,
-                    num_kv_pairs=cfg.mqar_kv_pairs,
-                    num_train=cfg.mqar_train,
-                    num_test=cfg.mqar_test,
-                    steps=cfg.mqar_steps,
-                    batch_size=cfg.mqar_batch,
-                    lr=cfg.mqar_lr,
-                    weight_decay=cfg.mqar_weight_decay,
-                    random_non_queries=cfg.mqar_random_non_queries,
-                    seed=cfg.seed,
-                    device=cfg.device,
-                )
-            )
-            by_pairs = r.pop("accuracy_by_pairs", None) or {}
-            if len(by_pairs) > 1:
-                r.update({f"acc@{p}": a for p, a in by_pairs.items()})
-            rows.append({"mixer": name, "dim": dim, "head_dim": dim // heads, **r})
-            bar.advance(f"{name} dim={dim} head_dim={dim // heads}: acc {format_value(r.get('accuracy'))}")
-            if on_row is not None:
-                on_row(rows)
+def run_recall_sweep(
+    cfg: CompareConfig,
+    on_update: Callable[[list[dict], list[dict]], None] | None = None,
+    trainer: Callable[..., dict] = train_mqar,
+) -> tuple[list[dict], list[dict]]:
+    """Every (mixer, width, head dim) x learning rate x seed; returns ``(cell rows, stored runs)``.
+
+    ``on_update(cell rows, runs so far)`` after each training (partial reports). ``trainer`` takes
+    ``(mixer, dim, **train_mqar's keywords)`` and returns ``train_mqar``'s dict (tests pass a fake one; with
+    ``cfg.mqar_jobs > 1`` it must be a module-level function)."""
+    runs = sweep_runs(cfg, mixer_names(cfg))
+    pairs = pair_counts(cfg)
+    bar = Progress("recall (MQAR)", len(runs))
+    done: list[dict] = []
+
+    def on_done(rec: dict) -> None:
+        done.append(rec)
+        acc = format_value(rec.get("accuracy")) if "error" not in rec else "error"
+        bar.advance(
+            f"{rec['mixer']} dim={rec['dim']} head_dim={rec['head_dim']} lr={rec['lr']:g} seed={rec['seed']}: acc {acc}"
+        )
+        if on_update is not None:
+            on_update(aggregate_runs(done, pairs), list(done))
+
+    stored = execute(runs, lambda r: train_kwargs(cfg, r), trainer, cfg.mqar_jobs, on_done)
     bar.close()
+    return aggregate_runs(stored, pairs), stored
+
+
+def run_recall(cfg: CompareConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The cell rows of :func:`run_recall_sweep` (one per mixer, width and head dim); ``on_row(rows so far)``
+    after each training."""
+    rows, _ = run_recall_sweep(cfg, None if on_row is None else lambda rows, runs: on_row(rows))
     return rows

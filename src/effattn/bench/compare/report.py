@@ -8,6 +8,7 @@ from pathlib import Path
 
 from effattn.bench import harness
 from effattn.bench.compare.config import CompareConfig, pair_counts
+from effattn.bench.compare.sweep import LEFT_CHANCE, SOLVED, aggregate_runs, chance_row, learning_rates, seeds
 from effattn.bench.table import Column
 
 SPEED_COLUMNS = (
@@ -27,12 +28,38 @@ SPEED_COLUMNS = (
 RECALL_COLUMNS = ("mixer", "dim", "head_dim", "state_bytes", "params", "accuracy", "train_s", "final_loss", "error")
 
 
+# after the accuracies: the sweep's columns (learning rate that won, seeds, how many runs left chance, verdict)
+SWEEP_COLUMNS = ("best_lr", "seeds", "steps_run", "left_chance", "verdict")
+
+
 def recall_columns(cfg: CompareConfig) -> tuple[str, ...]:
-    """The recall table's columns: one accuracy per pair count where the run has several."""
+    """The recall table's columns: one accuracy per pair count where the run has several, then the sweep's
+    columns (:data:`SWEEP_COLUMNS`)."""
     pairs = pair_counts(cfg)
-    if len(pairs) == 1:
-        return RECALL_COLUMNS
-    return RECALL_COLUMNS[:5] + tuple(f"acc@{p}" for p in pairs) + ("accuracy",) + RECALL_COLUMNS[6:]
+    accs = ("accuracy",) if len(pairs) == 1 else tuple(f"acc@{p}" for p in pairs) + ("accuracy",)
+    return RECALL_COLUMNS[:5] + accs + SWEEP_COLUMNS + RECALL_COLUMNS[6:]
+
+
+def with_spread(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+    """Rows whose ``keys`` read ``median (min-max)`` where a row holds ``<key>_lo`` / ``<key>_hi`` that differ
+    (the spread over seeds), the median alone otherwise.
+
+    Example::
+
+        >>> with_spread([{"acc@2": 0.95, "acc@2_lo": 0.9, "acc@2_hi": 1.0}, {"acc@2": 0.5}], ["acc@2"])
+        [{'acc@2': '0.95 (0.90-1.00)', 'acc@2_lo': 0.9, 'acc@2_hi': 1.0}, {'acc@2': '0.50'}]
+    """
+    out = []
+    for r in rows:
+        r = dict(r)
+        for k in keys:
+            if r.get(k) is None:
+                continue
+            lo, hi = r.get(f"{k}_lo"), r.get(f"{k}_hi")
+            spread = f" ({lo:.2f}-{hi:.2f})" if lo is not None and hi is not None and hi - lo > 5e-4 else ""
+            r[k] = f"{r[k]:.2f}{spread}"
+        out.append(r)
+    return out
 
 
 def _shape(r: dict) -> str:
@@ -77,12 +104,20 @@ SPEED_TERMINAL_COLUMNS = (
     Column("state_bytes", "state KiB", scale=1 / 1024),
     Column("remark", text=True),
 )
-_SHORT = {"head_dim": "hd", "state_bytes": "state B", "accuracy": "acc", "train_s": "train s", "final_loss": "loss"}
+_SHORT = {
+    "head_dim": "hd",
+    "state_bytes": "state B",
+    "accuracy": "acc",
+    "train_s": "train s",
+    "final_loss": "loss",
+    "steps_run": "steps",
+    "left_chance": "left",
+}
 
 
 def terminal_columns(columns: Sequence[str]) -> tuple[Column, ...]:
     """The terminal form of a recall or ListOps table's columns: short headers, the text columns cut to fit."""
-    text = {"mixer": 12, "error": 8}  # text columns and their minimum widths
+    text = {"mixer": 12, "error": 8, "verdict": 10, "best_lr": 6}  # text columns and their minimum widths
     keys = ("mixer", "dim", "head_dim")  # what names a row
     return tuple(
         Column(c, text=True, min_width=text[c], key_column=c in keys)
@@ -216,10 +251,18 @@ def write_plots(
             rs = sorted(
                 (r for r in pts if r["mixer"] == name and r.get(key) is not None), key=lambda r: r["state_bytes"]
             )
-            ax.plot(
+            ys = [r[key] for r in rs]
+            # error bars: min and max over seeds of the best-over-lr accuracy (none for a one-seed run)
+            err = [
+                [y - r.get(f"{key}_lo", y) for r, y in zip(rs, ys)],
+                [r.get(f"{key}_hi", y) - y for r, y in zip(rs, ys)],
+            ]
+            ax.errorbar(
                 [r["state_bytes"] for r in rs],
-                [r[key] for r in rs],
+                ys,
+                yerr=err if any(e > 0 for side in err for e in side) else None,
                 marker="os^Dv<>p"[i % 8],
+                capsize=3,
                 label=name,
             )
             if len(panels) > 1 and (vary_dim or vary_hd):
@@ -233,11 +276,21 @@ def write_plots(
             ax.set_title(sub, fontsize=9)
         if len(panels) > 1:
             ax.axhline(0.9, color="gray", linewidth=0.6, linestyle=":")
+        n = int(key[4:]) if key.startswith("acc@") else (pairs[0] if len(pairs) == 1 else None)
+        if n:
+            ax.axhline(
+                1.0 / n, color="firebrick", linewidth=0.8, linestyle="--", label="chance (1/n)" * (ax is axes[0][-1])
+            )
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy at query positions")
     what = " / ".join(["model width"] * vary_dim + ["head dim"] * vary_hd)
     what = f"; points labelled with the {what}" if len(panels) > 1 and what else ""
-    fig.suptitle(f"effattn compare: recall vs state size{what}\n{label}", fontsize=9)
+    spread = (
+        "; median over seeds of the best over learning rates, bars min-max"
+        if any("accuracy_lo" in r for r in pts)
+        else ""
+    )
+    fig.suptitle(f"effattn compare: recall vs state size{what}{spread}\n{label}", fontsize=9)
     if pts:
         axes[0][-1].legend(fontsize=7)
     else:
@@ -249,6 +302,73 @@ def write_plots(
     return files, []
 
 
+def recall_section(cfg: CompareConfig, rows: list[dict], runs: list[dict], plots: Sequence[str] = ()) -> list[str]:
+    """The report's recall section: the task, the protocol, the chance row, one row per cell computed from the
+    stored ``runs`` (``rows`` where a report has none) with the spread over seeds, and every run."""
+    pairs = pair_counts(cfg)
+    if runs:
+        rows = aggregate_runs(runs, pairs)
+    if len(pairs) == 1:
+        task = f"{pairs[0]} key-value pairs"
+        acc = f"accuracy on {cfg.mqar_test} held-out examples at the query positions"
+    else:
+        task = f"trained on an even mixture of {', '.join(map(str, pairs))} key-value pairs ({cfg.mqar_train} examples)"
+        acc = (
+            f"acc@n: accuracy at the query positions of {cfg.mqar_test} held-out examples with n pairs; "
+            "accuracy: their mean"
+        )
+    lrs, sds = learning_rates(cfg), seeds(cfg)
+    stop = (
+        f"early stop once training accuracy held >= {cfg.mqar_early_stop:g} over 20 steps"
+        if cfg.mqar_early_stop
+        else "no early stop"
+    )
+    protocol = (
+        f"learning rates {', '.join(f'{x:g}' for x in lrs)} x seeds {', '.join(map(str, sds))}; per seed the best "
+        "run over the learning rates, then per cell the median over seeds with (min-max); best_lr: the rate that "
+        "won most often (the winner per seed in brackets)"
+        if len(lrs) * len(sds) > 1
+        else f"lr {lrs[0]:g}, one seed ({sds[0]}), no learning-rate sweep"
+    )
+    accs = [f"acc@{p}" for p in pairs] + ["accuracy"]
+    columns = recall_columns(cfg)
+    table_rows = [chance_row(pairs)] + with_spread(rows, accs)
+    md = [
+        "## Recall: MQAR (Zoology)",
+        "",
+        f"2-layer LM per mixer, width and head dim (heads = width / head_dim, head_dim in "
+        f"{', '.join(map(str, cfg.mqar_head_dims))}); T={cfg.mqar_seq_len}, {task}, "
+        f"vocab {cfg.mqar_vocab}, random_non_queries={cfg.mqar_random_non_queries}, up to {cfg.mqar_steps} AdamW "
+        f"steps of batch {cfg.mqar_batch} (weight decay {cfg.mqar_weight_decay:g}; {stop}); {protocol}; {acc}; "
+        "state_bytes = LM.state_size(1, T).",
+        "",
+        f"Chance (first row) is 1/n at n pairs: a model that outputs one of the n values of its context without "
+        f"binding it to its key. left_chance: runs of the cell whose accuracy exceeded chance by {LEFT_CHANCE} at "
+        f"some pair count. Verdict: solved (median >= {SOLVED} at every pair count); optimisation-limited (no run, "
+        "at any learning rate or seed, left chance); state-limited (the median left chance, falls with the pairs, "
+        "and a larger state of the same mixer is solved); unsettled otherwise (the reason in brackets).",
+        "",
+        harness.format_markdown_table(table_rows, columns),
+        "",
+        "![recall vs state size](recall_vs_state.png)" if "recall_vs_state.png" in plots else "",
+        "",
+    ]
+    if runs and len(runs) > len(rows):
+        run_columns = ("mixer", "dim", "head_dim", "lr", "seed") + tuple(accs) + ("steps_run", "train_s", "error")
+        shown = [{**r, "accuracy": r.get("accuracy")} for r in runs]
+        md += [
+            "### Every run",
+            "",
+            harness.format_markdown_table(sorted(shown, key=_run_order), run_columns),
+            "",
+        ]
+    return md
+
+
+def _run_order(r: dict) -> tuple:
+    return (r["mixer"], r["dim"], r.get("head_dim") or 0, r.get("lr") or 0.0, r.get("seed") or 0)
+
+
 def write_report(cfg: CompareConfig, results: dict) -> Path:
     """``report.md``, ``results.json`` and the plots of ``results`` in ``cfg.out``; returns the report's path."""
     out = Path(cfg.out)
@@ -258,8 +378,8 @@ def write_report(cfg: CompareConfig, results: dict) -> Path:
     results["plots"] = plots
     results["notes"] += plot_notes
     payload = {k: v for k, v in results.items()}
-    for sec in ("speed", "recall", "listops"):
-        payload[sec] = [{k: v for k, v in r.items() if k != "traceback"} for r in results[sec]]
+    for sec in ("speed", "recall", "recall_runs", "listops"):
+        payload[sec] = [{k: v for k, v in r.items() if k != "traceback"} for r in results.get(sec) or []]
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     meta = results["meta"]
     md = [
@@ -276,33 +396,7 @@ def write_report(cfg: CompareConfig, results: dict) -> Path:
         md += ["## Speed and memory", "", harness.format_markdown_table(payload["speed"], SPEED_COLUMNS), ""]
         md += [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots if p != "recall_vs_state.png"] + [""]
     if "recall" in cfg.only:
-        pairs = pair_counts(cfg)
-        if len(pairs) == 1:
-            task = f"{pairs[0]} key-value pairs"
-            acc = f"accuracy on {cfg.mqar_test} held-out examples at the query positions"
-        else:
-            task = (
-                f"trained on an even mixture of {', '.join(map(str, pairs))} key-value pairs "
-                f"({cfg.mqar_train} examples)"
-            )
-            acc = (
-                f"acc@n: accuracy at the query positions of {cfg.mqar_test} held-out examples with n pairs; "
-                "accuracy: their mean"
-            )
-        md += [
-            "## Recall: MQAR (Zoology)",
-            "",
-            f"2-layer LM per mixer, width and head dim (heads = width / head_dim, head_dim in "
-            f"{', '.join(map(str, cfg.mqar_head_dims))}); T={cfg.mqar_seq_len}, {task}, "
-            f"vocab {cfg.mqar_vocab}, random_non_queries={cfg.mqar_random_non_queries}, {cfg.mqar_steps} AdamW "
-            f"steps of batch {cfg.mqar_batch} (lr {cfg.mqar_lr:g}, weight decay {cfg.mqar_weight_decay:g}, one "
-            f"seed, no learning-rate sweep); {acc}; state_bytes = LM.state_size(1, T).",
-            "",
-            harness.format_markdown_table(payload["recall"], recall_columns(cfg)),
-            "",
-            "![recall vs state size](recall_vs_state.png)" if "recall_vs_state.png" in plots else "",
-            "",
-        ]
+        md += recall_section(cfg, payload["recall"], payload.get("recall_runs") or [], plots)
     if "listops" in cfg.only:
         md += [
             "## Reasoning: ListOps (LRA)",
