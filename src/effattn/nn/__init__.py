@@ -14,6 +14,7 @@ from effattn.nn.mla import MLA, mla_from_gqa
 from effattn.nn.moh import MoHAttention
 from effattn.nn.registry import MIXERS, build_mixer, list_mixers, register_mixer
 from effattn.nn.rope import RotaryEmbedding
+from effattn.nn.transmla import attention_from_llama, transmla_cache_bytes, transmla_from_gqa, transmla_latent_width
 from effattn.nn.vision import CascadedGroupAttention, SingleHeadAttention
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "WindowKVCache",
     "MLA",
     "mla_from_gqa",
+    "transmla_from_gqa",
+    "transmla_latent_width",
+    "transmla_cache_bytes",
+    "attention_from_llama",
     "MoHAttention",
     "RotaryEmbedding",
     "CascadedGroupAttention",
