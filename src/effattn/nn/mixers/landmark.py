@@ -55,6 +55,13 @@ class LandmarkMixer(MixerBase):
         (True, (1, 3, 2, 16))
     """
 
+    # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
+    sequence_parallel_unsupported = (
+        "each query weighs every earlier block through that block's landmark key (and decoding retrieves "
+        "the top-k blocks by content), so a rank would need every earlier rank's landmarks and then its "
+        "blocks (data-dependent gathers); not implemented"
+    )
+
     def __init__(
         self,
         dim: int,
