@@ -32,6 +32,16 @@ Positions: ``get_seq_length()`` counts tokens *seen* (kept or evicted), so RoPE 
 HF's input slicing continue as with a full cache; ``lengths(layer)`` and ``nbytes`` tell what is
 kept.
 
+StreamingLLM's positions inside the cache (``make_policy("streaming_llm")``, ``reindex=True``): the
+model rotates keys at their text positions ``p_j`` before ``Cache.update``; the cache keeps them so and,
+at each attention call, rotates the key in slot ``j`` of the ``L`` slots by ``j + s - L - p_j`` (``s``:
+tokens seen, so the newest token stays where the model put its query). Every query-key distance is then
+the distance of slots inside the cache, which is the paper's rule (keys cached before rotation and
+rotated by cache position), written for keys that arrive rotated. It needs the model's RoPE
+frequencies: read from its ``...RotaryEmbedding`` module when the cache is built with ``model=``, else
+from the config (plain RoPE only: ``rope_type`` ``"default"``); RoPE types whose frequencies change with
+the length (``dynamic``, ``longrope``) are refused.
+
 Left-padded batches: when the prefill's mask has padding, the cache keeps one
 :class:`~effattn.kv.CompressedKVCache` per row and gives each only its real tokens, so no policy
 ever scores, keeps or counts padding (a row is compressed exactly as if generated alone; the
@@ -56,9 +66,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from effattn._checks import check_int
 from effattn.hf._handshake import HANDSHAKE, CompressedInputs, PendingUpdate
 from effattn.hf.attention import HFMask, is_effattn
-from effattn.kv import CompressedKVCache, Policy, make_policy
+from effattn.kv import CompressedKVCache, Policy, make_policy, rotate_rope
 
-__all__ = ["CompressedCache", "check_model"]
+__all__ = ["CompressedCache", "check_model", "rope_frequencies"]
 
 _NOT_CONSUMED = (
     "CompressedCache: the keys/values of layer {layer} were not consumed by an effattn attention "
@@ -114,6 +124,46 @@ def check_model(model_or_config) -> None:
                 f"CompressedCache needs an effattn attn_implementation (effattn.hf.register(), then "
                 f"from_config(..., attn_implementation='effattn')); the model runs {impl!r}"
             )
+
+
+def rope_frequencies(model_or_config) -> torch.Tensor:
+    """The RoPE inverse frequencies ``[rot_dim / 2]`` of a transformers model (its ``...RotaryEmbedding``
+    module's ``inv_freq``) or config (``rope_type`` ``"default"`` only: ``theta^(-2i / rot_dim)`` with
+    ``rot_dim = head_dim * partial_rotary_factor``). Raises ``ValueError`` for RoPE types whose
+    frequencies depend on the length (``dynamic``, ``longrope``) and for models without RoPE.
+
+    Example::
+
+        >>> import transformers
+        >>> cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1)
+        >>> rope_frequencies(cfg).shape
+        torch.Size([8])
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_type" not in params and params:
+        params = next(iter(params.values())) if isinstance(next(iter(params.values())), dict) else params
+    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(
+            f"StreamingLLM re-indexing needs fixed RoPE frequencies; rope_type {rope_type!r} changes them with "
+            "the length (use make_policy('streaming_llm', reindex=False))"
+        )
+    if isinstance(model_or_config, torch.nn.Module):
+        for m in model_or_config.modules():
+            if type(m).__name__.endswith("RotaryEmbedding") and isinstance(getattr(m, "inv_freq", None), torch.Tensor):
+                return m.inv_freq.detach().double().cpu()
+    if rope_type != "default":
+        raise ValueError(
+            f"StreamingLLM re-indexing reads rope_type {rope_type!r} frequencies from the model: build the cache "
+            "with CompressedCache(policy, model=model)"
+        )
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None)) if isinstance(params, dict) else None
+    if theta is None:
+        raise ValueError(f"StreamingLLM re-indexing: {type(config).__name__} has no RoPE (rope_theta) to re-index")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rot = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    return float(theta) ** (-torch.arange(0, rot - rot % 2, 2, dtype=torch.float64) / rot)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -197,11 +247,30 @@ class CompressedCache(Cache):
         self.rows: list[CompressedKVCache] | None = None  # one per row (a left-padded batch)
         self._row_seen: list[int] = []  # rows mode: HF positions per layer (padding included)
         self._pending: PendingUpdate | None = None  # the last update, until its attention call takes it
+        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, for StreamingLLM's re-indexing
         if model is not None:
             check_model(model)
+            if self.reindex:
+                self._inv_freq = rope_frequencies(model)
 
     def __repr__(self) -> str:
         return f"CompressedCache({self.policy!r}, seen={self.get_seq_length()}, nbytes={self.nbytes})"
+
+    @property
+    def reindex(self) -> bool:
+        """Whether keys are placed at their slots inside the cache (StreamingLLM's ``reindex``)."""
+        return bool(getattr(self.policy, "reindex", False))
+
+    def _reindex_keys(self, k_all: torch.Tensor, orig: torch.Tensor, seen, module) -> torch.Tensor:
+        """Rotate ``k_all [B, L, H_kv, D]`` (RoPE'd at ``orig [B, H_kv, L]``, -1 at padding) so that slot
+        ``j`` sits at ``j + seen - L`` (``seen``: an int or long ``[B]``; see the module docstring)."""
+        if self._inv_freq is None:
+            self._inv_freq = rope_frequencies(module.config)
+        L = k_all.shape[1]
+        seen = torch.as_tensor(seen, device=k_all.device).view(-1, 1, 1)
+        slot = torch.arange(L, device=k_all.device)
+        delta = (slot + seen - L - orig.to(k_all.device)).masked_fill(orig.to(k_all.device) < 0, 0)
+        return rotate_rope(k_all, delta.transpose(1, 2), self._inv_freq)
 
     # ------------------------------------------------------------------ HF's Cache API
     def _check_consumed(self) -> None:
@@ -267,23 +336,30 @@ class CompressedCache(Cache):
                 raise NotImplementedError(
                     "a registered mask_mod/score_mod with a left-padded batch in a CompressedCache; run unpadded"
                 )
-            return CompressedInputs(*self._update_rows(layer_idx, k_new, v_new, q, q_valid))
+            k_all, v_all, key_mask, orig, seen = self._update_rows(layer_idx, k_new, v_new, q, q_valid)
+            if self.reindex:
+                k_all = self._reindex_keys(k_all, orig, seen, module)
+            return CompressedInputs(k_all, v_all, key_mask)
         if q_valid is not None:
             raise ValueError(
                 "CompressedCache: padding appeared after an unpadded prefill; start a new cache for a padded batch"
             )
         # kept tokens' positions before this update: the returned layout is [kept (left-padded) | new]
         layer = self.kv.layer(layer_idx)  # the per-layer cache protocol (effattn.kv.LayerCache)
-        prev = layer.positions() if need_positions else None
+        prev = layer.positions() if need_positions or self.reindex else None
         kv = layer.update(k_new.transpose(1, 2), v_new.transpose(1, 2), q=q)
         k_all, v_all, key_mask = kv.k, kv.v, kv.head_mask
-        if not need_positions:
+        if not need_positions and not self.reindex:
             return CompressedInputs(k_all, v_all, key_mask)
         t, seen = q.shape[1], self.kv.seen(layer_idx)
         new_pos = torch.arange(seen - t, seen, device=q.device)
         positions = new_pos.expand(k_all.shape[0], k_all.shape[2], t)
         if prev.numel():
             positions = torch.cat([prev.to(q.device), positions], dim=-1)
+        if self.reindex:
+            k_all = self._reindex_keys(k_all, positions, seen, module)
+        if not need_positions:
+            return CompressedInputs(k_all, v_all, key_mask)
         return CompressedInputs(k_all, v_all, key_mask, positions, new_pos)
 
     def _update_rows(self, layer_idx, k_new, v_new, q, q_valid):
@@ -294,23 +370,31 @@ class CompressedCache(Cache):
         if B != len(self.rows):
             raise ValueError(f"CompressedCache holds {len(self.rows)} rows, the batch has {B}")
         k, v = k_new.transpose(1, 2), v_new.transpose(1, 2)  # [B, t, H, D]
-        outs = []
+        outs, origs, seens = [], [], []
         for b in range(B):
             sel = slice(None) if q_valid is None else q_valid[b]
             if q_valid is not None and not bool(sel.any()):
                 raise ValueError(f"CompressedCache: row {b} has no real token among the {t} new ones")
-            kv = self.rows[b].layer(layer_idx).update(k[b : b + 1, sel], v[b : b + 1, sel], q=q[b : b + 1, sel])
+            row = self.rows[b].layer(layer_idx)
+            prev = row.positions()
+            kv = row.update(k[b : b + 1, sel], v[b : b + 1, sel], q=q[b : b + 1, sel])
             outs.append((kv.k, kv.v, kv.head_mask))
+            s, n_new = row.seen, kv.k.shape[1] - (prev.shape[-1] if prev.numel() else 0)
+            new = torch.arange(s - n_new, s, device=k.device).expand(1, H, n_new)
+            origs.append(torch.cat([prev.to(k.device), new], -1) if prev.numel() else new)
+            seens.append(s)
         self._row_seen[layer_idx] += t
         T = max(o[0].shape[1] for o in outs)
         k_all = k.new_zeros(B, T, H, k.shape[-1])
         v_all = v.new_zeros(B, T, H, v.shape[-1])
         key_mask = torch.zeros(B, H, T, dtype=torch.bool, device=k.device)
+        orig = torch.full((B, H, T), -1, dtype=torch.long, device=k.device)  # text positions, -1 at padding
         for b, (kb, vb, mb) in enumerate(outs):
             n = kb.shape[1]
             k_all[b, T - n :], v_all[b, T - n :] = kb[0], vb[0]
             key_mask[b, :, T - n :] = True if mb is None else mb[0]
-        return k_all, v_all, key_mask
+            orig[b, :, T - n :] = origs[b][0]
+        return k_all, v_all, key_mask, orig.masked_fill(~key_mask, -1), torch.tensor(seens, device=k.device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (kept or evicted): the next token's position."""

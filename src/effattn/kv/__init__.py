@@ -26,7 +26,7 @@ from effattn.kv.policy import POLICIES, Policy, ScoreContext, list_policies, mak
 from effattn.kv.pyramidkv import PyramidKVPolicy
 from effattn.kv.quantized import QuantizedKVCache
 from effattn.kv.snapkv import SnapKVPolicy
-from effattn.kv.streaming_llm import StreamingLLMPolicy
+from effattn.kv.streaming_llm import StreamingLLMPolicy, rotate_rope
 from effattn.kv.tova import TOVAPolicy
 from effattn.kv.window import WindowKVCache
 
@@ -54,6 +54,7 @@ __all__ = [
     "CompressedKVCache",
     "CompressedLayerCache",
     "StreamingLLMPolicy",
+    "rotate_rope",
     "H2OPolicy",
     "A2SFPolicy",
     "TOVAPolicy",

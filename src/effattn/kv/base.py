@@ -14,6 +14,8 @@ batch of ``B`` rows:
 - ``lengths()`` (tokens held per row and kv head), ``nbytes``, ``batch_size``, ``reset()``;
 - ``check_pattern(pattern)``: whether a layer computing :class:`AttentionPattern` can attend over
   this cache (a policy cache needs plain causal attention, a window cache a window it covers);
+- ``reindexes_positions``: whether RoPE positions are slots inside the cache (StreamingLLM), so a
+  layer hands it unrotated keys and rotates what ``update`` returns;
 - ``trim()`` (drop what no later query can see; a no-op for most caches), ``reorder(index)`` (beam
   search) and ``crop(length)`` (roll back to ``length`` tokens), each raising a ``TypeError`` or
   ``ValueError`` that says why where a cache cannot.
@@ -120,6 +122,9 @@ class LayerCache(abc.ABC):
     """
 
     key_only: bool = False  # True while the cache holds keys only (MLA's latent cache)
+    # True: the cache holds keys before RoPE, and a layer rotates the keys update() returns by their slot
+    # (0 .. L-1) and its new queries by theirs (L-T .. L-1): StreamingLLM's positions inside the cache
+    reindexes_positions: bool = False
     supports_key_only: bool = False  # whether it can hold keys without values
 
     # ------------------------------------------------------------------ to implement

@@ -353,6 +353,11 @@ class CompressedLayerCache(LayerCache):
         return self.cache.seen(self.layer_idx)
 
     @property
+    def reindexes_positions(self) -> bool:
+        """Whether the policy places tokens at their slots inside the cache (StreamingLLM's ``reindex``)."""
+        return bool(getattr(self.cache.policy, "reindex", False))
+
+    @property
     def nbytes(self) -> int:
         st = self.cache._layers[self.layer_idx]
         return 0 if st.k is None else sum(x.numel() * x.element_size() for x in st.k + st.v)

@@ -22,7 +22,10 @@ state continues the sequence: positions start at the number of real tokens alrea
 queries attend to the cache bottom-right aligned. The cache is extended in place and returned. A
 causal layer with a ``window`` (and no mask/score mod) starts a :class:`~effattn.kv.WindowKVCache`
 instead, which keeps only the keys a later query can still see (about the last ``window`` tokens),
-so its state stops growing with the context.
+so its state stops growing with the context. A cache with ``reindexes_positions`` (StreamingLLM's
+policy cache, ``make_policy("streaming_llm")``) holds keys before RoPE: the layer rotates every cached
+key by its slot inside the cache and the new queries by theirs (Xiao et al. 2023, "Efficient Streaming
+Language Models with Attention Sinks").
 
 Padding: ``valid`` (bool ``[B, T]``, False at left padding) makes padded tokens invisible as keys
 (a mask mod) and excludes them from the position count, so a left-padded batch gives the same
@@ -383,14 +386,21 @@ class Attention(nn.Module):
             return o, None
         cache = layer_cache(state, B, self.cache_pattern)
         pos = cache.next_positions(B, T, valid, x.device)
-        q, k, v = self._project(x, pos)
+        # StreamingLLM (cache.reindexes_positions): keys are cached before RoPE and every key is rotated
+        # by its slot inside the cache at each call, the new queries by theirs (L-T .. L-1)
+        reindex = self.rope is not None and bool(getattr(cache, "reindexes_positions", False))
+        q, k, v = self._project(x, pos, rotate=not reindex)
         kv = cache.update(k, v, valid=valid, q=q)
+        keys = kv.k
+        if reindex:
+            slots = torch.arange(keys.shape[1], device=x.device)
+            q, keys = self.rope.apply(q, slots[keys.shape[1] - T :]), self.rope.apply(keys, slots)
         sinks = None if self.sinks is None else self.sinks.to(q.dtype)
         common = dict(causal=self.causal, window=self.window, softcap=self.softcap, sinks=sinks, backend=self.backend)
-        o = cached_attention(q, kv.k, kv.v, kv, mask_mod=self.mask_mod, score_mod=self.score_mod, **common)
+        o = cached_attention(q, keys, kv.v, kv, mask_mod=self.mask_mod, score_mod=self.score_mod, **common)
         if self._head_gates is not None:
             gated_off = _and_masks([f for f in (self.mask_mod, self._gate_mask_mod) if f is not None])
-            o_alt = cached_attention(q, kv.k, kv.v, kv, mask_mod=gated_off, score_mod=self.score_mod, **common)
+            o_alt = cached_attention(q, keys, kv.v, kv, mask_mod=gated_off, score_mod=self.score_mod, **common)
             g = self._head_gates.repeat_interleave(self.heads // self.kv_heads).view(1, 1, -1, 1).to(o.dtype)
             o = g * o + (1 - g) * o_alt
         cache.trim()
@@ -399,16 +409,16 @@ class Attention(nn.Module):
     def _window_keep(self) -> int | None:
         return self.cache_pattern.keep
 
-    def _project(self, x: torch.Tensor, pos: torch.Tensor):
+    def _project(self, x: torch.Tensor, pos: torch.Tensor, rotate: bool = True):
         """Queries ``[B, T, heads, head_dim]``, keys and values ``[B, T, kv_heads, head_dim]``, QK-normed
-        and rotated to the positions ``pos``."""
+        and rotated to the positions ``pos`` (not rotated with ``rotate=False``)."""
         B, T = x.shape[:2]
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
+        if self.rope is not None and rotate:
             q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
         return q, k, v
 
