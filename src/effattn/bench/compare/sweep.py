@@ -69,13 +69,14 @@ def seeds(cfg: CompareConfig) -> tuple[int, ...]:
 
 
 def sweep_runs(cfg: CompareConfig, mixers: Sequence[str]) -> list[RecallRun]:
-    """Every training of the sweep, seed by seed (a stopped run leaves whole seeds), then by mixer and shape."""
+    """Every training of the sweep, cell by cell (mixer, then width and head dim; a stopped run leaves whole
+    cells, each with every seed and learning rate), then seed by seed."""
     shapes = [(dim, dim // heads_for(dim, hd)) for dim in cfg.mqar_widths for hd in cfg.mqar_head_dims]
     return [
         RecallRun(m, dim, hd, lr, s)
-        for s in seeds(cfg)
         for m in mixers
         for dim, hd in shapes
+        for s in seeds(cfg)
         for lr in learning_rates(cfg)
     ]
 
