@@ -5,6 +5,7 @@ parallel) and ``step_*`` (decoding) forms; see ``effattn.linear._common`` for th
 """
 
 from effattn.linear._common import REGISTRY, LinearOp, register
+from effattn.linear._triton import choose_backend as choose_linear_backend
 from effattn.linear.aaren import chunk_aaren, naive_aaren, scan_aaren, step_aaren
 from effattn.linear.delta_rule import chunk_delta_rule, naive_delta_rule, step_delta_rule
 from effattn.linear.gated_delta_rule import (
@@ -35,6 +36,7 @@ __all__ = [
     "REGISTRY",
     "register",
     "LinearOp",
+    "choose_linear_backend",
     "naive_delta_rule",
     "chunk_delta_rule",
     "step_delta_rule",

@@ -218,7 +218,7 @@ def _dense(q, k, v, g, *, scale, form, chunk_size, initial_state, output_final_s
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     gf = g.to(cdt) if g is not None else None
     s0 = initial_state.to(cdt) if initial_state is not None else None
-    if form == "chunk" and resolve_backend(backend, q) == "triton":
+    if form == "chunk" and resolve_backend(backend, q, v.shape[-1]) == "triton":
         gf = gf.clamp(min=LOG_DECAY_FLOOR) if gf is not None else None
         o, s = chunk_scalar_decay_triton(qf, kf, vf, gf, scale, s0, chunk_size)
     elif form == "chunk":
@@ -245,8 +245,11 @@ def run_scalar_decay(
     """Run ``form`` ("naive" or "chunk") on validated inputs (``g`` already ``[B, T, H]``,
     ``initial_state`` already checked), splitting packed sequences at ``cu_seqlens``.
     ``backend`` ("auto", "torch", "triton") selects the chunk form's kernels (see
-    :func:`effattn.linear._triton.resolve_backend`; "auto" is Triton on CUDA tensors only).
-    Returns the output in the compute dtype (callers cast) and the final state or None."""
+    :func:`effattn.linear._triton.choose_backend`: "auto" is Triton on CUDA tensors the kernels cover),
+    decided once for the whole call. Returns the output in the compute dtype (callers cast) and the final
+    state or None."""
+    if form == "chunk":
+        backend = resolve_backend(backend, q, v.shape[-1])
     kwargs = {"scale": scale, "form": form, "chunk_size": chunk_size, "backend": backend}
     if cu_seqlens is not None:
         return run_varlen(

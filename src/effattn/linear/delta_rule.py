@@ -53,6 +53,7 @@ import torch
 from effattn._checks import check_scale
 from effattn.linear._common import LinearOp, check_chunk_size, check_linear_qkv, check_state, register, run_varlen
 from effattn.linear._delta import check_beta, check_varlen_state, chunk_delta_core, prepare_qk
+from effattn.linear._triton import chunk_gated_delta_rule_triton, resolve_backend
 
 __all__ = ["naive_delta_rule", "chunk_delta_rule", "step_delta_rule"]
 
@@ -153,6 +154,7 @@ def chunk_delta_rule(
     use_qk_l2norm: bool = True,
     allow_neg_eigval: bool = False,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel delta rule (WY / UT transform, Yang et al. 2024); same result as
     :func:`naive_delta_rule`, differentiable through autograd, memory linear in T.
@@ -160,6 +162,10 @@ def chunk_delta_rule(
     Within a chunk: ``U = (I + tril(diag(beta) K K^T, -1))^{-1} diag(beta) V``, ``W`` likewise with K,
     ``Delta = U - W S``, ``O = scale (Q S + tril(Q K^T) Delta)``, ``S <- S + K^T Delta``.
     ``chunk_size`` need not divide T.
+
+    ``backend``: ``"torch"`` (this PyTorch form), ``"triton"`` (the gated delta rule's Triton chunk kernels
+    with no gate, forward and backward; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"auto"``
+    (Triton on CUDA tensors the kernels cover, else PyTorch; see :func:`effattn.linear.choose_linear_backend`).
     """
     B, T, H, K, V = check_linear_qkv(q, k, v)
     check_beta(beta, (B, T, H), allow_neg_eigval)
@@ -167,6 +173,7 @@ def chunk_delta_rule(
     check_chunk_size(chunk_size)
     kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval)
     kw["chunk_size"] = chunk_size
+    kw["backend"] = use = resolve_backend(backend, q, V)
     if cu_seqlens is not None:
         check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
         seq = dict(q=q, k=k, v=v, beta=beta)
@@ -176,7 +183,10 @@ def chunk_delta_rule(
         S = S0 if S0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
         return v.new_zeros(B, 0, H, V).to(q.dtype), (S if output_final_state else None)
     qf, kf = prepare_qk(q, k, use_qk_l2norm)
-    o, S = chunk_delta_core(qf, kf, v.float(), beta.float(), None, scale, S0, chunk_size)
+    if use == "triton":
+        o, S = chunk_gated_delta_rule_triton(qf, kf, v, beta, None, scale, S0, chunk_size)
+    else:
+        o, S = chunk_delta_core(qf, kf, v.float(), beta.float(), None, scale, S0, chunk_size)
     return o.to(q.dtype), (S if output_final_state else None)
 
 

@@ -119,7 +119,7 @@ def step_gated_delta_rule(
     ``backend="triton"`` runs the recurrent Triton kernel (forward only: refused when a gradient is
     needed); ``"auto"`` uses it on CUDA tensors when no gradient is needed, else PyTorch.
     """
-    use = resolve_backend(backend, q)
+    use = resolve_backend(backend, q, v.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
     )
@@ -177,15 +177,15 @@ def chunk_gated_delta_rule(
     ``Delta = U - W S``, ``O = scale (diag(e^G) Q S + tril(Q K^T * Gamma) Delta)``,
     ``S <- e^{G_C} S + (K e^{G_C - G})^T Delta``.
 
-    ``backend``: ``"torch"``, ``"triton"`` (Triton forward and backward kernels) or ``"auto"``
-    (Triton on CUDA tensors only; see :mod:`effattn.linear._triton`).
+    ``backend``: ``"torch"``, ``"triton"`` (Triton forward and backward kernels; CPU tensors only under
+    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA tensors the kernels cover, else PyTorch; see
+    :func:`effattn.linear.choose_linear_backend`).
     """
     B, T, H, K, V, scale = _check_inputs(q, k, v, g, beta, scale, allow_neg_eigval)
     check_chunk_size(chunk_size)
     kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, allow_neg_eigval=allow_neg_eigval)
     kw["chunk_size"] = chunk_size
-    kw["backend"] = backend
-    use = resolve_backend(backend, q)
+    kw["backend"] = use = resolve_backend(backend, q, V)
     if cu_seqlens is not None:
         check_varlen_state(cu_seqlens, B, T, initial_state, (H, K, V))
         seq = dict(q=q, k=k, v=v, g=g, beta=beta)

@@ -62,7 +62,9 @@ def lightning_log_decay(num_heads: int) -> torch.Tensor:
     return -alibi_slopes(num_heads)
 
 
-def _lightning(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64):
+def _lightning(
+    form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64, backend="auto"
+):
     B, T, H, _, _ = check_linear_qkv(q, k, v)
     if log_decay is None:
         log_decay = lightning_log_decay(H).to(q.device)
@@ -79,6 +81,7 @@ def _lightning(form, q, k, v, log_decay, scale, initial_state, output_final_stat
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
+        backend=backend,
     )
 
 
@@ -114,11 +117,18 @@ def chunk_lightning_attn(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blockwise Lightning Attention-2 with blocks of ``chunk_size`` tokens (the shared
     scalar-decay chunk kernel). Same arguments and result as :func:`naive_lightning_attn`;
-    differentiable by autograd, memory linear in T."""
-    return _lightning("chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+    differentiable by autograd, memory linear in T.
+
+    ``backend``: ``"torch"`` (this PyTorch chunk form), ``"triton"`` (the Triton chunk kernels, forward and
+    backward; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA tensors the kernels
+    cover, else PyTorch; see :func:`effattn.linear.choose_linear_backend`)."""
+    return _lightning(
+        "chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size, backend
+    )
 
 
 def step_lightning_attn(

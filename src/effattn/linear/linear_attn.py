@@ -101,7 +101,18 @@ def _phi(x: torch.Tensor, feature_map: str) -> torch.Tensor:
 
 
 def _linear_attn(
-    form, q, k, v, feature_map, normalize, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64
+    form,
+    q,
+    k,
+    v,
+    feature_map,
+    normalize,
+    scale,
+    initial_state,
+    output_final_state,
+    cu_seqlens,
+    chunk_size=64,
+    backend="auto",
 ):
     B, T, H, K, V = check_linear_qkv(q, k, v)
     _check_feature_map(feature_map)
@@ -159,6 +170,7 @@ def _linear_attn(
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
+        backend=backend,
     )
     if normalize:
         o = o[..., :V] / (o[..., V:] + NORMALIZER_EPS)
@@ -202,10 +214,16 @@ def chunk_linear_attn(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, LinearAttnState | None]:
     """Chunkwise-parallel form: masked ``phi(q) phi(k)^T`` attention inside chunks of
     ``chunk_size`` tokens, a running ``[F, V]`` state between them. Same arguments and result as
-    :func:`naive_linear_attn`; differentiable by autograd, memory linear in T."""
+    :func:`naive_linear_attn`; differentiable by autograd, memory linear in T. The feature maps and
+    the normaliser are PyTorch around the kernel (its state is ``[F, V]``, ``[F, V + 1]`` normalised).
+
+    ``backend``: ``"torch"`` (this PyTorch chunk form), ``"triton"`` (the Triton chunk kernels, forward and
+    backward; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA tensors the kernels
+    cover, else PyTorch; see :func:`effattn.linear.choose_linear_backend`)."""
     return _linear_attn(
         "chunk",
         q,
@@ -218,6 +236,7 @@ def chunk_linear_attn(
         output_final_state,
         cu_seqlens,
         chunk_size,
+        backend,
     )
 
 

@@ -53,7 +53,9 @@ def retention_log_decay(num_heads: int) -> torch.Tensor:
     return torch.log1p(-(2.0 ** (-5.0 - h))).float()
 
 
-def _retention(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64):
+def _retention(
+    form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64, backend="auto"
+):
     B, T, H, _, _ = check_linear_qkv(q, k, v)
     if log_decay is None:
         log_decay = retention_log_decay(H).to(q.device)
@@ -70,6 +72,7 @@ def _retention(form, q, k, v, log_decay, scale, initial_state, output_final_stat
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
+        backend=backend,
     )
 
 
@@ -105,11 +108,18 @@ def chunk_retention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise recurrent retention: parallel decayed attention inside chunks of ``chunk_size``
     tokens, recurrent state passing between them. Same arguments and result as
-    :func:`naive_retention`; differentiable by autograd, memory linear in T."""
-    return _retention("chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+    :func:`naive_retention`; differentiable by autograd, memory linear in T.
+
+    ``backend``: ``"torch"`` (this PyTorch chunk form), ``"triton"`` (the Triton chunk kernels, forward and
+    backward; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA tensors the kernels
+    cover, else PyTorch; see :func:`effattn.linear.choose_linear_backend`)."""
+    return _retention(
+        "chunk", q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size, backend
+    )
 
 
 def step_retention(

@@ -42,7 +42,7 @@ from effattn.linear._scalar_decay import decay_magnitude, scalar_decay_op
 __all__ = ["naive_simple_gla", "chunk_simple_gla", "step_simple_gla"]
 
 
-def _simple_gla(form, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64):
+def _simple_gla(form, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size=64, backend="auto"):
     B, T, H, _, _ = check_linear_qkv(q, k, v)
     check_log_gate("g", g, (B, T, H), "[batch, seq, heads]")
     return scalar_decay_op(
@@ -56,6 +56,7 @@ def _simple_gla(form, q, k, v, g, scale, initial_state, output_final_state, cu_s
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
+        backend=backend,
     )
 
 
@@ -91,11 +92,16 @@ def chunk_simple_gla(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel form (Mamba-2 SSD): masked decayed attention inside chunks of
     ``chunk_size`` tokens, state passing between them. Same arguments and result as
-    :func:`naive_simple_gla`; differentiable by autograd, memory linear in T."""
-    return _simple_gla("chunk", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+    :func:`naive_simple_gla`; differentiable by autograd, memory linear in T.
+
+    ``backend``: ``"torch"`` (this PyTorch chunk form), ``"triton"`` (the Triton chunk kernels, forward and
+    backward; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA tensors the kernels
+    cover, else PyTorch; see :func:`effattn.linear.choose_linear_backend`)."""
+    return _simple_gla("chunk", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, backend)
 
 
 def step_simple_gla(

@@ -32,7 +32,13 @@ Triton is optional and imported lazily: Triton fixes its mode (GPU compiler or C
 :func:`jit` when first launched. CPU tensors run only under ``TRITON_INTERPRET=1`` (slow: tests);
 :func:`triton_linear_status` says why the kernels cannot run.
 
-GPU speed is unmeasured: the kernels were written and tested in Triton's interpreter only.
+Selection (``backend=`` of every chunk form that has these kernels: ``chunk_simple_gla``, ``chunk_retention``,
+``chunk_lightning_attn``, ``chunk_linear_attn``, ``chunk_delta_rule``, ``chunk_gated_delta_rule``):
+:func:`choose_backend` -- ``"auto"`` runs them on CUDA tensors when they cover the call (float16/bfloat16/
+float32, state dims <= :data:`AUTO_MAX_DIM`), the PyTorch chunk form otherwise; ``"triton"`` forces them.
+
+GPU speed is unmeasured: the kernels were written and tested in Triton's interpreter only (no GPU was
+available to the work); ``scripts/gpu_check.sh`` is the prepared GPU run.
 
 Modules: :mod:`.backend` (lazy triton, interpreter checks, ``backend=`` selection),
 :mod:`.kernels` (the kernel bodies), :mod:`.chunk` (launches and autograd functions).
@@ -45,7 +51,13 @@ Example::
     True
 """
 
-from effattn.linear._triton.backend import BACKENDS, resolve_backend, triton_linear_status
+from effattn.linear._triton.backend import (
+    AUTO_MAX_DIM,
+    BACKENDS,
+    choose_backend,
+    resolve_backend,
+    triton_linear_status,
+)
 from effattn.linear._triton.chunk import (
     chunk_gated_delta_rule_triton,
     chunk_scalar_decay_triton,
@@ -54,7 +66,9 @@ from effattn.linear._triton.chunk import (
 )
 
 __all__ = [
+    "AUTO_MAX_DIM",
     "BACKENDS",
+    "choose_backend",
     "chunk_gated_delta_rule_triton",
     "chunk_scalar_decay_triton",
     "fused_recurrent_gated_delta_rule_triton",
