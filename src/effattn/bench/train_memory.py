@@ -47,6 +47,7 @@ OPTIONS: dict[str, dict] = {
     "block+chunked_loss+mlp": {"checkpoint": "block", "chunked_loss": 512, "chunked_mlp": 512},
     "reversible+chunked": {"reversible": True, "chunked_loss": 512, "chunked_mlp": 512},
     "reversible+mesa": {"reversible": True, "mesa": True},
+    "streambp": {"streambp": 512},
 }
 EXACT = {
     "baseline",
@@ -57,7 +58,10 @@ EXACT = {
     "chunked_loss",
     "block+chunked_loss",
     "block+chunked_loss+mlp",
+    "streambp",
 }
+# the rows measured above --max-tokens: the baseline and the best combinations
+LONG = ("baseline", "block+chunked_loss+mlp", "streambp")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,7 +127,7 @@ def step_rows(args) -> tuple[list[dict], list[str]]:
         ids = torch.randint(0, 256, (1, T + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
         base = None
         for name in names:
-            if T > args.max_tokens and name not in ("baseline", "block+chunked_loss+mlp"):
+            if T > args.max_tokens and name not in LONG:
                 skipped.append(f"{name}@{T}")
                 continue
             model = _model(args, OPTIONS[name], T)

@@ -44,6 +44,7 @@ from effattn.moe import MoE
 from effattn.nn.duo_calibration import calibrate_duo_attention
 from effattn.nn.memory_saving import check_memory_options, run_blocks
 from effattn.nn.registry import build_mixer, list_mixers
+from effattn.nn.streambp import check_streambp
 
 __all__ = ["LMConfig", "LM", "mixer_pattern"]
 
@@ -96,9 +97,13 @@ class LMConfig:
     chunked_mlp: int = 0
     chunked_loss: int = 0
     mesa: bool = False
+    # StreamBP (effattn.nn.streambp): exact backward in sequence chunks of this many tokens (0: off)
+    streambp: int = 0
 
     def __post_init__(self) -> None:
-        check_memory_options(self.checkpoint, self.reversible, self.chunked_mlp, self.chunked_loss, self.mesa)
+        check_memory_options(
+            self.checkpoint, self.reversible, self.chunked_mlp, self.chunked_loss, self.mesa, self.streambp
+        )
         for name in ("vocab_size", "dim", "n_layers", "heads", "max_seq_len"):
             check_positive_int(name, getattr(self, name))
         if self.dim % self.heads:
@@ -119,6 +124,7 @@ class LMConfig:
             raise ValueError(
                 f"ffn='moe' needs moe=dict(num_experts=..., top_k=..., ...) (effattn.moe.MoE), got {self.moe!r}"
             )
+        check_streambp(self.streambp, self.mixers, self.ffn)
         if not isinstance(self.mixer_kwargs, dict):
             raise TypeError(f"mixer_kwargs must be a dict name -> kwargs, got {type(self.mixer_kwargs).__name__}")
 

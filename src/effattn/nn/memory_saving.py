@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from effattn._checks import check_float, check_int
 from effattn.moe import MoE
+from effattn.nn.streambp import streambp_block
 
 __all__ = [
     "CHECKPOINT_MODES",
@@ -57,7 +58,7 @@ CHECKPOINT_MODES = ("none", "block", "mixer", "mlp")
 
 
 def check_memory_options(
-    checkpoint_mode: str, reversible: bool, chunked_mlp: int, chunked_loss: int, mesa: bool
+    checkpoint_mode: str, reversible: bool, chunked_mlp: int, chunked_loss: int, mesa: bool, streambp: int = 0
 ) -> None:
     """Validate the memory options of :class:`effattn.nn.LMConfig` (names the bad one)."""
     if checkpoint_mode not in CHECKPOINT_MODES:
@@ -72,6 +73,20 @@ def check_memory_options(
             f"reversible=True already recomputes every block in the backward; use checkpoint='none' "
             f"with it, got checkpoint={checkpoint_mode!r}"
         )
+    check_int("streambp", streambp, minimum=0)
+    if streambp:
+        clash = {
+            "checkpoint": checkpoint_mode != "none",
+            "reversible": reversible,
+            "chunked_mlp": bool(chunked_mlp),
+            "mesa": mesa,
+        }
+        on = [k for k, v in clash.items() if v]
+        if on:
+            raise ValueError(
+                f"streambp={streambp} already recomputes every block in sequence chunks of {streambp} tokens "
+                f"(its MLP included); turn off {on} with it"
+            )
 
 
 def chunked_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -303,7 +318,8 @@ def _block(block: nn.Module, h, state, valid, mode: str, chunk: int):
 
 def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, states: list, valid, config) -> tuple[torch.Tensor, list]:
     """Run :class:`effattn.nn.LM`'s blocks on ``h`` with the memory options of ``config`` (an
-    :class:`effattn.nn.LMConfig`): ``checkpoint``, ``chunked_mlp``, ``reversible``, ``mesa``.
+    :class:`effattn.nn.LMConfig`): ``checkpoint``, ``chunked_mlp``, ``reversible``, ``mesa``,
+    ``streambp`` (:mod:`effattn.nn.streambp`).
     Recomputation and 8-bit storage apply only while autograd records (training); decoding with a
     carried ``state`` runs the same math directly. Returns ``(h, new_states)``."""
     mode = config.checkpoint
@@ -318,6 +334,12 @@ def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, states: list, valid, conf
         mesa.set_skip(blocks.parameters())
         ctx = mesa
     with ctx:
+        if config.streambp and training and all(s is None for s in states):
+            if valid is not None:
+                raise ValueError("streambp: training batches with padding (valid) are not supported")
+            for b in blocks:
+                h = streambp_block(b, h, config.streambp)
+            return h, [None] * len(blocks)
         if config.reversible:
             fresh = all(s is None for s in states)
             if fresh and training:

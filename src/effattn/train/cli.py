@@ -54,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--chunked-mlp", type=int, default=0, metavar="TOKENS", help="MLP in sequence chunks (0: off)")
     mem.add_argument("--chunked-loss", type=int, default=0, metavar="ROWS", help="loss without full logits (0: off)")
     mem.add_argument("--mesa", action="store_true", help="store saved activations in int8 (inexact, bounded)")
+    mem.add_argument(
+        "--streambp",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="StreamBP: exact backward in sequence chunks, attention mixers only (0: off)",
+    )
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", default=["stdlib"], help="'stdlib', text files, or one .bin of token ids")
     d.add_argument("--bin-dtype", default="uint16", choices=("uint8", "uint16", "int32", "int64"))
@@ -103,6 +110,7 @@ def configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
         chunked_mlp=args.chunked_mlp,
         chunked_loss=args.chunked_loss,
         mesa=args.mesa,
+        streambp=args.streambp,
         **extra,
     )
     data = args.data[0] if args.data == ["stdlib"] else list(args.data)

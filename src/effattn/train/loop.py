@@ -198,7 +198,7 @@ class LossModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, denom: float) -> torch.Tensor:
         h, _ = self.lm.features(ids)
-        chunk = self.lm.config.chunked_loss
+        chunk = self.lm.config.chunked_loss or self.lm.config.streambp  # StreamBP forms the loss per chunk too
         if chunk:
             w = self.lm.head.weight
             loss = chunked_cross_entropy(
