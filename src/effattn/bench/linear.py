@@ -24,6 +24,11 @@ a chunk run over a context of each length (the step's cost should not depend on 
 state's size in bytes, and as the baseline SDPA for one query against a KV cache of the context
 (and the cache's size).
 
+With ``--device cuda`` it runs the GPU comparison instead (:mod:`effattn.bench.linear_gpu`): bf16,
+``B * T = 16k`` tokens, ``H = 16``, ``D = 64`` and ``128``, T from 1k to 32k, forward and forward+backward
+TFLOP/s of the gated delta rule and simple GLA, effattn's PyTorch chunk form vs its Triton kernels vs fla's
+chunk kernels (optional baseline), report ``linear_gpu``.
+
 Reports ``linear``, ``linear_crossover`` and ``linear_decode`` (JSON + markdown) land in ``--out``.
 A full run reaches T = 65536, where one SDPA causal forward takes ~20 s on 2 CPU cores: expect tens
 of minutes; ``--quick`` takes a minute or two.
@@ -42,6 +47,12 @@ import torch.nn.functional as F
 
 from effattn.bench import harness, suite
 from effattn.bench.cli import add_common_arguments
+from effattn.bench.linear_flops import (
+    CHUNK_BWD_FACTOR,
+    flops_delta_chunk,
+    flops_scalar_decay_chunk,
+    flops_selective_scan,
+)
 from effattn.bench.table import Column, print_table
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
@@ -51,37 +62,6 @@ CHUNK_SIZE = 64
 GATE_STRENGTH = 0.5
 SLOW_CALL_S = harness.SLOW_CALL_S  # a first call slower than this is the only timing (repeats column: 0)
 STEP_REPEATS = 20  # one step is microseconds: more repeats for a stable median
-
-
-# ------------------------------------------------------------------------------------------------
-# FLOP estimates of the chunk algorithms (forward, all batch rows and heads; matmuls and the
-# dominant elementwise work, counted as executed: a chunk's full C x C block, masked half included)
-# ------------------------------------------------------------------------------------------------
-
-
-def flops_scalar_decay_chunk(T: int, B: int, H: int, K: int, V: int, C: int) -> float:
-    """Chunkwise linear attention with a scalar decay (linear_attn, simple_gla, retnet, lightning):
-    per chunk ``Q K^T`` (2 C^2 K), the masked scores times ``V`` (2 C^2 V), the read of the entering
-    state ``Q S`` (2 C K V) and the state update ``K^T V`` (2 C K V)."""
-    n = math.ceil(T / C)
-    return B * H * n * (2 * C * C * K + 2 * C * C * V + 4 * C * K * V)
-
-
-def flops_delta_chunk(T: int, B: int, H: int, K: int, V: int, C: int) -> float:
-    """Chunkwise (gated) delta rule, WY / UT form: per chunk ``K K^T`` and ``Q K^T`` (4 C^2 K), the
-    unit-triangular solve for ``W, U`` (C^2 (K + V)), the chunk transition ``K^T W`` (2 C K^2) and
-    input ``K^T U`` (2 C K V), the state passing ``M S`` (2 K^2 V), ``Delta = U - W S`` (2 C K V),
-    the output ``Q S + tril(Q K^T) Delta`` (2 C K V + 2 C^2 V)."""
-    n = math.ceil(T / C)
-    per_chunk = 4 * C * C * K + C * C * (K + V) + 2 * C * K * K + 6 * C * K * V + 2 * K * K * V + 2 * C * C * V
-    return B * H * n * per_chunk
-
-
-def flops_selective_scan(T: int, B: int, H: int, P: int, N: int) -> float:
-    """Mamba's chunked selective scan is elementwise on the ``[P, N]`` state per head: ~12 FLOPs
-    per token and state entry (discretisation, the chunk-end states, the in-chunk recurrence and
-    the ``C`` read-out); ``exp`` counted as one."""
-    return 12.0 * B * T * H * P * N
 
 
 # linear attention (all feature-map variants), simple GLA, RetNet, Lightning: the scalar-decay kernel
@@ -135,7 +115,6 @@ def flops_for(name: str) -> Callable[[object, int], float] | None:
 
 
 SDPA_BWD_FACTOR = 2.5  # FlashAttention's benchmark convention: backward = 2.5 x forward FLOPs
-CHUNK_BWD_FACTOR = 2.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,6 +334,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from effattn.linear import REGISTRY
 
+    if torch.device(args.device).type == "cuda":
+        from effattn.bench.linear_gpu import run_gpu
+
+        run_gpu(args)
+        return
     device = args.device
     lengths = _lengths(args)
     backward = not getattr(args, "forward_only", False)  # --forward-only: no forward+backward runs
