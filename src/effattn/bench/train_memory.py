@@ -76,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=8, help="attention heads of the LM (default 8)")
     p.add_argument("--repeats", type=int, default=0, help="timed steps after the measured one (default 0)")
     p.add_argument(
+        "--full-warmup",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1: one untimed baseline step at full size before its measured one (default); 0: skip it (long contexts)",
+    )
+    p.add_argument(
         "--max-tokens",
         type=int,
         default=8192,
@@ -133,7 +140,7 @@ def step_rows(args) -> tuple[list[dict], list[str]]:
             model = _model(args, OPTIONS[name], T)
             params = sum(p.numel() for p in model.parameters())
             _step(model, ids[:, :17])  # warm-up at 16 tokens: lazy imports and inits, not measured
-            if name == "baseline":
+            if name == "baseline" and args.full_warmup:
                 _step(model, ids)  # and the allocator at full size
             gc.collect()
             t0 = time.perf_counter()
