@@ -189,10 +189,13 @@ def sdpa_row(T: int, repeats: int, device: str, gemm: float, backward: bool = Tr
     )
 
 
-def measure_op(op, T: int, repeats: int, device: str, gemm: float, backward: bool = True) -> dict:
+def measure_op(
+    op, T: int, repeats: int, device: str, gemm: float, backward: bool = True, baseline: tuple | None = None
+) -> dict:
     """Linear op ``op``'s chunk form at length ``T`` and the suite's sizes (``make_inputs``, gradients of
     its differentiable inputs): a :func:`effattn.bench.harness.measure_forward_backward` row with the FLOP
-    estimate of :func:`flops_for` (none where unknown), backward counted 2 x forward."""
+    estimate of :func:`flops_for` (none where unknown), backward counted 2 x forward; a ``baseline``
+    (``(forward, leaves)``) is timed back to back with every call (the ``*_speedup_paired`` keys)."""
     call = _Call(op, BATCH, T, device)
     leaves = call.grad_leaves(op.differentiable_args)
     flops_fn = flops_for(op.name)
@@ -205,6 +208,7 @@ def measure_op(op, T: int, repeats: int, device: str, gemm: float, backward: boo
         bwd_factor=CHUNK_BWD_FACTOR,
         gemm=gemm,
         backward=backward,
+        baseline=baseline,
     )
 
 
@@ -232,7 +236,11 @@ def decode_rows(op, contexts: list[int], device: str) -> list[dict]:
         for _ in range(STEP_REPEATS):
             for i, step in enumerate(steps):
                 times[i].append(harness.measure_time(step, repeats=1, warmup=0, device=device))
-    return [{"step_us": 1e6 * statistics.median(t), "state_bytes": _state_bytes(st)} for t, st in zip(times, states)]
+    return [
+        {"step_us": 1e6 * statistics.median(t), "step_us_min": 1e6 * min(t), "step_us_max": 1e6 * max(t)}
+        | {"state_bytes": _state_bytes(st)}
+        for t, st in zip(times, states)
+    ]
 
 
 def sdpa_decode_row(context: int, device: str) -> dict:
@@ -242,10 +250,11 @@ def sdpa_decode_row(context: int, device: str) -> dict:
     q = torch.randn(B, H, 1, D, device=device)
     k, v = (torch.randn(B, H, context + 1, D, device=device) for _ in range(2))  # cache incl. the new token
     with torch.no_grad():
-        t = harness.measure_time(
+        t = harness.time_stats(
             lambda: F.scaled_dot_product_attention(q, k, v), repeats=STEP_REPEATS, warmup=3, device=device
         )
-    return {"step_us": 1e6 * t, "state_bytes": 2 * k.numel() * k.element_size()}
+    steps = {"step_us": 1e6 * t.median, "step_us_min": 1e6 * t.min, "step_us_max": 1e6 * t.max}
+    return steps | {"state_bytes": 2 * k.numel() * k.element_size()}
 
 
 def warm_up(ops, device: str) -> None:
