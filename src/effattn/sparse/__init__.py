@@ -11,9 +11,18 @@ from effattn.sparse.combiner import (
     combiner_attention,
     combiner_axial_attention,
     combiner_axial_reference,
+    combiner_mixture_attention,
+    combiner_mixture_reference,
     combiner_reference,
 )
 from effattn.sparse.hilo import hilo_attention, hilo_reference
+from effattn.sparse.hip import (
+    HIP_REPRESENTATIVES,
+    brute_force_topk_blocks,
+    hip_attention,
+    hip_block_mask,
+    hip_selection,
+)
 from effattn.sparse.hyper_attention import hyper_attention, hyper_attention_dense, sort_lsh_buckets
 from effattn.sparse.kmeans import KMeansRouter
 from effattn.sparse.landmark import (
@@ -50,6 +59,7 @@ from effattn.sparse.topk_block import (
 )
 
 __all__ = [
+    "HIP_REPRESENTATIVES",
     "REGISTRY",
     "register",
     "KMeansRouter",
@@ -62,16 +72,22 @@ __all__ = [
     "axial_ar_reference",
     "axial_attention",
     "bigbird_attention",
+    "brute_force_topk_blocks",
     "bigbird_mask",
     "biformer_attention",
     "biformer_mask",
     "combiner_attention",
     "combiner_axial_attention",
     "combiner_axial_reference",
+    "combiner_mixture_attention",
+    "combiner_mixture_reference",
     "combiner_reference",
     "dilated_attention",
     "hilo_attention",
     "hilo_reference",
+    "hip_attention",
+    "hip_block_mask",
+    "hip_selection",
     "hyper_attention",
     "hyper_attention_dense",
     "landmark_attention",
