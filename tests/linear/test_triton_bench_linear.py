@@ -51,6 +51,13 @@ def test_cuda_device_dispatches_to_the_gpu_comparison(monkeypatch):
     assert seen == ["cuda"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    args = argparse.Namespace(device="cuda", lengths="64", repeats=1, out=str(tmp_path), forward_only=False)
+    with pytest.raises(SystemExit, match="bench linear --device cuda: no CUDA device is visible"):
+        linear_gpu.run_gpu(args)
+
+
 @pytest.mark.skipif(not RUNS[0], reason=f"triton cannot run here: {RUNS[1]}")
 def test_gpu_comparison_runs_with_a_stand_in_for_fla(tmp_path):
     def fla_stand_in(op_name, x, device):  # same inputs, same output shape as fla's chunk kernel

@@ -474,6 +474,10 @@ def measure_gpu(
 def run_gpu(args: argparse.Namespace, *, dtype: torch.dtype = torch.bfloat16, runners: dict | None = None, **sizes):
     """The GPU comparison (``bench attention --device cuda``); ``sizes`` overrides ``heads``, ``tokens``,
     ``head_dims`` (for the CPU smoke test)."""
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"bench attention --device {args.device}: no CUDA device is visible to torch {torch.__version__}"
+        )
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(GPU_LENGTHS)
     head_dims = sizes.get("head_dims", GPU_HEAD_DIMS)
     heads, tokens = sizes.get("heads", GPU_HEADS), sizes.get("tokens", GPU_TOKENS)
@@ -481,7 +485,8 @@ def run_gpu(args: argparse.Namespace, *, dtype: torch.dtype = torch.bfloat16, ru
     # every (length, head dim, pattern) is a new shape and BlockMask for the compiled FlexAttention: let dynamo
     # recompile for each instead of falling back to eager after its default limit of 8
     dynamo_config = torch._dynamo.config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(lengths) * len(head_dims))
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 4 * len(lengths) * len(head_dims)))
     machine = machine_info(args.device)
     meta = {"command": command_line(), "machine": machine, "lengths": lengths, "H": heads, "tokens": tokens}
     rows = []

@@ -171,6 +171,8 @@ def run_gpu(
     """The GPU comparison (``bench linear --device cuda``): every op x head dim x length x impl, the report
     ``linear_gpu`` (JSON + markdown, rewritten after each row) in ``args.out``. ``sizes`` overrides ``heads``,
     ``tokens``, ``head_dims``, ``ops`` and ``warmup`` (for the CPU smoke test)."""
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench linear --device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     lengths = [int(t) for t in args.lengths.split(",")] if args.lengths else list(GPU_LENGTHS)
     head_dims = sizes.get("head_dims", GPU_HEAD_DIMS)
     heads, tokens = sizes.get("heads", GPU_HEADS), sizes.get("tokens", GPU_TOKENS)
