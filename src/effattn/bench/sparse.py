@@ -382,3 +382,66 @@ def _progress(r: dict) -> None:
         f", fwd+bwd {1e3 * r['fwdbwd_s']:.3g} ms" if r.get("fwdbwd_s") else ""
     )
     print(f"T={r['T']} {r['method']} ({'causal' if r['causal'] else 'full'}): {what}", flush=True)
+
+
+def hip_selection_cost(
+    lengths=(16384, 32768, 65536),
+    *,
+    block: int = 64,
+    top_k: int = 16,
+    heads: int = 2,
+    repeats: int = 3,
+    kind: str = "clustered",
+    seed: int = 0,
+) -> list[dict]:
+    """Time of HiP's selection alone (:func:`effattn.sparse.hip_selection`, first-key representatives,
+    ``O(T / block * k log T)``) against the brute-force block top-k it approximates
+    (:func:`effattn.sparse.brute_force_topk_blocks`: every key scored, ``O(T^2 / block)``), timed back to
+    back (``repeats`` pairs after a warm-up; median, min, max of each and the median paired ratio), at
+    ``B = 1``, ``heads``, ``D = 64``, float32, no grad. ``recall``: the share of brute force's selected
+    blocks that HiP also selects, over query blocks with more than ``top_k`` candidates.
+
+    Example::
+
+        >>> r = hip_selection_cost([1024], block=64, top_k=2, repeats=1)[0]
+        >>> r["T"], r["levels"], 0 <= r["recall"] <= 1
+        (1024, 3, True)
+    """
+    from effattn.bench.harness import paired_times
+
+    rows = []
+    for T in lengths:
+        q, k, _ = _inputs(T, kind, seed, "cpu")
+        q, k = q[:, :, :heads], k[:, :, :heads]
+        with torch.no_grad():
+            pair = paired_times(
+                lambda q=q, k=k: sparse.hip_selection(q, k, block=block, top_k=top_k),
+                lambda q=q, k=k: sparse.brute_force_topk_blocks(q, k, block=block, top_k=top_k),
+                repeats=repeats,
+            )
+            idx, valid = sparse.hip_selection(q, k, block=block, top_k=top_k)
+            ref, ref_valid = sparse.brute_force_topk_blocks(q, k, block=block, top_k=top_k)
+        n = idx.shape[2]
+        full = slice(top_k + 1, n)  # query blocks with more candidates than top_k
+        hit = (idx[:, :, full, :, None] == ref[:, :, full, None, :]).any(-2) & ref_valid[:, :, full]
+        recall = float(hit.sum() / ref_valid[:, :, full].sum().clamp(min=1))
+        rows.append(
+            {
+                "T": T,
+                "block": block,
+                "top_k": top_k,
+                "heads": heads,
+                "levels": max(1, (-(-(n - 1) // top_k) - 1).bit_length()),  # ceil(log2(ceil((n - 1) / k)))
+                "hip_s": pair.a.median,
+                "hip_min_s": pair.a.min,
+                "hip_max_s": pair.a.max,
+                "brute_s": pair.b.median,
+                "brute_min_s": pair.b.min,
+                "brute_max_s": pair.b.max,
+                "brute_over_hip": 1.0 / pair.ratio,
+                "repeats": repeats,
+                "recall": recall,
+                "kind": kind,
+            }
+        )
+    return rows
