@@ -243,3 +243,25 @@ def test_auto_goes_to_triton_for_cuda_tensors_and_runs_it(monkeypatch):
     monkeypatch.setattr(sd, "resolve_backend", real)
     chunk_simple_gla(q, q, q, g, chunk_size=16)
     assert calls == [16]  # CPU tensors: auto stays on PyTorch
+
+
+@needs_triton
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernels_at_the_benchmark_head_dims(D):
+    """The head dims of the GPU benchmark and of auto's bound (AUTO_MAX_DIM): on a GPU this is where the
+    kernels' on-chip tiles are largest (compile limits, register pressure); here their logic at those tiles."""
+    gen = torch.Generator().manual_seed(D)
+    B, T, H = 1, 19, 1
+    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEVICE) for _ in range(3))
+    g = -torch.rand(B, T, H, generator=gen).to(DEVICE) * 0.5
+    beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
+    for name, args in [("simple_gla", (q, k, v, g)), ("gated_delta_rule", (q, k, v, g, beta))]:
+        op = REGISTRY[name]
+        s0 = _state_parts(op.state_shape(B, H, D), gen)
+        o, s, grads = _run(op, "triton", args, {}, s0)
+        ro, rs, rgrads = _run(op, "torch", args, {}, s0)
+        assert_fp32_close(o, ro, 1e-5, f"{name} D={D} o")
+        assert_fp32_close(s[0], rs[0], 1e-5, f"{name} D={D} final state")
+        for n, r in rgrads.items():
+            assert_fp32_close(grads[n], r, 1e-4, f"{name} D={D} d{n}")
