@@ -5,26 +5,29 @@ On the machine at hand, in one run:
 1. **speed and memory** — for every registered mechanism (the exact backends ``sdpa``, ``tiled``,
    ``auto``, ``reference`` on causal attention and the tiled engine on sliding-window attention;
    every linear op's chunk form from :data:`effattn.linear.REGISTRY`; every sparse method in
-   :data:`effattn.sparse.REGISTRY`) at each length: forward and forward+backward time (median of
-   repeats), peak memory, efficiency against the machine's own GEMM rate, and the time of one decode
-   step with the state or KV cache it needs. The measurements are those of the ``attention`` and
-   ``linear`` benchmark suites (their functions are reused, not rewritten);
+   :data:`effattn.sparse.REGISTRY`) at each length (quick: 256, 512, 1024, 2048): forward and
+   forward+backward time (median, min and max of the repeats), the speed-up over SDPA causal timed
+   back to back call by call (paired: robust to the machine's drift), forward+backward peak memory,
+   efficiency against the machine's own GEMM rate, and the time of one decode step with the state or
+   KV cache it needs; rows whose timings spread by more than 1.5x (max/min) or whose forward is slower
+   than their forward+backward are flagged, and the load average before and after is recorded (a
+   warning is printed when it exceeds the CPU count);
 2. **recall** — MQAR (Zoology, Arora et al. 2023): a 2-layer :class:`effattn.nn.LM` per mixer and
    width is trained on generated data; accuracy at the query positions of a held-out set against
    the model's state size (KV cache for attention, the recurrent state otherwise);
 3. **reasoning** — ListOps (Long Range Arena, Tay et al. 2021) at a CPU-sized length (the LRA
    length 500-2000 with ``--full``).
 
-Presets: ``tiny`` (seconds; tests), ``quick`` (default, about 5 minutes on 2 CPU cores),
-``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
+Presets: ``tiny`` (seconds; tests), ``quick`` (default, ``make demo``: about 6 minutes on 2 otherwise
+idle CPU cores), ``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
 attention and fixed-state mixers at three widths, trained on a mixture of pair counts and tested per
 pair count; about half an hour on one CPU core), ``state`` (the same task at width 64 with head dims
 4-32: the state of linear attention, GLA and DeltaNet spans 16x at one width) and ``full`` (``--full``;
 long: LRA length, 64k tokens).
 A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
 on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
-``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (time and memory vs length,
-recall vs state size).
+``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (speed-up over SDPA, time and
+memory vs length, one panel per family; recall vs state size).
 """
 
 # the package: config (sizes, presets, options), speed, recall, listops (the three sections), report
@@ -56,12 +59,9 @@ from effattn.bench.compare.recall import mixer_names, run_recall, run_recall_swe
 from effattn.bench.compare.report import (
     LISTOPS_COLUMNS,
     RECALL_COLUMNS,
-    SPEED_COLUMNS,
-    SPEED_TERMINAL_COLUMNS,
     advice,
     recall_columns,
     recall_trend,
-    speed_terminal_rows,
     terminal_columns,
     write_plots,
     write_report,
@@ -74,6 +74,7 @@ from effattn.bench.compare.speed import (
     run_speed,
     speed_mechanisms,
 )
+from effattn.bench.compare.speed_report import SPEED_COLUMNS, SPEED_TERMINAL_COLUMNS, speed_terminal_rows
 from effattn.bench.compare.sweep import (
     RecallRun,
     aggregate_runs,

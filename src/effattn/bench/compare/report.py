@@ -8,23 +8,10 @@ from pathlib import Path
 
 from effattn.bench import harness
 from effattn.bench.compare.config import CompareConfig, pair_counts
+from effattn.bench.compare.speed_report import speed_advice, speed_plots, speed_section
 from effattn.bench.compare.sweep import LEFT_CHANCE, SOLVED, aggregate_runs, chance_row, learning_rates, seeds
 from effattn.bench.table import Column
 
-SPEED_COLUMNS = (
-    "family",
-    "mechanism",
-    "T",
-    "fwd_ms",
-    "fwd_bwd_ms",
-    "fwd_MiB",
-    "fwd_bwd_MiB",
-    "eff_%",
-    "step_us",
-    "state_bytes",
-    "note",
-    "error",
-)
 RECALL_COLUMNS = ("mixer", "dim", "head_dim", "state_bytes", "params", "accuracy", "train_s", "final_loss", "error")
 
 
@@ -89,21 +76,8 @@ def recall_trend(recall: list[dict], pairs: Sequence[int], threshold: float = 0.
 
 LISTOPS_COLUMNS = ("mixer", "dim", "params", "accuracy", "majority", "train_s", "final_loss", "error")
 
-# the terminal summaries (the report holds every column): short headers, note and error of a speed row in
-# one text column, long text cut to fit 80-100 columns
-SPEED_TERMINAL_COLUMNS = (
-    Column("family", text=True, min_width=6, key_column=True),
-    Column("mechanism", text=True, min_width=15, key_column=True),
-    Column("T", key_column=True),
-    Column("fwd_ms", "fwd ms"),
-    Column("fwd_bwd_ms", "f+b ms"),
-    Column("fwd_MiB", "fwd MiB"),
-    Column("fwd_bwd_MiB", "f+b MiB"),
-    Column("eff_%", "eff%"),
-    Column("step_us", "step us"),
-    Column("state_bytes", "state KiB", scale=1 / 1024),
-    Column("remark", text=True),
-)
+# the terminal summaries of recall and ListOps (the report holds every column; the speed table's are in
+# speed_report): short headers, long text cut to fit 80-100 columns
 _SHORT = {
     "head_dim": "hd",
     "state_bytes": "state B",
@@ -127,35 +101,11 @@ def terminal_columns(columns: Sequence[str]) -> tuple[Column, ...]:
     )
 
 
-def speed_terminal_rows(rows: Sequence[dict]) -> list[dict]:
-    """Speed rows with their ``note`` and ``error`` in one ``remark`` (the error where there is one)."""
-    return [{**r, "remark": r.get("error") or r.get("note")} for r in rows]
-
-
 def advice(speed: list[dict], recall: list[dict], pairs: Sequence[int] = ()) -> list[str]:
     """Short answers read off the measurements: per length the fastest and the leanest mechanism,
     the smallest state that reached the best recall and, with several MQAR pair counts
     (``pairs``), per pair count which mixers reach 0.9 and from which width."""
-    lines = []
-    key = "fwd_bwd_ms" if any("fwd_bwd_ms" in r for r in speed) else "fwd_ms"
-    for T in sorted({r["T"] for r in speed}):
-        ok = [r for r in speed if r["T"] == T and r.get(key) is not None and "error" not in r]
-        if not ok:
-            continue
-        fast = min(ok, key=lambda r: r[key])
-        line = f"T={T}: fastest {key.replace('_ms', '')} is {fast['mechanism']} ({fast['family']}, {fast[key]:.3g} ms)"
-        mem = [r for r in ok if r.get("fwd_bwd_MiB" if key == "fwd_bwd_ms" else "fwd_MiB") is not None]
-        if mem:
-            mk = "fwd_bwd_MiB" if key == "fwd_bwd_ms" else "fwd_MiB"
-            low = min(r[mk] for r in mem)
-            lean = [r["mechanism"] for r in mem if r[mk] <= low + 1e-9]
-            more = f" and {len(lean) - 3} more" if len(lean) > 3 else ""
-            line += f"; least peak memory: {', '.join(lean[:3])}{more} ({low:.3g} MiB)"
-        dec = [r for r in ok if r.get("state_bytes")]
-        if dec:
-            small = min(dec, key=lambda r: r["state_bytes"])
-            line += f"; smallest decode state: {small['mechanism']} ({small['state_bytes']} B)"
-        lines.append(line)
+    lines = speed_advice(speed)
     good = [r for r in recall if r.get("accuracy") is not None]
     if good:
         best = max(r["accuracy"] for r in good)
@@ -192,48 +142,8 @@ def write_plots(
         import matplotlib.pyplot as plt
     except ImportError:
         return [], ["matplotlib is not installed (pip install 'effattn[bench]'): no plots"]
-    files = []
     label = _plot_label(machine)
-
-    def series(key):
-        by = {}
-        for r in speed:
-            if r.get(key) is not None and "error" not in r:
-                by.setdefault(f"{r['family']}: {r['mechanism']}", []).append((r["T"], r[key]))
-        return by
-
-    for fname, key, ylabel in (
-        ("time_vs_length.png", "fwd_bwd_ms" if any("fwd_bwd_ms" in r for r in speed) else "fwd_ms", "time (ms)"),
-        ("memory_vs_length.png", "fwd_MiB", "forward peak memory (MiB)"),
-    ):
-        by = series(key)
-        if not by:
-            continue
-        fig, ax = plt.subplots(figsize=(12, 6.5))
-        colors = plt.get_cmap("tab20").colors
-        for i, (name, pts) in enumerate(sorted(by.items())):
-            pts.sort()
-            style = "-" if name.startswith("exact") else "--" if name.startswith("linear") else ":"
-            ax.plot(
-                [p[0] for p in pts],
-                [max(p[1], 1e-6) for p in pts],
-                style,
-                marker="os^Dv"[i // len(colors) % 5],
-                color=colors[i % len(colors)],
-                label=name,
-                linewidth=1.2,
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel(f"{ylabel} [{key}]")
-        ax.set_title(f"effattn compare: {key} vs length\n{label}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(fname)
+    files = speed_plots(out, speed, label)  # the speed figures: one panel per family (speed_report)
 
     pts = [r for r in recall if r.get("accuracy") is not None and r.get("state_bytes")]
     # one panel per pair count where the run has several (Zoology's figure), else one panel
@@ -393,8 +303,7 @@ def write_report(cfg: CompareConfig, results: dict) -> Path:
     if results["advice"]:
         md += ["## Short answer", ""] + [f"- {a}" for a in results["advice"]] + [""]
     if "speed" in cfg.only:
-        md += ["## Speed and memory", "", harness.format_markdown_table(payload["speed"], SPEED_COLUMNS), ""]
-        md += [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots if p != "recall_vs_state.png"] + [""]
+        md += speed_section(payload["speed"], meta, plots)
     if "recall" in cfg.only:
         md += recall_section(cfg, payload["recall"], payload.get("recall_runs") or [], plots)
     if "listops" in cfg.only:

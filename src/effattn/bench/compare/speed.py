@@ -1,8 +1,13 @@
 """The speed section of ``effattn compare``: time, memory and decode step of every registered mechanism.
 
-The measurements are those of the ``attention`` and ``linear`` benchmark suites, through their public
-functions (:func:`effattn.bench.attention.measure`, :func:`effattn.bench.linear.measure_op`,
-:func:`effattn.bench.linear.decode_rows`) and :func:`effattn.bench.harness.measure_forward_backward`.
+Every forward and forward+backward row is measured by :func:`effattn.bench.harness.measure_forward_backward`
+(the linear suite's :func:`effattn.bench.linear.measure_op` for linear ops; exact backends, sparse methods
+and external baselines on the same sizes here): the peak memory of a first call, then ``repeats`` timed
+calls, each followed by SDPA causal at the same length on inputs of the same shape (the *paired* method of
+``bench sparse --paired``). A row keeps the median, min and max of its own timings, and the median of the
+per-pair ratios ``time(SDPA) / time(row)`` (``fwd_speedup_paired``, ``fwd_bwd_speedup_paired``): the
+machine's drift over minutes cancels within a pair, so these ratios are the headline speed figures. Decode
+steps come from :func:`effattn.bench.linear.decode_rows` and :func:`effattn.bench.linear.sdpa_decode_row`.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from effattn.bench import attention as att
 from effattn.bench import harness
 from effattn.bench import linear as lin
 from effattn.bench.compare.config import CompareConfig, guard
 from effattn.bench.table import Progress
-from effattn.exact import decode_attention
+from effattn.exact import MAX_DENSE_ELEMENTS, attention, decode_attention
 from effattn.linear import REGISTRY as LINEAR
 from effattn.sparse import REGISTRY as SPARSE
 
@@ -37,12 +43,12 @@ class SpeedMechanism:
 
 
 def _from_attention_suite(row: dict) -> dict:
-    """The attention suite's row keys -> this report's."""
+    """The attention suite's row keys -> this report's (the compiled FlexAttention rows, not paired)."""
     out = {}
-    if "fwd_s" in row:
-        out["fwd_ms"] = 1e3 * row["fwd_s"]
-    if "fwdbwd_s" in row:
-        out["fwd_bwd_ms"] = 1e3 * row["fwdbwd_s"]
+    for a, b in (("fwd_s", "fwd_ms"), ("fwdbwd_s", "fwd_bwd_ms")):
+        for s in ("", "_min", "_max"):
+            if a + s in row:
+                out[b + s] = 1e3 * row[a + s]
     for a, b in (("fwd_mem_MiB", "fwd_MiB"), ("fwdbwd_mem_MiB", "fwd_bwd_MiB")):
         if a in row:
             out[b] = row[a]
@@ -58,14 +64,68 @@ def _from_attention_suite(row: dict) -> dict:
     return out
 
 
+TIMING_KEYS = tuple(f"{k}{s}" for k in ("fwd_ms", "fwd_bwd_ms") for s in ("", "_min", "_max")) + (
+    "repeats",
+    "fwd_speedup_paired",
+    "fwd_bwd_speedup_paired",
+    "baseline_fwd_ms",
+    "baseline_fwd_bwd_ms",
+)
+
+
 def _from_linear_suite(row: dict) -> dict:
-    return {
-        "fwd_ms": row.get("fwd_ms"),
-        "fwd_bwd_ms": row.get("fwd_bwd_ms"),
-        "fwd_MiB": row.get("fwd_peak_MiB"),
-        "fwd_bwd_MiB": row.get("fwd_bwd_peak_MiB"),
-        "eff_%": row.get("fwd_eff_%"),
-    }
+    """A :func:`effattn.bench.harness.measure_forward_backward` row -> this report's keys."""
+    out = {k: row.get(k) for k in TIMING_KEYS}
+    out.update({"fwd_MiB": row.get("fwd_peak_MiB"), "fwd_bwd_MiB": row.get("fwd_bwd_peak_MiB")})
+    out["eff_%"] = row.get("fwd_eff_%")
+    return out
+
+
+def sdpa_baseline(T: int, device: str) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
+    """``(forward, leaves)`` of the pairing baseline: SDPA causal at length ``T`` on fresh float32 inputs of
+    the suites' sizes, already in SDPA's ``[B, H, T, D]`` layout (no conversion in the timed call)."""
+    B, H, D = lin.BATCH, lin.HEADS, lin.HEAD_DIM
+    q, k, v = (torch.randn(B, H, T, D, device=device, requires_grad=True) for _ in range(3))
+    return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), [q, k, v]
+
+
+def _linear_forward(op, T: int, cfg: CompareConfig, gemm: float) -> dict:
+    """A linear op's chunk form through the linear suite's :func:`effattn.bench.linear.measure_op`,
+    paired with SDPA causal."""
+    row = lin.measure_op(op, T, cfg.repeats, cfg.device, gemm, cfg.backward, baseline=sdpa_baseline(T, cfg.device))
+    return _from_linear_suite(row)
+
+
+def _exact_forward(impl: str, pattern: str, T: int, cfg: CompareConfig, gemm: float) -> dict:
+    """``impl`` (``sdpa`` or an :func:`effattn.exact.attention` backend) on the attention suite's
+    ``pattern`` (:func:`effattn.bench.attention.pattern_spec`) at the suites' sizes, paired with SDPA
+    causal; FLOPs counted on the unmasked pairs, backward 2.5 x forward (FlashAttention's convention)."""
+    B, H, D = lin.BATCH, lin.HEADS, lin.HEAD_DIM
+    if impl == "reference" and B * H * T * T > MAX_DENSE_ELEMENTS:
+        return {"note": "skipped: would materialize the T x T scores"}
+    kw, _, pairs = att.pattern_spec(pattern, T)
+    if impl == "sdpa":
+        if pattern != "causal":
+            raise ValueError(f"pattern: the sdpa row is causal only, got {pattern!r}")
+        forward, leaves = sdpa_baseline(T, cfg.device)  # its own inputs: paired with another SDPA call
+    else:
+        q, k, v = (torch.randn(B, T, H, D, device=cfg.device, requires_grad=True) for _ in range(3))
+        forward, leaves = (lambda: attention(q, k, v, backend=impl, **kw)), [q, k, v]
+    row = harness.measure_forward_backward(
+        forward,
+        leaves,
+        repeats=cfg.repeats,
+        device=cfg.device,
+        flops=harness.attention_flops(B, H, D, D, pairs),
+        bwd_factor=lin.SDPA_BWD_FACTOR,
+        gemm=gemm,
+        backward=cfg.backward,
+        baseline=sdpa_baseline(T, cfg.device),
+    )
+    out = _from_linear_suite(row)
+    if impl == "sdpa":
+        out["note"] = "paired with another SDPA call: its x sdpa is the noise floor of the pairing"
+    return out
 
 
 def _exact_decode(T: int, device: str) -> dict:
@@ -73,8 +133,9 @@ def _exact_decode(T: int, device: str) -> dict:
     q = torch.randn(lin.BATCH, 1, lin.HEADS, lin.HEAD_DIM, device=device)
     kc, vc = (torch.randn(lin.BATCH, T + 1, lin.HEADS, lin.HEAD_DIM, device=device) for _ in range(2))
     with torch.no_grad():
-        t = harness.measure_time(lambda: decode_attention(q, kc, vc), repeats=lin.STEP_REPEATS, warmup=2, device=device)
-    return {"step_us": 1e6 * t, "state_bytes": 2 * kc.numel() * kc.element_size()}
+        t = harness.time_stats(lambda: decode_attention(q, kc, vc), repeats=lin.STEP_REPEATS, warmup=2, device=device)
+    steps = {"step_us": 1e6 * t.median, "step_us_min": 1e6 * t.min, "step_us_max": 1e6 * t.max}
+    return steps | {"state_bytes": 2 * kc.numel() * kc.element_size()}
 
 
 def _sparse_forward(method, T: int, cfg: CompareConfig, gemm: float) -> dict:
@@ -103,6 +164,7 @@ def _sparse_forward(method, T: int, cfg: CompareConfig, gemm: float) -> dict:
         bwd_factor=lin.SDPA_BWD_FACTOR,
         gemm=gemm,
         backward=cfg.backward,
+        baseline=sdpa_baseline(T, cfg.device),
     )
     out = _from_linear_suite(row)
     notes = [] if flops is not None else ["no dense selection to count FLOPs on: time and memory only"]
@@ -118,9 +180,19 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
     dev = cfg.device
     B, H, D = lin.BATCH, lin.HEADS, lin.HEAD_DIM
 
-    def exact_row(impl: str, pattern: str, T: int, flex: bool = False) -> dict:
+    def flex_row(pattern: str, T: int) -> dict:
         row = att.measure(
-            impl, pattern, T, B, H, D, device=dev, repeats=cfg.repeats, backward=cfg.backward, gemm=gemm, flex=flex
+            "flex",
+            pattern,
+            T,
+            B,
+            H,
+            D,
+            device=dev,
+            repeats=cfg.repeats,
+            backward=cfg.backward,
+            gemm=gemm,
+            flex=cfg.flex,
         )
         return _from_attention_suite(row)
 
@@ -130,7 +202,7 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
             SpeedMechanism(
                 "exact",
                 f"{impl} causal",
-                lambda T, impl=impl: exact_row(impl, "causal", T),
+                lambda T, impl=impl: _exact_forward(impl, "causal", T, cfg, gemm),
                 (lambda T: lin.sdpa_decode_row(T, dev))
                 if impl == "sdpa"
                 else (lambda T: _exact_decode(T, dev))
@@ -142,7 +214,7 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
         SpeedMechanism(
             "exact",
             f"tiled window={att.WINDOW}",
-            lambda T: exact_row("tiled", "window", T),
+            lambda T: _exact_forward("tiled", "window", T, cfg, gemm),
         )
     )
     for pattern, label in (("causal", "causal"), ("window", f"window={att.WINDOW}")):
@@ -150,7 +222,7 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
             SpeedMechanism(
                 "baseline",
                 f"flex {label} (torch.compile)",
-                lambda T, p=pattern: exact_row("flex", p, T, flex=cfg.flex),
+                lambda T, p=pattern: flex_row(p, T),
             )
         )
     external, external_notes = external_baselines(cfg, gemm)
@@ -161,7 +233,7 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
             SpeedMechanism(
                 "linear",
                 name,
-                lambda T, op=op: _from_linear_suite(lin.measure_op(op, T, cfg.repeats, dev, gemm, cfg.backward)),
+                lambda T, op=op: _linear_forward(op, T, cfg, gemm),
                 lambda T, op=op: lin.decode_rows(op, [T], dev)[0],
             )
         )
@@ -219,11 +291,21 @@ def external_row(pkg: str, cfg: CompareConfig, gemm: float, T: int) -> dict:
 
 
 def run_speed(cfg: CompareConfig) -> tuple[list[dict], dict, list[str]]:
-    """Every mechanism at every length of ``cfg``: ``(rows, meta additions, notes)``."""
+    """Every mechanism at every length of ``cfg``: ``(rows, meta additions, notes)``.
+
+    The meta additions record the GEMM rate and the machine's load before and after the section
+    (:func:`effattn.bench.harness.load_snapshot`); a load above the CPU count is printed as a warning.
+    Each row's ``flags`` are :func:`effattn.bench.harness.timing_flags` of its stored timings.
+    """
+    load_before = harness.load_snapshot()
+    warn(harness.busy_warning(load_before), "before the speed section")
     gemm = harness.matmul_flops_per_second(cfg.device, sizes=(512,) if cfg.preset == "tiny" else (2048, 4096))
     mechs, notes = speed_mechanisms(cfg, gemm)
-    if cfg.preset != "tiny":  # one small call of every linear op first: no one-time setup in a timing
+    if cfg.preset != "tiny":  # one small call of everything first: no one-time setup in a timing
         lin.warm_up([LINEAR[n] for n in sorted(LINEAR)], cfg.device)
+        for m in mechs:
+            if m.family != "linear":
+                guard(lambda m=m: m.forward(WARM_UP_LENGTH))
     rows: list[dict] = []
     bar = Progress("speed", len(mechs) * len(cfg.lengths))
     for m in mechs:
@@ -232,18 +314,36 @@ def run_speed(cfg: CompareConfig) -> tuple[list[dict], dict, list[str]]:
             r = guard(lambda m=m, T=T: m.forward(T))
             if "error" not in r and m.decode is not None:
                 d = guard(lambda m=m, T=T: m.decode(T))
-                r.update({k: d[k] for k in ("step_us", "state_bytes") if k in d})
+                r.update({k: d[k] for k in ("step_us", "step_us_min", "step_us_max", "state_bytes") if k in d})
                 if "error" in d:
                     r["note"] = f"decode: {d['error']}"
             row.update({k: v for k, v in r.items() if v is not None})
+            flags = harness.timing_flags(row)
+            if flags:
+                row["flags"] = "; ".join(flags)
             rows.append(row)
             bar.advance(f"{m.name} T={T}")
     bar.close()
+    load_after = harness.load_snapshot()
+    warn(harness.busy_warning(load_after), "after the speed section")
     notes += [
         f"GEMM rate {gemm / 1e9:.1f} GFLOP/s (float32 matmul, this run); eff_% = useful forward FLOP/s over it",
         "B=1, H=4, D=64, float32; fwd under no_grad; fwd_bwd = forward + backward of every input; "
         "MiB = rise of peak memory over the memory in use before one call",
+        f"times: median of the repeats after a first call (which measures the memory), with min and max; "
+        f"each timed call is followed by SDPA causal at the same T (paired); x sdpa = median over the pairs of "
+        f"time(SDPA) / time(row), > 1 faster than SDPA; flags: max/min of a timing's repeats above "
+        f"{harness.SPREAD_LIMIT} (spread), or a forward median above the forward+backward median",
         "step_us: one decode token against a context of T tokens; state_bytes: the KV cache (exact) or "
         "the recurrent state (linear) it needs; sparse methods have no decode form here",
     ]
-    return rows, {"gemm_flops_per_s": gemm}, notes
+    return rows, {"gemm_flops_per_s": gemm, "load_before": load_before, "load_after": load_after}, notes
+
+
+WARM_UP_LENGTH = 256
+
+
+def warn(message: str | None, when: str) -> None:
+    """Print a warning line to the terminal (none for ``None``)."""
+    if message:
+        print(f"warning ({when}): {message}", flush=True)
