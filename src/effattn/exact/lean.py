@@ -163,6 +163,8 @@ def lean_decode_attention(
             raise ValueError(f"{name} must be a tensor of shape [heads_q] = [{Hq}], got {getattr(t, 'shape', t)}")
     C = check_positive_int("tile_size", DEFAULT_TILE if tile_size is None else tile_size)
     W = check_positive_int("num_workers", DEFAULT_WORKERS if num_workers is None else num_workers)
+    if not paged:
+        C = min(C, Tmax)  # a contiguous tile is a strided window of the cache: no wider than it
     left = window_bounds(window, True)[0] if window is not None else None
     G, R = Hq // Hkv, Tn * Hq // Hkv  # rows of one unit: T_new queries x G heads, t-major
     lens = cache_seqlens.to(dev).long()
@@ -204,28 +206,41 @@ def lean_decode_attention(
     part_bad = torch.zeros(n_seg, R, dtype=torch.bool, device=dev)
     ar = torch.arange(C, device=dev)
     table = block_table.to(dev).long() if paged else None
+    if paged:
+        bs = k_cache.shape[1]
+        whole = C % bs == 0  # a tile is whole blocks: gather blocks, not tokens
+        ab = torch.arange(C // bs, device=dev)
+    else:  # views [B, T_max - C + 1, H_kv, C, D]: tile j of a row is one index, no per-token gather
+        k_win, v_win = k_cache.unfold(1, C, 1).transpose(-1, -2), v_cache.unfold(1, C, 1).transpose(-1, -2)
     for s in range(steps):
         r, on = row[:, s], active[:, s]
         b, h = r // Hkv, r % Hkv
-        kpos = tile[:, s, None] * C + ar  # [W, C]
+        own = tile[:, s] * C  # first key of each worker's unit
         if paged:
-            bs = k_cache.shape[1]
-            blk = table[b[:, None], (kpos // bs).clamp(max=table.shape[1] - 1)].clamp(min=0)
-            kt = k_cache[blk, kpos % bs, h[:, None]]
-            vt = v_cache[blk, kpos % bs, h[:, None]]
+            kpos = own[:, None] + ar  # [W, C]
+            if whole:
+                blk = table[b[:, None], (own[:, None] // bs + ab).clamp(max=table.shape[1] - 1)].clamp(min=0)
+                kt = k_cache[blk, :, h[:, None]].flatten(1, 2)  # [W, C // bs, bs, D] -> [W, C, D]
+                vt = v_cache[blk, :, h[:, None]].flatten(1, 2)
+            else:
+                blk = table[b[:, None], (kpos // bs).clamp(max=table.shape[1] - 1)].clamp(min=0)
+                kt, vt = k_cache[blk, kpos % bs, h[:, None]], v_cache[blk, kpos % bs, h[:, None]]
         else:
-            kp = kpos.clamp(max=Tmax - 1)
-            kt, vt = k_cache[b[:, None], kp, h[:, None]], v_cache[b[:, None], kp, h[:, None]]
+            start = own.clamp(max=Tmax - C)  # the last tile is read from T_max - C: its overlap is masked
+            kpos = start[:, None] + ar
+            kt, vt = k_win[b, start, h], v_win[b, start, h]
         kt, vt = kt.float(), vt.float()  # [W, C, D], [W, C, Dv]: one tile per worker
         qp = qpos[r]  # [W, Tn]
         dist = qp[:, :, None] - kpos[:, None, :]  # [W, Tn, C]
         ok = (dist >= 0) & (kpos[:, None, :] < hi[r, None, None]) & on[:, None, None]
+        ok = ok & (kpos[:, None, :] >= own[:, None, None])
         if left is not None:
             ok = ok & (dist <= left)
         ok = ok.repeat_interleave(G, 1)  # [W, R, C]
-        bad = ~(torch.isfinite(kt).all(-1) & torch.isfinite(vt).all(-1))  # [W, C]
-        kt, vt = kt.masked_fill(bad[..., None], 0.0), vt.masked_fill(bad[..., None], 0.0)
-        poisoned |= (ok & bad[:, None, :]).any(-1)
+        if not bool(torch.isfinite(kt.sum() + vt.sum())):  # one reduction proves the tile finite
+            bad = ~(torch.isfinite(kt).all(-1) & torch.isfinite(vt).all(-1))  # [W, C]
+            kt, vt = kt.masked_fill(bad[..., None], 0.0), vt.masked_fill(bad[..., None], 0.0)
+            poisoned |= (ok & bad[:, None, :]).any(-1)
         sc = torch.bmm(qf[r], kt.transpose(1, 2)) * scale  # [W, R, C]
         if softcap is not None:
             sc = softcap * torch.tanh(sc / softcap)
