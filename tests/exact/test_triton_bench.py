@@ -67,3 +67,22 @@ def test_flex_may_recompile_for_every_shape(tmp_path):
         assert torch._dynamo.config.recompile_limit >= 4 * 3 * 2
     finally:
         torch._dynamo.config.recompile_limit = old
+
+
+def test_the_gpu_command_line_reaches_run_gpu(monkeypatch, tmp_path):
+    """``python -m effattn bench attention --device cuda ...`` as scripts/gpu_check.sh writes it: parsed by the
+    real command line and handed to run_gpu, whose stand-in run then takes exactly these arguments."""
+    from effattn.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(bench, "run_gpu", lambda args: seen.append(args))
+    main(["bench", "attention", "--device", "cuda", "--lengths", "256", "--repeats", "1", "--out", str(tmp_path)])
+    monkeypatch.undo()
+    (args,) = seen
+    assert (args.device, args.lengths, args.repeats, args.forward_only) == ("cuda", "256", 1, False)
+    args.device, args.forward_only = "cpu", True
+    sdpa = lambda pattern, q, k, v, bm: lambda: attention(q, k, v, causal=True, backend="tiled")  # noqa: E731
+    rows = bench.run_gpu(args, dtype=torch.float32, runners=dict.fromkeys(bench.GPU_IMPLS, sdpa), heads=1,
+                         tokens=256, head_dims=(16,))  # fmt: skip
+    assert len(rows) == 2 * len(bench.GPU_IMPLS) and all(r["fwd_tflops"] > 0 for r in rows)
+    assert (tmp_path / "attention_gpu.json").exists()

@@ -17,7 +17,6 @@ import json  # noqa: E402
 
 import pytest  # noqa: E402
 
-from effattn.bench import linear as bench_linear  # noqa: E402
 from effattn.bench import linear_gpu  # noqa: E402
 from effattn.bench.linear_flops import flops_delta_chunk  # noqa: E402
 from effattn.linear import REGISTRY  # noqa: E402
@@ -43,12 +42,21 @@ def test_fla_is_skipped_with_a_reason_off_cuda():
         linear_gpu.fla_runner("gated_delta_rule", x, "cpu")
 
 
-def test_cuda_device_dispatches_to_the_gpu_comparison(monkeypatch):
+def _cli_args(monkeypatch, argv: list[str]) -> argparse.Namespace:
+    """The namespace ``python -m effattn <argv>`` hands to the GPU comparison (which is replaced by a recorder)."""
+    from effattn.__main__ import main
+
     seen = []
-    monkeypatch.setattr(linear_gpu, "run_gpu", lambda args: seen.append(args.device))
-    args = argparse.Namespace(device="cuda", lengths=None, repeats=1, out="unused", quick=False)
-    bench_linear.run(args)
-    assert seen == ["cuda"]
+    monkeypatch.setattr(linear_gpu, "run_gpu", lambda args: seen.append(args))
+    main(argv)
+    monkeypatch.undo()
+    assert len(seen) == 1, "bench linear --device cuda did not dispatch to linear_gpu.run_gpu"
+    return seen[0]
+
+
+def test_cuda_device_dispatches_to_the_gpu_comparison(monkeypatch):
+    args = _cli_args(monkeypatch, ["bench", "linear", "--device", "cuda", "--repeats", "5", "--out", "x"])
+    assert (args.device, args.lengths, args.repeats, args.out, args.forward_only) == ("cuda", None, 5, "x", False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -59,12 +67,15 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.skipif(not RUNS[0], reason=f"triton cannot run here: {RUNS[1]}")
-def test_gpu_comparison_runs_with_a_stand_in_for_fla(tmp_path):
+def test_gpu_comparison_runs_with_a_stand_in_for_fla(tmp_path, monkeypatch):
     def fla_stand_in(op_name, x, device):  # same inputs, same output shape as fla's chunk kernel
         op = REGISTRY[op_name]
         return lambda: op.chunk(*x.values(), chunk_size=16, backend="torch")[0]
 
-    args = argparse.Namespace(device="cpu", lengths="20", repeats=1, out=str(tmp_path), forward_only=False)
+    # the arguments of the GPU run's command line (scripts/gpu_check.sh), on the CPU
+    argv = ["bench", "linear", "--device", "cuda", "--lengths", "20", "--repeats", "1", "--out", str(tmp_path)]
+    args = _cli_args(monkeypatch, argv)
+    args.device = "cpu"
     rows = linear_gpu.run_gpu(
         args, dtype=torch.float32, runners={"fla": fla_stand_in}, heads=1, tokens=40, head_dims=(16,), warmup=1
     )
