@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,3 +515,23 @@ def run_guarded(fn: Callable[[], dict]) -> dict:
         return fn()
     except (RuntimeError, ValueError, MemoryError) as e:  # report, go on
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+
+
+def run_guarded_gpu(fn: Callable[[], dict]) -> dict:
+    """:func:`run_guarded` for the GPU comparisons: ``fn()``, or ``{"error": ...}`` for any exception (on a GPU a
+    kernel can fail to compile: Triton's ``CompilationError`` and ``OutOfResources`` are no ``RuntimeError``s, and
+    the run must go on to the next row). The traceback is printed (it lands in the run's log); the row keeps the
+    exception's type and first line.
+
+    Example::
+
+        >>> run_guarded_gpu(lambda: 1 / 0)["error"]  # doctest: +ELLIPSIS
+        Traceback ...
+        'ZeroDivisionError: division by zero'
+    """
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
+        traceback.print_exc(file=sys.stdout)
+        first = (str(e).strip().splitlines() or [""])[0]
+        return {"error": f"{type(e).__name__}: {first[:200]}"}
