@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_qkv
+from effattn._checks import check_int, check_qkv
 from effattn.exact import MaskMod, attention, create_block_mask
 from effattn.sparse._blockwise import block_pool, check_self_attention, concat_mask, default_block, num_blocks
 from effattn.sparse._common import SparseMethod, check_block_size, register
@@ -219,3 +219,95 @@ def combiner_axial_reference(
     allowed = torch.cat([own, ok], 1)
     kc, vc = torch.cat([k, torch.stack(ks, 1)], 1), torch.cat([v, torch.stack(vs, 1)], 1)
     return attention(q, kc, vc, mask_mod=lambda b, h, i, j: allowed[i, j], backend="reference")
+
+
+# -------------------------------------------------------------------------------- Combiner-Mixture
+
+
+def _split_heads(q, k, v, fixed_heads):
+    """``(q, k, v)`` of the first ``fixed_heads`` query heads and of the rest; kv heads are sliced
+    when the split falls on a group boundary, else repeated to one per query head."""
+    Hq, Hkv = q.shape[2], k.shape[2]
+    G = Hq // Hkv
+    if fixed_heads % G:
+        k, v, G = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2), 1
+    f = fixed_heads // G
+    return (q[:, :, :fixed_heads], k[:, :, :f], v[:, :, :f]), (q[:, :, fixed_heads:], k[:, :, f:], v[:, :, f:])
+
+
+def _check_mixture(q, k, v, fixed_heads, name):
+    check_qkv(q, k, v)
+    check_self_attention(q, k, name)
+    Hq = q.shape[2]
+    fixed_heads = Hq // 2 if fixed_heads is None else fixed_heads
+    check_int("fixed_heads", fixed_heads, minimum=0)
+    if fixed_heads > Hq:
+        raise ValueError(f"fixed_heads must lie in [0, heads={Hq}], got {fixed_heads}")
+    return fixed_heads
+
+
+def combiner_mixture_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block: int = 64,
+    width: int | None = None,
+    fixed_heads: int | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Combiner-Mixture (Ren et al. 2021, "Combiner: Full Attention Transformer with Sparse Computation
+    Cost"): different Combiner factorizations in different heads of one layer, so the heads together
+    see each position both through a nearby block and through its column. Heads ``[0, fixed_heads)``
+    run Combiner-Fixed (:func:`combiner_attention`, own block of ``block`` tokens + one mean summary
+    per other block) and the others Combiner-Axial (:func:`combiner_axial_attention`, own row of
+    ``width`` tokens + one mean summary per column of the other rows)::
+
+        o_h = CombinerFixed_block(q_h, K, V)   for h < fixed_heads
+        o_h = CombinerAxial_width(q_h, K, V)   otherwise
+
+    Each head keeps full attention's support (every other, or earlier, position reachable in one
+    step); the mixture's point is that the two factorizations summarize different groupings.
+    Choices stated: the paper mixes its factorizations by head; effattn has Fixed and Axial (not
+    Combiner-Logsparse), so those two are mixed; the default split is half and half
+    (``fixed_heads = heads // 2``). With GQA the kv heads follow their query heads (a split inside
+    a group repeats the shared kv head). Cost: the sum of the two parts.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 50, 4, 8)
+        >>> combiner_mixture_attention(q, k, v, block=8, width=7, causal=True).shape
+        torch.Size([1, 50, 4, 8])
+    """
+    fixed_heads = _check_mixture(q, k, v, fixed_heads, "combiner_mixture_attention")
+    (qf, kf, vf), (qa, ka, va) = _split_heads(q, k, v, fixed_heads)
+    out = []
+    if qf.shape[2]:
+        out.append(combiner_attention(qf, kf, vf, block=block, causal=causal))
+    if qa.shape[2]:
+        out.append(combiner_axial_attention(qa, ka, va, width=width, causal=causal))
+    return torch.cat(out, 2)
+
+
+def combiner_mixture_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block: int = 64,
+    width: int | None = None,
+    fixed_heads: int | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Combiner-Mixture from the two dense statements (:func:`combiner_reference`,
+    :func:`combiner_axial_reference`), head group by head group (small sizes)."""
+    fixed_heads = _check_mixture(q, k, v, fixed_heads, "combiner_mixture_reference")
+    T = q.shape[1]
+    width = -(-T // max(1, int(T**0.5))) if width is None else width
+    (qf, kf, vf), (qa, ka, va) = _split_heads(q, k, v, fixed_heads)
+    out = []
+    if qf.shape[2]:
+        out.append(combiner_reference(qf, kf, vf, block=block, causal=causal))
+    if qa.shape[2]:
+        out.append(combiner_axial_reference(qa, ka, va, width=width, causal=causal))
+    return torch.cat(out, 2)
