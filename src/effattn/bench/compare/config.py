@@ -230,10 +230,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="quick",
-        help=f"sizes of the run: tiny (seconds), quick ({DEMO_WALL_TIME}), recall and state (the "
-        "recall section alone, 10-35 minutes on one core), full (hours) (default: %(default)s)",
+        help=f"sizes of the run: tiny (seconds), quick ({DEMO_WALL_TIME}; MQAR at one learning rate and seed), "
+        "recall and state (the recall section alone: 3 learning rates x 3 seeds per cell, several CPU-hours each), "
+        "full (for a GPU: Zoology's MQAR sizes and learning-rate grid; hours) (default: %(default)s)",
     )
-    p.add_argument("--full", action="store_true", help="same as --preset full: T up to 64k, LRA-length ListOps")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="same as --preset full, for a GPU: T up to 64k, LRA-length ListOps, MQAR at Zoology's sizes (widths "
+        "64-512, T=512, 4-64 pairs, vocabulary 8192, learning rates 1e-4..1e-2, 3 seeds)",
+    )
     p.add_argument(
         "--only",
         type=str,
