@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from effattn.bench import harness
-from effattn.bench.compare import SpeedMechanism, make_config
+from effattn.bench.compare import SpeedMechanism, make_config, plot_style
 from effattn.bench.compare import speed as speed_module
 from effattn.bench.compare import speed_report as sr
 
@@ -198,7 +198,7 @@ def test_demo_wall_time_is_stated_the_same_in_readme_and_help():
 
 
 def test_series_styles_never_repeat_a_colour_within_a_panel():
-    styles = [sr.series_style(i) for i in range(len(sr.PALETTE))]
+    styles = [plot_style.series_style(i) for i in range(len(plot_style.PALETTE))]
     assert len({s["color"] for s in styles}) == len(styles)
     assert all(s["color"] not in ("0.6", "#7f7f7f", "gray", "grey") for s in styles)  # grey is SDPA's
     # the marker and line-style cycles have other periods: no two of 16 series share all three
@@ -261,3 +261,14 @@ def test_speed_plots_one_panel_per_family(tmp_path):
     }
     assert rings["time_vs_length.png"] == 4 and rings["memory_vs_length.png"] == 0
     assert all((tmp_path / f).stat().st_size > 0 for f in files)
+
+
+def test_dodge_spreads_only_overlapping_markers():
+    """Markers closer than the radius (pixels) end up at least the radius apart; isolated markers stay put."""
+    pts = [(100.0, 50.0), (103.0, 51.0), (101.0, 49.0), (300.0, 50.0), (100.0, 200.0)]
+    offsets, groups = plot_style.dodge_offsets(pts, radius=10.0)
+    assert groups[0] == groups[1] == groups[2] and len({groups[0], groups[3], groups[4]}) == 3
+    assert offsets[3] == offsets[4] == 0.0
+    xs = sorted(p[0] + o for p, o in zip(pts[:3], offsets[:3]))
+    assert all(b - a >= 10.0 - 1e-9 for a, b in zip(xs, xs[1:]))
+    assert sum(xs) / 3 == pytest.approx(sum(p[0] for p in pts[:3]) / 3)  # the group stays centred

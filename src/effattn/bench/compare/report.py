@@ -8,6 +8,7 @@ from pathlib import Path
 
 from effattn.bench import harness
 from effattn.bench.compare.config import CompareConfig, pair_counts
+from effattn.bench.compare.plot_style import draw_dodged, series_style
 from effattn.bench.compare.speed_report import speed_advice, speed_plots, speed_section
 from effattn.bench.compare.sweep import LEFT_CHANCE, SOLVED, aggregate_runs, chance_row, learning_rates, seeds
 from effattn.bench.table import Column
@@ -156,8 +157,10 @@ def write_plots(
     def point_label(r: dict) -> str:
         return "/".join([str(r["dim"])] * vary_dim + [str(r.get("head_dim"))] * vary_hd)
 
+    dodged: dict = {}  # axes -> markers, drawn once the layout is final (overlapping ones spread apart)
     for ax, (key, sub) in zip(axes[0], panels):
         for i, name in enumerate(names):
+            style = series_style(i)
             rs = sorted(
                 (r for r in pts if r["mixer"] == name and r.get(key) is not None), key=lambda r: r["state_bytes"]
             )
@@ -171,12 +174,19 @@ def write_plots(
                 [r["state_bytes"] for r in rs],
                 ys,
                 yerr=err if any(e > 0 for side in err for e in side) else None,
-                marker="os^Dv<>p"[i % 8],
+                color=style["color"],
+                linestyle=style["linestyle"],
+                linewidth=1.0,
                 capsize=3,
-                label=name,
             )
-            if len(panels) > 1 and (vary_dim or vary_hd):
-                for r in rs:
+            ax.plot([], [], color=style["color"], marker=style["marker"], linestyle=style["linestyle"], label=name)
+            varied = len(panels) > 1 and (vary_dim or vary_hd)
+            for r in rs:
+                dodged.setdefault(ax, []).append(
+                    {"x": r["state_bytes"], "y": r[key], "color": style["color"], "marker": style["marker"]}
+                    | {"label": f"{name} {point_label(r)}" if varied else name}
+                )
+                if varied:
                     xy = (r["state_bytes"], r[key])
                     ax.annotate(point_label(r), xy, fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
@@ -191,6 +201,16 @@ def write_plots(
             ax.axhline(
                 1.0 / n, color="firebrick", linewidth=0.8, linestyle="--", label="chance (1/n)" * (ax is axes[0][-1])
             )
+            ax.text(
+                0.01,
+                1.0 / n - 0.01,
+                f"chance 1/{n} = {1.0 / n:.2f}",
+                transform=ax.get_yaxis_transform(),
+                ha="left",
+                va="top",
+                fontsize=7,
+                color="firebrick",
+            )
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy at query positions")
     what = " / ".join(["model width"] * vary_dim + ["head dim"] * vary_hd)
@@ -200,12 +220,15 @@ def write_plots(
         if any("accuracy_lo" in r for r in pts)
         else ""
     )
-    fig.suptitle(f"effattn compare: recall vs state size{what}{spread}\n{label}", fontsize=9)
     if pts:
-        axes[0][-1].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         axes[0][0].text(0.5, 0.5, "no successful MQAR run", ha="center", transform=axes[0][0].transAxes)
-    fig.tight_layout()
+    fig.suptitle(f"effattn compare: recall vs state size{what}{spread}\n{label}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    if sum(draw_dodged(ax, markers) for ax, markers in dodged.items()):
+        note = "markers that would overlap are spread sideways and labelled; lines and bars sit at the exact values"
+        fig.text(0.01, 0.005, note, fontsize=7, color="0.3")
     fig.savefig(out / "recall_vs_state.png", dpi=110)
     plt.close(fig)
     files.append("recall_vs_state.png")

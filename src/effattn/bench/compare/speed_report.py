@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from effattn.bench import harness
+from effattn.bench.compare.plot_style import series_style
 from effattn.bench.table import Column
 
 __all__ = [
@@ -261,42 +262,10 @@ def speed_advice(speed: Sequence[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ plots
 
 SPEED_PLOTS = ("speedup_vs_length.png", "time_vs_length.png", "memory_vs_length.png")
-# distinct colours, markers and line styles: no colour repeats within a panel of up to 16 series (grey is
-# kept for SDPA, the reference drawn in every panel)
-PALETTE = (
-    "#1f77b4",
-    "#d62728",
-    "#2ca02c",
-    "#ff7f0e",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#17becf",
-    "#bcbd22",
-    "#000000",
-    "#f0027f",
-    "#386cb0",
-    "#66a61e",
-    "#e6ab02",
-    "#a6761d",
-    "#7570b3",
-)
-MARKERS = "osD^vP<X>hp*d"
-LINESTYLES = ("-", "--", "-.", ":")
 SDPA = "sdpa causal"
 # families drawn in one panel: the external and compiled baselines beside the exact backends
 PANEL_OF = {"exact": "exact attention (and baselines)", "baseline": "exact attention (and baselines)"}
 PANEL_TITLES = {"linear": "linear attention, SSM and recurrent", "sparse": "sparse and content-routed"}
-
-
-def series_style(i: int) -> dict:
-    """Line style of the ``i``-th series of a panel: colour, marker and line style each cycle at a
-    different period, so two series of one panel never share all three (nor a colour below 16)."""
-    return {
-        "color": PALETTE[i % len(PALETTE)],
-        "marker": MARKERS[i % len(MARKERS)],
-        "linestyle": LINESTYLES[i % len(LINESTYLES)],
-    }
 
 
 def panels(speed: Sequence[dict]) -> dict[str, list[str]]:
