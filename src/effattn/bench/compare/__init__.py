@@ -13,17 +13,19 @@ On the machine at hand, in one run:
    than their forward+backward are flagged, and the load average before and after is recorded (a
    warning is printed when it exceeds the CPU count);
 2. **recall** — MQAR (Zoology, Arora et al. 2023): a 2-layer :class:`effattn.nn.LM` per mixer and
-   width is trained on generated data; accuracy at the query positions of a held-out set against
-   the model's state size (KV cache for attention, the recurrent state otherwise);
+   width is trained on generated data at every learning rate of ``--lrs`` and every one of ``--seeds``
+   seeds (Zoology's protocol, :mod:`effattn.bench.compare.sweep`); accuracy at the query positions of a
+   held-out set, best over learning rates, median and spread over seeds, against the model's state size
+   (KV cache for attention, the recurrent state otherwise), with a verdict per cell;
 3. **reasoning** — ListOps (Long Range Arena, Tay et al. 2021) at a CPU-sized length (the LRA
    length 500-2000 with ``--full``).
 
 Presets: ``tiny`` (seconds; tests), ``quick`` (default, ``make demo``: about 6 minutes on 2 otherwise
 idle CPU cores), ``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
 attention and fixed-state mixers at three widths, trained on a mixture of pair counts and tested per
-pair count; about half an hour on one CPU core), ``state`` (the same task at width 64 with head dims
-4-32: the state of linear attention, GLA and DeltaNet spans 16x at one width) and ``full`` (``--full``;
-long: LRA length, 64k tokens).
+pair count, 3 learning rates x 3 seeds per cell: CPU-hours), ``state`` (the same task and sweep at width
+64 with head dims 4-16: the state of GLA and DeltaNet spans 4x at one width) and ``full`` (``--full``,
+for a GPU; long: LRA length, 64k tokens, MQAR at Zoology's sizes and learning-rate grid).
 A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
 on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
 ``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (speed-up over SDPA, time and
