@@ -95,3 +95,27 @@ def test_gpu_comparison_runs_with_a_stand_in_for_fla(tmp_path, monkeypatch):
     report = (tmp_path / "linear_gpu.md").read_text()
     assert "gated_delta_rule D=16 T=20: triton / fla fwdbwd_tflops" in report and "target >= 0.8" in report
     assert "simple_gla D=16 T=20: triton / torch fwdbwd_tflops" in report
+
+
+def test_a_kernel_that_fails_to_compile_is_a_row_not_the_end_of_the_run(tmp_path, capsys):
+    """Triton's CompilationError / OutOfResources are no RuntimeErrors: the row records the failure (the
+    traceback goes to the log) and the run measures the next rows."""
+
+    class OutOfResources(Exception):  # stands in for triton.runtime.errors.OutOfResources
+        pass
+
+    def failing(op_name, x, device):
+        raise OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+    def torch_form(op_name, x, device):
+        return lambda: REGISTRY[op_name].chunk(*x.values(), chunk_size=16, backend="torch")[0]
+
+    args = argparse.Namespace(device="cpu", lengths="20", repeats=1, out=str(tmp_path), forward_only=True)
+    runners = {"triton": failing, "torch": torch_form, "fla": torch_form}
+    rows = linear_gpu.run_gpu(args, dtype=torch.float32, runners=runners, heads=1, tokens=20, head_dims=(8,))
+    assert len(rows) == len(linear_gpu.GPU_OPS) * len(linear_gpu.GPU_IMPLS)
+    failed = [r for r in rows if "error" in r]
+    assert {r["impl"] for r in failed} == {"triton"}
+    assert failed[0]["error"].startswith("OutOfResources: out of resource: shared memory")
+    assert all(r["fwd_tflops"] > 0 for r in rows if r["impl"] != "triton")
+    assert "Traceback" in capsys.readouterr().out

@@ -30,6 +30,7 @@ from effattn.bench.harness import (
     matmul_flops_per_second,
     measure_peak_memory,
     run_guarded,
+    run_guarded_gpu,
     time_stats,
     write_report,
 )
@@ -468,7 +469,7 @@ def measure_gpu(
         out["repeats"] = repeats
         return out
 
-    return {**row, **run_guarded(one)}
+    return {**row, **run_guarded_gpu(one)}
 
 
 def run_gpu(args: argparse.Namespace, *, dtype: torch.dtype = torch.bfloat16, runners: dict | None = None, **sizes):

@@ -142,7 +142,7 @@ def measure_gpu(
         out["repeats"] = repeats
         return out
 
-    result = harness.run_guarded(one)
+    result = harness.run_guarded_gpu(one)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {**row, **result}
