@@ -201,7 +201,9 @@ def write_plot(out: Path, rows: list[dict]) -> str | None:
         axes[0].plot([r["T"] for r in rs], [r["ms"] for r in rs], **style)
         mem = [(r["T"], max(r["peak_MiB"] or 0.0, 0.05)) for r in rs if r["peak_MiB"] is not None]
         axes[1].plot([m[0] for m in mem], [m[1] for m in mem], **style)
-    for ax, label in zip(axes, ("time per decode step (ms, median)", "peak memory beyond the cache (MiB)")):
+    for ax, label in zip(
+        axes, ("time per decode step (ms, median)", "peak memory beyond the cache (MiB; 0 drawn at 0.05)")
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("cached tokens")
