@@ -216,7 +216,7 @@ def write_plots(
     what = " / ".join(["model width"] * vary_dim + ["head dim"] * vary_hd)
     what = f"; points labelled with the {what}" if len(panels) > 1 and what else ""
     spread = (
-        "; median over seeds of the best over learning rates, bars min-max"
+        "\nmedian over seeds of the best run over learning rates; bars: min and max over seeds"
         if any("accuracy_lo" in r for r in pts)
         else ""
     )
