@@ -399,7 +399,10 @@ def hip_selection_cost(
     (:func:`effattn.sparse.brute_force_topk_blocks`: every key scored, ``O(T^2 / block)``), timed back to
     back (``repeats`` pairs after a warm-up; median, min, max of each and the median paired ratio), at
     ``B = 1``, ``heads``, ``D = 64``, float32, no grad. ``recall``: the share of brute force's selected
-    blocks that HiP also selects, over query blocks with more than ``top_k`` candidates.
+    blocks that HiP also selects, over query blocks with more than ``top_k`` candidates. ``kind``:
+    ``random``, ``clustered`` (as the sparse suite's inputs: a cluster per token, no locality) or
+    ``runs`` (a cluster per run of 256 tokens, so a block's keys resemble their neighbours', the
+    locality HiP's representatives rely on).
 
     Example::
 
@@ -411,8 +414,16 @@ def hip_selection_cost(
 
     rows = []
     for T in lengths:
-        q, k, _ = _inputs(T, kind, seed, "cpu")
-        q, k = q[:, :, :heads], k[:, :, :heads]
+        if kind == "runs":  # clustered, with one cluster per run of 256 tokens: neighbouring keys alike
+            g = torch.Generator().manual_seed(seed)
+            g_centres = torch.Generator().manual_seed(1234)
+            centres = 6.0 * torch.nn.functional.normalize(torch.randn(heads, N_CENTRES, D, generator=g_centres), dim=-1)
+            label = torch.randint(0, N_CENTRES, (1, -(-T // 256), heads), generator=g).repeat_interleave(256, 1)[:, :T]
+            base = centres[torch.arange(heads).view(1, 1, heads), label]
+            q, k = (base + 0.5 * torch.randn(1, T, heads, D, generator=g) for _ in range(2))
+        else:
+            q, k, _ = _inputs(T, kind, seed, "cpu")
+            q, k = q[:, :, :heads].contiguous(), k[:, :, :heads].contiguous()
         with torch.no_grad():
             pair = paired_times(
                 lambda q=q, k=k: sparse.hip_selection(q, k, block=block, top_k=top_k),

@@ -116,6 +116,8 @@ def hip_selection(
         hi = ((g + 1) * m).div(top_k, rounding_mode="floor").expand(B, Hq, n, top_k)
         leaf_max = _block_max_scores(p, kh, block, G) if representative == "max" else None
         head_kv = (torch.arange(Hq, device=dev) // G).view(1, Hq, 1, 1)
+        k_rows = k.detach().float().reshape(B * T * Hkv, D)  # (batch, position, head) rows: a view if contiguous
+        row0 = (torch.arange(B, device=dev) * (T * Hkv)).view(B, 1, 1, 1)
         score = torch.zeros(B, Hq, n, top_k, device=dev)
         first = True
         while first or bool((hi - lo > 1).any()):
@@ -129,9 +131,9 @@ def hip_selection(
             else:
                 tok = a * block if representative == "first" else (a * block + b * block) // 2
                 tok = tok.clamp(max=T - 1)
-                flat = (tok * Hkv + head_kv).reshape(B, -1)  # into the flattened (position, head) axis
-                kr = kh.transpose(1, 2).reshape(B, T * Hkv, D).gather(1, flat[..., None].expand(-1, -1, D))
-                s = torch.einsum("bhid,bhird->bhir", p, kr.view(B, Hq, n, 2 * top_k, D))
+                flat = (row0 + tok * Hkv + head_kv).reshape(-1)
+                kr = k_rows.index_select(0, flat).view(B, Hq, n, 2 * top_k, D)  # the 2k representative keys
+                s = torch.einsum("bhid,bhird->bhir", p, kr)
             s = s.masked_fill(b <= a, NEG_INF)
             score, best = s.topk(top_k, dim=-1)
             lo, hi = a.gather(-1, best), b.gather(-1, best)
