@@ -1,4 +1,4 @@
-"""Top-k block retrieval: MoBA, Landmark attention and HiP-style block selection.
+"""Top-k block retrieval by pooled block scores (MoBA; the max- and last-key variants).
 
 Keys are cut into blocks of ``block`` tokens. Each key block gets a representative ``r_j``; each
 query block ``i`` a pooled query ``p_i``; the block scores ``s_ij = p_i . r_j`` pick, per head, the
@@ -17,9 +17,11 @@ selected blocks plus its own block:
 
 Representatives (``representative=``): ``"mean"`` (mean-pooled keys: MoBA; Lu et al. 2025,
 "MoBA: Mixture of Block Attention for Long-Context LLMs"), ``"max"`` (elementwise max-pooled keys,
-an upper-bound-style proxy as in HiP / Quest), ``"last"`` (the block's last key stands in for the
-trained landmark token of Mohtashami & Jaggi 2023, "Landmark Attention: Random-Access Infinite
-Context Length for Transformers"). MoBA gates each query separately; here gating is per query block
+an upper-bound-style proxy as in Quest; the plain max-pooled top-k kept under this name now that
+HiP's hierarchical pruning is :mod:`effattn.sparse.hip`), ``"last"`` (the block's last key: the old
+stand-in for the trained landmark token of Mohtashami & Jaggi 2023, "Landmark Attention:
+Random-Access Infinite Context Length for Transformers", which is now :mod:`effattn.sparse.landmark`).
+MoBA gates each query separately; here gating is per query block
 so the selection is a :class:`~effattn.exact.block_mask.BlockMask` (one tile list per query block).
 
 Selection is per query head (``BlockMask`` with ``H_m = H_q``); with GQA each query head scores the
