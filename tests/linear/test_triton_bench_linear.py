@@ -95,6 +95,7 @@ def test_gpu_comparison_runs_with_a_stand_in_for_fla(tmp_path, monkeypatch):
     report = (tmp_path / "linear_gpu.md").read_text()
     assert "gated_delta_rule D=16 T=20: triton / fla fwdbwd_tflops" in report and "target >= 0.8" in report
     assert "simple_gla D=16 T=20: triton / torch fwdbwd_tflops" in report
+    assert "backend='auto' at D=16: torch (auto: cpu tensors run the PyTorch chunk form" in report
 
 
 def test_a_kernel_that_fails_to_compile_is_a_row_not_the_end_of_the_run(tmp_path, capsys):

@@ -205,6 +205,12 @@ def run_gpu(
         "(optional baseline)",
         f"times: median of {args.repeats} after {warmup} warm-up calls (min/max in the JSON and table)",
     ]
+    from effattn.linear import choose_linear_backend
+
+    device_type = torch.device(args.device).type
+    for D in head_dims:  # what backend="auto" picks for these calls (the rule, not a measurement)
+        choice, why = choose_linear_backend("auto", device_type, dtype, D, D)
+        base_notes.append(f"backend='auto' at D={D}: {choice} ({why})")
     rows: list[dict] = []
     path = None
     for op_name in ops:
