@@ -29,6 +29,7 @@ One seed, one small model: a qualitative check of the claim, not a measurement o
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -156,12 +157,14 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     meta = {"command": command_line(), "machine": machine_info(args.device), "load": [load_before, load_after]}
     write_report(out, "streaming", rows, cols, meta=meta, notes=notes)
+    (out / "streaming_losses.json").write_text(json.dumps({"train_len": args.train_len, "losses": losses}))
     png = write_plot(out, losses, args.train_len, args.smooth, args.budget)
     print(f"report: {out / 'streaming.md'}" + (f", plot: {out / png}" if png else ""))
 
 
 def write_plot(out: Path, losses: dict, train_len: int, smooth: int, budget: int) -> str | None:
-    """``streaming.png``: loss per position (running mean over ``smooth``), training length marked."""
+    """``streaming.png``: loss per position (running mean over ``smooth``), and below it each method's loss
+    minus that of the re-indexed sinks+window cache; the training length is marked."""
     try:
         import matplotlib
 
@@ -169,21 +172,34 @@ def write_plot(out: Path, losses: dict, train_len: int, smooth: int, budget: int
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    styles = ["-", "-", "--", ":"]
-    for i, (name, per_pos) in enumerate(losses.items()):
+
+    def smoothed(per_pos):
         y = torch.tensor(per_pos)
         k = max(1, min(smooth, y.numel()))
-        ys = torch.nn.functional.avg_pool1d(y[None, None], k, stride=1)[0, 0]
-        xs = torch.arange(ys.numel()) + (k - 1) / 2
-        ax.plot(xs.tolist(), ys.tolist(), linestyle=styles[i % 4], color=f"C{i}", label=name, linewidth=1.4)
-    ax.axvline(train_len, color="gray", linewidth=1, linestyle="-.")
-    ax.text(train_len, ax.get_ylim()[1], " training length", va="top", fontsize=8, color="gray")
-    ax.set_xlabel("position in the stream (bytes)")
-    ax.set_ylabel(f"next-byte loss (nats), running mean over {smooth}")
-    ax.set_title(f"StreamingLLM (cache of {budget} tokens) on a stream 8x the training length")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        return torch.arange(y.numel() - k + 1) + (k - 1) / 2, F.avg_pool1d(y[None, None], k, stride=1)[0, 0]
+
+    fig, (ax, dax) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    ref_name = "sinks+window, cache positions"
+    styles = {"dense": ("-", 1.3), ref_name: ("-", 2.4), "sinks+window, text positions": ("--", 1.4)}
+    for i, (name, per_pos) in enumerate(losses.items()):
+        ls, lw = styles.get(name, (":", 1.6))
+        xs, ys = smoothed(per_pos)
+        ax.plot(xs.tolist(), ys.tolist(), linestyle=ls, color=f"C{i}", label=name, linewidth=lw)
+        if ref_name in losses and name != ref_name:
+            diff = [a - b for a, b in zip(per_pos, losses[ref_name])]
+            xs, ys = smoothed(diff)
+            dax.plot(xs.tolist(), ys.tolist(), linestyle=ls, color=f"C{i}", label=name, linewidth=lw)
+    for a in (ax, dax):
+        a.axvline(train_len, color="gray", linewidth=1, linestyle="-.")
+        a.grid(True, alpha=0.3)
+    ax.text(train_len, 0.02, " training length", transform=ax.get_xaxis_transform(), fontsize=8, color="gray")
+    dax.axhline(0.0, color="C1", linewidth=1.2)
+    ax.set_ylabel(f"next-byte loss (nats)\nrunning mean over {smooth}")
+    dax.set_ylabel(f"loss minus {ref_name}\n(running mean over {smooth})", fontsize=8)
+    dax.set_xlabel("position in the stream (bytes)")
+    factor = (len(next(iter(losses.values()))) + 1) / train_len
+    ax.set_title(f"StreamingLLM (cache of {budget} tokens) on a stream {factor:g}x the training length")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "streaming.png", dpi=110)
     plt.close(fig)
