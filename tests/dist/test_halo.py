@@ -101,3 +101,34 @@ def _mismatched(rank, world):
 def test_mismatched_shapes_raise_on_every_rank():
     msgs = spawn(_mismatched, 2, timeout=30)
     assert all("rank 0" in m and "rank 1" in m for m in msgs), msgs
+
+
+def _previous_worker(rank, world, n):
+    from effattn.dist import previous_tokens
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, T, 5, generator=g), torch.randn(2, n, 5, generator=g)
+    bounds = _bounds(world, True)  # shards of 1, 2, 3 tokens, then the rest: a halo may span ranks
+    a, b = bounds[rank], bounds[rank + 1]
+    lx = x[:, a:b].clone().requires_grad_(True)
+    prev = previous_tokens(lx, n)
+    (prev * w).sum().backward()
+    return prev.detach(), lx.grad
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_previous_tokens(n):
+    """Each rank receives the n tokens before its shard (zeros before the start); each gradient goes back
+    to the rank holding that token: the single-process equivalent indexes the padded sequence."""
+    world = 4
+    results = spawn(_previous_worker, world, n, timeout=60)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, T, 5, generator=g), torch.randn(2, n, 5, generator=g)
+    x = x.clone().requires_grad_(True)
+    padded = torch.cat([x.new_zeros(2, n, 5), x], dim=1)
+    bounds = _bounds(world, True)
+    ref = [padded[:, a : a + n] for a in bounds[:-1]]  # tokens a-n .. a-1 of the sequence
+    sum((r * w).sum() for r in ref).backward()
+    for rank, (prev, grad) in enumerate(results):
+        assert torch.equal(prev, ref[rank].detach()), rank
+        assert torch.allclose(grad, x.grad[:, bounds[rank] : bounds[rank + 1]], atol=1e-6), rank

@@ -69,7 +69,7 @@ def test_sp_lm_matches_single_process(world, methods):
 
 def _unsupported(rank, world):
     torch.manual_seed(0)
-    lm = LM(LMConfig(vocab_size=VOCAB, dim=32, n_layers=1, heads=4, mixers=["deltanet"]))
+    lm = LM(LMConfig(vocab_size=VOCAB, dim=32, n_layers=1, heads=4, mixers=["routing"]))
     ids = torch.randint(0, VOCAB, (1, 8))
     try:
         with sequence_parallel():
@@ -81,7 +81,7 @@ def _unsupported(rank, world):
 
 def test_unsupported_mixer_raises_on_every_rank():
     msgs = spawn(_unsupported, 2, timeout=60)
-    assert all("sequence" in m and "deltanet" in m for m in msgs), msgs
+    assert all("sequence" in m and "routing" in m and "k-means" in m for m in msgs), msgs
 
 
 def test_context_needs_a_process_group():

@@ -6,7 +6,7 @@ rounding for any world size.
 """
 
 from effattn.dist._comm import CommCounter, all_to_all, check_same_shapes, count_bytes, p2p, shift
-from effattn.dist.halo import halo_attention, halo_plan
+from effattn.dist.halo import halo_attention, halo_plan, previous_tokens
 from effattn.dist.lasp import lasp2, lasp_schedule
 from effattn.dist.launch import RankError, free_port, spawn
 from effattn.dist.layout import (
@@ -32,6 +32,7 @@ from effattn.dist.ring import ring_attention
 from effattn.dist.sp_context import (
     ATTENTION_METHODS,
     SequenceParallel,
+    checkpoint_contexts,
     current_sequence_parallel,
     sequence_parallel,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "MODEL_METHODS",
     "all_to_all",
     "check_same_shapes",
+    "checkpoint_contexts",
     "check_shardable",
     "CommCounter",
     "count_bytes",
@@ -69,6 +71,7 @@ __all__ = [
     "layout_permutation",
     "markdown_table",
     "p2p",
+    "previous_tokens",
     "RankError",
     "replicate_kv_heads",
     "ring_attention",

@@ -26,10 +26,12 @@ import torch
 
 from effattn.exact import attention, merge_attention_states
 
-__all__ = ["BlockJob", "block_backward", "block_forward", "block_jobs", "merge_into"]
+__all__ = ["BlockJob", "apply_sinks", "block_backward", "block_forward", "block_jobs", "merge_into", "tile_shape"]
 
-# queries per chunk of the blockwise backward: bounds its score tile to ~this many elements
-BACKWARD_TILE_ELEMENTS = 2**22
+# score elements of one tile of the blockwise backward (1M floats = 4 MiB per temporary). The tile is
+# fixed, not a fraction of the block, so a rank's peak memory is its O(T/P) shards plus a constant:
+# it falls with P at a fixed total length.
+BACKWARD_TILE_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,35 @@ def block_jobs(layout: str, causal: bool, q_rank: int, kv_rank: int, local_len: 
     return [BlockJob(slice(half, local_len), everything, False)]
 
 
-def block_forward(q, k, v, job: BlockJob, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def block_forward(
+    q, k, v, job: BlockJob, scale: float, backend: str, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` of one job with :func:`effattn.attention` (float32 lse ``[B, H, rows]``)."""
     return attention(
-        q[:, job.q_rows], k[:, job.k_rows], v[:, job.k_rows], causal=job.causal, scale=scale,
-        return_lse=True, backend=backend,
+        q[:, job.q_rows],
+        k[:, job.k_rows],
+        v[:, job.k_rows],
+        causal=job.causal,
+        scale=scale,
+        softcap=softcap,
+        return_lse=True,
+        backend=backend,
     )
+
+
+def apply_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add a learned sink logit per head to the softmax's denominator (gpt-oss; Xiao et al., "Efficient
+    Streaming Language Models with Attention Sinks", 2023): ``lse' = logaddexp(lse, sink_h)``,
+    ``o' = exp(lse - lse') o``. Differentiable in ``o``, ``lse`` and ``sinks`` (``[H]``); ``o [B, T, H, D]``,
+    ``lse [B, H, T]`` float32. An empty row (``lse = -inf``) stays zero.
+
+    >>> o, lse = torch.ones(1, 1, 1, 2), torch.zeros(1, 1, 1)
+    >>> apply_sinks(o, lse, torch.zeros(1))[0].flatten().tolist()    # one key and a sink of equal weight
+    [0.5, 0.5]
+    """
+    new_lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+    w = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]
+    return (o.float() * w).to(o.dtype), new_lse
 
 
 def merge_into(acc_o: torch.Tensor, acc_lse: torch.Tensor, rows: slice, o: torch.Tensor, lse: torch.Tensor) -> None:
@@ -79,6 +104,25 @@ def merge_into(acc_o: torch.Tensor, acc_lse: torch.Tensor, rows: slice, o: torch
     merged_o, merged_lse = merge_attention_states([acc_o[:, rows], o.float()], [acc_lse[:, :, rows], lse.float()])
     acc_o[:, rows] = merged_o
     acc_lse[:, :, rows] = merged_lse
+
+
+def tile_shape(batch_heads: int, rows: int, cols: int, budget: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of a score tile ``[batch_heads, rows, cols]`` with at most ``budget`` elements
+    (default :data:`BACKWARD_TILE_ELEMENTS`; at least one row and one column), roughly square.
+
+    >>> tile_shape(8, 2048, 2048, budget=2**20)
+    (362, 362)
+    >>> tile_shape(8, 10, 4096, budget=2**20)
+    (10, 4096)
+    """
+    budget = BACKWARD_TILE_ELEMENTS if budget is None else budget
+    per = max(1, budget // max(1, batch_heads))
+    side = max(1, int(per**0.5))
+    if rows <= side:
+        return rows, min(cols, max(1, per // rows))
+    if cols <= side:
+        return min(rows, max(1, per // cols)), cols
+    return side, side
 
 
 def block_backward(
@@ -93,32 +137,38 @@ def block_backward(
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
+    softcap: float | None = None,
 ) -> None:
     """Add one job's gradients into the float32 buffers ``dq [B, Tq, Hq, D]``, ``dk``, ``dv``
     (``[B, Tk, Hkv, .]``), from the saved global ``lse`` and ``delta`` (``[B, Hq, Tq]``).
 
-    Query rows are processed in chunks so the score tile stays near ``BACKWARD_TILE_ELEMENTS``.
-    GQA: query head ``h`` reads key head ``h // (Hq / Hkv)``; its key gradients are summed per group.
-    Non-finite keys/values count as zeros and rows with a non-finite LSE (poisoned, or empty) as
-    constants, as in the forward.
+    The block is processed in score tiles of at most ``BACKWARD_TILE_ELEMENTS`` elements (query rows x
+    key columns, :func:`tile_shape`), updated in place, so the temporaries are a few tiles whatever
+    the block size. GQA: query head ``h`` reads key head ``h // (Hq / Hkv)``; its key gradients are
+    summed per group. ``softcap``: scores ``c tanh(s / c)``, whose derivative ``1 - tanh^2`` scales
+    ``dS``. Non-finite keys/values count as zeros and rows with a non-finite LSE (poisoned, or empty)
+    as constants, as in the forward.
     """
     qs, ks = job.q_rows, job.k_rows
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
     g = Hq // Hkv
-    kb, vb = k[:, ks].float(), v[:, ks].float()
+    kb, vb = k[:, ks], v[:, ks]
     bad = ~(torch.isfinite(kb).all(-1) & torch.isfinite(vb).all(-1))  # [B, Tk, Hkv]
-    if bool(bad.any()):
-        kb, vb = kb.masked_fill(bad[..., None], 0.0), vb.masked_fill(bad[..., None], 0.0)
-    kh = kb.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Tk, D]
-    vh = vb.permute(0, 2, 1, 3).unsqueeze(2)
-    Tk = kh.shape[3]
+    if not bool(bad.any()):
+        bad = None
+    Tk = kb.shape[1]
     n_rows = qs.stop - qs.start
-    step = max(1, BACKWARD_TILE_ELEMENTS // max(1, B * Hq * Tk))
-    dk_acc = torch.zeros(B, Hkv, Tk, D, dtype=torch.float32, device=q.device)
-    dv_acc = torch.zeros(B, Hkv, Tk, vh.shape[-1], dtype=torch.float32, device=q.device)
-    for start in range(0, n_rows, step):
-        rows = slice(qs.start + start, qs.start + min(n_rows, start + step))
+    tr, tc = tile_shape(B * Hq, n_rows, Tk)
+
+    def key_tile(x, c0, c1):  # [B, Hkv, 1, cols, D] float32, non-finite keys/values as zeros: one tile's copy
+        t = x[:, c0:c1].float()
+        if bad is not None:
+            t = t.masked_fill(bad[:, c0:c1, :, None], 0.0)
+        return t.permute(0, 2, 1, 3).unsqueeze(2)
+
+    for start in range(0, n_rows, tr):
+        rows = slice(qs.start + start, qs.start + min(n_rows, start + tr))
         n = rows.stop - rows.start
         L = lse[:, :, rows].reshape(B, Hkv, g, n, 1)
         const = ~torch.isfinite(L)  # empty (-inf) or poisoned (NaN) rows: P = 0, no gradient
@@ -126,17 +176,30 @@ def block_backward(
         dlt = delta[:, :, rows].reshape(B, Hkv, g, n, 1).masked_fill(const, 0.0)
         qh = q[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, D).masked_fill(const, 0.0)
         doh = do[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, -1).masked_fill(const, 0.0)
-        s = (qh @ kh.transpose(-1, -2)) * scale
-        if job.causal:
-            # bottom-right aligned within the block: key j visible to query i iff j <= i + Tk - Tq
-            qi = torch.arange(rows.start - qs.start, rows.stop - qs.start, device=q.device).view(n, 1)
-            kj = torch.arange(Tk, device=q.device).view(1, Tk)
-            s = s.masked_fill(kj > qi + (Tk - n_rows), float("-inf"))
-        p = torch.exp(s - L)
-        dv_acc += (p.transpose(-1, -2) @ doh).sum(2)
-        dp = doh @ vh.transpose(-1, -2)
-        ds = p * (dp - dlt)
-        dq[:, rows] += (ds @ kh).reshape(B, Hq, n, D).transpose(1, 2) * scale
-        dk_acc += (ds.transpose(-1, -2) @ qh).sum(2) * scale
-    dk[:, ks] += dk_acc.transpose(1, 2)
-    dv[:, ks] += dv_acc.transpose(1, 2)
+        dq_rows = torch.zeros(B, Hkv, g, n, D, dtype=torch.float32, device=q.device)
+        for c0 in range(0, Tk, tc):
+            c1 = min(Tk, c0 + tc)
+            kc, vc = key_tile(kb, c0, c1), key_tile(vb, c0, c1)
+            s = (qh @ kc.transpose(-1, -2)).mul_(scale)
+            if softcap is not None:
+                t = s.div_(softcap).tanh_()  # kept for the derivative
+                p = (t * softcap).sub_(L).exp_()
+            else:
+                t, p = None, s.sub_(L).exp_()  # P = exp(S - L), in place
+            del s
+            if job.causal:
+                # bottom-right aligned within the block: key j visible to query i iff j <= i + Tk - Tq
+                qi = torch.arange(rows.start - qs.start, rows.stop - qs.start, device=q.device).view(n, 1)
+                kj = torch.arange(c0, c1, device=q.device).view(1, c1 - c0)
+                p.masked_fill_(kj > qi + (Tk - n_rows), 0.0)
+            # the key gradients go straight into the caller's buffers: [B, cols, Hkv, .]
+            dv[:, ks.start + c0 : ks.start + c1] += (p.transpose(-1, -2) @ doh).sum(2).transpose(1, 2)
+            ds = (doh @ vc.transpose(-1, -2)).sub_(dlt).mul_(p)  # dS = P * (dP - delta)
+            del p, vc
+            if t is not None:
+                ds.mul_(t.mul_(t).neg_().add_(1.0))
+                del t
+            dq_rows += ds @ kc
+            dk[:, ks.start + c0 : ks.start + c1] += (ds.transpose(-1, -2) @ qh).sum(2).mul_(scale).transpose(1, 2)
+            del ds, kc
+        dq[:, rows] += dq_rows.mul_(scale).reshape(B, Hq, n, D).transpose(1, 2)

@@ -123,7 +123,10 @@ def p2p(
 
 
 def shift(
-    tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group: ProcessGroup | None = None,
+    tensors: Sequence[torch.Tensor],
+    send_to: int,
+    recv_from: int,
+    group: ProcessGroup | None = None,
     tag: str = "shift",
 ) -> P2PHandle:
     """Send ``tensors`` to rank ``send_to`` and receive tensors of the same shapes and dtypes from

@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
-from effattn._checks import check_positive_int, check_tensor
+from effattn._checks import check_int, check_positive_int, check_tensor
 from effattn.dist._comm import check_same_shapes
 from effattn.exact import attention
 
-__all__ = ["halo_attention", "halo_plan"]
+__all__ = ["halo_attention", "halo_plan", "previous_tokens"]
 
 
 def halo_plan(lengths: list[int], window: int) -> list[tuple[int, int, int]]:
@@ -62,52 +62,50 @@ def _global(group, r: int) -> int:
 
 
 class _HaloExchange(Function):
-    """``(k, v) -> (k_halo, v_halo)``: the tokens before this shard, in sequence order."""
+    """``(*xs) -> (*x_halo)``: for each tensor, the tokens before this shard, in sequence order."""
 
     @staticmethod
-    def forward(ctx, group, rank, plan, k, v):
+    def forward(ctx, group, rank, plan, *xs):
         ctx.group, ctx.rank, ctx.plan = group, rank, plan
-        ctx.k_shape, ctx.v_shape = k.shape, v.shape
+        ctx.shapes = [x.shape for x in xs]
         ops, incoming = [], []
         for src, dst, n in plan:
             if src == rank:
-                for x in (k, v):
+                for x in xs:
                     ops.append(dist.P2POp(dist.isend, x[:, -n:].detach().contiguous(), _global(group, dst), group))
             elif dst == rank:
-                bufs = (k.new_empty(k.shape[0], n, *k.shape[2:]), v.new_empty(v.shape[0], n, *v.shape[2:]))
+                bufs = tuple(x.new_empty(x.shape[0], n, *x.shape[2:]) for x in xs)
                 incoming.append((src, bufs))
                 for b in bufs:
                     ops.append(dist.P2POp(dist.irecv, b, _global(group, src), group))
         _run(ops)
         incoming.sort(key=lambda item: item[0])  # earlier ranks hold earlier tokens
-        k_halo = torch.cat([k[:, :0], *[b[0] for _, b in incoming]], dim=1)
-        v_halo = torch.cat([v[:, :0], *[b[1] for _, b in incoming]], dim=1)
+        halos = tuple(torch.cat([x[:, :0], *[b[i] for _, b in incoming]], dim=1) for i, x in enumerate(xs))
         ctx.sizes = [b[0].shape[1] for _, b in incoming]
         ctx.sources = [s for s, _ in incoming]
-        return k_halo, v_halo
+        return halos
 
     @staticmethod
-    def backward(ctx, gk_halo, gv_halo):
+    def backward(ctx, *g_halos):
         group, rank = ctx.group, ctx.rank
-        gk = torch.zeros(ctx.k_shape, dtype=gk_halo.dtype, device=gk_halo.device)
-        gv = torch.zeros(ctx.v_shape, dtype=gv_halo.dtype, device=gv_halo.device)
+        grads = [torch.zeros(s, dtype=g.dtype, device=g.device) for s, g in zip(ctx.shapes, g_halos, strict=True)]
         ops, back = [], []
         offset = 0
         for src, n in zip(ctx.sources, ctx.sizes, strict=True):
-            for g in (gk_halo, gv_halo):
+            for g in g_halos:
                 ops.append(dist.P2POp(dist.isend, g[:, offset : offset + n].contiguous(), _global(group, src), group))
             offset += n
         for src, dst, n in ctx.plan:
             if src == rank:
-                bufs = (gk.new_empty(gk.shape[0], n, *gk.shape[2:]), gv.new_empty(gv.shape[0], n, *gv.shape[2:]))
+                bufs = tuple(g.new_empty(g.shape[0], n, *g.shape[2:]) for g in grads)
                 back.append((n, bufs))
                 for b in bufs:
                     ops.append(dist.P2POp(dist.irecv, b, _global(group, dst), group))
         _run(ops)
-        for n, (bk, bv) in back:
-            gk[:, -n:] += bk
-            gv[:, -n:] += bv
-        return None, None, None, gk, gv
+        for n, bufs in back:
+            for g, b in zip(grads, bufs, strict=True):
+                g[:, -n:] += b
+        return (None, None, None, *grads)
 
 
 def _run(ops: list) -> None:
@@ -165,3 +163,43 @@ def halo_attention(
     k_all = torch.cat([k_halo, k], dim=1)
     v_all = torch.cat([v_halo, v], dim=1)
     return attention(q, k_all, v_all, causal=True, window=window, **kwargs)
+
+
+def previous_tokens(x: torch.Tensor, n: int, group=None) -> torch.Tensor:
+    """The ``n`` tokens just before this rank's contiguous shard ``x [B, T_r, ...]``, as ``[B, n, ...]``:
+    ``x_global[start - n .. start - 1]`` with zeros for positions before the sequence begins (rank 0,
+    or a halo longer than all earlier shards). Differentiable: the gradient of each received token goes
+    back to the rank that holds it (added to that rank's gradient of ``x``).
+
+    This is what a causal convolution of ``n + 1`` taps needs on sequence shards (the short
+    convolutions of Mamba, Mamba-2, DeltaNet, Based): ``conv(cat([previous_tokens(x, K - 1), x]))``
+    equals the single-process convolution's rows of this shard. Communication: the same halo exchange
+    as :func:`halo_attention` (``n`` tokens received, from several ranks if shards are shorter), plus one
+    all-gather of the shard lengths. Without an initialized process group: zeros.
+
+    >>> previous_tokens(torch.ones(1, 5, 3), 2).shape    # one process: nothing comes before the shard
+    torch.Size([1, 2, 3])
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor [batch, seq, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    n = check_int("n", n, 0)
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialized")
+        return _zeros_before(x, n)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if n == 0 or world == 1:
+        return _zeros_before(x, n)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device), group=group)
+    plan = halo_plan([int(t) for t in lengths], n + 1)
+    (halo,) = _HaloExchange.apply(group, rank, plan, x)
+    missing = n - halo.shape[1]  # before the sequence's first token
+    if missing:
+        halo = torch.cat([halo.new_zeros(x.shape[0], missing, *x.shape[2:]), halo], dim=1)
+    return halo
+
+
+def _zeros_before(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` zero tokens shaped like ``x``'s, still part of ``x``'s graph (a zero-length slice of it)."""
+    return torch.cat([x.new_zeros(x.shape[0], n, *x.shape[2:]), x[:, :0]], dim=1)

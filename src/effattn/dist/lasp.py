@@ -448,9 +448,13 @@ def lasp2(
         named = {f"arg{i}": a for i, a in enumerate(args)} | {n: t for n, t in kw.items()}
         if initial_state is not None:
             named |= {f"initial_state{i}": s for i, s in enumerate(_tuple(initial_state))}
-        check_same_shapes(group, **{
-            n: (t[:, :0] if t.dim() >= 2 and t.shape[1] == T else t)
-            for n, t in named.items() if isinstance(t, torch.Tensor)
-        })
+        check_same_shapes(
+            group,
+            **{
+                n: (t[:, :0] if t.dim() >= 2 and t.shape[1] == T else t)
+                for n, t in named.items()
+                if isinstance(t, torch.Tensor)
+            },
+        )
     schedule = _allgather if op.chunk in _DECAYS else _sequential
     return schedule(op, args, kw, initial_state, output_final_state, group, rank, world)

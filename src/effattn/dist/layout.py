@@ -92,7 +92,11 @@ def group_rank_and_size(group: ProcessGroup | None = None) -> tuple[int, int]:
 
 
 def shard_positions(
-    seq_len: int, rank: int | None = None, world_size: int | None = None, layout: str = "contiguous", device=None,
+    seq_len: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+    layout: str = "contiguous",
+    device=None,
     group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Global positions (``int64 [T/P]``, increasing) of the tokens rank ``rank`` holds (``rank`` and

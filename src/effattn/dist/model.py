@@ -206,8 +206,16 @@ def estimate(method: str, devices: int, w: Workload, hw: Hardware = H100_CLUSTER
             comm = (P - 1) * state / W
             return Estimate(method, P, t_c, comm, comm, t_c + comm, (P - 1) * state)
         comm = (P - 1) * state / W
-        return Estimate(method, P, t_c * P, comm, comm, t_c * P + comm, state if P > 1 else 0.0,
-                        note="sequential: no speed-up over one device")
+        return Estimate(
+            method,
+            P,
+            t_c * P,
+            comm,
+            comm,
+            t_c * P + comm,
+            state if P > 1 else 0.0,
+            note="sequential: no speed-up over one device",
+        )
     t_c = attention_flops(w) / (P * hw.rate)
     if P == 1:
         return Estimate(method, 1, t_c, 0.0, 0.0, t_c, 0.0)
@@ -217,8 +225,17 @@ def estimate(method: str, devices: int, w: Workload, hw: Hardware = H100_CLUSTER
         return _ring_like(method, P, hw, w, B * c * H * D * b, B * c * H * (D * b + 4), t_c)
     # ulysses
     if P > H:
-        return Estimate(method, P, t_c, math.nan, math.nan, math.nan, math.nan, feasible=False,
-                        note=f"needs devices <= heads ({H}); combine with a ring (USP)")
+        return Estimate(
+            method,
+            P,
+            t_c,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            feasible=False,
+            note=f"needs devices <= heads ({H}); combine with a ring (USP)",
+        )
     kv = max(Hkv, P)  # k/v heads replicated up to P
     data = B * c * (2 * H + 2 * kv) * D * b  # q, k, v in and o out, per device
     n = hw.devices_per_node

@@ -26,12 +26,14 @@ the LSE. A rank holds its own K/V, one travelling block and the one being receiv
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
-from effattn._checks import check_qkv, check_scale
-from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
+from effattn._checks import check_float, check_qkv, check_scale
+from effattn.dist._blocks import apply_sinks, block_backward, block_forward, block_jobs, merge_into
 from effattn.dist._comm import check_same_shapes, shift
 from effattn.dist.layout import check_layout, group_rank_and_size
 
@@ -55,26 +57,54 @@ def check_local_shards(q, k, v, layout: str, world: int) -> tuple[int, int, int,
     return B, Tq, Hq, Hkv, D, Dv
 
 
+def _ring_forward(q, k, v, causal, scale, group, layout, backend, softcap):
+    """The forward ring pass: ``(out, lse)`` of this rank's queries over every rank's keys."""
+    rank, world = group_rank_and_size(group)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    B, T, Hq, _ = q.shape
+    acc_o = torch.zeros(B, T, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
+    acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    kb, vb = k, v
+    for s in range(world):
+        if s + 1 < world:  # the next block is in flight while this one is computed
+            pending = shift([kb, vb], nxt, prv, group, tag="kv")
+        for job in block_jobs(layout, causal, rank, (rank - s) % world, T):
+            o, lse = block_forward(q, kb, vb, job, scale, backend, softcap)
+            merge_into(acc_o, acc_lse, job.q_rows, o, lse)
+        if s + 1 < world:
+            kb, vb = pending.wait()
+    return acc_o.to(q.dtype), acc_lse
+
+
+def check_extras(q: torch.Tensor, softcap, sinks, precomputed) -> None:
+    """Validate the optional arguments shared by ring attention and TokenRing."""
+    if softcap is not None:
+        check_float("softcap", softcap, 0.0, math.inf, lo_open=True, hi_open=True)
+    B, T, Hq, _ = q.shape
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point or tuple(sinks.shape) != (Hq,):
+            raise ValueError(
+                f"sinks must be a floating tensor [H_q] = [{Hq}] (one logit per query head), got "
+                f"{getattr(sinks, 'shape', type(sinks).__name__)}"
+            )
+    if precomputed is not None:
+        o, lse = precomputed
+        if tuple(o.shape[:3]) != (B, T, Hq) or tuple(lse.shape) != (B, Hq, T):
+            raise ValueError(
+                f"precomputed must be (o [B, T/P, H_q, D_v], lse [B, H_q, T/P]) = ([{B}, {T}, {Hq}, .], "
+                f"[{B}, {Hq}, {T}]), got {tuple(o.shape)} and {tuple(lse.shape)}"
+            )
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, layout, backend):
-        rank, world = group_rank_and_size(group)
-        nxt, prv = (rank + 1) % world, (rank - 1) % world
-        B, T, Hq, _ = q.shape
-        acc_o = torch.zeros(B, T, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
-        acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
-        kb, vb = k, v
-        for s in range(world):
-            if s + 1 < world:  # the next block is in flight while this one is computed
-                pending = shift([kb, vb], nxt, prv, group, tag="kv")
-            for job in block_jobs(layout, causal, rank, (rank - s) % world, T):
-                o, lse = block_forward(q, kb, vb, job, scale, backend)
-                merge_into(acc_o, acc_lse, job.q_rows, o, lse)
-            if s + 1 < world:
-                kb, vb = pending.wait()
-        out = acc_o.to(q.dtype)
+    def forward(ctx, q, k, v, causal, scale, group, layout, backend, softcap, precomputed):
+        if precomputed is not None:  # a checkpoint's recompute: this call's first result, no ring pass
+            out, acc_lse = (t.detach().clone() for t in precomputed)
+        else:
+            out, acc_lse = _ring_forward(q, k, v, causal, scale, group, layout, backend, softcap)
         ctx.save_for_backward(q, k, v, out, acc_lse)
-        ctx.causal, ctx.scale, ctx.group, ctx.layout = causal, scale, group, layout
+        ctx.causal, ctx.scale, ctx.group, ctx.layout, ctx.softcap = causal, scale, group, layout, softcap
         return out, acc_lse
 
     @staticmethod
@@ -96,18 +126,18 @@ class _RingAttention(torch.autograd.Function):
             dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv_blk = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
             for job in block_jobs(ctx.layout, ctx.causal, rank, (rank - s) % world, T):
-                block_backward(q, kb, vb, do, lse, delta, job, ctx.scale, dq, dk_blk, dv_blk)
+                block_backward(q, kb, vb, do, lse, delta, job, ctx.scale, dq, dk_blk, dv_blk, ctx.softcap)
             if dkv_pending is not None:  # what the ranks before this one added to this block's dK, dV
                 dk_in, dv_in = dkv_pending.wait()
                 dk_blk += dk_in
                 dv_blk += dv_in
             if world == 1:
-                return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype), None, None, None, None, None
+                return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype), None, None, None, None, None, None, None
             dkv_pending = shift([dk_blk, dv_blk], nxt, prv, ctx.group, tag="dkv")
             if s + 1 < world:
                 kb, vb = kv_pending.wait()
         dk, dv = dkv_pending.wait()  # after P hops this rank's own block's accumulators are back
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def ring_attention(
@@ -120,8 +150,11 @@ def ring_attention(
     layout: str = "zigzag",
     return_lse: bool = False,
     scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
     check_ranks: bool = True,
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Exact attention over a sequence sharded across the ranks of ``group``, by Ring Attention.
 
@@ -134,9 +167,17 @@ def ring_attention(
         layout: ``"zigzag"`` (balanced causal work; local length even) or ``"contiguous"``.
         return_lse: also return the LSE ``[B, H_q, T/P]`` (float32, differentiable).
         scale: softmax scale (default ``1/sqrt(D)``).
+        softcap: scores ``c tanh(s / c)`` (Gemma 2), in the forward blocks and the backward.
+        sinks: one learned sink logit per query head ``[H_q]`` added to every row's denominator
+            (:func:`effattn.dist._blocks.apply_sinks`, after the ring merge); its gradient on each rank
+            is that rank's share: all-reduce it as a replicated weight.
         backend: the :func:`effattn.attention` backend of each block.
         check_ranks: compare shapes across ranks first (one small all-gather), so a mismatch raises on
             every rank instead of timing out in a receive.
+        precomputed: ``(o, lse)`` this very call returned before (without sinks), e.g. kept by the forward
+            of an activation-checkpointed layer: the call returns it without running the ring, and the
+            backward is the usual one (LightSeq's checkpointing that never re-runs attention; used by
+            :func:`effattn.dist.sequence_parallel` under ``LMConfig(checkpoint=...)``).
 
     Returns ``o [B, T/P, H_q, D_v]`` (and the LSE), this rank's shard of the single-process result.
 
@@ -159,5 +200,8 @@ def ring_attention(
     if check_ranks:
         check_same_shapes(group, q=q, k=k, v=v)
     scale = check_scale(scale, q.shape[-1])
-    o, lse = _RingAttention.apply(q, k, v, bool(causal), scale, group, layout, backend)
+    check_extras(q, softcap, sinks, precomputed)
+    o, lse = _RingAttention.apply(q, k, v, bool(causal), scale, group, layout, backend, softcap, precomputed)
+    if sinks is not None:
+        o, lse = apply_sinks(o, lse, sinks)
     return (o, lse) if return_lse else o

@@ -10,7 +10,18 @@ its part with its method:
   (:func:`effattn.dist.halo_attention`);
 - linear-attention / SSM mixers: LASP-2 (or LASP-1's sequential pass) through
   :meth:`SequenceParallel.linear`;
+- short causal convolutions (Mamba, Mamba-2, DeltaNet, Gated DeltaNet, MoM, Based): the
+  ``kernel - 1`` inputs before the shard from the previous rank(s)
+  (:meth:`SequenceParallel.previous_tokens`, the halo exchange), then the convolution locally;
 - everything per token (embeddings, norms, MLPs, the head, the loss) stays local.
+
+Activation checkpointing (:func:`checkpoint_contexts`, used by ``LMConfig(checkpoint="block" |
+"mixer")``): the recompute of a checkpointed layer runs inside the same sequence-parallel
+configuration (the backward usually runs after the ``with`` block has closed), and ring / TokenRing
+layers do not run their ring again: the forward keeps each call's ``(o, lse)`` and the recompute
+returns it (LightSeq's rematerialization-aware checkpointing: attention is never recomputed, its
+output costs ``B T/P H D`` per layer). Ulysses layers recompute their all-to-alls and local attention,
+halo and LASP layers their exchange and op (both are linear in the shard length).
 
 The layers read the context with :func:`current_sequence_parallel` (``None`` outside it) and, where
 they support it, switch to these calls; a model whose layers do not support it raises. Losses and
@@ -31,18 +42,27 @@ from dataclasses import dataclass
 
 import torch
 
-from effattn.dist.halo import halo_attention
+from effattn.dist._blocks import apply_sinks
+from effattn.dist.halo import halo_attention, previous_tokens
 from effattn.dist.lasp import lasp2
 from effattn.dist.layout import check_layout, group_rank_and_size, shard_positions
 from effattn.dist.ring import ring_attention
 from effattn.dist.token_ring import token_ring_attention
 from effattn.dist.ulysses import ulysses_attention
 
-__all__ = ["ATTENTION_METHODS", "SequenceParallel", "current_sequence_parallel", "sequence_parallel"]
+__all__ = [
+    "ATTENTION_METHODS",
+    "SequenceParallel",
+    "checkpoint_contexts",
+    "current_sequence_parallel",
+    "sequence_parallel",
+]
 
 ATTENTION_METHODS = ("ring", "token_ring", "ulysses")
 
 _CURRENT: contextvars.ContextVar[SequenceParallel | None] = contextvars.ContextVar("effattn_sp", default=None)
+# inside a checkpointed region: ("record" | "replay", list of (o, lse) of its ring calls, in call order)
+_STASH: contextvars.ContextVar[tuple[str, list] | None] = contextvars.ContextVar("effattn_sp_stash", default=None)
 
 
 @dataclass(frozen=True)
@@ -92,18 +112,58 @@ class SequenceParallel:
         for a causal int ``window``, else the configured method."""
         if window is not None:
             if not causal or not isinstance(window, int):
-                raise ValueError(f"sequence-parallel windowed attention is causal with an int window, got "
-                                 f"causal={causal}, window={window!r}")
+                raise ValueError(
+                    f"sequence-parallel windowed attention is causal with an int window, got "
+                    f"causal={causal}, window={window!r}"
+                )
             self._need_contiguous("sliding-window attention")
-            return halo_attention(q, k, v, window=window, group=self.group, scale=scale, softcap=softcap,
-                                  sinks=sinks, backend=backend)
+            return halo_attention(
+                q, k, v, window=window, group=self.group, scale=scale, softcap=softcap, sinks=sinks, backend=backend
+            )
         if self.attention == "ulysses":
-            return ulysses_attention(q, k, v, group=self.group, layout=self.layout, causal=causal, scale=scale,
-                                     softcap=softcap, sinks=sinks, backend=backend)
-        if softcap is not None or sinks is not None:
-            raise ValueError(f"attention={self.attention!r} supports neither softcap nor sinks; use 'ulysses'")
+            return ulysses_attention(
+                q,
+                k,
+                v,
+                group=self.group,
+                layout=self.layout,
+                causal=causal,
+                scale=scale,
+                softcap=softcap,
+                sinks=sinks,
+                backend=backend,
+            )
         fn = ring_attention if self.attention == "ring" else token_ring_attention
-        return fn(q, k, v, causal=causal, group=self.group, layout=self.layout, scale=scale, backend=backend)
+        stash = _STASH.get()
+        precomputed = None
+        if stash is not None and stash[0] == "replay":
+            if not stash[1]:
+                raise RuntimeError("checkpoint recompute: more ring calls than in the forward (the layer changed)")
+            precomputed = stash[1].pop(0)
+        o, lse = fn(
+            q,
+            k,
+            v,
+            causal=causal,
+            group=self.group,
+            layout=self.layout,
+            scale=scale,
+            softcap=softcap,
+            backend=backend,
+            return_lse=True,
+            precomputed=precomputed,
+        )
+        if stash is not None and stash[0] == "record":
+            stash[1].append((o.detach(), lse.detach()))
+        if sinks is not None:
+            o, _ = apply_sinks(o, lse, sinks)
+        return o
+
+    def previous_tokens(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` inputs before this rank's shard ``x [B, T/P, C]`` (zeros before the sequence's start),
+        for a causal convolution of ``n + 1`` taps: :func:`effattn.dist.previous_tokens`."""
+        self._need_contiguous("a causal convolution")
+        return previous_tokens(x, n, group=self.group)
 
     def linear(self, op: str, *args, **kw):
         """A linear-family op (``effattn.linear`` registry name) on this rank's shard by
@@ -143,4 +203,36 @@ def sequence_parallel(group=None, attention: str = "ring", layout: str = "contig
     try:
         yield _CURRENT.get()
     finally:
+        _CURRENT.reset(token)
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``(forward, recompute)`` context managers for one activation-checkpointed region, the
+    ``context_fn`` of :func:`torch.utils.checkpoint.checkpoint` (non-reentrant).
+
+    Outside :func:`sequence_parallel` both do nothing. Inside, the forward keeps the ``(o, lse)`` of every
+    ring / TokenRing call of the region and the recompute re-enters the same sequence-parallel
+    configuration (the backward may run after the ``with`` block closed) and hands each ring call its
+    kept result (``precomputed=``), so attention is not run a second time and no K/V travel in the
+    recompute. Every rank checkpoints the same regions, so the collectives that are recomputed (halo,
+    LASP, Ulysses) still meet.
+
+    >>> fwd, rec = checkpoint_contexts()    # no sequence parallelism here: two no-op contexts
+    >>> with fwd, rec:
+    ...     pass
+    """
+    sp = _CURRENT.get()
+    if sp is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    kept: list = []
+    return _region(sp, "record", kept), _region(sp, "replay", kept)
+
+
+@contextlib.contextmanager
+def _region(sp: SequenceParallel, mode: str, kept: list) -> Iterator[None]:
+    token, stash = _CURRENT.set(sp), _STASH.set((mode, kept))
+    try:
+        yield
+    finally:
+        _STASH.reset(stash)
         _CURRENT.reset(token)

@@ -30,10 +30,10 @@ from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
 from effattn._checks import check_scale
-from effattn.dist._blocks import block_backward, block_forward, block_jobs, merge_into
+from effattn.dist._blocks import apply_sinks, block_backward, block_forward, block_jobs, merge_into
 from effattn.dist._comm import check_same_shapes, p2p, shift
 from effattn.dist.layout import check_layout, group_rank_and_size
-from effattn.dist.ring import check_local_shards
+from effattn.dist.ring import check_extras, check_local_shards
 
 __all__ = ["token_ring_attention"]
 
@@ -57,45 +57,55 @@ def _add_partial(dq, handle, job) -> None:
         dq[:, job.q_rows] += got[0]
 
 
-class _TokenRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, layout, backend):
-        rank, world = group_rank_and_size(group)
-        nxt, prv = (rank + 1) % world, (rank - 1) % world
-        B, T, Hq, _ = q.shape
-        Dv = v.shape[-1]
-        acc_o = torch.zeros(B, T, Hq, Dv, dtype=torch.float32, device=q.device)
-        acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
-        if world > 1:  # the first query block travels while the own block is computed
-            q_pending = shift([q], nxt, prv, group, tag="q")
-        for job in block_jobs(layout, causal, rank, rank, T):  # step 0: own queries, own keys
-            o, lse = block_forward(q, k, v, job, scale, backend)
-            merge_into(acc_o, acc_lse, job.q_rows, o, lse)
-        in_flight = None
-        for s in range(1, world):
-            (qb,) = q_pending.wait()
-            if s + 1 < world:
-                q_pending = shift([qb], nxt, prv, group, tag="q")
-            owner, helper = (rank - s) % world, (rank + s) % world
-            out_job, in_job = _one_job(layout, causal, owner, rank, T), _one_job(layout, causal, rank, helper, T)
-            sends, recvs = [], []
-            if out_job is not None:
-                o, lse = block_forward(qb, k, v, out_job, scale, backend)
-                sends = [(o, owner), (lse.float(), owner)]  # o in the input dtype, lse in float32
-            if in_job is not None:
-                n = in_job.q_rows.stop - in_job.q_rows.start
-                recvs = [(torch.empty(B, n, Hq, Dv, dtype=q.dtype, device=q.device), helper),
-                         (torch.empty(B, Hq, n, dtype=torch.float32, device=q.device), helper)]
-            # the partials travel while the next step computes; merged one step later
-            posted = (p2p(sends, recvs, group, tag="partial"), in_job)
-            if in_flight is not None:
-                _merge_partial(acc_o, acc_lse, *in_flight)
-            in_flight = posted
+def _token_ring_forward(q, k, v, causal, scale, group, layout, backend, softcap):
+    """The forward pass: ``(out, lse)`` of this rank's queries (partials computed by every rank)."""
+    rank, world = group_rank_and_size(group)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    B, T, Hq, _ = q.shape
+    Dv = v.shape[-1]
+    acc_o = torch.zeros(B, T, Hq, Dv, dtype=torch.float32, device=q.device)
+    acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    if world > 1:  # the first query block travels while the own block is computed
+        q_pending = shift([q], nxt, prv, group, tag="q")
+    for job in block_jobs(layout, causal, rank, rank, T):  # step 0: own queries, own keys
+        o, lse = block_forward(q, k, v, job, scale, backend, softcap)
+        merge_into(acc_o, acc_lse, job.q_rows, o, lse)
+    in_flight = None
+    for s in range(1, world):
+        (qb,) = q_pending.wait()
+        if s + 1 < world:
+            q_pending = shift([qb], nxt, prv, group, tag="q")
+        owner, helper = (rank - s) % world, (rank + s) % world
+        out_job, in_job = _one_job(layout, causal, owner, rank, T), _one_job(layout, causal, rank, helper, T)
+        sends, recvs = [], []
+        if out_job is not None:
+            o, lse = block_forward(qb, k, v, out_job, scale, backend, softcap)
+            sends = [(o, owner), (lse.float(), owner)]  # o in the input dtype, lse in float32
+        if in_job is not None:
+            n = in_job.q_rows.stop - in_job.q_rows.start
+            recvs = [
+                (torch.empty(B, n, Hq, Dv, dtype=q.dtype, device=q.device), helper),
+                (torch.empty(B, Hq, n, dtype=torch.float32, device=q.device), helper),
+            ]
+        # the partials travel while the next step computes; merged one step later
+        posted = (p2p(sends, recvs, group, tag="partial"), in_job)
         if in_flight is not None:
             _merge_partial(acc_o, acc_lse, *in_flight)
-        out = acc_o.to(q.dtype)
+        in_flight = posted
+    if in_flight is not None:
+        _merge_partial(acc_o, acc_lse, *in_flight)
+    return acc_o.to(q.dtype), acc_lse
+
+
+class _TokenRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, layout, backend, softcap, precomputed):
+        if precomputed is not None:  # a checkpoint's recompute: this call's first result, no ring pass
+            out, acc_lse = (t.detach().clone() for t in precomputed)
+        else:
+            out, acc_lse = _token_ring_forward(q, k, v, causal, scale, group, layout, backend, softcap)
         ctx.save_for_backward(q, k, v, out, acc_lse)
-        ctx.causal, ctx.scale, ctx.group, ctx.layout = causal, scale, group, layout
+        ctx.causal, ctx.scale, ctx.group, ctx.layout, ctx.softcap = causal, scale, group, layout, softcap
         return out, acc_lse
 
     @staticmethod
@@ -115,20 +125,22 @@ class _TokenRingAttention(torch.autograd.Function):
         if world > 1:
             pending = shift(travel, nxt, prv, ctx.group, tag="q")
         for job in block_jobs(ctx.layout, ctx.causal, rank, rank, T):
-            block_backward(q, k, v, do, lse, delta, job, ctx.scale, dq, dk, dv)
+            block_backward(q, k, v, do, lse, delta, job, ctx.scale, dq, dk, dv, ctx.softcap)
         in_flight = None
         for s in range(1, world):
             travel = pending.wait()
             if s + 1 < world:
                 pending = shift(travel, nxt, prv, ctx.group, tag="q")
             owner, helper = (rank - s) % world, (rank + s) % world
-            out_job, in_job = (_one_job(ctx.layout, ctx.causal, owner, rank, T),
-                               _one_job(ctx.layout, ctx.causal, rank, helper, T))
+            out_job, in_job = (
+                _one_job(ctx.layout, ctx.causal, owner, rank, T),
+                _one_job(ctx.layout, ctx.causal, rank, helper, T),
+            )
             sends, recvs = [], []
             if out_job is not None:
                 dq_part = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
                 tq, tdo, tlse, tdelta = travel
-                block_backward(tq, k, v, tdo, tlse, tdelta, out_job, ctx.scale, dq_part, dk, dv)
+                block_backward(tq, k, v, tdo, tlse, tdelta, out_job, ctx.scale, dq_part, dk, dv, ctx.softcap)
                 sends = [(dq_part[:, out_job.q_rows], owner)]
             if in_job is not None:
                 n = in_job.q_rows.stop - in_job.q_rows.start
@@ -139,7 +151,7 @@ class _TokenRingAttention(torch.autograd.Function):
             in_flight = posted
         if in_flight is not None:
             _add_partial(dq, *in_flight)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def token_ring_attention(
@@ -152,14 +164,18 @@ def token_ring_attention(
     layout: str = "zigzag",
     return_lse: bool = False,
     scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
     check_ranks: bool = True,
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Exact attention over a sequence sharded across ``group``, by TokenRing's bidirectional schedule.
 
     Same arguments, shards and result as :func:`effattn.dist.ring_attention` (``[B, T/P, H, D]`` local
-    shards, GQA, ``layout`` ``"zigzag"`` or ``"contiguous"``, optional LSE); only the communication differs:
-    per step one query block forward and one partial result back, K/V stay where they are.
+    shards, GQA, ``layout`` ``"zigzag"`` or ``"contiguous"``, optional LSE, ``softcap``, ``sinks``,
+    ``precomputed``); only the communication differs: per step one query block forward and one partial
+    result back, K/V stay where they are.
 
     Example (two processes started by :func:`effattn.dist.spawn`)::
 
@@ -180,5 +196,8 @@ def token_ring_attention(
     if check_ranks:
         check_same_shapes(group, q=q, k=k, v=v)
     scale = check_scale(scale, q.shape[-1])
-    o, lse = _TokenRingAttention.apply(q, k, v, bool(causal), scale, group, layout, backend)
+    check_extras(q, softcap, sinks, precomputed)
+    o, lse = _TokenRingAttention.apply(q, k, v, bool(causal), scale, group, layout, backend, softcap, precomputed)
+    if sinks is not None:
+        o, lse = apply_sinks(o, lse, sinks)
     return (o, lse) if return_lse else o

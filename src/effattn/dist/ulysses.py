@@ -54,8 +54,9 @@ def replicate_kv_heads(k: torch.Tensor, heads_q: int, world_size: int) -> torch.
     return k.repeat_interleave(heads // hkv, dim=2)
 
 
-def sequence_to_heads(x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", seq_dim: int = 1,
-                      head_dim: int = 2) -> torch.Tensor:
+def sequence_to_heads(
+    x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", seq_dim: int = 1, head_dim: int = 2
+) -> torch.Tensor:
     """All-to-all ``[B, T/P, H, D]`` sequence shards (laid out by ``layout``) to ``[B, T, H/P, D]``
     head shards in global sequence order. Differentiable.
 
@@ -76,8 +77,9 @@ def sequence_to_heads(x: torch.Tensor, group: ProcessGroup | None = None, layout
     return out
 
 
-def heads_to_sequence(x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", seq_dim: int = 1,
-                      head_dim: int = 2) -> torch.Tensor:
+def heads_to_sequence(
+    x: torch.Tensor, group: ProcessGroup | None = None, layout: str = "contiguous", seq_dim: int = 1, head_dim: int = 2
+) -> torch.Tensor:
     """The inverse of :func:`sequence_to_heads`: ``[B, T, H/P, D]`` to ``[B, T/P, H, D]``. Differentiable
     (example: :func:`sequence_to_heads`)."""
     _, world = group_rank_and_size(group)

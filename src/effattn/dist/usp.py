@@ -50,8 +50,13 @@ def usp_groups(mesh: DeviceMesh, ring_dim: int | str = 0, ulysses_dim: int | str
 
 
 def usp_shard_positions(
-    seq_len: int, ring_rank: int, ring_size: int, ulysses_rank: int, ulysses_size: int,
-    layout: str = "zigzag", device=None,
+    seq_len: int,
+    ring_rank: int,
+    ring_size: int,
+    ulysses_rank: int,
+    ulysses_size: int,
+    layout: str = "zigzag",
+    device=None,
 ) -> torch.Tensor:
     """Global positions held by rank ``(ring_rank, ulysses_rank)``: the ``ulysses_rank``-th contiguous
     piece of the ring shard ``ring_rank``.
@@ -65,8 +70,14 @@ def usp_shard_positions(
     return ring[ulysses_rank * n : (ulysses_rank + 1) * n]
 
 
-def usp_shard_sequence(x: torch.Tensor, mesh: DeviceMesh, layout: str = "zigzag", dim: int = 1,
-                       ring_dim: int | str = 0, ulysses_dim: int | str = 1) -> torch.Tensor:
+def usp_shard_sequence(
+    x: torch.Tensor,
+    mesh: DeviceMesh,
+    layout: str = "zigzag",
+    dim: int = 1,
+    ring_dim: int | str = 0,
+    ulysses_dim: int | str = 1,
+) -> torch.Tensor:
     """This rank's USP shard of a full sequence ``x`` (ring layout, then contiguous over Ulysses).
 
     >>> from torch.distributed.device_mesh import init_device_mesh
@@ -82,8 +93,14 @@ def usp_shard_sequence(x: torch.Tensor, mesh: DeviceMesh, layout: str = "zigzag"
     return shard_sequence(shard_sequence(x, ring_group, layout, dim), ulysses_group, "contiguous", dim)
 
 
-def usp_gather_sequence(x: torch.Tensor, mesh: DeviceMesh, layout: str = "zigzag", dim: int = 1,
-                        ring_dim: int | str = 0, ulysses_dim: int | str = 1) -> torch.Tensor:
+def usp_gather_sequence(
+    x: torch.Tensor,
+    mesh: DeviceMesh,
+    layout: str = "zigzag",
+    dim: int = 1,
+    ring_dim: int | str = 0,
+    ulysses_dim: int | str = 1,
+) -> torch.Tensor:
     """The full sequence from every rank's USP shard (inverse of :func:`usp_shard_sequence`, whose
     example uses it)."""
     ring_group, ulysses_group = usp_groups(mesh, ring_dim, ulysses_dim)
@@ -146,8 +163,18 @@ def usp_attention(
             check_same_shapes(g, q=q, k=k, v=v)
     k, v = replicate_kv_heads(k, q.shape[2], pu), replicate_kv_heads(v, q.shape[2], pu)
     qh, kh, vh = (sequence_to_heads(t, ulysses_group) for t in (q, k, v))
-    o, lse = ring_attention(qh, kh, vh, causal=causal, group=ring_group, layout=layout, return_lse=True,
-                            scale=scale, backend=backend, check_ranks=False)
+    o, lse = ring_attention(
+        qh,
+        kh,
+        vh,
+        causal=causal,
+        group=ring_group,
+        layout=layout,
+        return_lse=True,
+        scale=scale,
+        backend=backend,
+        check_ranks=False,
+    )
     o = heads_to_sequence(o, ulysses_group)
     if not return_lse:
         return o

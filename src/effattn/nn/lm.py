@@ -240,9 +240,22 @@ class LM(nn.Module):
         """The final normed hidden states ``[B, T, dim]`` (the head's input) and the new state: what
         a chunked loss (:func:`effattn.train.chunked_cross_entropy`) takes instead of logits."""
         if current_sequence_parallel() is not None:  # every layer must run on sequence shards
-            bad = [b.mixer_name for b in self.blocks if not getattr(b.mixer, "supports_sequence_parallel", False)]
+            bad = [b for b in self.blocks if not getattr(b.mixer, "supports_sequence_parallel", False)]
             if bad:
-                raise ValueError(f"mixers {bad} do not support sequence parallelism (effattn.dist.sequence_parallel)")
+                why = "; ".join(
+                    f"{b.mixer_name!r}: "
+                    + (getattr(b.mixer, "sequence_parallel_unsupported", None) or "no sequence-parallel path declared")
+                    for b in bad
+                )
+                raise ValueError(
+                    f"mixers {[b.mixer_name for b in bad]} cannot run on sequence shards "
+                    f"(effattn.dist.sequence_parallel): {why}"
+                )
+            if self.config.reversible and torch.is_grad_enabled():
+                raise ValueError(
+                    "reversible=True is not supported under sequence parallelism (its backward rebuilds the "
+                    "blocks outside the sequence-parallel context); use checkpoint='block' or 'mixer'"
+                )
         h = self.embed(ids)
         states = state if state is not None else [None] * len(self.blocks)
         h, new_states = run_blocks(self.blocks, h, states, valid, self.config)

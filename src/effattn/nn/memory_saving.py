@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from effattn._checks import check_float, check_int
+from effattn.dist import checkpoint_contexts
 from effattn.moe import MoE
 from effattn.nn.streambp import streambp_block
 
@@ -307,7 +308,7 @@ def _block(block: nn.Module, h, state, valid, mode: str, chunk: int):
 
     g = _mlp(block, chunk, valid)
     if mode == "mixer":
-        y, state = checkpoint(mix, h, state, valid, use_reentrant=False)
+        y, state = checkpoint(mix, h, state, valid, use_reentrant=False, context_fn=checkpoint_contexts)
     else:
         y, state = mix(h, state, valid)
     h = h + y
@@ -369,9 +370,13 @@ def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, states: list, valid, conf
             elif not training or s is not None:
                 h, s = _block(b, h, s, valid, "none", chunk)
             elif mode == "block" and not chunk:
-                h, s = checkpoint(b, h, s, valid, use_reentrant=False)
+                # context_fn: the recompute runs under the same sequence parallelism, ring layers reuse
+                # their first result (effattn.dist.checkpoint_contexts)
+                h, s = checkpoint(b, h, s, valid, use_reentrant=False, context_fn=checkpoint_contexts)
             elif mode == "block":
-                h, s = checkpoint(_block, b, h, s, valid, "none", chunk, use_reentrant=False)
+                h, s = checkpoint(
+                    _block, b, h, s, valid, "none", chunk, use_reentrant=False, context_fn=checkpoint_contexts
+                )
             else:
                 h, s = _block(b, h, s, valid, mode, chunk)
             new_states.append(s)

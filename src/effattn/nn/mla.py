@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int
+from effattn.dist import current_sequence_parallel
 from effattn.exact import BACKENDS
 from effattn.kv import AttentionPattern, LayerCache
 from effattn.nn.attention import Attention, cached_attention, cached_tokens, check_mixer_input, layer_cache
@@ -56,6 +57,8 @@ class MLA(nn.Module):
         >>> tuple(cache.k.shape), mla.state_size(2, 5)
         ((2, 5, 1, 20), 800)
     """
+
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
 
     def __init__(
         self,
@@ -135,6 +138,9 @@ class MLA(nn.Module):
         self, x: torch.Tensor, state: LayerCache | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LayerCache]:
         B, T = check_mixer_input(x, self.dim, valid)
+        sp = current_sequence_parallel()
+        if sp is not None:  # training on sequence shards (effattn.dist.sequence_parallel): no cache
+            return self._forward_sequence_parallel(x, sp, state, valid), None
         cache = layer_cache(state, B, self.cache_pattern)
         H, dn, dr, r = self.heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         pos = cache.next_positions(B, T, valid, x.device)
@@ -175,6 +181,40 @@ class MLA(nn.Module):
             o = cached_attention(torch.cat([q_nope, q_pe], -1), k, v, cached, scale=self.scale, **common)
         cache.trim()
         return self.o_proj(o.flatten(2)), cache
+
+    def _forward_sequence_parallel(self, x, sp, state, valid) -> torch.Tensor:
+        """The plain (up-projected) form on this rank's shard: RoPE at the shard's global positions, then
+        the configured sequence-parallel attention (ring, TokenRing or Ulysses; a window by the halo)."""
+        if state is not None or valid is not None:
+            raise ValueError("sequence-parallel MLA takes no state or valid mask (shards of unpadded sequences)")
+        B, T, _ = x.shape
+        H, dn, dr, r = self.heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        pos = sp.positions(T, x.device)
+        q = self.q_proj(x).view(B, T, H, dn + dr)
+        q_nope, q_pe = q[..., :dn], q[..., dn:]
+        lat = self.kv_down(x)
+        c_kv, k_pe = lat[..., :r], lat[..., r:]
+        if self.kv_norm is not None:
+            c_kv = self.kv_norm(c_kv)
+        if self.rope is not None:
+            q_pe = self.rope.apply(q_pe, pos)
+            k_pe = self.rope.apply(k_pe.view(B, T, 1, dr), pos).view(B, T, dr)
+        kv = self.kv_up(c_kv).view(B, T, H, dn + self.v_head_dim)
+        k_nope, v = kv[..., :dn], kv[..., dn:]
+        if self.rope_nope is not None:
+            q_nope, k_nope = self.rope_nope.apply(q_nope, pos), self.rope_nope.apply(k_nope, pos)
+        k = torch.cat([k_nope, k_pe.view(B, T, 1, dr).expand(B, T, H, dr)], -1)
+        o = sp.attention_call(
+            torch.cat([q_nope, q_pe], -1),
+            k,
+            v,
+            causal=self.causal,
+            window=self.window,
+            scale=self.scale,
+            softcap=self.softcap,
+            backend=self.backend,
+        )
+        return self.o_proj(o.flatten(2))
 
     def _window_keep(self) -> int | None:
         return self.cache_pattern.keep

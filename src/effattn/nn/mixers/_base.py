@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int, check_tensor
+from effattn.dist import current_sequence_parallel
 
 __all__ = [
     "MixerBase",
@@ -136,6 +137,9 @@ class ShortConv(nn.Module):
     ``y_t = silu(b + sum_{i<K} w_i * x_{t-K+1+i})``; the state is the last ``K - 1`` inputs
     ``[B, K - 1, C]`` (zeros for a fresh sequence), so decoding one token continues exactly.
     Inputs at invalid (padded) positions are zeroed first, as if the sequence began later.
+    On sequence shards (inside :func:`effattn.dist.sequence_parallel`, no ``state``) the ``K - 1`` inputs
+    before the shard come from the previous rank(s) (:meth:`effattn.dist.SequenceParallel.previous_tokens`),
+    so each rank's rows equal the single-process convolution's.
 
     Example::
 
@@ -158,7 +162,10 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, valid: torch.Tensor | None = None):
         B, T, C = x.shape
         x = zero_invalid(x, valid)
-        if state is None:
+        sp = current_sequence_parallel() if state is None else None
+        if sp is not None:  # sequence shards: the inputs before this shard, from the previous rank(s)
+            state = sp.previous_tokens(x, self.kernel_size - 1)
+        elif state is None:
             state = x.new_zeros(B, self.kernel_size - 1, C)
         xs = torch.cat([state.to(x.dtype), x], dim=1)
         y = F.conv1d(xs.transpose(1, 2), self.weight.unsqueeze(1), self.bias, groups=C).transpose(1, 2)
@@ -182,6 +189,11 @@ class MixerBase(nn.Module):
         >>> Cumulative(16, 2).state_size(batch=3, seq_len=1000)   # 3 x 16 float32
         192
     """
+
+    # sequence parallelism (effattn.dist.sequence_parallel): a mixer that runs on sequence shards sets
+    # supports_sequence_parallel = True; one that cannot says why in sequence_parallel_unsupported
+    supports_sequence_parallel = False
+    sequence_parallel_unsupported: str | None = None
 
     def _probe_len(self, seq_len: int) -> int:
         return 1  # recurrent: the state does not grow with the context

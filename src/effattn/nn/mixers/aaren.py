@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from effattn.dist import current_sequence_parallel
 from effattn.linear import chunk_aaren, step_aaren
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -47,6 +48,8 @@ class AarenMixer(MixerBase):
         True
     """
 
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
+
     def __init__(self, dim: int, heads: int, chunk_size: int = 64):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
@@ -67,7 +70,12 @@ class AarenMixer(MixerBase):
             k = torch.cat([zero_invalid(k, valid), pad[:, :, None, None].expand(-1, -1, H, 1)], dim=-1)
             q = torch.cat([q, torch.ones_like(q[:, :1])], dim=-1)
             v = zero_invalid(v, valid)
-        if x.shape[1] == 1:
+        sp = current_sequence_parallel()
+        if sp is not None:  # sequence shards: LASP-1's sequential pass of the running (max, sum, weighted sum)
+            o, state = sp.linear(
+                "aaren", q, k, v, scale=scale, initial_state=state, output_final_state=True, chunk_size=self.chunk_size
+            )
+        elif x.shape[1] == 1:
             o, state = step_aaren(q, k, v, scale=scale, initial_state=state, output_final_state=True)
         else:
             o, state = chunk_aaren(

@@ -26,6 +26,13 @@ class AtlasMixer(MixerBase):
         True
     """
 
+    # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
+    sequence_parallel_unsupported = (
+        "its memory is a small network trained by gradient steps on every token (test-time training: "
+        "Titans, Miras, ATLAS); that update is not a linear map of a state, so LASP-2 does not apply, and "
+        "a sequential pass of the memory's weights from rank to rank is not implemented"
+    )
+
     def __init__(
         self, dim: int, heads: int, window: int = 4, feature_degree: int = 2, depth: int = 2, muon: bool = False, **kw
     ):

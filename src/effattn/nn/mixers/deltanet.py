@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effattn.dist import current_sequence_parallel
 from effattn.linear import (
     chunk_delta_rule,
     chunk_gated_delta_rule,
@@ -31,6 +32,7 @@ __all__ = ["DeltaNetMixer", "GatedDeltaNetMixer"]
 
 class _DeltaBase(MixerBase):
     gated = False
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
 
     def __init__(self, dim: int, heads: int, conv_size: int = 4, use_gate: bool = True, chunk_size: int = 64):
         super().__init__()
@@ -61,10 +63,17 @@ class _DeltaBase(MixerBase):
         beta = zero_invalid(torch.sigmoid(self.b_proj(x)), valid)
         step = x.shape[1] == 1
         kw = {} if step else {"chunk_size": self.chunk_size}
+        gates = (beta,)
         if self.gated:
             g = zero_invalid(-self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias), valid)
+            gates = (g.to(x.dtype), beta)
+        sp = current_sequence_parallel()
+        if sp is not None:  # sequence shards: the convolutions took their halo; LASP-1's state pass
+            op = "gated_delta_rule" if self.gated else "delta_rule"
+            o, S = sp.linear(op, q, k, v, *gates, initial_state=S, output_final_state=True, **kw)
+        elif self.gated:
             fn = step_gated_delta_rule if step else chunk_gated_delta_rule
-            o, S = fn(q, k, v, g.to(x.dtype), beta, initial_state=S, output_final_state=True, **kw)
+            o, S = fn(q, k, v, *gates, initial_state=S, output_final_state=True, **kw)
         else:
             fn = step_delta_rule if step else chunk_delta_rule
             o, S = fn(q, k, v, beta, initial_state=S, output_final_state=True, **kw)

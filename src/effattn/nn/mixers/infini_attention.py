@@ -29,6 +29,12 @@ class InfiniAttentionMixer(MixerBase):
         True
     """
 
+    # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
+    sequence_parallel_unsupported = (
+        "its segments and their compressive memory would have to line up with the shard boundaries and "
+        "the memory pass from rank to rank; not implemented"
+    )
+
     def __init__(self, dim: int, heads: int, segment: int = 8, delta: bool = False):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effattn.dist import current_sequence_parallel
 from effattn.linear import FEATURE_MAPS, chunk_linear_attn, step_linear_attn
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -35,11 +36,25 @@ def normalized_linear_attn(
     steps add nothing to ``z`` even where ``phi(0) != 0``). State ``[B, H, F, V + 1]``."""
     ones = torch.ones_like(v[..., :1])
     v_ext = zero_invalid(torch.cat([v, ones], dim=-1), valid)
-    fn = step_linear_attn if q.shape[1] == 1 else chunk_linear_attn
-    kw = {} if q.shape[1] == 1 else {"chunk_size": chunk_size}
-    o_ext, state = fn(
-        q, k, v_ext, feature_map=feature_map, scale=scale, initial_state=state, output_final_state=True, **kw
-    )
+    sp = current_sequence_parallel()
+    if sp is not None:  # sequence shards: LASP-2 (no decay: the states add up)
+        o_ext, state = sp.linear(
+            "linear_attn",
+            q,
+            k,
+            v_ext,
+            feature_map=feature_map,
+            scale=scale,
+            initial_state=state,
+            output_final_state=True,
+            chunk_size=chunk_size,
+        )
+    else:
+        fn = step_linear_attn if q.shape[1] == 1 else chunk_linear_attn
+        kw = {} if q.shape[1] == 1 else {"chunk_size": chunk_size}
+        o_ext, state = fn(
+            q, k, v_ext, feature_map=feature_map, scale=scale, initial_state=state, output_final_state=True, **kw
+        )
     return o_ext[..., :-1] / (o_ext[..., -1:] + 1e-6), state
 
 
@@ -70,6 +85,8 @@ class LinearAttentionMixer(MixerBase):
         True
     """
 
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
+
     def __init__(
         self, dim: int, heads: int, feature_map: str = "elu1", feature_dim: int | None = None, chunk_size: int = 64
     ):
@@ -95,8 +112,21 @@ class LinearAttentionMixer(MixerBase):
             o, state = normalized_linear_attn(q, k, v, valid, self.feature_map, None, state, self.chunk_size)
         else:
             v = zero_invalid(v, valid)
-            fn = step_linear_attn if x.shape[1] == 1 else chunk_linear_attn
-            kw = {} if x.shape[1] == 1 else {"chunk_size": self.chunk_size}
-            o, state = fn(q, k, v, feature_map=self.feature_map, initial_state=state, output_final_state=True, **kw)
+            sp = current_sequence_parallel()
+            if sp is not None:  # sequence shards: LASP-2
+                o, state = sp.linear(
+                    "linear_attn",
+                    q,
+                    k,
+                    v,
+                    feature_map=self.feature_map,
+                    initial_state=state,
+                    output_final_state=True,
+                    chunk_size=self.chunk_size,
+                )
+            else:
+                fn = step_linear_attn if x.shape[1] == 1 else chunk_linear_attn
+                kw = {} if x.shape[1] == 1 else {"chunk_size": self.chunk_size}
+                o, state = fn(q, k, v, feature_map=self.feature_map, initial_state=state, output_final_state=True, **kw)
             o = self.o_norm(o)
         return self.o_proj(merge_heads(o.to(x.dtype))), state

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effattn.dist import current_sequence_parallel
 from effattn.linear import chunk_selective_scan, step_selective_scan
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -45,6 +46,8 @@ class MambaMixer(MixerBase):
         >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
         True
     """
+
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
 
     def __init__(
         self,
@@ -87,7 +90,10 @@ class MambaMixer(MixerBase):
         kw = dict(
             D=self.D.reshape(H, P), z=split_heads(z, H), delta_softplus=False, initial_state=h, output_final_state=True
         )
-        if x.shape[1] == 1:
+        sp = current_sequence_parallel()
+        if sp is not None:  # sequence shards: the convolution took its halo; LASP-2 for the scan
+            y, h = sp.linear("mamba", *args, **kw, chunk_size=self.chunk_size)
+        elif x.shape[1] == 1:
             y, h = step_selective_scan(*args, **kw)
         else:
             y, h = chunk_selective_scan(*args, **kw, chunk_size=self.chunk_size)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effattn.dist import current_sequence_parallel
 from effattn.linear import chunk_simple_gla, step_simple_gla
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -45,6 +46,8 @@ class Mamba2Mixer(MixerBase):
         True
     """
 
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
+
     def __init__(self, dim: int, heads: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, chunk_size: int = 64):
         super().__init__()
         check_heads(dim, heads)
@@ -74,7 +77,20 @@ class Mamba2Mixer(MixerBase):
         xs = split_heads(xs, H)
         q, k = Cm.unsqueeze(2).expand(B, T, H, N), Bm.unsqueeze(2).expand(B, T, H, N)
         v = xs * dt.unsqueeze(-1).to(xs.dtype)
-        if T == 1:
+        sp = current_sequence_parallel()
+        if sp is not None:  # sequence shards: the convolution took its halo; LASP-2 for the SSD scan
+            y, h = sp.linear(
+                "simple_gla",
+                q,
+                k,
+                v,
+                g.to(x.dtype),
+                scale=1.0,
+                initial_state=h,
+                output_final_state=True,
+                chunk_size=self.chunk_size,
+            )
+        elif T == 1:
             y, h = step_simple_gla(q, k, v, g.to(x.dtype), scale=1.0, initial_state=h, output_final_state=True)
         else:
             y, h = chunk_simple_gla(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int
+from effattn.dist import current_sequence_parallel
 from effattn.linear import chunk_mom, step_mom
 from effattn.nn.mixers._base import (
     MixerBase,
@@ -46,6 +47,8 @@ class MoMMixer(MixerBase):
         >>> torch.allclose(y_last, mixer(x)[0][:, 8:], atol=1e-5)
         True
     """
+
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
 
     def __init__(
         self,
@@ -88,7 +91,10 @@ class MoMMixer(MixerBase):
         logits = split_heads(self.router(x), H)
         g = zero_invalid(-self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias), valid)
         kw = dict(top_k=self.top_k, shared_memory=self.shared_memory, initial_state=S, output_final_state=True)
-        if x.shape[1] == 1:
+        sp = current_sequence_parallel()
+        if sp is not None:  # sequence shards: the convolutions took their halo; LASP-1's state pass
+            o, S = sp.linear("mom", q, k, v, logits, g.to(x.dtype), **kw, chunk_size=self.chunk_size)
+        elif x.shape[1] == 1:
             o, S = step_mom(q, k, v, logits, g.to(x.dtype), **kw)
         else:
             o, S = chunk_mom(q, k, v, logits, g.to(x.dtype), **kw, chunk_size=self.chunk_size)

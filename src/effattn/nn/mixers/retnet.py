@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from effattn.dist import current_sequence_parallel
 from effattn.linear import (
     chunk_retention,
     chunk_simple_gla,
@@ -47,6 +48,8 @@ class RetNetMixer(MixerBase):
         True
     """
 
+    supports_sequence_parallel = True  # reads effattn.dist.sequence_parallel
+
     def __init__(self, dim: int, heads: int, chunk_size: int = 64):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
@@ -63,7 +66,14 @@ class RetNetMixer(MixerBase):
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         log_decay = self.log_decay.to(x.device)
         step = T == 1
-        if valid is None:
+        sp = current_sequence_parallel()
+        if sp is not None:  # sequence shards: LASP-2 (a fixed decay per head)
+            if valid is not None:
+                raise ValueError("sequence-parallel RetNet takes no valid mask (shards of unpadded sequences)")
+            o, state = sp.linear(
+                "retnet", q, k, v, log_decay, initial_state=state, output_final_state=True, chunk_size=self.chunk_size
+            )
+        elif valid is None:
             fn = step_retention if step else chunk_retention
             kw = {} if step else {"chunk_size": self.chunk_size}
             o, state = fn(q, k, v, log_decay, initial_state=state, output_final_state=True, **kw)

@@ -25,6 +25,13 @@ class RMTMixer(MixerBase):
         True
     """
 
+    # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
+    sequence_parallel_unsupported = (
+        "each segment's memory tokens are the previous segment's attention output, a nonlinear map "
+        "carried through the whole sequence segment by segment: the shards could only run one after the "
+        "other, and that pass is not implemented"
+    )
+
     def __init__(self, dim: int, heads: int, num_memory: int = 4, segment: int = 8, bptt_segments: int | None = None):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)

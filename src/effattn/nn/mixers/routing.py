@@ -74,6 +74,13 @@ class RoutingMixer(MixerBase):
         (1, 2, 4, 8, 8)
     """
 
+    # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
+    sequence_parallel_unsupported = (
+        "its queries and keys are clustered by k-means over the whole sequence and attend within "
+        "clusters, so every rank would need every other rank's keys (a global clustering and a "
+        "content-dependent all-to-all), which sequence sharding is meant to avoid; not implemented"
+    )
+
     def __init__(
         self,
         dim: int,

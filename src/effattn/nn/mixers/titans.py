@@ -86,6 +86,13 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
 
 
 class _TitansBase(MixerBase):
+    # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
+    sequence_parallel_unsupported = (
+        "its memory is a small network trained by gradient steps on every token (test-time training: "
+        "Titans, Miras, ATLAS); that update is not a linear map of a state, so LASP-2 does not apply, and "
+        "a sequential pass of the memory's weights from rank to rank is not implemented"
+    )
+
     def __init__(self, dim: int, heads: int, depth: int = 2, chunk_size: int = 1, **memory_kw):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)

@@ -51,6 +51,13 @@ class TopKBlockMixer(MixerBase):
         (True, (1, 13, 2, 16))
     """
 
+    # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
+    sequence_parallel_unsupported = (
+        "each query picks its top-k key blocks by content among all earlier blocks, so a rank would need "
+        "every earlier rank's block summaries and then the selected blocks (data-dependent gathers); not "
+        "implemented"
+    )
+
     def __init__(
         self,
         dim: int,
