@@ -308,10 +308,11 @@ def speed_plots(out: Path, speed: Sequence[dict], label: str) -> list[str]:
         ("time_vs_length.png", tk, f"{what} time, ms (median of the timed calls; bars: min-max)"),
         ("memory_vs_length.png", mk, f"peak memory of one {what}, MiB (rise over the memory in use before it)"),
     )
-    groups = panels(speed)
     files = []
     for fname, key, ylabel in plots:
-        if not any(r.get(key) is not None for r in speed):
+        # the panels with something to draw (a family whose every row failed has none)
+        groups = {t: ns for t, ns in panels(speed).items() if any(_points(speed, n, key) for n in ns if n != SDPA)}
+        if not groups:
             continue
         n = len(groups)
         fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 7.2), squeeze=False, sharey=True)
