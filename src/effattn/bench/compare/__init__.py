@@ -57,6 +57,7 @@ from effattn.bench.compare.config import (
     pair_counts,
 )
 from effattn.bench.compare.listops import DEFAULT_LISTOPS_MIXERS, run_listops
+from effattn.bench.compare.lra import run_lra
 from effattn.bench.compare.recall import mixer_names, run_recall, run_recall_sweep
 from effattn.bench.compare.report import (
     LISTOPS_COLUMNS,
@@ -125,6 +126,7 @@ __all__ = [
     "recall_trend",
     "run_compare",
     "run_listops",
+    "run_lra",
     "run_recall",
     "run_recall_sweep",
     "run_speed",
@@ -185,6 +187,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     if "listops" in cfg.only:
         results["listops"] = run_listops(cfg)
         print_table("reasoning: ListOps", results["listops"], terminal_columns(LISTOPS_COLUMNS))
+    if "lra" in cfg.only:  # its own report page, lra.md (bench.compare.lra)
+        results["lra"] = run_lra(cfg)
+        print_table("Long Range Arena", results["lra"], ["task", "tokens", "mixer", "accuracy", "paper_transformer"])
     results["advice"] = advice(results["speed"], results["recall"], pair_counts(cfg))
     results["meta"]["wall_s"] = time.perf_counter() - t0
     path = write_report(cfg, results)

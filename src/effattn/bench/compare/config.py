@@ -8,7 +8,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-SECTIONS = ("speed", "recall", "listops")
+SECTIONS = ("speed", "recall", "listops", "lra")
+DEFAULT_SECTIONS = ("speed", "recall", "listops")  # lra: its own preset (--preset lra) or --only lra
 
 # the wall time of `make demo` (= the quick preset), stated in the same words in --help and the README
 # (tests/bench/test_report_trust.py checks both)
@@ -25,7 +26,7 @@ class CompareConfig:
     backward: bool = True
     device: str = "cpu"
     out: str = "bench_out/compare"
-    only: tuple[str, ...] = SECTIONS
+    only: tuple[str, ...] = DEFAULT_SECTIONS
     mixers: tuple[str, ...] | None = None  # None: every registered mixer but TOKEN_BY_TOKEN_MIXERS
     # MQAR
     mqar_widths: tuple[int, ...] = (64,)
@@ -57,6 +58,17 @@ class CompareConfig:
     listops_steps: int = 200
     listops_batch: int = 32
     listops_lr: float = 1e-3
+    # LRA (--preset lra): ListOps and Pathfinder at LRA's lengths (effattn.bench.compare.lra)
+    lra_mixers: tuple[str, ...] = ("attention",)
+    lra_dim: int = 64
+    lra_listops_min_len: int = 500
+    lra_listops_max_len: int = 2000
+    lra_pathfinder_difficulty: str = "hard"
+    lra_train: int = 512
+    lra_test: int = 128
+    lra_steps: int = 60
+    lra_batch: int = 8
+    lra_lr: float = 1e-3
     seed: int = 0
     flex: bool = False  # compiled FlexAttention rows (about a minute of compilation per shape on a CPU)
     extra_mechanisms: list = field(default_factory=list)  # more SpeedMechanism objects (tests)
@@ -142,6 +154,11 @@ PRESETS: dict[str, dict] = {
         mqar_widths=(64,),
         mqar_head_dims=(4, 8, 16),
     ),
+    # Long Range Arena at its lengths on a CPU budget: ListOps 500-2000 tokens and Pathfinder 32 x 32 (1024
+    # tokens), a 2-layer width-64 LM per mixer (attention: the Transformer the paper reports), 60 steps of
+    # batch 8 on 512 examples per task (one step takes 1-10 s on the shared 2-core CPU, so the preset runs
+    # in about 20-40 minutes); accuracies near chance at this budget are expected and reported as such
+    "lra": dict(only=("lra",)),
     # for a GPU: Zoology's MQAR sizes (widths 64-512, T=512, a mixture of 4-64 pairs, vocabulary 8192, the
     # learning-rate sweep of ZOOLOGY_LRS, 3 seeds); the step budget is ours, not Zoology's epochs
     "full": dict(
@@ -232,6 +249,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="quick",
         help=f"sizes of the run: tiny (seconds), quick ({DEMO_WALL_TIME}; MQAR at one learning rate and seed), "
         "recall and state (the recall section alone: 3 learning rates x 3 seeds per cell, several CPU-hours each), "
+        "lra (ListOps and Pathfinder at LRA's lengths on a CPU budget, 20-40 minutes), "
         "full (for a GPU: Zoology's MQAR sizes and learning-rate grid; hours) (default: %(default)s)",
     )
     p.add_argument(
