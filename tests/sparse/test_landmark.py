@@ -10,7 +10,7 @@ from effattn.sparse import LandmarkDecodeState, landmark_attention, landmark_dec
 from tests.helpers import assert_fp32_close
 
 
-def dense_landmark(q, k, v, lms, block, top_k=None):
+def dense_landmark(q, k, v, lms, block, top_k=None, bias=None):
     """The grouped softmax as one dense float64 weight matrix ``W [B, H, T, T]``, written from the paper's
     definition: own-block tokens ``j <= t`` and the landmarks of the (retrieved) earlier blocks share one
     softmax; a landmark's weight is spread over its block by the block's own softmax."""
@@ -20,6 +20,8 @@ def dense_landmark(q, k, v, lms, block, top_k=None):
     k, v, lms = (x.repeat_interleave(G, 2) for x in (k, v, lms))
     S = torch.einsum("bthd,bshd->bhts", q, k) / D**0.5
     L = torch.einsum("bthd,brhd->bhtr", q, lms) / D**0.5
+    if bias is not None:  # a per-head offset on the landmark logits (the mixer's learned c_h)
+        L = L + bias.double().view(1, Hq, 1, 1)
     t = torch.arange(T).view(T, 1)
     j = torch.arange(T).view(1, T)
     nb = lms.shape[1]
@@ -62,6 +64,27 @@ def test_matches_dense_grouped_softmax(T, block, Hq, Hkv, top_k):
             assert (g is None or not g.any()) and (w is None or not w.any())
             continue
         assert_fp32_close(g, w, 1e-4, "d" + n)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_landmark_bias(top_k):
+    """A per-head offset on the landmark logits: equal to the dense reference with it (forward and the
+    bias's gradient), the retrieval unchanged by it, and with zero offset the paper's form."""
+    q, k, v, lms = inputs(T=41, block=5, grad=True)
+    bias = torch.tensor([0.5, -1.0, 2.0, 0.0], requires_grad=True)
+    o = landmark_attention(q, k, v, lms, block=5, top_k=top_k, landmark_bias=bias)
+    ref, _ = dense_landmark(q, k, v, lms, 5, top_k, bias)
+    assert_fp32_close(o, ref)
+    do = torch.randn_like(o)
+    got = torch.autograd.grad(o, (q, lms, bias), do)
+    want = torch.autograd.grad(ref, (q, lms, bias), do.double())
+    for g, w, n in zip(got, want, ("q", "landmarks", "bias")):
+        assert_fp32_close(g, w, 1e-4, "d" + n)
+    plain = landmark_attention(q, k, v, lms, block=5, top_k=top_k)
+    assert torch.equal(landmark_attention(q, k, v, lms, block=5, top_k=top_k, landmark_bias=0.0), plain)
+    assert not torch.allclose(o, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="landmark_bias"):
+        landmark_attention(q, k, v, lms, block=5, landmark_bias=torch.zeros(3))
 
 
 def test_block_weights_are_the_landmark_softmax():

@@ -46,7 +46,7 @@ from effattn._checks import check_positive_int, check_qkv, check_scale, check_te
 __all__ = ["LandmarkDecodeState", "landmark_attention", "landmark_decode_state", "step_landmark_attention"]
 
 
-def _block_rows(q, t0, k, v, lms, block, top_k, scale):
+def _block_rows(q, t0, k, v, lms, block, top_k, scale, bias=None):
     """Rows ``t0 .. t0 + n - 1`` (one query block ``c``) of landmark attention: ``q [B, n, H_q, D]``,
     keys/values from position 0 (at least ``t0 + n``), landmarks of blocks ``0 .. c - 1`` (at least)."""
     B, n, Hq, D = q.shape
@@ -66,6 +66,8 @@ def _block_rows(q, t0, k, v, lms, block, top_k, scale):
         o = torch.einsum("bhgqk,bkhd->bqhgd", p, v_own)
         return o.reshape(B, n, Hq, Dv).to(q.dtype)
     g = torch.einsum("bqhgd,brhd->bhgqr", qg, lms[:, :c].to(ct))  # landmark scores [B, Hkv, G, n, c]
+    if bias is not None:  # one offset per query head: the ranking of the blocks is unchanged
+        g = g + bias.to(ct).view(1, Hkv, G, 1, 1)
     if top_k is None or top_k >= c:  # every earlier block (the training form)
         kb = k[:, :lo].to(ct).view(B, c, block, Hkv, D)
         vb = v[:, :lo].to(ct).view(B, c, block, Hkv, Dv)
@@ -101,6 +103,16 @@ def _check_top_k(top_k):
         check_positive_int("top_k", top_k)
 
 
+def _landmark_bias(bias, Hq: int, like: torch.Tensor) -> torch.Tensor | None:
+    """``None``, a number or a tensor of ``[]`` / ``[H_q]`` -> ``None`` or an ``[H_q]`` tensor."""
+    if bias is None:
+        return None
+    b = bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), device=like.device)
+    if b.dim() > 1 or (b.dim() == 1 and b.shape[0] != Hq) or not b.is_floating_point():
+        raise ValueError(f"landmark_bias must be a number or a float tensor [heads_q] = [{Hq}], got {bias!r}")
+    return b.expand(Hq)
+
+
 def landmark_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -110,12 +122,16 @@ def landmark_attention(
     block: int,
     top_k: int | None = None,
     scale: float | None = None,
+    landmark_bias: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal landmark attention (module docstring): ``q [B, T, H_q, D]``, ``k, v [B, T, H_kv, *]``,
     ``landmarks [B, T // block, H_kv, D]`` (the landmark key of each complete block) -> ``[B, T, H_q, D_v]``.
 
     ``top_k=None`` is the training form (grouped softmax over every earlier block); an int retrieves
-    that many blocks per query and head by landmark score. Differentiable in q, k, v and landmarks
+    that many blocks per query and head by landmark score. ``landmark_bias`` (a number or ``[H_q]``): an
+    offset added to every landmark logit ``g_tb`` of a head (not in the paper, whose offset is 0; it
+    moves weight between the own block and the earlier blocks without changing which blocks are
+    retrieved; the ``landmark`` mixer learns one). Differentiable in q, k, v, landmarks and the bias
     (the retrieval itself is not).
 
     Example::
@@ -135,7 +151,10 @@ def landmark_attention(
     _check_top_k(top_k)
     _check_landmarks("landmarks", landmarks, B, Hkv, D, T // block)
     scale = check_scale(scale, D)
-    outs = [_block_rows(q[:, t0 : t0 + block], t0, k, v, landmarks, block, top_k, scale) for t0 in range(0, T, block)]
+    bias = _landmark_bias(landmark_bias, Hq, q)
+    outs = [
+        _block_rows(q[:, t0 : t0 + block], t0, k, v, landmarks, block, top_k, scale, bias) for t0 in range(0, T, block)
+    ]
     return torch.cat(outs, 1) if outs else q.new_zeros(B, 0, Hq, v.shape[3])
 
 
@@ -184,13 +203,14 @@ def step_landmark_attention(
     top_k: int | None = None,
     landmarks: torch.Tensor | None = None,
     scale: float | None = None,
+    landmark_bias: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LandmarkDecodeState]:
     """``n >= 1`` new tokens ``q [B, n, H_q, D]``, ``k, v [B, n, H_kv, *]`` at positions ``t .. t + n - 1``
     (``t``: the state's length; ``None`` = empty) -> ``(o [B, n, H_q, D_v], new_state)``, equal to
     those rows of :func:`landmark_attention` over the whole sequence. ``landmarks [B, m, H_kv, D]``: the
     landmark keys of the ``m = (t + n) // block - t // block`` blocks these tokens complete (``None``
     when ``m = 0``); a block's landmark is read only by later tokens, so it may be made from the
-    block's own tokens.
+    block's own tokens. ``landmark_bias`` as in :func:`landmark_attention`.
 
     Example::
 
@@ -208,6 +228,7 @@ def step_landmark_attention(
     check_positive_int("block", block)
     _check_top_k(top_k)
     scale = check_scale(scale, D)
+    bias = _landmark_bias(landmark_bias, Hq, q)
     if state is None:
         state = LandmarkDecodeState(k[:, :0], v[:, :0], k.new_zeros(B, 0, Hkv, D))
     if not isinstance(state, LandmarkDecodeState):
@@ -233,6 +254,6 @@ def step_landmark_attention(
     outs, a = [], t
     while a < t + n:
         b = min(t + n, (a // block + 1) * block)  # up to the end of a's block
-        outs.append(_block_rows(q[:, a - t : b - t], a, k_all, v_all, lms, block, top_k, scale))
+        outs.append(_block_rows(q[:, a - t : b - t], a, k_all, v_all, lms, block, top_k, scale, bias))
         a = b
     return torch.cat(outs, 1), LandmarkDecodeState(k_all, v_all, lms)

@@ -30,7 +30,11 @@ class LandmarkMixer(MixerBase):
         x_b = e + sum_{j in b} softmax_j(u . x_j / sqrt(dim)) x_j ;   l_b = RoPE(W_k x_b, last position of b)
 
     and a query reads earlier blocks only through the grouped softmax: its own block's tokens and the
-    landmarks share one softmax, a landmark's share is spread over its block by the block's own softmax.
+    landmarks (logits ``q . l_b / sqrt(D) + c_h``) share one softmax, a landmark's share is spread over its
+    block by the block's own softmax. ``c_h`` is a learned offset per head, ``log(block)`` at the start,
+    so that with equal scores a landmark weighs as much as its block's tokens would in a plain softmax
+    (the paper has no offset: without one a landmark starts ``block`` times lighter than its block, and
+    on the passkey task of ``docs/results/landmark`` the lookup formed much more slowly).
     Training (``model.train()``) reads every earlier block, as the paper trains; evaluation reads the
     ``top_k`` blocks with the largest landmark scores per query and head (retrieval), so context past
     the training length costs ``O(top_k x block)`` keys per token to attend (plus one landmark score per
@@ -79,6 +83,9 @@ class LandmarkMixer(MixerBase):
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.landmark = nn.Parameter(torch.randn(dim) * dim**-0.5)  # e: the landmark's own input
         self.pool_query = nn.Parameter(torch.zeros(dim))  # u: zeros = a mean pool at the start
+        # c_h, one offset per head on the landmark logits; log(block): at the start (equal scores) a block's
+        # landmark carries the weight its block's tokens would have in a plain softmax
+        self.landmark_bias = nn.Parameter(torch.full((heads,), math.log(self.block)))
         self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_fraction) if rope else None
 
     def _probe_len(self, seq_len: int) -> int:
@@ -112,7 +119,14 @@ class LandmarkMixer(MixerBase):
             lms = self.landmark_keys(xb, t0 - tail.shape[1])
         top_k = None if self.training else self.top_k
         o, sparse_state = step_landmark_attention(
-            q, k, v, None if st is None else st[0], block=self.block, top_k=top_k, landmarks=lms
+            q,
+            k,
+            v,
+            None if st is None else st[0],
+            block=self.block,
+            top_k=top_k,
+            landmarks=lms,
+            landmark_bias=self.landmark_bias,
         )
         return o, (sparse_state, xs[:, m * self.block :])
 
