@@ -28,10 +28,10 @@ from effattn.exact import attention, merge_attention_states
 
 __all__ = ["BlockJob", "apply_sinks", "block_backward", "block_forward", "block_jobs", "merge_into", "tile_shape"]
 
-# score elements of one tile of the blockwise backward (1M floats = 4 MiB per temporary). The tile is
-# fixed, not a fraction of the block, so a rank's peak memory is its O(T/P) shards plus a constant:
-# it falls with P at a fixed total length.
-BACKWARD_TILE_ELEMENTS = 2**20
+# score elements of one tile of the blockwise backward (256k floats = 1 MiB per temporary, a few alive).
+# The tile is fixed, not a fraction of the block, so a rank's peak memory is its O(T/P) shards plus a
+# small constant: it falls with P at a fixed total length.
+BACKWARD_TILE_ELEMENTS = 2**18
 
 
 @dataclass(frozen=True)

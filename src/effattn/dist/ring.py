@@ -131,6 +131,8 @@ class _RingAttention(torch.autograd.Function):
                 dk_in, dv_in = dkv_pending.wait()
                 dk_blk += dk_in
                 dv_blk += dv_in
+                del dk_in, dv_in  # not kept through the next step's compute
+                dkv_pending = None
             if world == 1:
                 return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype), None, None, None, None, None, None, None
             dkv_pending = shift([dk_blk, dv_blk], nxt, prv, ctx.group, tag="dkv")
