@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
 from effattn._checks import check_scale
-from effattn.dist._blocks import apply_sinks, block_backward, block_forward, block_jobs, merge_into
+from effattn.dist._blocks import BlockJob, apply_sinks, block_backward, block_forward, block_jobs, merge_into
 from effattn.dist._comm import check_same_shapes, p2p, shift
 from effattn.dist.layout import check_layout, group_rank_and_size
 from effattn.dist.ring import check_extras, check_local_shards
@@ -138,10 +138,14 @@ class _TokenRingAttention(torch.autograd.Function):
             )
             sends, recvs = [], []
             if out_job is not None:
-                dq_part = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-                tq, tdo, tlse, tdelta = travel
-                block_backward(tq, k, v, tdo, tlse, tdelta, out_job, ctx.scale, dq_part, dk, dv, ctx.softcap)
-                sends = [(dq_part[:, out_job.q_rows], owner)]
+                # only the job's query rows: an off-diagonal job is never causal, so they can be renumbered
+                rows, n = out_job.q_rows, out_job.q_rows.stop - out_job.q_rows.start
+                sub = BlockJob(slice(0, n), out_job.k_rows, out_job.causal)
+                tq, tdo = travel[0][:, rows], travel[1][:, rows]
+                tlse, tdelta = travel[2][:, :, rows], travel[3][:, :, rows]
+                dq_part = torch.zeros(q.shape[0], n, *q.shape[2:], dtype=torch.float32, device=q.device)
+                block_backward(tq, k, v, tdo, tlse, tdelta, sub, ctx.scale, dq_part, dk, dv, ctx.softcap)
+                sends = [(dq_part, owner)]
             if in_job is not None:
                 n = in_job.q_rows.stop - in_job.q_rows.start
                 recvs = [(torch.empty(q.shape[0], n, *q.shape[2:], dtype=torch.float32, device=q.device), helper)]
