@@ -50,7 +50,9 @@ def test_flags_from_stored_rows(tmp_path):
     md = "\n".join(sr.speed_section(stored, {}))
     assert "**2 of 4 timed rows flagged**: fwd slower, noisy f+b." in md
     remarks = {r["mechanism"]: r["remark"] for r in sr.speed_terminal_rows(stored)}
-    assert remarks["fwd slower"] == "flag: fwd > f+b" and remarks["failed"] == "RuntimeError: x"
+    assert (
+        remarks["fwd slower"] == "f>fb" and remarks["noisy f+b"] == "±1.6x" and remarks["failed"] == "RuntimeError: x"
+    )
 
 
 def test_spread_limit_is_one_and_a_half():

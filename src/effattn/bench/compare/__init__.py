@@ -77,7 +77,12 @@ from effattn.bench.compare.speed import (
     run_speed,
     speed_mechanisms,
 )
-from effattn.bench.compare.speed_report import SPEED_COLUMNS, SPEED_TERMINAL_COLUMNS, speed_terminal_rows
+from effattn.bench.compare.speed_report import (
+    SPEED_COLUMNS,
+    SPEED_TERMINAL_COLUMNS,
+    SPEED_TERMINAL_TITLE,
+    speed_terminal_rows,
+)
 from effattn.bench.compare.sweep import (
     RecallRun,
     aggregate_runs,
@@ -164,7 +169,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         rows, extra, notes = run_speed(cfg)
         results["speed"], results["notes"] = rows, results["notes"] + notes
         results["meta"].update(extra)
-        print_table("speed and memory", speed_terminal_rows(rows), SPEED_TERMINAL_COLUMNS)
+        print_table(SPEED_TERMINAL_TITLE, speed_terminal_rows(rows), SPEED_TERMINAL_COLUMNS)
     if "recall" in cfg.only:
 
         def partial_report(rows: list[dict], runs: list[dict]) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "MEMORY_KEY",
     "SPEED_COLUMNS",
     "SPEED_TERMINAL_COLUMNS",
+    "SPEED_TERMINAL_TITLE",
     "flagged_rows",
     "load_lines",
     "speed_advice",
@@ -135,13 +136,31 @@ def speed_table_rows(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+# the terminal table's title: what its ratio and its short flags mean
+SPEED_TERMINAL_TITLE = "speed and memory: x sdpa = paired speed-up over SDPA; flags: ±2.1x = spread, f>fb = fwd > f+b"
+
+
+def _short_flag(flag: str) -> str:
+    """``"f+b spread 2.1x"`` -> ``"±2.1x"``, ``"fwd > f+b"`` -> ``"f>fb"`` (the remark column is narrow)."""
+    return "f>fb" if flag == "fwd > f+b" else "±" + flag.rsplit(" ", 1)[-1]
+
+
 def speed_terminal_rows(rows: Sequence[dict]) -> list[dict]:
-    """Speed rows with their error, flags or note in one ``remark`` (in that order of precedence)."""
+    """Speed rows with their error, flags (short: ``±2.1x`` the largest spread, ``f>fb``) or note in one
+    ``remark``, in that order of precedence.
+
+    Example::
+
+        >>> r = {"fwd_ms": 9.0, "fwd_ms_min": 5.0, "fwd_ms_max": 12.0, "fwd_bwd_ms": 8.0, "note": "n"}
+        >>> speed_terminal_rows([r])[0]["remark"], speed_terminal_rows([{"note": "n"}])[0]["remark"]
+        ('±2.4x f>fb', 'n')
+    """
     out = []
     for r in rows:
-        flags = _row_flags(r)
-        remark = r.get("error") or ("flag: " + "; ".join(flags) if flags else None) or r.get("note")
-        out.append({**r, "remark": remark})
+        flags = [_short_flag(f) for f in _row_flags(r)]
+        spreads = sorted((f for f in flags if f.startswith("±")), key=lambda f: -float(f[1:-1]))[:1]
+        short = " ".join(spreads + [f for f in flags if not f.startswith("±")])
+        out.append({**r, "remark": r.get("error") or short or r.get("note")})
     return out
 
 
