@@ -7,7 +7,7 @@ same way ``bench sparse --paired`` does (``effattn.bench.harness.paired_times``:
 ``--repeats`` pairs of forward+backward calls; ratio = median over pairs of time(SDPA) / time(row)), at
 the suites' sizes (B=1, H=4, D=64, float32, inputs as ``bench sparse``'s random ones):
 
-- ``tiled causal``, ``tiled window=256``, ``auto causal`` (``effattn.exact.attention``);
+- ``tiled causal``, ``tiled window=256`` (``effattn.exact.attention(..., backend="tiled")``);
 - the sparse methods named by ``--methods`` (default: every registered one), causal where they have a
   causal mode, with their ``make_params(T)``.
 
@@ -49,7 +49,6 @@ def rows_to_measure(T: int, methods: list[str]):
     q, k, v = (torch.randn(B, T, H, D, generator=g).requires_grad_(True) for _ in range(3))
     yield "exact", "tiled causal", (lambda: attention(q, k, v, causal=True, backend="tiled")), [q, k, v]
     yield "exact", "tiled window=256", (lambda: attention(q, k, v, causal=True, window=256, backend="tiled")), [q, k, v]
-    yield "exact", "auto causal", (lambda: attention(q, k, v, causal=True, backend="auto")), [q, k, v]
     for name in methods:
         m = REGISTRY[name]
         causal = True in m.causal_modes
