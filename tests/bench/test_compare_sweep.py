@@ -153,6 +153,8 @@ def test_verdicts_follow_the_rule():
     runs += [run("u", 4, s, 1e-3, *((1.0, 0.99) if s == 0 else (0.5, 0.13))) for s in range(3)]
     # w: partly learned, no larger state of w
     runs += [run("w", 4, s, 1e-3, 0.9, 0.3) for s in range(3)]
+    # f: above chance by the same amount at 2 and 8 pairs (does not fall), a larger state of f solves
+    runs += [run("f", 1, s, 1e-3, 0.75, 0.70) for s in range(3)] + [run("f", 4, s, 1e-3, 1.0, 1.0) for s in range(3)]
     verdict = {(r["mixer"], r["state_bytes"]): r["verdict"] for r in aggregate_runs(runs)}
     assert verdict == {
         ("m", 1): "state-limited",
@@ -160,6 +162,8 @@ def test_verdicts_follow_the_rule():
         ("n", 4): "optimisation-limited",
         ("u", 4): "unsettled (seeds disagree)",
         ("w", 4): "unsettled (no larger state solves)",
+        ("f", 1): "unsettled (does not fall with the pairs)",
+        ("f", 4): "solved",
     }
 
 

@@ -15,7 +15,8 @@ over seeds with their minimum and maximum (the spread), the learning rates that 
 - ``state-limited``: not solved, but the median run left chance, its accuracy falls with the pairs (by
   at least 0.1 from the fewest to the most), and a cell of the same mixer with a larger state is solved
   (accuracy falls with the pairs at this state and recovers with more state);
-- ``unsettled``: anything else (the seeds disagree, or no larger state of the mixer solves), with why.
+- ``unsettled``: anything else, with why (the seeds disagree, the accuracy does not fall with the pairs,
+  no larger state of the mixer solves, or the median sits at chance while some run left it).
 
 Seeds change the data (train and test sets) and the initialisation and nothing else; the learning rate
 changes nothing but the learning rate. Runs are spread over ``jobs`` worker processes of one thread each.
@@ -252,6 +253,8 @@ def classify(rows: list[dict], pairs: Sequence[int]) -> None:
                 r["verdict"] = "state-limited"
             elif not all(r["_winners_left"]) and any(r["_winners_left"]):
                 r["verdict"] = "unsettled (seeds disagree)"
+            elif median_left and not falls:
+                r["verdict"] = "unsettled (does not fall with the pairs)"
             elif median_left:
                 r["verdict"] = "unsettled (no larger state solves)"
             else:
