@@ -180,7 +180,7 @@ def run_compare(cfg: CompareConfig) -> dict:
                 "recall_runs": runs,
                 "advice": advice(results["speed"], rows, pair_counts(cfg)),
                 "meta": {**results["meta"], "wall_s": time.perf_counter() - t0},
-                "notes": results["notes"] + [f"partial report: {len(rows)} of {n_runs} trainings done"],
+                "notes": results["notes"] + [f"partial report: {len(runs)} of {n_runs} trainings done"],
             }
             write_report(cfg, done)
 
