@@ -9,10 +9,10 @@ import math
 import torch
 from torch import nn
 
-from effattn._checks import check_positive_int
+from effattn._checks import check_int, check_positive_int
 from effattn.memory import NeuralMemory
 from effattn.nn.attention import Attention
-from effattn.nn.mixers._base import MixerBase, check_heads, check_x_and_valid
+from effattn.nn.mixers._base import MixerBase, check_heads, check_state_size_args, check_x_and_valid, state_nbytes
 from effattn.nn.registry import register_mixer
 
 __all__ = ["TitansMAC", "TitansMAG", "TitansMAL", "segment_attention"]
@@ -97,6 +97,36 @@ class _TitansBase(MixerBase):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.memory = NeuralMemory(dim, heads, depth=depth, chunk_size=chunk_size, **memory_kw)
+        self.num_persistent = 0
+
+    def state_size(self, batch: int, seq_len: int) -> int:
+        """Bytes of state at context ``seq_len``: the memory's (weights and momentum) plus, where the mixer
+        has a sliding-window attention, its KV cache after the persistent tokens and ``seq_len`` tokens."""
+        attn = getattr(self, "attn", None)
+        if attn is None:  # MAC: its segment buffers are allocated whole, a probe measures them
+            return super().state_size(batch, seq_len)
+        check_state_size_args(batch, seq_len)
+        p = next(self.parameters())
+        with torch.no_grad():
+            _, ms = self.memory(torch.zeros(batch, 1, self.dim, device=p.device, dtype=p.dtype))
+        return state_nbytes(ms) + attn.state_size(batch, seq_len + self.num_persistent)
+
+    def _init_persistent(self, num_persistent: int) -> None:
+        check_int("num_persistent", num_persistent, minimum=0)
+        self.num_persistent = num_persistent
+        # learned, input-independent tokens of the model's width (Titans section 3.3), prepended to the sequence
+        self.persistent = nn.Parameter(torch.randn(num_persistent, self.dim) * 0.02) if num_persistent else None
+
+    def _start(self, x, state):
+        """``(memory state, cache)`` to continue from: the given state or, at a sequence's start (``state``
+        None), the state the persistent tokens leave (none: ``(None, None)``)."""
+        if state is not None:
+            return state
+        if self.persistent is None:
+            return None, None
+        p = self.persistent.to(x.dtype).expand(x.shape[0], -1, -1)
+        _, state = self._layer(p, None, None, None)  # their outputs are dropped: they open every sequence
+        return state
 
 
 @register_mixer("titans_mal")
@@ -113,16 +143,28 @@ class TitansMAL(_TitansBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, window: int = 16, depth: int = 2, chunk_size: int = 1, **memory_kw):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        window: int = 16,
+        depth: int = 2,
+        chunk_size: int = 1,
+        num_persistent: int = 0,
+        **memory_kw,
+    ):
         super().__init__(dim, heads, depth, chunk_size, **memory_kw)
         self.attn = Attention(dim, heads, window=window)
+        self._init_persistent(num_persistent)
 
-    def forward(self, x, state=None, valid=None):
-        valid = check_x_and_valid(x, self.dim, valid)
-        ms, cache = (None, None) if state is None else state
+    def _layer(self, x, ms, cache, valid):
         m, ms = self.memory(x, ms, valid)
         a, cache = self.attn(x + m, cache, valid)
         return m + a, (ms, cache)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_x_and_valid(x, self.dim, valid)
+        return self._layer(x, *self._start(x, state), valid)
 
 
 @register_mixer("titans_mag")
@@ -139,17 +181,29 @@ class TitansMAG(_TitansBase):
         True
     """
 
-    def __init__(self, dim: int, heads: int, window: int = 16, depth: int = 2, chunk_size: int = 1, **memory_kw):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        window: int = 16,
+        depth: int = 2,
+        chunk_size: int = 1,
+        num_persistent: int = 0,
+        **memory_kw,
+    ):
         super().__init__(dim, heads, depth, chunk_size, **memory_kw)
         self.attn = Attention(dim, heads, window=window)
         self.out = nn.Linear(dim, dim, bias=False)
+        self._init_persistent(num_persistent)
 
-    def forward(self, x, state=None, valid=None):
-        valid = check_x_and_valid(x, self.dim, valid)
-        ms, cache = (None, None) if state is None else state
+    def _layer(self, x, ms, cache, valid):
         m, ms = self.memory(x, ms, valid)
         a, cache = self.attn(x, cache, valid)
         return self.out(a * torch.sigmoid(m)), (ms, cache)
+
+    def forward(self, x, state=None, valid=None):
+        valid = check_x_and_valid(x, self.dim, valid)
+        return self._layer(x, *self._start(x, state), valid)
 
 
 @register_mixer("titans_mac")
