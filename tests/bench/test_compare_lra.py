@@ -40,6 +40,7 @@ def test_lra_section_runs_and_reports(tmp_path):
     md = (tmp_path / "lra.md").read_text()
     assert "0.3637" in md and "0.7140" in md and "Table 1" in md
     assert json.loads((tmp_path / "lra.json").read_text())["rows"][0]["task"] == "ListOps"
+    assert md in (tmp_path / "report.md").read_text()  # the run's report carries the section
     # the paper's Table 1 Transformer row, average included
     vals = [LRA_PAPER_TRANSFORMER[k] for k in ("ListOps", "Text", "Retrieval", "Image", "Pathfinder")]
     assert abs(sum(vals) / 5 - LRA_PAPER_TRANSFORMER["Avg"]) < 0.01  # the average leaves Path-X out

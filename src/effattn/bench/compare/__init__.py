@@ -57,7 +57,7 @@ from effattn.bench.compare.config import (
     pair_counts,
 )
 from effattn.bench.compare.listops import DEFAULT_LISTOPS_MIXERS, run_listops
-from effattn.bench.compare.lra import run_lra
+from effattn.bench.compare.lra import append_lra_section, run_lra
 from effattn.bench.compare.recall import mixer_names, run_recall, run_recall_sweep
 from effattn.bench.compare.report import (
     LISTOPS_COLUMNS,
@@ -198,6 +198,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     results["advice"] = advice(results["speed"], results["recall"], pair_counts(cfg))
     results["meta"]["wall_s"] = time.perf_counter() - t0
     path = write_report(cfg, results)
+    if "lra" in cfg.only:
+        append_lra_section(path, cfg)
     for a in results["advice"]:
         print(a)
     print(f"report: {path}", flush=True)

@@ -27,7 +27,7 @@ from effattn.bench.tasks.pathfinder import VOCAB_SIZE as PF_VOCAB
 from effattn.bench.tasks.pathfinder import make_pathfinder
 from effattn.bench.train import build_lm, lr_at, train_listops
 
-__all__ = ["LRA_PAPER_TRANSFORMER", "lra_markdown", "run_lra", "train_pathfinder"]
+__all__ = ["LRA_PAPER_TRANSFORMER", "append_lra_section", "lra_markdown", "run_lra", "train_pathfinder"]
 
 # Tay et al. 2021, Table 1, the vanilla Transformer row (test accuracy, %); Path-X: FAIL (chance)
 LRA_PAPER_TRANSFORMER = {
@@ -202,3 +202,11 @@ def lra_markdown(cfg: CompareConfig, rows: list[dict], meta: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def append_lra_section(report: Path, cfg: CompareConfig) -> None:
+    """Append ``lra.md`` (written by :func:`run_lra` into ``cfg.out``) to the run's ``report.md``."""
+    section = Path(cfg.out) / "lra.md"
+    if section.exists():
+        report = Path(report)
+        report.write_text(report.read_text().rstrip("\n") + "\n\n" + section.read_text())
