@@ -168,3 +168,24 @@ def test_checkpointing_keeps_loss_and_grads_and_does_not_rerun_the_ring():
             if case[0] == attention:
                 for per_rank in results:
                     assert per_rank[case][1:] == per_rank[(attention, "none")][1:], (case, per_rank[case][1:])
+
+
+def _recompute_options(rank, world):
+    inp, _ = _data()
+    out = []
+    for opts in ({"reversible": True}, {"streambp": 8}):
+        torch.manual_seed(0)
+        lm = LM(LMConfig(vocab_size=VOCAB, dim=DIM, n_layers=1, heads=HEADS, mixers="attention", **opts))
+        try:
+            with sequence_parallel():
+                lm(shard_sequence(inp))
+            out.append("no error")
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_options_that_rebuild_blocks_outside_the_context_raise():
+    for msgs in spawn(_recompute_options, 2, timeout=60):
+        assert "reversible" in msgs[0] and "sequence parallelism" in msgs[0], msgs[0]
+        assert "streambp" in msgs[1] and "sequence parallelism" in msgs[1], msgs[1]

@@ -256,6 +256,11 @@ class LM(nn.Module):
                     "reversible=True is not supported under sequence parallelism (its backward rebuilds the "
                     "blocks outside the sequence-parallel context); use checkpoint='block' or 'mixer'"
                 )
+            if self.config.streambp and torch.is_grad_enabled():
+                raise ValueError(
+                    f"streambp={self.config.streambp} is not supported under sequence parallelism (its chunked "
+                    "backward computes attention itself, over this rank's shard only); use checkpoint='block'"
+                )
         h = self.embed(ids)
         states = state if state is not None else [None] * len(self.blocks)
         h, new_states = run_blocks(self.blocks, h, states, valid, self.config)
