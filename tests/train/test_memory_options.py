@@ -1,5 +1,8 @@
 """Each exact memory option of LMConfig gives the baseline's loss and gradients; Mesa's error is bounded."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +137,36 @@ def test_mesa_storage_error_and_gradient_bound():
     errs = {n: rel_rms(g[n], g0[n]) for n in g0}
     assert max(errs.values()) < 5e-2, errs
     assert max(errs.values()) > 0  # something was quantized
+
+
+def test_mesa_never_reuses_the_int8_copy_of_a_freed_tensor():
+    """A tensor freed in the forward leaves its address to the next one of its shape; the one-copy-per-tensor
+    cache must not hand the new tensor the old one's int8 copy (it did: w.grad came out 35 here, not 36)."""
+    w = torch.ones(256, 256, requires_grad=True)
+    total = torch.zeros(())
+    with Int8SavedActivations(min_numel=1):
+        for i in range(8):
+            a = torch.full((256, 256), float(i + 1))
+            total = total + (w * a).sum()
+            del a
+    total.backward()
+    assert torch.equal(w.grad, torch.full_like(w, 36.0))
+
+
+@pytest.mark.parametrize("mesa", [False, True])
+def test_mesa_frees_the_float_activations(mesa):
+    """Under Mesa the graph holds int8 copies only: the float activations of a block die with the forward
+    (what lowers the peak); without it the graph keeps them."""
+    torch.manual_seed(0)
+    model = LM(LMConfig(vocab_size=VOCAB, dim=64, n_layers=2, heads=4, mesa=mesa))
+    seen = []
+    hook = model.blocks[0].mlp.gate.register_forward_hook(lambda mod, inp, out: seen.append(weakref.ref(out)))
+    ids = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(6))
+    logits, _ = model(ids)
+    hook.remove()
+    gc.collect()
+    assert (seen[0]() is None) == mesa
+    logits.sum().backward()
 
 
 def test_mesa_keeps_parameters_and_running_scales():

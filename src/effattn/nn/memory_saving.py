@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -154,10 +155,14 @@ class Int8SavedActivations:
             or isinstance(t, nn.Parameter)
         ):
             return t
-        # one int8 copy per tensor: the same activation is often saved by several ops (q, k, v projections)
+        # one int8 copy per tensor: the same activation is often saved by several ops (q, k, v projections).
+        # The address alone is no identity: a freed tensor's memory is soon reused by a new one of the same
+        # shape, so a hit also needs the very tensor, still alive (a weak reference: holding the float
+        # tensor would keep what int8 storage is meant to free).
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
-        if ident in self._packed:
-            return self._packed[ident]
+        hit = self._packed.get(ident)
+        if hit is not None and hit[0]() is t:
+            return hit[1]
         x = t.detach()
         amax = x.abs().flatten(0, -2).amax(dim=0).float()
         key = (self._count, x.shape[-1])
@@ -170,8 +175,9 @@ class Int8SavedActivations:
         self.last_bound = max(self.last_bound, float(scale.max()) / 254)
         self.stats["saved_bytes"] += q.numel() + 4 * scale.numel()
         self.stats["float_bytes"] += x.numel() * x.element_size()
-        self._packed[ident] = (q, scale, x.dtype)
-        return self._packed[ident]
+        packed = (q, scale, x.dtype)
+        self._packed[ident] = (weakref.ref(t), packed)
+        return packed
 
     @staticmethod
     def _unpack(packed):
