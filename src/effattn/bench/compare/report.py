@@ -190,6 +190,8 @@ def write_plots(
                     xy = (r["state_bytes"], r[key])
                     ax.annotate(point_label(r), xy, fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        # a state range under a decade gets labelled minor ticks that run into each other: label majors only
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
         ax.set_ylim(-0.02, 1.02)
         if sub:
