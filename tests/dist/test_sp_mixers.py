@@ -190,3 +190,25 @@ def test_options_that_rebuild_blocks_outside_the_context_raise():
     for msgs in spawn(_recompute_options, 2, timeout=60):
         assert "reversible" in msgs[0] and "sequence parallelism" in msgs[0], msgs[0]
         assert "streambp" in msgs[1] and "sequence parallelism" in msgs[1], msgs[1]
+
+
+def _twice_worker(rank, world):
+    inp, tgt = _data()
+    lm = _model("attention", checkpoint="block")
+    with sequence_parallel(attention="ring"):
+        logits, _ = lm(shard_sequence(inp))
+    loss = F.cross_entropy(logits.flatten(0, 1), shard_sequence(tgt).flatten(), reduction="sum") / tgt.numel()
+    loss.backward(retain_graph=True)  # the second backward recomputes the block again: the ring runs again
+    loss.backward()
+    grads = {}
+    for name, p in lm.named_parameters():
+        torch.distributed.all_reduce(p.grad)
+        grads[name] = p.grad / 2
+    return grads
+
+
+def test_checkpointed_region_recomputed_twice():
+    inp, tgt = _data()
+    ref_loss, ref = _single_loss_and_grads(_model("attention"), inp, tgt)
+    for grads in spawn(_twice_worker, 2, timeout=60):
+        _check((ref_loss, grads), (ref_loss, ref), "retain_graph")

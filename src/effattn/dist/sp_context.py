@@ -137,9 +137,9 @@ class SequenceParallel:
         stash = _STASH.get()
         precomputed = None
         if stash is not None and stash[0] == "replay":
-            if not stash[1]:
-                raise RuntimeError("checkpoint recompute: more ring calls than in the forward (the layer changed)")
-            precomputed = stash[1].pop(0)
+            # a second recompute of the region (backward with retain_graph) finds nothing kept: it runs the
+            # ring again, on every rank alike
+            precomputed = stash[1].pop(0) if stash[1] else None
         o, lse = fn(
             q,
             k,
@@ -225,14 +225,21 @@ def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
     if sp is None:
         return contextlib.nullcontext(), contextlib.nullcontext()
     kept: list = []
-    return _region(sp, "record", kept), _region(sp, "replay", kept)
+    return _Region(sp, "record", kept), _Region(sp, "replay", kept)
 
 
-@contextlib.contextmanager
-def _region(sp: SequenceParallel, mode: str, kept: list) -> Iterator[None]:
-    token, stash = _CURRENT.set(sp), _STASH.set((mode, kept))
-    try:
-        yield
-    finally:
+class _Region:
+    """Enter ``sp`` with the checkpoint ``mode`` and the region's kept results; re-enterable (a region
+    may be recomputed more than once)."""
+
+    def __init__(self, sp: SequenceParallel, mode: str, kept: list):
+        self.sp, self.mode, self.kept = sp, mode, kept
+        self._tokens: list = []
+
+    def __enter__(self) -> None:
+        self._tokens.append((_CURRENT.set(self.sp), _STASH.set((self.mode, self.kept))))
+
+    def __exit__(self, *exc) -> None:
+        current, stash = self._tokens.pop()
         _STASH.reset(stash)
-        _CURRENT.reset(token)
+        _CURRENT.reset(current)
