@@ -41,6 +41,20 @@ def test_pathfinder_labels_match_flood_fill(difficulty):
             assert bool((img[max(0, r - 1) : r + 2, max(0, c - 1) : c + 2] == 255).all())
 
 
+def test_pathfinder_snakes_are_the_components():
+    """Flood fill splits each image into exactly 2 paths + ``distractors`` snakes (the separation that
+    makes the label well defined), for several distractor counts."""
+    for distractors in (0, 1, 3):
+        x, _ = make_pathfinder(6, difficulty="intermediate", distractors=distractors, seed=distractors)
+        for img in x.view(-1, 32, 32):
+            ink = {(r, c) for r, c in (img > 0).nonzero().tolist()}
+            n = 0
+            while ink:
+                ink -= _component(img, next(iter(ink)))
+                n += 1
+            assert n == 2 + distractors
+
+
 def test_pathfinder_determinism_shapes_balance():
     x, y = make_pathfinder(11, difficulty="easy", seed=5)
     x2, y2 = make_pathfinder(11, difficulty="easy", seed=5)
