@@ -133,6 +133,8 @@ class _TitansBase(MixerBase):
 class TitansMAL(_TitansBase):
     """Titans memory as a layer (MAL): ``m = NeuralMemory(x)``, ``y = m + SWA(x + m)`` with causal
     sliding-window attention of ``window`` keys. State ``(memory state, window KV cache)``.
+    ``num_persistent`` learned tokens (paper section 3.3) open every sequence: the memory and the window
+    read them before the first token (their outputs are dropped), so the memory starts from a learned state.
 
     Example::
 
@@ -171,10 +173,11 @@ class TitansMAL(_TitansBase):
 class TitansMAG(_TitansBase):
     """Titans memory as a gate (MAG): sliding-window attention ``a = SWA(x)`` gated by the memory's
     output, ``y = W_o(a * sigmoid(m))`` with ``m = NeuralMemory(x)``. State ``(memory state, KV cache)``.
+    ``num_persistent`` learned tokens open every sequence, as in :class:`TitansMAL`.
 
     Example::
 
-        >>> mixer = TitansMAG(16, 2, window=4).eval()
+        >>> mixer = TitansMAG(16, 2, window=4, num_persistent=2).eval()
         >>> x = torch.randn(1, 7, 16)
         >>> y, st = mixer(x[:, :6])
         >>> torch.allclose(mixer(x[:, 6:], st)[0], mixer(x)[0][:, 6:], atol=1e-5)
