@@ -1,0 +1,498 @@
+"""``python -m effattn bench memory``: learned long-term memories on passkey retrieval past the window, and speed.
+
+Two parts (``--parts``, default both):
+
+- ``passkey``: one small :class:`effattn.nn.LM` per model (2 layers, width 64, 2 heads unless the
+  model says otherwise) trained on generated passkey prompts (:mod:`effattn.bench.tasks.passkey`,
+  place-tagged digits, random needle depth) at short contexts (``--train-len``, log-uniform per step),
+  then evaluated at contexts up to 32x the attention window (``--contexts``): per-digit and whole-key
+  accuracy (chance 0.1 and ``10^-digits``). Every attention in the models sees at most ``--window``
+  keys (the SWA of Titans MAL/MAG, the segment of Titans MAC and Infini-attention), so past the window
+  a key can only come back through the memory. Baselines: sliding-window attention at the same window
+  (``swa``) and at the window whose KV cache equals Titans MAG's whole state (``swa_eq``), and Gated
+  DeltaNet with one head (its ``[64, 64]`` state per layer, the largest a width-64 GDN holds). State
+  bytes per model (``LM.state_size`` at the longest context) are in the table. The neural memories
+  train and evaluate with the chunked form (``--chunk-size``: gradients inside a chunk taken at the
+  chunk-start memory, Titans' parallel form); ``--exact-context`` re-evaluates them with the exact
+  token-by-token rule (``chunk_size=1``) at one context, with the same weights.
+- ``speed``: each memory mixer alone (width 64, 2 heads, batch 1) at ``--lengths``: forward and
+  forward+backward time (median, min, max of ``--repeats`` after a warm-up) of the chunked form and
+  of the token-by-token rule (the mixers' default), forward+backward peak memory, the time of one
+  decode step after a prefill, and the state bytes; sliding-window attention and Gated DeltaNet beside them.
+
+The load average is recorded before and after each part; above the core count the part is marked busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from effattn.bench import harness, suite
+from effattn.bench.tasks.passkey import DEFAULT_VOCAB_SIZE, IGNORE_INDEX, make_passkey
+from effattn.bench.train import build_lm, lr_at
+
+PARTS = ("passkey", "speed")
+MEMORY_MODELS = ("titans_mal", "titans_mag", "titans_mac", "atlas", "infini_attention")
+BASELINES = ("swa", "swa_eq", "gated_deltanet")
+DIM, HEADS, LAYERS = 64, 2, 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The memory suite's options."""
+    p.add_argument("--quick", action="store_true", help="a few training steps at tiny contexts (seconds; tests)")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts of %(default)s")
+    p.add_argument(
+        "--models",
+        default=",".join(MEMORY_MODELS + BASELINES),
+        help="passkey: comma-separated models (default: %(default)s)",
+    )
+    p.add_argument("--window", type=int, default=64, help="attention window / segment of every model (default: 64)")
+    p.add_argument(
+        "--contexts", default="128,256,512,1024,2048", help="passkey: evaluation contexts (default: %(default)s)"
+    )
+    p.add_argument("--train-len", default="64,256", metavar="MIN,MAX", help="passkey: training contexts")
+    p.add_argument("--steps", type=int, default=300, help="passkey: training steps per model (default: 300)")
+    p.add_argument("--tokens-per-step", type=int, default=1024, help="passkey: tokens per training batch")
+    p.add_argument("--lr", type=float, default=3e-3, help="passkey: AdamW learning rate (default: 3e-3)")
+    p.add_argument("--digits", type=int, default=4, help="passkey: digits of the key (default: 4)")
+    p.add_argument("--depth", type=int, default=1, help="depth of the neural memories' MLP (default: 1)")
+    p.add_argument("--chunk-size", type=int, default=16, help="chunk of the neural memories' parallel form")
+    p.add_argument("--eval-examples", type=int, default=32, help="passkey: prompts per context (default: 32)")
+    p.add_argument("--exact-context", type=int, default=256, help="passkey: context of the token-by-token re-check")
+    p.add_argument("--lengths", default="512,2048", help="speed: sequence lengths (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="speed: timed runs after a warm-up (default: 3)")
+    p.add_argument(
+        "--token-max-len", type=int, default=512, help="speed: longest T at which the token-by-token rule is timed"
+    )
+    p.add_argument("--workers", type=int, default=2, help="passkey: models trained in parallel processes")
+    p.add_argument(
+        "--report-only",
+        default=None,
+        metavar="LOAD NOTE",
+        help="passkey: train nothing; rebuild the report from the passkey_<model>.json files under --out (a run "
+        "split over processes) with this note on the machine's load while they ran",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    p.add_argument("--out", default=None, help="report folder (default: bench_out/memory)")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in str(text).split(",") if t.strip()]
+
+
+def model_spec(name: str, window: int, depth: int, chunk_size: int) -> tuple[str, dict, int]:
+    """``(mixer, mixer kwargs, heads)`` of passkey model ``name`` (``swa_eq``'s window is set by
+    :func:`equal_state_window`)."""
+    mem = dict(depth=depth, chunk_size=chunk_size)
+    specs = {
+        "titans_mal": ("titans_mal", dict(window=window, **mem), HEADS),
+        "titans_mag": ("titans_mag", dict(window=window, **mem), HEADS),
+        "titans_mac": ("titans_mac", dict(segment=window, **mem), HEADS),
+        "atlas": ("atlas", dict(**mem), HEADS),
+        "infini_attention": ("infini_attention", dict(segment=window), HEADS),
+        "swa": ("sliding_window", dict(window=window), HEADS),
+        "swa_eq": ("sliding_window", dict(window=window), HEADS),
+        "gated_deltanet": ("gated_deltanet", {}, 1),
+    }
+    if name not in specs:
+        raise SystemExit(f"unknown passkey model {name!r}; choose from {', '.join(specs)}")
+    return specs[name]
+
+
+def build_model(name: str, args: argparse.Namespace, max_len: int, window: int | None = None):
+    mixer, kw, heads = model_spec(name, window or args.window, args.depth, args.chunk_size)
+    return build_lm(mixer, DIM, heads, DEFAULT_VOCAB_SIZE, LAYERS, max_seq_len=max_len + args.digits, **kw)
+
+
+def equal_state_window(args: argparse.Namespace, max_len: int) -> tuple[int, int]:
+    """The sliding window whose KV cache at ``max_len`` is closest to Titans MAG's whole state
+    (memory, momentum and its own window cache), and that state in bytes."""
+    target = build_model("titans_mag", args, max_len).state_size(max_len)
+    w1, w2 = args.window, 2 * args.window  # a window cache's bytes are linear in the window below max_len
+    b1, b2 = (build_model("swa", args, max_len, window=w).state_size(max_len) for w in (w1, w2))
+    return max(1, w1 + round((target - b1) * (w2 - w1) / (b2 - b1))), target
+
+
+def _train_shape(step: int, lo: int, hi: int, tokens: int, seed: int) -> tuple[int, int]:
+    u = torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).item()
+    T = int(round(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
+    return T, max(1, tokens // T)
+
+
+def set_chunk_size(model, chunk_size: int) -> None:
+    """Set the chunk size of every neural memory of ``model`` (1: the exact token-by-token rule)."""
+    from effattn.memory import NeuralMemory
+
+    for m in model.modules():
+        if isinstance(m, NeuralMemory):
+            m.chunk_size = chunk_size
+
+
+@torch.no_grad()
+def passkey_accuracy(model, context: int, args: argparse.Namespace, examples: int, seed: int) -> dict:
+    """Teacher-forced accuracy on ``examples`` fresh prompts of ``context`` tokens: the fraction of
+    digits predicted (argmax) right, of whole keys right, and the digit accuracy over the needles that
+    lie more than ``window`` tokens before the query."""
+    batch = make_passkey(examples, context, args.digits, seed=seed)
+    model.eval()
+    right = []
+    for i in range(0, examples, 8):
+        logits = model(batch.inputs[i : i + 8])[0][:, context - 1 :]
+        right.append(logits.argmax(-1) == batch.keys[i : i + 8])
+    right = torch.cat(right)
+    far = (context - 1 - batch.needle_pos) > args.window
+    return {
+        "digit_acc": right.float().mean().item(),
+        "key_acc": right.all(1).float().mean().item(),
+        "far_digit_acc": right[far].float().mean().item() if bool(far.any()) else None,
+        "far_examples": int(far.sum()),
+    }
+
+
+def train_and_eval(name: str, args: argparse.Namespace, window: int | None = None) -> dict:
+    """Train passkey model ``name`` and evaluate it at every context (one process, ``args.threads`` threads)."""
+    torch.set_num_threads(args.threads)
+    contexts = _ints(args.contexts)
+    lo, hi = _ints(args.train_len)
+    torch.manual_seed(args.seed)
+    model = build_model(name, args, max(contexts + [hi, args.exact_context]), window)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    t0, losses = time.perf_counter(), []
+    model.train()
+    for step in range(args.steps):
+        T, bs = _train_shape(step, lo, hi, args.tokens_per_step, args.seed)
+        b = make_passkey(bs, T, args.digits, seed=args.seed + 7919 * step + 1)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        logits = model(b.inputs)[0]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), b.labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == args.steps - 1:
+            print(
+                f"[{name}] step {step}/{args.steps} T={T} loss={loss.item():.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    train_s = time.perf_counter() - t0
+    mixer, kw, heads = model_spec(name, window or args.window, args.depth, args.chunk_size)
+    row = {
+        "model": name,
+        "mixer": mixer,
+        "window": kw.get("window", kw.get("segment")),
+        "heads": heads,
+        "state_bytes": model.state_size(max(contexts)),
+        "params": sum(p.numel() for p in model.parameters()),
+        "final_loss": statistics.mean(losses[-20:]),
+        "train_s": round(train_s, 1),
+        "form": f"chunked (chunk {args.chunk_size})" if "chunk_size" in kw else "-",
+        "acc": {},
+    }
+    t1 = time.perf_counter()
+    for c in contexts:
+        row["acc"][c] = passkey_accuracy(model, c, args, args.eval_examples, seed=10_000 + args.seed + c)
+        print(f"[{name}] context {c}: {row['acc'][c]}", flush=True)
+    if "chunk_size" in kw and args.exact_context:
+        ex, seed = min(args.eval_examples, 16), 20_000 + args.seed
+        chunked = passkey_accuracy(model, args.exact_context, args, ex, seed=seed)
+        set_chunk_size(model, 1)  # the same weights and prompts through the exact token-by-token rule
+        exact = passkey_accuracy(model, args.exact_context, args, ex, seed=seed)
+        row["exact"] = {"context": args.exact_context, "examples": ex, "chunked": chunked, "token_by_token": exact}
+        print(f"[{name}] exact rule at {args.exact_context}: {row['exact']}", flush=True)
+    row["eval_s"] = round(time.perf_counter() - t1, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"passkey_{name}.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+def run_passkey(args: argparse.Namespace) -> tuple[list[dict], str | None]:
+    """Train and evaluate every model of ``--models`` (``--workers`` processes); rows in model order."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    for n in names:
+        model_spec(n, args.window, args.depth, args.chunk_size)  # unknown names fail before any training
+    max_len = max(_ints(args.contexts))
+    windows = {n: None for n in names}
+    eq_note = None
+    if "swa_eq" in names:
+        windows["swa_eq"], target = equal_state_window(args, max_len)
+        eq_note = f"swa_eq: window {windows['swa_eq']}, whose KV cache equals Titans MAG's state ({target} bytes)"
+    if args.workers <= 1:
+        rows = {n: train_and_eval(n, args, windows[n]) for n in names}
+    else:
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            slow_first = sorted(
+                names,
+                key=lambda n: (
+                    ("atlas", "titans_mal", "titans_mag", "titans_mac").index(n)
+                    if n in ("atlas", "titans_mal", "titans_mag", "titans_mac")
+                    else 9
+                ),
+            )
+            futures = {n: pool.submit(train_and_eval, n, args, windows[n]) for n in slow_first}
+            rows = {n: harness.run_guarded(f.result) for n, f in futures.items()}
+    for n, r in rows.items():
+        r.setdefault("model", n)
+    return [rows[n] for n in names], eq_note
+
+
+def saved_passkey_rows(args: argparse.Namespace, out: Path) -> tuple[list[dict], str | None]:
+    """The rows of ``--models`` from ``passkey_<model>.json`` files under ``out`` (any depth; the newest
+    file of a model wins) and the ``swa_eq`` note."""
+    found = {}
+    for f in sorted(out.rglob("passkey_*.json"), key=lambda f: f.stat().st_mtime):
+        row = json.loads(f.read_text())
+        if isinstance(row, dict) and "model" in row:
+            found[row["model"]] = row
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    rows = [found.get(n, {"model": n, "error": "not run (no passkey_<model>.json)"}) for n in names]
+    eq, mag = found.get("swa_eq"), found.get("titans_mag")
+    note = None
+    if eq and mag:
+        note = (
+            f"swa_eq: window {eq['window']}, whose KV cache ({eq['state_bytes']} bytes) ~ Titans MAG's state "
+            f"({mag['state_bytes']} bytes)"
+        )
+    return rows, note
+
+
+def passkey_table_rows(rows: list[dict], contexts: list[int]) -> list[dict]:
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append({"model": r["model"], "error": r["error"]})
+            continue
+        t = {
+            k: r[k]
+            for k in ("model", "mixer", "window", "heads", "state_bytes", "params", "form", "final_loss", "train_s")
+        }
+        t["final_loss"] = round(t["final_loss"], 3)
+        for c in contexts:
+            a = r["acc"][str(c)] if str(c) in r["acc"] else r["acc"][c]
+            t[f"acc@{c}"] = round(a["digit_acc"], 3)
+        ex = r.get("exact")
+        if ex:
+            t["exact rule"] = (
+                f"{ex['token_by_token']['digit_acc']:.3f} (chunked {ex['chunked']['digit_acc']:.3f}) @{ex['context']}"
+            )
+        table.append(t)
+    return table
+
+
+def plot_passkey(rows: list[dict], contexts: list[int], window: int, out: Path, title_note: str) -> str | None:
+    """accuracy vs context, one line per model, the window marked; returns the file name (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from effattn.bench.compare.plot_style import series_style
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(r for r in rows if "error" not in r):
+        acc = [(r["acc"].get(c) or r["acc"].get(str(c)))["digit_acc"] for c in contexts]
+        label = f"{r['model']} ({r['state_bytes'] / 1024:.0f} KiB)"
+        ax.plot(contexts, acc, label=label, **series_style(i))
+    ax.axvline(window, color="grey", linestyle=":", label=f"attention window {window}")
+    ax.axhline(0.1, color="black", linewidth=0.8, linestyle="--", label="chance (0.1)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("passkey digit accuracy")
+    ax.set_title(f"Passkey retrieval past the attention window\n{title_note}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left", title="model (state at longest context)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "passkey_vs_context.png", dpi=120)
+    plt.close(fig)
+    return "passkey_vs_context.png"
+
+
+QUICK = dict(
+    contexts="32,64", train_len="24,48", steps=3, tokens_per_step=96, eval_examples=8, window=16, exact_context=32
+)
+QUICK_SPEED = dict(lengths="32", repeats=1)
+
+
+def _load_note(before: dict, after: dict) -> str:
+    busy = (
+        " (busy: above the core count; times inflated)"
+        if harness.busy_warning(before) or harness.busy_warning(after)
+        else ""
+    )
+    return (
+        f"load average (1 min) {before['load_1m']:.1f} before, {after['load_1m']:.1f} after, "
+        f"{before['cpu_count']} cores{busy}"
+    )
+
+
+@suite(
+    "memory",
+    add_arguments=add_arguments,
+    summary="learned memories (Titans, ATLAS, Infini-attention): passkey accuracy past the attention window; speed",
+    description=__doc__,
+)
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out or "bench_out/memory")
+    out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)
+    if args.quick:
+        for k, v in {**QUICK, **QUICK_SPEED}.items():
+            if getattr(args, k) == add_defaults()[k]:
+                setattr(args, k, v)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}; choose from {PARTS}")
+    torch.set_num_threads(args.threads)
+    meta = {"command": harness.command_line(), "machine": harness.machine_info("cpu"), "args": vars(args)}
+    if "passkey" in parts:
+        contexts = _ints(args.contexts)
+        before = harness.load_snapshot()
+        t0 = time.perf_counter()
+        rows, eq_note = saved_passkey_rows(args, out) if args.report_only else run_passkey(args)
+        after = harness.load_snapshot()
+        load = args.report_only or _load_note(before, after)
+        notes = [
+            f"digit accuracy (teacher forced, argmax) on {args.eval_examples} prompts per context, random depth; "
+            f"chance 0.1; models trained {args.steps} steps of {args.tokens_per_step} tokens at contexts "
+            f"{args.train_len} (log-uniform), AdamW lr {args.lr}, {args.digits}-digit keys, seed {args.seed}",
+            f"every attention sees at most {args.window} keys; neural memories: MLP depth {args.depth}, "
+            f"trained and evaluated in the chunked form (chunk {args.chunk_size}); 'exact rule' = the same weights "
+            "through the token-by-token rule (chunk 1) on 16 prompts, beside the chunked form on the same prompts",
+            "state_bytes = LM.state_size at the longest context (memory weights, momentum, KV caches, segment buffers)",
+            f"{load}; wall {time.perf_counter() - t0:.0f} s, {args.workers} worker processes, {args.threads} thread"
+            if not args.report_only
+            else f"assembled from the per-model files (--report-only); load while they ran: {args.report_only}",
+        ] + ([eq_note] if eq_note else [])
+        meta["passkey_load"] = {"before": before, "after": after}
+        cols = ["model", "mixer", "window", "heads", "state_bytes", "params", "form", "final_loss", "train_s"]
+        cols += [f"acc@{c}" for c in contexts] + ["exact rule", "error"]
+        table = passkey_table_rows(rows, contexts)
+        harness.write_report(out, "passkey", table, cols, meta=meta, notes=notes)
+        (out / "passkey_rows.json").write_text(json.dumps(rows, indent=2, default=str))
+        plot_passkey(rows, contexts, args.window, out, str(load).split(";")[0])
+        print(harness.format_markdown_table(table, cols))
+    if "speed" in parts:
+        run_speed(args, out, meta)
+
+
+def add_defaults() -> dict:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return vars(p.parse_args([]))
+
+
+SPEED_MIXERS = (
+    ("titans_mal", dict(window=64)),
+    ("titans_mag", dict(window=64)),
+    ("titans_mac", dict(segment=64)),
+    ("moneta", {}),
+    ("yaad", {}),
+    ("memora", {}),
+    ("atlas", {}),
+    ("infini_attention", dict(segment=64)),
+    ("rmt", dict(segment=64)),
+    ("sliding_window", dict(window=64)),
+    ("gated_deltanet", {}),
+)
+
+
+def _ms(stats) -> dict:
+    return {"ms": round(1e3 * stats.median, 2), "min": round(1e3 * stats.min, 2), "max": round(1e3 * stats.max, 2)}
+
+
+def speed_row(mixer: str, kw: dict, T: int, chunk_size: int | None, repeats: int) -> dict:
+    """One mixer layer (width 64, 2 heads, batch 1) at length ``T``: forward and forward+backward time,
+    forward+backward peak memory, one decode step after a prefill of ``T`` tokens, state bytes at ``T``.
+    ``chunk_size``: the neural memory's chunk (None: a mixer without one); chunk 1 (the token-by-token
+    rule) is timed once, without a warm-up."""
+    from effattn.nn import build_mixer
+
+    torch.manual_seed(0)
+    kw = dict(kw, **({} if chunk_size is None else {"chunk_size": chunk_size}))
+    layer = build_mixer(mixer, dim=DIM, heads=HEADS, **kw)
+    x = torch.randn(1, T, DIM)
+    xg = x.clone().requires_grad_(True)
+    slow = chunk_size == 1
+    reps, warm = (1, 0) if slow else (repeats, 1)
+
+    def fwd():
+        with torch.no_grad():
+            return layer(x)
+
+    def fwd_bwd():
+        y, _ = layer(xg)
+        y.float().sum().backward()
+
+    row = {"mixer": mixer, "T": T, "form": "-" if chunk_size is None else ("token" if slow else f"chunk {chunk_size}")}
+    row["fwd"] = _ms(harness.time_stats(fwd, repeats=reps, warmup=warm))
+    row["peak_mib"] = round((harness.measure_peak_memory(fwd_bwd) or 0) / 2**20, 1)
+    row["fwd_bwd"] = _ms(harness.time_stats(fwd_bwd, repeats=reps, warmup=0))
+    with torch.no_grad():
+        _, state = layer(x)
+        x1 = torch.randn(1, 1, DIM)
+        row["decode"] = _ms(harness.time_stats(lambda: layer(x1, state), repeats=max(reps, 5), warmup=1))
+    row["state_bytes"] = layer.state_size(1, T)
+    return row
+
+
+def run_speed(args: argparse.Namespace, out: Path, meta: dict) -> None:
+    """The speed part (module docstring): rows written to ``speed.md``/``speed.json``."""
+    rows = []
+    before = harness.load_snapshot()
+    for T in _ints(args.lengths):
+        for mixer, kw in SPEED_MIXERS:
+            if args.quick:
+                kw = {k: min(v, 16) for k, v in kw.items()}
+            neural = mixer not in ("infini_attention", "rmt", "sliding_window", "gated_deltanet")
+            forms = ((args.chunk_size, 1) if T <= args.token_max_len else (args.chunk_size,)) if neural else (None,)
+            for cs in forms:
+                t0 = time.perf_counter()
+                row = harness.run_guarded(partial(speed_row, mixer, kw, T, cs, args.repeats))
+                row.setdefault("mixer", mixer)
+                row.setdefault("T", T)
+                row["load_1m"] = harness.load_snapshot()["load_1m"]
+                print(f"{mixer} T={T} chunk={cs}: {row} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                rows.append(row)
+    after = harness.load_snapshot()
+    table = []
+    for r in rows:
+        t = {k: r.get(k) for k in ("mixer", "T", "form", "peak_mib", "state_bytes", "load_1m")}
+        for key in ("fwd", "fwd_bwd", "decode"):
+            if key in r:
+                t[f"{key} ms (min-max)"] = f"{r[key]['ms']} ({r[key]['min']}-{r[key]['max']})"
+        if "error" in r:
+            t["error"] = r["error"]
+        table.append(t)
+    cols = ["mixer", "T", "form", "fwd ms (min-max)", "fwd_bwd ms (min-max)", "decode ms (min-max)", "peak_mib"]
+    cols += ["state_bytes", "load_1m", "error"]
+    notes = [
+        f"one mixer layer, width {DIM}, {HEADS} heads, batch 1, float32, {args.threads} thread; chunked form: median "
+        f"(min-max) of {args.repeats} runs after a warm-up; token form (the mixers' default, chunk 1): one run, no "
+        f"warm-up, only up to T={args.token_max_len}; decode: one token after a prefill of T tokens, 5+ runs; "
+        "peak_mib: RSS rise of one forward+backward",
+        _load_note(before, after),
+    ]
+    meta = dict(meta, speed_load={"before": before, "after": after})
+    harness.write_report(out, "speed", table, cols, meta=meta, notes=notes)
+    print(harness.format_markdown_table(table, cols))
