@@ -1,6 +1,7 @@
 """The training loop: resume == uninterrupted (bit for bit), DDP / FSDP2 / sequence parallel == one
 process with the same global batch, checkpoint errors never load partially, the CLI's errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -189,3 +190,21 @@ def test_cli_trains_plots_and_bin_data(tmp_path):
     hist = json.loads((out / "history.json").read_text())
     assert len(hist["loss"]) == 2 and hist["val"]
     assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_loop_runs_moe_balancing_hooks(tmp_path):
+    """The loop resets the global load-balancing counts before each step (so they hold one global batch of
+    grad_accum micro-batches) and takes the sigmoid routers' bias step after each optimizer step."""
+    text = tmp_path / "t.txt"
+    text.write_text("mixture of experts balance their load. " * 40)
+    moe = dict(num_experts=4, top_k=2, router="sigmoid", lbl_scope="global")
+    cfg = TrainConfig(data=[str(text)], steps=2, batch_size=2, grad_accum=2, seq_len=12, progress=False, plot=False)
+    h = train(LMConfig(vocab_size=256, dim=16, n_layers=2, heads=2, ffn="dense,moe", moe=moe), cfg)
+    layer = h["model"].blocks[1].mlp
+    assert int(layer.lbl_counts[-1]) == 2 * 2 * 12  # tokens of the last step's two micro-batches only
+    assert layer.router.bias.abs().sum() > 0  # the bias step ran
+    off = train(
+        LMConfig(vocab_size=256, dim=16, n_layers=2, heads=2, ffn="dense,moe", moe=moe),
+        dataclasses.replace(cfg, moe_bias_rate=0.0),
+    )
+    assert off["model"].blocks[1].mlp.router.bias.abs().sum() == 0

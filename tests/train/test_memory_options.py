@@ -73,6 +73,35 @@ def test_reversible_gradients_equal_autograd_float64(chunked_mlp):
         assert rel_rms(g, r) < 1e-10, (n, rel_rms(g, r))
 
 
+def test_reversible_moe_aux_loss_gradient_flows_float64():
+    """Reversible + MoE: the aux loss (LM.aux_loss) is an output of the reversible function and its gradient
+    reaches the router through the recomputation, equal to plain autograd through the two streams."""
+    torch.manual_seed(0)
+    moe = dict(num_experts=4, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.1)
+    model = LM(LMConfig(**BASE, reversible=True, ffn="dense,moe", moe=moe)).double()
+    ids = torch.randint(0, VOCAB, (2, 15), generator=torch.Generator().manual_seed(7))
+    w = torch.randn(2, 15, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    logits, _ = model(ids)
+    grads = torch.autograd.grad((logits * w).sum() + model.aux_loss(), list(model.parameters()))
+    x1 = x2 = model.embed(ids)
+    aux = []
+    for b in model.blocks:
+        x1 = x1 + b.mixer(b.mixer_norm(x2), None, None)[0]
+        x2 = x2 + (b.mlp(b.mlp_norm(x1), None) if b.mlp.__class__.__name__ == "MoE" else b.mlp(b.mlp_norm(x1)))
+        if b.mlp.__class__.__name__ == "MoE":
+            aux.append(b.mlp.last_aux.loss)
+    ref = model.head(model.norm((x1 + x2) / 2))
+    assert rel_rms(logits, ref) < 1e-12
+    refs = torch.autograd.grad((ref * w).sum() + sum(aux), list(model.parameters()))
+    router = [n for n, _ in model.named_parameters() if "router" in n]
+    assert router
+    for (n, _), g, r in zip(model.named_parameters(), grads, refs):
+        assert rel_rms(g, r) < 1e-10, (n, rel_rms(g, r))
+    with pytest.raises(ValueError, match="lbl_scope"):
+        bad = LM(LMConfig(**BASE, reversible=True, ffn="dense,moe", moe=dict(moe, lbl_scope="global")))
+        bad(ids)
+
+
 def test_reversible_decoding_equals_full_forward():
     torch.manual_seed(0)
     model = LM(LMConfig(**BASE, reversible=True)).double().eval()

@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 
@@ -206,26 +207,45 @@ class Int8SavedActivations:
 
 class _Reversible(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, fns, groups, *params):
+    def forward(ctx, x1, x2, fns, groups, aux, *params):
+        aux_values = []
         with torch.no_grad():
-            for f, g in fns:
+            for (f, g), mod in zip(fns, aux):
                 x1 = x1 + f(x2)
                 x2 = x2 + g(x1)
+                if mod is not None:  # an MoE layer: its auxiliary loss becomes an output of this function
+                    aux_values.append(mod.last_aux.loss.detach().clone())
         # plain attributes, not save_for_backward: the outputs must not pass through saved-tensor hooks
         # (a lossy hook would break the reconstruction)
         ctx.y = (x1.detach(), x2.detach())
-        ctx.fns, ctx.groups, ctx.n_params = fns, groups, len(params)
-        return x1, x2
+        ctx.fns, ctx.groups, ctx.aux, ctx.n_params = fns, groups, aux, len(params)
+        return (x1, x2, *aux_values)
 
     @staticmethod
-    def backward(ctx, dy1, dy2):
+    def backward(ctx, dy1, dy2, *d_aux):
         y1, y2 = ctx.y
         grads: list[torch.Tensor | None] = [None] * ctx.n_params
-        for (f, g), (f_idx, g_idx, f_params, g_params) in zip(reversed(ctx.fns), reversed(ctx.groups)):
+        d_aux = list(d_aux)
+        for (f, g), (f_idx, g_idx, f_params, g_params), mod in zip(
+            reversed(ctx.fns), reversed(ctx.groups), reversed(ctx.aux)
+        ):
             with torch.enable_grad():
                 y1_ = y1.detach().requires_grad_()
                 gy = g(y1_)
-            d = torch.autograd.grad(gy, (y1_, *g_params), dy2, allow_unused=True)
+            outs, gouts = [gy], [dy2]
+            if mod is not None:  # the aux loss's gradient, from the recomputed router
+                da = d_aux.pop()
+                if da is not None:
+                    outs.append(mod.last_aux.loss)
+                    gouts.append(da)
+            d = torch.autograd.grad(outs, (y1_, *g_params), gouts, allow_unused=True)
+            if mod is not None:  # keep no graph alive in the layer's statistics
+                mod.last_aux = dataclasses.replace(
+                    mod.last_aux,
+                    loss=mod.last_aux.loss.detach(),
+                    lbl=mod.last_aux.lbl.detach(),
+                    z_loss=mod.last_aux.z_loss.detach(),
+                )
             dy1 = dy1 + d[0]
             _accumulate(grads, g_idx, d[1:])
             with torch.no_grad():
@@ -240,7 +260,7 @@ class _Reversible(torch.autograd.Function):
                 x1 = y1 - fx
             y1, y2 = x1, x2
         ctx.y = None
-        return (dy1, dy2, None, None, *grads)
+        return (dy1, dy2, None, None, None, *grads)
 
 
 def _accumulate(grads: list, idx: Sequence[int], new: Sequence[torch.Tensor | None]) -> None:
@@ -253,12 +273,16 @@ def reversible_stack(
     x: torch.Tensor,
     fns: Sequence[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]],
     params: Sequence[tuple[Sequence[nn.Parameter], Sequence[nn.Parameter]]],
+    aux: Sequence[MoE | None] | None = None,
 ) -> torch.Tensor:
     """The reversible two-stream stack: ``x1 = x2 = x``; per ``(F, G)`` of ``fns``,
     ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``; returns ``(y1 + y2) / 2``. Under autograd only the
     final streams are kept; the backward reconstructs each block's inputs from its outputs
     (RevNet, Gomez et al. 2017) and recomputes ``F``, ``G`` there. ``params[i]``: the parameters
-    ``F_i`` and ``G_i`` use (their gradients are returned through this function).
+    ``F_i`` and ``G_i`` use (their gradients are returned through this function). ``aux[i]``: the
+    :class:`effattn.moe.MoE` that ``G_i`` calls (or None): its ``last_aux.loss`` is replaced by an output
+    of the reversible function, so the auxiliary loss's gradient reaches the router through the
+    recomputation (``lbl_scope="micro"``; the global scope counts routed tokens in the recomputation too).
 
     >>> import torch
     >>> f, g = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
@@ -282,8 +306,19 @@ def reversible_stack(
                     flat.append(p)
             ids.append(([index[id(p)] for p in ps], ps))
         groups.append((ids[0][0], ids[1][0], ids[0][1], ids[1][1]))
+    aux = list(aux) if aux is not None else [None] * len(fns)
+    if len(aux) != len(fns):
+        raise ValueError(f"aux must have one entry per block, got {len(aux)} for {len(fns)} blocks")
     if torch.is_grad_enabled() and (x.requires_grad or flat):
-        y1, y2 = _Reversible.apply(x, x, list(fns), groups, *flat)
+        for mod in aux:
+            if mod is not None and mod.lbl_scope != "micro":
+                raise ValueError(
+                    f"reversible=True with an MoE layer of lbl_scope={mod.lbl_scope!r}: the recomputation in the "
+                    "backward would count its tokens twice; use lbl_scope='micro' or checkpoint='mlp'"
+                )
+        y1, y2, *aux_out = _Reversible.apply(x, x, list(fns), groups, aux, *flat)
+        for mod, loss in zip([m for m in aux if m is not None], aux_out):
+            mod.last_aux = dataclasses.replace(mod.last_aux, loss=loss)
     else:
         y1 = y2 = x
         for f, g in fns:
@@ -360,7 +395,8 @@ def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, states: list, valid, conf
                     )
                     for b in blocks
                 ]
-                return reversible_stack(h, fns, params), [None] * len(blocks)
+                aux = [b.mlp if isinstance(b.mlp, MoE) else None for b in blocks]
+                return reversible_stack(h, fns, params, aux), [None] * len(blocks)
             x1 = x2 = h
             new_states = []
             for b, s in zip(blocks, states):

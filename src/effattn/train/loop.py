@@ -34,6 +34,7 @@ from torch import nn
 from effattn._checks import check_float, check_int
 from effattn.data import byte_corpus
 from effattn.dist import ATTENTION_METHODS, sequence_parallel, shard_sequence
+from effattn.moe import reset_lbl_stats, update_bias
 from effattn.nn import LM, LMConfig
 from effattn.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from effattn.train.loss import chunked_cross_entropy
@@ -52,6 +53,9 @@ class TrainConfig:
     or one ``.bin`` file of token ids (``bin_dtype``; the last ``val_fraction`` is validation).
     ``batch_size`` is the global number of sequences per micro-step. ``stop_after``: end the run
     after that step as a killed run would (no final checkpoint; the schedule still spans ``steps``).
+    MoE layers: their global load-balancing counts are reset before each step's first micro-batch, and
+    sigmoid routers take the bias step ``b_i += moe_bias_rate * sign(mean load - load_i)`` after each
+    optimizer step (DeepSeek-V3's auxiliary-loss-free balancing; 0 turns it off).
     """
 
     data: str | list[str] = "stdlib"
@@ -83,6 +87,7 @@ class TrainConfig:
     plot: bool = True
     device: str | None = None
     stop_after: int | None = None
+    moe_bias_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
@@ -98,6 +103,7 @@ class TrainConfig:
         check_float("val_fraction", self.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         check_float("label_smoothing", self.label_smoothing, 0.0, 1.0)
         check_float("z_loss", self.z_loss, 0.0, math.inf)
+        check_float("moe_bias_rate", self.moe_bias_rate, 0.0, math.inf)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.parallel not in PARALLEL:
@@ -350,6 +356,7 @@ def train(model_config: LMConfig, cfg: TrainConfig, model: LM | None = None) -> 
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, step)
             total = torch.zeros((), device=device)
+            reset_lbl_stats(lm)  # MoE global-batch load balancing: a new global batch starts
             for micro in range(cfg.grad_accum):
                 x, y = _windows(train_tokens, cfg.batch_size, cfg.seq_len, _batch_seed(cfg.seed, step, micro))
                 x, y = x[row0 : row0 + rows].to(device), y[row0 : row0 + rows].to(device)
@@ -372,6 +379,8 @@ def train(model_config: LMConfig, cfg: TrainConfig, model: LM | None = None) -> 
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if cfg.moe_bias_rate:  # MoE sigmoid routers: DeepSeek-V3's aux-loss-free bias step (all ranks)
+                update_bias(lm, cfg.moe_bias_rate)
             opt.zero_grad(set_to_none=True)
             timed_tokens += tokens_per_step
             history["step"].append(step + 1)
