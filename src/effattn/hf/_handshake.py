@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HANDSHAKE", "CompressedInputs", "Handshake", "PendingUpdate"]
+__all__ = ["HANDSHAKE", "CompressedInputs", "Handshake", "PendingUpdate", "WindowInputs"]
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise
@@ -43,16 +43,28 @@ class CompressedInputs:
     query_positions: torch.Tensor | None = None
 
 
+@dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise
+class WindowInputs:
+    """A sliding-window layer's answer over a :class:`~effattn.hf.CompressedCache`: that layer keeps
+    HF's sliding cache (no policy), and ``key``/``value [B, H_kv, T, D]`` (HF's layout) are what the
+    layer's ``DynamicSlidingWindowLayer.update`` returned; the attention call goes on with them and the
+    model's windowed mask, as it does over a ``DynamicCache``."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
 @dataclass(frozen=True, eq=False)
 class PendingUpdate:
     """The keys/values a ``CompressedCache.update`` returned, waiting for the attention call that
     consumes them. ``resolve(q, attention_mask, module, scaling, need_positions)`` runs the policy
-    update with the queries ``q [B, t, H_q, D]`` and returns the :class:`CompressedInputs`."""
+    update with the queries ``q [B, t, H_q, D]`` and returns the :class:`CompressedInputs` (a
+    sliding-window layer: :class:`WindowInputs`)."""
 
     layer_idx: int
     key: torch.Tensor
     value: torch.Tensor
-    resolve: Callable[..., CompressedInputs]
+    resolve: Callable[..., CompressedInputs | WindowInputs]
 
 
 class Handshake:

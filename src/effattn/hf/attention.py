@@ -41,7 +41,7 @@ import torch
 
 import effattn.hf._compat  # noqa: F401  (checks the transformers version)
 from effattn.exact import BACKENDS, attention, check_mod_signature
-from effattn.hf._handshake import HANDSHAKE, CompressedInputs
+from effattn.hf._handshake import HANDSHAKE, CompressedInputs, WindowInputs
 from effattn.hf._structure import parse_mask_function, segment_ids, structured_block_mask, structured_mask_mod
 
 __all__ = [
@@ -309,9 +309,16 @@ def make_attention_function(
                 raise ValueError("packed sequences (cu_seq_lens_q/k) cannot be decoded with a CompressedCache")
             need_pos = mask_mod is not None or score_mod is not None
             inputs = pending.resolve(q, attention_mask, module, scaling, need_pos)
-            o = attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod)
-            return o, None
+            if isinstance(inputs, WindowInputs):  # a sliding layer keeps HF's sliding cache: go on as usual
+                key, value = inputs.key, inputs.value
+            else:
+                o = attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod)
+                return o, None
 
+        if backend in ("auto", "sdpa") and all(x is None for x in (mask_mod, score_mod, softcap, s_aux)):
+            fast = _decode_step(query, key, value, attention_mask, is_causal, module, sliding_window, scaling, kwargs)
+            if fast is not None:  # one query, nothing masked but a window: one SDPA call, GQA packed
+                return fast(), None
         k, v = key.transpose(1, 2), value.transpose(1, 2)
         Tq, Tk = q.shape[1], k.shape[1]
         cu_seqlens = _packed_lengths(kwargs, attention_mask, q.shape[0], Tq, Tk)
@@ -398,6 +405,52 @@ def make_attention_function(
 
     effattn_attention_forward.backend = backend
     return effattn_attention_forward
+
+
+def _decode_step(query, key, value, attention_mask, is_causal, module, sliding_window, scaling, kwargs):
+    """For one new query over a cache with nothing masked but a causal window (a decode step with
+    ``DynamicCache`` / ``StaticCache`` / a sliding cache, no padding, no gradient): a callable computing it
+    as one SDPA call with the query heads of each KV group stacked as rows (``[B, H_kv, G, D]`` against
+    ``[B, H_kv, T_k, D]``; PyTorch's CPU kernel is about 1.5x faster this way than with ``enable_gqa``), a
+    window applied by slicing the last keys; else None.
+
+    Every key it reads is visible to the query, so a NaN/inf key or value can only make that row non-finite,
+    which is then set to NaN (the rule of :mod:`effattn.exact.nonfinite`, checked on the ``[B, H_q, D]``
+    output instead of scanning the ``T_k`` cached keys at every step)."""
+    B, Hq, Tq, D = query.shape
+    if Tq != 1 or kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None  # the gradient rule for non-finite keys needs the general path
+    Hkv, Tk = key.shape[1], key.shape[2]
+    if Hq % Hkv or key.shape[0] != B:
+        return None
+    left = None
+    if attention_mask is None:
+        if not bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+            return None
+        left = None if sliding_window is None else int(sliding_window) - 1
+    elif isinstance(attention_mask, HFMask):
+        m = attention_mask
+        if not (m.causal and m.key_valid is None and m.q_segment is None and m.bottom_right):
+            return None
+        if (m.q_length, m.kv_length) != (Tq, Tk):
+            return None  # the general path raises the mismatch
+        left = m.window_left
+    else:
+        return None
+    if left is not None and left < Tk - 1:
+        key, value = key[:, :, Tk - left - 1 :], value[:, :, Tk - left - 1 :]
+
+    def run() -> torch.Tensor:
+        G = Hq // Hkv
+        qg = query.reshape(B, Hkv, G, D)  # one query: the G heads of a group are G rows over one KV head
+        o = torch.nn.functional.scaled_dot_product_attention(qg, key, value, scale=scaling)
+        o = o.reshape(B, 1, Hq, value.shape[-1])
+        bad = ~torch.isfinite(o).all(-1, keepdim=True)
+        return o.masked_fill(bad, float("nan"))
+
+    return run
 
 
 def _packed_lengths(kwargs: dict, attention_mask, B: int, Tq: int, Tk: int) -> torch.Tensor | None:
