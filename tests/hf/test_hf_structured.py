@@ -327,3 +327,105 @@ def test_static_sliding_caches_match_eager(kind, monkeypatch):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):
         assert_fp32_close(a, b)
+
+
+# ---------------------------------------------------------------- decode steps (issue 23, second part)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    training = False
+
+
+def _decode_inputs(B=2, Hq=4, Hkv=2, T=37, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("left", [None, 6, 36])
+def test_decode_step_fast_path_equals_general_attention(left):
+    """One query over a cache (GQA, odd length, a window that bounds it or not): the packed-GQA SDPA step
+    equals effattn.attention's bottom-right causal (+ window) on the same tensors."""
+    import effattn
+
+    q, k, v = _decode_inputs()
+    T = k.shape[2]
+    mask = HFMask(True, None, T - 1, 0, 1, T, 2, window_left=left)
+    fn = ehf.make_attention_function()
+    got, _ = fn(_Module(), q, k, v, mask, scaling=0.3)
+    window = None if left is None else (left, 0)
+    want = effattn.attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window=window, scale=0.3
+    )
+    assert_fp32_close(got, want)
+
+
+def test_decode_step_takes_the_fast_path_and_keeps_the_nonfinite_rule(monkeypatch):
+    """The step does not reach the general attention call; a NaN key outside the window changes nothing,
+    a NaN key or an inf value inside makes that row (only) NaN."""
+    import effattn.hf.attention as hfa
+
+    def general(*args, **kwargs):
+        raise AssertionError("the general attention path ran for a plain decode step")
+
+    q, k, v = _decode_inputs()
+    T = k.shape[2]
+    mask = HFMask(True, None, T - 1, 0, 1, T, 2, window_left=6)
+    fn = ehf.make_attention_function()
+    clean, _ = fn(_Module(), q, k, v, mask)
+    monkeypatch.setattr(hfa, "attention", general)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, 1, 3] = float("nan")  # outside the window (the last 7 keys)
+    out, _ = fn(_Module(), q, k2, v2, mask)
+    assert torch.equal(out, clean)
+    k2[0, 1, T - 2] = float("nan")  # kv head 1 of row 0: query heads 2, 3
+    v2[1, 0, T - 1, 0] = float("inf")  # kv head 0 of row 1: query heads 0, 1
+    out, _ = fn(_Module(), q, k2, v2, mask)
+    nan = torch.isnan(out).all(-1)[:, 0]  # [B, H_q]
+    assert nan.tolist() == [[False, False, True, True], [True, True, False, False]]
+    assert torch.equal(out[0, :, :2], clean[0, :, :2]) and torch.equal(out[1, :, 2:], clean[1, :, 2:])
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_compressed_cache_on_sliding_models_matches_eager_below_budget(kind, padded, monkeypatch):
+    """Alternating sliding / full models: a CompressedCache whose budget is not reached gives HF eager's
+    greedy tokens and logits (the sliding layers keep HF's sliding cache, window 5 < 16 tokens)."""
+    ref, ours = _pair(kind)
+    ids, am = _padded(T=9, pads=(2, 0) if padded else (0, 0), seed=4)
+    kw = dict(max_new_tokens=7, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=am, **kw)
+        _no_dense(monkeypatch)
+        got = ours.generate(ids, attention_mask=am, cache=ehf.CompressedCache("h2o", budget=64), **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert_fp32_close(a, b)
+
+
+def test_compressed_cache_on_sliding_models_compresses_full_layers_only():
+    """Gemma 2 (layer 0 sliding, layer 1 full), budget 8 over 16 tokens: the sliding layer holds exactly
+    DynamicCache's window (same keys), the full layer the policy's budget."""
+    _, ours = _pair("gemma2")
+    ids = _ids(B=1, T=16, seed=5)
+    cache = ehf.CompressedCache("streaming_llm", budget=8, sinks=2)
+    dyn = transformers.DynamicCache(config=ours.config)
+    with torch.no_grad():
+        for c in (cache, dyn):
+            ours(ids[:, :10], cache=c)
+            for t in range(10, 16):
+                ours(ids[:, t : t + 1], cache=c)
+    assert cache.get_seq_length() == 16
+    assert cache.lengths(0).tolist() == [[4, 4]]  # window 5: the last 4 tokens are kept
+    assert cache.lengths(1).tolist() == [[8, 8]]
+    assert torch.equal(cache.layers[0].keys, dyn.layers[0].keys)
+    assert cache.nbytes < 2 * dyn.layers[1].keys.nbytes + 2 * dyn.layers[0].keys.nbytes
+
+
+def test_compressed_cache_refuses_models_with_nothing_or_something_else_to_compress():
+    with pytest.raises(ValueError, match="every layer of .* is sliding-window"):
+        ehf.check_model(transformers.Qwen2Config(**SMALL, layer_types=["sliding_attention"] * 2, sliding_window=4))
+    with pytest.raises(ValueError, match="full-attention layers only.*chunked_attention"):
+        ehf.check_model(_config("llama4"))

@@ -48,10 +48,18 @@ ever scores, keeps or counts padding (a row is compressed exactly as if generate
 policies' positions count its real tokens). The rows' kept tokens are left-padded to one length
 for the attention call and masked there. It costs one policy update per row and layer.
 
-Supported: transformers >= 5.0, < 6 (tested with 5.24); decoder-only models whose attention
-layers are all full attention (``config.layer_types`` absent or all ``"full_attention"``); greedy
+Sliding-window layers (Gemma 2/3, gpt-oss, Qwen2's upper layers: ``config.layer_types`` holding
+``"sliding_attention"`` beside ``"full_attention"``) keep HF's own ``DynamicSlidingWindowLayer``: its
+last ``sliding_window - 1`` tokens are already a bounded cache, and a policy evicting inside the window
+would change what the model was trained to see. The policy compresses the full-attention layers only;
+a sliding layer's update still passes through the handshake (so it, too, needs an effattn attention) and
+comes back as :class:`~effattn.hf._handshake.WindowInputs`, attended with the model's windowed mask. A
+model whose layers are all sliding (Mistral with ``sliding_window`` set) has nothing to compress: refused.
+
+Supported: transformers >= 5.0, < 6 (tested with 5.24); decoder-only models with full-attention
+layers, optionally alternating with sliding-window layers; greedy
 or sampled decoding, padded or not. Not supported, each with an error: encoder-decoder models,
-models without a full-attention layer per decoder layer (sliding-window, linear/SSM layers),
+models with no full-attention layer or with other layer types (chunked, linear/SSM layers),
 padding that first appears after an unpadded prefill, registered ``mask_mod``/``score_mod`` with
 a padded batch, beam search / assisted decoding (``reorder_cache``, ``crop``, batch reindexing).
 """
@@ -61,10 +69,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from effattn._checks import check_int
-from effattn.hf._handshake import HANDSHAKE, CompressedInputs, PendingUpdate
+from effattn.hf._handshake import HANDSHAKE, CompressedInputs, PendingUpdate, WindowInputs
 from effattn.hf.attention import HFMask, is_effattn
 from effattn.kv import CompressedKVCache, Policy, make_policy, rotate_rope
 
@@ -81,7 +89,8 @@ _NOT_CONSUMED = (
 
 def check_model(model_or_config) -> None:
     """Raise ``ValueError`` when a model (or its config) has a layout :class:`CompressedCache`
-    does not support: encoder-decoder, non-full-attention layers (sliding window, linear/SSM),
+    does not support: encoder-decoder, layers other than full attention and sliding windows (chunked,
+    linear/SSM), no full-attention layer at all (every layer sliding: nothing to compress),
     no attention modules with a ``layer_idx`` per decoder layer, or an attention implementation
     that is not a registered effattn one."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -96,16 +105,22 @@ def check_model(model_or_config) -> None:
         raise ValueError(f"CompressedCache needs config.num_hidden_layers (an int > 0); {name} has {n!r}")
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        other = sorted({t for t in layer_types if t != "full_attention"})
+        other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
         if other:
             raise ValueError(
-                f"CompressedCache supports full-attention layers only; {name} has layer types {other} "
-                "(for Mistral/Qwen2 set sliding_window=None / use_sliding_window=False, or use DynamicCache)"
+                f"CompressedCache supports full-attention layers only (sliding-window layers beside them keep "
+                f"HF's sliding cache); {name} has layer types {other} (use DynamicCache)"
+            )
+        if "full_attention" not in layer_types:
+            raise ValueError(
+                f"CompressedCache compresses full-attention layers; every layer of {name} is sliding-window "
+                "(HF's sliding cache already bounds it to the window): use DynamicCache"
             )
     elif getattr(config, "sliding_window", None) is not None:
         raise ValueError(
-            f"CompressedCache supports full-attention layers only; {name} has sliding_window="
-            f"{config.sliding_window} (set it to None or use DynamicCache)"
+            f"CompressedCache compresses full-attention layers; {name} has sliding_window="
+            f"{config.sliding_window} on every layer (HF's sliding cache already bounds it): set it to None "
+            "or use DynamicCache"
         )
     if isinstance(model_or_config, torch.nn.Module):
         attn = {
@@ -164,6 +179,14 @@ def rope_frequencies(model_or_config) -> torch.Tensor:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rot = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
     return float(theta) ** (-torch.arange(0, rot - rot % 2, 2, dtype=torch.float64) / rot)
+
+
+def _sliding_window(config, layer_idx: int) -> int | None:
+    """The window of ``layer_idx`` when ``config.layer_types`` marks it ``"sliding_attention"``, else None."""
+    types = getattr(config, "layer_types", None)
+    if types is not None and types[layer_idx] == "sliding_attention":
+        return int(config.sliding_window)
+    return None
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -290,7 +313,8 @@ class CompressedCache(Cache):
         check_int("layer_idx", layer_idx, minimum=0)
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(self, len(self.layers)))
-        self.layers[layer_idx].is_initialized = True
+        if isinstance(self.layers[layer_idx], CompressedLayer):
+            self.layers[layer_idx].is_initialized = True
         self._pending = PendingUpdate(layer_idx, key_states, value_states, functools.partial(self._resolve, layer_idx))
         HANDSHAKE.post(self._pending)
         return key_states, value_states
@@ -311,6 +335,12 @@ class CompressedCache(Cache):
             if config is None:
                 raise ValueError("CompressedCache: the attention module has no config to read the layer count from")
             check_model(config)
+        window = _sliding_window(module.config, layer_idx)
+        if window is not None:  # a sliding layer: HF's sliding cache, the model's windowed mask (docstring)
+            layer = self.layers[layer_idx]
+            if not isinstance(layer, DynamicSlidingWindowLayer):
+                layer = self.layers[layer_idx] = DynamicSlidingWindowLayer(sliding_window=window)
+            return WindowInputs(*layer.update(k_new, v_new))
         if isinstance(attention_mask, HFMask):
             q_valid = attention_mask.query_valid() if attention_mask.key_valid is not None else None
             if attention_mask.key_valid is not None and q_valid is None:
@@ -396,9 +426,15 @@ class CompressedCache(Cache):
             orig[b, :, T - n :] = origs[b][0]
         return k_all, v_all, key_mask, orig.masked_fill(~key_mask, -1), torch.tensor(seens, device=k.device)
 
+    def _sliding(self, layer_idx: int) -> DynamicSlidingWindowLayer | None:
+        layer = self.layers[layer_idx] if 0 <= layer_idx < len(self.layers) else None
+        return layer if isinstance(layer, DynamicSlidingWindowLayer) else None
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (kept or evicted): the next token's position."""
         self._check_consumed()
+        if self._sliding(layer_idx) is not None:
+            return self._sliding(layer_idx).get_seq_length()
         if self.rows is not None:
             return self._row_seen[layer_idx] if 0 <= layer_idx < len(self._row_seen) else 0
         if self.kv is None or not 0 <= layer_idx < self.kv.num_layers:
@@ -406,6 +442,8 @@ class CompressedCache(Cache):
         return self.kv.seen(layer_idx)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if self._sliding(layer_idx) is not None:
+            return self._sliding(layer_idx).get_mask_sizes(query_length)
         return self.get_seq_length(layer_idx) + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
@@ -442,7 +480,11 @@ class CompressedCache(Cache):
 
     # ------------------------------------------------------------------ what is kept
     def lengths(self, layer_idx: int) -> torch.Tensor:
-        """long ``[B, H_kv]``: tokens kept by each kv head of ``layer_idx``."""
+        """long ``[B, H_kv]``: tokens kept by each kv head of ``layer_idx`` (a sliding layer: its window)."""
+        sliding = self._sliding(layer_idx)
+        if sliding is not None:
+            B, H, n = sliding.keys.shape[:3]
+            return torch.full((B, H), n, dtype=torch.long)
         if self.rows is not None:
             return torch.cat([r.lengths(layer_idx) for r in self.rows])
         if self.kv is None:
@@ -451,10 +493,15 @@ class CompressedCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of kept keys and values (each head counts only what it keeps)."""
+        """Bytes of kept keys and values (each head counts only what it keeps; sliding layers their window)."""
+        window = sum(
+            s.keys.nbytes + s.values.nbytes
+            for i in range(len(self.layers))
+            if (s := self._sliding(i)) is not None and s.is_initialized
+        )
         if self.rows is not None:
-            return sum(r.nbytes for r in self.rows)
-        return 0 if self.kv is None else self.kv.nbytes
+            return window + sum(r.nbytes for r in self.rows)
+        return window + (0 if self.kv is None else self.kv.nbytes)
 
     @property
     def num_layers(self) -> int:
