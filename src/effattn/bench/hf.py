@@ -13,9 +13,15 @@ Two parts (``--parts``, default both):
   drift cancels within a pair) and the logits' relative RMS difference from effattn's. ``eager`` runs
   only up to ``--eager-max`` tokens (it materializes ``[B, H, T, T]`` scores).
 - ``decode``: greedy tokens/s of ``--decode-tokens`` steps after a ``--decode-context`` prefill (default
-  8k): Llama with effattn + ``DynamicCache``, effattn + :class:`~effattn.hf.CompressedCache`
-  (StreamingLLM, ``--budget`` tokens) and sdpa + ``DynamicCache``; Mistral (sliding layers'
-  cache) with effattn and sdpa.
+  8k), per model of ``--models``: effattn + ``DynamicCache`` (HF's sliding layers where the model has
+  them), effattn + :class:`~effattn.hf.CompressedCache` (StreamingLLM, ``--budget`` tokens; on Gemma 2
+  and gpt-oss the full layers only, Mistral has none) and HF's ``sdpa`` (``eager`` where HF has no sdpa
+  path) on a copy of effattn's prefilled cache. Paired: the cases take one step each in turn, and
+  ``over_hf_paired`` is the median over steps of ``step time / the HF baseline's step time``.
+
+``--flex`` adds HF's ``flex_attention`` to the prefill: it runs on this CPU through ``torch.compile``
+(inductor's C++ backend), which compiles anew for each model and length (213 s for the first call of
+Llama at T = 512 on the busy 2-core machine, 0.06 s for the second), so it is off by default.
 
 Targets (from issue 23), stated in the notes as met or not: plain causal within 5% of HF sdpa;
 sliding window 256 at 16k at least 5x faster and 5x less peak memory than HF sdpa; compressed-cache
@@ -97,6 +103,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1024,
         metavar="N",
         help="CompressedCache (StreamingLLM) budget in tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--flex",
+        action="store_true",
+        help="also time HF's flex_attention in the prefill (compiles per model and length: minutes each)",
     )
     p.add_argument(
         "--threads",
@@ -189,11 +200,12 @@ def _rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
 def prefill_rows(args) -> list[dict]:
     rows = []
     lengths = _ints(args.lengths, QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    hf_impls = ("sdpa", "eager", "flex_attention") if getattr(args, "flex", False) else ("sdpa", "eager")
     for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
-        models = build(kind, ("effattn", "sdpa", "eager"), args.window)
+        models = build(kind, ("effattn", *hf_impls), args.window)
         for T in lengths:
             kw = inputs(kind, T)
-            others = [i for i in ("sdpa", "eager") if i in models and (i != "eager" or T <= args.eager_max)]
+            others = [i for i in hf_impls if i in models and (i != "eager" or T <= args.eager_max)]
             out: dict = {}
 
             def call(impl, kw=kw, out=out, models=models):
@@ -242,60 +254,84 @@ def prefill_rows(args) -> list[dict]:
     return rows
 
 
-def _decode(model, T: int, steps: int, cache=None) -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, WIDTH["vocab_size"], (1, T), generator=g)
-    with torch.no_grad():
-        kw = {"use_cache": True}
-        if cache is not None:
-            kw["cache"] = cache
-        o = model(ids, **kw)
-        past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
-        toks = []
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            o = model(tok, cache=past, use_cache=True)
-            past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
-            toks.append(int(tok))
-        dt = time.perf_counter() - t0
-    return {"tokens_per_s": steps / dt, "decode_s": dt, "tokens": toks}
+def _step(model, tok, cache):
+    """One greedy decode step: (seconds, next token)."""
+    t0 = time.perf_counter()
+    o = model(tok, cache=cache, use_cache=True)
+    dt = time.perf_counter() - t0
+    return dt, o.logits[:, -1:].argmax(-1)
 
 
-def decode_rows(args) -> list[dict]:
+def _decode_model(kind: str, T: int, steps: int, budget: int, window: int) -> list[dict]:
+    """Paired decode of one model: every case starts from the same prompt; the HF baselines get a copy of
+    effattn's prefilled ``DynamicCache`` (the same keys and values; their own prefill would time nothing
+    and HF eager's would build ``[B, H, T, T]`` scores). Then the cases take one step each in turn,
+    ``steps`` times (rotating who goes first), so the machine's drift reaches every case alike."""
     import effattn.hf
     from effattn.kv import make_policy
 
+    models = build(kind, ("effattn", "sdpa", "eager"), window)
+    hf = "sdpa" if "sdpa" in models else "eager"
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, WIDTH["vocab_size"], (1, T), generator=g)
+    names = ["dynamic", f"compressed streaming_llm {budget}"]
+    if kind == "mistral":  # every layer sliding: CompressedCache refuses it (nothing to compress)
+        names = ["dynamic (sliding layers)"]
+    state = {}
+    with torch.no_grad():
+        for name in names:
+            cache = None
+            if name.startswith("compressed"):
+                cache = effattn.hf.CompressedCache(make_policy("streaming_llm", budget=budget, sinks=4))
+            kw = {"use_cache": True} if cache is None else {"use_cache": True, "cache": cache}
+            o = models["effattn"](ids, **kw)
+            state[("effattn", name)] = [o.past_key_values, o.logits[:, -1:].argmax(-1), [], []]
+        past, tok = state[("effattn", names[0])][:2]
+        state[(hf, names[0])] = [copy.deepcopy(past), tok.clone(), [], []]
+        order = list(state)
+        for i in range(steps):
+            for key in order[i % len(order) :] + order[: i % len(order)]:
+                st = state[key]
+                dt, st[1] = _step(models[key[0]], st[1], st[0])
+                st[2].append(dt)
+                st[3].append(int(st[1]))
+    base = state[(hf, names[0])][2]
+    first = state[("effattn", names[0])][3]
+    rows = []
+    for (impl, name), (_, _, ts, toks) in state.items():
+        row = {
+            "model": kind,
+            "impl": impl,
+            "cache": name,
+            "context": T,
+            "steps": steps,
+            "tokens_per_s": steps / sum(ts),
+            "step_ms_median": 1e3 * statistics.median(ts),
+            "step_ms_min": 1e3 * min(ts),
+            "step_ms_max": 1e3 * max(ts),
+            "over_hf_paired": statistics.median(a / b for a, b in zip(ts, base)),
+            "hf_baseline": f"{hf} dynamic",
+        }
+        if name == names[0]:
+            row["same_tokens_as_first"] = toks == first
+        rows.append(row)
+        print(f"decode {kind} {impl} {name}: {row['tokens_per_s']:.1f} tok/s", flush=True)
+    return rows
+
+
+def decode_rows(args) -> list[dict]:
     T = args.decode_context or (256 if args.quick else 8192)
     steps = args.decode_tokens or (4 if args.quick else 16)
     budget = min(args.budget, T // 2)
     rows = []
-    llama = build("llama", ("effattn", "sdpa"), args.window)
-    cases = [
-        ("llama", "effattn", "dynamic", llama["effattn"], lambda: None),
-        (
-            "llama",
-            "effattn",
-            f"compressed streaming_llm {budget}",
-            llama["effattn"],
-            lambda: effattn.hf.CompressedCache(make_policy("streaming_llm", budget=budget, sinks=4)),
-        ),
-        ("llama", "sdpa", "dynamic", llama["sdpa"], lambda: None),
-    ]
-    if "mistral" in args.models:
-        mistral = build("mistral", ("effattn", "sdpa"), args.window)
-        cases += [
-            ("mistral", "effattn", "dynamic (sliding layers)", mistral["effattn"], lambda: None),
-            ("mistral", "sdpa", "dynamic (sliding layers)", mistral["sdpa"], lambda: None),
-        ]
-    first = {}
-    for kind, impl, cache_name, model, make_cache in cases:
-        r = harness.run_guarded(lambda model=model, make_cache=make_cache: _decode(model, T, steps, make_cache()))
-        toks = r.pop("tokens", None)
-        if toks is not None and kind in first:
-            r["same_tokens_as_first"] = toks == first[kind]
-        first.setdefault(kind, toks)
-        rows.append({"model": kind, "impl": impl, "cache": cache_name, "context": T, "steps": steps, **r})
-        print(f"decode {kind} {impl} {cache_name}: {r.get('tokens_per_s', r.get('error'))}", flush=True)
+    for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if kind == "packed":
+            continue  # packing is a prefill layout; its decode is Llama's
+        r = harness.run_guarded(lambda kind=kind: _decode_model(kind, T, steps, budget, args.window))
+        if isinstance(r, dict) and "error" in r:
+            rows.append({"model": kind, "context": T, "steps": steps, "impl": "", "cache": "", **r})
+        else:
+            rows.extend(r)
     return rows
 
 
@@ -325,7 +361,7 @@ def targets(prefill: list[dict], decode: list[dict]) -> list[str]:
     else:
         out.append("sliding window at 16k vs HF sdpa: not measured (16384 not in --lengths or mistral not run)")
     full = _find(decode, model="llama", cache="dynamic", impl="effattn")
-    comp = next((r for r in decode if r["cache"].startswith("compressed")), None)
+    comp = next((r for r in decode if r["model"] == "llama" and r["cache"].startswith("compressed")), None)
     if full and comp and "tokens_per_s" in full and "tokens_per_s" in comp:
         ok = comp["tokens_per_s"] > full["tokens_per_s"]
         out.append(
@@ -388,7 +424,11 @@ def run(args: argparse.Namespace) -> None:
             "context",
             "steps",
             "tokens_per_s",
-            "decode_s",
+            "step_ms_median",
+            "step_ms_min",
+            "step_ms_max",
+            "over_hf_paired",
+            "hf_baseline",
             "same_tokens_as_first",
             "error",
         ],
