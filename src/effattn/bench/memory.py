@@ -307,7 +307,7 @@ def plot_passkey(rows: list[dict], contexts: list[int], window: int, out: Path, 
         return None
     from effattn.bench.compare.plot_style import series_style
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for i, r in enumerate(r for r in rows if "error" not in r):
         acc = [(r["acc"].get(c) or r["acc"].get(str(c)))["digit_acc"] for c in contexts]
         label = f"{r['model']} ({r['state_bytes'] / 1024:.0f} KiB)"
@@ -320,7 +320,13 @@ def plot_passkey(rows: list[dict], contexts: list[int], window: int, out: Path, 
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey digit accuracy")
     ax.set_title(f"Passkey retrieval past the attention window\n{title_note}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left", title="model (state at longest context)", title_fontsize=7)
+    ax.legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="model (state at longest context)",
+        title_fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(out / "passkey_vs_context.png", dpi=120)
     plt.close(fig)
@@ -390,7 +396,7 @@ def run(args: argparse.Namespace) -> None:
         table = passkey_table_rows(rows, contexts)
         harness.write_report(out, "passkey", table, cols, meta=meta, notes=notes)
         (out / "passkey_rows.json").write_text(json.dumps(rows, indent=2, default=str))
-        plot_passkey(rows, contexts, args.window, out, str(load).split(";")[0])
+        plot_passkey(rows, contexts, args.window, out, str(load) if args.report_only else load.split(";")[0])
         print(harness.format_markdown_table(table, cols))
     if "speed" in parts:
         run_speed(args, out, meta)
@@ -457,8 +463,14 @@ def speed_row(mixer: str, kw: dict, T: int, chunk_size: int | None, repeats: int
 
 
 def run_speed(args: argparse.Namespace, out: Path, meta: dict) -> None:
-    """The speed part (module docstring): rows written to ``speed.md``/``speed.json``."""
-    rows = []
+    """The speed part (module docstring): each row appended to ``speed_rows.jsonl`` as it is measured, then
+    ``speed.md``/``speed.json``; with ``--report-only`` the report is rebuilt from ``speed_rows.jsonl``."""
+    rows_file = out / "speed_rows.jsonl"
+    if args.report_only:
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+        write_speed_report(rows, args, out, meta, f"load while they ran: {args.report_only}")
+        return
+    rows_file.write_text("")
     before = harness.load_snapshot()
     for T in _ints(args.lengths):
         for mixer, kw in SPEED_MIXERS:
@@ -473,11 +485,18 @@ def run_speed(args: argparse.Namespace, out: Path, meta: dict) -> None:
                 row.setdefault("T", T)
                 row["load_1m"] = harness.load_snapshot()["load_1m"]
                 print(f"{mixer} T={T} chunk={cs}: {row} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                rows.append(row)
-    after = harness.load_snapshot()
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    write_speed_report(rows, args, out, meta, _load_note(before, harness.load_snapshot()))
+
+
+def write_speed_report(rows: list[dict], args: argparse.Namespace, out: Path, meta: dict, load: str) -> None:
+    """``speed.md``/``speed.json`` from the measured rows."""
     table = []
     for r in rows:
         t = {k: r.get(k) for k in ("mixer", "T", "form", "peak_mib", "state_bytes", "load_1m")}
+        t["load_1m"] = None if t["load_1m"] is None else round(t["load_1m"], 1)
         for key in ("fwd", "fwd_bwd", "decode"):
             if key in r:
                 t[f"{key} ms (min-max)"] = f"{r[key]['ms']} ({r[key]['min']}-{r[key]['max']})"
@@ -490,9 +509,8 @@ def run_speed(args: argparse.Namespace, out: Path, meta: dict) -> None:
         f"one mixer layer, width {DIM}, {HEADS} heads, batch 1, float32, {args.threads} thread; chunked form: median "
         f"(min-max) of {args.repeats} runs after a warm-up; token form (the mixers' default, chunk 1): one run, no "
         f"warm-up, only up to T={args.token_max_len}; decode: one token after a prefill of T tokens, 5+ runs; "
-        "peak_mib: RSS rise of one forward+backward",
-        _load_note(before, after),
+        "peak_mib: RSS rise of one forward+backward; neural memories at the mixers' defaults (MLP depth 2)",
+        load,
     ]
-    meta = dict(meta, speed_load={"before": before, "after": after})
     harness.write_report(out, "speed", table, cols, meta=meta, notes=notes)
     print(harness.format_markdown_table(table, cols))
