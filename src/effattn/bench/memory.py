@@ -49,7 +49,7 @@ DIM, HEADS, LAYERS = 64, 2, 2
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The memory suite's options."""
     p.add_argument("--quick", action="store_true", help="a few training steps at tiny contexts (seconds; tests)")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts of %(default)s")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run (default: %(default)s)")
     p.add_argument(
         "--models",
         default=",".join(MEMORY_MODELS + BASELINES),
@@ -59,30 +59,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--contexts", default="128,256,512,1024,2048", help="passkey: evaluation contexts (default: %(default)s)"
     )
-    p.add_argument("--train-len", default="64,256", metavar="MIN,MAX", help="passkey: training contexts")
+    p.add_argument(
+        "--train-len", default="64,256", metavar="MIN,MAX", help="passkey: training contexts (default: %(default)s)"
+    )
     p.add_argument("--steps", type=int, default=300, help="passkey: training steps per model (default: 300)")
-    p.add_argument("--tokens-per-step", type=int, default=1024, help="passkey: tokens per training batch")
+    p.add_argument(
+        "--tokens-per-step", type=int, default=1024, help="passkey: tokens per training batch (default: %(default)s)"
+    )
     p.add_argument("--lr", type=float, default=3e-3, help="passkey: AdamW learning rate (default: 3e-3)")
     p.add_argument("--digits", type=int, default=4, help="passkey: digits of the key (default: 4)")
     p.add_argument("--depth", type=int, default=1, help="depth of the neural memories' MLP (default: 1)")
-    p.add_argument("--chunk-size", type=int, default=16, help="chunk of the neural memories' parallel form")
+    p.add_argument(
+        "--chunk-size", type=int, default=16, help="chunk of the neural memories' parallel form (default: %(default)s)"
+    )
     p.add_argument("--eval-examples", type=int, default=32, help="passkey: prompts per context (default: 32)")
-    p.add_argument("--exact-context", type=int, default=256, help="passkey: context of the token-by-token re-check")
+    p.add_argument(
+        "--exact-context",
+        type=int,
+        default=256,
+        help="passkey: context of the token-by-token re-check (default: %(default)s)",
+    )
     p.add_argument("--lengths", default="512,2048", help="speed: sequence lengths (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed runs after a warm-up (default: 3)")
     p.add_argument(
-        "--token-max-len", type=int, default=512, help="speed: longest T at which the token-by-token rule is timed"
+        "--token-max-len",
+        type=int,
+        default=512,
+        help="speed: longest T at which the token-by-token rule is timed (default: %(default)s)",
     )
-    p.add_argument("--workers", type=int, default=2, help="passkey: models trained in parallel processes")
+    p.add_argument(
+        "--workers", type=int, default=2, help="passkey: models trained in parallel processes (default: %(default)s)"
+    )
     p.add_argument(
         "--report-only",
         default=None,
         metavar="LOAD NOTE",
         help="passkey: train nothing; rebuild the report from the passkey_<model>.json files under --out (a run "
-        "split over processes) with this note on the machine's load while they ran",
+        "split over processes) with this note on the machine's load while they ran (default: none, measure)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data and initialisation (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu, cuda (default: %(default)s)")
     p.add_argument("--out", default=None, help="report folder (default: bench_out/memory)")
 
 
@@ -147,8 +164,8 @@ def passkey_accuracy(model, context: int, args: argparse.Namespace, examples: in
     model.eval()
     right = []
     for i in range(0, examples, 8):
-        logits = model(batch.inputs[i : i + 8])[0][:, context - 1 :]
-        right.append(logits.argmax(-1) == batch.keys[i : i + 8])
+        logits = model(batch.inputs[i : i + 8].to(args.device))[0][:, context - 1 :]
+        right.append((logits.argmax(-1) == batch.keys[i : i + 8].to(args.device)).cpu())
     right = torch.cat(right)
     far = (context - 1 - batch.needle_pos) > args.window
     return {
@@ -165,7 +182,7 @@ def train_and_eval(name: str, args: argparse.Namespace, window: int | None = Non
     contexts = _ints(args.contexts)
     lo, hi = _ints(args.train_len)
     torch.manual_seed(args.seed)
-    model = build_model(name, args, max(contexts + [hi, args.exact_context]), window)
+    model = build_model(name, args, max(contexts + [hi, args.exact_context]), window).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
     t0, losses = time.perf_counter(), []
     model.train()
@@ -174,9 +191,11 @@ def train_and_eval(name: str, args: argparse.Namespace, window: int | None = Non
         b = make_passkey(bs, T, args.digits, seed=args.seed + 7919 * step + 1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
-        logits = model(b.inputs)[0]
+        logits = model(b.inputs.to(args.device))[0]
         loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), b.labels.reshape(-1), ignore_index=IGNORE_INDEX
+            logits.reshape(-1, logits.shape[-1]).float(),
+            b.labels.reshape(-1).to(args.device),
+            ignore_index=IGNORE_INDEX,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -427,7 +446,7 @@ def _ms(stats) -> dict:
     return {"ms": round(1e3 * stats.median, 2), "min": round(1e3 * stats.min, 2), "max": round(1e3 * stats.max, 2)}
 
 
-def speed_row(mixer: str, kw: dict, T: int, chunk_size: int | None, repeats: int) -> dict:
+def speed_row(mixer: str, kw: dict, T: int, chunk_size: int | None, repeats: int, device: str = "cpu") -> dict:
     """One mixer layer (width 64, 2 heads, batch 1) at length ``T``: forward and forward+backward time,
     forward+backward peak memory, one decode step after a prefill of ``T`` tokens, state bytes at ``T``.
     ``chunk_size``: the neural memory's chunk (None: a mixer without one); chunk 1 (the token-by-token
@@ -436,8 +455,8 @@ def speed_row(mixer: str, kw: dict, T: int, chunk_size: int | None, repeats: int
 
     torch.manual_seed(0)
     kw = dict(kw, **({} if chunk_size is None else {"chunk_size": chunk_size}))
-    layer = build_mixer(mixer, dim=DIM, heads=HEADS, **kw)
-    x = torch.randn(1, T, DIM)
+    layer = build_mixer(mixer, dim=DIM, heads=HEADS, **kw).to(device)
+    x = torch.randn(1, T, DIM).to(device)
     xg = x.clone().requires_grad_(True)
     slow = chunk_size == 1
     reps, warm = (1, 0) if slow else (repeats, 1)
@@ -451,13 +470,13 @@ def speed_row(mixer: str, kw: dict, T: int, chunk_size: int | None, repeats: int
         y.float().sum().backward()
 
     row = {"mixer": mixer, "T": T, "form": "-" if chunk_size is None else ("token" if slow else f"chunk {chunk_size}")}
-    row["fwd"] = _ms(harness.time_stats(fwd, repeats=reps, warmup=warm))
-    row["peak_mib"] = round((harness.measure_peak_memory(fwd_bwd) or 0) / 2**20, 1)
-    row["fwd_bwd"] = _ms(harness.time_stats(fwd_bwd, repeats=reps, warmup=0))
+    row["fwd"] = _ms(harness.time_stats(fwd, repeats=reps, warmup=warm, device=device))
+    row["peak_mib"] = round((harness.measure_peak_memory(fwd_bwd, device=device) or 0) / 2**20, 1)
+    row["fwd_bwd"] = _ms(harness.time_stats(fwd_bwd, repeats=reps, warmup=0, device=device))
     with torch.no_grad():
         _, state = layer(x)
-        x1 = torch.randn(1, 1, DIM)
-        row["decode"] = _ms(harness.time_stats(lambda: layer(x1, state), repeats=max(reps, 5), warmup=1))
+        x1 = torch.randn(1, 1, DIM).to(device)
+        row["decode"] = _ms(harness.time_stats(lambda: layer(x1, state), repeats=max(reps, 5), warmup=1, device=device))
     row["state_bytes"] = layer.state_size(1, T)
     return row
 
@@ -480,7 +499,7 @@ def run_speed(args: argparse.Namespace, out: Path, meta: dict) -> None:
             forms = ((args.chunk_size, 1) if T <= args.token_max_len else (args.chunk_size,)) if neural else (None,)
             for cs in forms:
                 t0 = time.perf_counter()
-                row = harness.run_guarded(partial(speed_row, mixer, kw, T, cs, args.repeats))
+                row = harness.run_guarded(partial(speed_row, mixer, kw, T, cs, args.repeats, args.device))
                 row.setdefault("mixer", mixer)
                 row.setdefault("T", T)
                 row["load_1m"] = harness.load_snapshot()["load_1m"]
