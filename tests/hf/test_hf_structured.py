@@ -345,19 +345,23 @@ def _decode_inputs(B=2, Hq=4, Hkv=2, T=37, D=8, seed=0):
 
 
 @pytest.mark.parametrize("left", [None, 6, 36])
-def test_decode_step_fast_path_equals_general_attention(left):
-    """One query over a cache (GQA, odd length, a window that bounds it or not): the packed-GQA SDPA step
-    equals effattn.attention's bottom-right causal (+ window) on the same tensors."""
+@pytest.mark.parametrize("extra", ["none", "softcap", "sinks"])
+def test_decode_step_fast_path_equals_general_attention(left, extra):
+    """One query over a cache (GQA, odd length, a window that bounds it or not; softcap or sinks): the
+    decode step equals effattn.attention's bottom-right causal (+ window) on the same tensors."""
     import effattn
 
     q, k, v = _decode_inputs()
     T = k.shape[2]
     mask = HFMask(True, None, T - 1, 0, 1, T, 2, window_left=left)
+    kw = {"softcap": 0.7} if extra == "softcap" else {}
+    if extra == "sinks":
+        kw["sinks"] = torch.tensor([0.5, -1.0, 2.0, 0.0])
     fn = ehf.make_attention_function()
-    got, _ = fn(_Module(), q, k, v, mask, scaling=0.3)
+    got, _ = fn(_Module(), q, k, v, mask, scaling=0.3, softcap=kw.get("softcap"), s_aux=kw.get("sinks"))
     window = None if left is None else (left, 0)
     want = effattn.attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window=window, scale=0.3
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window=window, scale=0.3, **kw
     )
     assert_fp32_close(got, want)
 

@@ -315,10 +315,10 @@ def make_attention_function(
                 o = attend_compressed(q, inputs, scaling, softcap, s_aux, backend, mask_mod, score_mod)
                 return o, None
 
-        if backend in ("auto", "sdpa") and all(x is None for x in (mask_mod, score_mod, softcap, s_aux)):
+        if backend in ("auto", "sdpa") and mask_mod is None and score_mod is None:
             fast = _decode_step(query, key, value, attention_mask, is_causal, module, sliding_window, scaling, kwargs)
-            if fast is not None:  # one query, nothing masked but a window: one SDPA call, GQA packed
-                return fast(), None
+            if fast is not None:  # one query, nothing masked but a window: GQA packed as rows, no tiles
+                return fast(softcap, s_aux), None
         k, v = key.transpose(1, 2), value.transpose(1, 2)
         Tq, Tk = q.shape[1], k.shape[1]
         cu_seqlens = _packed_lengths(kwargs, attention_mask, q.shape[0], Tq, Tk)
@@ -412,7 +412,9 @@ def _decode_step(query, key, value, attention_mask, is_causal, module, sliding_w
     ``DynamicCache`` / ``StaticCache`` / a sliding cache, no padding, no gradient): a callable computing it
     as one SDPA call with the query heads of each KV group stacked as rows (``[B, H_kv, G, D]`` against
     ``[B, H_kv, T_k, D]``; PyTorch's CPU kernel is about 1.5x faster this way than with ``enable_gqa``), a
-    window applied by slicing the last keys; else None.
+    window applied by slicing the last keys; else None. With a softcap or sinks (Gemma 2, gpt-oss) the
+    ``G x T_k`` scores of the one query are written out instead (small; the tiled engine would loop over
+    tiles in Python for them).
 
     Every key it reads is visible to the query, so a NaN/inf key or value can only make that row non-finite,
     which is then set to NaN (the rule of :mod:`effattn.exact.nonfinite`, checked on the ``[B, H_q, D]``
@@ -442,10 +444,24 @@ def _decode_step(query, key, value, attention_mask, is_causal, module, sliding_w
     if left is not None and left < Tk - 1:
         key, value = key[:, :, Tk - left - 1 :], value[:, :, Tk - left - 1 :]
 
-    def run() -> torch.Tensor:
+    def run(softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         G = Hq // Hkv
         qg = query.reshape(B, Hkv, G, D)  # one query: the G heads of a group are G rows over one KV head
-        o = torch.nn.functional.scaled_dot_product_attention(qg, key, value, scale=scaling)
+        if softcap is None and sinks is None:
+            o = torch.nn.functional.scaled_dot_product_attention(qg, key, value, scale=scaling)
+        else:  # the G x T_k scores of one query are small: softcap and sinks written out (float32)
+            scale = D**-0.5 if scaling is None else scaling
+            s = torch.matmul(qg.float(), key.float().transpose(-1, -2)) * scale  # [B, H_kv, G, T_k]
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
+            m = s.amax(-1, keepdim=True)
+            if sinks is not None:  # one more logit per head, with no value (gpt-oss)
+                m = torch.maximum(m, sinks.float().view(1, Hkv, G, 1))
+            p = torch.exp(s - m)
+            den = p.sum(-1, keepdim=True)
+            if sinks is not None:
+                den = den + torch.exp(sinks.float().view(1, Hkv, G, 1) - m)
+            o = (torch.matmul(p, value.float()) / den).to(query.dtype)
         o = o.reshape(B, 1, Hq, value.shape[-1])
         bad = ~torch.isfinite(o).all(-1, keepdim=True)
         return o.masked_fill(bad, float("nan"))
