@@ -36,7 +36,8 @@ def test_quick_prefill_and_decode(tmp_path):
             assert r["logits_rel_rms_vs_effattn"] < 1e-4, r  # same model, same logits
             assert r["speedup"] > 0 and r["peak_MiB"] >= 0
     dec = json.loads((tmp_path / "hf_decode.json").read_text())["rows"]
-    assert [r["cache"].split()[0] for r in dec if r["model"] == "llama"] == ["dynamic", "compressed", "dynamic"]
+    caches = [r["cache"].split()[0] for r in dec if r["model"] == "llama"]
+    assert caches == ["dynamic", "compressed", "compressed", "dynamic"]
     assert all(r["tokens_per_s"] > 0 for r in dec), dec
     # greedy tokens agree between implementations on the full cache
     assert all(r.get("same_tokens_as_first", True) for r in dec if r["cache"].startswith("dynamic"))
