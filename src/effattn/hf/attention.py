@@ -33,6 +33,7 @@ weights, as SDPA does), flex ``BlockMask`` masks.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import torch
 
 import effattn.hf._compat  # noqa: F401  (checks the transformers version)
 from effattn.exact import BACKENDS, attention, check_mod_signature
+from effattn.hf._decode import one_query_attention
 from effattn.hf._handshake import HANDSHAKE, CompressedInputs, WindowInputs
 from effattn.hf._structure import parse_mask_function, segment_ids, structured_block_mask, structured_mask_mod
 
@@ -412,13 +414,8 @@ def _decode_step(query, key, value, attention_mask, is_causal, module, sliding_w
     ``DynamicCache`` / ``StaticCache`` / a sliding cache, no padding, no gradient): a callable computing it
     as one SDPA call with the query heads of each KV group stacked as rows (``[B, H_kv, G, D]`` against
     ``[B, H_kv, T_k, D]``; PyTorch's CPU kernel is about 1.5x faster this way than with ``enable_gqa``), a
-    window applied by slicing the last keys; else None. With a softcap or sinks (Gemma 2, gpt-oss) the
-    ``G x T_k`` scores of the one query are written out instead (small; the tiled engine would loop over
-    tiles in Python for them).
-
-    Every key it reads is visible to the query, so a NaN/inf key or value can only make that row non-finite,
-    which is then set to NaN (the rule of :mod:`effattn.exact.nonfinite`, checked on the ``[B, H_q, D]``
-    output instead of scanning the ``T_k`` cached keys at every step)."""
+    window applied by slicing the last keys; else None. The callable takes ``(softcap, sinks)``; see
+    :func:`effattn.hf._decode.one_query_attention`."""
     B, Hq, Tq, D = query.shape
     if Tq != 1 or kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         return None
@@ -444,29 +441,7 @@ def _decode_step(query, key, value, attention_mask, is_causal, module, sliding_w
     if left is not None and left < Tk - 1:
         key, value = key[:, :, Tk - left - 1 :], value[:, :, Tk - left - 1 :]
 
-    def run(softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
-        G = Hq // Hkv
-        qg = query.reshape(B, Hkv, G, D)  # one query: the G heads of a group are G rows over one KV head
-        if softcap is None and sinks is None:
-            o = torch.nn.functional.scaled_dot_product_attention(qg, key, value, scale=scaling)
-        else:  # the G x T_k scores of one query are small: softcap and sinks written out (float32)
-            scale = D**-0.5 if scaling is None else scaling
-            s = torch.matmul(qg.float(), key.float().transpose(-1, -2)) * scale  # [B, H_kv, G, T_k]
-            if softcap is not None:
-                s = softcap * torch.tanh(s / softcap)
-            m = s.amax(-1, keepdim=True)
-            if sinks is not None:  # one more logit per head, with no value (gpt-oss)
-                m = torch.maximum(m, sinks.float().view(1, Hkv, G, 1))
-            p = torch.exp(s - m)
-            den = p.sum(-1, keepdim=True)
-            if sinks is not None:
-                den = den + torch.exp(sinks.float().view(1, Hkv, G, 1) - m)
-            o = (torch.matmul(p, value.float()) / den).to(query.dtype)
-        o = o.reshape(B, 1, Hq, value.shape[-1])
-        bad = ~torch.isfinite(o).all(-1, keepdim=True)
-        return o.masked_fill(bad, float("nan"))
-
-    return run
+    return functools.partial(one_query_attention, query, key, value, scaling)
 
 
 def _packed_lengths(kwargs: dict, attention_mask, B: int, Tq: int, Tk: int) -> torch.Tensor | None:
