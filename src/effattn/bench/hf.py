@@ -15,7 +15,8 @@ Two parts (``--parts``, default both):
 - ``decode``: greedy tokens/s of ``--decode-tokens`` steps after a ``--decode-context`` prefill (default
   8k), per model of ``--models``: effattn + ``DynamicCache`` (HF's sliding layers where the model has
   them), effattn + :class:`~effattn.hf.CompressedCache` (StreamingLLM, ``--budget`` tokens; on Gemma 2
-  and gpt-oss the full layers only, Mistral has none) and HF's ``sdpa`` (``eager`` where HF has no sdpa
+  and gpt-oss the full layers only, Mistral has none; with and without re-indexing the kept keys'
+  positions) and HF's ``sdpa`` (``eager`` where HF has no sdpa
   path) on a copy of effattn's prefilled cache. Paired: the cases take one step each in turn, and
   ``over_hf_paired`` is the median over steps of ``step time / the HF baseline's step time``.
 
@@ -274,15 +275,16 @@ def _decode_model(kind: str, T: int, steps: int, budget: int, window: int) -> li
     hf = "sdpa" if "sdpa" in models else "eager"
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, WIDTH["vocab_size"], (1, T), generator=g)
-    names = ["dynamic", f"compressed streaming_llm {budget}"]
+    names = ["dynamic", f"compressed streaming_llm {budget}", f"compressed streaming_llm {budget} reindex=False"]
     if kind == "mistral":  # every layer sliding: CompressedCache refuses it (nothing to compress)
         names = ["dynamic (sliding layers)"]
     state = {}
     with torch.no_grad():
         for name in names:
             cache = None
-            if name.startswith("compressed"):
-                cache = effattn.hf.CompressedCache(make_policy("streaming_llm", budget=budget, sinks=4))
+            if name.startswith("compressed"):  # reindex (the default) re-rotates the kept keys at every step
+                policy = make_policy("streaming_llm", budget=budget, sinks=4, reindex="reindex=False" not in name)
+                cache = effattn.hf.CompressedCache(policy, model=models["effattn"])
             kw = {"use_cache": True} if cache is None else {"use_cache": True, "cache": cache}
             o = models["effattn"](ids, **kw)
             state[("effattn", name)] = [o.past_key_values, o.logits[:, -1:].argmax(-1), [], []]
