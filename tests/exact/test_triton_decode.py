@@ -158,5 +158,5 @@ def test_decode_attention_backend_triton_equals_torch(device):
     ro, rlse = decode_attention(q, kc, vc, lens, **kw)
     assert_fp32_close(o, ro, 1e-5, "o")
     assert_fp32_close(lse, rlse, 1e-5, "lse")
-    with pytest.raises(ValueError, match="backend must be 'torch' or 'triton'"):
+    with pytest.raises(ValueError, match="backend must be 'torch', 'lean' or 'triton'"):
         decode_attention(q, kc, vc, lens, backend="cuda")
