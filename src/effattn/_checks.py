@@ -133,3 +133,23 @@ def check_float(name: str, value, lo: float, hi: float, lo_open: bool = False, h
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
     return float(value)
+
+
+def check_cache_seqlens(
+    cache_seqlens: torch.Tensor | None, batch: int, new_tokens: int, max_len: int, device: torch.device
+) -> torch.Tensor:
+    """Validate a decode call's per-row cache lengths ``[batch]`` (int, in ``[new_tokens, max_len]``);
+    ``None`` means every row holds ``max_len`` tokens."""
+    if cache_seqlens is None:
+        return torch.full((batch,), max_len, dtype=torch.long, device=device)
+    if (
+        not isinstance(cache_seqlens, torch.Tensor)
+        or tuple(cache_seqlens.shape) != (batch,)
+        or cache_seqlens.dtype.is_floating_point
+    ):
+        raise ValueError(f"cache_seqlens must be an int tensor [batch] = [{batch}], got {cache_seqlens!r:.60}")
+    if bool((cache_seqlens < new_tokens).any()) or bool((cache_seqlens > max_len).any()):
+        raise ValueError(
+            f"cache_seqlens must lie in [T_new={new_tokens}, T_max={max_len}], got {cache_seqlens.tolist()}"
+        )
+    return cache_seqlens

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from effattn._checks import check_cache_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
 from effattn.exact.lean import lean_decode_attention
 from effattn.exact.masks import window_bounds
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
@@ -114,16 +114,7 @@ def decode_attention(
     B, Tn, Tmax, Hq, Hkv, D, Dv = check_qkv(q, k_cache, v_cache)
     scale = check_scale(scale, D)
     dev = q.device
-    if cache_seqlens is None:
-        cache_seqlens = torch.full((B,), Tmax, dtype=torch.long, device=dev)
-    if (
-        not isinstance(cache_seqlens, torch.Tensor)
-        or tuple(cache_seqlens.shape) != (B,)
-        or cache_seqlens.dtype.is_floating_point
-    ):
-        raise ValueError(f"cache_seqlens must be an int tensor [batch] = [{B}], got {cache_seqlens!r:.60}")
-    if (cache_seqlens < Tn).any() or (cache_seqlens > Tmax).any():
-        raise ValueError(f"cache_seqlens must lie in [T_new={Tn}, T_max={Tmax}], got {cache_seqlens.tolist()}")
+    cache_seqlens = check_cache_seqlens(cache_seqlens, B, Tn, Tmax, dev)
     if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (Hq,)):
         raise ValueError(f"sinks must be a tensor of shape [heads_q] = [{Hq}]")
     left = window_bounds(window, True)[0] if window is not None else None

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from effattn._checks import check_cache_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
 from effattn.exact.masks import window_bounds
 
 __all__ = ["lean_decode_attention", "lean_schedule"]
@@ -148,16 +148,7 @@ def lean_decode_attention(
         B, Tn, Tmax, Hq, Hkv, D, Dv = check_qkv(q, k_cache, v_cache)
     scale = check_scale(scale, D)
     dev = q.device
-    if cache_seqlens is None:
-        cache_seqlens = torch.full((B,), Tmax, dtype=torch.long, device=dev)
-    if (
-        not isinstance(cache_seqlens, torch.Tensor)
-        or tuple(cache_seqlens.shape) != (B,)
-        or cache_seqlens.dtype.is_floating_point
-    ):
-        raise ValueError(f"cache_seqlens must be an int tensor [batch] = [{B}], got {cache_seqlens!r:.60}")
-    if bool((cache_seqlens < Tn).any()) or bool((cache_seqlens > Tmax).any()):
-        raise ValueError(f"cache_seqlens must lie in [T_new={Tn}, T_max={Tmax}], got {cache_seqlens.tolist()}")
+    cache_seqlens = check_cache_seqlens(cache_seqlens, B, Tn, Tmax, dev)
     for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
         if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (Hq,)):
             raise ValueError(f"{name} must be a tensor of shape [heads_q] = [{Hq}], got {getattr(t, 'shape', t)}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from effattn._checks import check_cache_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
 from effattn.exact.masks import window_bounds
 from effattn.exact.triton_kernels import dot_flags, jit, out_dtype, triton_status
 
@@ -227,12 +227,7 @@ def triton_decode_attention(
             )
         Tmax = block_table.shape[1] * page
     scale = check_scale(scale, D)
-    if cache_seqlens is None:
-        cache_seqlens = torch.full((B,), Tmax, dtype=torch.long, device=q.device)
-    if tuple(cache_seqlens.shape) != (B,) or cache_seqlens.dtype.is_floating_point:
-        raise ValueError(f"cache_seqlens must be an int tensor [batch] = [{B}], got {cache_seqlens!r:.60}")
-    if (cache_seqlens < Tn).any() or (cache_seqlens > Tmax).any():
-        raise ValueError(f"cache_seqlens must lie in [T_new={Tn}, {Tmax}], got {cache_seqlens.tolist()}")
+    cache_seqlens = check_cache_seqlens(cache_seqlens, B, Tn, Tmax, q.device)
     for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
         if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (Hq,)):
             raise ValueError(f"{name} must be a tensor of shape [heads_q] = [{Hq}], got {getattr(t, 'shape', t)!r}")
