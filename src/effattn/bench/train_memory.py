@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=8, help="attention heads of the LM (default 8)")
     p.add_argument("--repeats", type=int, default=0, help="timed steps after the measured one (default 0)")
     p.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="0: one model at a time (default); N >= 1: keep every option's model, run N rounds of one step "
+        "each in the order of --options, baseline first, and report the median and range of the per-round "
+        "time ratios (each option against the baseline step of its own round)",
+    )
+    p.add_argument(
         "--full-warmup",
         type=int,
         default=1,
@@ -120,16 +130,79 @@ def _step(model: LossModel, ids: torch.Tensor) -> None:
     loss.backward()
 
 
-def step_rows(args) -> tuple[list[dict], list[str]]:
-    """One row per (context, option): peak MiB, step seconds, ratios to the baseline."""
-    rows, skipped = [], []
-    contexts = [int(c) for c in args.contexts.split(",")]
+def _options(args) -> list[str]:
     names = [n.strip() for n in args.options.split(",") if n.strip()]
     unknown = sorted(set(names) - set(OPTIONS))
     if unknown:
         raise SystemExit(f"unknown --options {unknown}; choose from {list(OPTIONS)}")
-    if "baseline" not in names:
-        names.insert(0, "baseline")
+    return ["baseline"] + [n for n in names if n != "baseline"]
+
+
+def _timed_step(model: LossModel, ids: torch.Tensor, device, peak: bool) -> tuple[float, int | None]:
+    """Seconds of one step, and its peak memory rise when ``peak`` (else None)."""
+    gc.collect()
+    t0 = time.perf_counter()
+    mem = harness.measure_peak_memory(lambda: _step(model, ids), device) if peak else _step(model, ids)
+    harness.sync(device)
+    return time.perf_counter() - t0, mem
+
+
+def paired_step_rows(args) -> tuple[list[dict], list[str]]:
+    """``--paired N``: every option's model is built first; round 1 measures each one's peak memory and
+    time (baseline first), rounds 2..N time one more step of each in the same order. ``time_vs_base`` is
+    the median over rounds of ``step(option) / step(baseline)`` of the same round, with its min and max:
+    steps minutes apart on a drifting machine are never compared."""
+    rows, skipped = [], []
+    names = _options(args)
+    for T in (int(c) for c in args.contexts.split(",")):
+        ids = torch.randint(0, 256, (1, T + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
+        kept = [n for n in names if T <= args.max_tokens or n in LONG]
+        skipped += [f"{n}@{T}" for n in names if n not in kept]
+        models = {n: _model(args, OPTIONS[n], T) for n in kept}
+        for m in models.values():
+            _step(m, ids[:, :17])  # lazy imports and inits, not measured
+        if args.full_warmup:
+            _step(models["baseline"], ids)
+        peaks, seconds = {}, {n: [] for n in kept}
+        for r in range(args.paired):
+            for n, m in models.items():
+                sec, mem = _timed_step(m, ids, args.device, peak=r == 0)
+                seconds[n].append(sec)
+                if r == 0:
+                    peaks[n] = mem
+                print(f"train step T={T} round {r + 1} {n}: {seconds[n][-1]:.2f} s", flush=True)
+        base_peak = peaks["baseline"]
+        for n in kept:
+            ratios = [a / b for a, b in zip(seconds[n], seconds["baseline"])]
+            sec = statistics.median(seconds[n])
+            row = {
+                "context": T,
+                "option": n,
+                "exact": n in EXACT,
+                "params_M": round(sum(p.numel() for p in models[n].parameters()) / 1e6, 2),
+                "peak_MiB": None if peaks[n] is None else round(peaks[n] / 2**20, 1),
+                "step_s": round(sec, 3),
+                "step_s_range": f"{min(seconds[n]):.3g}-{max(seconds[n]):.3g}",
+                "tokens_per_s": round(T / sec, 1),
+                "timed_steps": len(seconds[n]),
+                "time_vs_base": round(statistics.median(ratios), 3),
+                "time_vs_base_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
+            }
+            if base_peak and peaks[n] is not None:
+                row["mem_vs_base"] = round(peaks[n] / base_peak, 3)
+            rows.append(row)
+        del models
+        gc.collect()
+    return rows, skipped
+
+
+def step_rows(args) -> tuple[list[dict], list[str]]:
+    """One row per (context, option): peak MiB, step seconds, ratios to the baseline."""
+    if args.paired:
+        return paired_step_rows(args)
+    rows, skipped = [], []
+    contexts = [int(c) for c in args.contexts.split(",")]
+    names = _options(args)
     for T in contexts:
         ids = torch.randint(0, 256, (1, T + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
         base = None
@@ -293,6 +366,8 @@ def run(args: argparse.Namespace) -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SystemExit(f"unknown --parts {unknown}; choose from {PARTS}")
+    if args.paired < 0:
+        raise SystemExit(f"--paired must be >= 0 (0: unpaired), got {args.paired}")
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
@@ -313,7 +388,11 @@ def run(args: argparse.Namespace) -> None:
             "batch 1, float32; chunk sizes 512 tokens/rows",
             "peak_MiB: rise of peak memory during one forward+backward above the resident model (CPU: RSS "
             "high-water mark; includes parameter gradients); step_s: that step's wall time (one step unless "
-            "--repeats; the machine is shared, ratios drift 10-30%)",
+            "--repeats; the machine is shared, ratios drift 10-30%)"
+            if not args.paired
+            else f"paired: {args.paired} round(s), each one step of every option back to back, baseline first; "
+            "step_s: median over rounds (range beside it); time_vs_base: median (range) over rounds of the "
+            "option's step over the same round's baseline step; peak_MiB from round 1",
             "exact: gradients equal the baseline's (tests/train); mesa is inexact (int8 saved activations); "
             "reversible is a different (two-stream) architecture",
             *goal(step),
@@ -333,6 +412,7 @@ def run(args: argparse.Namespace) -> None:
                 "mem_vs_base",
                 "step_s",
                 "time_vs_base",
+                *(["time_vs_base_range", "step_s_range"] if args.paired else []),
                 "tokens_per_s",
                 "timed_steps",
             ],
