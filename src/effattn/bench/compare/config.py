@@ -28,6 +28,8 @@ class CompareConfig:
     out: str = "bench_out/compare"
     only: tuple[str, ...] = DEFAULT_SECTIONS
     mixers: tuple[str, ...] | None = None  # None: every registered mixer but TOKEN_BY_TOKEN_MIXERS
+    # per-mixer keyword arguments of every recall/ListOps training (--mixer-options), e.g. {"atlas": {"chunk_size": 16}}
+    mixer_options: dict[str, dict] = field(default_factory=dict)
     # MQAR
     mqar_widths: tuple[int, ...] = (64,)
     mqar_head_dims: tuple[int, ...] = (32,)  # heads = width // head_dim; several: one training per head dim
@@ -284,6 +286,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "presets recall and state: their own set)",
     )
     p.add_argument(
+        "--mixer-options",
+        type=str,
+        default=None,
+        metavar="MIXER:KEY=VALUE,...",
+        help="recall and ListOps: keyword arguments for named mixers, e.g. "
+        "'titans_mag:chunk_size=16,atlas:chunk_size=16;depth=1' (';' separates one mixer's options; values are "
+        "Python literals) (default: none, the mixers' defaults)",
+    )
+    p.add_argument(
         "--device",
         type=str,
         default="cpu",
@@ -389,6 +400,14 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
             raise SystemExit(f"--lengths must be positive integers, got {args.lengths!r}")
     if args.mixers:
         over["mixers"] = tuple(s.strip() for s in args.mixers.split(",") if s.strip())
+    if getattr(args, "mixer_options", None):
+        from effattn.bench.compare.options import check_mixer_options, parse_mixer_options
+
+        try:
+            over["mixer_options"] = parse_mixer_options(args.mixer_options)
+            check_mixer_options(over["mixer_options"])
+        except ValueError as e:
+            raise SystemExit(f"--{e}".replace("--mixer_options:", "--mixer-options:")) from None
     if args.repeats is not None:
         over["repeats"] = args.repeats
     if getattr(args, "flex", False):

@@ -41,6 +41,7 @@ def run_listops(cfg: CompareConfig) -> list[dict]:
                 lr=cfg.listops_lr,
                 seed=cfg.seed,
                 device=cfg.device,
+                mixer_kw=cfg.mixer_options.get(name),
             )
         )
         rows.append({"mixer": name, "dim": cfg.listops_dim, **r})

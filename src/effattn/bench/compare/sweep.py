@@ -100,6 +100,8 @@ def train_kwargs(cfg: CompareConfig, run: RecallRun) -> dict:
         seed=run.seed,
         device=cfg.device,
         early_stop=cfg.mqar_early_stop,
+        # --mixer-options: only where given, so a trainer without the keyword is called as before
+        **({"mixer_kw": dict(cfg.mixer_options[run.mixer])} if run.mixer in cfg.mixer_options else {}),
     )
 
 
