@@ -17,12 +17,14 @@ Example::
     (1, 5, 16)
 """
 
+from effattn.memory._chunked import chunk_neural_memory, fast_chunk_applies
 from effattn.memory._neural import (
     LOSSES,
     RETENTIONS,
-    chunk_neural_memory,
+    decay_matrix,
     linear_scan,
     mlp_apply,
+    mlp_token_factors,
     mlp_token_grads,
     newton_schulz,
     read_weights,
@@ -49,6 +51,8 @@ __all__ = [
     "atlas_memory",
     "chunk_neural_memory",
     "chunk_titans_memory",
+    "decay_matrix",
+    "fast_chunk_applies",
     "infini_attention",
     "infini_attention_reference",
     "init_memory_weights",
@@ -56,6 +60,7 @@ __all__ = [
     "memora",
     "miras_memory",
     "mlp_apply",
+    "mlp_token_factors",
     "mlp_token_grads",
     "moneta",
     "newton_schulz",

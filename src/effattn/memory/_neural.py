@@ -1,8 +1,9 @@
 """The machinery shared by the learned-memory methods (Titans, Miras, ATLAS): a per-head memory MLP
 with hand-written per-token gradients, the attentional-bias losses, the retention read maps, the
-Newton-Schulz orthogonalisation and a linear scan; plus the token-by-token reference and the chunked
-form of the generic update that :mod:`effattn.memory.titans`, :mod:`~effattn.memory.miras` and
-:mod:`~effattn.memory.atlas` state as their rules.
+Newton-Schulz orthogonalisation and a linear scan; plus the token-by-token reference of the generic
+update that :mod:`effattn.memory.titans`, :mod:`~effattn.memory.miras` and :mod:`~effattn.memory.atlas`
+state as their rules, and the chunk grid's bookkeeping shared with the chunked forms
+(:mod:`effattn.memory._chunked`).
 
 Generic rule (per head; ``W = rho(A)`` the memory read from its accumulator ``A``)::
 
@@ -13,7 +14,8 @@ Generic rule (per head; ``W = rho(A)`` the memory read from its accumulator ``A`
 
 The chunked form takes every gradient of a chunk at the chunk's start weights (mini-batch gradient
 descent per chunk), then runs the momentum and decay recurrences as linear scans over the chunk's
-tokens (lower-triangular products of the gates, applied as matmuls). Chunk size 1 is the reference.
+tokens (lower-triangular products of the gates, applied as matmuls). Chunk size 1 is the reference;
+``reference_neural_memory(chunk_size=c)`` runs the chunked semantics token by token (decoding).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ __all__ = [
     "LOSSES",
     "RETENTIONS",
     "check_memory_inputs",
-    "chunk_neural_memory",
+    "decay_matrix",
+    "init_state",
     "linear_scan",
     "loss_grad",
     "mlp_apply",
+    "mlp_token_factors",
     "mlp_token_grads",
     "newton_schulz",
     "read_weights",
@@ -90,19 +94,20 @@ def loss_grad(err: torch.Tensor, loss: str, p: float) -> torch.Tensor:
     return p * torch.sign(err) * err.abs().pow(p - 1)
 
 
-def mlp_token_grads(
+def mlp_token_factors(
     weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor, loss: str, p: float
-) -> list[torch.Tensor]:
-    """Per-token gradients ``grad_{W_l} loss(M(k_c), v_c)`` at the shared weights ``weights`` (``[B, H,
-    d_l, d_{l+1}]``) for ``k [B, H, C, d_0]``, ``v [B, H, C, d_L]``; each ``[B, H, C, d_l, d_{l+1}]``.
-    Written out (backpropagation by hand), so the outer model differentiates through them.
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The two factors of every per-token gradient: ``grad_{W_l} loss(M(k_c), v_c) = a_{l,c}^T delta_{l,c}``
+    (rank one), with ``a_l [B, H, C, d_l]`` the layer's inputs and ``delta_l [B, H, C, d_{l+1}]`` the loss
+    gradient at its output, at the shared weights ``weights`` (``[B, H, d_l, d_{l+1}]``). Backpropagation
+    written out, so the outer model differentiates through it.
 
     Example::
 
         >>> w = [torch.zeros(1, 1, 2, 2)]
-        >>> g = mlp_token_grads(w, torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]]), "l2", 2.0)
-        >>> (g[0][0, 0, 0] + 0.0).tolist()                # 2 k (M(k) - v)^T
-        [[0.0, -2.0], [0.0, 0.0]]
+        >>> a, d = mlp_token_factors(w, torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]]), "l2", 2.0)
+        >>> (a[0][0, 0, 0].tolist(), d[0][0, 0, 0].tolist())    # k and 2 (M(k) - v)
+        ([1.0, 0.0], [0.0, -2.0])
     """
     hs, zs = [k], []
     h = k
@@ -112,12 +117,30 @@ def mlp_token_grads(
         h = F.silu(z) if i < len(weights) - 1 else z
         hs.append(h)
     delta = loss_grad(h - v, loss, p)
-    grads: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    deltas: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for i in range(len(weights) - 1, -1, -1):
-        grads[i] = hs[i].unsqueeze(-1) * delta.unsqueeze(-2)
+        deltas[i] = delta
         if i > 0:
             delta = (delta @ weights[i].transpose(-1, -2)) * _silu_grad(zs[i - 1])
-    return grads
+    return hs[: len(weights)], deltas
+
+
+def mlp_token_grads(
+    weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor, loss: str, p: float
+) -> list[torch.Tensor]:
+    """Per-token gradients ``grad_{W_l} loss(M(k_c), v_c)`` at the shared weights ``weights`` (``[B, H,
+    d_l, d_{l+1}]``) for ``k [B, H, C, d_0]``, ``v [B, H, C, d_L]``; each ``[B, H, C, d_l, d_{l+1}]``
+    (the outer products of :func:`mlp_token_factors`).
+
+    Example::
+
+        >>> w = [torch.zeros(1, 1, 2, 2)]
+        >>> g = mlp_token_grads(w, torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]]), "l2", 2.0)
+        >>> (g[0][0, 0, 0] + 0.0).tolist()                # 2 k (M(k) - v)^T
+        [[0.0, -2.0], [0.0, 0.0]]
+    """
+    ins, deltas = mlp_token_factors(weights, k, v, loss, p)
+    return [a.unsqueeze(-1) * d.unsqueeze(-2) for a, d in zip(ins, deltas)]
 
 
 def read_weights(a: torch.Tensor, retention: str, q_exp: float) -> torch.Tensor:
@@ -159,10 +182,29 @@ def newton_schulz(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return y.transpose(-1, -2) if tall else y
 
 
+def decay_matrix(d: torch.Tensor) -> torch.Tensor:
+    """The lower-triangular gate products ``L[t, i] = prod_{i<j<=t} d_j`` (``L[t, t] = 1``, 0 above the
+    diagonal) of ``d [B, H, C]``, as ``[B, H, C, C]``: ``y_t = d_t y_{t-1} + x_t`` is ``y = L x`` (plus the
+    initial value's term), built from cumulative products of the gates (no division by a gate).
+
+    Example::
+
+        >>> decay_matrix(torch.full((1, 1, 3), 0.5))[0, 0].tolist()
+        [[1.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.25, 0.5, 1.0]]
+    """
+    C = d.shape[-1]
+    idx = torch.arange(C, device=d.device)
+    later = idx[None, :] > idx[:, None]  # [i, j]: j > i
+    e = torch.where(later, d[:, :, None, :], torch.ones_like(d)[:, :, None, :])  # [B, H, i, j]
+    prods = torch.cumprod(e, dim=-1)  # [B, H, i, t] = prod_{i<j<=t} d_j  (t >= i)
+    return prods.transpose(-1, -2) * (idx[:, None] >= idx[None, :]).to(d.dtype)  # [B, H, t, i]
+
+
 def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
     """``y_t = d_t y_{t-1} + x_t`` over dim 2 with ``y_{-1} = init``, all ``t`` at once:
     ``y_t = (prod_{j<=t} d_j) init + sum_{i<=t} (prod_{i<j<=t} d_j) x_i`` as one matmul with the
-    lower-triangular product matrix. ``x [B, H, C, *P]``, ``d [B, H, C]``, ``init [B, H, *P]``.
+    lower-triangular product matrix (:func:`decay_matrix`). ``x [B, H, C, *P]``, ``d [B, H, C]``,
+    ``init [B, H, *P]``.
 
     Example::
 
@@ -171,13 +213,8 @@ def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.T
         [1.0, 1.5, 1.75]
     """
     B, H, C = d.shape
-    idx = torch.arange(C, device=d.device)
-    later = idx[None, :] > idx[:, None]  # [i, j]: j > i
-    e = torch.where(later, d[:, :, None, :], torch.ones_like(d)[:, :, None, :])  # [B, H, i, j]
-    prods = torch.cumprod(e, dim=-1)  # [B, H, i, t] = prod_{i<j<=t} d_j  (t >= i)
-    lower = prods.transpose(-1, -2) * (idx[:, None] >= idx[None, :]).to(d.dtype)  # [B, H, t, i]
     flat = x.reshape(B, H, C, -1)
-    y = lower @ flat + torch.cumprod(d, dim=-1)[..., None] * init.reshape(B, H, 1, -1)
+    y = decay_matrix(d) @ flat + torch.cumprod(d, dim=-1)[..., None] * init.reshape(B, H, 1, -1)
     return y.reshape(x.shape)
 
 
@@ -236,21 +273,44 @@ def check_memory_inputs(
     return B, T, H
 
 
-def _init_state(weights, B, window, k, v, initial_state):
+def init_state(weights, B, window, k, v, initial_state):
+    """``(A, S, A0, pos, k, v, gamma)`` to start a call from: the given state or, without one, the initial
+    weights with zero momentum, an empty window buffer, ``A0 = A`` and ``pos = 0``. ``A0`` (the
+    accumulators at the start of the current chunk) and ``pos [B]`` (tokens into that chunk) place a call
+    on the chunk grid of the chunked form; a state without them (chunk size 1) is on the grid.
+
+    Example::
+
+        >>> A, S, A0, pos, kb, vb, gb = init_state([torch.zeros(1, 2, 2)], 3, 1, torch.zeros(3, 1, 1, 2),
+        ...                                        torch.zeros(3, 1, 1, 2), None)
+        >>> tuple(A[0].shape), pos.tolist(), tuple(kb.shape)
+        ((3, 1, 2, 2), [0, 0, 0], (3, 1, 0, 2))
+    """
     if initial_state is not None:
         st = initial_state
-        return ([_f(a) for a in st["A"]], [_f(s) for s in st["S"]], _f(st["k"]), _f(st["v"]), _f(st["gamma"]))
+        A = [_f(a) for a in st["A"]]
+        A0 = [_f(a) for a in st["A0"]] if "A0" in st else A
+        pos = st["pos"] if "pos" in st else torch.zeros(A[0].shape[0], dtype=torch.long, device=A[0].device)
+        return (A, [_f(s) for s in st["S"]], A0, pos, _f(st["k"]), _f(st["v"]), _f(st["gamma"]))
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
     A = [_f(w).unsqueeze(0).expand(B, *w.shape) for w in weights]
     S = [torch.zeros_like(a) for a in A]
     kb = k.new_zeros(B, H, window - 1, K, dtype=A[0].dtype)
     vb = v.new_zeros(B, H, window - 1, V, dtype=A[0].dtype)
     gb = k.new_zeros(B, H, window - 1, dtype=A[0].dtype)
-    return A, S, kb, vb, gb
+    return A, S, A, torch.zeros(B, dtype=torch.long, device=k.device), kb, vb, gb
 
 
-def _window_grads(W, kw, vw, gw, C, window, loss, p):
-    """Per-token window gradients for the last ``C`` tokens of ``kw [B, H, window-1+C, K]``."""
+def window_grads(W, kw, vw, gw, C, window, loss, p):
+    """Per-token window gradients ``sum_j gamma_{t-j} grad loss(W; k_{t-j}, v_{t-j})`` (materialized,
+    ``[B, H, C, d_l, d_{l+1}]`` per layer) for the last ``C`` tokens of ``kw [B, H, window-1+C, K]``.
+
+    Example::
+
+        >>> x = torch.ones(1, 1, 2, 1)
+        >>> window_grads([torch.zeros(1, 1, 1, 1)], x, x, torch.ones(1, 1, 2), 1, 2, "l2", 2.0)[0].item()
+        -4.0
+    """
     G = mlp_token_grads(W, kw, vw, loss, p)
     out = []
     for g in G:
@@ -260,6 +320,21 @@ def _window_grads(W, kw, vw, gw, C, window, loss, p):
             acc = acc + g[:, :, window - 1 - j : window - 1 - j + C]
         out.append(acc)
     return out
+
+
+def make_state(A, S, A0, pos, kb, vb, gb, chunk_size: int) -> dict:
+    """The state dict a call leaves: ``A``, ``S`` and the window buffer; plus ``A0`` and ``pos`` (the
+    chunk grid) when ``chunk_size > 1``.
+
+    Example::
+
+        >>> sorted(make_state([1], [2], [1], 0, 3, 4, 5, chunk_size=16))
+        ['A', 'A0', 'S', 'gamma', 'k', 'pos', 'v']
+    """
+    state = dict(A=A, S=S, k=kb, v=vb, gamma=gb)
+    if chunk_size > 1:
+        state.update(A0=A0, pos=pos)
+    return state
 
 
 def reference_neural_memory(
@@ -281,9 +356,15 @@ def reference_neural_memory(
     initial_state=None,
     output_final_state=False,
     valid=None,
+    chunk_size=1,
 ):
     """Token-by-token generic rule (module docstring); returns ``(y [B, T, H, V], state or None)``.
     ``valid [B, T]`` (bool): an invalid token is an identity step (the state is kept as it was).
+
+    ``chunk_size > 1`` runs the chunked form's semantics token by token (each row on its own chunk grid,
+    counted in valid tokens): gradients at the weights ``A0`` of the current chunk's start, which move on
+    every ``chunk_size`` valid tokens. It equals :func:`effattn.memory.chunk_neural_memory` with the same
+    chunk size and is its one-token step (decoding) and padded path.
 
     Example::
 
@@ -293,7 +374,8 @@ def reference_neural_memory(
         ((1, 4, 1, 3), (1, 1, 3, 3))
     """
     B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon)
-    A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
+    check_int("chunk_size", chunk_size, 1)
+    A, S, A0, pos, kb, vb, gb = init_state(weights, B, window, k, v, initial_state)
     qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
     th, et, al = (_f(t).transpose(1, 2) for t in (theta, eta, alpha))
     ga = torch.ones_like(th) if gamma is None else _f(gamma).transpose(1, 2)
@@ -302,8 +384,8 @@ def reference_neural_memory(
         kw = torch.cat([kb, kf[:, :, t : t + 1]], 2)
         vw = torch.cat([vb, vf[:, :, t : t + 1]], 2)
         gw = torch.cat([gb, ga[:, :, t : t + 1]], 2)
-        W = [read_weights(a, retention, q_exp) for a in A]
-        G = _window_grads(W, kw, vw, gw, 1, window, loss, p)
+        W = [read_weights(a, retention, q_exp) for a in (A if chunk_size == 1 else A0)]
+        G = window_grads(W, kw, vw, gw, 1, window, loss, p)
         th_t, et_t, al_t = (x[:, :, t, None, None] for x in (th, et, al))
         newA, newS = [], []
         for a, s, g in zip(A, S, G):
@@ -316,6 +398,7 @@ def reference_neural_memory(
                 u = s
             newA.append((1 - al_t) * a + u)
             newS.append(s)
+        step = torch.ones(B, dtype=torch.bool, device=pos.device) if valid is None else valid[:, t].to(pos.device)
         if valid is not None:
             keep = valid[:, t].reshape(B, 1, 1, 1)
             newA = [torch.where(keep, n, o) for n, o in zip(newA, A)]
@@ -328,77 +411,14 @@ def reference_neural_memory(
         else:
             kb, vb, gb = kw[:, :, 1:], vw[:, :, 1:], gw[:, :, 1:]
         A, S = newA, newS
+        if chunk_size > 1:  # a row that completes its chunk starts the next one at its new weights
+            pos = torch.where(step, (pos + 1) % chunk_size, pos)
+            edge = (step & (pos == 0)).reshape(B, 1, 1, 1)
+            A0 = [torch.where(edge, a, a0) for a, a0 in zip(A, A0)]
+        else:
+            A0 = A
         Wt = [read_weights(a, retention, q_exp) for a in A]
         ys.append(mlp_apply(Wt, qf[:, :, t : t + 1])[:, :, 0])
     y = torch.stack(ys, dim=1) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
-    state = dict(A=A, S=S, k=kb, v=vb, gamma=gb) if output_final_state else None
-    return y.to(q.dtype), state
-
-
-def chunk_neural_memory(
-    q,
-    k,
-    v,
-    theta,
-    eta,
-    alpha,
-    weights,
-    *,
-    gamma=None,
-    loss="l2",
-    p=2.0,
-    retention="linear",
-    q_exp=2.0,
-    window=1,
-    muon=False,
-    chunk_size=16,
-    initial_state=None,
-    output_final_state=False,
-):
-    """Chunked generic rule: every gradient of a chunk taken at the chunk's start weights, momentum and
-    decay as linear scans over the chunk (:func:`linear_scan`), reads batched per token. ``chunk_size
-    = 1`` equals :func:`reference_neural_memory`; larger chunks are the paper's approximation. The chunk
-    grid starts at this call's first token.
-
-    Example::
-
-        >>> x = torch.randn(1, 6, 1, 3); g = torch.full((1, 6, 1), 0.5)
-        >>> w = [torch.zeros(1, 3, 3)]
-        >>> a, _ = chunk_neural_memory(x, x, x, g, g, g, w, chunk_size=1)
-        >>> b, _ = reference_neural_memory(x, x, x, g, g, g, w)
-        >>> torch.allclose(a, b, atol=1e-6)
-        True
-    """
-    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon)
-    check_int("chunk_size", chunk_size, 1)
-    A, S, kb, vb, gb = _init_state(weights, B, window, k, v, initial_state)
-    qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))
-    th, et, al = (_f(t).transpose(1, 2) for t in (theta, eta, alpha))
-    ga = torch.ones_like(th) if gamma is None else _f(gamma).transpose(1, 2)
-    ys = []
-    for c0 in range(0, T, chunk_size):
-        c1 = min(T, c0 + chunk_size)
-        C = c1 - c0
-        kw, vw, gw = (torch.cat([buf, x[:, :, c0:c1]], 2) for buf, x in ((kb, kf), (vb, vf), (gb, ga)))
-        W0 = [read_weights(a, retention, q_exp) for a in A]
-        G = _window_grads(W0, kw, vw, gw, C, window, loss, p)
-        th_c, et_c, al_c = th[:, :, c0:c1], et[:, :, c0:c1], al[:, :, c0:c1]
-        newA, newS, Wt = [], [], []
-        for a, s, g in zip(A, S, G):
-            if muon:
-                s_all = linear_scan(g, et_c, s)
-                u = -th_c[..., None, None] * newton_schulz(s_all)
-            else:
-                s_all = linear_scan(-th_c[..., None, None] * g, et_c, s)
-                u = s_all
-            a_all = linear_scan(u, 1 - al_c, a)
-            Wt.append(read_weights(a_all, retention, q_exp))
-            newA.append(a_all[:, :, -1])
-            newS.append(s_all[:, :, -1])
-        ys.append(mlp_apply(Wt, qf[:, :, c0:c1], per_token=True))
-        A, S = newA, newS
-        n = window - 1
-        kb, vb, gb = kw[:, :, kw.shape[2] - n :], vw[:, :, vw.shape[2] - n :], gw[:, :, gw.shape[2] - n :]
-    y = torch.cat(ys, dim=2).transpose(1, 2) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
-    state = dict(A=A, S=S, k=kb, v=vb, gamma=gb) if output_final_state else None
+    state = make_state(A, S, A0, pos, kb, vb, gb, chunk_size) if output_final_state else None
     return y.to(q.dtype), state

@@ -21,7 +21,8 @@ import math
 import torch
 
 from effattn._checks import check_positive_int
-from effattn.memory._neural import chunk_neural_memory, reference_neural_memory
+from effattn.memory._chunked import chunk_neural_memory
+from effattn.memory._neural import reference_neural_memory
 
 __all__ = ["atlas_memory", "polynomial_features"]
 

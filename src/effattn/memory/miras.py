@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from effattn.memory._neural import chunk_neural_memory, reference_neural_memory
+from effattn.memory._chunked import chunk_neural_memory
+from effattn.memory._neural import reference_neural_memory
 
 __all__ = ["MIRAS_RULES", "memora", "miras_memory", "moneta", "yaad"]
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from effattn._checks import check_positive_int
-from effattn.memory._neural import chunk_neural_memory, reference_neural_memory
+from effattn.memory._chunked import chunk_neural_memory
+from effattn.memory._neural import reference_neural_memory
 
 __all__ = ["NeuralMemory", "chunk_titans_memory", "init_memory_weights", "step_titans_memory", "titans_memory"]
 

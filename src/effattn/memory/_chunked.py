@@ -1,0 +1,221 @@
+"""The chunked form of the generic neural-memory rule (:mod:`effattn.memory._neural`): every gradient of a
+chunk is taken at the chunk's start weights ``W0`` (mini-batch gradient descent per chunk, Titans section
+3.2), then momentum and decay run as scans over the chunk's tokens. Two ways to run a chunk:
+
+**Fast (factored) form**, when the update is linear in the gradients (``retention="linear"``, no Muon).
+Each per-token gradient of a layer is rank one, ``G_m = a_m^T delta_m`` (layer input and output gradient
+at ``W0``; a sum of ``window`` such terms for the Omega rule). With ``P_t = prod_{j<=t} eta_j``,
+``D_t = prod_{j<=t} (1 - alpha_j)`` and the gate-product matrices ``L_eta``, ``L_alpha`` (lower
+triangular, ``L[t, i] = prod_{i<j<=t}``), the scans unroll to::
+
+    S_t = P_t S_0 - sum_m bs[t, m] a_m^T delta_m          bs = (L_eta diag(theta) Band) diag(gamma)
+    W_t = D_t W_0' + E_t S_0 - sum_m ba[t, m] a_m^T delta_m    ba = (L_alpha L_eta diag(theta) Band) diag(gamma)
+    E = L_alpha P,  Band[i, m] = 1 for the window tokens m of token i
+
+(``W_0'`` the accumulator the chunk starts from; it equals ``W0`` except in a call that starts inside a
+chunk). A read ``h_t W_t`` is then ``D_t h_t W_0' + E_t h_t S_0 - sum_m ba[t, m] (h_t . a_m) delta_m``: a
+masked ``[C, C]`` attention-like matmul per layer (the linear-attention chunk trick); layer by layer for a
+deeper memory (the query's hidden ``h`` of layer ``l`` comes from the per-token weights of layer
+``l-1``). The chunk's last weights are one matmul. No ``[C, d_in, d_out]`` tensor is formed.
+
+**Materialized form** for the rest (Muon's Newton-Schulz of the momentum, Moneta's ``lq`` and Memora's
+softmax read maps are not linear in the gradients): per-token gradients and weights ``[C, d_in, d_out]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from effattn._checks import check_int
+from effattn.memory._neural import (
+    check_memory_inputs,
+    decay_matrix,
+    init_state,
+    linear_scan,
+    make_state,
+    mlp_apply,
+    mlp_token_factors,
+    newton_schulz,
+    read_weights,
+    reference_neural_memory,
+    window_grads,
+)
+
+__all__ = ["chunk_neural_memory", "fast_chunk_applies"]
+
+
+def fast_chunk_applies(retention: str, muon: bool) -> bool:
+    """Whether the fast (factored) chunk form covers a rule: its update must be linear in the gradients
+    (``retention="linear"``, no Muon). Titans, Yaad and ATLAS without Muon: yes; Moneta (``lq``), Memora
+    (softmax) and ATLAS with Muon: no (materialized form).
+
+    Example::
+
+        >>> fast_chunk_applies("linear", False), fast_chunk_applies("softmax", False)
+        (True, False)
+    """
+    return retention == "linear" and not muon
+
+
+def _band(C: int, n: int, window: int, like: torch.Tensor) -> torch.Tensor:
+    """``[C, n]``: token ``i`` of the chunk (extended index ``i + window - 1``) sums the gradients of the
+    extended tokens ``i .. i + window - 1``."""
+    i = torch.arange(C, device=like.device)[:, None]
+    m = torch.arange(n, device=like.device)[None, :]
+    return ((m >= i) & (m <= i + window - 1)).to(like.dtype)
+
+
+def _fast_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p):
+    """One chunk in the factored form (module docstring); returns ``(y [B, H, C, V], A_new, S_new)``."""
+    C = qc.shape[2]
+    ins, deltas = mlp_token_factors(W0, kw, vw, loss, p)  # at the chunk's start weights
+    Ls, La = decay_matrix(et), decay_matrix(1 - al)
+    P, D = torch.cumprod(et, -1), torch.cumprod(1 - al, -1)
+    E = (La @ P.unsqueeze(-1)).squeeze(-1)
+    Ms = Ls * th[:, :, None, :]
+    Ma = La @ Ms
+    if window > 1:
+        band = _band(C, kw.shape[2], window, Ms)
+        Ms, Ma = Ms @ band, Ma @ band
+    bs, ba = Ms * gw[:, :, None, :], Ma * gw[:, :, None, :]
+    h = qc
+    newA, newS = [], []
+    for i, (a0, s0, x, d) in enumerate(zip(A, S, ins, deltas)):
+        z = D[..., None] * (h @ a0) + E[..., None] * (h @ s0) - ((h @ x.transpose(-1, -2)) * ba) @ d
+        h = F.silu(z) if i < len(A) - 1 else z
+        newA.append(
+            D[:, :, -1, None, None] * a0
+            + E[:, :, -1, None, None] * s0
+            - (x * ba[:, :, -1, :, None]).transpose(-1, -2) @ d
+        )
+        newS.append(P[:, :, -1, None, None] * s0 - (x * bs[:, :, -1, :, None]).transpose(-1, -2) @ d)
+    return h, newA, newS
+
+
+def _materialized_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p, retention, q_exp, muon):
+    """One chunk with per-token gradients and weights ``[B, H, C, d_in, d_out]``."""
+    G = window_grads(W0, kw, vw, gw, qc.shape[2], window, loss, p)
+    newA, newS, Wt = [], [], []
+    for a, s, g in zip(A, S, G):
+        if muon:
+            s_all = linear_scan(g, et, s)
+            u = -th[..., None, None] * newton_schulz(s_all)
+        else:
+            s_all = linear_scan(-th[..., None, None] * g, et, s)
+            u = s_all
+        a_all = linear_scan(u, 1 - al, a)
+        Wt.append(read_weights(a_all, retention, q_exp))
+        newA.append(a_all[:, :, -1])
+        newS.append(s_all[:, :, -1])
+    return mlp_apply(Wt, qc, per_token=True), newA, newS
+
+
+def chunk_neural_memory(
+    q,
+    k,
+    v,
+    theta,
+    eta,
+    alpha,
+    weights,
+    *,
+    gamma=None,
+    loss="l2",
+    p=2.0,
+    retention="linear",
+    q_exp=2.0,
+    window=1,
+    muon=False,
+    chunk_size=16,
+    initial_state=None,
+    output_final_state=False,
+    fast=None,
+):
+    """Chunked generic rule: every gradient of a chunk taken at the chunk's start weights, momentum and
+    decay as scans over the chunk. ``fast=None`` picks the factored form where it applies
+    (:func:`fast_chunk_applies`), ``False`` forces the materialized one; both compute the same thing.
+    ``chunk_size = 1`` equals :func:`effattn.memory.reference_neural_memory`; larger chunks are the
+    paper's approximation. The chunk grid starts at a sequence's first token and continues across calls
+    (the state keeps the chunk's start weights ``A0`` and the position ``pos`` in it), so a call split
+    anywhere, and the one-token step ``reference_neural_memory(..., chunk_size=c)``, equal one call.
+    A state whose rows sit at different grid positions (after a padded call) runs token by token.
+
+    Example::
+
+        >>> x = torch.randn(1, 6, 1, 3); g = torch.full((1, 6, 1), 0.5)
+        >>> w = [torch.zeros(1, 3, 3)]
+        >>> a, _ = chunk_neural_memory(x, x, x, g, g, g, w, chunk_size=1)
+        >>> b, _ = reference_neural_memory(x, x, x, g, g, g, w)
+        >>> torch.allclose(a, b, atol=1e-6)
+        True
+    """
+    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon)
+    check_int("chunk_size", chunk_size, 1)
+    if fast is None:
+        fast = fast_chunk_applies(retention, muon)
+    elif fast and not fast_chunk_applies(retention, muon):
+        raise ValueError(
+            f"fast=True needs an update linear in the gradients (retention='linear', muon=False), "
+            f"got retention={retention!r}, muon={muon}"
+        )
+    opts = dict(gamma=gamma, loss=loss, p=p, retention=retention, q_exp=q_exp, window=window, muon=muon)
+    A, S, A0, pos, kb, vb, gb = init_state(weights, B, window, k, v, initial_state)
+    pos0 = int(pos[0]) if B else 0
+    if B and bool((pos != pos0).any()):  # rows on different grid positions: the token-by-token form
+        return reference_neural_memory(
+            q,
+            k,
+            v,
+            theta,
+            eta,
+            alpha,
+            weights,
+            **opts,
+            chunk_size=chunk_size,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
+    qf, kf, vf = (as_float(t).transpose(1, 2) for t in (q, k, v))
+    th, et, al = (as_float(t).transpose(1, 2) for t in (theta, eta, alpha))
+    ga = torch.ones_like(th) if gamma is None else as_float(gamma).transpose(1, 2)
+    ys = []
+    c0 = 0
+    while c0 < T:
+        c1 = min(T, c0 + chunk_size - pos0)
+        kw, vw, gw = (torch.cat([buf, x[:, :, c0:c1]], 2) for buf, x in ((kb, kf), (vb, vf), (gb, ga)))
+        W0 = [read_weights(a, retention, q_exp) for a in A0]
+        args = (
+            W0,
+            A,
+            S,
+            qf[:, :, c0:c1],
+            kw,
+            vw,
+            gw,
+            th[:, :, c0:c1],
+            et[:, :, c0:c1],
+            al[:, :, c0:c1],
+            window,
+            loss,
+            p,
+        )
+        y, A, S = _fast_chunk(*args) if fast else _materialized_chunk(*args, retention, q_exp, muon)
+        ys.append(y)
+        pos0 = (pos0 + c1 - c0) % chunk_size
+        if pos0 == 0:
+            A0 = A
+        n = window - 1
+        kb, vb, gb = kw[:, :, kw.shape[2] - n :], vw[:, :, vw.shape[2] - n :], gw[:, :, gw.shape[2] - n :]
+        c0 = c1
+    y = torch.cat(ys, dim=2).transpose(1, 2) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
+    if chunk_size == 1:
+        A0 = A
+    pos = torch.full_like(pos, pos0)
+    state = make_state(A, S, A0, pos, kb, vb, gb, chunk_size) if output_final_state else None
+    return y.to(q.dtype), state
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when given float64 (gradchecks)."""
+    return x if x.dtype == torch.float64 else x.float()
