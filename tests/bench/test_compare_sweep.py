@@ -240,3 +240,21 @@ def test_sweep_flags_and_presets():
     full = make_config("full")
     assert (min(full.mqar_widths), max(full.mqar_widths), full.mqar_seq_len) == (64, 512, 512)
     assert max(full.mqar_kv_pairs) == 64 and full.mqar_lrs[0] == 1e-4 and full.mqar_lrs[-1] == 1e-2
+
+
+def test_cached_mqar_data_is_make_mqar_and_a_warm_cache_changes_no_training():
+    """The sweep's runs of one seed share generated data; it is make_mqar's, and a training that finds it in the
+    cache (after a training that read it) equals one that generated it."""
+    from effattn.bench.tasks.mqar import make_mqar
+    from effattn.bench.train import cached_mqar
+
+    x, y = cached_mqar(40, 32, 4, 34, True, 5)
+    ref = make_mqar(40, input_seq_len=32, num_kv_pairs=4, vocab_size=34, random_non_queries=True, seed=5)
+    assert torch.equal(x, ref[0]) and torch.equal(y, ref[1])
+    kw = dict(heads=2, vocab_size=34, seq_len=32, num_kv_pairs=(2, 4), num_train=96, num_test=16, steps=6)
+    kw.update(batch_size=16, lr=1e-3, seed=3)
+    cached_mqar.cache_clear()
+    cold = train_mqar("attention", 16, **kw)
+    warm = train_mqar("attention", 16, **kw)
+    assert cached_mqar.cache_info().hits >= 4
+    assert cold["final_loss"] == warm["final_loss"] and cold["accuracy_by_pairs"] == warm["accuracy_by_pairs"]
