@@ -66,31 +66,53 @@ def _band(C: int, n: int, window: int, like: torch.Tensor) -> torch.Tensor:
     return ((m >= i) & (m <= i + window - 1)).to(like.dtype)
 
 
-def _fast_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p):
-    """One chunk in the factored form (module docstring); returns ``(y [B, H, C, V], A_new, S_new)``."""
-    C = qc.shape[2]
-    ins, deltas = mlp_token_factors(W0, kw, vw, loss, p)  # at the chunk's start weights
+def _chunk_gates(th, et, al, gext, window):
+    """Gate matrices of chunks (leading dims ``[B, H, n]``, ``C`` tokens each; ``gext`` the window weights
+    of the ``C + window - 1`` extended tokens): ``D``, ``E``, ``ba`` for the reads and the last rows
+    ``P_C``, ``bs_C`` for the chunk's final momentum (module docstring). They do not depend on the
+    memory, so all chunks of a call are built at once."""
     Ls, La = decay_matrix(et), decay_matrix(1 - al)
     P, D = torch.cumprod(et, -1), torch.cumprod(1 - al, -1)
     E = (La @ P.unsqueeze(-1)).squeeze(-1)
-    Ms = Ls * th[:, :, None, :]
+    Ms = Ls * th[..., None, :]
     Ma = La @ Ms
     if window > 1:
-        band = _band(C, kw.shape[2], window, Ms)
+        band = _band(th.shape[-1], gext.shape[-1], window, Ms)
         Ms, Ma = Ms @ band, Ma @ band
-    bs, ba = Ms * gw[:, :, None, :], Ma * gw[:, :, None, :]
+    return D, E, Ma * gext[..., None, :], P[..., -1], Ms[..., -1, :] * gext
+
+
+def _fast_chunk(W0, A, S, qc, kw, vw, gates, loss, p):
+    """One chunk in the factored form (module docstring); returns ``(y [B, H, C, V], A_new, S_new)``."""
+    D, E, ba, P_last, bs_last = gates
+    ins, deltas = mlp_token_factors(W0, kw, vw, loss, p)  # at the chunk's start weights
+    D_last, E_last, ba_last = D[..., -1, None, None], E[..., -1, None, None], ba[..., -1, :, None]
+    P_last, bs_last = P_last[..., None, None], bs_last[..., None]
     h = qc
     newA, newS = [], []
     for i, (a0, s0, x, d) in enumerate(zip(A, S, ins, deltas)):
         z = D[..., None] * (h @ a0) + E[..., None] * (h @ s0) - ((h @ x.transpose(-1, -2)) * ba) @ d
         h = F.silu(z) if i < len(A) - 1 else z
-        newA.append(
-            D[:, :, -1, None, None] * a0
-            + E[:, :, -1, None, None] * s0
-            - (x * ba[:, :, -1, :, None]).transpose(-1, -2) @ d
-        )
-        newS.append(P[:, :, -1, None, None] * s0 - (x * bs[:, :, -1, :, None]).transpose(-1, -2) @ d)
+        newA.append(D_last * a0 + E_last * s0 - (x * ba_last).transpose(-1, -2) @ d)
+        newS.append(P_last * s0 - (x * bs_last).transpose(-1, -2) @ d)
     return h, newA, newS
+
+
+def _all_gates(segs, th, et, al, gext, window):
+    """Per-chunk gate matrices for the chunks ``segs`` (runs of equal-size chunks built in one batch)."""
+    B, H = th.shape[:2]
+    out, i = [], 0
+    while i < len(segs):
+        c0, c1 = segs[i]
+        C, j = c1 - c0, i
+        while j < len(segs) and segs[j][1] - segs[j][0] == C:
+            j += 1
+        n, end = j - i, c0 + (j - i) * C
+        parts = [x[:, :, c0:end].reshape(B, H, n, C) for x in (th, et, al)]
+        g = gext[:, :, c0 : end + window - 1].unfold(2, C + window - 1, C)  # [B, H, n, C + window - 1]
+        out += list(zip(*(x.unbind(2) for x in _chunk_gates(*parts, g, window))))
+        i = j
+    return out
 
 
 def _materialized_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p, retention, q_exp, muon):
@@ -179,28 +201,23 @@ def chunk_neural_memory(
     qf, kf, vf = (as_float(t).transpose(1, 2) for t in (q, k, v))
     th, et, al = (as_float(t).transpose(1, 2) for t in (theta, eta, alpha))
     ga = torch.ones_like(th) if gamma is None else as_float(gamma).transpose(1, 2)
-    ys = []
-    c0 = 0
+    segs, c0, off = [], 0, pos0
     while c0 < T:
-        c1 = min(T, c0 + chunk_size - pos0)
+        segs.append((c0, min(T, c0 + chunk_size - off)))
+        c0, off = segs[-1][1], 0
+    if fast:
+        all_gates = _all_gates(segs, th, et, al, torch.cat([gb, ga], 2), window)
+    ys = []
+    for n, (c0, c1) in enumerate(segs):
         kw, vw, gw = (torch.cat([buf, x[:, :, c0:c1]], 2) for buf, x in ((kb, kf), (vb, vf), (gb, ga)))
         W0 = [read_weights(a, retention, q_exp) for a in A0]
-        args = (
-            W0,
-            A,
-            S,
-            qf[:, :, c0:c1],
-            kw,
-            vw,
-            gw,
-            th[:, :, c0:c1],
-            et[:, :, c0:c1],
-            al[:, :, c0:c1],
-            window,
-            loss,
-            p,
-        )
-        y, A, S = _fast_chunk(*args) if fast else _materialized_chunk(*args, retention, q_exp, muon)
+        if fast:
+            y, A, S = _fast_chunk(W0, A, S, qf[:, :, c0:c1], kw, vw, all_gates[n], loss, p)
+        else:
+            gates = (th[:, :, c0:c1], et[:, :, c0:c1], al[:, :, c0:c1])
+            y, A, S = _materialized_chunk(
+                W0, A, S, qf[:, :, c0:c1], kw, vw, gw, *gates, window, loss, p, retention, q_exp, muon
+            )
         ys.append(y)
         pos0 = (pos0 + c1 - c0) % chunk_size
         if pos0 == 0:

@@ -184,7 +184,7 @@ def newton_schulz(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 def decay_matrix(d: torch.Tensor) -> torch.Tensor:
     """The lower-triangular gate products ``L[t, i] = prod_{i<j<=t} d_j`` (``L[t, t] = 1``, 0 above the
-    diagonal) of ``d [B, H, C]``, as ``[B, H, C, C]``: ``y_t = d_t y_{t-1} + x_t`` is ``y = L x`` (plus the
+    diagonal) of ``d [..., C]``, as ``[..., C, C]``: ``y_t = d_t y_{t-1} + x_t`` is ``y = L x`` (plus the
     initial value's term), built from cumulative products of the gates (no division by a gate).
 
     Example::
@@ -195,9 +195,9 @@ def decay_matrix(d: torch.Tensor) -> torch.Tensor:
     C = d.shape[-1]
     idx = torch.arange(C, device=d.device)
     later = idx[None, :] > idx[:, None]  # [i, j]: j > i
-    e = torch.where(later, d[:, :, None, :], torch.ones_like(d)[:, :, None, :])  # [B, H, i, j]
-    prods = torch.cumprod(e, dim=-1)  # [B, H, i, t] = prod_{i<j<=t} d_j  (t >= i)
-    return prods.transpose(-1, -2) * (idx[:, None] >= idx[None, :]).to(d.dtype)  # [B, H, t, i]
+    e = torch.where(later, d[..., None, :], torch.ones_like(d)[..., None, :])  # [..., i, j]
+    prods = torch.cumprod(e, dim=-1)  # [..., i, t] = prod_{i<j<=t} d_j  (t >= i)
+    return prods.transpose(-1, -2) * (idx[:, None] >= idx[None, :]).to(d.dtype)  # [..., t, i]
 
 
 def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
