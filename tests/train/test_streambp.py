@@ -154,3 +154,30 @@ def test_streambp_refuses_bad_chunk_padding_and_mods():
     )
     with pytest.raises(ValueError, match="mask_mod"):
         modded(ids)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 13])
+def test_streambp_attention_stats_path_float64(chunk):
+    """Plain causal GQA attention on CPU takes the fast path (the forward keeps o and LSE, the backward
+    runs only attention's backward): its gradients equal autograd through block(h) to float64 rounding,
+    and so do those of the recomputing path it replaces."""
+    from effattn.nn.streambp import uses_attention_stats
+
+    cfg = LMConfig(
+        vocab_size=11, dim=24, n_layers=1, heads=6, kv_heads=2, mixer_kwargs={"attention": dict(qk_norm=True)}
+    )
+    torch.manual_seed(0)
+    block = LM(cfg).blocks[0].double()
+    h = torch.randn(2, 27, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    g = torch.randn(2, 27, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    params = list(block.parameters())
+    assert uses_attention_stats(block, h) and not uses_attention_stats(block, h.float().to(torch.bfloat16))
+    ref_out = block(h)[0]
+    ref = torch.autograd.grad(ref_out, (h, *params), g)
+    out = streambp_block(block, h, chunk)
+    assert rel_rms(out, ref_out) < 1e-14
+    got = torch.autograd.grad(out, (h, *params), g)
+    for a, b in zip(got, ref):
+        assert rel_rms(a, b) < 1e-12, (a.shape, rel_rms(a, b))
+    dh, grads = streambp_block_backward(block, h.detach(), g, chunk, params)  # no stats: recomputation
+    assert rel_rms(dh, ref[0]) < 1e-12

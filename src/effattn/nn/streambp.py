@@ -23,6 +23,16 @@ intermediate ``[c, hidden]``, its ``[c, prefix]`` attention tile) plus ``K, V, d
 sequence, instead of all ``[T, hidden]`` intermediates at once. The loss is formed per chunk too
 (:func:`effattn.train.chunked_cross_entropy`).
 
+Attention statistics (the fast path). For plain causal attention (no window, sinks, softcap, named
+backend) on CPU tensors in float32/float64, the forward also keeps each block's attention output ``o``
+and log-sum-exp ``L`` (``[T, dim]`` and ``[heads, T]`` more per block; the placement of LightSeq's
+rematerialization-aware checkpointing, Li et al., "LightSeq: Sequence Level Parallelism for Distributed
+Training of Long Context Transformers", 2023). A chunk's backward then recomputes only its queries, the
+output projection and the MLP, and runs attention's *backward* from the saved statistics (FlashAttention's
+identities ``P = exp(q k^T / sqrt(d) - L)``, ``dS = P (dP - rowsum(dO o))``) in two calls of ATen's CPU
+flash kernels: the prefix keys ``t < s`` without a mask and the chunk's own keys causally. Attention's
+forward never runs twice, so the step costs one forward more of the token-wise layers only.
+
 Where it applies: blocks whose mixer is causal softmax attention (``"attention"``, ``"sliding_window"``:
 :class:`effattn.nn.Attention` without mask/score mods or head gates) and whose MLP is token-wise
 (the dense SwiGLU). Recurrent and linear mixers carry a state across chunks and MoE layers route
@@ -54,7 +64,13 @@ from effattn.exact import attention, window_bounds
 from effattn.moe import MoE
 from effattn.nn.attention import Attention
 
-__all__ = ["STREAMBP_MIXERS", "check_streambp", "streambp_block", "streambp_block_backward"]
+__all__ = [
+    "STREAMBP_MIXERS",
+    "check_streambp",
+    "streambp_block",
+    "streambp_block_backward",
+    "uses_attention_stats",
+]
 
 STREAMBP_MIXERS = ("attention", "sliding_window")
 
@@ -122,24 +138,113 @@ def _chunk_attention(m: Attention, q, k, v, left: int | None) -> torch.Tensor:
     return o.transpose(1, 2)
 
 
-def _chunk_output(block, m: Attention, x, k, v, pos, left: int | None) -> torch.Tensor:
-    """The block's output for the query chunk ``x`` against the keys/values ``k, v`` of its prefix."""
-    q = _heads(block.mixer_norm(x), m.q_proj, m.heads, m.head_dim)
+def _queries(m: Attention, n: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    q = _heads(n, m.q_proj, m.heads, m.head_dim)
     if m.q_norm is not None:
         q = m.q_norm(q)
     if m.rope is not None:
         q = m.rope.apply(q, pos)
+    return q
+
+
+def _chunk_output(block, m: Attention, x, k, v, pos, left: int | None) -> torch.Tensor:
+    """The block's output for the query chunk ``x`` against the keys/values ``k, v`` of its prefix."""
+    q = _queries(m, block.mixer_norm(x), pos)
     o = _chunk_attention(m, q, k, v, left)
     a = x + m.o_proj(o.flatten(2))
     return a + block.mlp(block.mlp_norm(a))
 
 
+def uses_attention_stats(block: nn.Module, h: torch.Tensor) -> bool:
+    """Whether :func:`streambp_block` keeps the block's attention output and LSE (the fast path of the
+    module docstring): plain causal attention on a CPU float32/float64 tensor, outside autocast."""
+    m = _check_block(block)
+    plain = m.window is None and m.sinks is None and m.softcap is None and m.backend == "auto"
+    cpu = h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)
+    return plain and cpu and not torch.is_autocast_enabled("cpu")
+
+
+def _expand_kv(m: Attention, x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, kv_heads, D] -> [B, heads, T, D]`` (query head ``h`` reads key head ``h // group``)."""
+    return x.transpose(1, 2).repeat_interleave(m.heads // m.kv_heads, dim=1)
+
+
+def _stats_forward(block, m: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``block(h)[0]`` through ATen's CPU flash kernel, with the attention output ``o [B, T, H, D]`` and
+    its LSE ``[B, H, T]``."""
+    pos = torch.arange(h.shape[1], device=h.device)
+    n = block.mixer_norm(h)
+    q = _queries(m, n, pos)
+    k, v = _keys_values(m, n, pos)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), _expand_kv(m, k), _expand_kv(m, v), 0.0, True
+    )
+    o = o.transpose(1, 2)
+    a = h + m.o_proj(o.flatten(2))
+    return a + block.mlp(block.mlp_norm(a)), o, lse
+
+
+def _stats_backward(block, m: Attention, h, o, lse, grad_out, chunk, params, add) -> torch.Tensor:
+    """``dL/dh`` of the fast path (parameter gradients go to ``add``): per chunk, the gradient of the
+    output projection, residual and MLP, then attention's backward from the saved ``o, lse``."""
+    B, T = h.shape[:2]
+    pos = torch.arange(T, device=h.device)
+    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    with torch.enable_grad():
+        x_all = h.detach().requires_grad_()
+        k, v = _keys_values(m, block.mixer_norm(x_all), pos)
+    kx, vx = _expand_kv(m, k.detach()), _expand_kv(m, v.detach())  # [B, H, T, D]
+    dkx, dvx = torch.zeros_like(kx), torch.zeros_like(vx)
+    dh = torch.empty_like(h)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        with torch.enable_grad():
+            x = h[:, s:e].detach().requires_grad_()
+            oc = o[:, s:e].detach().requires_grad_()
+            a = x + m.o_proj(oc.flatten(2))
+            out = a + block.mlp(block.mlp_norm(a))
+            q = _queries(m, block.mixer_norm(x), pos[s:e])
+        d = torch.autograd.grad(out, (x, oc, *params), grad_out[:, s:e], allow_unused=True)
+        add(d[2:])
+        do_t, o_t, q_t, lse_c = (
+            d[1].transpose(1, 2),
+            o[:, s:e].transpose(1, 2),
+            q.detach().transpose(1, 2),
+            lse[:, :, s:e],
+        )
+        # keys of the chunk itself, causally (a square block: top-left and bottom-right alignment agree)
+        dq, dk, dv = flash_backward(do_t, q_t, kx[:, :, s:e], vx[:, :, s:e], o_t, lse_c, 0.0, True)
+        dkx[:, :, s:e] += dk
+        dvx[:, :, s:e] += dv
+        if s:  # the prefix: every key visible to every query of the chunk
+            dq_p, dk, dv = flash_backward(do_t, q_t, kx[:, :, :s], vx[:, :, :s], o_t, lse_c, 0.0, False)
+            dq = dq + dq_p
+            dkx[:, :, :s] += dk
+            dvx[:, :, :s] += dv
+        dq_grads = torch.autograd.grad(q, (x, *params), dq.transpose(1, 2), allow_unused=True)
+        dh[:, s:e] = d[0] + dq_grads[0]
+        add(dq_grads[1:])
+        del out, d, q, dq_grads
+    group = (B, m.kv_heads, m.heads // m.kv_heads, T, m.head_dim)
+    dk_kv, dv_kv = (g.view(group).sum(2).transpose(1, 2) for g in (dkx, dvx))
+    d = torch.autograd.grad((k, v), (x_all, *params), (dk_kv, dv_kv), allow_unused=True)
+    dh += d[0]
+    add(d[1:])
+    return dh
+
+
 def streambp_block_backward(
-    block: nn.Module, h: torch.Tensor, grad_out: torch.Tensor, chunk: int, params: Sequence[nn.Parameter]
+    block: nn.Module,
+    h: torch.Tensor,
+    grad_out: torch.Tensor,
+    chunk: int,
+    params: Sequence[nn.Parameter],
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """``(dL/dh, [dL/dp for p in params])`` of one pre-norm attention block (``block(h)`` of a fresh
     sequence) from ``grad_out = dL/dblock(h)``, computed ``chunk`` query tokens at a time (see the
-    module docstring for the decomposition). ``h [B, T, dim]``."""
+    module docstring for the decomposition). ``h [B, T, dim]``. ``stats``: the attention output and LSE
+    the fast path's forward kept (then attention's forward is not recomputed)."""
     m = _check_block(block)
     B, T = h.shape[:2]
     pos = torch.arange(T, device=h.device)
@@ -151,6 +256,8 @@ def streambp_block_backward(
             if g is not None:
                 grads[i] = g if grads[i] is None else grads[i] + g
 
+    if stats is not None:
+        return _stats_backward(block, m, h, *stats, grad_out, chunk, params, add), grads
     with torch.enable_grad():
         x_all = h.detach().requires_grad_()
         k, v = _keys_values(m, block.mixer_norm(x_all), pos)
@@ -179,17 +286,23 @@ def streambp_block_backward(
 class _StreamBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, block, chunk, *params):
+        ctx.stats = None
         with torch.no_grad():
-            out, _ = block(h)
-        # a plain attribute: the block input is the whole saved state (no saved-tensor hook may alter it)
+            if uses_attention_stats(block, h):
+                out, o, lse = _stats_forward(block, block.mixer, h)
+                ctx.stats = (o, lse)
+            else:
+                out, _ = block(h)
+        # plain attributes: the block input (and the attention statistics) are the whole saved state (no
+        # saved-tensor hook may alter them)
         ctx.h, ctx.block, ctx.chunk = h.detach(), block, chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         params = [p for p in ctx.block.parameters() if p.requires_grad]
-        dh, grads = streambp_block_backward(ctx.block, ctx.h, grad_out, ctx.chunk, params)
-        ctx.h = None
+        dh, grads = streambp_block_backward(ctx.block, ctx.h, grad_out, ctx.chunk, params, ctx.stats)
+        ctx.h = ctx.stats = None
         return (dh, None, None, *grads)
 
 
