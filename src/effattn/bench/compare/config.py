@@ -33,6 +33,8 @@ class CompareConfig:
     # MQAR
     mqar_widths: tuple[int, ...] = (64,)
     mqar_head_dims: tuple[int, ...] = (32,)  # heads = width // head_dim; several: one training per head dim
+    # (mixer, head dim) pairs: only these cells of the mixers x head dims grid train (None: the whole grid)
+    mqar_cells: tuple[tuple[str, int], ...] | None = None
     # CPU budget: T 16 with 4 pairs (the smallest length Zoology's rule 4 * pairs <= T allows), where a
     # 2-layer attention LM at width 64 passes 0.9 after ~300 steps (seeds 0-3); --full runs T 256, 32 pairs
     mqar_seq_len: int = 16
@@ -156,6 +158,18 @@ PRESETS: dict[str, dict] = {
         mqar_widths=(64,),
         mqar_head_dims=(4, 8, 16),
     ),
+    # The claims of the state preset's single-seed runs, in cells one CPU core sweeps (3 learning rates x 3
+    # seeds) in about an hour when quiet: DeltaNet at 6.7 and 12.8 KB (its graded trend: 8 pairs lost at the
+    # small state), GLA at 4.1 and 8.2 KB (solves 8 pairs only from 4-8 KB), attention at head dim 16 (solves
+    # with its 32.8 KB cache); the step budget of those runs (800). DeltaNet first: the trend that held
+    "state-claims": dict(
+        RECALL_TASK,
+        mixers=("deltanet", "attention", "gla"),
+        mqar_widths=(64,),
+        mqar_head_dims=(4, 16, 32),
+        mqar_cells=(("deltanet", 4), ("deltanet", 16), ("attention", 16), ("gla", 16), ("gla", 32)),
+        mqar_steps=800,
+    ),
     # Long Range Arena at its lengths on a CPU budget: ListOps 500-2000 tokens and Pathfinder 32 x 32 (1024
     # tokens), a 2-layer width-64 LM per mixer (attention: the Transformer the paper reports), 60 steps of
     # batch 8 on 512 examples per task (one step takes 1-10 s on the shared 2-core CPU, so the preset runs
@@ -231,7 +245,7 @@ def guard(fn: Callable[[], dict]) -> dict:
 def _preset_values(key: str) -> str:
     """``quick 512,2048; tiny 64,128; ...``: a config field's value in each preset that sets it."""
     parts = []
-    for name in ("quick", "tiny", "recall", "state", "full"):
+    for name in ("quick", "tiny", "recall", "state", "state-claims", "full"):
         value = PRESETS[name].get(key, getattr(CompareConfig, key) if name == "quick" else None)
         if value is not None:
             shown = (
@@ -251,6 +265,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="quick",
         help=f"sizes of the run: tiny (seconds), quick ({DEMO_WALL_TIME}; MQAR at one learning rate and seed), "
         "recall and state (the recall section alone: 3 learning rates x 3 seeds per cell, several CPU-hours each), "
+        "state-claims (5 cells of the state preset that carried its claims, same sweep: about an hour on one quiet "
+        "core), "
         "lra (ListOps and Pathfinder at LRA's lengths on a CPU budget, 20-40 minutes), "
         "full (for a GPU: Zoology's MQAR sizes and learning-rate grid; hours) (default: %(default)s)",
     )

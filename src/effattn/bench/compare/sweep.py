@@ -71,12 +71,15 @@ def seeds(cfg: CompareConfig) -> tuple[int, ...]:
 
 def sweep_runs(cfg: CompareConfig, mixers: Sequence[str]) -> list[RecallRun]:
     """Every training of the sweep, cell by cell (mixer, then width and head dim; a stopped run leaves whole
-    cells, each with every seed and learning rate), then seed by seed."""
+    cells, each with every seed and learning rate), then seed by seed. With ``cfg.mqar_cells`` only the
+    (mixer, head dim) pairs named there train."""
     shapes = [(dim, dim // heads_for(dim, hd)) for dim in cfg.mqar_widths for hd in cfg.mqar_head_dims]
+    cells = None if cfg.mqar_cells is None else {(m, hd) for m, hd in cfg.mqar_cells}
     return [
         RecallRun(m, dim, hd, lr, s)
         for m in mixers
         for dim, hd in shapes
+        if cells is None or (m, hd) in cells
         for s in seeds(cfg)
         for lr in learning_rates(cfg)
     ]
