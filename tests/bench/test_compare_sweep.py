@@ -258,3 +258,18 @@ def test_cached_mqar_data_is_make_mqar_and_a_warm_cache_changes_no_training():
     warm = train_mqar("attention", 16, **kw)
     assert cached_mqar.cache_info().hits >= 4
     assert cold["final_loss"] == warm["final_loss"] and cold["accuracy_by_pairs"] == warm["accuracy_by_pairs"]
+
+
+def test_cells_restrict_the_grid_and_state_claims_sweeps_them(tmp_path):
+    cfg = _cfg(tmp_path, mixers=("a", "b"), mqar_widths=(16,), mqar_head_dims=(4, 16), mqar_cells=(("a", 16), ("b", 4)))
+    runs = compare.sweep_runs(cfg, cfg.mixers)
+    assert [(r.mixer, r.head_dim) for r in runs[:: 2 * 3]] == [("a", 16), ("b", 4)]
+    assert len(runs) == 2 * 2 * 3 and {(r.lr, r.seed) for r in runs if r.mixer == "b"} == {
+        (lr, s) for lr in (1e-3, 1e-2) for s in (7, 107, 207)
+    }
+    with pytest.raises(ValueError, match="mqar_cells"):
+        compare.sweep_runs(dataclasses.replace(cfg, mqar_cells=(("c", 16),)), cfg.mixers)
+    claims = make_config("state-claims")
+    cells = {(r.mixer, r.head_dim) for r in compare.sweep_runs(claims, claims.mixers)}
+    assert cells == set(claims.mqar_cells) and len(cells) == 5
+    assert len(claims.mqar_lrs) >= 3 and claims.mqar_seeds >= 3 and claims.mqar_early_stop == 0.99

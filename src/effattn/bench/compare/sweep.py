@@ -75,6 +75,10 @@ def sweep_runs(cfg: CompareConfig, mixers: Sequence[str]) -> list[RecallRun]:
     (mixer, head dim) pairs named there train."""
     shapes = [(dim, dim // heads_for(dim, hd)) for dim in cfg.mqar_widths for hd in cfg.mqar_head_dims]
     cells = None if cfg.mqar_cells is None else {(m, hd) for m, hd in cfg.mqar_cells}
+    if cells is not None and not any((m, hd) in cells for m in mixers for hd in cfg.mqar_head_dims):
+        raise ValueError(
+            f"mqar_cells {sorted(cells)} name no cell of mixers {list(mixers)} x head dims {list(cfg.mqar_head_dims)}"
+        )
     return [
         RecallRun(m, dim, hd, lr, s)
         for m in mixers
