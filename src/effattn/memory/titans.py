@@ -10,7 +10,8 @@ size ``theta_t``, momentum ``eta_t`` (the "surprise") and a forgetting gate ``al
 
 :func:`titans_memory` is the token-by-token reference; :func:`chunk_titans_memory` is the paper's
 parallel form: within a chunk of ``b`` tokens every gradient is taken at the chunk-start memory
-(mini-batch gradient descent), and momentum and decay run as linear scans over the chunk. With
+(mini-batch gradient descent), and momentum and decay run as scans over the chunk (in the fast factored
+form of :mod:`effattn.memory._chunked`: no per-token memory weights). With
 ``chunk_size=1`` the two are the same computation; with larger chunks the chunked form is the paper's
 approximation (it differs from the reference, and the tests check both statements).
 :func:`step_titans_memory` is the one-token step for decoding. With depth 1, ``eta = alpha = 0`` and a
@@ -121,8 +122,10 @@ def chunk_titans_memory(
     )
 
 
-def step_titans_memory(q, k, v, theta, eta, alpha, state):
-    """One decoding step (``T = 1``) from ``state``; returns ``(y [B, 1, H, V], new state)``.
+def step_titans_memory(q, k, v, theta, eta, alpha, state, *, chunk_size: int = 1):
+    """One decoding step (``T = 1``) from ``state``; returns ``(y [B, 1, H, V], new state)``. With
+    ``chunk_size > 1`` the step continues the chunk grid of :func:`chunk_titans_memory` (its gradient at
+    the current chunk's start memory), so steps after a chunked prefill equal one chunked call.
 
     Example::
 
@@ -137,7 +140,9 @@ def step_titans_memory(q, k, v, theta, eta, alpha, state):
     if state is None:
         raise ValueError("state must be the state of a previous call (a dict with 'A', 'S', ...), got None")
     weights = [a[0] for a in state["A"]]  # shapes only: the state replaces them
-    return reference_neural_memory(q, k, v, theta, eta, alpha, weights, initial_state=state, output_final_state=True)
+    return reference_neural_memory(
+        q, k, v, theta, eta, alpha, weights, initial_state=state, output_final_state=True, chunk_size=chunk_size
+    )
 
 
 class NeuralMemory(nn.Module):
@@ -147,9 +152,14 @@ class NeuralMemory(nn.Module):
     the memory rule (Titans by default; ``loss``/``retention``/``window``/``muon`` select Miras and
     ATLAS rules), and ``y = W_o(RMSNorm(M_t(q_t)) * silu(W_g x))``.
 
-    ``forward(x, state=None, valid=None) -> (y, state)``; ``chunk_size=1`` (default) runs the exact
-    token-by-token rule, so decoding continues a prefill exactly; a larger ``chunk_size`` uses the
-    chunked approximation for multi-token calls. Invalid (``valid`` False) tokens are identity steps.
+    ``forward(x, state=None, valid=None) -> (y, state)``. ``chunk_size`` (default 16) fixes the chunk
+    grid of the paper's chunked form on the sequence's (valid) tokens: every gradient of a chunk at the
+    chunk's start memory. Multi-token calls run it in parallel (the fast factored form where the rule is
+    linear in the gradients, :func:`effattn.memory.fast_chunk_applies`); one-token steps, padded calls and
+    rows at different grid positions run the same semantics token by token
+    (``reference_neural_memory(chunk_size=...)``), so decoding, or a call split anywhere, equals one
+    full forward exactly. ``chunk_size=1`` is the exact token-by-token rule. Invalid (``valid`` False)
+    tokens are identity steps and do not advance the grid.
 
     Example::
 
@@ -176,7 +186,7 @@ class NeuralMemory(nn.Module):
         feature_degree: int = 1,
         momentum: bool = True,
         theta_max: float = 0.1,
-        chunk_size: int = 1,
+        chunk_size: int = 16,
     ):
         super().__init__()
         check_positive_int("heads", heads)
@@ -234,6 +244,8 @@ class NeuralMemory(nn.Module):
             k = k * valid[..., None, None]
             v = v * valid[..., None, None]
         weights = list(self.weights)
+        if valid is not None and T > 1 and bool(valid.all()):
+            valid = None
         if self.chunk_size > 1 and valid is None and T > 1:
             o, state = chunk_neural_memory(
                 q,
@@ -263,6 +275,7 @@ class NeuralMemory(nn.Module):
                 initial_state=state,
                 output_final_state=True,
                 valid=valid,
+                chunk_size=self.chunk_size,
             )
         o = self.o_norm(o.to(x.dtype)).reshape(B, T, -1)
         return self.o_proj(o * F.silu(self.g_proj(x))), state

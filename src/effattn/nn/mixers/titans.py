@@ -86,6 +86,8 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
 
 
 class _TitansBase(MixerBase):
+    # chunk_size (default 16): the memory's chunk grid (NeuralMemory): multi-token calls run the paper's
+    # chunked form, decoding steps continue the same grid token by token; chunk_size=1 the exact token rule
     # the LM raises with this under effattn.dist.sequence_parallel (docs/dist.md lists it)
     sequence_parallel_unsupported = (
         "its memory is a small network trained by gradient steps on every token (test-time training: "
@@ -93,7 +95,7 @@ class _TitansBase(MixerBase):
         "a sequential pass of the memory's weights from rank to rank is not implemented"
     )
 
-    def __init__(self, dim: int, heads: int, depth: int = 2, chunk_size: int = 1, **memory_kw):
+    def __init__(self, dim: int, heads: int, depth: int = 2, chunk_size: int = 16, **memory_kw):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.memory = NeuralMemory(dim, heads, depth=depth, chunk_size=chunk_size, **memory_kw)
@@ -151,7 +153,7 @@ class TitansMAL(_TitansBase):
         heads: int,
         window: int = 16,
         depth: int = 2,
-        chunk_size: int = 1,
+        chunk_size: int = 16,
         num_persistent: int = 0,
         **memory_kw,
     ):
@@ -190,7 +192,7 @@ class TitansMAG(_TitansBase):
         heads: int,
         window: int = 16,
         depth: int = 2,
-        chunk_size: int = 1,
+        chunk_size: int = 16,
         num_persistent: int = 0,
         **memory_kw,
     ):
@@ -233,7 +235,7 @@ class TitansMAC(_TitansBase):
         segment: int = 8,
         num_persistent: int = 4,
         depth: int = 2,
-        chunk_size: int = 1,
+        chunk_size: int = 16,
         **memory_kw,
     ):
         super().__init__(dim, heads, depth, chunk_size, **memory_kw)
