@@ -67,6 +67,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tokens-per-step", type=int, default=1024, help="passkey: tokens per training batch (default: %(default)s)"
     )
     p.add_argument("--lr", type=float, default=3e-3, help="passkey: AdamW learning rate (default: 3e-3)")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.1,
+        help="passkey: AdamW weight decay of the weight matrices; biases, gains and other 1-D parameters (the "
+        "memories' gate biases among them) are not decayed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--curriculum",
+        type=float,
+        default=0.0,
+        metavar="FRAC",
+        help="passkey: over the first FRAC of the steps the longest training context grows linearly from the "
+        "shortest (--train-len MIN) to the longest (MAX); 0: MIN..MAX from the first step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--heads",
+        type=int,
+        default=HEADS,
+        help="passkey: heads of every model but Gated DeltaNet, which keeps one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--theta-max",
+        type=float,
+        default=None,
+        help="passkey: largest step size of the neural memories (theta_t = theta_max * sigmoid(.)) (default: the "
+        "memories' own, 0.1)",
+    )
+    p.add_argument(
+        "--forget-bias",
+        type=float,
+        default=None,
+        help="passkey: initial bias of the neural memories' forgetting gate, alpha_t = sigmoid(w x + bias) (default: "
+        "the memories' own, -3: alpha 0.047, half the memory gone in ~14 tokens)",
+    )
     p.add_argument("--digits", type=int, default=4, help="passkey: digits of the key (default: 4)")
     p.add_argument("--depth", type=int, default=1, help="depth of the neural memories' MLP (default: 1)")
     p.add_argument(
@@ -107,18 +142,20 @@ def _ints(text: str) -> list[int]:
     return [int(t) for t in str(text).split(",") if t.strip()]
 
 
-def model_spec(name: str, window: int, depth: int, chunk_size: int) -> tuple[str, dict, int]:
+def model_spec(
+    name: str, window: int, depth: int, chunk_size: int, heads: int = HEADS, theta_max: float | None = None
+) -> tuple[str, dict, int]:
     """``(mixer, mixer kwargs, heads)`` of passkey model ``name`` (``swa_eq``'s window is set by
     :func:`equal_state_window`)."""
-    mem = dict(depth=depth, chunk_size=chunk_size)
+    mem = dict(depth=depth, chunk_size=chunk_size, **({} if theta_max is None else {"theta_max": theta_max}))
     specs = {
-        "titans_mal": ("titans_mal", dict(window=window, **mem), HEADS),
-        "titans_mag": ("titans_mag", dict(window=window, **mem), HEADS),
-        "titans_mac": ("titans_mac", dict(segment=window, **mem), HEADS),
-        "atlas": ("atlas", dict(**mem), HEADS),
-        "infini_attention": ("infini_attention", dict(segment=window), HEADS),
-        "swa": ("sliding_window", dict(window=window), HEADS),
-        "swa_eq": ("sliding_window", dict(window=window), HEADS),
+        "titans_mal": ("titans_mal", dict(window=window, **mem), heads),
+        "titans_mag": ("titans_mag", dict(window=window, **mem), heads),
+        "titans_mac": ("titans_mac", dict(segment=window, **mem), heads),
+        "atlas": ("atlas", dict(**mem), heads),
+        "infini_attention": ("infini_attention", dict(segment=window), heads),
+        "swa": ("sliding_window", dict(window=window), heads),
+        "swa_eq": ("sliding_window", dict(window=window), heads),
         "gated_deltanet": ("gated_deltanet", {}, 1),
     }
     if name not in specs:
@@ -126,9 +163,49 @@ def model_spec(name: str, window: int, depth: int, chunk_size: int) -> tuple[str
     return specs[name]
 
 
+def _spec(name: str, args: argparse.Namespace, window: int | None = None) -> tuple[str, dict, int]:
+    return model_spec(
+        name,
+        window or args.window,
+        args.depth,
+        args.chunk_size,
+        getattr(args, "heads", HEADS),
+        getattr(args, "theta_max", None),
+    )
+
+
 def build_model(name: str, args: argparse.Namespace, max_len: int, window: int | None = None):
-    mixer, kw, heads = model_spec(name, window or args.window, args.depth, args.chunk_size)
-    return build_lm(mixer, DIM, heads, DEFAULT_VOCAB_SIZE, LAYERS, max_seq_len=max_len + args.digits, **kw)
+    mixer, kw, heads = _spec(name, args, window)
+    model = build_lm(mixer, DIM, heads, DEFAULT_VOCAB_SIZE, LAYERS, max_seq_len=max_len + args.digits, **kw)
+    if getattr(args, "forget_bias", None) is not None:
+        set_forget_bias(model, args.forget_bias)
+    return model
+
+
+def set_forget_bias(model, bias: float) -> int:
+    """Set the initial bias of the forgetting gate ``alpha_t`` of every neural memory of ``model`` to ``bias``;
+    returns how many memories were changed. The gate projection's bias holds ``[theta, eta, alpha, (gamma)]``
+    blocks of one value per head (:class:`effattn.memory.NeuralMemory`)."""
+    from effattn.memory import NeuralMemory
+
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NeuralMemory):
+                m.gate_proj.bias.view(-1, m.heads)[2].fill_(bias)
+                n += 1
+    return n
+
+
+def optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with ``weight_decay`` on the weight matrices only (biases, gains and embeddings' 1-D parts are
+    not pulled to zero: a decayed gate bias would drift the memories' initial forgetting towards 0.5)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98))
 
 
 def equal_state_window(args: argparse.Namespace, max_len: int) -> tuple[int, int]:
@@ -140,7 +217,14 @@ def equal_state_window(args: argparse.Namespace, max_len: int) -> tuple[int, int
     return max(1, w1 + round((target - b1) * (w2 - w1) / (b2 - b1))), target
 
 
-def _train_shape(step: int, lo: int, hi: int, tokens: int, seed: int) -> tuple[int, int]:
+def _train_shape(
+    step: int, lo: int, hi: int, tokens: int, seed: int, steps: int = 1, curriculum: float = 0.0
+) -> tuple[int, int]:
+    """``(context, batch)`` of training step ``step``: the context log-uniform in ``[lo, hi]`` (with a
+    curriculum, ``hi`` grows linearly from ``lo`` over the first ``curriculum`` of the ``steps``), the batch
+    ``tokens // context``."""
+    if curriculum > 0:
+        hi = min(hi, round(lo + (hi - lo) * step / max(1.0, curriculum * steps)))
     u = torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).item()
     T = int(round(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
     return T, max(1, tokens // T)
@@ -183,11 +267,13 @@ def train_and_eval(name: str, args: argparse.Namespace, window: int | None = Non
     lo, hi = _ints(args.train_len)
     torch.manual_seed(args.seed)
     model = build_model(name, args, max(contexts + [hi, args.exact_context]), window).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    opt = optimizer(model, args.lr, getattr(args, "weight_decay", 0.1))
     t0, losses = time.perf_counter(), []
     model.train()
     for step in range(args.steps):
-        T, bs = _train_shape(step, lo, hi, args.tokens_per_step, args.seed)
+        T, bs = _train_shape(
+            step, lo, hi, args.tokens_per_step, args.seed, args.steps, getattr(args, "curriculum", 0.0)
+        )
         b = make_passkey(bs, T, args.digits, seed=args.seed + 7919 * step + 1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
@@ -208,7 +294,7 @@ def train_and_eval(name: str, args: argparse.Namespace, window: int | None = Non
                 flush=True,
             )
     train_s = time.perf_counter() - t0
-    mixer, kw, heads = model_spec(name, window or args.window, args.depth, args.chunk_size)
+    mixer, kw, heads = _spec(name, args, window)
     row = {
         "model": name,
         "mixer": mixer,
@@ -246,7 +332,7 @@ def run_passkey(args: argparse.Namespace) -> tuple[list[dict], str | None]:
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:
-        model_spec(n, args.window, args.depth, args.chunk_size)  # unknown names fail before any training
+        _spec(n, args)  # unknown names fail before any training
     max_len = max(_ints(args.contexts))
     windows = {n: None for n in names}
     eq_note = None
@@ -400,8 +486,17 @@ def run(args: argparse.Namespace) -> None:
         notes = [
             f"digit accuracy (teacher forced, argmax) on {args.eval_examples} prompts per context, random depth; "
             f"chance 0.1; models trained {args.steps} steps of {args.tokens_per_step} tokens at contexts "
-            f"{args.train_len} (log-uniform), AdamW lr {args.lr}, {args.digits}-digit keys, seed {args.seed}",
-            f"every attention sees at most {args.window} keys; neural memories: MLP depth {args.depth}, "
+            f"{args.train_len} (log-uniform"
+            + (
+                f"; the longest grows from the shortest over the first {args.curriculum:g} of the steps"
+                if args.curriculum
+                else ""
+            )
+            + f"), AdamW lr {args.lr} (weight decay {args.weight_decay} on matrices only), {args.digits}-digit keys, "
+            f"seed {args.seed}; {args.heads} heads (Gated DeltaNet 1)",
+            f"every attention sees at most {args.window} keys; neural memories: MLP depth {args.depth}, step size "
+            f"theta_max {args.theta_max if args.theta_max is not None else 'default (0.1)'}, forgetting-gate bias "
+            f"at init {args.forget_bias if args.forget_bias is not None else 'default (-3)'}, "
             f"trained and evaluated in the chunked form (chunk {args.chunk_size}); 'exact rule' = the same weights "
             "through the token-by-token rule (chunk 1) on 16 prompts, beside the chunked form on the same prompts",
             "state_bytes = LM.state_size at the longest context (memory weights, momentum, KV caches, segment buffers)",

@@ -1,0 +1,68 @@
+"""``effattn bench memory`` passkey training options: the context curriculum, the neural memories' step size
+and forgetting-gate initialisation, heads, and weight decay on matrices only."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from effattn.bench.memory import _train_shape, add_arguments, build_model, optimizer, set_forget_bias
+from effattn.memory import NeuralMemory
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_curriculum_grows_the_longest_context():
+    lo, hi, steps = 48, 192, 200
+    plain = [_train_shape(s, lo, hi, 768, 0) for s in range(steps)]
+    assert plain == [_train_shape(s, lo, hi, 768, 0, steps, 0.0) for s in range(steps)]  # 0: as before
+    grown = [_train_shape(s, lo, hi, 768, 0, steps, 0.5)[0] for s in range(steps)]
+    assert grown[0] == lo
+    for s, T in enumerate(grown):  # never past the linear ramp lo -> hi over the first 100 steps
+        assert lo <= T <= min(hi, round(lo + (hi - lo) * s / 100))
+    assert max(grown[:25]) < 90 < max(grown[100:])  # short early, the whole range after the ramp
+    assert [T for T, _ in plain[100:]] == grown[100:]  # after the ramp: the same draws as without it
+    assert all(bs == 768 // T for T, bs in (_train_shape(s, lo, hi, 768, 0, steps, 0.5) for s in range(steps)))
+
+
+def test_memory_gate_options_reach_every_neural_memory():
+    args = _args("--window", "8", "--heads", "1", "--theta-max", "1.0", "--forget-bias", "-6")
+    for name in ("titans_mal", "titans_mag", "titans_mac", "atlas"):
+        mems = [m for m in build_model(name, args, 32).modules() if isinstance(m, NeuralMemory)]
+        assert len(mems) == 2  # one per layer
+        for m in mems:
+            assert m.heads == 1 and m.theta_max == 1.0
+            alpha = torch.sigmoid(m.gate_proj.bias.view(-1, m.heads))
+            assert torch.allclose(alpha[2], torch.sigmoid(torch.tensor(-6.0)))  # the forgetting gate
+            assert torch.allclose(alpha[0], torch.sigmoid(torch.tensor(-1.0)))  # the step-size gate untouched
+    default = [
+        m for m in build_model("titans_mal", _args("--window", "8"), 32).modules() if isinstance(m, NeuralMemory)
+    ]
+    assert default[0].heads == 2 and default[0].theta_max == 0.1
+    assert torch.allclose(default[0].gate_proj.bias.view(-1, 2)[2], torch.tensor(-3.0))
+    assert set_forget_bias(build_model("swa", _args("--window", "8"), 32), -6.0) == 0  # no memory: untouched
+    gdn = build_model("gated_deltanet", args, 32)
+    assert gdn.config.heads == 1
+
+
+def test_weight_decay_on_matrices_only():
+    model = build_model("titans_mal", _args("--window", "8"), 32)
+    opt = optimizer(model, 1e-3, 0.1)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
+    for g in opt.param_groups:
+        assert g["weight_decay"] == (0.1 if g["params"][0].dim() >= 2 else 0.0)
+        assert len({p.dim() >= 2 for p in g["params"]}) == 1
+    # a bias with zero gradient keeps its value; a matrix with zero gradient decays
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    mem = next(m for m in model.modules() if isinstance(m, NeuralMemory))
+    b0, w0 = mem.gate_proj.bias.detach().clone(), mem.k_proj.weight.detach().clone()
+    opt.step()
+    assert torch.equal(mem.gate_proj.bias, b0)
+    assert torch.allclose(mem.k_proj.weight, w0 * (1 - 1e-3 * 0.1))
