@@ -271,5 +271,5 @@ def test_cells_restrict_the_grid_and_state_claims_sweeps_them(tmp_path):
         compare.sweep_runs(dataclasses.replace(cfg, mqar_cells=(("c", 16),)), cfg.mixers)
     claims = make_config("state-claims")
     cells = {(r.mixer, r.head_dim) for r in compare.sweep_runs(claims, claims.mixers)}
-    assert cells == set(claims.mqar_cells) and len(cells) == 5
+    assert cells == set(claims.mqar_cells) and len(cells) == 4
     assert len(claims.mqar_lrs) >= 3 and claims.mqar_seeds >= 3 and claims.mqar_early_stop == 0.99
