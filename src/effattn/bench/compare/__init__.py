@@ -24,7 +24,8 @@ Presets: ``tiny`` (seconds; tests), ``quick`` (default, ``make demo``: about 6 m
 idle CPU cores), ``recall`` (``--preset recall``: the recall section alone, Zoology's state-size trend at a CPU size:
 attention and fixed-state mixers at three widths, trained on a mixture of pair counts and tested per
 pair count, 3 learning rates x 3 seeds per cell: CPU-hours), ``state`` (the same task and sweep at width
-64 with head dims 4-16: the state of GLA and DeltaNet spans 4x at one width) and ``full`` (``--full``,
+64 with head dims 4-16: the state of GLA and DeltaNet spans 4x at one width), ``state-claims`` (4 cells of
+``state`` that carried its single-seed claims, the same sweep at 800 steps: 36 trainings) and ``full`` (``--full``,
 for a GPU; long: LRA length, 64k tokens, MQAR at Zoology's sizes and learning-rate grid).
 A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
 on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
