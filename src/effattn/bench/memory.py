@@ -15,10 +15,11 @@ Two parts (``--parts``, default both):
   train and evaluate with the chunked form (``--chunk-size``: gradients inside a chunk taken at the
   chunk-start memory, Titans' parallel form); ``--exact-context`` re-evaluates them with the exact
   token-by-token rule (``chunk_size=1``) at one context, with the same weights.
-- ``speed``: each memory mixer alone (width 64, 2 heads, batch 1) at ``--lengths``: forward and
-  forward+backward time (median, min, max of ``--repeats`` after a warm-up) of the chunked form and
-  of the token-by-token rule (the mixers' default), forward+backward peak memory, the time of one
-  decode step after a prefill, and the state bytes; sliding-window attention and Gated DeltaNet beside them.
+- ``speed`` (:mod:`effattn.bench.memory_speed`): each memory mixer alone (width 64, 2 heads, batch 1) at
+  ``--lengths``: forward and forward+backward time, peak memory, one decode step, state bytes, in the
+  mixers' default chunked form; the fast form paired with the materialized one (before/after) and the
+  token-by-token rule for Titans MAL/MAG/MAC; titans-pytorch as a labelled external row where installed;
+  sliding-window attention and Gated DeltaNet beside them.
 
 The load average is recorded before and after each part; above the core count the part is marked busy.
 """
@@ -30,13 +31,13 @@ import json
 import math
 import statistics
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from effattn.bench import harness, suite
+from effattn.bench.memory_speed import SPEED_MIXERS, run_speed, speed_row  # noqa: F401 (speed part, re-exported)
 from effattn.bench.tasks.passkey import DEFAULT_VOCAB_SIZE, IGNORE_INDEX, make_passkey
 from effattn.bench.train import build_lm, lr_at
 
@@ -121,6 +122,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=512,
         help="speed: longest T at which the token-by-token rule is timed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--speed-mixers",
+        default="all",
+        help="speed: comma list of mixers (and 'external' for the titans-pytorch row) to time (default: %(default)s)",
     )
     p.add_argument(
         "--workers", type=int, default=2, help="passkey: models trained in parallel processes (default: %(default)s)"
@@ -520,111 +526,3 @@ def add_defaults() -> dict:
     p = argparse.ArgumentParser()
     add_arguments(p)
     return vars(p.parse_args([]))
-
-
-SPEED_MIXERS = (
-    ("titans_mal", dict(window=64)),
-    ("titans_mag", dict(window=64)),
-    ("titans_mac", dict(segment=64)),
-    ("moneta", {}),
-    ("yaad", {}),
-    ("memora", {}),
-    ("atlas", {}),
-    ("infini_attention", dict(segment=64)),
-    ("rmt", dict(segment=64)),
-    ("sliding_window", dict(window=64)),
-    ("gated_deltanet", {}),
-)
-
-
-def _ms(stats) -> dict:
-    return {"ms": round(1e3 * stats.median, 2), "min": round(1e3 * stats.min, 2), "max": round(1e3 * stats.max, 2)}
-
-
-def speed_row(mixer: str, kw: dict, T: int, chunk_size: int | None, repeats: int, device: str = "cpu") -> dict:
-    """One mixer layer (width 64, 2 heads, batch 1) at length ``T``: forward and forward+backward time,
-    forward+backward peak memory, one decode step after a prefill of ``T`` tokens, state bytes at ``T``.
-    ``chunk_size``: the neural memory's chunk (None: a mixer without one); chunk 1 (the token-by-token
-    rule) is timed once, without a warm-up."""
-    from effattn.nn import build_mixer
-
-    torch.manual_seed(0)
-    kw = dict(kw, **({} if chunk_size is None else {"chunk_size": chunk_size}))
-    layer = build_mixer(mixer, dim=DIM, heads=HEADS, **kw).to(device)
-    x = torch.randn(1, T, DIM).to(device)
-    xg = x.clone().requires_grad_(True)
-    slow = chunk_size == 1
-    reps, warm = (1, 0) if slow else (repeats, 1)
-
-    def fwd():
-        with torch.no_grad():
-            return layer(x)
-
-    def fwd_bwd():
-        y, _ = layer(xg)
-        y.float().sum().backward()
-
-    row = {"mixer": mixer, "T": T, "form": "-" if chunk_size is None else ("token" if slow else f"chunk {chunk_size}")}
-    row["fwd"] = _ms(harness.time_stats(fwd, repeats=reps, warmup=warm, device=device))
-    row["peak_mib"] = round((harness.measure_peak_memory(fwd_bwd, device=device) or 0) / 2**20, 1)
-    row["fwd_bwd"] = _ms(harness.time_stats(fwd_bwd, repeats=reps, warmup=0, device=device))
-    with torch.no_grad():
-        _, state = layer(x)
-        x1 = torch.randn(1, 1, DIM).to(device)
-        row["decode"] = _ms(harness.time_stats(lambda: layer(x1, state), repeats=max(reps, 5), warmup=1, device=device))
-    row["state_bytes"] = layer.state_size(1, T)
-    return row
-
-
-def run_speed(args: argparse.Namespace, out: Path, meta: dict) -> None:
-    """The speed part (module docstring): each row appended to ``speed_rows.jsonl`` as it is measured, then
-    ``speed.md``/``speed.json``; with ``--report-only`` the report is rebuilt from ``speed_rows.jsonl``."""
-    rows_file = out / "speed_rows.jsonl"
-    if args.report_only:
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-        write_speed_report(rows, args, out, meta, f"load while they ran: {args.report_only}")
-        return
-    rows_file.write_text("")
-    before = harness.load_snapshot()
-    for T in _ints(args.lengths):
-        for mixer, kw in SPEED_MIXERS:
-            if args.quick:
-                kw = {k: min(v, 16) for k, v in kw.items()}
-            neural = mixer not in ("infini_attention", "rmt", "sliding_window", "gated_deltanet")
-            forms = ((args.chunk_size, 1) if T <= args.token_max_len else (args.chunk_size,)) if neural else (None,)
-            for cs in forms:
-                t0 = time.perf_counter()
-                row = harness.run_guarded(partial(speed_row, mixer, kw, T, cs, args.repeats, args.device))
-                row.setdefault("mixer", mixer)
-                row.setdefault("T", T)
-                row["load_1m"] = harness.load_snapshot()["load_1m"]
-                print(f"{mixer} T={T} chunk={cs}: {row} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                with rows_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    write_speed_report(rows, args, out, meta, _load_note(before, harness.load_snapshot()))
-
-
-def write_speed_report(rows: list[dict], args: argparse.Namespace, out: Path, meta: dict, load: str) -> None:
-    """``speed.md``/``speed.json`` from the measured rows."""
-    table = []
-    for r in rows:
-        t = {k: r.get(k) for k in ("mixer", "T", "form", "peak_mib", "state_bytes", "load_1m")}
-        t["load_1m"] = None if t["load_1m"] is None else round(t["load_1m"], 1)
-        for key in ("fwd", "fwd_bwd", "decode"):
-            if key in r:
-                t[f"{key} ms (min-max)"] = f"{r[key]['ms']} ({r[key]['min']}-{r[key]['max']})"
-        if "error" in r:
-            t["error"] = r["error"]
-        table.append(t)
-    cols = ["mixer", "T", "form", "fwd ms (min-max)", "fwd_bwd ms (min-max)", "decode ms (min-max)", "peak_mib"]
-    cols += ["state_bytes", "load_1m", "error"]
-    notes = [
-        f"one mixer layer, width {DIM}, {HEADS} heads, batch 1, float32, {args.threads} thread; chunked form: median "
-        f"(min-max) of {args.repeats} runs after a warm-up; token form (the mixers' default, chunk 1): one run, no "
-        f"warm-up, only up to T={args.token_max_len}; decode: one token after a prefill of T tokens, 5+ runs; "
-        "peak_mib: RSS rise of one forward+backward; neural memories at the mixers' defaults (MLP depth 2)",
-        load,
-    ]
-    harness.write_report(out, "speed", table, cols, meta=meta, notes=notes)
-    print(harness.format_markdown_table(table, cols))

@@ -159,7 +159,8 @@ class NeuralMemory(nn.Module):
     rows at different grid positions run the same semantics token by token
     (``reference_neural_memory(chunk_size=...)``), so decoding, or a call split anywhere, equals one
     full forward exactly. ``chunk_size=1`` is the exact token-by-token rule. Invalid (``valid`` False)
-    tokens are identity steps and do not advance the grid.
+    tokens are identity steps and do not advance the grid. ``fast`` picks the chunk form (None: the
+    factored one where it applies; False: the materialized one, the same numbers, for comparisons).
 
     Example::
 
@@ -187,6 +188,7 @@ class NeuralMemory(nn.Module):
         momentum: bool = True,
         theta_max: float = 0.1,
         chunk_size: int = 16,
+        fast: bool | None = None,
     ):
         super().__init__()
         check_positive_int("heads", heads)
@@ -197,7 +199,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.opts = dict(loss=loss, p=p, retention=retention, q_exp=q_exp, window=window, muon=muon)
         self.feature_degree, self.momentum = feature_degree, momentum
-        self.theta_max, self.chunk_size = theta_max, chunk_size
+        self.theta_max, self.chunk_size, self.fast = theta_max, chunk_size, fast
         fdim = self.head_dim * feature_degree
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
@@ -260,6 +262,7 @@ class NeuralMemory(nn.Module):
                 chunk_size=self.chunk_size,
                 initial_state=state,
                 output_final_state=True,
+                fast=self.fast,
             )
         else:
             o, state = reference_neural_memory(
