@@ -500,10 +500,16 @@ def attend_compressed(
     """Attention of the new queries ``q [B, t, H_q, D]`` over a :class:`~effattn.hf.CompressedCache`
     layer (``inputs``, from :class:`effattn.hf._handshake.CompressedInputs`): the kept keys (left-padded
     per head, ``key_mask`` False at padding) followed by the new tokens in the last slots, so
-    bottom-right causal is right among the new ones. ``mask_mod``/``score_mod`` see original
+    bottom-right causal is right among the new ones (one new query sees every slot, so a ring buffer may
+    give them in any order: :mod:`effattn.hf._streaming`; with nothing to mask it is one SDPA call,
+    :func:`effattn.hf._decode.one_query_attention`). ``mask_mod``/``score_mod`` see original
     positions (``inputs.positions``, ``inputs.query_positions``)."""
     k, v, key_mask = inputs.k, inputs.v, inputs.key_mask  # k/v [B, T, H_kv, D], key_mask [B, H_kv, T]
     positions, q_positions = inputs.positions, inputs.query_positions
+    plain = key_mask is None and mask_mod is None and score_mod is None and backend in ("auto", "sdpa")
+    if plain and q.shape[1] == 1 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        # one query sees every slot (in any order: a ring buffer's): the decode-step path, one SDPA call
+        return one_query_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scaling, softcap, s_aux)
     G = q.shape[2] // k.shape[2]
     masks = []
     if key_mask is not None:

@@ -73,6 +73,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from effattn._checks import check_int
 from effattn.hf._handshake import HANDSHAKE, CompressedInputs, PendingUpdate, WindowInputs
+from effattn.hf._streaming import StreamingRingCache, ring_eligible
 from effattn.hf.attention import HFMask, is_effattn
 from effattn.kv import CompressedKVCache, Policy, make_policy, rotate_rope
 
@@ -252,7 +253,7 @@ class CompressedCache(Cache):
         (0, 0)
     """
 
-    def __init__(self, policy: Policy | str, *, model=None, **policy_kwargs):
+    def __init__(self, policy: Policy | str, *, model=None, ring: bool = True, **policy_kwargs):
         if isinstance(policy, str):
             policy = make_policy(policy, **policy_kwargs)
         elif policy_kwargs:
@@ -264,9 +265,13 @@ class CompressedCache(Cache):
                 f"policy must be an effattn.kv.Policy (effattn.kv.make_policy(name, budget=...)) or a policy "
                 f"name, got {type(policy).__name__}"
             )
+        if not isinstance(ring, bool):
+            raise TypeError(f"ring must be a bool (StreamingLLM in ring buffers where it applies), got {ring!r}")
         super().__init__(layers=[])
         self.policy = policy
-        self.kv: CompressedKVCache | None = None  # one cache for the batch (no padding)
+        self.ring = ring and ring_eligible(policy)
+        # one cache for the batch (no padding): a ring for StreamingLLM (effattn.hf._streaming), else the general one
+        self.kv: CompressedKVCache | StreamingRingCache | None = None
         self.rows: list[CompressedKVCache] | None = None  # one per row (a left-padded batch)
         self._row_seen: list[int] = []  # rows mode: HF positions per layer (padding included)
         self._pending: PendingUpdate | None = None  # the last update, until its attention call takes it
@@ -354,7 +359,9 @@ class CompressedCache(Cache):
             )
         B, num_layers = q.shape[0], module.config.num_hidden_layers
         if self.kv is None and self.rows is None:
-            if q_valid is None:
+            if q_valid is None and self.ring:
+                self.kv = StreamingRingCache(self.policy, num_layers)
+            elif q_valid is None:
                 self.kv = CompressedKVCache(self.policy, num_layers, scale=scaling)
             else:
                 self.rows = [CompressedKVCache(self.policy, num_layers, scale=scaling) for _ in range(B)]
@@ -374,6 +381,8 @@ class CompressedCache(Cache):
             raise ValueError(
                 "CompressedCache: padding appeared after an unpadded prefill; start a new cache for a padded batch"
             )
+        if isinstance(self.kv, StreamingRingCache):
+            return self._update_ring(layer_idx, k_new, v_new, module, need_positions)
         # kept tokens' positions before this update: the returned layout is [kept (left-padded) | new]
         layer = self.kv.layer(layer_idx)  # the per-layer cache protocol (effattn.kv.LayerCache)
         prev = layer.positions() if need_positions or self.reindex else None
@@ -391,6 +400,19 @@ class CompressedCache(Cache):
         if not need_positions:
             return CompressedInputs(k_all, v_all, key_mask)
         return CompressedInputs(k_all, v_all, key_mask, positions, new_pos)
+
+    def _update_ring(self, layer_idx, k_new, v_new, module, need_positions) -> CompressedInputs:
+        """StreamingLLM in ring buffers: a decode step writes one slot and rotates only the sinks
+        (:mod:`effattn.hf._streaming`); the same keys as :meth:`_reindex_keys` gives, in ring order."""
+        if self.reindex and self._inv_freq is None:
+            self._inv_freq = rope_frequencies(module.config)
+        k, v, pos = self.kv.update(layer_idx, k_new, v_new, self._inv_freq, need_positions)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, L, H_kv, D] views
+        if not need_positions:
+            return CompressedInputs(k, v, None)
+        t, seen = k_new.shape[2], self.kv.seen(layer_idx)
+        positions = pos.expand(k.shape[0], k.shape[2], -1)
+        return CompressedInputs(k, v, None, positions, torch.arange(seen - t, seen, device=k.device))
 
     def _update_rows(self, layer_idx, k_new, v_new, q, q_valid):
         """A left-padded batch: each row has its own cache and gives it its real tokens only, so
