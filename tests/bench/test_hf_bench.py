@@ -37,7 +37,7 @@ def test_quick_prefill_and_decode(tmp_path):
             assert r["speedup"] > 0 and r["peak_MiB"] >= 0
     dec = json.loads((tmp_path / "hf_decode.json").read_text())["rows"]
     caches = [r["cache"].split()[0] for r in dec if r["model"] == "llama"]
-    assert caches == ["dynamic", "compressed", "compressed", "dynamic"]
+    assert caches == ["dynamic"] + ["compressed"] * 4 + ["dynamic"]  # ring / ring=False, reindex on / off
     assert all(r["tokens_per_s"] > 0 for r in dec), dec
     # greedy tokens agree between implementations on the full cache
     assert all(r.get("same_tokens_as_first", True) for r in dec if r["cache"].startswith("dynamic"))
@@ -58,3 +58,26 @@ def test_effattn_alone_when_nothing_to_pair_with(tmp_path):
     rows = hf_bench.prefill_rows(args)
     ours = [r for r in rows if r["impl"] == "effattn"]
     assert len(ours) == 1 and ours[0]["runs"] == 1 and ours[0]["median_s"] > 0
+
+
+def test_baseline_repeats_zero_times_the_baselines_memory_call(tmp_path):
+    """--baseline-repeats 0: HF sdpa runs once (its memory call, also its timing), effattn --repeats times."""
+    args = _args(tmp_path, "--models", "mistral", "--lengths", "200", "--parts", "prefill", "--eager-max", "100")
+    args.repeats, args.baseline_repeats = 2, 0
+    calls = []
+    build = hf_bench.build
+
+    def counting_build(*a, **kw):
+        models = build(*a, **kw)
+        for impl, m in models.items():
+            m.register_forward_pre_hook(lambda *_, impl=impl: calls.append(impl))
+        return models
+
+    hf_bench.build = counting_build
+    try:
+        rows = {r["impl"]: r for r in hf_bench.prefill_rows(args)}
+    finally:
+        hf_bench.build = build
+    assert calls.count("sdpa") == 1 and calls.count("effattn") == 3
+    assert rows["sdpa"]["runs"] == 1 and rows["sdpa"]["median_s"] == rows["sdpa"]["first_call_s"]
+    assert rows["effattn"]["runs"] == 2 and rows["sdpa"]["speedup"] > 0

@@ -16,13 +16,19 @@ Two parts (``--parts``, default both):
   8k), per model of ``--models``: effattn + ``DynamicCache`` (HF's sliding layers where the model has
   them), effattn + :class:`~effattn.hf.CompressedCache` (StreamingLLM, ``--budget`` tokens; on Gemma 2
   and gpt-oss the full layers only, Mistral has none; with and without re-indexing the kept keys'
-  positions) and HF's ``sdpa`` (``eager`` where HF has no sdpa
+  positions; in ring buffers, the default, and ``ring=False``: the general policy path that scores,
+  gathers and re-rotates the kept set at every step) and HF's ``sdpa`` (``eager`` where HF has no sdpa
   path) on a copy of effattn's prefilled cache. Paired: the cases take one step each in turn, and
   ``over_hf_paired`` is the median over steps of ``step time / the HF baseline's step time``.
 
-``--flex`` adds HF's ``flex_attention`` to the prefill: it runs on this CPU through ``torch.compile``
-(inductor's C++ backend), which compiles anew for each model and length (213 s for the first call of
-Llama at T = 512 on the busy 2-core machine, 0.06 s for the second), so it is off by default.
+``--baseline-repeats 0`` times HF's baselines once (their memory call; HF sdpa builds a dense
+``T x T`` mask for windows and packing: minutes per call at 32k), paired with effattn's first call;
+``first_call_s`` is that call's time for every implementation.
+
+``--flex`` adds HF's ``flex_attention`` to the prefill (``first_call_s``: compilation included): it runs
+on this CPU through ``torch.compile`` (inductor's C++ backend), which compiles anew for each model and
+length (213 s for the first call of Llama at T = 512 on the busy 2-core machine, 0.06 s for the
+second), so it is off by default.
 
 Targets (from issue 23), stated in the notes as met or not: plain causal within 5% of HF sdpa;
 sliding window 256 at 16k at least 5x faster and 5x less peak memory than HF sdpa; compressed-cache
@@ -109,6 +115,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--flex",
         action="store_true",
         help="also time HF's flex_attention in the prefill (compiles per model and length: minutes each)",
+    )
+    p.add_argument(
+        "--baseline-repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prefill repeats of the HF baselines (default: --repeats); 0 = their one memory call is also "
+        "their timing, paired with effattn's first call (for HF sdpa's dense 32k masks, minutes per call)",
     )
     p.add_argument(
         "--threads",
@@ -213,14 +227,25 @@ def prefill_rows(args) -> list[dict]:
                 with torch.no_grad():
                     out[impl] = models[impl](**kw).logits
 
-            mem = {impl: harness.measure_peak_memory(lambda i=impl: call(i)) for impl in ("effattn", *others)}
+            mem, first = {}, {}
+            for impl in ("effattn", *others):  # the memory call, timed too (flex: compilation included)
+                t0 = time.perf_counter()
+                mem[impl] = harness.measure_peak_memory(lambda i=impl: call(i))
+                first[impl] = time.perf_counter() - t0
             times = {impl: [] for impl in ("effattn", *others)}
             ratios = {impl: [] for impl in others}
-            for _ in range(args.repeats):
-                if not others:  # nothing to pair with (no sdpa path, eager past --eager-max)
+            base_repeats = getattr(args, "baseline_repeats", None)
+            base_repeats = args.repeats if base_repeats is None else min(base_repeats, args.repeats)
+            if base_repeats == 0:  # the baselines' one call is their memory call: pair the first calls
+                for impl in others:
+                    times[impl].append(first[impl])
+                    ratios[impl].append(first["effattn"] / first[impl])
+            for i in range(args.repeats):
+                if not others or i >= base_repeats:  # nothing (left) to pair with
                     t0 = time.perf_counter()
                     call("effattn")
                     times["effattn"].append(time.perf_counter() - t0)
+                    continue
                 for impl in others:
                     t = []
                     for name in ("effattn", impl):
@@ -240,6 +265,7 @@ def prefill_rows(args) -> list[dict]:
                     "min_s": min(ts),
                     "max_s": max(ts),
                     "runs": len(ts),
+                    "first_call_s": first[impl],
                     "peak_MiB": (mem[impl] or 0) / 2**20,
                 }
                 if impl != "effattn":
@@ -275,7 +301,8 @@ def _decode_model(kind: str, T: int, steps: int, budget: int, window: int) -> li
     hf = "sdpa" if "sdpa" in models else "eager"
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, WIDTH["vocab_size"], (1, T), generator=g)
-    names = ["dynamic", f"compressed streaming_llm {budget}", f"compressed streaming_llm {budget} reindex=False"]
+    comp = f"compressed streaming_llm {budget}"
+    names = ["dynamic", comp, f"{comp} reindex=False", f"{comp} ring=False", f"{comp} reindex=False ring=False"]
     if kind == "mistral":  # every layer sliding: CompressedCache refuses it (nothing to compress)
         names = ["dynamic (sliding layers)"]
     state = {}
@@ -284,7 +311,8 @@ def _decode_model(kind: str, T: int, steps: int, budget: int, window: int) -> li
             cache = None
             if name.startswith("compressed"):  # reindex (the default) re-rotates the kept keys at every step
                 policy = make_policy("streaming_llm", budget=budget, sinks=4, reindex="reindex=False" not in name)
-                cache = effattn.hf.CompressedCache(policy, model=models["effattn"])
+                ring = "ring=False" not in name  # ring=False: the general policy path (score, gather, re-rotate all)
+                cache = effattn.hf.CompressedCache(policy, model=models["effattn"], ring=ring)
             kw = {"use_cache": True} if cache is None else {"use_cache": True, "cache": cache}
             o = models["effattn"](ids, **kw)
             state[("effattn", name)] = [o.past_key_values, o.logits[:, -1:].argmax(-1), [], []]
@@ -412,6 +440,7 @@ def run(args: argparse.Namespace) -> None:
             "min_s",
             "max_s",
             "runs",
+            "first_call_s",
             "effattn_over_this_paired",
             "speedup",
             "peak_MiB",
