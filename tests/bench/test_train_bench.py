@@ -71,3 +71,13 @@ def test_paired_runs_real_steps(tmp_path):
     assert all(r["timed_steps"] == 2 and r["step_s"] > 0 for r in rows)
     with pytest.raises(SystemExit, match="--paired must be >= 0"):
         train_bench.run(_args(tmp_path, "--parts", "step", "--paired", "-1"))
+    with pytest.raises(SystemExit, match="--chunk must be >= 1"):
+        train_bench.run(_args(tmp_path, "--parts", "step", "--chunk", "0"))
+
+
+def test_chunk_option_reaches_the_model(tmp_path):
+    args = _args(tmp_path, "--chunk", "24")
+    args.dim, args.layers = 32, 2
+    model = train_bench._model(args, train_bench.OPTIONS["reversible+chunked"], 64)
+    assert (model.lm.config.chunked_mlp, model.lm.config.chunked_loss) == (24, 24)
+    assert train_bench._model(args, train_bench.OPTIONS["streambp"], 64).lm.config.streambp == 24

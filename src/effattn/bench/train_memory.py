@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=None, help="model width (default 512; quick 32)")
     p.add_argument("--layers", type=int, default=None, help="layers (default 6; quick 2)")
     p.add_argument("--heads", type=int, default=8, help="attention heads of the LM (default 8)")
+    p.add_argument(
+        "--chunk", type=int, default=512, help="tokens/rows per chunk of the chunked options and StreamBP (default 512)"
+    )
     p.add_argument("--repeats", type=int, default=0, help="timed steps after the measured one (default 0)")
     p.add_argument(
         "--paired",
@@ -110,6 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(args, opts: dict, seq: int) -> LossModel:
+    # the chunked options' sizes (512 in OPTIONS) are --chunk
+    opts = {k: args.chunk if k in ("chunked_mlp", "chunked_loss", "streambp") else v for k, v in opts.items()}
     torch.manual_seed(0)
     cfg = LMConfig(
         vocab_size=256,
@@ -368,6 +373,8 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown --parts {unknown}; choose from {PARTS}")
     if args.paired < 0:
         raise SystemExit(f"--paired must be >= 0 (0: unpaired), got {args.paired}")
+    if args.chunk < 1:
+        raise SystemExit(f"--chunk must be >= 1, got {args.chunk}")
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
@@ -385,7 +392,7 @@ def run(args: argparse.Namespace) -> None:
         step, skipped = step_rows(args)
         notes = [
             f"LM: dim {args.dim}, {args.layers} layers, {args.heads} heads, mixers {args.mixers}, vocab 256, "
-            "batch 1, float32; chunk sizes 512 tokens/rows",
+            f"batch 1, float32; chunk sizes {args.chunk} tokens/rows",
             "peak_MiB: rise of peak memory during one forward+backward above the resident model (CPU: RSS "
             "high-water mark; includes parameter gradients); step_s: that step's wall time (one step unless "
             "--repeats; the machine is shared, ratios drift 10-30%)"
