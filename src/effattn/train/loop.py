@@ -36,7 +36,13 @@ from effattn.data import byte_corpus
 from effattn.dist import ATTENTION_METHODS, sequence_parallel, shard_sequence
 from effattn.moe import reset_lbl_stats, update_bias
 from effattn.nn import LM, LMConfig
-from effattn.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from effattn.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from effattn.train.loss import chunked_cross_entropy
 
 __all__ = ["LossModel", "TrainConfig", "load_tokens", "train"]
@@ -450,38 +456,32 @@ def _jsonable(cfg: TrainConfig) -> dict:
 _RESUME_FIELDS = ("data", "seq_len", "batch_size", "grad_accum", "seed", "lr", "warmup", "min_lr_ratio", "dtype")
 
 
-def _full_state(wrapped: LossModel, parallel: str) -> dict[str, torch.Tensor]:
-    if parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return wrapped.state_dict()
-
-
 def _save(cfg, wrapped, opt, opt_names, step, meta_cfg, history, rank, parallel) -> None:
-    if parallel == "fsdp":
-        raise NotImplementedError("checkpoints of an FSDP2 run are not supported yet: use parallel='ddp'")
+    meta = dict(meta_cfg, history=history)
+    if parallel == "fsdp":  # a collective: every rank gathers its shards to rank 0, which writes
+        save_sharded_checkpoint(cfg.out_dir, step, wrapped, opt, opt_names, meta)
+        return
     if rank == 0:
-        state = _full_state(wrapped, parallel)
-        save_checkpoint(cfg.out_dir, step, state, opt, opt_names, dict(meta_cfg, history=history))
+        save_checkpoint(cfg.out_dir, step, wrapped.state_dict(), opt, opt_names, meta)
     if dist.is_initialized():
         dist.barrier()
 
 
 def _load(cfg, wrapped, opt, opt_names, model_config, distributed) -> dict:
-    if cfg.parallel == "fsdp":
-        raise NotImplementedError("resuming an FSDP2 run is not supported yet: use parallel='ddp'")
-    meta = load_checkpoint(cfg.out_dir, None, None, opt_names, model_config.to_dict(), wrapped.state_dict())
-    saved = meta.get("train_config", {})
     now = _jsonable(cfg)
-    diff = [k for k in _RESUME_FIELDS if saved.get(k) != now.get(k)]
-    if diff:
-        raise CheckpointError(
-            f"--resume: the run's options differ from the checkpoint's in {diff} "
-            f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]})"
-        )
-    meta = load_checkpoint(cfg.out_dir, wrapped, opt, opt_names, model_config.to_dict())
-    return meta
+
+    def same_options(meta: dict) -> None:
+        saved = meta.get("train_config", {})
+        diff = [k for k in _RESUME_FIELDS if saved.get(k) != now.get(k)]
+        if diff:
+            raise CheckpointError(
+                f"--resume: the run's options differ from the checkpoint's in {diff} "
+                f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]})"
+            )
+
+    if cfg.parallel == "fsdp":  # rank 0 verifies and broadcasts; every rank keeps its shards
+        return load_sharded_checkpoint(cfg.out_dir, wrapped, opt, opt_names, model_config.to_dict(), check=same_options)
+    return load_checkpoint(cfg.out_dir, wrapped, opt, opt_names, model_config.to_dict(), check=same_options)
 
 
 # ------------------------------------------------------------------------------------------------
