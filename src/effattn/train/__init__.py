@@ -7,7 +7,8 @@
   ``effattn.nn.memory_saving`` and are re-exported here (:class:`Int8SavedActivations`, ...).
 
 - :func:`train` and :class:`TrainConfig`: the loop (DDP / FSDP2 / sequence parallel under torchrun),
-  checkpoints that resume bit for bit (:func:`save_checkpoint`, :func:`load_checkpoint`).
+  checkpoints that resume bit for bit (:func:`save_checkpoint`, :func:`load_checkpoint`; FSDP2 runs write
+  and read the same format through :func:`save_sharded_checkpoint`, :func:`load_sharded_checkpoint`).
 
 Example::
 
@@ -19,7 +20,15 @@ Example::
 """
 
 from effattn.nn import CHECKPOINT_MODES, Int8SavedActivations, chunked_apply, reversible_stack
-from effattn.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from effattn.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from effattn.train.loop import LossModel, TrainConfig, evaluate, load_tokens, plot_history, train
 from effattn.train.loss import chunked_cross_entropy
 
@@ -34,9 +43,12 @@ __all__ = [
     "evaluate",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_sharded_checkpoint",
     "load_tokens",
     "plot_history",
+    "read_checkpoint",
     "reversible_stack",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "train",
 ]
