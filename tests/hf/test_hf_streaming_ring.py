@@ -156,9 +156,8 @@ def test_decode_steps_touch_only_the_new_token_and_the_sinks(monkeypatch):
     assert cache.get_seq_length() == 16 and cache.kv.positions(1)[0, 0].tolist() == [0, 1, 12, 13, 14, 15]
 
 
-def test_mask_mod_positions_and_padding_keep_the_general_results():
-    """A registered mask_mod sees the same original positions through the ring (slots in ring order);
-    a left-padded batch keeps the general per-row path, so it is unchanged."""
+def test_mask_mod_sees_the_same_positions_through_the_ring():
+    """A registered mask_mod sees the same original positions through the ring (slots in ring order)."""
     _, base = _pair("llama")
     import copy
 
@@ -173,12 +172,29 @@ def test_mask_mod_positions_and_padding_keep_the_general_results():
     for a, b in zip(res[0][0], res[1][0]):
         assert_fp32_close(a, b)
 
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_oss"])
+def test_left_padded_rows_in_rings_equal_the_general_path(kind):
+    """Left padding: one ring per row, rows left-padded to one length while they differ; logits and
+    tokens equal the general per-row path, and each row decodes as if alone."""
+    _, ours = _pair(kind)
     ids, am = _padded(B=2, T=10, pads=(3, 0), seed=10)
-    kw = dict(attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    cache = ehf.CompressedCache("streaming_llm", budget=5, sinks=2, model=base)
-    got = base.generate(ids, cache=cache, **kw)
-    assert cache.rows is not None and cache.kv is None
-    assert torch.equal(got, base.generate(ids, cache=ehf.CompressedCache("streaming_llm", budget=5, sinks=2), **kw))
+    kw = dict(attention_mask=am, max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    res = []
+    for ring in (True, False):
+        cache = ehf.CompressedCache("streaming_llm", budget=5, sinks=2, model=ours, ring=ring)
+        with torch.no_grad():
+            res.append(ours.generate(ids, cache=cache, **kw))
+        assert cache.kv is None and isinstance(cache.rows[0], StreamingRingCache if ring else CompressedKVCache)
+    assert torch.equal(res[0].sequences, res[1].sequences)
+    for a, b in zip(res[0].logits, res[1].logits):
+        assert_fp32_close(a, b)
+    alone = ours.generate(
+        ids[:1, 3:],
+        cache=ehf.CompressedCache("streaming_llm", budget=5, sinks=2, model=ours),
+        **kw | dict(attention_mask=None),
+    )
+    assert torch.equal(alone.sequences[0, 7:], res[0].sequences[0, 10:])
 
 
 def test_ring_under_autograd_keeps_earlier_steps_differentiable():

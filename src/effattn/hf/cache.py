@@ -363,6 +363,9 @@ class CompressedCache(Cache):
                 self.kv = StreamingRingCache(self.policy, num_layers)
             elif q_valid is None:
                 self.kv = CompressedKVCache(self.policy, num_layers, scale=scaling)
+            elif self.ring:
+                self.rows = [StreamingRingCache(self.policy, num_layers) for _ in range(B)]
+                self._row_seen = [0] * num_layers
             else:
                 self.rows = [CompressedKVCache(self.policy, num_layers, scale=scaling) for _ in range(B)]
                 self._row_seen = [0] * num_layers
@@ -373,6 +376,8 @@ class CompressedCache(Cache):
                 raise NotImplementedError(
                     "a registered mask_mod/score_mod with a left-padded batch in a CompressedCache; run unpadded"
                 )
+            if self.ring:
+                return self._update_ring_rows(layer_idx, k_new, v_new, q_valid, module)
             k_all, v_all, key_mask, orig, seen = self._update_rows(layer_idx, k_new, v_new, q, q_valid)
             if self.reindex:
                 k_all = self._reindex_keys(k_all, orig, seen, module)
@@ -413,6 +418,36 @@ class CompressedCache(Cache):
         t, seen = k_new.shape[2], self.kv.seen(layer_idx)
         positions = pos.expand(k.shape[0], k.shape[2], -1)
         return CompressedInputs(k, v, None, positions, torch.arange(seen - t, seen, device=k.device))
+
+    def _update_ring_rows(self, layer_idx, k_new, v_new, q_valid, module) -> CompressedInputs:
+        """A left-padded batch in rings: each row's ring gets its real tokens only (as
+        :meth:`_update_rows`); the rows' keys are left-padded to one length (one copy of the kept set
+        per step, no scoring, no gather) and the padding masked."""
+        if self.reindex and self._inv_freq is None:
+            self._inv_freq = rope_frequencies(module.config)
+        B, H, t, _ = k_new.shape
+        if B != len(self.rows):
+            raise ValueError(f"CompressedCache holds {len(self.rows)} rows, the batch has {B}")
+        outs = []
+        for b in range(B):
+            sel = slice(None) if q_valid is None else q_valid[b]
+            if q_valid is not None and not bool(sel.any()):
+                raise ValueError(f"CompressedCache: row {b} has no real token among the {t} new ones")
+            outs.append(
+                self.rows[b].update(layer_idx, k_new[b : b + 1, :, sel], v_new[b : b + 1, :, sel], self._inv_freq)
+            )
+        self._row_seen[layer_idx] += t
+        T = max(o[0].shape[2] for o in outs)
+        if all(o[0].shape[2] == T for o in outs):
+            k_all, v_all, key_mask = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), None
+        else:
+            k_all = k_new.new_zeros(B, H, T, k_new.shape[-1])
+            v_all = v_new.new_zeros(B, H, T, v_new.shape[-1])
+            key_mask = torch.zeros(B, H, T, dtype=torch.bool, device=k_new.device)
+            for b, (kb, vb, _) in enumerate(outs):
+                n = kb.shape[2]
+                k_all[b, :, T - n :], v_all[b, :, T - n :], key_mask[b, :, T - n :] = kb[0], vb[0], True
+        return CompressedInputs(k_all.transpose(1, 2), v_all.transpose(1, 2), key_mask)
 
     def _update_rows(self, layer_idx, k_new, v_new, q, q_valid):
         """A left-padded batch: each row has its own cache and gives it its real tokens only, so
