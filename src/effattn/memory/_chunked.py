@@ -207,24 +207,24 @@ def chunk_neural_memory(
         c0, off = segs[-1][1], 0
     if fast:
         all_gates = _all_gates(segs, th, et, al, torch.cat([gb, ga], 2), window)
+    # one split per input (not a slice per chunk: each slice's backward writes a whole-length gradient)
+    sizes = [c1 - c0 for c0, c1 in segs]
+    qs, ks, vs, gs, ths, ets, als = (x.split(sizes, 2) for x in (qf, kf, vf, ga, th, et, al))
     ys = []
-    for n, (c0, c1) in enumerate(segs):
-        kw, vw, gw = (torch.cat([buf, x[:, :, c0:c1]], 2) for buf, x in ((kb, kf), (vb, vf), (gb, ga)))
+    for i in range(len(segs)):
+        kw, vw, gw = (torch.cat([buf, x[i]], 2) for buf, x in ((kb, ks), (vb, vs), (gb, gs)))
         W0 = [read_weights(a, retention, q_exp) for a in A0]
         if fast:
-            y, A, S = _fast_chunk(W0, A, S, qf[:, :, c0:c1], kw, vw, all_gates[n], loss, p)
+            y, A, S = _fast_chunk(W0, A, S, qs[i], kw, vw, all_gates[i], loss, p)
         else:
-            gates = (th[:, :, c0:c1], et[:, :, c0:c1], al[:, :, c0:c1])
-            y, A, S = _materialized_chunk(
-                W0, A, S, qf[:, :, c0:c1], kw, vw, gw, *gates, window, loss, p, retention, q_exp, muon
-            )
+            gates = (ths[i], ets[i], als[i])
+            y, A, S = _materialized_chunk(W0, A, S, qs[i], kw, vw, gw, *gates, window, loss, p, retention, q_exp, muon)
         ys.append(y)
-        pos0 = (pos0 + c1 - c0) % chunk_size
+        pos0 = (pos0 + sizes[i]) % chunk_size
         if pos0 == 0:
             A0 = A
-        n = window - 1
-        kb, vb, gb = kw[:, :, kw.shape[2] - n :], vw[:, :, vw.shape[2] - n :], gw[:, :, gw.shape[2] - n :]
-        c0 = c1
+        keep = window - 1
+        kb, vb, gb = (x[:, :, x.shape[2] - keep :] for x in (kw, vw, gw))
     y = torch.cat(ys, dim=2).transpose(1, 2) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
     if chunk_size == 1:
         A0 = A
