@@ -5,6 +5,8 @@
 #   32k      ~9 min   Mistral and packed Llama at 32k: effattn x2, HF sdpa once (its dense 32k mask)
 #   gemma32k ~2 min   Gemma 2 at 32k, effattn only (HF has no sdpa path; eager would build [B,H,T,T] scores)
 #   flex     ~6 min   HF flex_attention at 4k for Llama and Mistral: compile (first call) and 2 timed calls
+#                     (took 42 s: compiling was 8-19 s per shape in the lane, not the 213 s of the busy machine)
+#   flex16k  ~3 min   the same at 16k
 set -e
 cd "$(dirname "$0")/../../.."
 PY=.venv/bin/python
@@ -22,5 +24,8 @@ gemma32k)
 flex)
   $PY -m effattn bench hf --parts prefill --models llama,mistral --lengths 4096 --repeats 2 --eager-max 0 \
     --flex --threads 1 --out docs/results/hf/flex_4k ;;
-*) echo "usage: $0 decode|32k|gemma32k|flex" >&2; exit 2 ;;
+flex16k)
+  $PY -m effattn bench hf --parts prefill --models llama,mistral --lengths 16384 --repeats 2 --eager-max 0 \
+    --flex --threads 1 --out docs/results/hf/flex_16k ;;
+*) echo "usage: $0 decode|32k|gemma32k|flex|flex16k" >&2; exit 2 ;;
 esac
