@@ -49,8 +49,8 @@ def table(before: list[dict], after: list[dict]) -> str:
     for b, a in zip(before, after):
         ratio = b["fwd_bwd_ms"] / a["fwd_bwd_ms"]
         out.append(
-            f"| {b['mixer']} | {b['T']} | {b['fwd_bwd_ms']} ({b['min']}-{b['max']}) | "
-            f"{a['fwd_bwd_ms']} ({a['min']}-{a['max']}) | {ratio:.2f}x |"
+            f"| {b['mixer']} | {b['T']} | {b['fwd_bwd_ms']:.1f} ({b['min']}-{b['max']}) | "
+            f"{a['fwd_bwd_ms']:.1f} ({a['min']}-{a['max']}) | {ratio:.2f}x |"
         )
     return "\n".join(out)
 
