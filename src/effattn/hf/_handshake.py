@@ -31,7 +31,8 @@ class CompressedInputs:
     """What the new queries of one layer attend to over a :class:`~effattn.hf.CompressedCache`.
 
     ``k``/``v [B, T, H_kv, D]``: the kept tokens (left-padded per head) followed by the new ones in
-    the last slots; ``key_mask`` bool ``[B, H_kv, T]`` (False at padding; ``None``: none);
+    the last slots (for one new token a StreamingLLM ring gives its slots in ring order: one query
+    sees them all); ``key_mask`` bool ``[B, H_kv, T]`` (False at padding; ``None``: none);
     ``positions`` long ``[B, H_kv, T]`` (original position of every slot, -1 at padding) and
     ``query_positions`` long ``[t]``, given only when a user mask/score mod needs them.
     """

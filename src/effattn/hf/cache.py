@@ -42,6 +42,14 @@ frequencies: read from its ``...RotaryEmbedding`` module when the cache is built
 from the config (plain RoPE only: ``rope_type`` ``"default"``); RoPE types whose frequencies change with
 the length (``dynamic``, ``longrope``) are refused.
 
+StreamingLLM in ring buffers (``ring=True``, the default, for a StreamingLLM policy with an int budget
+larger than its sinks and no per-head budgets): the kept set is always the sinks plus one contiguous run
+of recent tokens, so each layer keeps one preallocated buffer of ``budget + 1`` slots instead of the
+general policy cache; a decode step writes the new token into the slot of the token evicted one step
+earlier, re-rotates only the sinks (the window's re-index rotation is 0) and attends to the buffer in
+place, in ring order (:mod:`effattn.hf._streaming`). The same keys as the general path, so the same
+logits up to float32 rounding (the order of the softmax sum); ``ring=False`` keeps the general path.
+
 Left-padded batches: when the prefill's mask has padding, the cache keeps one
 :class:`~effattn.kv.CompressedKVCache` per row and gives each only its real tokens, so no policy
 ever scores, keeps or counts padding (a row is compressed exactly as if generated alone; the
@@ -239,9 +247,13 @@ class CompressedCache(Cache):
             then built with ``make_policy(policy, **policy_kwargs)`` (e.g. ``budget=64``).
         model: optional; checked at once with :func:`check_model` (otherwise the first forward
             pass checks its config).
+        ring: StreamingLLM (int budget > sinks, no ``head_budgets``) in ring buffers, O(1 + sinks) work
+            per decode step (module docstring); ``False`` or another policy: the general policy cache.
 
-    ``kv`` is the underlying :class:`effattn.kv.CompressedKVCache` (None before the first
-    forward, and for a left-padded batch, which has one per row in ``rows``);
+    ``kv`` is the underlying :class:`effattn.kv.CompressedKVCache` (a
+    :class:`~effattn.hf._streaming.StreamingRingCache` for StreamingLLM with ``ring``, same inspection
+    methods; None before the first forward, and for a left-padded batch, which has one per row in
+    ``rows``);
     ``lengths(layer_idx)`` tokens kept per head ``[B, H_kv]``; ``nbytes`` bytes of kept keys and
     values; ``get_seq_length()`` tokens seen.
 
