@@ -2,7 +2,8 @@
 
 - :mod:`~effattn.memory.titans`: Titans neural memory (Behrouz et al. 2025): an MLP memory updated by
   the gradient of ``||M(k) - v||^2`` with step size, momentum and forgetting; token-by-token reference,
-  chunked form, one-token step; :class:`NeuralMemory` the layer (projections + gates + rule).
+  chunked form (a fast factored form where the update is linear in the gradients, ``_chunked``),
+  one-token step; :class:`NeuralMemory` the layer (projections + gates + rule), chunked by default.
 - :mod:`~effattn.memory.miras`: Moneta, Yaad, Memora (Behrouz et al. 2025, Miras) on the same machinery.
 - :mod:`~effattn.memory.atlas`: ATLAS's Omega rule, polynomial features, Muon-style update.
 - :mod:`~effattn.memory.infini_attention`: Infini-attention (Munkhdalai et al. 2024).

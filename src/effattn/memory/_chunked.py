@@ -1,6 +1,7 @@
 """The chunked form of the generic neural-memory rule (:mod:`effattn.memory._neural`): every gradient of a
-chunk is taken at the chunk's start weights ``W0`` (mini-batch gradient descent per chunk, Titans section
-3.2), then momentum and decay run as scans over the chunk's tokens. Two ways to run a chunk:
+chunk is taken at the chunk's start weights ``W0`` (mini-batch gradient descent per chunk: Behrouz, Zhong,
+Mirrokni, "Titans: Learning to Memorize at Test Time", 2025, section 3.2), then momentum and decay run as
+scans over the chunk's tokens. Two ways to run a chunk:
 
 **Fast (factored) form**, when the update is linear in the gradients (``retention="linear"``, no Muon).
 Each per-token gradient of a layer is rank one, ``G_m = a_m^T delta_m`` (layer input and output gradient
