@@ -46,18 +46,22 @@ def test_unknown_option_and_part(tmp_path):
 
 
 def test_paired_ratios_are_per_round(tmp_path, monkeypatch):
-    """--paired: each option's time ratio is taken against the baseline step of the same round."""
+    """--paired: each option's time ratio is taken against the baseline step of the same round; the
+    memory column comes from the per-option fresh-process measurement."""
     fake = {"baseline": [10.0, 20.0, 40.0], "chunked_loss": [15.0, 20.0, 20.0]}  # ratios 1.5, 1.0, 0.5
     calls = []
 
     def timed(model, ids, device, peak):
         name = "baseline" if not model.lm.config.chunked_loss else "chunked_loss"
         calls.append((name, peak))
-        return fake[name][sum(c[0] == name for c in calls) - 1], (100 if name == "baseline" else 25) * 2**20
+        return fake[name][sum(c[0] == name for c in calls) - 1], None
 
     monkeypatch.setattr(train_bench, "_timed_step", timed)
+    monkeypatch.setattr(
+        train_bench, "peaks_alone", lambda a, names, T: {"baseline": 100 * 2**20, "chunked_loss": 25 * 2**20}
+    )
     train_bench.run(_args(tmp_path, "--options", "chunked_loss", "--parts", "step", "--paired", "3"))
-    assert calls == [("baseline", True), ("chunked_loss", True)] + [("baseline", False), ("chunked_loss", False)] * 2
+    assert calls == [("baseline", False), ("chunked_loss", False)] * 3
     rows = {r["option"]: r for r in json.loads((tmp_path / "train_step.json").read_text())["rows"]}
     assert rows["chunked_loss"]["time_vs_base"] == 1.0 and rows["chunked_loss"]["time_vs_base_range"] == "0.500-1.500"
     assert rows["chunked_loss"]["mem_vs_base"] == 0.25 and rows["baseline"]["time_vs_base"] == 1.0
@@ -69,6 +73,7 @@ def test_paired_runs_real_steps(tmp_path):
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
     assert [r["option"] for r in rows] == ["baseline", "checkpoint=block"]
     assert all(r["timed_steps"] == 2 and r["step_s"] > 0 for r in rows)
+    assert all(r["peak_MiB"] > 0 for r in rows) and rows[0]["mem_vs_base"] == 1.0  # measured in fresh processes
     with pytest.raises(SystemExit, match="--paired must be >= 0"):
         train_bench.run(_args(tmp_path, "--parts", "step", "--paired", "-1"))
     with pytest.raises(SystemExit, match="--chunk must be >= 1"):

@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -152,29 +154,50 @@ def _timed_step(model: LossModel, ids: torch.Tensor, device, peak: bool) -> tupl
     return time.perf_counter() - t0, mem
 
 
+def _peak_in_this_process(args, name: str, T: int) -> int | None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = torch.randint(0, 256, (1, T + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
+    model = _model(args, OPTIONS[name], T)
+    _step(model, ids[:, :17])
+    return _timed_step(model, ids, args.device, peak=True)[1]
+
+
+def peaks_alone(args, names: list[str], T: int) -> dict[str, int | None]:
+    """Peak memory of one step of each option, each in a fresh process of its own: a step measured after
+    another model's step in the same process inherits that step's heap (at 8k, StreamBP measured 0.21x
+    the baseline alone and 0.39x after the baseline's step)."""
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for n in names:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            out[n] = pool.submit(_peak_in_this_process, args, n, T).result()
+        print(f"train step T={T} {n}: peak {out[n] and round(out[n] / 2**20, 1)} MiB (alone)", flush=True)
+    return out
+
+
 def paired_step_rows(args) -> tuple[list[dict], list[str]]:
-    """``--paired N``: every option's model is built first; round 1 measures each one's peak memory and
-    time (baseline first), rounds 2..N time one more step of each in the same order. ``time_vs_base`` is
-    the median over rounds of ``step(option) / step(baseline)`` of the same round, with its min and max:
-    steps minutes apart on a drifting machine are never compared."""
+    """``--paired N``: the peak memory of each option alone in a fresh process (:func:`peaks_alone`),
+    then every option's model built in this one and N rounds of one timed step each, in the order of
+    --options, baseline first. ``time_vs_base`` is the median over rounds of ``step(option) /
+    step(baseline)`` of the same round, with its min and max: steps minutes apart on a drifting machine
+    are never compared."""
     rows, skipped = [], []
     names = _options(args)
     for T in (int(c) for c in args.contexts.split(",")):
         ids = torch.randint(0, 256, (1, T + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
         kept = [n for n in names if T <= args.max_tokens or n in LONG]
         skipped += [f"{n}@{T}" for n in names if n not in kept]
+        peaks = peaks_alone(args, kept, T)
         models = {n: _model(args, OPTIONS[n], T) for n in kept}
         for m in models.values():
             _step(m, ids[:, :17])  # lazy imports and inits, not measured
         if args.full_warmup:
             _step(models["baseline"], ids)
-        peaks, seconds = {}, {n: [] for n in kept}
+        seconds = {n: [] for n in kept}
         for r in range(args.paired):
             for n, m in models.items():
-                sec, mem = _timed_step(m, ids, args.device, peak=r == 0)
-                seconds[n].append(sec)
-                if r == 0:
-                    peaks[n] = mem
+                seconds[n].append(_timed_step(m, ids, args.device, peak=False)[0])
                 print(f"train step T={T} round {r + 1} {n}: {seconds[n][-1]:.2f} s", flush=True)
         base_peak = peaks["baseline"]
         for n in kept:
@@ -399,7 +422,8 @@ def run(args: argparse.Namespace) -> None:
             if not args.paired
             else f"paired: {args.paired} round(s), each one step of every option back to back, baseline first; "
             "step_s: median over rounds (range beside it); time_vs_base: median (range) over rounds of the "
-            "option's step over the same round's baseline step; peak_MiB from round 1",
+            "option's step over the same round's baseline step; peak_MiB: one step of the option alone in a "
+            "fresh process",
             "exact: gradients equal the baseline's (tests/train); mesa is inexact (int8 saved activations); "
             "reversible is a different (two-stream) architecture",
             *goal(step),
