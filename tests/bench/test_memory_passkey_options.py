@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from effattn.bench.memory import _train_shape, add_arguments, build_model, optimizer, set_forget_bias
+from effattn.bench.memory import add_arguments, build_model, optimizer, set_forget_bias, train_shape
 from effattn.memory import NeuralMemory
 
 
@@ -19,15 +19,15 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_curriculum_grows_the_longest_context():
     lo, hi, steps = 48, 192, 200
-    plain = [_train_shape(s, lo, hi, 768, 0) for s in range(steps)]
-    assert plain == [_train_shape(s, lo, hi, 768, 0, steps, 0.0) for s in range(steps)]  # 0: as before
-    grown = [_train_shape(s, lo, hi, 768, 0, steps, 0.5)[0] for s in range(steps)]
+    plain = [train_shape(s, lo, hi, 768, 0) for s in range(steps)]
+    assert plain == [train_shape(s, lo, hi, 768, 0, steps, 0.0) for s in range(steps)]  # 0: as before
+    grown = [train_shape(s, lo, hi, 768, 0, steps, 0.5)[0] for s in range(steps)]
     assert grown[0] == lo
     for s, T in enumerate(grown):  # never past the linear ramp lo -> hi over the first 100 steps
         assert lo <= T <= min(hi, round(lo + (hi - lo) * s / 100))
     assert max(grown[:25]) < 90 < max(grown[100:])  # short early, the whole range after the ramp
     assert [T for T, _ in plain[100:]] == grown[100:]  # after the ramp: the same draws as without it
-    assert all(bs == 768 // T for T, bs in (_train_shape(s, lo, hi, 768, 0, steps, 0.5) for s in range(steps)))
+    assert all(bs == 768 // T for T, bs in (train_shape(s, lo, hi, 768, 0, steps, 0.5) for s in range(steps)))
 
 
 def test_memory_gate_options_reach_every_neural_memory():

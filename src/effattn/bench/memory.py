@@ -188,10 +188,19 @@ def build_model(name: str, args: argparse.Namespace, max_len: int, window: int |
     return model
 
 
-def set_forget_bias(model, bias: float) -> int:
-    """Set the initial bias of the forgetting gate ``alpha_t`` of every neural memory of ``model`` to ``bias``;
-    returns how many memories were changed. The gate projection's bias holds ``[theta, eta, alpha, (gamma)]``
-    blocks of one value per head (:class:`effattn.memory.NeuralMemory`)."""
+def set_forget_bias(model: torch.nn.Module, bias: float) -> int:
+    """Set the initial bias of the forgetting gate ``alpha_t = sigmoid(w_alpha x + bias)`` (Titans, Behrouz
+    et al. 2025) of every neural memory of ``model`` to ``bias``; returns how many memories were changed. The
+    gate projection's bias holds ``[theta, eta, alpha, (gamma)]`` blocks of one value per head
+    (:class:`effattn.memory.NeuralMemory`).
+
+    Example::
+
+        >>> from effattn.memory import NeuralMemory
+        >>> mem = torch.nn.Sequential(NeuralMemory(8, 2))
+        >>> set_forget_bias(mem, -6.0), mem[0].gate_proj.bias.view(-1, 2)[2].tolist()
+        (1, [-6.0, -6.0])
+    """
     from effattn.memory import NeuralMemory
 
     n = 0
@@ -203,9 +212,17 @@ def set_forget_bias(model, bias: float) -> int:
     return n
 
 
-def optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with ``weight_decay`` on the weight matrices only (biases, gains and embeddings' 1-D parts are
-    not pulled to zero: a decayed gate bias would drift the memories' initial forgetting towards 0.5)."""
+def optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) with ``weight_decay`` on the
+    weight matrices only: biases and gains (1-D parameters) are not pulled to zero, since a decayed gate bias
+    would drift the memories' initial forgetting towards ``sigmoid(0) = 0.5``.
+
+    Example::
+
+        >>> opt = optimizer(torch.nn.Linear(4, 3), 1e-3, 0.1)
+        >>> [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups]
+        [(1, 0.1), (1, 0.0)]
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -223,12 +240,22 @@ def equal_state_window(args: argparse.Namespace, max_len: int) -> tuple[int, int
     return max(1, w1 + round((target - b1) * (w2 - w1) / (b2 - b1))), target
 
 
-def _train_shape(
+def train_shape(
     step: int, lo: int, hi: int, tokens: int, seed: int, steps: int = 1, curriculum: float = 0.0
 ) -> tuple[int, int]:
-    """``(context, batch)`` of training step ``step``: the context log-uniform in ``[lo, hi]`` (with a
-    curriculum, ``hi`` grows linearly from ``lo`` over the first ``curriculum`` of the ``steps``), the batch
-    ``tokens // context``."""
+    """``(context, batch)`` of training step ``step``: the context ``T = exp(log lo + u (log hi - log lo))``,
+    log-uniform in ``[lo, hi]`` with ``u`` drawn from ``seed`` and ``step`` (with a curriculum, ``hi`` grows
+    linearly from ``lo`` over the first ``curriculum`` of the ``steps``: short prompts first, as in the
+    length curricula of long-context training), and the batch ``tokens // T``.
+
+    Example::
+
+        >>> train_shape(0, 48, 192, 768, 0, steps=100, curriculum=0.5)
+        (48, 16)
+        >>> lo, hi = 48, 192
+        >>> all(lo <= train_shape(s, lo, hi, 768, 0)[0] <= hi for s in range(50))
+        True
+    """
     if curriculum > 0:
         hi = min(hi, round(lo + (hi - lo) * step / max(1.0, curriculum * steps)))
     u = torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).item()
@@ -277,9 +304,7 @@ def train_and_eval(name: str, args: argparse.Namespace, window: int | None = Non
     t0, losses = time.perf_counter(), []
     model.train()
     for step in range(args.steps):
-        T, bs = _train_shape(
-            step, lo, hi, args.tokens_per_step, args.seed, args.steps, getattr(args, "curriculum", 0.0)
-        )
+        T, bs = train_shape(step, lo, hi, args.tokens_per_step, args.seed, args.steps, getattr(args, "curriculum", 0.0))
         b = make_passkey(bs, T, args.digits, seed=args.seed + 7919 * step + 1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
