@@ -66,3 +66,32 @@ def test_weight_decay_on_matrices_only():
     opt.step()
     assert torch.equal(mem.gate_proj.bias, b0)
     assert torch.allclose(mem.k_proj.weight, w0 * (1 - 1e-3 * 0.1))
+
+
+class _Answers(torch.nn.Module):
+    """Right answers (read from the prompt); the first ``bad`` rows put an inf logit on them."""
+
+    def __init__(self, context: int, digits: int, bad: int):
+        super().__init__()
+        self.context, self.digits, self.bad = context, digits, bad
+
+    def forward(self, ids):
+        from effattn.bench.tasks.passkey import DEFAULT_VOCAB_SIZE, KEY
+
+        logits = torch.zeros(*ids.shape, DEFAULT_VOCAB_SIZE)
+        for b in range(ids.shape[0]):
+            at = int((ids[b, : self.context] == KEY).nonzero()[0])
+            for j in range(self.digits):  # the first ``bad`` rows: inf at the right digit (argmax still hits)
+                logits[b, self.context - 1 + j, ids[b, at + 1 + j]] = float("inf") if b < self.bad else 1.0
+        return (logits,)
+
+
+def test_nonfinite_answers_are_counted_and_wrong():
+    from effattn.bench.memory import passkey_accuracy
+
+    args = _args("--window", "8", "--digits", "3")
+    clean = passkey_accuracy(_Answers(40, 3, 0), 40, args, examples=8, seed=1)
+    assert clean["digit_acc"] == 1.0 and clean["nonfinite"] == 0.0
+    # 2 of 8 prompts with non-finite logits: counted, and wrong although their argmax is the right digit
+    bad = passkey_accuracy(_Answers(40, 3, 2), 40, args, examples=8, seed=1)
+    assert bad["nonfinite"] == 2 / 8 and bad["digit_acc"] == 6 / 8 and bad["key_acc"] == 6 / 8

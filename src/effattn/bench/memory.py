@@ -275,21 +275,26 @@ def set_chunk_size(model, chunk_size: int) -> None:
 @torch.no_grad()
 def passkey_accuracy(model, context: int, args: argparse.Namespace, examples: int, seed: int) -> dict:
     """Teacher-forced accuracy on ``examples`` fresh prompts of ``context`` tokens: the fraction of
-    digits predicted (argmax) right, of whole keys right, and the digit accuracy over the needles that
-    lie more than ``window`` tokens before the query."""
+    digits predicted (argmax) right, of whole keys right, the digit accuracy over the needles that lie
+    more than ``window`` tokens before the query, and ``nonfinite``: the fraction of answer positions whose
+    logits hold a NaN or inf (counted wrong: a diverged memory is told apart from a wrong guess)."""
     batch = make_passkey(examples, context, args.digits, seed=seed)
     model.eval()
-    right = []
+    right, finite = [], []
     for i in range(0, examples, 8):
         logits = model(batch.inputs[i : i + 8].to(args.device))[0][:, context - 1 :]
-        right.append((logits.argmax(-1) == batch.keys[i : i + 8].to(args.device)).cpu())
-    right = torch.cat(right)
+        ok = torch.isfinite(logits).all(-1)
+        # a non-finite answer position counts as wrong whatever its argmax, and is counted on its own
+        right.append(((logits.argmax(-1) == batch.keys[i : i + 8].to(args.device)) & ok).cpu())
+        finite.append(ok.cpu())
+    right, finite = torch.cat(right), torch.cat(finite)
     far = (context - 1 - batch.needle_pos) > args.window
     return {
         "digit_acc": right.float().mean().item(),
         "key_acc": right.all(1).float().mean().item(),
         "far_digit_acc": right[far].float().mean().item() if bool(far.any()) else None,
         "far_examples": int(far.sum()),
+        "nonfinite": 1.0 - finite.float().mean().item(),
     }
 
 
