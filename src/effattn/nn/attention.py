@@ -129,7 +129,8 @@ def cached_attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention of the newest ``T_q`` queries against every key of a cache, as
     :meth:`effattn.kv.LayerCache.update` returned them (``cache``: the :class:`~effattn.kv.CachedKV`;
     ``k``/``v`` its keys and values, or tensors derived from them slot by slot, as MLA's).
@@ -139,18 +140,21 @@ def cached_attention(
     measured in real-token positions. Heads of unequal length (``cache.head_mask``, a policy cache)
     attend one kv head at a time to their own keys (plain causal attention only). Decoding (causal,
     ``T_q == 1``, no padding, no mod, ``backend="auto"``) uses the split-KV
-    :func:`effattn.decode_attention`.
+    :func:`effattn.decode_attention`. ``return_lse``: also return the log-sum-exp ``[B, H_q, T_q]`` (float32),
+    to merge the result with attention over other keys (:func:`effattn.merge_attention_states`).
     """
     Tq, L = q.shape[1], k.shape[1]
     off = L - Tq
     if cache.head_mask is not None:
+        if return_lse:
+            raise ValueError("return_lse is not available for a KV policy cache with heads of unequal length")
         if not causal or window is not None or mask_mod is not None or score_mod is not None:
             raise ValueError("a KV policy needs a causal attention layer without window, mask_mod or score_mod")
         return _ragged_heads_attention(q, k, v, cache.head_mask, scale, softcap, sinks, backend)
     kvalid = cache.valid
     if causal and Tq == 1 and kvalid is None and mask_mod is None and score_mod is None and backend == "auto":
         win = window_bounds(window, True)[0] + 1 if window is not None else None
-        return decode_attention(q, k, v, scale=scale, window=win, softcap=softcap, sinks=sinks)
+        return decode_attention(q, k, v, scale=scale, window=win, softcap=softcap, sinks=sinks, return_lse=return_lse)
     masks = []
     if kvalid is not None:
         kpos = cache.key_positions
@@ -184,6 +188,7 @@ def cached_attention(
         softcap=softcap,
         sinks=sinks,
         backend=backend,
+        return_lse=return_lse,
     )
 
 
