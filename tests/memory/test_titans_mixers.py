@@ -60,3 +60,115 @@ def test_state_size_is_the_state_a_call_leaves(kind, persistent):
 def test_bad_num_persistent():
     with pytest.raises(ValueError, match="num_persistent"):
         TitansMAG(16, 2, num_persistent=-1)
+
+
+# --- the persistent tokens are a prefix every query sees (SW-Attn*, Titans sections 3.3 and 4.2-4.3) ---
+
+
+def _dense_reference(mixer, x):
+    """The paper's equations written densely over x~ = [p | x]: the memory reads x~ in one call; query t
+    sees every persistent key (unrotated query, as at relative distance 0) and the x keys of its window
+    (RoPE at positions 0..T-1); MAL: y = m + o_proj(a) over z = x~ + m~, MAG: y = out(o_proj(a) * sigmoid(m))."""
+    B, T, _ = x.shape
+    P, attn, H, D = mixer.num_persistent, mixer.attn, mixer.heads, mixer.head_dim
+    xt = torch.cat([mixer.persistent.expand(B, -1, -1), x], 1)
+    m_all, _ = mixer.memory(xt)
+    z = xt + m_all if isinstance(mixer, TitansMAL) else xt
+    q = attn.q_proj(z).view(B, P + T, H, D)
+    k = attn.k_proj(z).view(B, P + T, H, D)
+    v = attn.v_proj(z).view(B, P + T, H, D)
+    pos = torch.arange(T)
+    qx, kx = attn.rope.apply(q[:, P:], pos), attn.rope.apply(k[:, P:], pos)
+    s_p = torch.einsum("bthd,bjhd->bhtj", q[:, P:], k[:, :P])
+    s_x = torch.einsum("bthd,bjhd->bhtj", qx, kx)
+    t, j = pos[:, None], pos[None]
+    s_x = s_x.masked_fill(~((j <= t) & (t - j < attn.window)), float("-inf"))
+    w = torch.softmax(torch.cat([s_p, s_x], -1) / D**0.5, -1)
+    a = attn.o_proj(torch.einsum("bhtj,bjhd->bthd", w, v).reshape(B, T, H * D))
+    m = m_all[:, P:]
+    return m + a if isinstance(mixer, TitansMAL) else mixer.out(a * torch.sigmoid(m))
+
+
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_persistent_prefix_matches_dense_reference(kind):
+    torch.manual_seed(2)
+    mixer = MIXERS[kind](24, 3, window=4, depth=2, num_persistent=3).eval()
+    x = torch.randn(2, 23, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(x)[0], _dense_reference(mixer, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_persistent_keys_stay_visible_far_past_the_window(kind):
+    # with the memory's output projection zeroed (m = 0) only the attention can carry the persistent tokens
+    # to a late position: there they must still change the output and receive a gradient (the code that let
+    # them slide out of the window gave the same output and no gradient)
+    torch.manual_seed(3)
+    mixer = MIXERS[kind](16, 2, window=4, depth=1, num_persistent=3).eval()
+    with torch.no_grad():
+        mixer.memory.o_proj.weight.zero_()
+    x = torch.randn(1, 41, 16)  # T >> window + P
+    last = mixer(x)[0][:, -1]
+    last.square().sum().backward()
+    grad = mixer.persistent.grad
+    assert grad is not None and grad.abs().amax() > 1e-4 * last.detach().abs().amax()
+    with torch.no_grad():
+        mixer.persistent[1] += torch.randn(16)
+        assert (mixer(x)[0][:, -1] - last).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_persistent_prefix_split_calls_and_decode_equal_one_call(kind):
+    torch.manual_seed(4)
+    mixer = MIXERS[kind](16, 2, window=3, depth=2, num_persistent=2).eval()
+    x = torch.randn(2, 21, 16)
+    with torch.no_grad():
+        full, _ = mixer(x)
+        for cuts in ([1, 2, 9, 10, 17], list(range(1, 21))):  # uneven pieces; token by token
+            outs, st = [], None
+            for a, b in zip([0] + cuts, cuts + [21]):
+                y, st = mixer(x[:, a:b], st)
+                outs.append(y)
+            torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_persistent_prefix_padding_never_reaches_valid_rows(kind):
+    torch.manual_seed(5)
+    mixer = MIXERS[kind](16, 2, window=3, depth=2, num_persistent=2).eval()
+    x = torch.randn(2, 17, 16)
+    with torch.no_grad():
+        ref0, ref1 = mixer(x[:1])[0], mixer(x[1:, 4:])[0]  # each row on its own
+        padded = x.clone()
+        padded[1, :4] = float("nan")  # row 1 left-padded by 4, whatever the padding holds
+        valid = torch.ones(2, 17, dtype=torch.bool)
+        valid[1, :4] = False
+        y, st = mixer(padded[:, :9], valid=valid[:, :9])  # then continue unpadded, token by token
+        outs = [y]
+        for t in range(9, 17):
+            y, st = mixer(padded[:, t : t + 1], st)
+            outs.append(y)
+        got = torch.cat(outs, 1)
+    torch.testing.assert_close(got[:1], ref0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:, 4:], ref1, atol=1e-5, rtol=1e-5)
+
+
+def test_persistent_window_attention_without_prefix_is_sliding_window_attention():
+    from effattn.nn import Attention
+    from effattn.nn.mixers.titans import PersistentWindowAttention
+
+    torch.manual_seed(6)
+    layer = PersistentWindowAttention(16, 2, window=5)
+    plain = Attention(16, 2, window=5)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 13, 16)
+    torch.testing.assert_close(layer(x)[0], plain(x)[0], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        layer.persistent_kv(torch.randn(3, 8))
+
+
+def test_bad_state_names_what_is_expected():
+    mixer = TitansMAL(16, 2, window=4, num_persistent=2)
+    _, (ms, cache, _) = mixer(torch.randn(1, 3, 16))
+    with pytest.raises(ValueError, match="persistent K/V"):
+        mixer(torch.randn(1, 1, 16), (ms, cache))

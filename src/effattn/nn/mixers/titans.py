@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int
+from effattn.exact import attention, merge_attention_states
+from effattn.kv import LayerCache
 from effattn.memory import NeuralMemory
-from effattn.nn.attention import Attention
+from effattn.nn.attention import Attention, cached_attention, check_mixer_input, layer_cache
 from effattn.nn.mixers._base import MixerBase, check_heads, check_state_size_args, check_x_and_valid, state_nbytes
 from effattn.nn.registry import register_mixer
 
-__all__ = ["TitansMAC", "TitansMAG", "TitansMAL", "segment_attention"]
+__all__ = ["PersistentWindowAttention", "TitansMAC", "TitansMAG", "TitansMAL", "segment_attention"]
 
 
 def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int, state=None, valid=None):
@@ -85,6 +87,66 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
     return o.to(q.dtype), dict(k=kb, v=vb, count=cnt)
 
 
+class PersistentWindowAttention(Attention):
+    """Causal sliding-window attention whose queries also see ``P`` always-visible persistent keys: the
+    ``SW-Attn*`` of Titans (Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", 2025,
+    sections 3.3 and 4.2-4.3), where the learned persistent tokens are a prefix every query attends to::
+
+        o_t = softmax([q_t K_p^T, R_t q_t (R_J K_J)^T] / sqrt(d)) [V_p; V_J],   J = {t - window + 1 .. t}
+
+    ``K_p, V_p [P, kv_heads, head_dim]`` (:meth:`persistent_kv` of the persistent tokens; the same for every
+    sequence), ``R_t`` RoPE at the token's position in the sequence (counted from 0). Positions: the
+    persistent keys are not rotated and meet the query unrotated, which is RoPE with each persistent key at
+    the query's own position (``R_t q . R_t k = q . k``, relative distance 0), so a prefix score does not
+    depend on how far into the context the query is. Computed as two attentions merged by their
+    log-sum-exp (:func:`effattn.merge_attention_states`): the window over the layer's bounded cache
+    (:func:`~effattn.nn.attention.cached_attention`) and the ``P`` prefix keys (no mask). Memory per
+    decoding step: O(window + P). Padding (``valid``) hides padded keys as in :class:`Attention`.
+
+    Example::
+
+        >>> layer = PersistentWindowAttention(16, 2, window=3)
+        >>> x, p = torch.randn(1, 9, 16), torch.randn(2, 16)
+        >>> y, cache = layer(x, persistent=layer.persistent_kv(p))
+        >>> y.shape
+        torch.Size([1, 9, 16])
+    """
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__(dim, heads, window=window)
+
+    def persistent_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[P, kv_heads, head_dim]`` of persistent tokens ``[P, dim]`` (not rotated)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[-1] != self.dim:
+            raise ValueError(f"tokens must have shape [P, dim={self.dim}], got {getattr(tokens, 'shape', tokens)!r}")
+        _, k, v = self._project(tokens[None], None, rotate=False)
+        return k[0], v[0]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: LayerCache | None = None,
+        valid: torch.Tensor | None = None,
+        persistent: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, LayerCache]:
+        """``(y [B, T, dim], cache)``; ``persistent`` the ``(K_p, V_p)`` of :meth:`persistent_kv` (None: plain
+        sliding-window attention)."""
+        B, T = check_mixer_input(x, self.dim, valid)
+        cache = layer_cache(state, B, self.cache_pattern)
+        pos = cache.next_positions(B, T, valid, x.device)
+        q, k, v = self._project(x, pos, rotate=False)
+        qr, kr = (q, k) if self.rope is None else (self.rope.apply(q, pos), self.rope.apply(k, pos))
+        kv = cache.update(kr, v, valid=valid, q=qr)
+        common = dict(softcap=self.softcap, backend=self.backend, return_lse=True)
+        o, lse = cached_attention(qr, kv.k, kv.v, kv, causal=True, window=self.window, **common)
+        if persistent is not None:
+            pk, pv = persistent
+            op, lse_p = attention(q, pk.expand(B, *pk.shape), pv.expand(B, *pv.shape), **common)
+            o, _ = merge_attention_states([o, op.to(o.dtype)], [lse, lse_p])
+        cache.trim()
+        return self.o_proj(o.flatten(2)), cache
+
+
 class _TitansBase(MixerBase):
     # chunk_size (default 16): the memory's chunk grid (NeuralMemory): multi-token calls run the paper's
     # chunked form, decoding steps continue the same grid token by token; chunk_size=1 the exact token rule
@@ -103,7 +165,9 @@ class _TitansBase(MixerBase):
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Bytes of state at context ``seq_len``: the memory's (weights and momentum) plus, where the mixer
-        has a sliding-window attention, its KV cache after the persistent tokens and ``seq_len`` tokens."""
+        has a sliding-window attention (MAL, MAG), its window KV cache after ``seq_len`` tokens and the
+        persistent keys and values ``[num_persistent, heads, head_dim]`` each, counted once: the state holds
+        one copy for the whole batch (they are the same for every sequence)."""
         attn = getattr(self, "attn", None)
         if attn is None:  # MAC: its segment buffers are allocated whole, a probe measures them
             return super().state_size(batch, seq_len)
@@ -111,36 +175,46 @@ class _TitansBase(MixerBase):
         p = next(self.parameters())
         with torch.no_grad():
             _, ms = self.memory(torch.zeros(batch, 1, self.dim, device=p.device, dtype=p.dtype))
-        return state_nbytes(ms) + attn.state_size(batch, seq_len + self.num_persistent)
+        prefix = 2 * self.num_persistent * attn.kv_heads * attn.head_dim * p.element_size()
+        return state_nbytes(ms) + attn.state_size(batch, seq_len) + prefix
 
     def _init_persistent(self, num_persistent: int) -> None:
         check_int("num_persistent", num_persistent, minimum=0)
         self.num_persistent = num_persistent
-        # learned, input-independent tokens of the model's width (Titans section 3.3), prepended to the sequence
+        # learned, input-independent tokens of the model's width (Titans section 3.3), a prefix of every sequence
         self.persistent = nn.Parameter(torch.randn(num_persistent, self.dim) * 0.02) if num_persistent else None
 
     def _start(self, x, state):
-        """``(memory state, cache)`` to continue from: the given state or, at a sequence's start (``state``
-        None), the state the persistent tokens leave (none: ``(None, None)``)."""
+        """``(memory state, window cache, persistent K/V)`` to continue from: the given state or, at a
+        sequence's start (``state`` None), the memory's state after it read the persistent tokens (their
+        outputs are dropped) and their keys/values for the attention (:meth:`_prefix_tokens`)."""
         if state is not None:
+            if not isinstance(state, tuple) or len(state) != 3:
+                raise ValueError(
+                    "state must be the (memory state, window cache, persistent K/V) tuple a previous call "
+                    f"returned, got {type(state).__name__} of length {len(state) if isinstance(state, tuple) else '-'}"
+                )
             return state
         if self.persistent is None:
-            return None, None
-        p = self.persistent.to(x.dtype).expand(x.shape[0], -1, -1)
-        _, state = self._layer(p, None, None, None)  # their outputs are dropped: they open every sequence
-        return state
+            return None, None, None
+        p = self.persistent.to(x.dtype)
+        m, ms = self.memory(p.expand(x.shape[0], -1, -1))  # the memory reads them before the first token
+        return ms, None, self.attn.persistent_kv(self._prefix_tokens(p, m[0]))
 
 
 @register_mixer("titans_mal")
 class TitansMAL(_TitansBase):
-    """Titans memory as a layer (MAL): ``m = NeuralMemory(x)``, ``y = m + SWA(x + m)`` with causal
-    sliding-window attention of ``window`` keys. State ``(memory state, window KV cache)``.
-    ``num_persistent`` learned tokens (paper section 3.3) open every sequence: the memory and the window
-    read them before the first token (their outputs are dropped), so the memory starts from a learned state.
+    """Titans memory as a layer (MAL): ``m = NeuralMemory(x)``, ``y = m + SW-Attn*(x + m)`` with causal
+    sliding-window attention of ``window`` keys (:class:`PersistentWindowAttention`). ``num_persistent``
+    learned tokens ``p`` (paper section 3.3) open every sequence, ``x~ = [p | x]``: the memory reads them
+    before the first token (their outputs ``m_p`` are dropped, so the memory starts from a learned state),
+    and the attention keeps their keys/values, from ``p + m_p``, visible to every query (the paper's
+    ``o = SW-Attn(M(x~))`` with the persistent prefix, in this residual form). State ``(memory state,
+    window KV cache, persistent K/V)``.
 
     Example::
 
-        >>> mixer = TitansMAL(16, 2, window=4).eval()
+        >>> mixer = TitansMAL(16, 2, window=4, num_persistent=2).eval()
         >>> x = torch.randn(1, 7, 16)
         >>> y, st = mixer(x[:, :6])
         >>> torch.allclose(mixer(x[:, 6:], st)[0], mixer(x)[0][:, 6:], atol=1e-5)
@@ -158,13 +232,17 @@ class TitansMAL(_TitansBase):
         **memory_kw,
     ):
         super().__init__(dim, heads, depth, chunk_size, **memory_kw)
-        self.attn = Attention(dim, heads, window=window)
+        self.attn = PersistentWindowAttention(dim, heads, window=window)
         self._init_persistent(num_persistent)
 
-    def _layer(self, x, ms, cache, valid):
+    @staticmethod
+    def _prefix_tokens(p, m_p):
+        return p + m_p  # the attention's input at the persistent positions, as x + m at the others
+
+    def _layer(self, x, ms, cache, prefix, valid):
         m, ms = self.memory(x, ms, valid)
-        a, cache = self.attn(x + m, cache, valid)
-        return m + a, (ms, cache)
+        a, cache = self.attn(x + m, cache, valid, prefix)
+        return m + a, (ms, cache, prefix)
 
     def forward(self, x, state=None, valid=None):
         valid = check_x_and_valid(x, self.dim, valid)
@@ -173,9 +251,12 @@ class TitansMAL(_TitansBase):
 
 @register_mixer("titans_mag")
 class TitansMAG(_TitansBase):
-    """Titans memory as a gate (MAG): sliding-window attention ``a = SWA(x)`` gated by the memory's
-    output, ``y = W_o(a * sigmoid(m))`` with ``m = NeuralMemory(x)``. State ``(memory state, KV cache)``.
-    ``num_persistent`` learned tokens open every sequence, as in :class:`TitansMAL`.
+    """Titans memory as a gate (MAG): sliding-window attention with the persistent prefix,
+    ``a = SW-Attn*([p | x])`` (:class:`PersistentWindowAttention`: every query sees the ``num_persistent``
+    learned tokens' keys plus its window), gated by the memory's output, ``y = W_o(a * sigmoid(m))`` with
+    ``m = NeuralMemory([p | x])`` (the memory reads the persistent tokens first; their outputs are
+    dropped). Paper: ``y = SW-Attn*(x~)``, ``o = y (x) M(x~)``. State ``(memory state, window KV cache,
+    persistent K/V)``.
 
     Example::
 
@@ -197,14 +278,18 @@ class TitansMAG(_TitansBase):
         **memory_kw,
     ):
         super().__init__(dim, heads, depth, chunk_size, **memory_kw)
-        self.attn = Attention(dim, heads, window=window)
+        self.attn = PersistentWindowAttention(dim, heads, window=window)
         self.out = nn.Linear(dim, dim, bias=False)
         self._init_persistent(num_persistent)
 
-    def _layer(self, x, ms, cache, valid):
+    @staticmethod
+    def _prefix_tokens(p, m_p):
+        return p  # the attention reads x itself
+
+    def _layer(self, x, ms, cache, prefix, valid):
         m, ms = self.memory(x, ms, valid)
-        a, cache = self.attn(x, cache, valid)
-        return self.out(a * torch.sigmoid(m)), (ms, cache)
+        a, cache = self.attn(x, cache, valid, prefix)
+        return self.out(a * torch.sigmoid(m)), (ms, cache, prefix)
 
     def forward(self, x, state=None, valid=None):
         valid = check_x_and_valid(x, self.dim, valid)
