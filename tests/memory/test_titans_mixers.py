@@ -93,9 +93,16 @@ def _dense_reference(mixer, x):
 def test_persistent_prefix_matches_dense_reference(kind):
     torch.manual_seed(2)
     mixer = MIXERS[kind](24, 3, window=4, depth=2, num_persistent=3).eval()
-    x = torch.randn(2, 23, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(mixer(x)[0], _dense_reference(mixer, x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 23, 24, requires_grad=True)
+    y, ref = mixer(x)[0], _dense_reference(mixer, x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # gradients too: the persistent tokens, the input and the attention's projections
+    g = torch.randn_like(y)
+    params = [mixer.persistent, mixer.attn.q_proj.weight, mixer.attn.k_proj.weight]
+    got = torch.autograd.grad(y, [x, *params], g)
+    want = torch.autograd.grad(ref, [x, *params], g)
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
 @pytest.mark.parametrize("kind", sorted(MIXERS))
