@@ -103,6 +103,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="passkey: initial bias of the neural memories' forgetting gate, alpha_t = sigmoid(w x + bias) (default: "
         "the memories' own, -3: alpha 0.047, half the memory gone in ~14 tokens)",
     )
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="passkey: clip each token's memory gradient to this norm (NeuralMemory's max_grad_norm) (default: "
+        "no clipping)",
+    )
     p.add_argument("--digits", type=int, default=4, help="passkey: digits of the key (default: 4)")
     p.add_argument("--depth", type=int, default=1, help="depth of the neural memories' MLP (default: 1)")
     p.add_argument(
@@ -149,11 +156,19 @@ def _ints(text: str) -> list[int]:
 
 
 def model_spec(
-    name: str, window: int, depth: int, chunk_size: int, heads: int = HEADS, theta_max: float | None = None
+    name: str,
+    window: int,
+    depth: int,
+    chunk_size: int,
+    heads: int = HEADS,
+    theta_max: float | None = None,
+    max_grad_norm: float | None = None,
 ) -> tuple[str, dict, int]:
     """``(mixer, mixer kwargs, heads)`` of passkey model ``name`` (``swa_eq``'s window is set by
     :func:`equal_state_window`)."""
     mem = dict(depth=depth, chunk_size=chunk_size, **({} if theta_max is None else {"theta_max": theta_max}))
+    if max_grad_norm is not None:
+        mem["max_grad_norm"] = max_grad_norm
     specs = {
         "titans_mal": ("titans_mal", dict(window=window, **mem), heads),
         "titans_mag": ("titans_mag", dict(window=window, **mem), heads),
@@ -177,6 +192,7 @@ def _spec(name: str, args: argparse.Namespace, window: int | None = None) -> tup
         args.chunk_size,
         getattr(args, "heads", HEADS),
         getattr(args, "theta_max", None),
+        getattr(args, "max_grad_norm", None),
     )
 
 
@@ -532,7 +548,8 @@ def run(args: argparse.Namespace) -> None:
             f"seed {args.seed}; {args.heads} heads (Gated DeltaNet 1)",
             f"every attention sees at most {args.window} keys; neural memories: MLP depth {args.depth}, step size "
             f"theta_max {args.theta_max if args.theta_max is not None else 'default (0.1)'}, forgetting-gate bias "
-            f"at init {args.forget_bias if args.forget_bias is not None else 'default (-3)'}, "
+            f"at init {args.forget_bias if args.forget_bias is not None else 'default (-3)'}, per-token gradient "
+            f"clipping {'off' if args.max_grad_norm is None else f'to norm {args.max_grad_norm:g}'}, "
             f"trained and evaluated in the chunked form (chunk {args.chunk_size}); 'exact rule' = the same weights "
             "through the token-by-token rule (chunk 1) on 16 prompts, beside the chunked form on the same prompts",
             "state_bytes = LM.state_size at the longest context (memory weights, momentum, KV caches, segment buffers)",

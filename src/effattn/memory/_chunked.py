@@ -83,10 +83,10 @@ def _chunk_gates(th, et, al, gext, window):
     return D, E, Ma * gext[..., None, :], P[..., -1], Ms[..., -1, :] * gext
 
 
-def _fast_chunk(W0, A, S, qc, kw, vw, gates, loss, p):
+def _fast_chunk(W0, A, S, qc, kw, vw, gates, loss, p, max_grad_norm):
     """One chunk in the factored form (module docstring); returns ``(y [B, H, C, V], A_new, S_new)``."""
     D, E, ba, P_last, bs_last = gates
-    ins, deltas = mlp_token_factors(W0, kw, vw, loss, p)  # at the chunk's start weights
+    ins, deltas = mlp_token_factors(W0, kw, vw, loss, p, max_grad_norm)  # at the chunk's start weights
     D_last, E_last, ba_last = D[..., -1, None, None], E[..., -1, None, None], ba[..., -1, :, None]
     P_last, bs_last = P_last[..., None, None], bs_last[..., None]
     h = qc
@@ -116,9 +116,9 @@ def _all_gates(segs, th, et, al, gext, window):
     return out
 
 
-def _materialized_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p, retention, q_exp, muon):
+def _materialized_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p, retention, q_exp, muon, max_grad_norm):
     """One chunk with per-token gradients and weights ``[B, H, C, d_in, d_out]``."""
-    G = window_grads(W0, kw, vw, gw, qc.shape[2], window, loss, p)
+    G = window_grads(W0, kw, vw, gw, qc.shape[2], window, loss, p, max_grad_norm)
     newA, newS, Wt = [], [], []
     for a, s, g in zip(A, S, G):
         if muon:
@@ -150,6 +150,7 @@ def chunk_neural_memory(
     q_exp=2.0,
     window=1,
     muon=False,
+    max_grad_norm=None,
     chunk_size=16,
     initial_state=None,
     output_final_state=False,
@@ -173,7 +174,9 @@ def chunk_neural_memory(
         >>> torch.allclose(a, b, atol=1e-6)
         True
     """
-    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon)
+    B, T, H = check_memory_inputs(
+        q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm
+    )
     check_int("chunk_size", chunk_size, 1)
     if fast is None:
         fast = fast_chunk_applies(retention, muon)
@@ -183,6 +186,7 @@ def chunk_neural_memory(
             f"got retention={retention!r}, muon={muon}"
         )
     opts = dict(gamma=gamma, loss=loss, p=p, retention=retention, q_exp=q_exp, window=window, muon=muon)
+    opts.update(max_grad_norm=max_grad_norm)
     A, S, A0, pos, kb, vb, gb = init_state(weights, B, window, k, v, initial_state)
     pos0 = int(pos[0]) if B else 0
     if B and bool((pos != pos0).any()):  # rows on different grid positions: the token-by-token form
@@ -216,10 +220,12 @@ def chunk_neural_memory(
         kw, vw, gw = (torch.cat([buf, x[i]], 2) for buf, x in ((kb, ks), (vb, vs), (gb, gs)))
         W0 = [read_weights(a, retention, q_exp) for a in A0]
         if fast:
-            y, A, S = _fast_chunk(W0, A, S, qs[i], kw, vw, all_gates[i], loss, p)
+            y, A, S = _fast_chunk(W0, A, S, qs[i], kw, vw, all_gates[i], loss, p, max_grad_norm)
         else:
             gates = (ths[i], ets[i], als[i])
-            y, A, S = _materialized_chunk(W0, A, S, qs[i], kw, vw, gw, *gates, window, loss, p, retention, q_exp, muon)
+            y, A, S = _materialized_chunk(
+                W0, A, S, qs[i], kw, vw, gw, *gates, window, loss, p, retention, q_exp, muon, max_grad_norm
+            )
         ys.append(y)
         pos0 = (pos0 + sizes[i]) % chunk_size
         if pos0 == 0:

@@ -12,6 +12,12 @@ Generic rule (per head; ``W = rho(A)`` the memory read from its accumulator ``A`
     (muon)  S_t = eta_t S_{t-1} + g_t                  U_t = -theta_t NS5(S_t)
     A_t = (1 - alpha_t) A_{t-1} + U_t                  y_t = M(rho(A_t); q_t)
 
+``max_grad_norm = tau`` (optional) clips each token's own loss gradient before the window sum and the
+momentum: ``grad_i <- grad_i * min(1, tau / ||grad_i||)`` with the norm over all of the memory's layers
+(as titans-pytorch's ``max_grad_norm``). An update then moves the memory by at most ``theta tau`` per
+token, so a memory whose gates make plain gradient descent diverge (a large step size with momentum and
+little forgetting) stays finite at any length.
+
 The chunked form takes every gradient of a chunk at the chunk's start weights (mini-batch gradient
 descent per chunk), then runs the momentum and decay recurrences as linear scans over the chunk's
 tokens (lower-triangular products of the gates, applied as matmuls). Chunk size 1 is the reference;
@@ -31,6 +37,7 @@ __all__ = [
     "LOSSES",
     "RETENTIONS",
     "check_memory_inputs",
+    "clip_scale",
     "decay_matrix",
     "init_state",
     "linear_scan",
@@ -95,12 +102,19 @@ def loss_grad(err: torch.Tensor, loss: str, p: float) -> torch.Tensor:
 
 
 def mlp_token_factors(
-    weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor, loss: str, p: float
+    weights: Sequence[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    loss: str,
+    p: float,
+    max_grad_norm: float | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The two factors of every per-token gradient: ``grad_{W_l} loss(M(k_c), v_c) = a_{l,c}^T delta_{l,c}``
     (rank one), with ``a_l [B, H, C, d_l]`` the layer's inputs and ``delta_l [B, H, C, d_{l+1}]`` the loss
     gradient at its output, at the shared weights ``weights`` (``[B, H, d_l, d_{l+1}]``). Backpropagation
-    written out, so the outer model differentiates through it.
+    written out, so the outer model differentiates through it. ``max_grad_norm = tau`` scales token
+    ``c``'s deltas by ``min(1, tau / ||G_c||)``, ``||G_c||^2 = sum_l ||a_{l,c}||^2 ||delta_{l,c}||^2``
+    (the Frobenius norm of the whole per-token gradient; :func:`clip_scale`).
 
     Example::
 
@@ -122,11 +136,36 @@ def mlp_token_factors(
         deltas[i] = delta
         if i > 0:
             delta = (delta @ weights[i].transpose(-1, -2)) * _silu_grad(zs[i - 1])
-    return hs[: len(weights)], deltas
+    ins = hs[: len(weights)]
+    if max_grad_norm is not None:
+        scale = clip_scale(ins, deltas, max_grad_norm)[..., None]
+        deltas = [d * scale for d in deltas]
+    return ins, deltas
+
+
+def clip_scale(ins: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+    """``min(1, tau / ||G_c||)`` per token (``[B, H, C]``) for the rank-one per-token gradients
+    ``G_{l,c} = a_{l,c}^T delta_{l,c}``: ``||G_c||^2 = sum_l ||a_{l,c}||^2 ||delta_{l,c}||^2`` (the Frobenius
+    norm of an outer product is the product of the norms), so no ``[C, d_in, d_out]`` tensor is formed.
+
+    Example::
+
+        >>> a, d = [torch.tensor([[[[3.0, 0.0]]]])], [torch.tensor([[[[0.0, 4.0]]]])]   # ||G|| = 12
+        >>> clip_scale(a, d, 6.0).item(), clip_scale(a, d, 20.0).item()
+        (0.5, 1.0)
+    """
+    sq = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in zip(ins, deltas))
+    norm = sq.clamp_min(1e-30).sqrt()
+    return max_grad_norm / norm.clamp_min(max_grad_norm)
 
 
 def mlp_token_grads(
-    weights: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor, loss: str, p: float
+    weights: Sequence[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    loss: str,
+    p: float,
+    max_grad_norm: float | None = None,
 ) -> list[torch.Tensor]:
     """Per-token gradients ``grad_{W_l} loss(M(k_c), v_c)`` at the shared weights ``weights`` (``[B, H,
     d_l, d_{l+1}]``) for ``k [B, H, C, d_0]``, ``v [B, H, C, d_L]``; each ``[B, H, C, d_l, d_{l+1}]``
@@ -139,7 +178,7 @@ def mlp_token_grads(
         >>> (g[0][0, 0, 0] + 0.0).tolist()                # 2 k (M(k) - v)^T
         [[0.0, -2.0], [0.0, 0.0]]
     """
-    ins, deltas = mlp_token_factors(weights, k, v, loss, p)
+    ins, deltas = mlp_token_factors(weights, k, v, loss, p, max_grad_norm)
     return [a.unsqueeze(-1) * d.unsqueeze(-2) for a, d in zip(ins, deltas)]
 
 
@@ -219,7 +258,7 @@ def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.T
 
 
 def check_memory_inputs(
-    q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon
+    q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm=None
 ) -> tuple[int, int, int]:
     """Shapes, dtypes and options of a neural-memory call; returns ``(B, T, H)``.
 
@@ -270,6 +309,8 @@ def check_memory_inputs(
     check_positive_int("window", window)
     if muon not in (True, False):
         raise ValueError(f"muon must be a bool, got {muon!r}")
+    if max_grad_norm is not None:
+        check_float("max_grad_norm", max_grad_norm, 0.0, float("inf"), lo_open=True)
     return B, T, H
 
 
@@ -301,7 +342,7 @@ def init_state(weights, B, window, k, v, initial_state):
     return A, S, A, torch.zeros(B, dtype=torch.long, device=k.device), kb, vb, gb
 
 
-def window_grads(W, kw, vw, gw, C, window, loss, p):
+def window_grads(W, kw, vw, gw, C, window, loss, p, max_grad_norm=None):
     """Per-token window gradients ``sum_j gamma_{t-j} grad loss(W; k_{t-j}, v_{t-j})`` (materialized,
     ``[B, H, C, d_l, d_{l+1}]`` per layer) for the last ``C`` tokens of ``kw [B, H, window-1+C, K]``.
 
@@ -311,7 +352,7 @@ def window_grads(W, kw, vw, gw, C, window, loss, p):
         >>> window_grads([torch.zeros(1, 1, 1, 1)], x, x, torch.ones(1, 1, 2), 1, 2, "l2", 2.0)[0].item()
         -4.0
     """
-    G = mlp_token_grads(W, kw, vw, loss, p)
+    G = mlp_token_grads(W, kw, vw, loss, p, max_grad_norm)
     out = []
     for g in G:
         g = g * gw[..., None, None]
@@ -353,6 +394,7 @@ def reference_neural_memory(
     q_exp=2.0,
     window=1,
     muon=False,
+    max_grad_norm=None,
     initial_state=None,
     output_final_state=False,
     valid=None,
@@ -373,7 +415,9 @@ def reference_neural_memory(
         >>> tuple(y.shape), tuple(st["A"][0].shape)
         ((1, 4, 1, 3), (1, 1, 3, 3))
     """
-    B, T, H = check_memory_inputs(q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon)
+    B, T, H = check_memory_inputs(
+        q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm
+    )
     check_int("chunk_size", chunk_size, 1)
     A, S, A0, pos, kb, vb, gb = init_state(weights, B, window, k, v, initial_state)
     qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
@@ -385,7 +429,7 @@ def reference_neural_memory(
         vw = torch.cat([vb, vf[:, :, t : t + 1]], 2)
         gw = torch.cat([gb, ga[:, :, t : t + 1]], 2)
         W = [read_weights(a, retention, q_exp) for a in (A if chunk_size == 1 else A0)]
-        G = window_grads(W, kw, vw, gw, 1, window, loss, p)
+        G = window_grads(W, kw, vw, gw, 1, window, loss, p, max_grad_norm)
         th_t, et_t, al_t = (x[:, :, t, None, None] for x in (th, et, al))
         newA, newS = [], []
         for a, s, g in zip(A, S, G):

@@ -56,6 +56,7 @@ def atlas_memory(
     initial_state=None,
     output_final_state=False,
     valid=None,
+    max_grad_norm: float | None = None,
 ):
     """The Omega rule (module docstring) on already-featurised ``q, k [B, T, H, F]``; ``weights[0]`` is
     ``[H, F, ...]``. ``gamma [B, T, H]`` (None: all ones). ``chunk_size=None``: reference.
@@ -70,6 +71,7 @@ def atlas_memory(
         True
     """
     kw = dict(gamma=gamma, window=window, muon=muon, initial_state=initial_state, output_final_state=output_final_state)
+    kw.update(max_grad_norm=max_grad_norm)
     if chunk_size is None:
         return reference_neural_memory(q, k, v, theta, eta, alpha, weights, valid=valid, **kw)
     if valid is not None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effattn._checks import check_positive_int
+from effattn._checks import check_float, check_positive_int
 from effattn.memory._chunked import chunk_neural_memory
 from effattn.memory._neural import reference_neural_memory
 
@@ -66,8 +66,11 @@ def init_memory_weights(
     return [torch.randn(heads, a, b, generator=generator) / math.sqrt(a) for a, b in zip(dims[:-1], dims[1:])]
 
 
-def titans_memory(q, k, v, theta, eta, alpha, weights, *, initial_state=None, output_final_state=False, valid=None):
-    """Token-by-token Titans memory (the rule of the module docstring), float32.
+def titans_memory(
+    q, k, v, theta, eta, alpha, weights, *, initial_state=None, output_final_state=False, valid=None, max_grad_norm=None
+):
+    """Token-by-token Titans memory (the rule of the module docstring), float32. ``max_grad_norm``: clip
+    each token's gradient to that norm (:mod:`effattn.memory._neural`).
 
     q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, theta (>= 0), eta, alpha (in [0, 1]) ``[B, T, H]``,
     ``weights`` the initial memory (:func:`init_memory_weights`). Returns ``(y [B, T, H, V], state)``.
@@ -91,11 +94,23 @@ def titans_memory(q, k, v, theta, eta, alpha, weights, *, initial_state=None, ou
         initial_state=initial_state,
         output_final_state=output_final_state,
         valid=valid,
+        max_grad_norm=max_grad_norm,
     )
 
 
 def chunk_titans_memory(
-    q, k, v, theta, eta, alpha, weights, *, chunk_size: int = 16, initial_state=None, output_final_state=False
+    q,
+    k,
+    v,
+    theta,
+    eta,
+    alpha,
+    weights,
+    *,
+    chunk_size: int = 16,
+    initial_state=None,
+    output_final_state=False,
+    max_grad_norm=None,
 ):
     """Chunked Titans memory (gradients at each chunk's start memory; momentum and decay as scans).
     ``chunk_size=1`` equals :func:`titans_memory`; larger chunks approximate it.
@@ -119,10 +134,11 @@ def chunk_titans_memory(
         chunk_size=chunk_size,
         initial_state=initial_state,
         output_final_state=output_final_state,
+        max_grad_norm=max_grad_norm,
     )
 
 
-def step_titans_memory(q, k, v, theta, eta, alpha, state, *, chunk_size: int = 1):
+def step_titans_memory(q, k, v, theta, eta, alpha, state, *, chunk_size: int = 1, max_grad_norm=None):
     """One decoding step (``T = 1``) from ``state``; returns ``(y [B, 1, H, V], new state)``. With
     ``chunk_size > 1`` the step continues the chunk grid of :func:`chunk_titans_memory` (its gradient at
     the current chunk's start memory), so steps after a chunked prefill equal one chunked call.
@@ -141,7 +157,17 @@ def step_titans_memory(q, k, v, theta, eta, alpha, state, *, chunk_size: int = 1
         raise ValueError("state must be the state of a previous call (a dict with 'A', 'S', ...), got None")
     weights = [a[0] for a in state["A"]]  # shapes only: the state replaces them
     return reference_neural_memory(
-        q, k, v, theta, eta, alpha, weights, initial_state=state, output_final_state=True, chunk_size=chunk_size
+        q,
+        k,
+        v,
+        theta,
+        eta,
+        alpha,
+        weights,
+        initial_state=state,
+        output_final_state=True,
+        chunk_size=chunk_size,
+        max_grad_norm=max_grad_norm,
     )
 
 
@@ -161,6 +187,8 @@ class NeuralMemory(nn.Module):
     full forward exactly. ``chunk_size=1`` is the exact token-by-token rule. Invalid (``valid`` False)
     tokens are identity steps and do not advance the grid. ``fast`` picks the chunk form (None: the
     factored one where it applies; False: the materialized one, the same numbers, for comparisons).
+    ``max_grad_norm`` (None: off) clips each token's memory gradient to that norm, which keeps a memory
+    with a large step size and momentum finite at any length.
 
     Example::
 
@@ -189,6 +217,7 @@ class NeuralMemory(nn.Module):
         theta_max: float = 0.1,
         chunk_size: int = 16,
         fast: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         super().__init__()
         check_positive_int("heads", heads)
@@ -196,8 +225,11 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         check_positive_int("chunk_size", chunk_size)
         check_positive_int("feature_degree", feature_degree)
+        if max_grad_norm is not None:
+            check_float("max_grad_norm", max_grad_norm, 0.0, float("inf"), lo_open=True)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.opts = dict(loss=loss, p=p, retention=retention, q_exp=q_exp, window=window, muon=muon)
+        self.opts.update(max_grad_norm=max_grad_norm)
         self.feature_degree, self.momentum = feature_degree, momentum
         self.theta_max, self.chunk_size, self.fast = theta_max, chunk_size, fast
         fdim = self.head_dim * feature_degree
