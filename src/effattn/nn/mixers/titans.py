@@ -137,9 +137,12 @@ class PersistentWindowAttention(Attention):
         q, k, v = self._project(x, pos, rotate=False)
         qr, kr = (q, k) if self.rope is None else (self.rope.apply(q, pos), self.rope.apply(k, pos))
         kv = cache.update(kr, v, valid=valid, q=qr)
-        common = dict(softcap=self.softcap, backend=self.backend, return_lse=True)
-        o, lse = cached_attention(qr, kv.k, kv.v, kv, causal=True, window=self.window, **common)
-        if persistent is not None:
+        common = dict(softcap=self.softcap, backend=self.backend)
+        if persistent is None:  # plain sliding-window attention, the same call as Attention's
+            o = cached_attention(qr, kv.k, kv.v, kv, causal=True, window=self.window, **common)
+        else:
+            common["return_lse"] = True
+            o, lse = cached_attention(qr, kv.k, kv.v, kv, causal=True, window=self.window, **common)
             pk, pv = persistent
             op, lse_p = attention(q, pk.expand(B, *pk.shape), pv.expand(B, *pv.shape), **common)
             o, _ = merge_attention_states([o, op.to(o.dtype)], [lse, lse_p])
