@@ -179,3 +179,22 @@ def test_bad_state_names_what_is_expected():
     _, (ms, cache, _) = mixer(torch.randn(1, 3, 16))
     with pytest.raises(ValueError, match="persistent K/V"):
         mixer(torch.randn(1, 1, 16), (ms, cache))
+
+
+def test_lm_with_persistent_prefix_decodes_as_it_runs_whole():
+    from effattn.nn import LM, LMConfig
+
+    torch.manual_seed(7)
+    kw = dict(window=3, depth=1, chunk_size=4, num_persistent=2)
+    cfg = LMConfig(vocab_size=32, dim=16, n_layers=2, heads=2, mixers="titans_mal,titans_mag")
+    cfg.mixer_kwargs = {"titans_mal": kw, "titans_mag": kw}
+    lm = LM(cfg).eval()
+    ids = torch.randint(0, 32, (2, 15))
+    with torch.no_grad():
+        full, _ = lm(ids)
+        outs, st = [], None
+        for a, b in ((0, 6), (6, 7), (7, 8), (8, 15)):
+            y, st = lm(ids[:, a:b], st)
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert lm.state_size(15, batch=2) == state_nbytes(st)
