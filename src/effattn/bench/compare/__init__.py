@@ -30,7 +30,8 @@ for a GPU; long: LRA length, 64k tokens, MQAR at Zoology's sizes and learning-ra
 A mechanism that fails is reported with its error in the tables and the run goes on. Output: tables
 on the terminal (``rich`` where installed, plain text otherwise) and a report folder (default
 ``bench_out/compare``) with ``report.md``, ``results.json`` and PNG plots (speed-up over SDPA, time and
-memory vs length, one panel per family; recall vs state size).
+memory vs length, one panel per family; recall vs state size). ``--rerender RESULTS_JSON`` writes a stored
+report again from its runs, without training (:mod:`effattn.bench.compare.rerender`).
 """
 
 # the package: config (sizes, presets, options), speed, recall, listops (the three sections), report
@@ -70,6 +71,7 @@ from effattn.bench.compare.report import (
     write_plots,
     write_report,
 )
+from effattn.bench.compare.rerender import config_from_results, rerender_report
 from effattn.bench.compare.speed import (
     EXTERNAL_LABELS,
     SpeedMechanism,
@@ -85,12 +87,14 @@ from effattn.bench.compare.speed_report import (
     speed_terminal_rows,
 )
 from effattn.bench.compare.sweep import (
+    LEFT_CHANCE_FRACTION,
     RecallRun,
     aggregate_runs,
     chance_row,
     classify,
     learning_rates,
     left_chance,
+    left_chance_threshold,
     seeds,
     sweep_runs,
     train_kwargs,
@@ -100,6 +104,7 @@ from effattn.bench.table import print_table
 __all__ = [
     "DEFAULT_LISTOPS_MIXERS",
     "EXTERNAL_LABELS",
+    "LEFT_CHANCE_FRACTION",
     "LISTOPS_COLUMNS",
     "PRESETS",
     "RECALL_COLUMNS",
@@ -117,12 +122,14 @@ __all__ = [
     "chance_row",
     "classify",
     "config_from_args",
+    "config_from_results",
     "external_baselines",
     "external_row",
     "guard",
     "heads_for",
     "learning_rates",
     "left_chance",
+    "left_chance_threshold",
     "main",
     "make_config",
     "mixer_names",
@@ -130,6 +137,7 @@ __all__ = [
     "print_table",
     "recall_columns",
     "recall_trend",
+    "rerender_report",
     "run_compare",
     "run_listops",
     "run_lra",
@@ -209,6 +217,9 @@ def run_compare(cfg: CompareConfig) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     """``effattn compare`` with the parsed options of :func:`add_arguments`."""
+    if getattr(args, "rerender", None):  # no training: the report again from a stored results.json
+        print(f"report: {rerender_report(args.rerender, args.out)}", flush=True)
+        return
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     run_compare(config_from_args(args))

@@ -328,9 +328,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         type=str,
-        default="bench_out/compare",
+        default=None,
         metavar="DIR",
-        help="report folder: report.md, results.json and PNG plots are written there (default: %(default)s)",
+        help=f"report folder: report.md, results.json and PNG plots are written there (default: {CompareConfig.out}; "
+        "with --rerender: the folder of RESULTS_JSON)",
+    )
+    p.add_argument(
+        "--rerender",
+        type=str,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="train nothing: write the report of a stored run (its results.json) again, the recall cells and "
+        "verdicts recomputed from its stored runs by this version's rules; the other options are ignored",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every training and input (default: %(default)s)")
     p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
@@ -401,7 +410,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """The :class:`CompareConfig` of parsed options: the preset's sizes with the options given (bad values exit)."""
     preset = "full" if args.full else args.preset
-    over: dict = {"device": args.device, "out": args.out, "seed": args.seed, "backward": not args.forward_only}
+    over: dict = {
+        "device": args.device,
+        "out": args.out or CompareConfig.out,
+        "seed": args.seed,
+        "backward": not args.forward_only,
+    }
     if args.only:
         over["only"] = tuple(s.strip() for s in args.only.split(",") if s.strip())
         bad = set(over["only"]) - set(SECTIONS)

@@ -10,7 +10,16 @@ from effattn.bench import harness
 from effattn.bench.compare.config import CompareConfig, pair_counts
 from effattn.bench.compare.plot_style import draw_dodged, series_style
 from effattn.bench.compare.speed_report import speed_advice, speed_plots, speed_section
-from effattn.bench.compare.sweep import LEFT_CHANCE, SOLVED, aggregate_runs, chance_row, learning_rates, seeds
+from effattn.bench.compare.sweep import (
+    FALLS_BY,
+    LEFT_CHANCE_FRACTION,
+    SOLVED,
+    aggregate_runs,
+    chance_row,
+    learning_rates,
+    left_chance_threshold,
+    seeds,
+)
 from effattn.bench.table import Column
 
 RECALL_COLUMNS = ("mixer", "dim", "head_dim", "state_bytes", "params", "accuracy", "train_s", "final_loss", "error")
@@ -203,6 +212,18 @@ def write_plots(
             ax.axhline(
                 1.0 / n, color="firebrick", linewidth=0.8, linestyle="--", label="chance (1/n)" * (ax is axes[0][-1])
             )
+            bar = left_chance_threshold(n)
+            ax.axhline(bar, color="firebrick", linewidth=0.6, linestyle=":", alpha=0.8)
+            ax.text(
+                0.01,
+                bar + 0.01,
+                f"left chance >= {bar:.2f}",
+                transform=ax.get_yaxis_transform(),
+                ha="left",
+                va="bottom",
+                fontsize=7,
+                color="firebrick",
+            )
             ax.text(
                 0.01,
                 1.0 / n - 0.01,
@@ -219,7 +240,7 @@ def write_plots(
     what = f"; points labelled with the {what}" if len(panels) > 1 and what else ""
     spread = (
         "\nmedian over seeds of the best run over learning rates; bars: min and max over seeds"
-        if any("accuracy_lo" in r for r in pts)
+        if any("accuracy_lo" in r and (r.get("seeds") or 2) > 1 for r in pts)  # one seed: no spread to show
         else ""
     )
     if pts:
@@ -278,10 +299,14 @@ def recall_section(cfg: CompareConfig, rows: list[dict], runs: list[dict], plots
         "state_bytes = LM.state_size(1, T).",
         "",
         f"Chance (first row) is 1/n at n pairs: a model that outputs one of the n values of its context without "
-        f"binding it to its key. left_chance: runs of the cell whose accuracy exceeded chance by {LEFT_CHANCE} at "
-        f"some pair count. Verdict: solved (median >= {SOLVED} at every pair count); optimisation-limited (no run, "
-        "at any learning rate or seed, left chance); state-limited (the median left chance, falls with the pairs, "
-        "and a larger state of the same mixer is solved); unsettled otherwise (the reason in brackets).",
+        f"binding it to its key. A run left chance where its accuracy at some pair count n reached 1/n + "
+        f"{LEFT_CHANCE_FRACTION:g} x (1 - 1/n), {LEFT_CHANCE_FRACTION:g} of the way from chance to perfect ("
+        + ", ".join(f"{left_chance_threshold(p):.3g} at {p}" for p in pairs)
+        + " pairs; a run that binds nothing plateaus a little above 1/n, below this); left_chance: how many runs "
+        f"of the cell did. Verdict: solved (median >= {SOLVED} at every pair count); optimisation-limited (no run, "
+        "at any learning rate or seed, left chance); state-limited (the median left chance, falls with the pairs "
+        f"by >= {FALLS_BY:g} from the fewest to the most, and a larger state of the same mixer is solved); "
+        "unsettled otherwise (the reason in brackets).",
         "",
         harness.format_markdown_table(table_rows, columns),
         "",
@@ -321,6 +346,11 @@ def write_report(cfg: CompareConfig, results: dict) -> Path:
         "# effattn compare: which attention for my length and memory budget?",
         "",
         f"Command: `{meta['command']}`  ",
+    ]
+    if meta.get("rerendered"):  # a report written again from its stored runs (bench.compare.rerender)
+        again = meta["rerendered"]
+        md.append(f"Re-rendered {again['at']} with `{again['command']}`: {again['what']}.  ")
+    md += [
         f"Preset: {cfg.preset}; sections: {', '.join(cfg.only)}; wall time {meta.get('wall_s', 0):.0f} s  ",
         "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()),
         "",

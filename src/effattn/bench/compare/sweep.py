@@ -9,9 +9,9 @@ over seeds with their minimum and maximum (the spread), the learning rates that 
 
 - ``solved``: the median accuracy is >= 0.9 at every pair count;
 - ``optimisation-limited``: no run of the cell (any learning rate, any seed) left chance, where a run
-  leaves chance when its accuracy exceeds chance (``1 / n`` for ``n`` pairs: the share of a model that
-  outputs one of the ``n`` values in its context without binding it to the key) by at least 0.1 at some
-  pair count;
+  leaves chance when, at some pair count ``n``, its accuracy has climbed a quarter of the way from chance
+  (``1 / n``: the share of a model that outputs one of the ``n`` values in its context without binding it
+  to the key) to perfect (:func:`left_chance_threshold`: 0.625 / 0.44 / 0.34 at 2 / 4 / 8 pairs);
 - ``state-limited``: not solved, but the median run left chance, its accuracy falls with the pairs (by
   at least 0.1 from the fewest to the most), and a cell of the same mixer with a larger state is solved
   (accuracy falls with the pairs at this state and recovers with more state);
@@ -41,10 +41,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
+from effattn._checks import check_float, check_positive_int
 from effattn.bench.compare.config import CompareConfig, guard, heads_for
 
 SOLVED = 0.9  # median accuracy at every pair count for "solved"
-LEFT_CHANCE = 0.1  # accuracy above 1 / pairs by this much at some pair count: the run left chance
+# a run left chance where it closed this share of the room between chance (1 / pairs) and perfect at some pair
+# count (left_chance_threshold says why a quarter)
+LEFT_CHANCE_FRACTION = 0.25
+FALLS_BY = 0.1  # state-limited: the median's accuracy drops at least this much from the fewest to the most pairs
 SEED_STRIDE = 100  # seeds k of a run are seed + 100 k: their train/test seeds (seed + i, + 10000 + i) never meet
 
 
@@ -176,9 +180,42 @@ def chance_row(pairs: Sequence[int]) -> dict:
     return row
 
 
+def left_chance_threshold(pairs: int, fraction: float = LEFT_CHANCE_FRACTION) -> float:
+    """The accuracy from which an MQAR run with ``pairs`` key-value pairs has left chance.
+
+    ``threshold(n) = c + fraction * (1 - c)`` with chance ``c = 1 / n`` (a model that outputs one of the
+    ``n`` values of its context without binding it to its key): the run has climbed ``fraction`` of the
+    way from chance to perfect recall (``fraction`` 0.25: 0.625 / 0.4375 / 0.34375 at 2 / 4 / 8 pairs).
+    MQAR is the task of Arora et al., "Zoology: Measuring and Improving Recall in Efficient Language
+    Models" (2023); this rule is ours.
+
+    Why a share of the room above chance and why a quarter: a run that learns no binding does not sit at
+    ``1 / n`` but on a plateau a little above it: 0.47-0.57 / 0.25-0.37 / 0.12-0.27 at 2 / 4 / 8 pairs in
+    the committed 3-seed sweeps (``docs/results/compare_state_3seeds``, ``compare_state_claims``,
+    ``compare_state_sweep``), at most 0.16 of the room above chance, so a fixed margin (the rule before:
+    ``1 / n + 0.1``, 0.225 at 8 pairs) counted plateau runs as learning. The sweeps' runs that learned
+    some binding reach 0.43 of the room or more; nothing lies between 0.16 and 0.43 (the widest gap of
+    the sorted gains). A quarter sits in that gap, nearer the plateau so that a run starting to learn
+    counts. ``docs/results/compare_verdict_rule/distribution.md`` tabulates every stored run, with the
+    few single-seed runs that fall inside the gap.
+
+    Example::
+
+        >>> [left_chance_threshold(n) for n in (2, 4, 8)]
+        [0.625, 0.4375, 0.34375]
+        >>> left_chance_threshold(8, fraction=0.5)  # halfway from 1/8 to 1
+        0.5625
+    """
+    n = check_positive_int("pairs", pairs)
+    f = check_float("fraction", fraction, 0.0, 1.0, lo_open=True)
+    chance = 1.0 / n
+    return chance + f * (1.0 - chance)
+
+
 def left_chance(run: dict, pairs: Sequence[int]) -> bool:
-    """Whether a run's accuracy exceeds chance (``1 / n``) by :data:`LEFT_CHANCE` at some pair count."""
-    return any(run.get(f"acc@{p}") is not None and run[f"acc@{p}"] >= 1.0 / p + LEFT_CHANCE for p in pairs)
+    """Whether a run (``acc@n`` keys) left chance: its accuracy reaches :func:`left_chance_threshold` at some
+    pair count of ``pairs`` (a pair count the run lacks does not count)."""
+    return any(run.get(f"acc@{p}") is not None and run[f"acc@{p}"] >= left_chance_threshold(p) for p in pairs)
 
 
 def _mean_acc(run: dict, pairs: Sequence[int]) -> float | None:
@@ -257,7 +294,7 @@ def classify(rows: list[dict], pairs: Sequence[int]) -> None:
                 if o["mixer"] == r["mixer"] and "error" not in o and (o["state_bytes"] or 0) > (r["state_bytes"] or 0)
             ]
             median_left = left_chance(r, pairs)
-            falls = len(pairs) == 1 or r[f"acc@{pairs[0]}"] - r[f"acc@{pairs[-1]}"] >= LEFT_CHANCE
+            falls = len(pairs) == 1 or r[f"acc@{pairs[0]}"] - r[f"acc@{pairs[-1]}"] >= FALLS_BY
             if median_left and falls and any(solved(o) for o in larger):
                 r["verdict"] = "state-limited"
             elif not all(r["_winners_left"]) and any(r["_winners_left"]):
