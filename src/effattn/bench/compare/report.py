@@ -217,7 +217,7 @@ def write_plots(
             ax.text(
                 0.01,
                 bar + 0.01,
-                f"left chance >= {bar:.2f}",
+                f"left chance >= {bar:.3g}",
                 transform=ax.get_yaxis_transform(),
                 ha="left",
                 va="bottom",
