@@ -32,7 +32,7 @@ from effattn.exact.masks import (
     window_bounds,
 )
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
-from effattn.exact.reference import MAX_DENSE_ELEMENTS, reference_attention
+from effattn.exact.reference import MAX_DENSE_ELEMENTS, compute_dtype, reference_attention
 from effattn.exact.tiled import ScoreCount, count_scores, tiled_attention
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "causal_mask",
     "check_mod_signature",
     "compose_score_mods",
+    "compute_dtype",
     "count_scores",
     "create_block_mask",
     "decode_attention",

@@ -20,6 +20,7 @@ from effattn._checks import check_cache_seqlens, check_positive_int, check_qkv, 
 from effattn.exact.lean import lean_decode_attention
 from effattn.exact.masks import window_bounds
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
+from effattn.exact.reference import compute_dtype
 from effattn.exact.triton_kernels.decode import triton_decode_attention
 
 
@@ -31,7 +32,8 @@ def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
             over its own keys.
         lses: ``[S, B, H, T]`` (or a sequence) log-sum-exps of the parts; ``-inf`` marks an empty part.
     Returns ``(o [B, T, H, D_v], lse [B, H, T])``; rows empty in every part give ``o = 0, lse = -inf``;
-    a row whose lse is NaN in some part (it saw a non-finite key) is NaN, with no gradient.
+    a row whose lse is NaN in some part (it saw a non-finite key) is NaN, with no gradient. Computed in
+    ``compute_dtype(outs.dtype)`` (float32, or float64 for float64 ``outs``), the dtype of the returned lse.
 
     Example::
 
@@ -46,7 +48,7 @@ def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     S, B, T, H, _ = outs.shape
     if tuple(lses.shape) != (S, B, H, T):
         raise ValueError(f"lses must have shape [parts, batch, heads, seq] = {(S, B, H, T)}, got {tuple(lses.shape)}")
-    lses = lses.float()
+    lses = lses.to(compute_dtype(outs.dtype))
     # a part whose row saw a non-finite key is NaN there (effattn.exact.nonfinite): the merged row is NaN
     # too, and constant, so no NaN weight multiplies a zero gradient on the way back
     poisoned = torch.isnan(lses).any(0)  # [B, H, T]
@@ -57,7 +59,7 @@ def merge_attention_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.logsumexp(lses.masked_fill(empty, 0.0), dim=0).masked_fill(empty, float("-inf"))  # [B, H, T]
     lse_safe = lse.masked_fill(empty, 0.0)
     w = torch.exp(lses - lse_safe)  # [S, B, H, T]; empty parts weigh 0
-    o = (outs.float() * w.permute(0, 1, 3, 2)[..., None]).sum(0)
+    o = (outs.to(lses.dtype) * w.permute(0, 1, 3, 2)[..., None]).sum(0)
     o, lse = poison_rows(o, lse, poisoned.transpose(1, 2))
     return o.to(outs.dtype), lse
 
@@ -130,9 +132,10 @@ def decode_attention(
     bad = nonfinite_keys(k_used, v_used)  # garbage in unused slots is normal: see effattn.exact.nonfinite
     if bad is not None:
         k_used, v_used = zero_keys(k_used, v_used, bad)
-    kc = torch.nn.functional.pad(k_used.float(), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, D)
-    vc = torch.nn.functional.pad(v_used.float(), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, Dv)
-    qf = q.float().view(B, Tn, Hkv, G, D)
+    cd = compute_dtype(q.dtype)  # float32, or float64 for float64 input
+    kc = torch.nn.functional.pad(k_used.to(cd), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, D)
+    vc = torch.nn.functional.pad(v_used.to(cd), (0, 0, 0, 0, 0, pad)).view(B, S, chunk, Hkv, Dv)
+    qf = q.to(cd).view(B, Tn, Hkv, G, D)
     s = torch.einsum("bthgd,bschd->bshgtc", qf, kc) * scale  # [B, S, Hkv, G, Tn, chunk]
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
@@ -149,7 +152,7 @@ def decode_attention(
     lses = lse_s.reshape(B, S, Hq, Tn).permute(1, 0, 2, 3)
     if sinks is not None:  # the sink is one more part: an empty value with logit sink_h
         outs = torch.cat([outs, torch.zeros_like(outs[:1])])
-        lses = torch.cat([lses, sinks.float().view(1, 1, Hq, 1).expand(1, B, Hq, Tn)])
+        lses = torch.cat([lses, sinks.to(cd).view(1, 1, Hq, 1).expand(1, B, Hq, Tn)])
     o, lse = merge_attention_states(outs, lses)
     if bad is not None:  # rows whose window holds a non-finite key or value
         bad_c = torch.nn.functional.pad(bad, (0, 0, 0, pad)).view(B, S, chunk, Hkv).permute(0, 1, 3, 2)

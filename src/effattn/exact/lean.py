@@ -34,6 +34,7 @@ import torch
 
 from effattn._checks import check_cache_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
 from effattn.exact.masks import window_bounds
+from effattn.exact.reference import compute_dtype
 
 __all__ = ["lean_decode_attention", "lean_schedule"]
 
@@ -183,17 +184,18 @@ def lean_decode_attention(
     seg_row = torch.empty(n_seg, dtype=torch.long, device=dev)
     seg_row[seg[last]] = row[last]
 
-    qf = q.float().view(B, Tn, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B * Hkv, R, D)
+    cd = compute_dtype(q.dtype)  # float32, or float64 for float64 input
+    qf = q.to(cd).view(B, Tn, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B * Hkv, R, D)
     qpos = (lens.view(B, 1) - Tn + torch.arange(Tn, device=dev)).repeat_interleave(Hkv, 0)  # [BH, Tn]
     slopes = None
     if alibi_slopes is not None:
-        slopes = alibi_slopes.float().to(dev).view(Hkv, G).repeat(B, Tn)  # [BH, R], t-major rows
-    m = torch.full((W, R), float("-inf"), device=dev)
-    l_sum = torch.zeros(W, R, device=dev)
-    acc = torch.zeros(W, R, Dv, device=dev)
+        slopes = alibi_slopes.to(dev, cd).view(Hkv, G).repeat(B, Tn)  # [BH, R], t-major rows
+    m = torch.full((W, R), float("-inf"), device=dev, dtype=cd)
+    l_sum = torch.zeros(W, R, device=dev, dtype=cd)
+    acc = torch.zeros(W, R, Dv, device=dev, dtype=cd)
     poisoned = torch.zeros(W, R, dtype=torch.bool, device=dev)
-    part_o = torch.zeros(n_seg, R, Dv, device=dev)
-    part_lse = torch.full((n_seg, R), float("-inf"), device=dev)
+    part_o = torch.zeros(n_seg, R, Dv, device=dev, dtype=cd)
+    part_lse = torch.full((n_seg, R), float("-inf"), device=dev, dtype=cd)
     part_bad = torch.zeros(n_seg, R, dtype=torch.bool, device=dev)
     ar = torch.arange(C, device=dev)
     table = block_table.to(dev).long() if paged else None
@@ -220,7 +222,7 @@ def lean_decode_attention(
             start = own.clamp(max=Tmax - C)  # the last tile is read from T_max - C: its overlap is masked
             kpos = start[:, None] + ar
             kt, vt = k_win[b, start, h], v_win[b, start, h]
-        kt, vt = kt.float(), vt.float()  # [W, C, D], [W, C, Dv]: one tile per worker
+        kt, vt = kt.to(cd), vt.to(cd)  # [W, C, D], [W, C, Dv]: one tile per worker
         qp = qpos[r]  # [W, Tn]
         dist = qp[:, :, None] - kpos[:, None, :]  # [W, Tn, C]
         ok = (dist >= 0) & (kpos[:, None, :] < hi[r, None, None]) & on[:, None, None]
@@ -236,7 +238,7 @@ def lean_decode_attention(
         if softcap is not None:
             sc = softcap * torch.tanh(sc / softcap)
         if slopes is not None:
-            sc = sc - slopes[r][..., None] * dist.repeat_interleave(G, 1).float()
+            sc = sc - slopes[r][..., None] * dist.repeat_interleave(G, 1).to(cd)
         sc = sc.masked_fill(~ok, float("-inf"))
         m_new = torch.maximum(m, sc.amax(-1))
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
@@ -264,19 +266,21 @@ def lean_decode_attention(
 def _fix_up(part_o, part_lse, part_bad, seg_row, rows, sinks, Hkv, G, Tn):
     """Merge each row's partials by their log-sum-exps (plus the sink logit): ``o [rows, R, D_v]``, ``lse``."""
     R = part_lse.shape[1]
-    m = torch.full((rows, R), float("-inf"), device=part_lse.device)
+    m = torch.full((rows, R), float("-inf"), device=part_lse.device, dtype=part_lse.dtype)
     m = m.scatter_reduce(0, seg_row[:, None].expand(-1, R), part_lse, "amax")
     sink = None
     if sinks is not None:  # [Hq] -> [rows, R]
-        sink = sinks.float().to(m.device).view(Hkv, G).repeat(rows // Hkv, Tn)
+        sink = sinks.to(m.device, m.dtype).view(Hkv, G).repeat(rows // Hkv, Tn)
         m = torch.maximum(m, sink)
     m_safe = m.masked_fill(m == float("-inf"), 0.0)
     w = torch.exp(part_lse - m_safe[seg_row])  # [n_seg, R]
     den = torch.zeros_like(m).index_add(0, seg_row, w)
-    num = torch.zeros(rows, R, part_o.shape[-1], device=m.device).index_add(0, seg_row, part_o * w[..., None])
+    num = torch.zeros(rows, R, part_o.shape[-1], device=m.device, dtype=m.dtype).index_add(
+        0, seg_row, part_o * w[..., None]
+    )
     if sink is not None:
         den = den + torch.exp(sink - m_safe)
     o = num / den.clamp(min=1e-30)[..., None]
     lse = torch.where(den > 0, m_safe + den.clamp(min=1e-30).log(), float("-inf"))
-    bad = torch.zeros_like(m).index_add(0, seg_row, part_bad.float()) > 0
+    bad = torch.zeros_like(m).index_add(0, seg_row, part_bad.to(m.dtype)) > 0
     return o.masked_fill(bad[..., None], float("nan")), lse.masked_fill(bad, float("nan"))

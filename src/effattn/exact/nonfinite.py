@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from effattn.exact.reference import compute_dtype
+
 __all__ = ["nonfinite_keys", "zero_keys", "poison_rows"]
 
 
@@ -35,8 +37,10 @@ def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         True
     """
     # fast path: one reduction per tensor (a NaN or inf makes the sum non-finite; a finite sum proves every
-    # entry finite); only a non-finite sum (or a float32 overflow of huge finite values) pays the exact test
-    if bool(torch.isfinite(k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32))):
+    # entry finite); only a non-finite sum (or an overflow of huge finite values) pays the exact test. The sum
+    # is in the compute dtype (float32, float64 for float64 input): no float32 copy of a float64 cache
+    cd = compute_dtype(k.dtype)
+    if bool(torch.isfinite(k.sum(dtype=cd) + v.sum(dtype=cd))):
         return None
     bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
     return bad if bool(bad.any()) else None

@@ -5,6 +5,8 @@
     O = exp(S - lse) v
 
 Memory is ``O(B * H * T_q * T_k)``: above ``max_elements`` it raises and names the tiled backend.
+It computes in ``compute_dtype(q.dtype)``: float32 for half, bfloat16 and float32 inputs, float64 for
+float64 (a float64 call is float64 end to end, so ``torch.autograd.gradcheck`` applies).
 """
 
 from __future__ import annotations
@@ -14,6 +16,21 @@ import torch
 from effattn._checks import check_qkv
 
 MAX_DENSE_ELEMENTS = 2**27
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype exact attention computes in for inputs of ``dtype``: ``promote_types(dtype, float32)``.
+
+    Low precision (float16, bfloat16) is upcast to float32 as FlashAttention accumulates ("FlashAttention:
+    Fast and Memory-Efficient Exact Attention with IO-Awareness", Dao et al. 2022); float64 stays float64.
+    The log-sum-exp an exact path returns has this dtype too.
+
+    Example::
+
+        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float32), compute_dtype(torch.float64)
+        (torch.float32, torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
 
 
 def reference_attention(
@@ -28,15 +45,16 @@ def reference_attention(
     upcast: bool = True,
     max_elements: int = MAX_DENSE_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o [B, T_q, H, D_v], lse [B, H, T_q])`` computed densely; float32 unless ``upcast=False``
-    (then in the input dtype: the low-precision reference of the FlashAttention test rule)."""
+    """``(o [B, T_q, H, D_v], lse [B, H, T_q])`` computed densely in :func:`compute_dtype` (float32, or
+    float64 for float64 input); with ``upcast=False`` in the input dtype (the low-precision reference of
+    the FlashAttention test rule). ``lse`` is returned in :func:`compute_dtype` either way."""
     B, Tq, Tk, Hq, Hkv, D, Dv = check_qkv(q, k, v)
     if B * Hq * Tq * Tk > max_elements:
         raise ValueError(
             f"the reference backend would materialize a {B}x{Hq}x{Tq}x{Tk} score matrix "
             f"(> {max_elements} elements); use backend='tiled' (O(T) memory) or 'auto'"
         )
-    dtype = torch.float32 if upcast else q.dtype
+    dtype = compute_dtype(q.dtype) if upcast else q.dtype
     G = Hq // Hkv
     qf = q.to(dtype).transpose(1, 2)
     kf = k.to(dtype).repeat_interleave(G, dim=2).transpose(1, 2)
@@ -59,4 +77,4 @@ def reference_attention(
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - lse_safe[..., None])
     o = p @ vf
-    return o.transpose(1, 2).to(q.dtype), lse.float()
+    return o.transpose(1, 2).to(q.dtype), lse.to(compute_dtype(q.dtype))

@@ -23,7 +23,9 @@ blocks are gathered into one ``[rows, cols]`` score tile per query block, all he
 tile budget (``TILE_ELEMENTS``) bounds its size. A per-batch or per-head block mask (the sparse
 selectors') gives every (batch, head, query block) its own key list; those are scheduled as items
 sorted by list length, with each list's full tiles before its partial ones, so a step pads little
-and its masked tiles share a few trailing slots. Everything is computed in float32.
+and its masked tiles share a few trailing slots. Everything is computed in ``compute_dtype(q.dtype)``
+(:func:`effattn.exact.reference.compute_dtype`): float32 for float16, bfloat16 and float32 inputs, float64
+for float64 inputs, forward and backward; the returned log-sum-exp has that dtype.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from effattn.exact.block_mask import BlockMask
+from effattn.exact.reference import compute_dtype
 
-TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32)
+TILE_ELEMENTS = 2**21  # score elements per step (8 MB in float32, 16 MB in float64)
 # exp() of inputs below about -87 (underflow, -inf) takes a slow path on the CPU, several times slower than
 # in range; in tiles with masked entries, scores minus the row max are clamped first (e^-80 ~ 2e-35 next to
 # the row max's 1 is nothing) and the masked entries are zeroed after the exp, so they stay exactly zero
@@ -100,6 +103,7 @@ class _Layout:
         self.nq, self.nk = bm.num_q_blocks, bm.num_kv_blocks
         self.R = self.Geff * self.BQ
         self.device = q.device
+        self.dtype = compute_dtype(q.dtype)  # every float buffer of the forward and backward
         dev = q.device
         r = torch.arange(self.R, device=dev)
         # index tensors broadcastable against a score tile [B, W, g, R, cols]
@@ -123,14 +127,14 @@ class _Layout:
 
     def from_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, W, nq, R, E] -> [B, Tq, Hq, E]`` (inverse of :meth:`q_rows`), in one copy."""
-        out = torch.empty(self.B, self.nq * self.BQ, self.Hq, x.shape[-1], device=self.device)
+        out = torch.empty(self.B, self.nq * self.BQ, self.Hq, x.shape[-1], device=self.device, dtype=self.dtype)
         self.rows_view(out).copy_(x.view(self.B, self.W, self.nq, self.Geff, self.BQ, x.shape[-1]))
         return out[:, : self.Tq]
 
     def q_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, Tq, Hq, E] -> [B, W, nq, R, E]`` float32, zero-padded, in one copy."""
+        """``[B, Tq, Hq, E] -> [B, W, nq, R, E]`` in the compute dtype, zero-padded, in one copy."""
         E = x.shape[-1]
-        dest = torch.zeros(self.B, self.W, self.nq, self.Geff, self.BQ, E, device=self.device)
+        dest = torch.zeros(self.B, self.W, self.nq, self.Geff, self.BQ, E, device=self.device, dtype=self.dtype)
         _copy_padded(dest.permute(0, 2, 4, 1, 3, 5), x.reshape(self.B, self.Tq, self.W, self.Geff, E), self.BQ)
         return dest.view(self.B, self.W, self.nq, self.R, E)
 
@@ -146,10 +150,12 @@ class _Layout:
         return x.reshape(self.B, self.W, self.nq, self.R)
 
     def kv_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, Tk, Hkv, E] -> [B * W * nk, BK, E]`` float32, zero-padded, in one copy (key heads repeated
-        for a per-head mask)."""
+        """``[B, Tk, Hkv, E] -> [B * W * nk, BK, E]`` in the compute dtype, zero-padded, in one copy (key heads
+        repeated for a per-head mask)."""
         E = x.shape[-1]
-        dest = torch.zeros(self.B, self.Hkv, self.W // self.Hkv, self.nk * self.BK, E, device=self.device)
+        dest = torch.zeros(
+            self.B, self.Hkv, self.W // self.Hkv, self.nk * self.BK, E, device=self.device, dtype=self.dtype
+        )
         src = x.permute(0, 2, 1, 3).unsqueeze(2).expand(self.B, self.Hkv, self.W // self.Hkv, self.Tk, E)
         dest[:, :, :, : self.Tk].copy_(src)
         return dest.view(self.B * self.W * self.nk, self.BK, E)
@@ -171,8 +177,8 @@ class _Workspace:
     sizeable fraction of the matmul time.
     """
 
-    def __init__(self, device):
-        self.device, self.buffers = device, {}
+    def __init__(self, device, dtype: torch.dtype):
+        self.device, self.dtype, self.buffers = device, dtype, {}
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         n = 1
@@ -180,7 +186,7 @@ class _Workspace:
             n *= d
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n:
-            buf = self.buffers[name] = torch.empty(n, device=self.device)
+            buf = self.buffers[name] = torch.empty(n, device=self.device, dtype=self.dtype)
         return buf[:n].view(shape)
 
 
@@ -527,27 +533,29 @@ def _masked_exp(x: torch.Tensor, mask: _TileMask | None) -> torch.Tensor:
 
 def _sink_rows(sinks: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """Learned sink logit per row: ``[1, W, 1, R]``."""
-    return sinks.float()[lay.row_heads].view(1, lay.W, 1, lay.R)
+    return sinks.to(lay.dtype)[lay.row_heads].view(1, lay.W, 1, lay.R)
 
 
 def tiled_forward(q, k, v, plan: _Plan, sinks=None, kept: list | None = None):
-    """Returns ``(o [B, Tq, Hq, Dv] float32, lse [B, Hq, Tq] float32)``; see the module docstring.
+    """Returns ``(o [B, Tq, Hq, Dv], lse [B, Hq, Tq])`` in the compute dtype; see the module docstring.
 
     With a list ``kept``, each step appends ``(P~, m)``: its probability tile relative to the running row
     max ``m`` (``P = P~ * exp(m - lse)``), for :func:`tiled_backward` to use instead of recomputing it."""
     lay = plan.lay
     q_r = lay.q_rows(q).mul_(plan.scale)  # the scale folded into q: one pass over q, not over every tile
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
-    o_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.Dv, device=lay.device)
-    lse_r = torch.full((lay.B, lay.W, lay.nq, lay.R), float("-inf"), device=lay.device)
+    o_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.Dv, device=lay.device, dtype=lay.dtype)
+    lse_r = torch.full((lay.B, lay.W, lay.nq, lay.R), float("-inf"), device=lay.device, dtype=lay.dtype)
     if sinks is not None:
         lse_r.copy_(_sink_rows(sinks, lay).expand_as(lse_r))
     m = l = acc = None
-    ws = _Workspace(lay.device)
+    ws = _Workspace(lay.device, lay.dtype)
     for grp, c0, c1, first, last in plan.steps():
         st = _Step(plan, grp, c0, c1)
         # a kept tile needs its own buffer (the workspace's is reused by the next step)
-        s = st.scores(grp.take(q_r), st.keys(k_flat, ws, "k"), ws if kept is None else _Workspace(lay.device))
+        s = st.scores(
+            grp.take(q_r), st.keys(k_flat, ws, "k"), ws if kept is None else _Workspace(lay.device, lay.dtype)
+        )
         if plan.score_mod is not None:
             s = st.score_mod(s)
         if st.mask is not None:
@@ -555,7 +563,7 @@ def tiled_forward(q, k, v, plan: _Plan, sinks=None, kept: list | None = None):
         if first:
             m = grp.take(lse_r).clone()  # the sink logit of each row, or -inf
             l = torch.zeros_like(m) if sinks is None else torch.ones_like(m)
-            acc = torch.zeros(*m.shape, lay.Dv, device=lay.device)
+            acc = torch.zeros(*m.shape, lay.Dv, device=lay.device, dtype=lay.dtype)
         m_new = torch.maximum(m, s.amax(-1))
         m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
         alpha = torch.exp(m - m_use)
@@ -588,20 +596,21 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
     lay = plan.lay
     q_r, do_r = lay.q_rows(q).mul_(plan.scale), lay.q_rows(do)
     k_flat, v_flat = lay.kv_blocks(k), lay.kv_blocks(v)
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)  # [B, Hq, Tq]
+    cd = lay.dtype
+    delta = (do.to(cd) * o.to(cd)).sum(-1).transpose(1, 2)  # [B, Hq, Tq]
     if dlse is not None:
-        delta = delta - dlse.float().nan_to_num(0.0, 0.0, 0.0)  # empty rows (lse = -inf) have P = 0 anyway
+        delta = delta - dlse.to(cd).nan_to_num(0.0, 0.0, 0.0)  # empty rows (lse = -inf) have P = 0 anyway
     delta_r = lay.row_stat(delta)  # [B, W, nq, R]
-    lse_r = lay.row_stat(lse.float())
+    lse_r = lay.row_stat(lse.to(cd))
     empty_r = lse_r == float("-inf")
     lse_r = lse_r.masked_fill(empty_r, float("inf"))  # empty rows: P = 0 (zeroed again after a clamp)
     # a row is empty when every entry is masked (then the mask zeroes its P) or a score_mod gave -inf to
     # every visible entry: only then can the clamp in _masked_exp lift an entry of an empty row above 0
     any_empty = plan.score_mod is not None and bool(empty_r.any())
-    dq_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.D, device=lay.device)
+    dq_r = torch.zeros(lay.B, lay.W, lay.nq, lay.R, lay.D, device=lay.device, dtype=cd)
     dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
-    d_mod = [torch.zeros_like(t, dtype=torch.float32) for t in mod_tensors]
-    ws = _Workspace(lay.device)
+    d_mod = [torch.zeros_like(t, dtype=cd) for t in mod_tensors]
+    ws = _Workspace(lay.device, lay.dtype)
     for i, (grp, c0, c1, _, _) in enumerate(plan.steps()):
         st = _Step(plan, grp, c0, c1, masked=kept is None)
         q_g, do_g = grp.take(q_r), grp.take(do_r)
@@ -630,7 +639,7 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
             ds = grads[0]
             for acc, gr in zip(d_mod, grads[1:]):
                 if gr is not None:
-                    acc.add_(gr.float())
+                    acc.add_(gr.to(cd))
         ds_rows = st.rows(ds)
         grp.add(dq_r, st.unrows(torch.bmm(ds_rows, ks)))
         st.add_to_keys(dk_flat, torch.bmm(ds_rows.transpose(1, 2), st.rows(q_g)))
@@ -638,7 +647,9 @@ def tiled_backward(q, k, v, o, lse, do, plan: _Plan, sinks=None, mod_tensors=(),
     if sinks is not None:
         p_sink = torch.exp(_sink_rows(sinks, lay) - lse_r)  # [B, W, nq, R]; padded rows have delta 0
         per_row = -(p_sink * delta_r).sum((0, 2))  # [W, R]
-        dsinks = torch.zeros(lay.Hq, device=lay.device).index_add_(0, lay.row_heads.reshape(-1), per_row.reshape(-1))
+        dsinks = torch.zeros(lay.Hq, device=lay.device, dtype=cd).index_add_(
+            0, lay.row_heads.reshape(-1), per_row.reshape(-1)
+        )
     dq = lay.from_rows(dq_r).mul_(plan.scale)  # the scale of S = (q * scale) k^T, applied once
     return dq, lay.kv_blocks_back(dk_flat), lay.kv_blocks_back(dv_flat), dsinks, d_mod
 
