@@ -88,7 +88,11 @@ class RotaryEmbedding:
         cos, sin = self.cos_sin(positions.to(x.device))
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         half = self.rot_dim // 2
-        xr = x[..., : self.rot_dim].float()
+        # float32 for half/bf16/float32 input; float64 input stays float64 (with the float32 tables), so a float64
+        # model is differentiable to float64 precision (gradcheck) as effattn.exact.compute_dtype does for attention
+        cd = torch.promote_types(x.dtype, torch.float32)
+        xr = x[..., : self.rot_dim].to(cd)
+        cos, sin = cos.to(cd), sin.to(cd)
         a, b = xr[..., :half], xr[..., half:]
         rot = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
         if self.rot_dim == D:
