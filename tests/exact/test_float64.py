@@ -108,7 +108,9 @@ def test_gradcheck_float64(case, backend):
         out = attention(q, k, v, backend=backend, return_lse=with_lse, **kw)
         return out if with_lse else (out,)
 
-    assert gradcheck(fn, (q, k, v, *extra), fast_mode=True)  # one random projection: 27 cases in ~15 s
+    # one random projection (27 cases in ~15 s), at tolerances float64 meets and a float32 forward misses (a float32
+    # step in the backward alone is too small for gradcheck: test_float64_equals_dense_formula checks gradients)
+    assert gradcheck(fn, (q, k, v, *extra), fast_mode=True, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["window", "score_mod", "sinks"])

@@ -106,6 +106,30 @@ def test_persistent_prefix_matches_dense_reference(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_persistent_prefix_float64_gradcheck_and_dense_reference(kind):
+    # attention and RoPE compute float64 input in float64 (effattn.exact.compute_dtype), so the whole mixer is
+    # float64: it equals the dense SW-Attn* equations to 1e-12, gradients included (a float32 step in attention's
+    # forward, backward or LSE merge fails this), and passes gradcheck in x and the persistent tokens
+    torch.manual_seed(8)
+    mixer = MIXERS[kind](8, 2, window=3, depth=1, num_persistent=2).double().eval()
+    x = torch.randn(1, 7, 8, dtype=torch.float64, requires_grad=True)
+    y, ref = mixer(x)[0], _dense_reference(mixer, x)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(y)
+    params = [mixer.persistent, mixer.attn.q_proj.weight, mixer.attn.k_proj.weight]
+    for a, b in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(ref, [x, *params], g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    p = mixer.persistent.detach().clone().requires_grad_(True)
+
+    def run(x, p):
+        return torch.func.functional_call(mixer, {"persistent": p}, (x,))[0]
+
+    # fast mode (one random projection; the full Jacobian takes ~20 s) at tolerances float64 meets and a float32
+    # step misses (RoPE's float32 rotation, which the dense reference shares, fails here)
+    assert torch.autograd.gradcheck(run, (x, p), fast_mode=True, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(MIXERS))
 def test_persistent_keys_stay_visible_far_past_the_window(kind):
     # with the memory's output projection zeroed (m = 0) only the attention can carry the persistent tokens
     # to a late position: there they must still change the output and receive a gradient (the code that let
