@@ -249,13 +249,14 @@ def attention(
         alibi_slopes: ``[H_q]``; sinks: ``[H_q]`` learned sink logits (gpt-oss): an extra logit per
             head in the softmax denominator with no value.
         cu_seqlens: packed sequences (``B = 1``), attention stays within each sequence.
-        return_lse: also return the log-sum-exp ``[B, H_q, T_q]`` (float32; ``-inf`` on empty rows;
-            differentiable, so results merged by their lse train correctly).
+        return_lse: also return the log-sum-exp ``[B, H_q, T_q]`` (float32, or float64 for float64 input;
+            ``-inf`` on empty rows; differentiable, so results merged by their lse train correctly).
         backend: ``"auto"`` | ``"sdpa"`` | ``"tiled"`` | ``"reference"`` (see :func:`explain`).
 
-    Returns ``o [B, T_q, H_q, D_v]`` (or ``(o, lse)``). Fully masked rows give zeros. A NaN or inf in a
-    key or value reaches only the rows whose mask lets them see it (those rows are NaN; every other row
-    equals a clean run, forward and backward): :mod:`effattn.exact.nonfinite`.
+    Returns ``o [B, T_q, H_q, D_v]`` (or ``(o, lse)``), computed in float32 for float16/bfloat16/float32
+    input and in float64 for float64 input (:func:`effattn.exact.compute_dtype`). Fully masked rows give
+    zeros. A NaN or inf in a key or value reaches only the rows whose mask lets them see it (those rows
+    are NaN; every other row equals a clean run, forward and backward): :mod:`effattn.exact.nonfinite`.
 
     Example::
 

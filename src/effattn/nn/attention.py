@@ -140,8 +140,9 @@ def cached_attention(
     measured in real-token positions. Heads of unequal length (``cache.head_mask``, a policy cache)
     attend one kv head at a time to their own keys (plain causal attention only). Decoding (causal,
     ``T_q == 1``, no padding, no mod, ``backend="auto"``) uses the split-KV
-    :func:`effattn.decode_attention`. ``return_lse``: also return the log-sum-exp ``[B, H_q, T_q]`` (float32),
-    to merge the result with attention over other keys (:func:`effattn.merge_attention_states`).
+    :func:`effattn.decode_attention`. ``return_lse``: also return the log-sum-exp ``[B, H_q, T_q]`` (float32;
+    float64 for float64 input), to merge the result with attention over other keys
+    (:func:`effattn.merge_attention_states`).
     """
     Tq, L = q.shape[1], k.shape[1]
     off = L - Tq

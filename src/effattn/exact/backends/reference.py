@@ -1,4 +1,5 @@
-"""The ``reference`` backend: the materialized float32 formula of :mod:`effattn.exact.reference`.
+"""The ``reference`` backend: the materialized formula of :mod:`effattn.exact.reference` (in float32, or
+float64 for float64 input).
 
 The ground truth of every test, never chosen by ``auto``. It takes every mask kind and feature but
 materializes ``B * H_q * T_q * T_k`` scores, so it declares a bound (``MAX_DENSE_ELEMENTS``) and refuses
@@ -24,12 +25,12 @@ __all__ = ["ReferenceBackend"]
 
 
 class ReferenceBackend(Backend):
-    """The materialized float32 formula (ground truth); refuses sizes above a bound."""
+    """The materialized formula (float32; float64 for float64 input), the ground truth; refuses sizes above a bound."""
 
     name = "reference"
     auto_priority = None  # ground truth for tests: runs only when asked for
     capabilities = Capabilities(
-        summary="the materialized float32 formula (ground truth for tests)",
+        summary="the materialized formula in float32, or float64 for float64 input (ground truth for tests)",
         max_scores=MAX_DENSE_ELEMENTS,
     )
 
