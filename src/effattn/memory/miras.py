@@ -60,7 +60,8 @@ def miras_memory(
 ):
     """Run Miras rule ``rule`` (``moneta``, ``yaad``, ``memora``); ``chunk_size=None`` is the
     token-by-token reference, an int the chunked form. ``overrides`` change ``p`` (Moneta's p, Yaad's
-    delta), ``q_exp`` (Moneta's q) or set ``max_grad_norm`` (per-token gradient clipping). Shapes as :func:`effattn.memory.titans_memory` (no ``eta``).
+    delta), ``q_exp`` (Moneta's q) or set ``max_grad_norm`` (per-token gradient clipping). Shapes as
+    :func:`effattn.memory.titans_memory` (no ``eta``).
 
     Example::
 
