@@ -339,7 +339,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="RESULTS_JSON",
         help="train nothing: write the report of a stored run (its results.json) again, the recall cells and "
-        "verdicts recomputed from its stored runs by this version's rules; the other options are ignored",
+        "verdicts recomputed from its stored runs by this version's rules; the other options are ignored "
+        "(default: none, run the benchmark)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every training and input (default: %(default)s)")
     p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on a CPU)")
