@@ -50,6 +50,16 @@ def test_memory_gate_options_reach_every_neural_memory():
     assert gdn.config.heads == 1
 
 
+def test_max_grad_norm_option_defaults_to_the_memory_default_and_none_turns_it_off():
+    def clips(*argv):
+        mems = [m for m in build_model("titans_mal", _args("--window", "8", *argv), 32).modules()]
+        return {m.opts["max_grad_norm"] for m in mems if isinstance(m, NeuralMemory)}
+
+    assert clips() == {1.0} == {NeuralMemory(8, 2).opts["max_grad_norm"]}
+    assert clips("--max-grad-norm", "none") == {None}
+    assert clips("--max-grad-norm", "0.25") == {0.25}
+
+
 def test_weight_decay_on_matrices_only():
     model = build_model("titans_mal", _args("--window", "8"), 32)
     opt = optimizer(model, 1e-3, 0.1)

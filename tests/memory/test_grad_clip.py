@@ -89,6 +89,24 @@ def test_layer_option_decode_equals_full_and_gradients_flow():
     assert mem.gate_proj.weight.grad.abs().sum() > 0
 
 
+def test_layer_clips_by_default():
+    """NeuralMemory clips at norm 1 unless told otherwise: its default equals max_grad_norm=1.0 and differs
+    from the unclipped layer on inputs whose token gradients exceed 1 (the unclipped layer diverges)."""
+    torch.manual_seed(0)
+    base = NeuralMemory(8, 2, depth=1, chunk_size=4, theta_max=4.0).double()
+    x = 3 * torch.randn(1, 64, 8, dtype=torch.float64)
+    layers = {}
+    for tau in ("default", 1.0, None):
+        mem = NeuralMemory(
+            8, 2, depth=1, chunk_size=4, theta_max=4.0, **({} if tau == "default" else {"max_grad_norm": tau})
+        )
+        mem.double().load_state_dict(base.state_dict())
+        layers[tau] = mem(x)[1]["A"][0]
+    torch.testing.assert_close(layers["default"], layers[1.0], rtol=0, atol=0)
+    assert torch.isfinite(layers[1.0]).all()
+    assert not torch.allclose(layers[1.0], layers[None])
+
+
 def test_gradcheck_with_active_clip():
     xs, w, gamma = inputs(B=1, T=6, H=1, K=3, V=2, depth=2, seed=3)
     leaves = [x.clone().requires_grad_() for x in xs[:3]] + [x.clone().requires_grad_() for x in w]

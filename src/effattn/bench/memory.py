@@ -105,10 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-grad-norm",
-        type=float,
-        default=None,
-        help="passkey: clip each token's memory gradient to this norm (NeuralMemory's max_grad_norm) (default: "
-        "no clipping)",
+        type=_float_or_none,
+        default=1.0,
+        help="passkey: clip each token's memory gradient to this norm, 'none' for no clipping (NeuralMemory's "
+        "max_grad_norm) (default: %(default)s)",
     )
     p.add_argument("--digits", type=int, default=4, help="passkey: digits of the key (default: 4)")
     p.add_argument("--depth", type=int, default=1, help="depth of the neural memories' MLP (default: 1)")
@@ -151,6 +151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report folder (default: bench_out/memory)")
 
 
+def _float_or_none(text: str) -> float | None:
+    return None if str(text).strip().lower() == "none" else float(text)
+
+
 def _ints(text: str) -> list[int]:
     return [int(t) for t in str(text).split(",") if t.strip()]
 
@@ -162,13 +166,13 @@ def model_spec(
     chunk_size: int,
     heads: int = HEADS,
     theta_max: float | None = None,
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | None = 1.0,
 ) -> tuple[str, dict, int]:
     """``(mixer, mixer kwargs, heads)`` of passkey model ``name`` (``swa_eq``'s window is set by
     :func:`equal_state_window`)."""
-    mem = dict(depth=depth, chunk_size=chunk_size, **({} if theta_max is None else {"theta_max": theta_max}))
-    if max_grad_norm is not None:
-        mem["max_grad_norm"] = max_grad_norm
+    mem = dict(depth=depth, chunk_size=chunk_size, max_grad_norm=max_grad_norm)
+    if theta_max is not None:
+        mem["theta_max"] = theta_max
     specs = {
         "titans_mal": ("titans_mal", dict(window=window, **mem), heads),
         "titans_mag": ("titans_mag", dict(window=window, **mem), heads),
@@ -192,7 +196,7 @@ def _spec(name: str, args: argparse.Namespace, window: int | None = None) -> tup
         args.chunk_size,
         getattr(args, "heads", HEADS),
         getattr(args, "theta_max", None),
-        getattr(args, "max_grad_norm", None),
+        getattr(args, "max_grad_norm", 1.0),
     )
 
 

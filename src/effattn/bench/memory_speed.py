@@ -191,6 +191,7 @@ def external_rows(T: int, chunk_size: int, repeats: int, device: str = "cpu") ->
         heads=HEADS,
         dim_head=DIM // HEADS,
         default_model_kwargs=dict(depth=2, expansion_factor=2.0),  # ours: depth 2, expansion 2
+        max_grad_norm=ours.opts["max_grad_norm"],  # ours clips each token's gradient by default; theirs the same
     ).to(device)
     rows.append(
         harness.run_guarded(
