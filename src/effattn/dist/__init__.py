@@ -2,7 +2,8 @@
 
 Every op works on local sequence shards in the ``[B, T/P, H, D]`` layout, takes ``group=None``
 (the default process group) and equals the single-process op, forward and gradients, up to float32
-rounding for any world size.
+rounding for any world size. The softmax attention ops compute in :func:`effattn.exact.compute_dtype`, as
+:func:`effattn.attention` does: float64 shards are float64 end to end (accumulators, LSE, messages, gradients).
 """
 
 from effattn.dist._comm import CommCounter, all_to_all, check_same_shapes, count_bytes, p2p, shift

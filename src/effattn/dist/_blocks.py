@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from effattn.exact import attention, merge_attention_states
+from effattn.exact import attention, compute_dtype, merge_attention_states
 
 __all__ = ["BlockJob", "apply_sinks", "block_backward", "block_forward", "block_jobs", "merge_into", "tile_shape"]
 
@@ -69,7 +69,8 @@ def block_jobs(layout: str, causal: bool, q_rank: int, kv_rank: int, local_len: 
 def block_forward(
     q, k, v, job: BlockJob, scale: float, backend: str, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o, lse)`` of one job with :func:`effattn.attention` (float32 lse ``[B, H, rows]``)."""
+    """``(o, lse)`` of one job with :func:`effattn.attention` (lse ``[B, H, rows]`` in
+    :func:`effattn.exact.compute_dtype`: float32, or float64 for float64 input)."""
     return attention(
         q[:, job.q_rows],
         k[:, job.k_rows],
@@ -86,22 +87,26 @@ def apply_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tupl
     """Add a learned sink logit per head to the softmax's denominator (gpt-oss; Xiao et al., "Efficient
     Streaming Language Models with Attention Sinks", 2023): ``lse' = logaddexp(lse, sink_h)``,
     ``o' = exp(lse - lse') o``. Differentiable in ``o``, ``lse`` and ``sinks`` (``[H]``); ``o [B, T, H, D]``,
-    ``lse [B, H, T]`` float32. An empty row (``lse = -inf``) stays zero.
+    ``lse [B, H, T]``; computed in ``compute_dtype(o.dtype)`` (float32, or float64 for float64 ``o``), the
+    dtype of the returned lse. An empty row (``lse = -inf``) stays zero.
 
     >>> o, lse = torch.ones(1, 1, 1, 2), torch.zeros(1, 1, 1)
     >>> apply_sinks(o, lse, torch.zeros(1))[0].flatten().tolist()    # one key and a sink of equal weight
     [0.5, 0.5]
     """
-    new_lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+    cd = compute_dtype(o.dtype)
+    lse = lse.to(cd)
+    new_lse = torch.logaddexp(lse, sinks.to(cd).view(1, -1, 1))
     w = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]
-    return (o.float() * w).to(o.dtype), new_lse
+    return (o.to(cd) * w).to(o.dtype), new_lse
 
 
 def merge_into(acc_o: torch.Tensor, acc_lse: torch.Tensor, rows: slice, o: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge a partial ``(o, lse)`` for query ``rows`` into the float32 accumulators, in place, with
-    :func:`effattn.merge_attention_states` (``lse' = logaddexp(lse_a, lse_b)``,
-    ``o' = exp(lse_a - lse') o_a + exp(lse_b - lse') o_b``)."""
-    merged_o, merged_lse = merge_attention_states([acc_o[:, rows], o.float()], [acc_lse[:, :, rows], lse.float()])
+    """Merge a partial ``(o, lse)`` for query ``rows`` into the accumulators (in the compute dtype: float32,
+    or float64 for float64 input), in place, with :func:`effattn.merge_attention_states`
+    (``lse' = logaddexp(lse_a, lse_b)``, ``o' = exp(lse_a - lse') o_a + exp(lse_b - lse') o_b``)."""
+    o, lse = o.to(acc_o.dtype), lse.to(acc_lse.dtype)
+    merged_o, merged_lse = merge_attention_states([acc_o[:, rows], o], [acc_lse[:, :, rows], lse])
     acc_o[:, rows] = merged_o
     acc_lse[:, :, rows] = merged_lse
 
@@ -139,8 +144,9 @@ def block_backward(
     dv: torch.Tensor,
     softcap: float | None = None,
 ) -> None:
-    """Add one job's gradients into the float32 buffers ``dq [B, Tq, Hq, D]``, ``dk``, ``dv``
-    (``[B, Tk, Hkv, .]``), from the saved global ``lse`` and ``delta`` (``[B, Hq, Tq]``).
+    """Add one job's gradients into the buffers ``dq [B, Tq, Hq, D]``, ``dk``, ``dv`` (``[B, Tk, Hkv, .]``),
+    from the saved global ``lse`` and ``delta`` (``[B, Hq, Tq]``). Computed in the buffers' dtype, the
+    compute dtype (float32, or float64 for float64 input).
 
     The block is processed in score tiles of at most ``BACKWARD_TILE_ELEMENTS`` elements (query rows x
     key columns, :func:`tile_shape`), updated in place, so the temporaries are a few tiles whatever
@@ -161,8 +167,10 @@ def block_backward(
     n_rows = qs.stop - qs.start
     tr, tc = tile_shape(B * Hq, n_rows, Tk)
 
-    def key_tile(x, c0, c1):  # [B, Hkv, 1, cols, D] float32, non-finite keys/values as zeros: one tile's copy
-        t = x[:, c0:c1].float()
+    cd = dq.dtype
+
+    def key_tile(x, c0, c1):  # [B, Hkv, 1, cols, D] in cd, non-finite keys/values as zeros: one tile's copy
+        t = x[:, c0:c1].to(cd)
         if bad is not None:
             t = t.masked_fill(bad[:, c0:c1, :, None], 0.0)
         return t.permute(0, 2, 1, 3).unsqueeze(2)
@@ -174,9 +182,9 @@ def block_backward(
         const = ~torch.isfinite(L)  # empty (-inf) or poisoned (NaN) rows: P = 0, no gradient
         L = L.masked_fill(const, float("inf"))
         dlt = delta[:, :, rows].reshape(B, Hkv, g, n, 1).masked_fill(const, 0.0)
-        qh = q[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, D).masked_fill(const, 0.0)
-        doh = do[:, rows].float().permute(0, 2, 1, 3).reshape(B, Hkv, g, n, -1).masked_fill(const, 0.0)
-        dq_rows = torch.zeros(B, Hkv, g, n, D, dtype=torch.float32, device=q.device)
+        qh = q[:, rows].to(cd).permute(0, 2, 1, 3).reshape(B, Hkv, g, n, D).masked_fill(const, 0.0)
+        doh = do[:, rows].to(cd).permute(0, 2, 1, 3).reshape(B, Hkv, g, n, -1).masked_fill(const, 0.0)
+        dq_rows = torch.zeros(B, Hkv, g, n, D, dtype=cd, device=q.device)
         for c0 in range(0, Tk, tc):
             c1 = min(Tk, c0 + tc)
             kc, vc = key_tile(kb, c0, c1), key_tile(vb, c0, c1)

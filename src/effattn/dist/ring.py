@@ -36,6 +36,7 @@ from effattn._checks import check_float, check_qkv, check_scale
 from effattn.dist._blocks import apply_sinks, block_backward, block_forward, block_jobs, merge_into
 from effattn.dist._comm import check_same_shapes, shift
 from effattn.dist.layout import check_layout, group_rank_and_size
+from effattn.exact import compute_dtype
 
 __all__ = ["ring_attention"]
 
@@ -62,8 +63,9 @@ def _ring_forward(q, k, v, causal, scale, group, layout, backend, softcap):
     rank, world = group_rank_and_size(group)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     B, T, Hq, _ = q.shape
-    acc_o = torch.zeros(B, T, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
-    acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    cd = compute_dtype(q.dtype)  # float32, or float64 for float64 input: accumulators and lse
+    acc_o = torch.zeros(B, T, Hq, v.shape[-1], dtype=cd, device=q.device)
+    acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=cd, device=q.device)
     kb, vb = k, v
     for s in range(world):
         if s + 1 < world:  # the next block is in flight while this one is computed
@@ -114,17 +116,18 @@ class _RingAttention(torch.autograd.Function):
         rank, world = group_rank_and_size(ctx.group)
         nxt, prv = (rank + 1) % world, (rank - 1) % world
         T = q.shape[1]
-        delta = (do.float() * out.float()).sum(-1).transpose(1, 2)  # [B, H, T]
+        cd = compute_dtype(q.dtype)  # the gradient buffers, and dK/dV on their way round the ring
+        delta = (do.to(cd) * out.to(cd)).sum(-1).transpose(1, 2)  # [B, H, T]
         if dlse is not None:
-            delta = delta - dlse.float()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            delta = delta - dlse.to(cd)
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         kb, vb = k, v
         dkv_pending = None
         for s in range(world):
             if s + 1 < world:
                 kv_pending = shift([kb, vb], nxt, prv, ctx.group, tag="kv")
-            dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-            dv_blk = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            dk_blk = torch.zeros(k.shape, dtype=cd, device=k.device)
+            dv_blk = torch.zeros(v.shape, dtype=cd, device=v.device)
             for job in block_jobs(ctx.layout, ctx.causal, rank, (rank - s) % world, T):
                 block_backward(q, kb, vb, do, lse, delta, job, ctx.scale, dq, dk_blk, dv_blk, ctx.softcap)
             if dkv_pending is not None:  # what the ranks before this one added to this block's dK, dV
@@ -167,7 +170,8 @@ def ring_attention(
         causal: causal over global positions (token ``i`` sees ``j <= i``).
         group: the process group (``None``: the default group).
         layout: ``"zigzag"`` (balanced causal work; local length even) or ``"contiguous"``.
-        return_lse: also return the LSE ``[B, H_q, T/P]`` (float32, differentiable).
+        return_lse: also return the LSE ``[B, H_q, T/P]`` (differentiable; in
+            :func:`effattn.exact.compute_dtype`: float32, or float64 for float64 input).
         scale: softmax scale (default ``1/sqrt(D)``).
         softcap: scores ``c tanh(s / c)`` (Gemma 2), in the forward blocks and the backward.
         sinks: one learned sink logit per query head ``[H_q]`` added to every row's denominator

@@ -34,6 +34,7 @@ from effattn.dist._blocks import BlockJob, apply_sinks, block_backward, block_fo
 from effattn.dist._comm import check_same_shapes, p2p, shift
 from effattn.dist.layout import check_layout, group_rank_and_size
 from effattn.dist.ring import check_extras, check_local_shards
+from effattn.exact import compute_dtype
 
 __all__ = ["token_ring_attention"]
 
@@ -63,8 +64,9 @@ def _token_ring_forward(q, k, v, causal, scale, group, layout, backend, softcap)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     B, T, Hq, _ = q.shape
     Dv = v.shape[-1]
-    acc_o = torch.zeros(B, T, Hq, Dv, dtype=torch.float32, device=q.device)
-    acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    cd = compute_dtype(q.dtype)  # float32, or float64 for float64 input: accumulators and the lse sent back
+    acc_o = torch.zeros(B, T, Hq, Dv, dtype=cd, device=q.device)
+    acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=cd, device=q.device)
     if world > 1:  # the first query block travels while the own block is computed
         q_pending = shift([q], nxt, prv, group, tag="q")
     for job in block_jobs(layout, causal, rank, rank, T):  # step 0: own queries, own keys
@@ -80,12 +82,12 @@ def _token_ring_forward(q, k, v, causal, scale, group, layout, backend, softcap)
         sends, recvs = [], []
         if out_job is not None:
             o, lse = block_forward(qb, k, v, out_job, scale, backend, softcap)
-            sends = [(o, owner), (lse.float(), owner)]  # o in the input dtype, lse in float32
+            sends = [(o, owner), (lse.to(cd), owner)]  # o in the input dtype, lse in the compute dtype
         if in_job is not None:
             n = in_job.q_rows.stop - in_job.q_rows.start
             recvs = [
                 (torch.empty(B, n, Hq, Dv, dtype=q.dtype, device=q.device), helper),
-                (torch.empty(B, Hq, n, dtype=torch.float32, device=q.device), helper),
+                (torch.empty(B, Hq, n, dtype=cd, device=q.device), helper),
             ]
         # the partials travel while the next step computes; merged one step later
         posted = (p2p(sends, recvs, group, tag="partial"), in_job)
@@ -115,12 +117,13 @@ class _TokenRingAttention(torch.autograd.Function):
         rank, world = group_rank_and_size(ctx.group)
         nxt, prv = (rank + 1) % world, (rank - 1) % world
         T = q.shape[1]
-        delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+        cd = compute_dtype(q.dtype)  # the gradient buffers, and the partial dQ sent back
+        delta = (do.to(cd) * out.to(cd)).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
         if dlse is not None:
-            delta = delta - dlse.float()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            delta = delta - dlse.to(cd)
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=v.device)
         travel = [q, do, lse, delta]
         if world > 1:
             pending = shift(travel, nxt, prv, ctx.group, tag="q")
@@ -143,12 +146,12 @@ class _TokenRingAttention(torch.autograd.Function):
                 sub = BlockJob(slice(0, n), out_job.k_rows, out_job.causal)
                 tq, tdo = travel[0][:, rows], travel[1][:, rows]
                 tlse, tdelta = travel[2][:, :, rows], travel[3][:, :, rows]
-                dq_part = torch.zeros(q.shape[0], n, *q.shape[2:], dtype=torch.float32, device=q.device)
+                dq_part = torch.zeros(q.shape[0], n, *q.shape[2:], dtype=cd, device=q.device)
                 block_backward(tq, k, v, tdo, tlse, tdelta, sub, ctx.scale, dq_part, dk, dv, ctx.softcap)
                 sends = [(dq_part, owner)]
             if in_job is not None:
                 n = in_job.q_rows.stop - in_job.q_rows.start
-                recvs = [(torch.empty(q.shape[0], n, *q.shape[2:], dtype=torch.float32, device=q.device), helper)]
+                recvs = [(torch.empty(q.shape[0], n, *q.shape[2:], dtype=cd, device=q.device), helper)]
             posted = (p2p(sends, recvs, ctx.group, tag="partial"), in_job)
             if in_flight is not None:
                 _add_partial(dq, *in_flight)
