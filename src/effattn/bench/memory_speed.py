@@ -28,8 +28,12 @@ import torch
 from effattn.bench import harness
 
 __all__ = [
+    "DIM",
+    "HEADS",
     "PAIRED_MIXERS",
     "SPEED_MIXERS",
+    "build_layer",
+    "decode_step_stats",
     "external_rows",
     "load_note",
     "paired_row",
@@ -77,11 +81,40 @@ def _ms(stats) -> dict:
     return {"ms": round(1e3 * stats.median, 2), "min": round(1e3 * stats.min, 2), "max": round(1e3 * stats.max, 2)}
 
 
-def _layer(mixer: str, kw: dict, device: str):
+def build_layer(mixer: str, kw: dict, device: str = "cpu") -> torch.nn.Module:
+    """The registered mixer ``mixer`` alone at this part's size (width :data:`DIM`, :data:`HEADS` heads) with
+    the keyword arguments ``kw``, weights from seed 0 (the same layer on every call), on ``device``.
+
+    Example::
+
+        >>> build_layer("gated_deltanet", {}).state_size(1, 8)
+        10496
+    """
     from effattn.nn import build_mixer
 
     torch.manual_seed(0)
     return build_mixer(mixer, dim=DIM, heads=HEADS, **kw).to(device)
+
+
+def decode_step_stats(
+    layer: torch.nn.Module, x: torch.Tensor, repeats: int, device: str = "cpu", warmup: int = 1
+) -> harness.TimeStats | None:
+    """Times of one decode step of a mixer ``layer``: the state of a prefill of ``x`` ``[B, T, dim]``, then
+    ``layer(x1, state)`` for one new token ``x1``, ``repeats`` times after ``warmup`` (under ``no_grad``).
+    None where the layer returns no state (it has no step form to time).
+
+    Example::
+
+        >>> layer = build_layer("gated_deltanet", {})
+        >>> decode_step_stats(layer, torch.randn(1, 8, DIM), repeats=2).n
+        2
+    """
+    with torch.no_grad():
+        _, state = layer(x)
+        if state is None:
+            return None
+        x1 = torch.randn(x.shape[0], 1, x.shape[-1]).to(x.device)
+        return harness.time_stats(lambda: layer(x1, state), repeats=repeats, warmup=warmup, device=device)
 
 
 def speed_row(
@@ -100,7 +133,7 @@ def speed_row(
     kw = dict(kw, **({} if chunk_size is None else {"chunk_size": chunk_size}))
     if fast is not None:
         kw["fast"] = fast
-    layer = _layer(mixer, kw, device)
+    layer = build_layer(mixer, kw, device)
     x = torch.randn(1, T, DIM, generator=torch.Generator().manual_seed(1)).to(device)
     xg = x.clone().requires_grad_(True)
     slow = chunk_size == 1
@@ -119,10 +152,9 @@ def speed_row(
     row["fwd"] = _ms(harness.time_stats(fwd, repeats=reps, warmup=warm, device=device))
     row["peak_mib"] = round((harness.measure_peak_memory(fwd_bwd, device=device) or 0) / 2**20, 1)
     row["fwd_bwd"] = _ms(harness.time_stats(fwd_bwd, repeats=reps, warmup=0, device=device))
-    with torch.no_grad():
-        _, state = layer(x)
-        x1 = torch.randn(1, 1, DIM).to(device)
-        row["decode"] = _ms(harness.time_stats(lambda: layer(x1, state), repeats=max(reps, 5), warmup=1, device=device))
+    step = decode_step_stats(layer, x, repeats=max(reps, 5), device=device)
+    if step is not None:
+        row["decode"] = _ms(step)
     row["state_bytes"] = layer.state_size(1, T)
     return row
 
@@ -139,7 +171,7 @@ def paired_row(mixer: str, kw: dict, T: int, chunk_size: int, repeats: int, devi
         ('chunk 4: materialized vs fast (paired)', True)
     """
     kw = dict(kw, chunk_size=chunk_size)
-    fast, slow = _layer(mixer, kw, device), _layer(mixer, dict(kw, fast=False), device)
+    fast, slow = build_layer(mixer, kw, device), build_layer(mixer, dict(kw, fast=False), device)
     x = torch.randn(1, T, DIM, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         diff = (fast(x)[0] - slow(x)[0]).abs().max().item()

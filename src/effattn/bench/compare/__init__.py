@@ -11,7 +11,8 @@ On the machine at hand, in one run:
    efficiency against the machine's own GEMM rate, and the time of one decode step with the state or
    KV cache it needs; rows whose timings spread by more than 1.5x (max/min) or whose forward is slower
    than their forward+backward are flagged, and the load average before and after is recorded (a
-   warning is printed when it exceeds the CPU count);
+   warning is printed when it exceeds the CPU count); with ``--mixers``, also each named mixer layer of
+   :mod:`effattn.nn` alone (family ``mixer``, :func:`effattn.bench.compare.speed.mixer_mechanisms`);
 2. **recall** — MQAR (Zoology, Arora et al. 2023): a 2-layer :class:`effattn.nn.LM` per mixer and
    width is trained on generated data at every learning rate of ``--lrs`` and every one of ``--seeds``
    seeds (Zoology's protocol, :mod:`effattn.bench.compare.sweep`); accuracy at the query positions of a

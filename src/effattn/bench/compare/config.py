@@ -27,8 +27,10 @@ class CompareConfig:
     device: str = "cpu"
     out: str = "bench_out/compare"
     only: tuple[str, ...] = DEFAULT_SECTIONS
-    mixers: tuple[str, ...] | None = None  # None: every registered mixer but TOKEN_BY_TOKEN_MIXERS
-    # per-mixer keyword arguments of every recall/ListOps training (--mixer-options), e.g. {"atlas": {"chunk_size": 16}}
+    # None: every registered mixer but TOKEN_BY_TOKEN_MIXERS (recall), no mixer rows (speed); named: speed rows too
+    mixers: tuple[str, ...] | None = None
+    # per-mixer keyword arguments of every recall/ListOps training and speed mixer row (--mixer-options),
+    # e.g. {"atlas": {"chunk_size": 16}}
     mixer_options: dict[str, dict] = field(default_factory=dict)
     # MQAR
     mqar_widths: tuple[int, ...] = (64,)
@@ -297,8 +299,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         metavar="A,B,...",
-        help="comma-separated mixers to train for recall (and ListOps) (default: every registered mixer but the "
-        "token-by-token learned memories; "
+        help="comma-separated mixers to train for recall (and ListOps); the speed section also times each as one "
+        "layer alone (family mixer: width 64, 2 heads) (default: every registered mixer but the "
+        "token-by-token learned memories for recall, no mixer rows in speed; "
         "presets recall and state: their own set)",
     )
     p.add_argument(
@@ -306,7 +309,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         metavar="MIXER:KEY=VALUE,...",
-        help="recall and ListOps: keyword arguments for named mixers, e.g. "
+        help="recall, ListOps and the speed section's mixer rows: keyword arguments for named mixers, e.g. "
         "'titans_mag:chunk_size=16,atlas:chunk_size=16;depth=1' (';' separates one mixer's options; values are "
         "Python literals) (default: none, the mixers' defaults)",
     )

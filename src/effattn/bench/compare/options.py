@@ -3,10 +3,10 @@
 The text ``titans_mag:chunk_size=16,atlas:chunk_size=16;depth=1`` becomes
 ``{"titans_mag": {"chunk_size": 16}, "atlas": {"chunk_size": 16, "depth": 1}}``: the per-mixer keyword
 arguments of :class:`effattn.nn.LMConfig` (``mixer_kwargs``), handed to every training of that mixer in the
-recall and reasoning sections. Entries are separated by ``,``; one mixer's options by ``;`` (or by repeating
-``mixer:`` entries). Values are Python literals (``16``, ``0.5``, ``True``, ``None``, ``'elu'``); anything
-else is kept as a string. An unknown mixer, or an option its constructor does not take, is an error that
-names it.
+recall and reasoning sections and to its layer in the speed section's mixer rows. Entries are separated by
+``,``; one mixer's options by ``;`` (or by repeating ``mixer:`` entries). Values are Python literals (``16``,
+``0.5``, ``True``, ``None``, ``'elu'``); anything else is kept as a string. An unknown mixer, or an option
+its constructor does not take, is an error that names it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ calls, each followed by SDPA causal at the same length on inputs of the same sha
 per-pair ratios ``time(SDPA) / time(row)`` (``fwd_speedup_paired``, ``fwd_bwd_speedup_paired``): the
 machine's drift over minutes cancels within a pair, so these ratios are the headline speed figures. Decode
 steps come from :func:`effattn.bench.linear.decode_rows` and :func:`effattn.bench.linear.sdpa_decode_row`.
+
+With ``--mixers`` (``cfg.mixers``), each named mixer of :mod:`effattn.nn`'s registry adds a row per length
+(family ``mixer``, :func:`mixer_mechanisms`): the layer alone at ``bench memory``'s size
+(:func:`effattn.bench.memory_speed.build_layer`: width 64, 2 heads, batch 1, float32), its defaults plus its
+``--mixer-options``; forward and forward+backward through the same ``measure_forward_backward`` (not
+paired: a layer with its projections is not the ops' size), one decode step after a prefill of ``T``
+tokens (:func:`effattn.bench.memory_speed.decode_step_stats`) and ``state_bytes`` = ``state_size(1, T)``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from effattn.bench import attention as att
 from effattn.bench import harness
 from effattn.bench import linear as lin
 from effattn.bench.compare.config import CompareConfig, guard
+from effattn.bench.compare.speed_report import MIXER_FAMILY
+from effattn.bench.memory_speed import DIM, HEADS, build_layer, decode_step_stats
 from effattn.bench.table import Progress
 from effattn.exact import MAX_DENSE_ELEMENTS, attention, decode_attention
 from effattn.linear import REGISTRY as LINEAR
@@ -239,7 +248,74 @@ def speed_mechanisms(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechani
         )
     for name in sorted(SPARSE):
         mechs.append(SpeedMechanism("sparse", name, lambda T, m=SPARSE[name]: _sparse_forward(m, T, cfg, gemm)))
-    return mechs + list(cfg.extra_mechanisms), external_notes
+    return mechs + mixer_mechanisms(cfg) + list(cfg.extra_mechanisms), external_notes
+
+
+def mixer_label(name: str, options: dict | None) -> str:
+    """A mixer row's mechanism: the mixer's name, with its ``--mixer-options`` where it has any.
+
+    Example::
+
+        >>> mixer_label("titans_mal", {"chunk_size": 16, "depth": 1}), mixer_label("gla", None)
+        ('titans_mal (chunk_size=16, depth=1)', 'gla')
+    """
+    if not options:
+        return name
+    return f"{name} ({', '.join(f'{k}={v!r}' for k, v in options.items())})"
+
+
+def _mixer_forward(name: str, kw: dict, T: int, cfg: CompareConfig) -> dict:
+    """The mixer layer alone (:func:`effattn.bench.memory_speed.build_layer`) on a ``[1, T, 64]`` input:
+    forward under no_grad, forward+backward with the gradients of the input and of every parameter
+    (:func:`effattn.bench.harness.measure_forward_backward`, not paired), and ``state_bytes``."""
+    layer = build_layer(name, kw, cfg.device)
+    x = torch.randn(1, T, DIM, device=cfg.device, requires_grad=True)
+    row = harness.measure_forward_backward(
+        lambda: layer(x)[0],
+        [x, *layer.parameters()],
+        repeats=cfg.repeats,
+        device=cfg.device,
+        backward=cfg.backward,
+    )
+    return _from_linear_suite(row) | {"state_bytes": layer.state_size(1, T)}  # no FLOP count: eff_% is None
+
+
+def _mixer_decode(name: str, kw: dict, T: int, device: str) -> dict:
+    """One decode step of the mixer layer after a prefill of ``T`` tokens
+    (:func:`effattn.bench.memory_speed.decode_step_stats`, :data:`effattn.bench.linear.STEP_REPEATS` steps);
+    empty where the layer returns no state."""
+    layer = build_layer(name, kw, device)
+    t = decode_step_stats(
+        layer, torch.randn(1, T, DIM, device=device), repeats=lin.STEP_REPEATS, warmup=2, device=device
+    )
+    if t is None:
+        return {}
+    return {"step_us": 1e6 * t.median, "step_us_min": 1e6 * t.min, "step_us_max": 1e6 * t.max}
+
+
+def mixer_mechanisms(cfg: CompareConfig) -> list[SpeedMechanism]:
+    """One :class:`SpeedMechanism` (family ``mixer``) per mixer of ``cfg.mixers`` (none when it is None), built
+    with its ``cfg.mixer_options``; an unknown mixer or one that fails gives error rows (``run_speed``)."""
+    mechs = []
+    for name in cfg.mixers or ():
+        kw = dict(cfg.mixer_options.get(name, {}))
+        mechs.append(
+            SpeedMechanism(
+                MIXER_FAMILY,
+                mixer_label(name, kw),
+                functools.partial(_mixer_forward, name, kw, cfg=cfg),
+                functools.partial(_mixer_decode, name, kw, device=cfg.device),
+            )
+        )
+    return mechs
+
+
+MIXER_NOTE = (
+    f"family mixer (--mixers): each named mixer of effattn.nn's registry as one layer alone, projections included, "
+    f"width {DIM}, {HEADS} heads, batch 1, float32, its defaults plus --mixer-options (bench memory's size); "
+    "not paired with SDPA (no x sdpa) and not the op rows' size; f+b: gradients of the input and every parameter; "
+    f"step_us: one token after a prefill of T tokens (median of {lin.STEP_REPEATS}); state_bytes: state_size(1, T)"
+)
 
 
 def external_baselines(cfg: CompareConfig, gemm: float) -> tuple[list[SpeedMechanism], list[str]]:
@@ -337,6 +413,8 @@ def run_speed(cfg: CompareConfig) -> tuple[list[dict], dict, list[str]]:
         "step_us: one decode token against a context of T tokens; state_bytes: the KV cache (exact) or "
         "the recurrent state (linear) it needs; sparse methods have no decode form here",
     ]
+    if any(m.family == MIXER_FAMILY for m in mechs):
+        notes.append(MIXER_NOTE)
     return rows, {"gemm_flops_per_s": gemm, "load_before": load_before, "load_after": load_after}, notes
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from effattn.bench import harness
 from effattn.bench.compare.plot_style import series_style
+from effattn.bench.memory_speed import DIM, HEADS
 from effattn.bench.table import Column
 
 __all__ = [
     "MEMORY_KEY",
+    "MIXER_FAMILY",
     "SPEED_COLUMNS",
     "SPEED_TERMINAL_COLUMNS",
     "SPEED_TERMINAL_TITLE",
@@ -33,6 +35,10 @@ __all__ = [
 
 # the one peak-memory figure of the report, table, plots and short answers: forward+backward (training)
 MEMORY_KEY = "fwd_bwd_MiB"
+
+# the family of the --mixers rows: one effattn.nn mixer layer alone (projections included, width 64), not the ops'
+# size and not paired with SDPA, so the short answers rank them apart from the op rows
+MIXER_FAMILY = "mixer"
 
 # the report's table (every row and column; results.json holds every key, forward-only peaks included)
 SPEED_COLUMNS = (
@@ -218,6 +224,18 @@ def speed_section(rows: Sequence[dict], meta: dict, plots: Sequence[str] = ()) -
         f"**{len(flagged)} of {len(timed)} timed rows flagged**"
         + (f": {', '.join(sorted({r['mechanism'] for r in flagged}))}." if flagged else "."),
         "",
+    ]
+    if any(r.get("family") == MIXER_FAMILY for r in rows):
+        md += [
+            "Family mixer (`--mixers`): each named mixer of `effattn.nn` as one layer alone, projections "
+            f"included, width {DIM}, {HEADS} heads, batch 1 (`bench memory`'s size), its defaults plus "
+            "`--mixer-options`; "
+            "not paired with SDPA (no x sdpa) and not the size of the op rows above, so compare mixer rows "
+            "with each other; step_us = one token after a prefill of T tokens, state_bytes = the layer's "
+            "`state_size(1, T)`.",
+            "",
+        ]
+    md += [
         harness.format_markdown_table(speed_table_rows(rows), SPEED_COLUMNS),
         "",
     ]
@@ -251,8 +269,9 @@ def speed_advice(speed: Sequence[dict]) -> list[str]:
     paired = "fwd_bwd_speedup_paired" if key == "fwd_bwd_ms" else "fwd_speedup_paired"
     mk = memory_key(speed)
     what = "fwd+bwd" if key == "fwd_bwd_ms" else "fwd"
-    for T in sorted({r["T"] for r in speed}):
-        ok = [r for r in speed if r["T"] == T and r.get(key) is not None and "error" not in r]
+    ops = [r for r in speed if r.get("family") != MIXER_FAMILY]
+    for T in sorted({r["T"] for r in ops}):
+        ok = [r for r in ops if r["T"] == T and r.get(key) is not None and "error" not in r]
         if not ok:
             continue
         # SDPA's own row is paired with a second SDPA call: its ratio is 1 by definition and its measured
@@ -282,6 +301,44 @@ def speed_advice(speed: Sequence[dict]) -> list[str]:
             small = min(dec, key=lambda r: r["state_bytes"])
             line += f"; smallest decode state: {small['mechanism']} ({small['state_bytes']} B)"
         lines.append(line)
+    return lines + mixer_advice(speed)
+
+
+def mixer_advice(speed: Sequence[dict]) -> list[str]:
+    """Per length, among the ``mixer`` rows only (one layer alone, not the op rows' size): the fastest by
+    median time, the leanest by peak memory, the smallest decode state.
+
+    Example::
+
+        >>> rows = [{"family": "mixer", "mechanism": "gla", "T": 64, "fwd_bwd_ms": 2.0, "fwd_bwd_MiB": 3.0,
+        ...          "state_bytes": 4096},
+        ...         {"family": "mixer", "mechanism": "rmt", "T": 64, "fwd_bwd_ms": 5.0, "fwd_bwd_MiB": 1.0,
+        ...          "state_bytes": 5128}]
+        >>> for part in mixer_advice(rows)[0].split("; "):
+        ...     print(part)
+        T=64 mixer layers: fastest fwd+bwd is gla (2 ms)
+        least peak memory (f+b): rmt (1 MiB)
+        smallest decode state: gla (4096 B)
+    """
+    mixers = [r for r in speed if r.get("family") == MIXER_FAMILY]
+    key, mk = time_key(mixers), memory_key(mixers)
+    lines = []
+    for T in sorted({r["T"] for r in mixers}):
+        ok = [r for r in mixers if r["T"] == T and r.get(key) is not None and "error" not in r]
+        if not ok:
+            continue
+        fast = min(ok, key=lambda r: r[key])
+        what, label = ("fwd+bwd", "f+b") if key == "fwd_bwd_ms" else ("fwd", "fwd")
+        line = f"T={T} mixer layers: fastest {what} is {fast['mechanism']} ({fast[key]:.3g} ms)"
+        mem = [r for r in ok if r.get(mk) is not None]
+        if mem:
+            lean = min(mem, key=lambda r: r[mk])
+            line += f"; least peak memory ({label}): {lean['mechanism']} ({lean[mk]:.3g} MiB)"
+        dec = [r for r in ok if r.get("state_bytes")]
+        if dec:
+            small = min(dec, key=lambda r: r["state_bytes"])
+            line += f"; smallest decode state: {small['mechanism']} ({small['state_bytes']} B)"
+        lines.append(line)
     return lines
 
 
@@ -291,7 +348,11 @@ SPEED_PLOTS = ("speedup_vs_length.png", "time_vs_length.png", "memory_vs_length.
 SDPA = "sdpa causal"
 # families drawn in one panel: the external and compiled baselines beside the exact backends
 PANEL_OF = {"exact": "exact attention (and baselines)", "baseline": "exact attention (and baselines)"}
-PANEL_TITLES = {"linear": "linear attention, SSM and recurrent", "sparse": "sparse and content-routed"}
+PANEL_TITLES = {
+    "linear": "linear attention, SSM and recurrent",
+    "sparse": "sparse and content-routed",
+    MIXER_FAMILY: f"mixer layers alone (width {DIM}, {HEADS} heads)",
+}
 
 
 def panels(speed: Sequence[dict]) -> dict[str, list[str]]:
