@@ -28,8 +28,22 @@ def _missing_optional(code: str) -> str | None:
     return None
 
 
+@pytest.fixture
+def restore_registries():
+    """An example may register a mixer or a KV policy (docs/nn.md, docs/architecture.md); it must not stay
+    registered for the tests that run after it in the same process (they iterate over every mixer)."""
+    from effattn.kv import POLICIES
+    from effattn.nn import MIXERS
+
+    before = {reg: set(reg.keys()) for reg in (MIXERS, POLICIES)}
+    yield
+    for reg, names in before.items():
+        for name in set(reg.keys()) - names:
+            reg.unregister(name)
+
+
 @pytest.mark.parametrize("code", list(_blocks()))
-def test_doc_example_runs(code):
+def test_doc_example_runs(code, restore_registries):
     if missing := _missing_optional(code):
         pytest.skip(f"needs the optional package {missing}")
     exec(compile(code, "<doc example>", "exec"), {"__name__": "__doc_example__"})
