@@ -307,3 +307,18 @@ def test_external_baselines_are_wired_to_the_packages_calls(monkeypatch):
     B, H, D = lin.BATCH, lin.HEADS, lin.HEAD_DIM
     assert ("flash_attn", torch.Size([B, 32, H, D]), torch.bfloat16, True) in calls
     assert any(c[0] == "fla" and c[1] == torch.Size([B, 32, H, D]) and c[3] == (B, 32, H) for c in calls)
+
+
+def test_recall_figure_only_when_the_recall_section_ran(tmp_path):
+    """``--only speed`` leaves no empty recall figure; a recall run (even one with no successful run) draws it."""
+    pytest.importorskip("matplotlib")
+    from effattn.bench.compare.report import write_plots
+
+    machine = {"cpu_model": "test cpu", "torch": torch.__version__, "python": "3", "torch_threads": 1}
+    files, _ = write_plots(tmp_path / "speed_only", [], [], machine, (4,))
+    assert "recall_vs_state.png" not in files and not (tmp_path / "speed_only" / "recall_vs_state.png").exists()
+    row = {"mixer": "attention", "dim": 64, "head_dim": 8, "accuracy": 0.5, "state_bytes": 100}
+    for rows, name in (([row], "ran"), ([{"mixer": "x", "error": "boom"}], "failed")):
+        (tmp_path / name).mkdir()
+        files, _ = write_plots(tmp_path / name, [], rows, machine, (4,))
+        assert "recall_vs_state.png" in files and (tmp_path / name / "recall_vs_state.png").stat().st_size > 0

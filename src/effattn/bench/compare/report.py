@@ -154,6 +154,8 @@ def write_plots(
         return [], ["matplotlib is not installed (pip install 'effattn[bench]'): no plots"]
     label = _plot_label(machine)
     files = speed_plots(out, speed, label)  # the speed figures: one panel per family (speed_report)
+    if not recall:  # the recall section did not run (--only): no empty recall figure
+        return files, []
 
     pts = [r for r in recall if r.get("accuracy") is not None and r.get("state_bytes")]
     # one panel per pair count where the run has several (Zoology's figure), else one panel
