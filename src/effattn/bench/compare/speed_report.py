@@ -296,12 +296,17 @@ def speed_advice(speed: Sequence[dict]) -> list[str]:
             more = f" and {len(lean) - 3} more" if len(lean) > 3 else ""
             label = "f+b" if mk == MEMORY_KEY else "fwd"
             line += f"; least peak memory ({label}): {', '.join(lean[:3])}{more} ({low:.3g} MiB)"
-        dec = [r for r in ok if r.get("state_bytes")]
-        if dec:
-            small = min(dec, key=lambda r: r["state_bytes"])
-            line += f"; smallest decode state: {small['mechanism']} ({small['state_bytes']} B)"
-        lines.append(line)
+        lines.append(line + _smallest_state(ok))
     return lines + mixer_advice(speed)
+
+
+def _smallest_state(rows: Sequence[dict]) -> str:
+    """The short answer's clause naming the row with the smallest decode state ('' when none has one)."""
+    dec = [r for r in rows if r.get("state_bytes")]
+    if not dec:
+        return ""
+    small = min(dec, key=lambda r: r["state_bytes"])
+    return f"; smallest decode state: {small['mechanism']} ({small['state_bytes']} B)"
 
 
 def mixer_advice(speed: Sequence[dict]) -> list[str]:
@@ -334,11 +339,7 @@ def mixer_advice(speed: Sequence[dict]) -> list[str]:
         if mem:
             lean = min(mem, key=lambda r: r[mk])
             line += f"; least peak memory ({label}): {lean['mechanism']} ({lean[mk]:.3g} MiB)"
-        dec = [r for r in ok if r.get("state_bytes")]
-        if dec:
-            small = min(dec, key=lambda r: r["state_bytes"])
-            line += f"; smallest decode state: {small['mechanism']} ({small['state_bytes']} B)"
-        lines.append(line)
+        lines.append(line + _smallest_state(ok))
     return lines
 
 
