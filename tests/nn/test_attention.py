@@ -7,9 +7,9 @@ import doctest
 import pytest
 import torch
 
+import effattn.exact.rope
 import effattn.kv.contiguous
 import effattn.nn.attention
-import effattn.nn.rope
 from effattn.exact.reference import reference_attention
 from effattn.kv.contiguous import KVCache
 from effattn.nn.attention import Attention, WindowKVCache
@@ -333,7 +333,7 @@ def test_bad_input():
         c.append(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
 
 
-@pytest.mark.parametrize("mod", [effattn.nn.attention, effattn.kv.contiguous, effattn.nn.rope])
+@pytest.mark.parametrize("mod", [effattn.nn.attention, effattn.kv.contiguous, effattn.exact.rope])
 def test_docstring_examples_run(mod):
     res = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0

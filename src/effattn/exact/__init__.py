@@ -1,7 +1,7 @@
 """Exact softmax attention: one ``attention()`` over SDPA, a tiled block-sparse engine and the
 materialized reference (the backends of :mod:`effattn.exact.backends`, each declaring its capabilities;
 ``explain()`` reads them); composable masks and score mods; split-KV decode attention (Flash-Decoding;
-Lean Attention's stream-K schedule)."""
+Lean Attention's stream-K schedule); rotary position embedding (RoPE)."""
 
 from effattn.exact.api import BACKENDS, AttentionCall, Explanation, attention, explain
 from effattn.exact.block_mask import BlockMask, create_block_mask
@@ -33,6 +33,7 @@ from effattn.exact.masks import (
 )
 from effattn.exact.nonfinite import nonfinite_keys, poison_rows, zero_keys
 from effattn.exact.reference import MAX_DENSE_ELEMENTS, compute_dtype, reference_attention
+from effattn.exact.rope import RotaryEmbedding
 from effattn.exact.tiled import ScoreCount, count_scores, tiled_attention
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Explanation",
     "MaskMod",
     "ScoreCount",
+    "RotaryEmbedding",
     "ScoreMod",
     "alibi",
     "alibi_slopes",

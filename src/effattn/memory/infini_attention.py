@@ -19,6 +19,13 @@ token with the current segment's keys and values in a buffer of ``N`` slots and 
 segments), used when the call starts at a segment boundary with no padding, the reference otherwise.
 State (bounded): ``M [B, H, D, V]``, ``z [B, H, D]``, buffers ``k [B, N, H, D]``, ``v [B, N, H, V]``,
 ``count [B]``.
+
+Positions: ``rope`` (an :class:`effattn.exact.RotaryEmbedding`; None: none, as in the formulas above)
+rotates ``Q_s`` and ``K_s`` of the local attention by the position inside the segment (``0 .. N-1``; the
+local attention never leaves a segment, so these relative positions are the sequence's), the paper's
+local attention being a standard transformer attention with its positional encoding. The memory reads and
+writes the unrotated ``sigma(Q)``, ``sigma(K)`` and the buffers hold unrotated keys, so the state is the
+same with or without ``rope``.
 """
 
 from __future__ import annotations
@@ -102,9 +109,11 @@ def infini_attention_reference(
     initial_state=None,
     output_final_state: bool = False,
     valid=None,
+    rope=None,
 ):
     """Token-by-token Infini-attention (module docstring), float32; invalid (``valid`` False) tokens
-    leave the state as it was and output zeros. Returns ``(out [B, T, H, V], state or None)``.
+    leave the state as it was and output zeros; ``rope`` RoPE on the local attention (module docstring).
+    Returns ``(out [B, T, H, V], state or None)``.
 
     Example::
 
@@ -127,7 +136,11 @@ def infini_attention_reference(
         kb = torch.where(here[..., None, None], k[:, t, None].to(wd), kb)
         vb = torch.where(here[..., None, None], v[:, t, None].to(wd), vb)
         seen = slots[None] <= cnt[:, None]  # [B, N]
-        s = torch.einsum("bhd,bnhd->bhn", q[:, t].to(wd), kb) * scale
+        if rope is None:
+            s = torch.einsum("bhd,bnhd->bhn", q[:, t].to(wd), kb) * scale
+        else:  # slot n holds the key at segment position n, the query sits at the fill count
+            qr = rope.apply(q[:, t, None].to(wd), cnt[:, None])[:, 0]
+            s = torch.einsum("bhd,bnhd->bhn", qr, rope.apply(kb, slots)) * scale
         s = s.masked_fill(~seen[:, None], float("-inf"))
         a_dot = torch.einsum("bhn,bnhv->bhv", torch.softmax(s, -1), vb)
         a_mem = _read(_sigma(q[:, t].to(wd)), M, z)
@@ -155,6 +168,7 @@ def infini_attention(
     initial_state=None,
     output_final_state: bool = False,
     valid=None,
+    rope=None,
 ):
     """Segment-parallel Infini-attention: equal to :func:`infini_attention_reference`, which it calls
     when ``valid`` is given or the state sits inside a segment.
@@ -170,7 +184,7 @@ def infini_attention(
     scale = _check(q, k, v, gate, segment, scale)
     kw = dict(segment=segment, delta=delta, scale=scale, output_final_state=output_final_state)
     if valid is not None or (initial_state is not None and bool((initial_state["count"] != 0).any())):
-        return infini_attention_reference(q, k, v, gate, initial_state=initial_state, valid=valid, **kw)
+        return infini_attention_reference(q, k, v, gate, initial_state=initial_state, valid=valid, rope=rope, **kw)
     B, T, H, D = q.shape
     V = v.shape[-1]
     st = _empty_state(q, v, segment) if initial_state is None else initial_state
@@ -180,6 +194,9 @@ def infini_attention(
     wd = _wd(q)
     qf, kf, vf = (F.pad(x.to(wd), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
     qs, ks, vs = (x.reshape(B * n_seg, segment, H, -1) for x in (qf, kf, vf))
+    if rope is not None:
+        pos = torch.arange(segment, device=q.device)
+        qs, ks = rope.apply(qs, pos), rope.apply(ks, pos)
     a_dot = attention(qs, ks, vs, causal=True, scale=scale).reshape(B, n_seg, segment, H, V)
     sk = _sigma(kf) * (torch.arange(n_seg * segment, device=q.device) < T)[None, :, None, None]
     sk, sq = sk.reshape(B, n_seg, segment, H, D), _sigma(qf).reshape(B, n_seg, segment, H, D)

@@ -16,6 +16,13 @@ with ``K = x W_k``, ``V = x W_v`` (the memory projected the same way) and a lear
 :func:`effattn.exact.attention` when the call starts at a segment boundary without padding, otherwise
 token by token with a buffer of the current segment (per-row fill counts); both give the same result.
 State (bounded): ``mem [B, m, dim]``, buffers ``k, v [B, N, H, D]`` and ``count [B]``.
+
+Positions (``rope=True``, the default): RoPE (:class:`effattn.exact.RotaryEmbedding`) rotates the queries
+and keys of the segment's tokens by their position inside the segment (``0 .. N-1``; attention never leaves a
+segment, so these relative positions are the sequence's), and the write tokens' queries by ``N``, the
+position after the segment where RMT places them, for their scores against the segment's keys; the
+memory tokens' keys stay unrotated and meet unrotated queries (relative distance 0). The buffers hold
+rotated keys. ``rope=False``: no positions (the formulas above).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_positive_int
-from effattn.exact import attention
+from effattn.exact import RotaryEmbedding, attention, merge_attention_states
 
 __all__ = ["RecurrentMemoryAttention"]
 
@@ -45,7 +52,15 @@ class RecurrentMemoryAttention(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, heads: int, num_memory: int = 4, segment: int = 16, bptt_segments: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_memory: int = 4,
+        segment: int = 16,
+        bptt_segments: int | None = None,
+        rope: bool = True,
+    ):
         super().__init__()
         check_positive_int("heads", heads)
         if dim % heads:
@@ -56,6 +71,7 @@ class RecurrentMemoryAttention(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.num_memory, self.segment, self.bptt_segments = num_memory, segment, bptt_segments
         self.scale = 1 / math.sqrt(self.head_dim)
+        self.rope = RotaryEmbedding(self.head_dim) if rope else None
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
@@ -67,11 +83,21 @@ class RecurrentMemoryAttention(nn.Module):
     def _heads(self, x):
         return x.reshape(x.shape[0], x.shape[1], self.heads, self.head_dim)
 
+    def _attend(self, q, qr, km, vm, ks, vs, causal=False):
+        """Attention of ``q`` over ``[memory | segment]``: with RoPE the memory part by the unrotated ``q``,
+        the segment part by the rotated ``qr``, merged by their log-sum-exp."""
+        if self.rope is None:
+            return attention(q, torch.cat([km, ks], 1), torch.cat([vm, vs], 1), causal=causal, scale=self.scale)
+        om, lm = attention(q, km, vm, scale=self.scale, return_lse=True)
+        os, ls = attention(qr, ks, vs, causal=causal, scale=self.scale, return_lse=True)
+        return merge_attention_states([om, os.to(om.dtype)], [lm, ls])[0]
+
     def _write(self, mem, kb, vb):
         """New memory from ``mem [B, m, dim]`` and a full segment's keys and values ``[B, N, H, D]``."""
         qm = self._heads(self.q_proj(mem + self.write_pos))
         km, vm = self._heads(self.k_proj(mem)), self._heads(self.v_proj(mem))
-        w = attention(qm, torch.cat([km, kb], 1), torch.cat([vm, vb], 1), scale=self.scale)
+        qr = qm if self.rope is None else self.rope.apply(qm, torch.full(qm.shape[1:2], self.segment, device=qm.device))
+        w = self._attend(qm, qr, km, vm, kb, vb)
         return self.mem_norm(mem + self.o_proj(w.flatten(2)))
 
     def _empty(self, B, device):
@@ -104,18 +130,14 @@ class RecurrentMemoryAttention(nn.Module):
         N = self.segment
         mem, seg = st["mem"], 0
         outs = []
+        qr = q
+        if self.rope is not None:
+            pos = torch.arange(T, device=q.device) % N
+            qr, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
         for s0 in range(0, T, N):
             s1 = min(T, s0 + N)
             km, vm = self._heads(self.k_proj(mem)), self._heads(self.v_proj(mem))
-            outs.append(
-                attention(
-                    q[:, s0:s1],
-                    torch.cat([km, k[:, s0:s1]], 1),
-                    torch.cat([vm, v[:, s0:s1]], 1),
-                    causal=True,
-                    scale=self.scale,
-                )
-            )
+            outs.append(self._attend(q[:, s0:s1], qr[:, s0:s1], km, vm, k[:, s0:s1], v[:, s0:s1], causal=True))
             if s1 - s0 == N:
                 mem = self._maybe_detach(self._write(mem, k[:, s0:s1], v[:, s0:s1]), seg + 1)
                 seg += 1
@@ -138,11 +160,14 @@ class RecurrentMemoryAttention(nn.Module):
         for t in range(T):
             ok = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid[:, t]
             here = (slots[None] == cnt[:, None]) & ok[:, None]
-            kb = torch.where(here[..., None, None], k[:, t, None], kb)
+            kt, qt = k[:, t, None], q[:, t, None]
+            if self.rope is not None:  # the token's position in its segment is the row's fill count
+                kt, qt = self.rope.apply(kt, cnt[:, None]), self.rope.apply(qt, cnt[:, None])
+            kb = torch.where(here[..., None, None], kt, kb)
             vb = torch.where(here[..., None, None], v[:, t, None], vb)
             km, vm = self._heads(self.k_proj(mem)).float(), self._heads(self.v_proj(mem)).float()
             s_mem = torch.einsum("bhd,bmhd->bhm", q[:, t], km)
-            s_seg = torch.einsum("bhd,bnhd->bhn", q[:, t], kb).masked_fill(
+            s_seg = torch.einsum("bhd,bnhd->bhn", qt[:, 0], kb).masked_fill(
                 ~(slots[None] <= cnt[:, None])[:, None], float("-inf")
             )
             p = torch.softmax(torch.cat([s_mem, s_seg], -1) * self.scale, -1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effattn.exact import RotaryEmbedding
 from effattn.memory import infini_attention
 from effattn.nn.mixers._base import MixerBase, check_heads, check_x_and_valid, zero_invalid
 from effattn.nn.registry import register_mixer
@@ -17,8 +18,9 @@ __all__ = ["InfiniAttentionMixer"]
 @register_mixer("infini_attention")
 class InfiniAttentionMixer(MixerBase):
     """``y = W_o(infini_attention(x W_q, x W_k, x W_v, beta))`` with segments of ``segment`` tokens
-    (default 8) and the linear (``delta=False``) or delta memory update. State: memory ``M, z`` and the
-    current segment's keys/values (bounded by ``segment``).
+    (default 8) and the linear (``delta=False``) or delta memory update. ``rope`` (default True): RoPE on
+    the local attention's queries and keys by the position inside the segment (the memory reads unrotated
+    ones). State: memory ``M, z`` and the current segment's keys/values (bounded by ``segment``).
 
     Example::
 
@@ -35,10 +37,11 @@ class InfiniAttentionMixer(MixerBase):
         "the memory pass from rank to rank; not implemented"
     )
 
-    def __init__(self, dim: int, heads: int, segment: int = 8, delta: bool = False):
+    def __init__(self, dim: int, heads: int, segment: int = 8, delta: bool = False, rope: bool = True):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.segment, self.delta = segment, delta
+        self.rope = RotaryEmbedding(self.head_dim) if rope else None
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.gate = nn.Parameter(torch.zeros(heads))
 
@@ -57,5 +60,6 @@ class InfiniAttentionMixer(MixerBase):
             initial_state=state,
             output_final_state=True,
             valid=valid,
+            rope=self.rope,
         )
         return self.o_proj(o.reshape(B, T, -1)), state

@@ -14,7 +14,8 @@ __all__ = ["RMTMixer"]
 @register_mixer("rmt")
 class RMTMixer(MixerBase):
     """RMT layer with ``num_memory`` memory tokens (default 4) and segments of ``segment`` tokens
-    (default 8). State: the memory tokens and the current segment's keys/values (bounded).
+    (default 8); ``rope`` (default True): RoPE on the segment's queries and keys by the position inside the
+    segment, memory tokens unrotated. State: the memory tokens and the current segment's keys/values (bounded).
 
     Example::
 
@@ -32,11 +33,19 @@ class RMTMixer(MixerBase):
         "other, and that pass is not implemented"
     )
 
-    def __init__(self, dim: int, heads: int, num_memory: int = 4, segment: int = 8, bptt_segments: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_memory: int = 4,
+        segment: int = 8,
+        bptt_segments: int | None = None,
+        rope: bool = True,
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.layer = RecurrentMemoryAttention(
-            dim, heads, num_memory=num_memory, segment=segment, bptt_segments=bptt_segments
+            dim, heads, num_memory=num_memory, segment=segment, bptt_segments=bptt_segments, rope=rope
         )
 
     def forward(self, x, state=None, valid=None):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int
-from effattn.exact import attention, merge_attention_states
+from effattn.exact import RotaryEmbedding, attention, merge_attention_states
 from effattn.kv import LayerCache
 from effattn.memory import NeuralMemory
 from effattn.nn.attention import Attention, cached_attention, check_mixer_input, layer_cache
@@ -20,12 +20,18 @@ from effattn.nn.registry import register_mixer
 __all__ = ["PersistentWindowAttention", "TitansMAC", "TitansMAG", "TitansMAL", "segment_attention"]
 
 
-def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int, state=None, valid=None):
+def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int, state=None, valid=None, rope=None):
     """Causal attention inside segments of ``segment`` tokens over ``[prefix | stream_1 | ... ]``: the
     query at segment position ``i`` sees every prefix key (persistent tokens) and, in each stream, the
     keys of its segment at positions ``<= i``. ``q [B, T, H, D]``, each stream ``[B, T, H, D]``, prefix
     ``[P, H, D]``. State ``dict(k, v [B, S*segment, H, D], count [B])`` continues a segment; invalid
     tokens are skipped (zero output). Returns ``(o [B, T, H, D], state)``.
+
+    ``rope`` (an :class:`effattn.exact.RotaryEmbedding`, or None: no positions) rotates the query and every
+    stream's key of a token by its position inside its segment (``0 .. segment-1``; attention never leaves a
+    segment, so these relative positions are the sequence's); the buffers hold rotated keys. Prefix keys
+    stay unrotated and meet the unrotated query (relative distance 0, as in
+    :class:`PersistentWindowAttention`).
 
     Example::
 
@@ -52,9 +58,16 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
         def seg(x):
             return torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).reshape(B, n_seg, N, H, D)
 
+        if rope is not None:
+            pos = torch.arange(T, device=q.device) % N
+            qr, streams_k = rope.apply(q.float(), pos), [rope.apply(k.float(), pos) for k in streams_k]
         ks = torch.cat([pk[:, None].expand(B, n_seg, P, H, D)] + [seg(k) for k in streams_k], 2)
         vs = torch.cat([pv[:, None].expand(B, n_seg, P, H, D)] + [seg(v) for v in streams_v], 2)
-        s = torch.einsum("bnihd,bnjhd->bnhij", seg(q), ks) * scale
+        if rope is None:
+            s = torch.einsum("bnihd,bnjhd->bnhij", seg(q), ks) * scale
+        else:  # prefix scores with the unrotated query, segment scores with the rotated one
+            s_p = torch.einsum("bnihd,bnjhd->bnhij", seg(q), ks[:, :, :P])
+            s = torch.cat([s_p, torch.einsum("bnihd,bnjhd->bnhij", seg(qr), ks[:, :, P:])], -1) * scale
         see = torch.cat(
             [
                 torch.ones(N, P, dtype=torch.bool, device=q.device),
@@ -73,11 +86,19 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
     for t in range(T):
         ok = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid[:, t]
         here = ((slot[None] == cnt[:, None]) & ok[:, None])[..., None, None]
-        kt = torch.cat([k[:, t, None].float().expand(B, N, H, D) for k in streams_k], 1)
+        ks_t = [k[:, t, None].float() for k in streams_k]
+        if rope is not None:  # the token's position in its segment is the row's fill count
+            ks_t = [rope.apply(k, cnt[:, None]) for k in ks_t]
+        kt = torch.cat([k.expand(B, N, H, D) for k in ks_t], 1)
         vt = torch.cat([v[:, t, None].float().expand(B, N, H, D) for v in streams_v], 1)
         kb, vb = torch.where(here, kt, kb), torch.where(here, vt, vb)
         see = torch.cat([torch.ones(B, P, dtype=torch.bool, device=q.device), slot[None] <= cnt[:, None]], 1)
-        s = torch.einsum("bhd,bjhd->bhj", q[:, t].float(), torch.cat([pk, kb], 1)) * scale
+        if rope is None:
+            s = torch.einsum("bhd,bjhd->bhj", q[:, t].float(), torch.cat([pk, kb], 1)) * scale
+        else:
+            qr = rope.apply(q[:, t, None].float(), cnt[:, None])[:, 0]
+            s_p = torch.einsum("bhd,bjhd->bhj", q[:, t].float(), pk)
+            s = torch.cat([s_p, torch.einsum("bhd,bjhd->bhj", qr, kb)], -1) * scale
         o = torch.einsum(
             "bhj,bjhd->bhd", torch.softmax(s.masked_fill(~see[:, None], float("-inf")), -1), torch.cat([pv, vb], 1)
         )
@@ -304,8 +325,10 @@ class TitansMAC(_TitansBase):
     """Titans memory as context (MAC): per segment of ``segment`` tokens, causal attention over
     ``[persistent tokens | memory retrievals | segment]`` (:func:`segment_attention`): the query of
     token ``t`` sees ``num_persistent`` learned key/value pairs, the retrievals ``h_j = M_j(q_j)`` and
-    the tokens ``x_j`` of its segment with ``j <= t``; ``y = W_o(o)``. State ``(memory state,
-    segment buffers)``.
+    the tokens ``x_j`` of its segment with ``j <= t``; ``y = W_o(o)``. ``rope`` (default True): RoPE on
+    the query and on the keys of the tokens and of their retrievals (``h_j`` at token ``j``'s position) by
+    the position inside the segment; the persistent keys stay unrotated (:func:`segment_attention`; titans-pytorch's
+    segmented attention also uses rotary embeddings). State ``(memory state, segment buffers)``.
 
     Example::
 
@@ -324,11 +347,13 @@ class TitansMAC(_TitansBase):
         num_persistent: int = 4,
         depth: int = 2,
         chunk_size: int = 16,
+        rope: bool = True,
         **memory_kw,
     ):
         super().__init__(dim, heads, depth, chunk_size, **memory_kw)
         check_positive_int("segment", segment)
         self.segment = segment
+        self.rope = RotaryEmbedding(self.head_dim) if rope else None
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.persistent_k = nn.Parameter(torch.randn(num_persistent, heads, self.head_dim) / math.sqrt(self.head_dim))
         self.persistent_v = nn.Parameter(torch.randn(num_persistent, heads, self.head_dim) / math.sqrt(self.head_dim))
@@ -341,5 +366,7 @@ class TitansMAC(_TitansBase):
         q = self.q_proj(x).view(B, T, H, D)
         kx, vx = self.k_proj(x).view(B, T, H, D), self.v_proj(x).view(B, T, H, D)
         km, vm = self.k_proj(m).view(B, T, H, D), self.v_proj(m).view(B, T, H, D)
-        o, ss = segment_attention(q, [km, kx], [vm, vx], self.persistent_k, self.persistent_v, self.segment, ss, valid)
+        o, ss = segment_attention(
+            q, [km, kx], [vm, vx], self.persistent_k, self.persistent_v, self.segment, ss, valid, self.rope
+        )
         return self.o_proj(o.reshape(B, T, -1)), (ms, ss)
