@@ -30,6 +30,7 @@ from effattn.linear.linear_attn import (
 from effattn.linear.mamba import chunk_selective_scan, naive_selective_scan, step_selective_scan
 from effattn.linear.mom import chunk_mom, naive_mom, step_mom
 from effattn.linear.retnet import chunk_retention, naive_retention, retention_log_decay, step_retention
+from effattn.linear.short_conv import causal_conv1d
 from effattn.linear.simple_gla import chunk_simple_gla, naive_simple_gla, step_simple_gla
 
 __all__ = [
@@ -72,4 +73,5 @@ __all__ = [
     "scan_aaren",
     "chunk_aaren",
     "step_aaren",
+    "causal_conv1d",
 ]

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effattn._checks import check_float, check_positive_int
+from effattn._checks import check_float, check_int, check_positive_int
+from effattn.linear import causal_conv1d
 from effattn.memory._chunked import chunk_neural_memory
 from effattn.memory._neural import reference_neural_memory
 
@@ -117,8 +118,10 @@ def chunk_titans_memory(
 
     Example::
 
-        >>> q = k = torch.randn(1, 7, 1, 4); v = torch.randn(1, 7, 1, 4); g = torch.full((1, 7, 1), 0.2)
-        >>> w = init_memory_weights(1, 4, 4, depth=2, generator=torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(0)  # unclipped float32: some draws diverge (max_grad_norm)
+        >>> q = k = torch.randn(1, 7, 1, 4, generator=gen); v = torch.randn(1, 7, 1, 4, generator=gen)
+        >>> g = torch.full((1, 7, 1), 0.2)
+        >>> w = init_memory_weights(1, 4, 4, depth=2, generator=gen)
         >>> a, _ = chunk_titans_memory(q, k, v, g, g, g, w, chunk_size=1)
         >>> torch.allclose(a, titans_memory(q, k, v, g, g, g, w)[0], atol=1e-5)
         True
@@ -191,6 +194,15 @@ class NeuralMemory(nn.Module):
     a memory with a large step size and momentum finite at any length (unclipped, Titans MAL/MAG trained on
     MQAR at lr 3e-3 went NaN in 17 of 18 runs; docs/memory.md).
 
+    ``conv_size`` (default 4; 0: none, the layer as it was before 2026-12-02) puts a causal depthwise
+    convolution with SiLU after each of the q, k, v projections, before the feature map and the L2 norm
+    (Titans section 4.4; Miras and ATLAS use the same block): ``q_t = silu(b + sum_{i<K} w_i (W_q x)_{t-K+1+i})``
+    (:func:`effattn.linear.causal_conv1d`), each of q, k, v with its own weight ``[dim, K]`` and bias, so a key
+    can carry the tokens just before it. Invalid tokens are skipped by it as by the memory (they enter no
+    window and no state), so padding never reaches a valid row, also after a non-empty state. Its states, the
+    last ``K - 1`` projections, ride in the state dict as ``state["conv"] = [q, k, v]`` (``[B, K - 1, dim]``
+    each); the other keys are the memory's (``A``, ``S``, ...).
+
     Example::
 
         >>> mem = NeuralMemory(16, 2, depth=2).eval()
@@ -219,8 +231,10 @@ class NeuralMemory(nn.Module):
         chunk_size: int = 16,
         fast: bool | None = None,
         max_grad_norm: float | None = 1.0,
+        conv_size: int = 4,
     ):
         super().__init__()
+        check_int("conv_size", conv_size, 0)
         check_positive_int("heads", heads)
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
@@ -251,6 +265,13 @@ class NeuralMemory(nn.Module):
         self.o_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.g_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.conv_size = conv_size
+        if conv_size:  # created last: with conv_size=0 the layer and its initialisation are the old ones
+            bound = 1 / math.sqrt(conv_size)  # ShortConv's initialisation
+            self.conv_weight = nn.ParameterList(
+                nn.Parameter(torch.empty(dim, conv_size).uniform_(-bound, bound)) for _ in range(3)
+            )
+            self.conv_bias = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(3))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``x`` followed by the polynomial map ``[x, x^2, ..., x^p]`` (elementwise powers,
@@ -260,12 +281,37 @@ class NeuralMemory(nn.Module):
             return x
         return torch.cat([x.pow(i) / math.sqrt(math.factorial(i)) for i in range(1, self.feature_degree + 1)], -1)
 
+    def _conv(self, q, k, v, state, valid):
+        """q, k, v through their short convolutions; returns them, the memory's state without ``conv`` and
+        the new conv states."""
+        conv = None
+        if state is not None:
+            if not isinstance(state, dict) or "conv" not in state:
+                raise ValueError(
+                    f"state must be the dict a previous call of this layer returned (with a 'conv' entry for "
+                    f"conv_size={self.conv_size}), got {type(state).__name__}"
+                    + (f" with keys {sorted(state)}" if isinstance(state, dict) else "")
+                )
+            conv = state["conv"]
+            state = {key: val for key, val in state.items() if key != "conv"}
+        out, new_conv = [], []
+        for i, z in enumerate((q, k, v)):
+            c = None if conv is None else conv[i]
+            y, c = causal_conv1d(z, self.conv_weight[i], self.conv_bias[i], c, valid=valid)
+            out.append(y)
+            new_conv.append(c)
+        return *out, state, new_conv
+
     def forward(self, x: torch.Tensor, state=None, valid: torch.Tensor | None = None):
         B, T, _ = x.shape
         H, D = self.heads, self.head_dim
-        q = self.features(self.q_proj(x).view(B, T, H, D))
-        k = self.features(self.k_proj(x).view(B, T, H, D))
-        v = self.v_proj(x).view(B, T, H, D)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv = None
+        if self.conv_size:
+            q, k, v, state, conv = self._conv(q, k, v, state, valid)
+        q = self.features(q.view(B, T, H, D))
+        k = self.features(k.view(B, T, H, D))
+        v = v.view(B, T, H, D)
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, -1, H)
         theta = self.theta_max * gates[:, :, 0]
         eta = gates[:, :, 1] if self.momentum else torch.zeros_like(gates[:, :, 1])
@@ -313,5 +359,7 @@ class NeuralMemory(nn.Module):
                 valid=valid,
                 chunk_size=self.chunk_size,
             )
+        if conv is not None:
+            state = {**state, "conv": conv}
         o = self.o_norm(o.to(x.dtype)).reshape(B, T, -1)
         return self.o_proj(o * F.silu(self.g_proj(x))), state

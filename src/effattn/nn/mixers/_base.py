@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from effattn._checks import check_int, check_positive_int, check_tensor
 from effattn.dist import current_sequence_parallel
+from effattn.linear import causal_conv1d
 
 __all__ = [
     "MixerBase",
@@ -132,7 +132,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time (kernel ``kernel_size``, default 4) with SiLU.
+    """Causal depthwise convolution over time (kernel ``kernel_size``, default 4) with SiLU, as a layer
+    around :func:`effattn.linear.causal_conv1d`.
 
     ``y_t = silu(b + sum_{i<K} w_i * x_{t-K+1+i})``; the state is the last ``K - 1`` inputs
     ``[B, K - 1, C]`` (zeros for a fresh sequence), so decoding one token continues exactly.
@@ -160,17 +161,11 @@ class ShortConv(nn.Module):
         nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, valid: torch.Tensor | None = None):
-        B, T, C = x.shape
         x = zero_invalid(x, valid)
         sp = current_sequence_parallel() if state is None else None
         if sp is not None:  # sequence shards: the inputs before this shard, from the previous rank(s)
             state = sp.previous_tokens(x, self.kernel_size - 1)
-        elif state is None:
-            state = x.new_zeros(B, self.kernel_size - 1, C)
-        xs = torch.cat([state.to(x.dtype), x], dim=1)
-        y = F.conv1d(xs.transpose(1, 2), self.weight.unsqueeze(1), self.bias, groups=C).transpose(1, 2)
-        new_state = xs[:, xs.shape[1] - (self.kernel_size - 1) :]
-        return (F.silu(y) if self.activation else y), new_state
+        return causal_conv1d(x, self.weight, self.bias, state, self.activation)
 
 
 class MixerBase(nn.Module):
