@@ -240,3 +240,30 @@ def test_infini_attention_rope_gradcheck():
     rope = RotaryEmbedding(4)
     for f in (infini_attention, infini_attention_reference):
         assert torch.autograd.gradcheck(lambda q, k, v, f=f: f(q, k, v, gate, segment=4, rope=rope)[0], (q, k, v))
+
+
+def test_rmt_layout_positions_written_out():
+    """RMT's layout with RoPE: memory keys at 0..m-1, segment token i at m + i (one attention over both), the
+    write queries at m + N + j; checked against the formula on one segment and the memory it writes."""
+    torch.manual_seed(3)
+    m, N, H, D = 2, 4, 2, 8
+    rma = RecurrentMemoryAttention(H * D, H, segment=N, num_memory=m).eval()  # it computes in float32
+    x = torch.randn(1, N, H * D)
+    rope = RotaryEmbedding(D)
+
+    def heads(z):
+        return z.reshape(1, -1, H, D)
+
+    mem = rma.memory_init[None]
+    q, k, v = (heads(p(x)) for p in (rma.q_proj, rma.k_proj, rma.v_proj))
+    km, vm = rope.apply(heads(rma.k_proj(mem)), torch.arange(m)), heads(rma.v_proj(mem))
+    qr, kr = rope.apply(q, m + torch.arange(N)), rope.apply(k, m + torch.arange(N))
+    s = torch.einsum("bihd,bjhd->bhij", qr, torch.cat([km, kr], 1)) / D**0.5
+    see = torch.cat([torch.ones(N, m, dtype=torch.bool), torch.ones(N, N, dtype=torch.bool).tril()], 1)
+    o = torch.einsum("bhij,bjhd->bihd", s.masked_fill(~see, float("-inf")).softmax(-1), torch.cat([vm, v], 1))
+    y, st = rma(x)
+    torch.testing.assert_close(y, rma.o_proj(o.flatten(2)), rtol=1e-5, atol=1e-6)
+    qm = rope.apply(heads(rma.q_proj(mem + rma.write_pos)), m + N + torch.arange(m))
+    sw = torch.einsum("bihd,bjhd->bhij", qm, torch.cat([km, kr], 1)) / D**0.5
+    w = torch.einsum("bhij,bjhd->bihd", sw.softmax(-1), torch.cat([vm, v], 1))
+    torch.testing.assert_close(st["mem"], rma.mem_norm(mem + rma.o_proj(w.flatten(2))), rtol=1e-5, atol=1e-6)

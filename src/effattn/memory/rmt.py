@@ -17,12 +17,11 @@ with ``K = x W_k``, ``V = x W_v`` (the memory projected the same way) and a lear
 token by token with a buffer of the current segment (per-row fill counts); both give the same result.
 State (bounded): ``mem [B, m, dim]``, buffers ``k, v [B, N, H, D]`` and ``count [B]``.
 
-Positions (``rope=True``, the default): RoPE (:class:`effattn.exact.RotaryEmbedding`) rotates the queries
-and keys of the segment's tokens by their position inside the segment (``0 .. N-1``; attention never leaves a
-segment, so these relative positions are the sequence's), and the write tokens' queries by ``N``, the
-position after the segment where RMT places them, for their scores against the segment's keys; the
-memory tokens' keys stay unrotated and meet unrotated queries (relative distance 0). The buffers hold
-rotated keys. ``rope=False``: no positions (the formulas above).
+Positions (``rope=True``, the default): RMT's own layout, ``[memory | segment | write tokens]`` as one
+sequence, with RoPE (:class:`effattn.exact.RotaryEmbedding`) at those positions: the ``m`` memory keys at
+``0 .. m-1``, the segment's token ``i`` (query and key) at ``m + i``, the write queries at ``m + N + j``.
+Attention never leaves ``[memory | segment]``, so one attention call per segment (and per write) does it.
+The buffers hold rotated keys. ``rope=False``: no positions (the formulas above).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from effattn._checks import check_positive_int
-from effattn.exact import RotaryEmbedding, attention, merge_attention_states
+from effattn.exact import RotaryEmbedding, attention
 
 __all__ = ["RecurrentMemoryAttention"]
 
@@ -83,21 +82,22 @@ class RecurrentMemoryAttention(nn.Module):
     def _heads(self, x):
         return x.reshape(x.shape[0], x.shape[1], self.heads, self.head_dim)
 
-    def _attend(self, q, qr, km, vm, ks, vs, causal=False):
-        """Attention of ``q`` over ``[memory | segment]``: with RoPE the memory part by the unrotated ``q``,
-        the segment part by the rotated ``qr``, merged by their log-sum-exp."""
-        if self.rope is None:
-            return attention(q, torch.cat([km, ks], 1), torch.cat([vm, vs], 1), causal=causal, scale=self.scale)
-        om, lm = attention(q, km, vm, scale=self.scale, return_lse=True)
-        os, ls = attention(qr, ks, vs, causal=causal, scale=self.scale, return_lse=True)
-        return merge_attention_states([om, os.to(om.dtype)], [lm, ls])[0]
+    def _rot(self, x, pos):
+        """``x [B, n, H, D]`` rotated at ``pos`` (``[n]`` or ``[B, n]``) of the layout; unchanged without RoPE."""
+        return x if self.rope is None else self.rope.apply(x, pos)
+
+    def _memory_kv(self, mem):
+        """Keys (at positions ``0 .. m-1``) and values of the memory tokens ``mem [B, m, dim]``."""
+        km = self._heads(self.k_proj(mem))
+        return self._rot(km, torch.arange(self.num_memory, device=mem.device)), self._heads(self.v_proj(mem))
 
     def _write(self, mem, kb, vb):
         """New memory from ``mem [B, m, dim]`` and a full segment's keys and values ``[B, N, H, D]``."""
+        m = self.num_memory
         qm = self._heads(self.q_proj(mem + self.write_pos))
-        km, vm = self._heads(self.k_proj(mem)), self._heads(self.v_proj(mem))
-        qr = qm if self.rope is None else self.rope.apply(qm, torch.full(qm.shape[1:2], self.segment, device=qm.device))
-        w = self._attend(qm, qr, km, vm, kb, vb)
+        qm = self._rot(qm, m + self.segment + torch.arange(m, device=mem.device))
+        km, vm = self._memory_kv(mem)
+        w = attention(qm, torch.cat([km, kb], 1), torch.cat([vm, vb], 1), scale=self.scale)
         return self.mem_norm(mem + self.o_proj(w.flatten(2)))
 
     def _empty(self, B, device):
@@ -130,14 +130,13 @@ class RecurrentMemoryAttention(nn.Module):
         N = self.segment
         mem, seg = st["mem"], 0
         outs = []
-        qr = q
-        if self.rope is not None:
-            pos = torch.arange(T, device=q.device) % N
-            qr, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        pos = self.num_memory + torch.arange(T, device=q.device) % N
+        q, k = self._rot(q, pos), self._rot(k, pos)
         for s0 in range(0, T, N):
             s1 = min(T, s0 + N)
-            km, vm = self._heads(self.k_proj(mem)), self._heads(self.v_proj(mem))
-            outs.append(self._attend(q[:, s0:s1], qr[:, s0:s1], km, vm, k[:, s0:s1], v[:, s0:s1], causal=True))
+            km, vm = self._memory_kv(mem)
+            ks, vs = torch.cat([km, k[:, s0:s1]], 1), torch.cat([vm, v[:, s0:s1]], 1)
+            outs.append(attention(q[:, s0:s1], ks, vs, causal=True, scale=self.scale))
             if s1 - s0 == N:
                 mem = self._maybe_detach(self._write(mem, k[:, s0:s1], v[:, s0:s1]), seg + 1)
                 seg += 1
@@ -160,14 +159,15 @@ class RecurrentMemoryAttention(nn.Module):
         for t in range(T):
             ok = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid[:, t]
             here = (slots[None] == cnt[:, None]) & ok[:, None]
-            kt, qt = k[:, t, None], q[:, t, None]
-            if self.rope is not None:  # the token's position in its segment is the row's fill count
-                kt, qt = self.rope.apply(kt, cnt[:, None]), self.rope.apply(qt, cnt[:, None])
+            pos = (self.num_memory + cnt)[
+                :, None
+            ]  # the token's place in the layout: after the memory, at its fill count
+            kt, qt = self._rot(k[:, t, None], pos), self._rot(q[:, t, None], pos)[:, 0]
             kb = torch.where(here[..., None, None], kt, kb)
             vb = torch.where(here[..., None, None], v[:, t, None], vb)
-            km, vm = self._heads(self.k_proj(mem)).float(), self._heads(self.v_proj(mem)).float()
-            s_mem = torch.einsum("bhd,bmhd->bhm", q[:, t], km)
-            s_seg = torch.einsum("bhd,bnhd->bhn", qt[:, 0], kb).masked_fill(
+            km, vm = (z.float() for z in self._memory_kv(mem))
+            s_mem = torch.einsum("bhd,bmhd->bhm", qt, km)
+            s_seg = torch.einsum("bhd,bnhd->bhn", qt, kb).masked_fill(
                 ~(slots[None] <= cnt[:, None])[:, None], float("-inf")
             )
             p = torch.softmax(torch.cat([s_mem, s_seg], -1) * self.scale, -1)
