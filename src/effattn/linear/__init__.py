@@ -5,6 +5,7 @@ parallel) and ``step_*`` (decoding) forms; see ``effattn.linear._common`` for th
 """
 
 from effattn.linear._common import REGISTRY, LinearOp, register
+from effattn.linear._short_conv import causal_conv1d
 from effattn.linear._triton import choose_backend as choose_linear_backend
 from effattn.linear.aaren import chunk_aaren, naive_aaren, scan_aaren, step_aaren
 from effattn.linear.delta_rule import chunk_delta_rule, naive_delta_rule, step_delta_rule
@@ -30,7 +31,6 @@ from effattn.linear.linear_attn import (
 from effattn.linear.mamba import chunk_selective_scan, naive_selective_scan, step_selective_scan
 from effattn.linear.mom import chunk_mom, naive_mom, step_mom
 from effattn.linear.retnet import chunk_retention, naive_retention, retention_log_decay, step_retention
-from effattn.linear.short_conv import causal_conv1d
 from effattn.linear.simple_gla import chunk_simple_gla, naive_simple_gla, step_simple_gla
 
 __all__ = [
