@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="passkey: largest step size of the neural memories (theta_t = theta_max * sigmoid(.)) (default: the "
-        "memories' own, 0.1)",
+        "memories' own, 1.0)",
     )
     p.add_argument(
         "--forget-bias",
@@ -551,7 +551,7 @@ def run(args: argparse.Namespace) -> None:
             + f"), AdamW lr {args.lr} (weight decay {args.weight_decay} on matrices only), {args.digits}-digit keys, "
             f"seed {args.seed}; {args.heads} heads (Gated DeltaNet 1)",
             f"every attention sees at most {args.window} keys; neural memories: MLP depth {args.depth}, step size "
-            f"theta_max {args.theta_max if args.theta_max is not None else 'default (0.1)'}, forgetting-gate bias "
+            f"theta_max {args.theta_max if args.theta_max is not None else 'default (1.0)'}, forgetting-gate bias "
             f"at init {args.forget_bias if args.forget_bias is not None else 'default (-3)'}, per-token gradient "
             f"clipping {'off' if args.max_grad_norm is None else f'to norm {args.max_grad_norm:g}'}, "
             f"trained and evaluated in the chunked form (chunk {args.chunk_size}); 'exact rule' = the same weights "

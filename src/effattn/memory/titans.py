@@ -194,8 +194,14 @@ class NeuralMemory(nn.Module):
     a memory with a large step size and momentum finite at any length (unclipped, Titans MAL/MAG trained on
     MQAR at lr 3e-3 went NaN in 17 of 18 runs; docs/memory.md).
 
-    ``conv_size`` (default 4; 0: none, the layer as it was before 2026-12-02) puts a causal depthwise
-    convolution with SiLU after each of the q, k, v projections, before the feature map and the L2 norm
+    ``theta_max`` (default 1.0; 0.1 before 2026-12-02) caps the step size: with L2-normalised keys a depth-1
+    memory's l2 write is the delta rule with ``beta_t = 2 theta_t < 2`` (a contraction for unit keys), the
+    range of titans-pytorch's default too (``max_lr`` 1 on keys of squared norm ~d, loss averaged over d). At
+    0.1 a write stores at most a fifth of a value: on the quick MQAR preset Yaad went from 0.35 to 0.94 and
+    ATLAS from 0.93 to 0.99 with the larger cap (docs/memory.md).
+
+    ``conv_size`` (default 4; 0: none, with ``theta_max=0.1`` the layer as it was before 2026-12-02) puts a
+    causal depthwise convolution with SiLU after each of the q, k, v projections, before the feature map and the L2 norm
     (Titans section 4.4; Miras and ATLAS use the same block): ``q_t = silu(b + sum_{i<K} w_i (W_q x)_{t-K+1+i})``
     (:func:`effattn.linear.causal_conv1d`), each of q, k, v with its own weight ``[dim, K]`` and bias, so a key
     can carry the tokens just before it. Invalid tokens are skipped by it as by the memory (they enter no
@@ -227,7 +233,7 @@ class NeuralMemory(nn.Module):
         muon: bool = False,
         feature_degree: int = 1,
         momentum: bool = True,
-        theta_max: float = 0.1,
+        theta_max: float = 1.0,
         chunk_size: int = 16,
         fast: bool | None = None,
         max_grad_norm: float | None = 1.0,
