@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,27 @@ RECALL_COLUMNS = ("mixer", "dim", "head_dim", "state_bytes", "params", "accuracy
 
 # after the accuracies: the sweep's columns (learning rate that won, seeds, how many runs left chance, verdict)
 SWEEP_COLUMNS = ("best_lr", "seeds", "steps_run", "left_chance", "verdict")
+
+
+def label_states_within_decade(ax, xs: Sequence[float], most: int = 6) -> list[float]:
+    """Tick a log state axis at the data's own sizes where no power of ten falls inside their range (the
+    axis would show no label at all with the minor labels off): up to ``most`` of the distinct sizes, labelled
+    in KB. Returns the ticks set (none where the range spans a power of ten).
+
+    Example::
+
+        >>> import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+        >>> ax = plt.subplots()[1]; ax.set_xscale("log")
+        >>> label_states_within_decade(ax, [10768, 12816, 16912])
+        [10768, 12816, 16912]
+    """
+    xs = sorted({x for x in xs if x and x > 0})
+    if not xs or math.floor(math.log10(xs[0])) != math.floor(math.log10(xs[-1])):
+        return []
+    ticks = [xs[round(i * (len(xs) - 1) / (most - 1))] for i in range(most)] if len(xs) > most else xs
+    ticks = sorted(set(ticks))
+    ax.set_xticks(ticks, [f"{t / 1e3:.1f} KB" for t in ticks])
+    return ticks
 
 
 def recall_columns(cfg: CompareConfig) -> tuple[str, ...]:
@@ -203,6 +225,7 @@ def write_plots(
         ax.set_xscale("log")
         # a state range under a decade gets labelled minor ticks that run into each other: label majors only
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        label_states_within_decade(ax, [d["x"] for d in dodged.get(ax, [])])
         ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
         ax.set_ylim(-0.02, 1.02)
         if sub:
