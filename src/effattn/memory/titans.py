@@ -32,7 +32,7 @@ from torch import nn
 from effattn._checks import check_float, check_int, check_positive_int
 from effattn.linear import causal_conv1d
 from effattn.memory._chunked import chunk_neural_memory
-from effattn.memory._neural import reference_neural_memory
+from effattn.memory._neural import mlp_apply, read_weights, reference_neural_memory
 
 __all__ = ["NeuralMemory", "chunk_titans_memory", "init_memory_weights", "step_titans_memory", "titans_memory"]
 
@@ -307,6 +307,21 @@ class NeuralMemory(nn.Module):
             out.append(y)
             new_conv.append(c)
         return *out, state, new_conv
+
+    def read(self, q: torch.Tensor, state=None) -> torch.Tensor:
+        """Retrieval without a write, ``RMSNorm(M*(phi(q)))`` for raw queries ``q [B, T, heads, head_dim]``
+        (``phi``: :meth:`features`), from the memory as it stood at the start of its current chunk: the state's
+        ``A0`` (its ``A`` for ``chunk_size`` 1), the initial weights without a state. With ``chunk_size`` equal
+        to a segment this is Titans MAC's ``h = M*_{s-1}(q)``, the memory the previous segment left. Returns
+        ``[B, T, heads, head_dim]`` in ``q``'s dtype."""
+        B, T = q.shape[:2]
+        if state is None:
+            start = [(w if w.dtype == torch.float64 else w.float()).expand(B, *w.shape) for w in self.weights]
+        else:
+            start = state["A0"] if "A0" in state else state["A"]
+        W = [read_weights(a, self.opts["retention"], self.opts["q_exp"]) for a in start]
+        h = mlp_apply(W, self.features(q).transpose(1, 2).to(W[0].dtype)).transpose(1, 2)
+        return self.o_norm(h.to(q.dtype))
 
     def forward(self, x: torch.Tensor, state=None, valid: torch.Tensor | None = None):
         B, T, _ = x.shape

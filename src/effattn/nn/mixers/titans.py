@@ -31,7 +31,7 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
     stream's key of a token by its position inside its segment (``0 .. segment-1``; attention never leaves a
     segment, so these relative positions are the sequence's); the buffers hold rotated keys. Prefix keys
     stay unrotated and meet the unrotated query (relative distance 0, as in
-    :class:`PersistentWindowAttention`).
+    :class:`PersistentWindowAttention`). Computes in float32 (float64 for float64 ``q``).
 
     Example::
 
@@ -43,11 +43,12 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
         True
     """
     B, T, H, D = q.shape
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32  # compute dtype
     S, N, P = len(streams_k), segment, prefix_k.shape[0]
     scale = 1 / math.sqrt(D)
-    pk, pv = prefix_k.float().expand(B, P, H, D), prefix_v.float().expand(B, P, H, D)
+    pk, pv = prefix_k.to(cd).expand(B, P, H, D), prefix_v.to(cd).expand(B, P, H, D)
     if state is None:
-        z = q.new_zeros(B, S * N, H, D, dtype=torch.float32)
+        z = q.new_zeros(B, S * N, H, D, dtype=cd)
         state = dict(k=z, v=z.clone(), count=torch.zeros(B, dtype=torch.long, device=q.device))
     kb, vb, cnt = state["k"], state["v"], state["count"]
     slot = torch.arange(S * N, device=q.device) % N  # segment position of each buffer slot
@@ -56,11 +57,11 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
         pad = n_seg * N - T
 
         def seg(x):
-            return torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).reshape(B, n_seg, N, H, D)
+            return torch.nn.functional.pad(x.to(cd), (0, 0, 0, 0, 0, pad)).reshape(B, n_seg, N, H, D)
 
         if rope is not None:
             pos = torch.arange(T, device=q.device) % N
-            qr, streams_k = rope.apply(q.float(), pos), [rope.apply(k.float(), pos) for k in streams_k]
+            qr, streams_k = rope.apply(q.to(cd), pos), [rope.apply(k.to(cd), pos) for k in streams_k]
         ks = torch.cat([pk[:, None].expand(B, n_seg, P, H, D)] + [seg(k) for k in streams_k], 2)
         vs = torch.cat([pv[:, None].expand(B, n_seg, P, H, D)] + [seg(v) for v in streams_v], 2)
         if rope is None:
@@ -86,25 +87,25 @@ def segment_attention(q, streams_k, streams_v, prefix_k, prefix_v, segment: int,
     for t in range(T):
         ok = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid[:, t]
         here = ((slot[None] == cnt[:, None]) & ok[:, None])[..., None, None]
-        ks_t = [k[:, t, None].float() for k in streams_k]
+        ks_t = [k[:, t, None].to(cd) for k in streams_k]
         if rope is not None:  # the token's position in its segment is the row's fill count
             ks_t = [rope.apply(k, cnt[:, None]) for k in ks_t]
         kt = torch.cat([k.expand(B, N, H, D) for k in ks_t], 1)
-        vt = torch.cat([v[:, t, None].float().expand(B, N, H, D) for v in streams_v], 1)
+        vt = torch.cat([v[:, t, None].to(cd).expand(B, N, H, D) for v in streams_v], 1)
         kb, vb = torch.where(here, kt, kb), torch.where(here, vt, vb)
         see = torch.cat([torch.ones(B, P, dtype=torch.bool, device=q.device), slot[None] <= cnt[:, None]], 1)
         if rope is None:
-            s = torch.einsum("bhd,bjhd->bhj", q[:, t].float(), torch.cat([pk, kb], 1)) * scale
+            s = torch.einsum("bhd,bjhd->bhj", q[:, t].to(cd), torch.cat([pk, kb], 1)) * scale
         else:
-            qr = rope.apply(q[:, t, None].float(), cnt[:, None])[:, 0]
-            s_p = torch.einsum("bhd,bjhd->bhj", q[:, t].float(), pk)
+            qr = rope.apply(q[:, t, None].to(cd), cnt[:, None])[:, 0]
+            s_p = torch.einsum("bhd,bjhd->bhj", q[:, t].to(cd), pk)
             s = torch.cat([s_p, torch.einsum("bhd,bjhd->bhj", qr, kb)], -1) * scale
         o = torch.einsum(
             "bhj,bjhd->bhd", torch.softmax(s.masked_fill(~see[:, None], float("-inf")), -1), torch.cat([pv, vb], 1)
         )
         outs.append(torch.where(ok[:, None, None], o, torch.zeros_like(o)))
         cnt = torch.where(ok, (cnt + 1) % N, cnt)
-    o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, D, dtype=torch.float32)
+    o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, D, dtype=cd)
     return o.to(q.dtype), dict(k=kb, v=vb, count=cnt)
 
 
@@ -324,11 +325,23 @@ class TitansMAG(_TitansBase):
 class TitansMAC(_TitansBase):
     """Titans memory as context (MAC): per segment of ``segment`` tokens, causal attention over
     ``[persistent tokens | memory retrievals | segment]`` (:func:`segment_attention`): the query of
-    token ``t`` sees ``num_persistent`` learned key/value pairs, the retrievals ``h_j = M_j(q_j)`` and
-    the tokens ``x_j`` of its segment with ``j <= t``; ``y = W_o(o)``. ``rope`` (default True): RoPE on
-    the query and on the keys of the tokens and of their retrievals (``h_j`` at token ``j``'s position) by
-    the position inside the segment; the persistent keys stay unrotated (:func:`segment_attention`; titans-pytorch's
-    segmented attention also uses rotary embeddings). State ``(memory state, segment buffers)``.
+    token ``t`` sees ``num_persistent`` learned key/value pairs, the retrievals ``h_j`` and the tokens
+    ``x_j`` of its segment with ``j <= t``. ``rope`` (default True): RoPE on the query and on the keys of
+    the tokens and of their retrievals (``h_j`` at token ``j``'s position) by the position inside the
+    segment; the persistent keys stay unrotated (:func:`segment_attention`; titans-pytorch's segmented
+    attention also uses rotary embeddings). State ``(memory state, segment buffers)``.
+
+    Two forms (``paper_form``):
+
+    - ``False`` (default): the memory reads the layer input, ``m = NeuralMemory(x)``, each token's retrieval
+      ``h_t = m_t`` from the memory up to that token (its chunk grid), ``y = W_o(o)``; segments run in
+      parallel. The memory reads the layer input as in titans-pytorch's MAC transformer.
+    - ``True``: the paper's block (Titans eqs. 21-25), segment after segment: ``h = M*_{s-1}(W_h x_s)``
+      from the memory the previous segment left (:meth:`NeuralMemory.read`), ``y_s = W_o(Attn([p | h |
+      x_s]))``, the memory written with the attention output, ``M_s = M_{s-1}(y_s)``, and the output gated,
+      ``o_s = W_out(y_s * sigmoid(M*_s(y_s)))`` (the memory's own per-token output on ``y_s``, as MAG's gate).
+      The memory's chunk is the segment (``chunk_size`` None or ``segment``), so a segment's writes are one
+      chunk and ``M_{s-1}`` is the chunk's start.
 
     Example::
 
@@ -336,6 +349,9 @@ class TitansMAC(_TitansBase):
         >>> x = torch.randn(1, 7, 16)
         >>> y, st = mixer(x[:, :6])
         >>> torch.allclose(mixer(x[:, 6:], st)[0], mixer(x)[0][:, 6:], atol=1e-5)
+        True
+        >>> paper = TitansMAC(16, 2, segment=4, paper_form=True).eval()
+        >>> torch.allclose(paper(x[:, 6:], paper(x[:, :6])[1])[0], paper(x)[0][:, 6:], atol=1e-5)
         True
     """
 
@@ -346,27 +362,65 @@ class TitansMAC(_TitansBase):
         segment: int = 8,
         num_persistent: int = 4,
         depth: int = 2,
-        chunk_size: int = 16,
+        chunk_size: int | None = None,
         rope: bool = True,
+        paper_form: bool = False,
         **memory_kw,
     ):
-        super().__init__(dim, heads, depth, chunk_size, **memory_kw)
         check_positive_int("segment", segment)
-        self.segment = segment
+        if paper_form not in (True, False):
+            raise ValueError(f"paper_form must be a bool, got {paper_form!r}")
+        if paper_form and chunk_size not in (None, segment):
+            raise ValueError(
+                f"chunk_size must be None or the segment ({segment}) with paper_form=True (a segment's memory "
+                f"writes are one chunk), got {chunk_size}"
+            )
+        chunk_size = (segment if paper_form else 16) if chunk_size is None else chunk_size
+        super().__init__(dim, heads, depth, chunk_size, **memory_kw)
+        self.segment, self.paper_form = segment, paper_form
         self.rope = RotaryEmbedding(self.head_dim) if rope else None
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.persistent_k = nn.Parameter(torch.randn(num_persistent, heads, self.head_dim) / math.sqrt(self.head_dim))
         self.persistent_v = nn.Parameter(torch.randn(num_persistent, heads, self.head_dim) / math.sqrt(self.head_dim))
+        if paper_form:  # created last: the default form's parameters and initialisation stay as they were
+            self.h_proj = nn.Linear(dim, dim, bias=False)  # the paper's W_Q of the retrieval
+            self.out = nn.Linear(dim, dim, bias=False)
+
+    def _attend(self, x, h, ss, valid):
+        """Segment attention of ``x [B, n, dim]`` over its retrievals ``h [B, n, dim]``; ``(o [B, n, dim], ss)``."""
+        B, n, H, D = x.shape[0], x.shape[1], self.heads, self.head_dim
+        q = self.q_proj(x).view(B, n, H, D)
+        kx, vx = self.k_proj(x).view(B, n, H, D), self.v_proj(x).view(B, n, H, D)
+        kh, vh = self.k_proj(h).view(B, n, H, D), self.v_proj(h).view(B, n, H, D)
+        o, ss = segment_attention(
+            q, [kh, kx], [vh, vx], self.persistent_k, self.persistent_v, self.segment, ss, valid, self.rope
+        )
+        return o.reshape(B, n, -1), ss
 
     def forward(self, x, state=None, valid=None):
         valid = check_x_and_valid(x, self.dim, valid)
         ms, ss = (None, None) if state is None else state
+        if self.paper_form:
+            return self._paper_forward(x, ms, ss, valid)
         m, ms = self.memory(x, ms, valid)
-        B, T, H, D = x.shape[0], x.shape[1], self.heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D)
-        kx, vx = self.k_proj(x).view(B, T, H, D), self.v_proj(x).view(B, T, H, D)
-        km, vm = self.k_proj(m).view(B, T, H, D), self.v_proj(m).view(B, T, H, D)
-        o, ss = segment_attention(
-            q, [km, kx], [vm, vx], self.persistent_k, self.persistent_v, self.segment, ss, valid, self.rope
-        )
-        return self.o_proj(o.reshape(B, T, -1)), (ms, ss)
+        o, ss = self._attend(x, m, ss, valid)
+        return self.o_proj(o), (ms, ss)
+
+    def _paper_forward(self, x, ms, ss, valid):
+        """The paper's block (class docstring): whole segments at once where every row starts a segment and
+        nothing is padded, else token by token (each row on its own segment grid, counted in valid tokens)."""
+        B, T, N = x.shape[0], x.shape[1], self.segment
+        if valid is not None and bool(valid.all()):
+            valid = None
+        aligned = valid is None and (ss is None or not bool((ss["count"] != 0).any()))
+        spans = [(a, min(a + N, T)) for a in range(0, T, N)] if aligned else [(t, t + 1) for t in range(T)]
+        outs = []
+        for a, b in spans:
+            xs, vs = x[:, a:b], None if valid is None else valid[:, a:b]
+            h = self.memory.read(self.h_proj(xs).view(B, b - a, self.heads, self.head_dim), ms)
+            o, ss = self._attend(xs, h.reshape(B, b - a, -1), ss, vs)
+            y = self.o_proj(o)
+            m, ms = self.memory(y, ms, vs)
+            outs.append(self.out(y * torch.sigmoid(m)))
+        y = torch.cat(outs, 1) if outs else x.new_zeros(B, 0, self.dim)
+        return y, (ms, ss)
