@@ -31,19 +31,19 @@ def test_curriculum_grows_the_longest_context():
 
 
 def test_memory_gate_options_reach_every_neural_memory():
-    args = _args("--window", "8", "--heads", "1", "--theta-max", "0.5", "--forget-bias", "-6")
+    args = _args("--window", "8", "--heads", "1", "--theta-max", "0.5", "--forget-bias", "-6", "--conv-size", "0")
     for name in ("titans_mal", "titans_mag", "titans_mac", "atlas"):
         mems = [m for m in build_model(name, args, 32).modules() if isinstance(m, NeuralMemory)]
         assert len(mems) == 2  # one per layer
         for m in mems:
-            assert m.heads == 1 and m.theta_max == 0.5
+            assert m.heads == 1 and m.theta_max == 0.5 and m.conv_size == 0
             alpha = torch.sigmoid(m.gate_proj.bias.view(-1, m.heads))
             assert torch.allclose(alpha[2], torch.sigmoid(torch.tensor(-6.0)))  # the forgetting gate
             assert torch.allclose(alpha[0], torch.sigmoid(torch.tensor(-1.0)))  # the step-size gate untouched
     default = [
         m for m in build_model("titans_mal", _args("--window", "8"), 32).modules() if isinstance(m, NeuralMemory)
     ]
-    assert default[0].heads == 2 and default[0].theta_max == 1.0
+    assert default[0].heads == 2 and default[0].theta_max == 1.0 and default[0].conv_size == 4
     assert torch.allclose(default[0].gate_proj.bias.view(-1, 2)[2], torch.tensor(-3.0))
     assert set_forget_bias(build_model("swa", _args("--window", "8"), 32), -6.0) == 0  # no memory: untouched
     gdn = build_model("gated_deltanet", args, 32)
