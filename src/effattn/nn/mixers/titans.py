@@ -333,9 +333,9 @@ class TitansMAC(_TitansBase):
 
     Two forms (``paper_form``):
 
-    - ``False`` (default): the memory reads the layer input, ``m = NeuralMemory(x)``, each token's retrieval
-      ``h_t = m_t`` from the memory up to that token (its chunk grid), ``y = W_o(o)``; segments run in
-      parallel. The memory reads the layer input as in titans-pytorch's MAC transformer.
+    - ``False`` (default): the memory reads the layer input (as in titans-pytorch's MAC transformer),
+      ``m = NeuralMemory(x)``, each token's retrieval ``h_t = m_t`` from the memory up to that token (its chunk
+      grid), ``y = W_o(o)``; segments run in parallel.
     - ``True``: the paper's block (Titans eqs. 21-25), segment after segment: ``h = M*_{s-1}(W_h x_s)``
       from the memory the previous segment left (:meth:`NeuralMemory.read`), ``y_s = W_o(Attn([p | h |
       x_s]))``, the memory written with the attention output, ``M_s = M_{s-1}(y_s)``, and the output gated,
