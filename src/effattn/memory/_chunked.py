@@ -33,6 +33,7 @@ from effattn.memory._neural import (
     check_memory_inputs,
     decay_matrix,
     init_state,
+    layer_norm,
     linear_scan,
     make_state,
     mlp_apply,
@@ -83,10 +84,10 @@ def _chunk_gates(th, et, al, gext, window):
     return D, E, Ma * gext[..., None, :], P[..., -1], Ms[..., -1, :] * gext
 
 
-def _fast_chunk(W0, A, S, qc, kw, vw, gates, loss, p, max_grad_norm):
+def _fast_chunk(W0, A, S, qc, kw, vw, gates, loss, p, max_grad_norm, residual_norm=False):
     """One chunk in the factored form (module docstring); returns ``(y [B, H, C, V], A_new, S_new)``."""
     D, E, ba, P_last, bs_last = gates
-    ins, deltas = mlp_token_factors(W0, kw, vw, loss, p, max_grad_norm)  # at the chunk's start weights
+    ins, deltas = mlp_token_factors(W0, kw, vw, loss, p, max_grad_norm, residual_norm)  # at the chunk's start
     D_last, E_last, ba_last = D[..., -1, None, None], E[..., -1, None, None], ba[..., -1, :, None]
     P_last, bs_last = P_last[..., None, None], bs_last[..., None]
     h = qc
@@ -96,7 +97,7 @@ def _fast_chunk(W0, A, S, qc, kw, vw, gates, loss, p, max_grad_norm):
         h = F.silu(z) if i < len(A) - 1 else z
         newA.append(D_last * a0 + E_last * s0 - (x * ba_last).transpose(-1, -2) @ d)
         newS.append(P_last * s0 - (x * bs_last).transpose(-1, -2) @ d)
-    return h, newA, newS
+    return (qc + layer_norm(h) if residual_norm else h), newA, newS
 
 
 def _all_gates(segs, th, et, al, gext, window):
@@ -116,9 +117,11 @@ def _all_gates(segs, th, et, al, gext, window):
     return out
 
 
-def _materialized_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p, retention, q_exp, muon, max_grad_norm):
+def _materialized_chunk(
+    W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p, retention, q_exp, muon, max_grad_norm, residual_norm
+):
     """One chunk with per-token gradients and weights ``[B, H, C, d_in, d_out]``."""
-    G = window_grads(W0, kw, vw, gw, qc.shape[2], window, loss, p, max_grad_norm)
+    G = window_grads(W0, kw, vw, gw, qc.shape[2], window, loss, p, max_grad_norm, residual_norm)
     newA, newS, Wt = [], [], []
     for a, s, g in zip(A, S, G):
         if muon:
@@ -131,7 +134,7 @@ def _materialized_chunk(W0, A, S, qc, kw, vw, gw, th, et, al, window, loss, p, r
         Wt.append(read_weights(a_all, retention, q_exp))
         newA.append(a_all[:, :, -1])
         newS.append(s_all[:, :, -1])
-    return mlp_apply(Wt, qc, per_token=True), newA, newS
+    return mlp_apply(Wt, qc, per_token=True, residual_norm=residual_norm), newA, newS
 
 
 def chunk_neural_memory(
@@ -151,6 +154,7 @@ def chunk_neural_memory(
     window=1,
     muon=False,
     max_grad_norm=None,
+    residual_norm=False,
     chunk_size=16,
     initial_state=None,
     output_final_state=False,
@@ -175,7 +179,22 @@ def chunk_neural_memory(
         True
     """
     B, T, H = check_memory_inputs(
-        q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm
+        q,
+        k,
+        v,
+        theta,
+        eta,
+        alpha,
+        weights,
+        gamma,
+        loss,
+        p,
+        retention,
+        q_exp,
+        window,
+        muon,
+        max_grad_norm,
+        residual_norm,
     )
     check_int("chunk_size", chunk_size, 1)
     if fast is None:
@@ -186,7 +205,7 @@ def chunk_neural_memory(
             f"got retention={retention!r}, muon={muon}"
         )
     opts = dict(gamma=gamma, loss=loss, p=p, retention=retention, q_exp=q_exp, window=window, muon=muon)
-    opts.update(max_grad_norm=max_grad_norm)
+    opts.update(max_grad_norm=max_grad_norm, residual_norm=residual_norm)
     A, S, A0, pos, kb, vb, gb = init_state(weights, B, window, k, v, initial_state)
     pos0 = int(pos[0]) if B else 0
     if B and bool((pos != pos0).any()):  # rows on different grid positions: the token-by-token form
@@ -220,11 +239,26 @@ def chunk_neural_memory(
         kw, vw, gw = (torch.cat([buf, x[i]], 2) for buf, x in ((kb, ks), (vb, vs), (gb, gs)))
         W0 = [read_weights(a, retention, q_exp) for a in A0]
         if fast:
-            y, A, S = _fast_chunk(W0, A, S, qs[i], kw, vw, all_gates[i], loss, p, max_grad_norm)
+            y, A, S = _fast_chunk(W0, A, S, qs[i], kw, vw, all_gates[i], loss, p, max_grad_norm, residual_norm)
         else:
             gates = (ths[i], ets[i], als[i])
             y, A, S = _materialized_chunk(
-                W0, A, S, qs[i], kw, vw, gw, *gates, window, loss, p, retention, q_exp, muon, max_grad_norm
+                W0,
+                A,
+                S,
+                qs[i],
+                kw,
+                vw,
+                gw,
+                *gates,
+                window,
+                loss,
+                p,
+                retention,
+                q_exp,
+                muon,
+                max_grad_norm,
+                residual_norm,
             )
         ys.append(y)
         pos0 = (pos0 + sizes[i]) % chunk_size

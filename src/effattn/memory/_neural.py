@@ -12,6 +12,10 @@ Generic rule (per head; ``W = rho(A)`` the memory read from its accumulator ``A`
     (muon)  S_t = eta_t S_{t-1} + g_t                  U_t = -theta_t NS5(S_t)
     A_t = (1 - alpha_t) A_{t-1} + U_t                  y_t = M(rho(A_t); q_t)
 
+``residual_norm=True`` makes the memory ``M(x) = x + LN(MLP(x))`` (LayerNorm without affine over the
+output; key and value dims equal): the memory of TTT (Sun et al. 2024), Miras (section 5.3) and
+titans-pytorch's default, in place of the plain ``M(x) = MLP(x)``.
+
 ``max_grad_norm = tau`` (optional) clips each token's own loss gradient before the window sum and the
 momentum: ``grad_i <- grad_i * min(1, tau / ||grad_i||)`` with the norm over all of the memory's layers
 (as titans-pytorch's ``max_grad_norm``). An update then moves the memory by at most ``theta tau`` per
@@ -40,6 +44,8 @@ __all__ = [
     "clip_scale",
     "decay_matrix",
     "init_state",
+    "layer_norm",
+    "layer_norm_backward",
     "linear_scan",
     "loss_grad",
     "mlp_apply",
@@ -64,8 +70,11 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
     return s * (1 + z * (1 - s))
 
 
-def mlp_apply(weights: Sequence[torch.Tensor], x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-    """The memory ``M(x)``: ``h_0 = x``, ``h_l = silu(h_{l-1} W_l)`` for ``l < L``, ``M(x) = h_{L-1} W_L``.
+def mlp_apply(
+    weights: Sequence[torch.Tensor], x: torch.Tensor, per_token: bool = False, residual_norm: bool = False
+) -> torch.Tensor:
+    """The memory ``M(x)``: ``h_0 = x``, ``h_l = silu(h_{l-1} W_l)`` for ``l < L``, ``M(x) = h_{L-1} W_L``;
+    with ``residual_norm``, ``M(x) = x + LN(h_{L-1} W_L)`` (:func:`layer_norm`).
 
     ``weights[l]`` is ``[B, H, d_l, d_{l+1}]`` (``[B, H, C, d_l, d_{l+1}]`` with ``per_token``, one memory
     per token); ``x`` is ``[B, H, C, d_0]``.
@@ -75,13 +84,48 @@ def mlp_apply(weights: Sequence[torch.Tensor], x: torch.Tensor, per_token: bool 
         >>> w = [torch.eye(3).expand(1, 1, 3, 3)]
         >>> mlp_apply(w, torch.ones(1, 1, 2, 3)).tolist()
         [[[[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]]]
+        >>> y = mlp_apply(w, torch.tensor([[[[1.0, 0.0, -1.0]]]]), residual_norm=True)   # x + LN(x)
+        >>> [round(t, 3) for t in y.flatten().tolist()]
+        [2.225, 0.0, -2.225]
     """
     h = x
     for i, w in enumerate(weights):
         h = torch.einsum("bhci,bhcij->bhcj", h, w) if per_token else h @ w
         if i < len(weights) - 1:
             h = F.silu(h)
-    return h
+    return x + layer_norm(h) if residual_norm else h
+
+
+#: the epsilon of the memory's output LayerNorm (``residual_norm``), torch's default
+LN_EPS = 1e-5
+
+
+def layer_norm(z: torch.Tensor) -> torch.Tensor:
+    """``(z - mean(z)) / sqrt(var(z) + 1e-5)`` over the last dim (LayerNorm without affine).
+
+    Example::
+
+        >>> [round(t, 4) for t in layer_norm(torch.tensor([1.0, 3.0])).tolist()]
+        [-1.0, 1.0]
+    """
+    return F.layer_norm(z, z.shape[-1:], eps=LN_EPS)
+
+
+def layer_norm_backward(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The gradient at ``z`` of a loss whose gradient at ``n = layer_norm(z)`` is ``g``:
+    ``(g - mean(g) - n mean(g n)) / sqrt(var(z) + eps)`` (written out, so the outer model differentiates
+    through it).
+
+    Example::
+
+        >>> z = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+        >>> layer_norm(z).mul(torch.tensor([1.0, 0.0, 0.0])).sum().backward()
+        >>> torch.allclose(layer_norm_backward(z.detach(), torch.tensor([1.0, 0.0, 0.0])), z.grad)
+        True
+    """
+    inv = (z.var(-1, unbiased=False, keepdim=True) + LN_EPS).rsqrt()
+    n = (z - z.mean(-1, keepdim=True)) * inv
+    return inv * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))
 
 
 def loss_grad(err: torch.Tensor, loss: str, p: float) -> torch.Tensor:
@@ -108,13 +152,15 @@ def mlp_token_factors(
     loss: str,
     p: float,
     max_grad_norm: float | None = None,
+    residual_norm: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The two factors of every per-token gradient: ``grad_{W_l} loss(M(k_c), v_c) = a_{l,c}^T delta_{l,c}``
     (rank one), with ``a_l [B, H, C, d_l]`` the layer's inputs and ``delta_l [B, H, C, d_{l+1}]`` the loss
     gradient at its output, at the shared weights ``weights`` (``[B, H, d_l, d_{l+1}]``). Backpropagation
     written out, so the outer model differentiates through it. ``max_grad_norm = tau`` scales token
     ``c``'s deltas by ``min(1, tau / ||G_c||)``, ``||G_c||^2 = sum_l ||a_{l,c}||^2 ||delta_{l,c}||^2``
-    (the Frobenius norm of the whole per-token gradient; :func:`clip_scale`).
+    (the Frobenius norm of the whole per-token gradient; :func:`clip_scale`). ``residual_norm``: the
+    memory ``k + LN(MLP(k))`` (:func:`mlp_apply`); the loss gradient enters the MLP through the LayerNorm.
 
     Example::
 
@@ -130,7 +176,10 @@ def mlp_token_factors(
         zs.append(z)
         h = F.silu(z) if i < len(weights) - 1 else z
         hs.append(h)
-    delta = loss_grad(h - v, loss, p)
+    if residual_norm:
+        delta = layer_norm_backward(h, loss_grad(k + layer_norm(h) - v, loss, p))
+    else:
+        delta = loss_grad(h - v, loss, p)
     deltas: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for i in range(len(weights) - 1, -1, -1):
         deltas[i] = delta
@@ -166,6 +215,7 @@ def mlp_token_grads(
     loss: str,
     p: float,
     max_grad_norm: float | None = None,
+    residual_norm: bool = False,
 ) -> list[torch.Tensor]:
     """Per-token gradients ``grad_{W_l} loss(M(k_c), v_c)`` at the shared weights ``weights`` (``[B, H,
     d_l, d_{l+1}]``) for ``k [B, H, C, d_0]``, ``v [B, H, C, d_L]``; each ``[B, H, C, d_l, d_{l+1}]``
@@ -178,7 +228,7 @@ def mlp_token_grads(
         >>> (g[0][0, 0, 0] + 0.0).tolist()                # 2 k (M(k) - v)^T
         [[0.0, -2.0], [0.0, 0.0]]
     """
-    ins, deltas = mlp_token_factors(weights, k, v, loss, p, max_grad_norm)
+    ins, deltas = mlp_token_factors(weights, k, v, loss, p, max_grad_norm, residual_norm)
     return [a.unsqueeze(-1) * d.unsqueeze(-2) for a, d in zip(ins, deltas)]
 
 
@@ -258,7 +308,22 @@ def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.T
 
 
 def check_memory_inputs(
-    q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm=None
+    q,
+    k,
+    v,
+    theta,
+    eta,
+    alpha,
+    weights,
+    gamma,
+    loss,
+    p,
+    retention,
+    q_exp,
+    window,
+    muon,
+    max_grad_norm=None,
+    residual_norm=False,
 ) -> tuple[int, int, int]:
     """Shapes, dtypes and options of a neural-memory call; returns ``(B, T, H)``.
 
@@ -300,6 +365,13 @@ def check_memory_inputs(
         dims.append(w.shape[2])
     if dims[-1] != v.shape[-1]:
         raise ValueError(f"the last weight's output dim ({dims[-1]}) must equal v's value_dim ({v.shape[-1]})")
+    if not isinstance(residual_norm, bool):
+        raise ValueError(f"residual_norm must be a bool, got {residual_norm!r}")
+    if residual_norm and K != dims[-1]:
+        raise ValueError(
+            f"residual_norm (M(x) = x + LN(MLP(x))) needs key_dim == value_dim, got key_dim {K} and value_dim "
+            f"{dims[-1]} (a polynomial feature map widens the keys)"
+        )
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if retention not in RETENTIONS:
@@ -342,7 +414,7 @@ def init_state(weights, B, window, k, v, initial_state):
     return A, S, A, torch.zeros(B, dtype=torch.long, device=k.device), kb, vb, gb
 
 
-def window_grads(W, kw, vw, gw, C, window, loss, p, max_grad_norm=None):
+def window_grads(W, kw, vw, gw, C, window, loss, p, max_grad_norm=None, residual_norm=False):
     """Per-token window gradients ``sum_j gamma_{t-j} grad loss(W; k_{t-j}, v_{t-j})`` (materialized,
     ``[B, H, C, d_l, d_{l+1}]`` per layer) for the last ``C`` tokens of ``kw [B, H, window-1+C, K]``.
 
@@ -352,7 +424,7 @@ def window_grads(W, kw, vw, gw, C, window, loss, p, max_grad_norm=None):
         >>> window_grads([torch.zeros(1, 1, 1, 1)], x, x, torch.ones(1, 1, 2), 1, 2, "l2", 2.0)[0].item()
         -4.0
     """
-    G = mlp_token_grads(W, kw, vw, loss, p, max_grad_norm)
+    G = mlp_token_grads(W, kw, vw, loss, p, max_grad_norm, residual_norm)
     out = []
     for g in G:
         g = g * gw[..., None, None]
@@ -395,6 +467,7 @@ def reference_neural_memory(
     window=1,
     muon=False,
     max_grad_norm=None,
+    residual_norm=False,
     initial_state=None,
     output_final_state=False,
     valid=None,
@@ -416,7 +489,22 @@ def reference_neural_memory(
         ((1, 4, 1, 3), (1, 1, 3, 3))
     """
     B, T, H = check_memory_inputs(
-        q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm
+        q,
+        k,
+        v,
+        theta,
+        eta,
+        alpha,
+        weights,
+        gamma,
+        loss,
+        p,
+        retention,
+        q_exp,
+        window,
+        muon,
+        max_grad_norm,
+        residual_norm,
     )
     check_int("chunk_size", chunk_size, 1)
     A, S, A0, pos, kb, vb, gb = init_state(weights, B, window, k, v, initial_state)
@@ -429,7 +517,7 @@ def reference_neural_memory(
         vw = torch.cat([vb, vf[:, :, t : t + 1]], 2)
         gw = torch.cat([gb, ga[:, :, t : t + 1]], 2)
         W = [read_weights(a, retention, q_exp) for a in (A if chunk_size == 1 else A0)]
-        G = window_grads(W, kw, vw, gw, 1, window, loss, p, max_grad_norm)
+        G = window_grads(W, kw, vw, gw, 1, window, loss, p, max_grad_norm, residual_norm)
         th_t, et_t, al_t = (x[:, :, t, None, None] for x in (th, et, al))
         newA, newS = [], []
         for a, s, g in zip(A, S, G):
@@ -462,7 +550,7 @@ def reference_neural_memory(
         else:
             A0 = A
         Wt = [read_weights(a, retention, q_exp) for a in A]
-        ys.append(mlp_apply(Wt, qf[:, :, t : t + 1])[:, :, 0])
+        ys.append(mlp_apply(Wt, qf[:, :, t : t + 1], residual_norm=residual_norm)[:, :, 0])
     y = torch.stack(ys, dim=1) if ys else vf.new_zeros(B, 0, H, v.shape[-1])
     state = make_state(A, S, A0, pos, kb, vb, gb, chunk_size) if output_final_state else None
     return y.to(q.dtype), state

@@ -209,6 +209,10 @@ class NeuralMemory(nn.Module):
     last ``K - 1`` projections, ride in the state dict as ``state["conv"] = [q, k, v]`` (``[B, K - 1, dim]``
     each); the other keys are the memory's (``A``, ``S``, ...).
 
+    ``residual_norm`` (default False) makes the memory ``M(x) = x + LN(MLP(x))`` (LayerNorm without affine;
+    :func:`effattn.memory.mlp_apply`), the memory of TTT, Miras and titans-pytorch's default; Memora's mixer
+    turns it on (docs/memory.md).
+
     Example::
 
         >>> mem = NeuralMemory(16, 2, depth=2).eval()
@@ -238,6 +242,7 @@ class NeuralMemory(nn.Module):
         fast: bool | None = None,
         max_grad_norm: float | None = 1.0,
         conv_size: int = 4,
+        residual_norm: bool = False,
     ):
         super().__init__()
         check_int("conv_size", conv_size, 0)
@@ -250,7 +255,14 @@ class NeuralMemory(nn.Module):
             check_float("max_grad_norm", max_grad_norm, 0.0, float("inf"), lo_open=True)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.opts = dict(loss=loss, p=p, retention=retention, q_exp=q_exp, window=window, muon=muon)
-        self.opts.update(max_grad_norm=max_grad_norm)
+        if not isinstance(residual_norm, bool):
+            raise ValueError(f"residual_norm must be a bool, got {residual_norm!r}")
+        if residual_norm and feature_degree > 1:
+            raise ValueError(
+                f"residual_norm (M(x) = x + LN(MLP(x))) needs the key dim to equal the value dim; feature_degree "
+                f"{feature_degree} makes the keys {feature_degree}x wider"
+            )
+        self.opts.update(max_grad_norm=max_grad_norm, residual_norm=residual_norm)
         self.feature_degree, self.momentum = feature_degree, momentum
         self.theta_max, self.chunk_size, self.fast = theta_max, chunk_size, fast
         fdim = self.head_dim * feature_degree
@@ -320,7 +332,8 @@ class NeuralMemory(nn.Module):
         else:
             start = state["A0"] if "A0" in state else state["A"]
         W = [read_weights(a, self.opts["retention"], self.opts["q_exp"]) for a in start]
-        h = mlp_apply(W, self.features(q).transpose(1, 2).to(W[0].dtype)).transpose(1, 2)
+        h = mlp_apply(W, self.features(q).transpose(1, 2).to(W[0].dtype), residual_norm=self.opts["residual_norm"])
+        h = h.transpose(1, 2)
         return self.o_norm(h.to(q.dtype))
 
     def forward(self, x: torch.Tensor, state=None, valid: torch.Tensor | None = None):
