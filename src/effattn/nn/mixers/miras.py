@@ -75,13 +75,16 @@ class YaadMixer(MirasMixer):
 
 @register_mixer("memora")
 class MemoraMixer(MirasMixer):
-    """Memora: l2 loss, softmax (KL) retention: each memory row a distribution.
+    """Memora: l2 loss, softmax (KL) retention: each memory row a distribution. The memory is Miras's
+    ``M(x) = x + LN(MLP(x))`` (``residual_norm=True``, the default here since 2026-12-02): a plain MLP whose
+    rows lie on the simplex outputs averages of its inputs and sat below chance on MQAR (docs/memory.md).
 
     Example::
 
-        >>> MemoraMixer(16, 2).memory.opts["retention"]
-        'softmax'
+        >>> m = MemoraMixer(16, 2).memory.opts
+        >>> m["retention"], m["residual_norm"]
+        ('softmax', True)
     """
 
-    def __init__(self, dim: int, heads: int, **kw):
-        super().__init__(dim, heads, rule="memora", **kw)
+    def __init__(self, dim: int, heads: int, residual_norm: bool = True, **kw):
+        super().__init__(dim, heads, rule="memora", residual_norm=residual_norm, **kw)
