@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from effattn._checks import check_int
 from effattn.memory._neural import (
     check_memory_inputs,
+    check_residual_norm,
     decay_matrix,
     init_state,
     layer_norm,
@@ -179,23 +180,9 @@ def chunk_neural_memory(
         True
     """
     B, T, H = check_memory_inputs(
-        q,
-        k,
-        v,
-        theta,
-        eta,
-        alpha,
-        weights,
-        gamma,
-        loss,
-        p,
-        retention,
-        q_exp,
-        window,
-        muon,
-        max_grad_norm,
-        residual_norm,
+        q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm
     )
+    check_residual_norm(residual_norm, k, v)
     check_int("chunk_size", chunk_size, 1)
     if fast is None:
         fast = fast_chunk_applies(retention, muon)

@@ -41,6 +41,7 @@ __all__ = [
     "LOSSES",
     "RETENTIONS",
     "check_memory_inputs",
+    "check_residual_norm",
     "clip_scale",
     "decay_matrix",
     "init_state",
@@ -308,22 +309,7 @@ def linear_scan(x: torch.Tensor, d: torch.Tensor, init: torch.Tensor) -> torch.T
 
 
 def check_memory_inputs(
-    q,
-    k,
-    v,
-    theta,
-    eta,
-    alpha,
-    weights,
-    gamma,
-    loss,
-    p,
-    retention,
-    q_exp,
-    window,
-    muon,
-    max_grad_norm=None,
-    residual_norm=False,
+    q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm=None
 ) -> tuple[int, int, int]:
     """Shapes, dtypes and options of a neural-memory call; returns ``(B, T, H)``.
 
@@ -365,13 +351,6 @@ def check_memory_inputs(
         dims.append(w.shape[2])
     if dims[-1] != v.shape[-1]:
         raise ValueError(f"the last weight's output dim ({dims[-1]}) must equal v's value_dim ({v.shape[-1]})")
-    if not isinstance(residual_norm, bool):
-        raise ValueError(f"residual_norm must be a bool, got {residual_norm!r}")
-    if residual_norm and K != dims[-1]:
-        raise ValueError(
-            f"residual_norm (M(x) = x + LN(MLP(x))) needs key_dim == value_dim, got key_dim {K} and value_dim "
-            f"{dims[-1]} (a polynomial feature map widens the keys)"
-        )
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if retention not in RETENTIONS:
@@ -384,6 +363,26 @@ def check_memory_inputs(
     if max_grad_norm is not None:
         check_float("max_grad_norm", max_grad_norm, 0.0, float("inf"), lo_open=True)
     return B, T, H
+
+
+def check_residual_norm(residual_norm, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``residual_norm`` must be a bool, and with it the memory ``x + LN(MLP(x))`` needs key dim == value dim.
+
+    Example::
+
+        >>> try:
+        ...     check_residual_norm(True, torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 2))
+        ... except ValueError as e:
+        ...     print(str(e)[:64])
+        residual_norm (M(x) = x + LN(MLP(x))) needs key_dim == value_dim
+    """
+    if not isinstance(residual_norm, bool):
+        raise ValueError(f"residual_norm must be a bool, got {residual_norm!r}")
+    if residual_norm and k.shape[-1] != v.shape[-1]:
+        raise ValueError(
+            f"residual_norm (M(x) = x + LN(MLP(x))) needs key_dim == value_dim, got key_dim {k.shape[-1]} and "
+            f"value_dim {v.shape[-1]} (a polynomial feature map widens the keys)"
+        )
 
 
 def init_state(weights, B, window, k, v, initial_state):
@@ -489,23 +488,9 @@ def reference_neural_memory(
         ((1, 4, 1, 3), (1, 1, 3, 3))
     """
     B, T, H = check_memory_inputs(
-        q,
-        k,
-        v,
-        theta,
-        eta,
-        alpha,
-        weights,
-        gamma,
-        loss,
-        p,
-        retention,
-        q_exp,
-        window,
-        muon,
-        max_grad_norm,
-        residual_norm,
+        q, k, v, theta, eta, alpha, weights, gamma, loss, p, retention, q_exp, window, muon, max_grad_norm
     )
+    check_residual_norm(residual_norm, k, v)
     check_int("chunk_size", chunk_size, 1)
     A, S, A0, pos, kb, vb, gb = init_state(weights, B, window, k, v, initial_state)
     qf, kf, vf = (_f(t).transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
