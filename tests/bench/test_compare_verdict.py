@@ -142,22 +142,23 @@ def test_rerender_from_the_command_line_writes_in_place(tmp_path, capsys):
         compare.config_from_results({"meta": {}}, tmp_path)
 
 
-def test_state_axis_within_a_decade_is_labelled_at_the_data():
+def test_narrow_state_axis_is_labelled_at_the_data():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from effattn.bench.compare.report import label_states_within_decade
+    from effattn.bench.compare.report import label_narrow_state_axis
 
     fig, ax = plt.subplots()
     ax.set_xscale("log")
-    assert label_states_within_decade(ax, [10768, 16912, 12816, 12816]) == [10768, 12816, 16912]
+    assert label_narrow_state_axis(ax, [10768, 16912, 12816, 12816]) == [10768, 12816, 16912]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["10.8 KB", "12.8 KB", "16.9 KB"]
     many = [11000 + 1000 * i for i in range(20)]
-    ticks = label_states_within_decade(ax, many)
+    ticks = label_narrow_state_axis(ax, many)
     assert len(ticks) == 6 and ticks[0] == many[0] and ticks[-1] == many[-1]
     fig2, ax2 = plt.subplots()
     ax2.set_xscale("log")
-    assert label_states_within_decade(ax2, [4000, 120000]) == []  # spans powers of ten: majors are labelled
+    assert label_narrow_state_axis(ax2, [4000, 120000]) == []  # spans powers of ten: majors are labelled
+    assert label_narrow_state_axis(ax2, [29200, 53776, 102928]) == [29200, 53776, 102928]  # one power inside
     plt.close(fig)
     plt.close(fig2)

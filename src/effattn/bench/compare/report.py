@@ -30,20 +30,22 @@ RECALL_COLUMNS = ("mixer", "dim", "head_dim", "state_bytes", "params", "accuracy
 SWEEP_COLUMNS = ("best_lr", "seeds", "steps_run", "left_chance", "verdict")
 
 
-def label_states_within_decade(ax, xs: Sequence[float], most: int = 6) -> list[float]:
-    """Tick a log state axis at the data's own sizes where no power of ten falls inside their range (the
-    axis would show no label at all with the minor labels off): up to ``most`` of the distinct sizes, labelled
-    in KB. Returns the ticks set (none where the range spans a power of ten).
+def label_narrow_state_axis(ax, xs: Sequence[float], most: int = 6) -> list[float]:
+    """Tick a log state axis at the data's own sizes where fewer than two powers of ten fall inside their
+    range (the axis would show one label or none with the minor labels off): up to ``most`` of the distinct
+    sizes, labelled in KB. Returns the ticks set (none where the range holds two powers of ten or more).
 
     Example::
 
         >>> import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
         >>> ax = plt.subplots()[1]; ax.set_xscale("log")
-        >>> label_states_within_decade(ax, [10768, 12816, 16912])
-        [10768, 12816, 16912]
+        >>> label_narrow_state_axis(ax, [10768, 12816, 16912]), label_narrow_state_axis(ax, [29200, 102928])
+        ([10768, 12816, 16912], [29200, 102928])
+        >>> label_narrow_state_axis(ax, [8000, 120000])   # 10^4 and 10^5 inside: the log ticks say enough
+        []
     """
     xs = sorted({x for x in xs if x and x > 0})
-    if not xs or math.floor(math.log10(xs[0])) != math.floor(math.log10(xs[-1])):
+    if not xs or math.floor(math.log10(xs[-1])) - math.ceil(math.log10(xs[0])) + 1 >= 2:
         return []
     ticks = [xs[round(i * (len(xs) - 1) / (most - 1))] for i in range(most)] if len(xs) > most else xs
     ticks = sorted(set(ticks))
@@ -225,7 +227,7 @@ def write_plots(
         ax.set_xscale("log")
         # a state range under a decade gets labelled minor ticks that run into each other: label majors only
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        label_states_within_decade(ax, [d["x"] for d in dodged.get(ax, [])])
+        label_narrow_state_axis(ax, [d["x"] for d in dodged.get(ax, [])])
         ax.set_xlabel("state size (bytes, batch 1, at the MQAR length)")
         ax.set_ylim(-0.02, 1.02)
         if sub:
