@@ -273,3 +273,52 @@ def test_memory_mixers_take_conv_size(cls, kw):
             y, st = mixer(x[:, t : t + 1], st)
             outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_values_false_convolves_q_and_k_only(monkeypatch):
+    """``conv_values=False``: the rule gets ``v = W_v x`` unconvolved while q, k are as with the default;
+    the conv state holds q and k; decode and split calls still equal one call."""
+    mem = _mem(conv_values=False)
+    full_conv = _mem()
+    assert len(mem.conv_weight) == 2 and len(full_conv.conv_weight) == 3
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    seen = []
+
+    def record(q, k, v, *args, **kw):
+        seen.append((q, k, v))
+        return chunk(q, k, v, *args, **kw)
+
+    chunk = titans_module.chunk_neural_memory
+    monkeypatch.setattr(titans_module, "chunk_neural_memory", record)
+    with torch.no_grad():
+        full, st = mem(x)
+        full_conv(x)
+    (q, k, v), (q3, k3, v3) = seen
+    torch.testing.assert_close(v, mem.v_proj(x).view(2, 11, 2, 8), atol=0, rtol=0)
+    assert not torch.allclose(v3, v)  # the default convolves v
+    # same seed, conv weights drawn q, k (, v) last: q and k are the default's, bitwise
+    assert torch.equal(q, q3) and torch.equal(k, k3)
+    assert len(st["conv"]) == 2
+    monkeypatch.undo()
+    with torch.no_grad():
+        for s in (1, 5, 10):
+            y1, st1 = mem(x[:, :s])
+            y2, _ = mem(x[:, s:], st1)
+            torch.testing.assert_close(torch.cat([y1, y2], 1), full, atol=1e-10, rtol=1e-10)
+        outs, st = [], None
+        for t in range(11):
+            y, st = mem(x[:, t : t + 1], st)
+            outs.append(y)
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cls,kw", MIXERS, ids=[c.__name__ for c, _ in MIXERS])
+def test_memory_mixers_take_conv_values(cls, kw):
+    assert cls(16, 2, **kw).memory.conv_values  # the papers' block: q, k, v convolved
+    assert len(cls(16, 2, conv_values=False, **kw).memory.conv_weight) == 2
+
+
+@pytest.mark.parametrize("bad", [0, "no", None])
+def test_bad_conv_values(bad):
+    with pytest.raises(ValueError, match="conv_values"):
+        NeuralMemory(16, 2, conv_values=bad)

@@ -116,6 +116,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="passkey: the neural memories' short convolution on q, k, v, 0 for none (default: the memories' own, 4)",
     )
+    p.add_argument(
+        "--conv-values",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="passkey: --no-conv-values convolves the neural memories' q and k only, not v (NeuralMemory's "
+        "conv_values; default: the memories' own, q, k and v)",
+    )
     p.add_argument("--digits", type=int, default=4, help="passkey: digits of the key (default: 4)")
     p.add_argument("--depth", type=int, default=1, help="depth of the neural memories' MLP (default: 1)")
     p.add_argument(
@@ -174,6 +181,7 @@ def model_spec(
     theta_max: float | None = None,
     max_grad_norm: float | None = 1.0,
     conv_size: int | None = None,
+    conv_values: bool | None = None,
 ) -> tuple[str, dict, int]:
     """``(mixer, mixer kwargs, heads)`` of passkey model ``name`` (``swa_eq``'s window is set by
     :func:`equal_state_window`)."""
@@ -182,6 +190,8 @@ def model_spec(
         mem["theta_max"] = theta_max
     if conv_size is not None:
         mem["conv_size"] = conv_size
+    if conv_values is not None:
+        mem["conv_values"] = conv_values
     specs = {
         "titans_mal": ("titans_mal", dict(window=window, **mem), heads),
         "titans_mag": ("titans_mag", dict(window=window, **mem), heads),
@@ -207,6 +217,7 @@ def _spec(name: str, args: argparse.Namespace, window: int | None = None) -> tup
         getattr(args, "theta_max", None),
         getattr(args, "max_grad_norm", 1.0),
         getattr(args, "conv_size", None),
+        getattr(args, "conv_values", None),
     )
 
 
@@ -564,7 +575,8 @@ def run(args: argparse.Namespace) -> None:
             f"theta_max {args.theta_max if args.theta_max is not None else 'default (1.0)'}, forgetting-gate bias "
             f"at init {args.forget_bias if args.forget_bias is not None else 'default (-3)'}, per-token gradient "
             f"clipping {'off' if args.max_grad_norm is None else f'to norm {args.max_grad_norm:g}'}, "
-            f"short convolution of {4 if args.conv_size is None else args.conv_size} taps on q, k, v, "
+            f"short convolution of {4 if args.conv_size is None else args.conv_size} taps on "
+            f"{'q, k' if args.conv_values is False else 'q, k, v'}, "
             f"trained and evaluated in the chunked form (chunk {args.chunk_size}); 'exact rule' = the same weights "
             "through the token-by-token rule (chunk 1) on 16 prompts, beside the chunked form on the same prompts",
             "state_bytes = LM.state_size at the longest context (memory weights, momentum, KV caches, segment buffers)",

@@ -207,7 +207,9 @@ class NeuralMemory(nn.Module):
     can carry the tokens just before it. Invalid tokens are skipped by it as by the memory (they enter no
     window and no state), so padding never reaches a valid row, also after a non-empty state. Its states, the
     last ``K - 1`` projections, ride in the state dict as ``state["conv"] = [q, k, v]`` (``[B, K - 1, dim]``
-    each); the other keys are the memory's (``A``, ``S``, ...).
+    each); the other keys are the memory's (``A``, ``S``, ...). ``conv_values=False`` convolves q and k only
+    (``state["conv"] = [q, k]``; the value is the projection itself): ATLAS on passkey goes from chance to
+    0.5-0.8 per digit with it in three seeds (a probe): the SiLU-convolved value was what broke it (docs/memory.md).
 
     ``residual_norm`` (default False) makes the memory ``M(x) = x + LN(MLP(x))`` (LayerNorm without affine;
     :func:`effattn.memory.mlp_apply`), the memory of TTT, Miras and titans-pytorch's default; Memora's mixer
@@ -243,9 +245,12 @@ class NeuralMemory(nn.Module):
         max_grad_norm: float | None = 1.0,
         conv_size: int = 4,
         residual_norm: bool = False,
+        conv_values: bool = True,
     ):
         super().__init__()
         check_int("conv_size", conv_size, 0)
+        if not isinstance(conv_values, bool):
+            raise ValueError(f"conv_values must be a bool, got {conv_values!r}")
         check_positive_int("heads", heads)
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
@@ -283,13 +288,14 @@ class NeuralMemory(nn.Module):
         self.o_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.g_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.conv_size = conv_size
+        self.conv_size, self.conv_values = conv_size, conv_values
         if conv_size:  # created last: with conv_size=0 the layer and its initialisation are the old ones
             bound = 1 / math.sqrt(conv_size)  # ShortConv's initialisation
+            n_conv = 3 if conv_values else 2  # q, k (, v)
             self.conv_weight = nn.ParameterList(
-                nn.Parameter(torch.empty(dim, conv_size).uniform_(-bound, bound)) for _ in range(3)
+                nn.Parameter(torch.empty(dim, conv_size).uniform_(-bound, bound)) for _ in range(n_conv)
             )
-            self.conv_bias = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(3))
+            self.conv_bias = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_conv))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``x`` followed by the polynomial map ``[x, x^2, ..., x^p]`` (elementwise powers,
@@ -300,8 +306,8 @@ class NeuralMemory(nn.Module):
         return torch.cat([x.pow(i) / math.sqrt(math.factorial(i)) for i in range(1, self.feature_degree + 1)], -1)
 
     def _conv(self, q, k, v, state, valid):
-        """q, k, v through their short convolutions; returns them, the memory's state without ``conv`` and
-        the new conv states."""
+        """q, k (and v where ``conv_values``) through their short convolutions; returns q, k, v, the memory's
+        state without ``conv`` and the new conv states."""
         conv = None
         if state is not None:
             if not isinstance(state, dict) or "conv" not in state:
@@ -313,11 +319,13 @@ class NeuralMemory(nn.Module):
             conv = state["conv"]
             state = {key: val for key, val in state.items() if key != "conv"}
         out, new_conv = [], []
-        for i, z in enumerate((q, k, v)):
+        for i, z in enumerate((q, k, v)[: len(self.conv_weight)]):
             c = None if conv is None else conv[i]
             y, c = causal_conv1d(z, self.conv_weight[i], self.conv_bias[i], c, valid=valid)
             out.append(y)
             new_conv.append(c)
+        if not self.conv_values:
+            out.append(v)
         return *out, state, new_conv
 
     def read(self, q: torch.Tensor, state=None) -> torch.Tensor:
