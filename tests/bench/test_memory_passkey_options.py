@@ -44,11 +44,11 @@ def test_memory_gate_options_reach_every_neural_memory():
         m for m in build_model("titans_mal", _args("--window", "8"), 32).modules() if isinstance(m, NeuralMemory)
     ]
     assert default[0].heads == 2 and default[0].theta_max == 1.0 and default[0].conv_size == 4
-    assert default[0].conv_values
-    qk = _args("--window", "8", "--no-conv-values")
+    assert not default[0].conv_values
+    qkv = _args("--window", "8", "--conv-values")
     for name in ("titans_mal", "titans_mag", "titans_mac", "atlas"):
-        mems = [m for m in build_model(name, qk, 32).modules() if isinstance(m, NeuralMemory)]
-        assert mems and all(not m.conv_values and len(m.conv_weight) == 2 for m in mems)
+        mems = [m for m in build_model(name, qkv, 32).modules() if isinstance(m, NeuralMemory)]
+        assert mems and all(m.conv_values and len(m.conv_weight) == 3 for m in mems)
     assert torch.allclose(default[0].gate_proj.bias.view(-1, 2)[2], torch.tensor(-3.0))
     assert set_forget_bias(build_model("swa", _args("--window", "8"), 32), -6.0) == 0  # no memory: untouched
     gdn = build_model("gated_deltanet", args, 32)

@@ -122,20 +122,23 @@ def test_conv_no_future_leakage(chunk_size):
             assert (y2[:, t + 1] - y[:, t + 1]).abs().max() > 1e-3  # the perturbation is seen where it may be
 
 
-def test_conv_state_holds_the_last_projections():
-    mem = _mem()
+@pytest.mark.parametrize("conv_values", [False, True])
+def test_conv_state_holds_the_last_projections(conv_values):
+    mem = _mem(conv_values=conv_values)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     with torch.no_grad():
         _, st = mem(x)
         _, st0 = _mem(conv_size=0)(x)
         assert set(st) == set(st0) | {"conv"}
+        assert len(st["conv"]) == (3 if conv_values else 2)
         for proj, c in zip((mem.q_proj, mem.k_proj, mem.v_proj), st["conv"]):
             assert c.shape == (2, 3, 16)
             torch.testing.assert_close(c, proj(x)[:, -3:], atol=0, rtol=0)
 
 
-def test_conv_decode_and_split_equal_one_call():
-    mem = _mem()
+@pytest.mark.parametrize("conv_values", [False, True])
+def test_conv_decode_and_split_equal_one_call(conv_values):
+    mem = _mem(conv_values=conv_values)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     with torch.no_grad():
         full, st_full = mem(x)
@@ -152,8 +155,9 @@ def test_conv_decode_and_split_equal_one_call():
             torch.testing.assert_close(torch.cat([y1, y2], 1), full, atol=1e-10, rtol=1e-10)
 
 
-def test_conv_left_padding_equals_the_unpadded_row():
-    mem = _mem()
+@pytest.mark.parametrize("conv_values", [False, True])
+def test_conv_left_padding_equals_the_unpadded_row(conv_values):
+    mem = _mem(conv_values=conv_values)
     x = torch.randn(1, 9, 16, dtype=torch.float64)
     with torch.no_grad():
         ref, st_ref = mem(x)
@@ -185,16 +189,18 @@ def test_conv_padding_after_a_state_is_skipped():
         torch.testing.assert_close(y[:, valid[0]], ref[:, 5:], atol=1e-10, rtol=1e-10)
 
 
-def test_conv_weights_get_gradients():
+@pytest.mark.parametrize("conv_values", [False, True])
+def test_conv_weights_get_gradients(conv_values):
     torch.manual_seed(4)
-    mem = NeuralMemory(4, 2, depth=2, chunk_size=2, conv_size=3).double()
+    mem = NeuralMemory(4, 2, depth=2, chunk_size=2, conv_size=3, conv_values=conv_values).double()
     x = torch.randn(1, 5, 4, dtype=torch.float64)
     params = list(mem.conv_weight) + list(mem.conv_bias)
+    n = len(mem.conv_weight)
 
     def f(*ps):
         return torch.func.functional_call(
             mem,
-            {f"conv_weight.{i}": p for i, p in enumerate(ps[:3])} | {f"conv_bias.{i}": p for i, p in enumerate(ps[3:])},
+            {f"conv_weight.{i}": p for i, p in enumerate(ps[:n])} | {f"conv_bias.{i}": p for i, p in enumerate(ps[n:])},
             (x,),
         )[0]
 
@@ -276,10 +282,10 @@ def test_memory_mixers_take_conv_size(cls, kw):
 
 
 def test_conv_values_false_convolves_q_and_k_only(monkeypatch):
-    """``conv_values=False``: the rule gets ``v = W_v x`` unconvolved while q, k are as with the default;
+    """``conv_values=False``: the rule gets ``v = W_v x`` unconvolved while q, k are as with ``True``;
     the conv state holds q and k; decode and split calls still equal one call."""
     mem = _mem(conv_values=False)
-    full_conv = _mem()
+    full_conv = _mem(conv_values=True)
     assert len(mem.conv_weight) == 2 and len(full_conv.conv_weight) == 3
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     seen = []
@@ -295,8 +301,8 @@ def test_conv_values_false_convolves_q_and_k_only(monkeypatch):
         full_conv(x)
     (q, k, v), (q3, k3, v3) = seen
     torch.testing.assert_close(v, mem.v_proj(x).view(2, 11, 2, 8), atol=0, rtol=0)
-    assert not torch.allclose(v3, v)  # the default convolves v
-    # same seed, conv weights drawn q, k (, v) last: q and k are the default's, bitwise
+    assert not torch.allclose(v3, v)  # True convolves v
+    # same seed, conv weights drawn q, k (, v) last: q and k are True's, bitwise
     assert torch.equal(q, q3) and torch.equal(k, k3)
     assert len(st["conv"]) == 2
     monkeypatch.undo()
@@ -314,8 +320,9 @@ def test_conv_values_false_convolves_q_and_k_only(monkeypatch):
 
 @pytest.mark.parametrize("cls,kw", MIXERS, ids=[c.__name__ for c, _ in MIXERS])
 def test_memory_mixers_take_conv_values(cls, kw):
-    assert cls(16, 2, **kw).memory.conv_values  # the papers' block: q, k, v convolved
-    assert len(cls(16, 2, conv_values=False, **kw).memory.conv_weight) == 2
+    assert not cls(16, 2, **kw).memory.conv_values  # the default: q, k convolved
+    assert len(cls(16, 2, **kw).memory.conv_weight) == 2
+    assert len(cls(16, 2, conv_values=True, **kw).memory.conv_weight) == 3  # the papers' block
 
 
 @pytest.mark.parametrize("bad", [0, "no", None])

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -120,8 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--conv-values",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="passkey: --no-conv-values convolves the neural memories' q and k only, not v (NeuralMemory's "
-        "conv_values; default: the memories' own, q, k and v)",
+        help="passkey: --conv-values also convolves the neural memories' v (the papers' block), --no-conv-values "
+        "q and k only (NeuralMemory's conv_values; default: the memories' own, q and k only)",
     )
     p.add_argument("--digits", type=int, default=4, help="passkey: digits of the key (default: 4)")
     p.add_argument("--depth", type=int, default=1, help="depth of the neural memories' MLP (default: 1)")
@@ -501,7 +502,8 @@ def plot_passkey(rows: list[dict], contexts: list[int], window: int, out: Path, 
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey digit accuracy")
-    ax.set_title(f"Passkey retrieval past the attention window\n{title_note}", fontsize=9)
+    note = textwrap.fill(title_note, 120)  # a long --report-only note wraps instead of running off the figure
+    ax.set_title(f"Passkey retrieval past the attention window\n{note}", fontsize=9 if len(note) <= 120 else 7)
     ax.legend(
         fontsize=7,
         loc="upper left",
@@ -576,7 +578,7 @@ def run(args: argparse.Namespace) -> None:
             f"at init {args.forget_bias if args.forget_bias is not None else 'default (-3)'}, per-token gradient "
             f"clipping {'off' if args.max_grad_norm is None else f'to norm {args.max_grad_norm:g}'}, "
             f"short convolution of {4 if args.conv_size is None else args.conv_size} taps on "
-            f"{'q, k' if args.conv_values is False else 'q, k, v'}, "
+            f"{'q, k, v' if args.conv_values else 'q, k'}, "
             f"trained and evaluated in the chunked form (chunk {args.chunk_size}); 'exact rule' = the same weights "
             "through the token-by-token rule (chunk 1) on 16 prompts, beside the chunked form on the same prompts",
             "state_bytes = LM.state_size at the longest context (memory weights, momentum, KV caches, segment buffers)",

@@ -201,15 +201,18 @@ class NeuralMemory(nn.Module):
     ATLAS from 0.93 to 0.99 with the larger cap (docs/memory.md).
 
     ``conv_size`` (default 4; 0: none, with ``theta_max=0.1`` the layer as it was before 2026-12-02) puts a
-    causal depthwise convolution with SiLU after each of the q, k, v projections, before the feature map and the L2 norm
-    (Titans section 4.4; Miras and ATLAS use the same block): ``q_t = silu(b + sum_{i<K} w_i (W_q x)_{t-K+1+i})``
+    causal depthwise convolution with SiLU after the q and k projections (and v with ``conv_values=True``), before
+    the feature map and the L2 norm (Titans section 4.4, where Miras and ATLAS use the same block, convolves all three): ``q_t = silu(b + sum_{i<K} w_i (W_q x)_{t-K+1+i})``
     (:func:`effattn.linear.causal_conv1d`), each of q, k, v with its own weight ``[dim, K]`` and bias, so a key
     can carry the tokens just before it. Invalid tokens are skipped by it as by the memory (they enter no
     window and no state), so padding never reaches a valid row, also after a non-empty state. Its states, the
     last ``K - 1`` projections, ride in the state dict as ``state["conv"] = [q, k, v]`` (``[B, K - 1, dim]``
-    each); the other keys are the memory's (``A``, ``S``, ...). ``conv_values=False`` convolves q and k only
-    (``state["conv"] = [q, k]``; the value is the projection itself): ATLAS on passkey goes from chance to
-    0.5-0.8 per digit with it in three seeds (a probe): the SiLU-convolved value was what broke it (docs/memory.md).
+    each; ``[q, k]`` by default); the other keys are the memory's (``A``, ``S``, ...).
+
+    ``conv_values`` (default False since 2026-12-03; True: the papers' block) also convolves the value. By default
+    the memory gets ``v = W_v x`` itself: measured on this CPU, the SiLU-convolved value put ATLAS at chance on
+    passkey (0.5-0.98 per digit without it, three seeds; Titans MAL 0.16-0.53 -> 0.73-0.99, two seeds) and
+    slowed or stopped every memory on the quick MQAR task (docs/memory.md); language modelling not measured.
 
     ``residual_norm`` (default False) makes the memory ``M(x) = x + LN(MLP(x))`` (LayerNorm without affine;
     :func:`effattn.memory.mlp_apply`), the memory of TTT, Miras and titans-pytorch's default; Memora's mixer
@@ -245,7 +248,7 @@ class NeuralMemory(nn.Module):
         max_grad_norm: float | None = 1.0,
         conv_size: int = 4,
         residual_norm: bool = False,
-        conv_values: bool = True,
+        conv_values: bool = False,
     ):
         super().__init__()
         check_int("conv_size", conv_size, 0)
