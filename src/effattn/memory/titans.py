@@ -201,13 +201,14 @@ class NeuralMemory(nn.Module):
     ATLAS from 0.93 to 0.99 with the larger cap (docs/memory.md).
 
     ``conv_size`` (default 4; 0: none, with ``theta_max=0.1`` the layer as it was before 2026-12-02) puts a
-    causal depthwise convolution with SiLU after the q and k projections (and v with ``conv_values=True``), before
-    the feature map and the L2 norm (Titans section 4.4, where Miras and ATLAS use the same block, convolves all three): ``q_t = silu(b + sum_{i<K} w_i (W_q x)_{t-K+1+i})``
-    (:func:`effattn.linear.causal_conv1d`), each of q, k, v with its own weight ``[dim, K]`` and bias, so a key
-    can carry the tokens just before it. Invalid tokens are skipped by it as by the memory (they enter no
-    window and no state), so padding never reaches a valid row, also after a non-empty state. Its states, the
-    last ``K - 1`` projections, ride in the state dict as ``state["conv"] = [q, k, v]`` (``[B, K - 1, dim]``
-    each; ``[q, k]`` by default); the other keys are the memory's (``A``, ``S``, ...).
+    causal depthwise convolution with SiLU after the q and k projections (and v with ``conv_values=True``),
+    before the feature map and the L2 norm (Titans section 4.4, whose block Miras and ATLAS share, convolves
+    all three): ``q_t = silu(b + sum_{i<K} w_i (W_q x)_{t-K+1+i})`` (:func:`effattn.linear.causal_conv1d`),
+    each projection with its own weight ``[dim, K]`` and bias, so a key can carry the tokens just before it.
+    Invalid tokens are skipped by it as by the memory (they enter no window and no state), so padding never
+    reaches a valid row, also after a non-empty state. Its states, the last ``K - 1`` projections, ride in the
+    state dict as ``state["conv"] = [q, k]`` (``[q, k, v]`` with ``conv_values=True``; ``[B, K - 1, dim]``
+    each); the other keys are the memory's (``A``, ``S``, ...).
 
     ``conv_values`` (default False since 2026-12-03; True: the papers' block) also convolves the value. By default
     the memory gets ``v = W_v x`` itself: measured on this CPU, the SiLU-convolved value put ATLAS at chance on
