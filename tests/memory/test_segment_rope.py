@@ -81,6 +81,7 @@ def test_mac_rope_false_passes_no_rotation():
     assert mixer.rope is None and _mixer("titans_mac").rope is not None  # on by default
     B, T, H, D = 2, 11, 2, 8
     m, _ = mixer.memory(x)
+    m = m * torch.rsqrt(m.square().mean(-1, keepdim=True) + 1e-5)  # the retrievals, RMS-normalised
     q = mixer.q_proj(x).view(B, T, H, D)
     ks = [mixer.k_proj(a).view(B, T, H, D) for a in (m, x)]
     vs = [mixer.v_proj(a).view(B, T, H, D) for a in (m, x)]

@@ -68,7 +68,7 @@ def test_bad_num_persistent():
 def _dense_reference(mixer, x):
     """The paper's equations written densely over x~ = [p | x]: the memory reads x~ in one call; query t
     sees every persistent key (unrotated query, as at relative distance 0) and the x keys of its window
-    (RoPE at positions 0..T-1); MAL: y = m + o_proj(a) over z = x~ + m~, MAG: y = out(o_proj(a) * sigmoid(m))."""
+    (RoPE at positions 0..T-1); MAL: y = m + o_proj(a) over z = x~ + m~, MAG: y = o_proj(a) * sigmoid(m)."""
     B, T, _ = x.shape
     P, attn, H, D = mixer.num_persistent, mixer.attn, mixer.heads, mixer.head_dim
     xt = torch.cat([mixer.persistent.expand(B, -1, -1), x], 1)
@@ -86,7 +86,7 @@ def _dense_reference(mixer, x):
     w = torch.softmax(torch.cat([s_p, s_x], -1) / D**0.5, -1)
     a = attn.o_proj(torch.einsum("bhtj,bjhd->bthd", w, v).reshape(B, T, H * D))
     m = m_all[:, P:]
-    return m + a if isinstance(mixer, TitansMAL) else mixer.out(a * torch.sigmoid(m))
+    return m + a if isinstance(mixer, TitansMAL) else a * torch.sigmoid(m)
 
 
 @pytest.mark.parametrize("kind", sorted(MIXERS))
