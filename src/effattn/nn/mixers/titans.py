@@ -339,8 +339,8 @@ class TitansMAC(_TitansBase):
       ``m = NeuralMemory(x)``, each token's retrieval ``h_t = RMSNorm(m_t)`` (no weight) from the memory up to
       that token (its chunk grid), ``y = W_o(o)``; segments run in parallel. The norm puts the retrievals at
       the scale of the (pre-normed) tokens beside them; without it (until 2026-12-03) they entered the
-      attention 76x smaller than the tokens at the LM's initialisation (rms 0.013 against 0.99) and the quick MQAR task stayed at 0.57 after 400 steps
-      (0.99 in 253 with it; docs/memory.md).
+      attention 76x smaller than the tokens at the LM's initialisation (rms 0.013 against 0.99) and the
+      quick MQAR task stayed at 0.57 after 400 steps (0.99 in 253 with it; docs/memory.md).
     - ``True``: the paper's block (Titans eqs. 21-25), segment after segment: ``h = M*_{s-1}(W_h x_s)``
       from the memory the previous segment left (:meth:`NeuralMemory.read`), ``y_s = W_o(Attn([p | h |
       x_s]))``, the memory written with the attention output, ``M_s = M_{s-1}(y_s)``, and the output gated,
