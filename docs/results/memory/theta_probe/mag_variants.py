@@ -5,6 +5,7 @@ heads, lr 1e-3, seed 0, early stop at 0.99), with the memory's gate removed, for
         "sliding_window:{'window': 16}" "titans_mag:{'chunk_size': 4}"
 
 ``mag_nogate``: ``y = W_out(SW-Attn(x))`` (MAG without ``sigmoid(m)``); ``mag_half_gate``: the gate fixed at 0.5.
+Runs at commits before d969faf, whose MAG has the projection ``W_out`` (``../mag_mac_probe/`` says why it went).
 Prints one line per run: the mixer and options, accuracy, final loss, steps run, seconds.
 """
 
