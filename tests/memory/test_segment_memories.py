@@ -127,3 +127,35 @@ def test_rmt_bad_input():
         RecurrentMemoryAttention(15, 2)
     with pytest.raises(ValueError, match="x must"):
         RecurrentMemoryAttention(16, 2)(torch.randn(2, 5, 15))
+
+
+@pytest.mark.parametrize("conv_size", [0, 4])
+def test_infini_mixer_conv_binds_the_previous_tokens(conv_size, monkeypatch):
+    """The Infini-attention mixer's ``conv_size``: d k_t / d x_s != 0 exactly for s in (t - K, t] with a
+    kernel-K convolution on q and k, only s = t without one (the paper's block); the state carries the conv
+    inputs, and a state without them is refused."""
+    import effattn.nn.mixers.infini_attention as module
+
+    torch.manual_seed(0)
+    mixer = module.InfiniAttentionMixer(16, 2, segment=4, conv_size=conv_size).double()
+    seen = []
+
+    def spy(q, k, v, gate, **kw):
+        seen.append(k)
+        return infini_attention(q, k, v, gate, **kw)
+
+    monkeypatch.setattr(module, "infini_attention", spy)
+    x = torch.randn(1, 11, 16, dtype=torch.float64, requires_grad=True)
+    _, state = mixer(x)
+    t = 7
+    (g,) = torch.autograd.grad((seen[0][0, t] * torch.linspace(-1, 1, 16).view(2, 8)).sum(), x)
+    touched = [s for s in range(11) if g[0, s].abs().max() > 0]
+    assert touched == (list(range(t - 3, t + 1)) if conv_size else [t])
+    if conv_size:
+        assert [tuple(c.shape) for c in state["conv"]] == [(1, 3, 16), (1, 3, 16)]
+        with pytest.raises(ValueError, match="conv_size=4"):
+            mixer(x[:, :1], {key: val for key, val in state.items() if key != "conv"})
+    else:
+        assert "conv" not in state
+    with pytest.raises(ValueError, match="conv_size"):
+        module.InfiniAttentionMixer(16, 2, conv_size=-1)

@@ -30,6 +30,7 @@ CASES = [(name, {}) for name in list_mixers()] + [
     ("linear_attention", {"chunk_size": 8}),
     ("deltanet", {"chunk_size": 8}),
     ("based", {"window": 4, "chunk_size": 8}),
+    ("infini_attention", {"conv_size": 4, "segment": 4}),
     ("topk_block", {"block": 4, "top_k": 1}),
     ("topk_block", {"block": 2, "top_k": 2, "rope": False}),
     # routing: rings that evict (cluster_window / window below the test lengths), all-routing, all-local

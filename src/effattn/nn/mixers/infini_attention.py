@@ -9,7 +9,8 @@ from torch import nn
 
 from effattn.exact import RotaryEmbedding
 from effattn.memory import infini_attention
-from effattn.nn.mixers._base import MixerBase, check_heads, check_x_and_valid, zero_invalid
+from effattn._checks import check_int
+from effattn.nn.mixers._base import MixerBase, ShortConv, check_heads, check_x_and_valid, zero_invalid
 from effattn.nn.registry import register_mixer
 
 __all__ = ["InfiniAttentionMixer"]
@@ -21,6 +22,12 @@ class InfiniAttentionMixer(MixerBase):
     (default 8) and the linear (``delta=False``) or delta memory update. ``rope`` (default True): RoPE on
     the local attention's queries and keys by the position inside the segment (the memory reads unrotated
     ones). State: memory ``M, z`` and the current segment's keys/values (bounded by ``segment``).
+
+    ``conv_size`` (default 0: none, the paper's block): short causal convolutions with SiLU (:class:`ShortConv`,
+    as DeltaNet's and Titans') on ``q`` and ``k`` after their projections, so a key can hold the tokens before
+    it; their last inputs join the state as ``state["conv"] = [q, k]``. Without them the compressive memory
+    can bind a key to the token after it only through the first layer's segment attention: on the quick MQAR
+    task that stayed at chance (``docs/memory.md``, "Infini-attention on MQAR").
 
     Example::
 
@@ -37,23 +44,39 @@ class InfiniAttentionMixer(MixerBase):
         "the memory pass from rank to rank; not implemented"
     )
 
-    def __init__(self, dim: int, heads: int, segment: int = 8, delta: bool = False, rope: bool = True):
+    def __init__(
+        self, dim: int, heads: int, segment: int = 8, delta: bool = False, rope: bool = True, conv_size: int = 0
+    ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.segment, self.delta = segment, delta
         self.rope = RotaryEmbedding(self.head_dim) if rope else None
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.gate = nn.Parameter(torch.zeros(heads))
+        self.conv_size = check_int("conv_size", conv_size, 0)
+        self.q_conv, self.k_conv = (ShortConv(dim, conv_size), ShortConv(dim, conv_size)) if conv_size else (None, None)
 
     def forward(self, x, state=None, valid=None):
         valid = check_x_and_valid(x, self.dim, valid)
         B, T, H, D = x.shape[0], x.shape[1], self.heads, self.head_dim
         x = zero_invalid(x, valid)
-        q, k, v = (p(x).view(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv = None
+        if self.conv_size:
+            if state is not None:
+                if not isinstance(state, dict) or "conv" not in state:
+                    raise ValueError(
+                        f"state must be the dict a previous call of this layer returned (with a 'conv' entry for "
+                        f"conv_size={self.conv_size}), got {type(state).__name__}"
+                    )
+                conv, state = state["conv"], {key: val for key, val in state.items() if key != "conv"}
+            q, cq = self.q_conv(q, None if conv is None else conv[0], valid)
+            k, ck = self.k_conv(k, None if conv is None else conv[1], valid)
+            conv = [cq, ck]
         o, state = infini_attention(
-            q,
-            k,
-            v,
+            q.view(B, T, H, D),
+            k.view(B, T, H, D),
+            v.view(B, T, H, D),
             self.gate,
             segment=self.segment,
             delta=self.delta,
@@ -62,4 +85,6 @@ class InfiniAttentionMixer(MixerBase):
             valid=valid,
             rope=self.rope,
         )
+        if conv is not None:
+            state["conv"] = conv
         return self.o_proj(o.reshape(B, T, -1)), state

@@ -1,0 +1,86 @@
+"""Infini-attention on the quick MQAR preset's task (T=16, 4 pairs, vocabulary 32, width 64, 2 heads, lr 1e-3,
+seed SEED, early stop at 0.99, STEPS steps), the mixer at its defaults beside variants that say where it fails:
+
+    STEPS=400 python docs/results/memory/infini_probe/probe.py "infini_attention:{}" \\
+        "infini_attention:{'segment': 16}" "infini_qk_conv:{}" "infini_memory_only:{}"
+
+``infini_qk_conv``: short causal convolutions (``ShortConv``, kernel 4, SiLU, as DeltaNet's) on q and k after
+their projections (the memory's keys then hold the token before: the binding MQAR needs; ``memory_only=True``
+as below); ``infini_memory_only``:
+the gate fixed so the output is the memory read alone (``A_mem``), the local attention off.
+Prints one line per run: the mixer and options, accuracy, final loss, steps run, seconds.
+"""
+
+import ast
+import os
+import sys
+
+import torch
+
+from effattn.bench.train import train_mqar
+from effattn.memory import infini_attention
+from effattn.nn.mixers._base import ShortConv, check_x_and_valid, zero_invalid
+from effattn.nn.mixers.infini_attention import InfiniAttentionMixer
+from effattn.nn.registry import register_mixer
+
+
+@register_mixer("infini_qk_conv")
+class InfiniQKConv(InfiniAttentionMixer):
+    def __init__(self, dim, heads, memory_only=False, **kw):
+        super().__init__(dim, heads, **kw)
+        self.q_conv, self.k_conv = ShortConv(dim), ShortConv(dim)
+        if memory_only:
+            _memory_only(self)
+
+    def forward(self, x, state=None, valid=None):  # whole sequences only (training)
+        valid = check_x_and_valid(x, self.dim, valid)
+        B, T, H, D = x.shape[0], x.shape[1], self.heads, self.head_dim
+        x = zero_invalid(x, valid)
+        q = self.q_conv(self.q_proj(x))[0].view(B, T, H, D)
+        k = self.k_conv(self.k_proj(x))[0].view(B, T, H, D)
+        v = self.v_proj(x).view(B, T, H, D)
+        o, _ = infini_attention(q, k, v, self.gate, segment=self.segment, delta=self.delta, rope=self.rope)
+        return self.o_proj(o.reshape(B, T, -1)), None
+
+
+def _memory_only(mixer):
+    mixer.gate.requires_grad_(False)
+    mixer.gate.fill_(30.0)  # sigmoid(30) = 1 - 9e-14: the output is A_mem
+
+
+@register_mixer("infini_memory_only")
+class InfiniMemoryOnly(InfiniAttentionMixer):
+    def __init__(self, dim, heads, **kw):
+        super().__init__(dim, heads, **kw)
+        _memory_only(self)
+
+
+def main(specs: list[str]) -> None:
+    torch.set_num_threads(1)
+    steps, seed = int(os.environ.get("STEPS", "400")), int(os.environ.get("SEED", "0"))
+    for spec in specs:
+        mixer, _, options = spec.partition(":")
+        r = train_mqar(
+            mixer,
+            64,
+            heads=2,
+            vocab_size=32,
+            seq_len=16,
+            num_kv_pairs=4,
+            num_train=4000,
+            num_test=256,
+            steps=steps,
+            batch_size=32,
+            lr=1e-3,
+            weight_decay=0.0,
+            random_non_queries=False,
+            seed=seed,
+            mixer_kw=ast.literal_eval(options) if options else {},
+            early_stop=0.99,
+        )
+        summary = f"acc {r['accuracy']:.3f} loss {r['final_loss']:.3f} steps {r['steps_run']} s {r['train_s']:.0f}"
+        print(spec, f"seed {seed}", summary, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
