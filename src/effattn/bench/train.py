@@ -38,10 +38,13 @@ def build_lm(
     layers: int = 2,
     max_seq_len: int = 4096,
     mlp_ratio: float = 4.0,
+    recurrent_memory: dict | None = None,
     **mixer_kw,
 ):
-    """A ``layers``-layer :class:`effattn.nn.LM` whose every block uses mixer ``mixer``."""
-    from effattn.nn import LM, LMConfig
+    """A ``layers``-layer :class:`effattn.nn.LM` whose every block uses mixer ``mixer``; with
+    ``recurrent_memory`` (keyword arguments: ``num_memory``, ``segment``, ``bptt_segments``) an
+    :class:`effattn.nn.RecurrentMemoryLM`, the LM run segment by segment with memory tokens."""
+    from effattn.nn import LM, LMConfig, RecurrentMemoryLM
 
     config = LMConfig(
         vocab_size=vocab_size,
@@ -53,7 +56,7 @@ def build_lm(
         mlp_ratio=mlp_ratio,
         mixer_kwargs={mixer: mixer_kw} if mixer_kw else {},
     )
-    return LM(config)
+    return LM(config) if recurrent_memory is None else RecurrentMemoryLM(config, **recurrent_memory)
 
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
@@ -207,8 +210,10 @@ def train_mqar(
     mixer_kw: dict | None = None,
     early_stop: float | None = None,
     early_stop_window: int = 20,
+    recurrent_memory: dict | None = None,
 ) -> dict:
-    """Train a ``layers``-layer LM with mixer ``mixer`` at width ``dim`` on MQAR.
+    """Train a ``layers``-layer LM with mixer ``mixer`` at width ``dim`` on MQAR (with ``recurrent_memory``,
+    a :class:`effattn.nn.RecurrentMemoryLM` of those options: :func:`build_lm`).
 
     ``num_kv_pairs`` is one pair count, or several: then, as in Zoology, the model trains on a
     mixture (``num_train`` examples split evenly over the pair counts, all at ``seq_len``, shuffled
@@ -227,7 +232,15 @@ def train_mqar(
         raise ValueError(f"num_kv_pairs must be an int or distinct ints, got {num_kv_pairs!r}")
     torch.manual_seed(seed)
     model = build_lm(
-        mixer, dim, heads, vocab_size, layers, max_seq_len=max(seq_len, 64), mlp_ratio=mlp_ratio, **(mixer_kw or {})
+        mixer,
+        dim,
+        heads,
+        vocab_size,
+        layers,
+        max_seq_len=max(seq_len, 64),
+        mlp_ratio=mlp_ratio,
+        recurrent_memory=recurrent_memory,
+        **(mixer_kw or {}),
     )
     model.to(device)
     share = [num_train // len(pair_counts) + (i < num_train % len(pair_counts)) for i in range(len(pair_counts))]

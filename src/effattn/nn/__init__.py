@@ -12,6 +12,7 @@ from effattn.nn.memory_saving import (
 )
 from effattn.nn.mla import MLA, mla_from_gqa
 from effattn.nn.moh import MoHAttention
+from effattn.nn.recurrent_memory import RecurrentMemoryLM
 from effattn.nn.registry import MIXERS, build_mixer, list_mixers, register_mixer
 from effattn.nn.rope import RotaryEmbedding
 from effattn.nn.transmla import attention_from_llama, transmla_cache_bytes, transmla_from_gqa, transmla_latent_width
@@ -37,6 +38,7 @@ __all__ = [
     "register_mixer",
     "LM",
     "LMConfig",
+    "RecurrentMemoryLM",
     "mixer_pattern",
     "CHECKPOINT_MODES",
     "Int8SavedActivations",

@@ -46,7 +46,7 @@ from effattn.nn.memory_saving import check_memory_options, run_blocks
 from effattn.nn.registry import build_mixer, list_mixers
 from effattn.nn.streambp import check_streambp
 
-__all__ = ["LMConfig", "LM", "mixer_pattern"]
+__all__ = ["LMConfig", "LM", "check_ids", "mixer_pattern"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -176,7 +176,7 @@ class Block(nn.Module):
         return h + (self.mlp(x, valid) if isinstance(self.mlp, MoE) else self.mlp(x)), state
 
 
-def _check_ids(ids, vocab_size: int, name: str = "ids") -> None:
+def check_ids(ids, vocab_size: int, name: str = "ids") -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, seq], got {type(ids).__name__}")
     if ids.dim() != 2:
@@ -228,7 +228,7 @@ class LM(nn.Module):
     def forward(self, ids: torch.Tensor, state: list | None = None, valid: torch.Tensor | None = None):
         """``ids [B, T]`` -> ``(logits [B, T, vocab], state)``; ``state`` is a list, one mixer state per
         layer (None for a fresh sequence). ``valid [B, T]`` bool marks left padding (False)."""
-        _check_ids(ids, self.config.vocab_size)
+        check_ids(ids, self.config.vocab_size)
         if state is not None and (not isinstance(state, (list, tuple)) or len(state) != len(self.blocks)):
             raise ValueError(f"state must be a list of {len(self.blocks)} per-layer states (or None)")
         if valid is not None and (not isinstance(valid, torch.Tensor) or tuple(valid.shape) != tuple(ids.shape)):
@@ -302,7 +302,7 @@ class LM(nn.Module):
         returning a fresh :class:`effattn.kv.LayerCache` (``functools.partial(QuantizedKVCache,
         bits=4)``). Not together with ``kv_policy``.
         """
-        _check_ids(ids, self.config.vocab_size)
+        check_ids(ids, self.config.vocab_size)
         check_int("max_new_tokens", max_new_tokens, minimum=0)
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")

@@ -1,8 +1,12 @@
-"""Infini-attention on the quick MQAR preset's task (T=16, 4 pairs, vocabulary 32, width 64, 2 heads, lr 1e-3,
-seed SEED, early stop at 0.99, STEPS steps), the mixer at its defaults beside variants that say where it fails:
+"""Probes on the quick MQAR preset's task (T=16, 4 pairs, vocabulary 32, width 64, 2 heads, lr 1e-3, seed SEED,
+early stop at 0.99, STEPS steps): a mixer and its options per argument, ``MIXER:{options}``, or for the RMT
+whose memory tokens pass through the whole stack (:class:`effattn.nn.RecurrentMemoryLM`)
+``MIXER:{options}:{recurrent_memory options}``. Infini-attention at its defaults beside variants that say where
+it fails (``infini.txt``), and the two RMT forms (``rmt_stack.txt``)::
 
-    STEPS=400 python docs/results/memory/infini_probe/probe.py "infini_attention:{}" \\
+    STEPS=400 python docs/results/memory/quick_mqar_probe/probe.py "infini_attention:{}" \\
         "infini_attention:{'segment': 16}" "infini_qk_conv:{}" "infini_memory_only:{}"
+    python docs/results/memory/quick_mqar_probe/probe.py "rmt:{}" "attention:{}:{'num_memory': 4, 'segment': 8}"
 
 ``infini_qk_conv``: short causal convolutions (``ShortConv``, kernel 4, SiLU, as DeltaNet's) on q and k after
 their projections (the memory's keys then hold the token before: the binding MQAR needs; ``memory_only=True``
@@ -60,6 +64,8 @@ def main(specs: list[str]) -> None:
     steps, seed = int(os.environ.get("STEPS", "400")), int(os.environ.get("SEED", "0"))
     for spec in specs:
         mixer, _, options = spec.partition(":")
+        options, _, rmt = options.partition("}:")
+        options += "}" if rmt else ""
         r = train_mqar(
             mixer,
             64,
@@ -77,6 +83,7 @@ def main(specs: list[str]) -> None:
             seed=seed,
             mixer_kw=ast.literal_eval(options) if options else {},
             early_stop=0.99,
+            recurrent_memory=ast.literal_eval(rmt) if rmt else None,
         )
         summary = f"acc {r['accuracy']:.3f} loss {r['final_loss']:.3f} steps {r['steps_run']} s {r['train_s']:.0f}"
         print(spec, f"seed {seed}", summary, flush=True)
