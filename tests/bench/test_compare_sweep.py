@@ -224,11 +224,13 @@ def test_sweep_flags_and_presets():
     p = argparse.ArgumentParser()
     compare.add_arguments(p)
     cfg = compare.config_from_args(
-        p.parse_args(["--lrs", "1e-3,3e-3", "--seeds", "4", "--jobs", "3", "--early-stop", "0"])
+        p.parse_args(["--lrs", "1e-3,3e-3", "--seeds", "4", "--jobs", "3", "--early-stop", "0", "--steps", "2000"])
     )
     assert cfg.mqar_lrs == (1e-3, 3e-3) and cfg.mqar_seeds == 4 and cfg.mqar_jobs == 3
-    assert cfg.mqar_early_stop is None
-    for bad in (["--lrs", "1e-3,x"], ["--lrs", "0"], ["--lrs", "1e-3,1e-3"], ["--seeds", "0"], ["--early-stop", "2"]):
+    assert cfg.mqar_early_stop is None and cfg.mqar_steps == 2000
+    assert compare.config_from_args(p.parse_args([])).mqar_steps == make_config("quick").mqar_steps
+    bad_args = (["--lrs", "1e-3,x"], ["--lrs", "0"], ["--lrs", "1e-3,1e-3"], ["--seeds", "0"], ["--early-stop", "2"])
+    for bad in bad_args + (["--steps", "0"],):
         with pytest.raises(SystemExit):
             compare.config_from_args(p.parse_args(bad))
     quick = make_config("quick")

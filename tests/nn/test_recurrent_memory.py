@@ -66,7 +66,7 @@ def test_truncated_backprop_and_learned_memory():
         m = model(bptt_segments=bptt).train()
         emb = []
 
-        def keep(module, inputs, out):
+        def keep(module, inputs, out, emb=emb):
             out.retain_grad()
             emb.append(out)
 

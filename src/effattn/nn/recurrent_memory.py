@@ -48,9 +48,7 @@ class RecurrentMemoryLM(LM):
         True
     """
 
-    def __init__(
-        self, config: LMConfig, num_memory: int = 4, segment: int = 16, bptt_segments: int | None = None
-    ):
+    def __init__(self, config: LMConfig, num_memory: int = 4, segment: int = 16, bptt_segments: int | None = None):
         super().__init__(config)
         check_positive_int("num_memory", num_memory)
         check_positive_int("segment", segment)

@@ -387,6 +387,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"and min-max over seeds (default: the preset's: {_preset_values('mqar_seeds')})",
     )
     p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="recall: the step budget of every MQAR training (default: the preset's: "
+        f"{_preset_values('mqar_steps')})",
+    )
+    p.add_argument(
         "--early-stop",
         type=float,
         default=None,
@@ -464,7 +472,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs) or not all(math.isfinite(x) for x in lrs):
             raise SystemExit(f"--lrs must be distinct positive numbers, got {args.lrs!r}")
         over["mqar_lrs"] = lrs
-    for flag, key in (("seeds", "mqar_seeds"), ("jobs", "mqar_jobs")):
+    for flag, key in (("seeds", "mqar_seeds"), ("jobs", "mqar_jobs"), ("steps", "mqar_steps")):
         value = getattr(args, flag, None)
         if value is not None:
             if value < 1:

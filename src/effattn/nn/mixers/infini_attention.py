@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effattn._checks import check_int
 from effattn.exact import RotaryEmbedding
 from effattn.memory import infini_attention
-from effattn._checks import check_int
 from effattn.nn.mixers._base import MixerBase, ShortConv, check_heads, check_x_and_valid, zero_invalid
 from effattn.nn.registry import register_mixer
 
