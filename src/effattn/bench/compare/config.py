@@ -391,8 +391,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="recall: the step budget of every MQAR training (default: the preset's: "
-        f"{_preset_values('mqar_steps')})",
+        help=f"recall: the step budget of every MQAR training (default: the preset's: {_preset_values('mqar_steps')})",
     )
     p.add_argument(
         "--early-stop",
