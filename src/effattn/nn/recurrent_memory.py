@@ -8,7 +8,8 @@ the decoder layout of the paper (memory read at the start, written at the end)::
     logits_s = head(H_s[m : m + N])                 (the segment's tokens read the memory, causally)
     Mem_s    = H_s[m + N :]                          (the write tokens have seen the whole segment)
 
-with a learned start memory ``Mem_0 [m, dim]`` and write-position embedding ``P_write [m, dim]``; the
+with a learned start memory ``Mem_0 [m, dim]`` and write-position embedding ``P_write [m, dim]`` (both drawn at
+the token embeddings' scale); the
 blocks start empty in every segment (positions count from the segment's read tokens), so the memory is the
 only path between segments. Training backpropagates through at most ``bptt_segments`` segments (the memory
 is detached after every ``bptt_segments``-th write of a call; None: through all).
@@ -19,8 +20,6 @@ the last layer, read by the first.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -54,8 +53,11 @@ class RecurrentMemoryLM(LM):
         check_positive_int("segment", segment)
         check_positive_int("bptt_segments", bptt_segments, allow_none=True)
         self.num_memory, self.segment, self.bptt_segments = num_memory, segment, bptt_segments
-        self.memory_init = nn.Parameter(torch.randn(num_memory, config.dim) / math.sqrt(config.dim))
-        self.write_pos = nn.Parameter(torch.randn(num_memory, config.dim) / math.sqrt(config.dim))
+        # at the token embeddings' scale (LM._init_weights, std 0.02), as the paper's code draws its memory at the
+        # embeddings' std: drawn at RMS 1/sqrt(dim) instead, 6x larger, the quick MQAR task sat below chance
+        # after 400 steps (docs/memory.md, "RMT through the whole stack")
+        self.memory_init = nn.Parameter(torch.randn(num_memory, config.dim) * 0.02)
+        self.write_pos = nn.Parameter(torch.randn(num_memory, config.dim) * 0.02)
 
     def forward(self, ids: torch.Tensor, state: dict | None = None, valid: torch.Tensor | None = None):
         """``ids [B, T]`` -> ``(logits [B, T, vocab], state)`` (class docstring)."""
