@@ -110,3 +110,21 @@ def test_nonfinite_answers_are_counted_and_wrong():
     # 2 of 8 prompts with non-finite logits: counted, and wrong although their argmax is the right digit
     bad = passkey_accuracy(_Answers(40, 3, 2), 40, args, examples=8, seed=1)
     assert bad["nonfinite"] == 2 / 8 and bad["digit_acc"] == 6 / 8 and bad["key_acc"] == 6 / 8
+
+
+def test_extra_models_build_what_they_name():
+    """``infini_attention_conv``, ``rmt`` and ``rmt_stack`` (not in the default list): segments of ``--window``."""
+    from effattn.bench.memory import EXTRA_MODELS, MEMORY_MODELS
+    from effattn.nn import RecurrentMemoryLM
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert not set(EXTRA_MODELS) & set(p.parse_args([]).models.split(","))
+    args = _args("--window", "8")
+    infini = build_model("infini_attention_conv", args, 32)
+    assert [b.mixer.conv_size for b in infini.blocks] == [4, 4] and infini.blocks[0].mixer.segment == 8
+    assert build_model("infini_attention", args, 32).blocks[0].mixer.conv_size == 0
+    assert build_model("rmt", args, 32).blocks[0].mixer.layer.segment == 8
+    stack = build_model("rmt_stack", args, 32)
+    assert isinstance(stack, RecurrentMemoryLM) and (stack.segment, stack.num_memory) == (8, 4)
+    assert "infini_attention" in MEMORY_MODELS

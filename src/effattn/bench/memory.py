@@ -11,7 +11,11 @@ Two parts (``--parts``, default both):
   a key can only come back through the memory. Baselines: sliding-window attention at the same window
   (``swa``) and at the window whose KV cache equals Titans MAG's whole state (``swa_eq``), and Gated
   DeltaNet with one head (its ``[64, 64]`` state per layer, the largest a width-64 GDN holds). State
-  bytes per model (``LM.state_size`` at the longest context) are in the table. The neural memories
+  bytes per model (``LM.state_size`` at the longest context) are in the table. Further models, not in the
+  default list (``EXTRA_MODELS``): Infini-attention with short convolutions on q and k
+  (``infini_attention_conv``), recurrent memory tokens per layer (``rmt``, the mixer) and through the whole
+  stack (``rmt_stack``, :class:`effattn.nn.RecurrentMemoryLM`: causal attention over each segment and its
+  memory tokens), with segments of ``--window`` tokens and 4 memory tokens. The neural memories
   train and evaluate with the chunked form (``--chunk-size``: gradients inside a chunk taken at the
   chunk-start memory, Titans' parallel form); ``--exact-context`` re-evaluates them with the exact
   token-by-token rule (``chunk_size=1``) at one context, with the same weights.
@@ -45,6 +49,7 @@ from effattn.bench.train import build_lm, lr_at
 PARTS = ("passkey", "speed")
 MEMORY_MODELS = ("titans_mal", "titans_mag", "titans_mac", "atlas", "infini_attention")
 BASELINES = ("swa", "swa_eq", "gated_deltanet")
+EXTRA_MODELS = ("infini_attention_conv", "rmt", "rmt_stack")
 DIM, HEADS, LAYERS = 64, 2, 2
 
 
@@ -55,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models",
         default=",".join(MEMORY_MODELS + BASELINES),
-        help="passkey: comma-separated models (default: %(default)s)",
+        help=f"passkey: comma-separated models, of these and {', '.join(EXTRA_MODELS)} (default: %(default)s)",
     )
     p.add_argument("--window", type=int, default=64, help="attention window / segment of every model (default: 64)")
     p.add_argument(
@@ -199,6 +204,9 @@ def model_spec(
         "titans_mac": ("titans_mac", dict(segment=window, **mem), heads),
         "atlas": ("atlas", dict(**mem), heads),
         "infini_attention": ("infini_attention", dict(segment=window), heads),
+        "infini_attention_conv": ("infini_attention", dict(segment=window, conv_size=4), heads),
+        "rmt": ("rmt", dict(segment=window, num_memory=4), heads),
+        "rmt_stack": ("attention", dict(recurrent_memory=dict(segment=window, num_memory=4)), heads),
         "swa": ("sliding_window", dict(window=window), heads),
         "swa_eq": ("sliding_window", dict(window=window), heads),
         "gated_deltanet": ("gated_deltanet", {}, 1),
@@ -376,7 +384,7 @@ def train_and_eval(name: str, args: argparse.Namespace, window: int | None = Non
     row = {
         "model": name,
         "mixer": mixer,
-        "window": kw.get("window", kw.get("segment")),
+        "window": kw.get("window", kw.get("segment", kw.get("recurrent_memory", {}).get("segment"))),
         "heads": heads,
         "state_bytes": model.state_size(max(contexts)),
         "params": sum(p.numel() for p in model.parameters()),
