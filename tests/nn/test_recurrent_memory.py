@@ -103,3 +103,20 @@ def test_bad_input():
         m(torch.zeros(2, 4, dtype=torch.long), m(torch.zeros(1, 4, dtype=torch.long))[1])
     with pytest.raises(ValueError, match="ids must lie"):
         m(torch.full((1, 4), 40))
+
+
+def test_save_and_load_keep_the_options(tmp_path):
+    pytest.importorskip("safetensors")
+    from effattn.nn import LM
+
+    m = model(num_memory=2, segment=3, bptt_segments=2).eval()
+    m.save(tmp_path)
+    back = RecurrentMemoryLM.load(tmp_path).eval()
+    assert (back.num_memory, back.segment, back.bptt_segments) == (2, 3, 2)
+    ids = torch.randint(0, 32, (1, 11))
+    torch.testing.assert_close(back(ids)[0], m(ids)[0])
+    with pytest.raises(ValueError, match="unexpected"):
+        LM.load(tmp_path)  # the plain LM has no memory weights
+    LM(m.config).save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="recurrent_memory.json"):
+        RecurrentMemoryLM.load(tmp_path / "plain")

@@ -430,6 +430,12 @@ class LM(nn.Module):
         return sd
 
     @classmethod
+    def build_for_load(cls, config: LMConfig, path: str | os.PathLike) -> LM:
+        """The empty model :meth:`load` fills: ``cls(config)``; a subclass with options beyond the config reads
+        them from ``path`` here."""
+        return cls(config)
+
+    @classmethod
     def load(cls, path: str | os.PathLike, config: LMConfig | None = None, map_location: str = "cpu") -> LM:
         """Rebuild a model saved by :meth:`save`. With ``config``, that config is used instead of the
         saved one; weights missing, unexpected, or of the wrong shape raise ``ValueError`` naming them."""
@@ -437,7 +443,7 @@ class LM(nn.Module):
         if config is None:
             with open(os.path.join(path, CONFIG_FILE)) as f:
                 config = LMConfig(**json.load(f))
-        model = cls(config)
+        model = cls.build_for_load(config, path)
         tensors = load_file(os.path.join(path, WEIGHTS_FILE), device=map_location)
         expected = model._unique_state_dict()
         missing = sorted(set(expected) - set(tensors))

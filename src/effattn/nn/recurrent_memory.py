@@ -21,14 +21,20 @@ the last layer, read by the first.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from torch import nn
 
 from effattn._checks import check_positive_int
+from effattn.dist import current_sequence_parallel
 from effattn.nn.lm import LM, LMConfig, check_ids
 from effattn.nn.memory_saving import run_blocks
 
 __all__ = ["RecurrentMemoryLM"]
+
+OPTIONS_FILE = "recurrent_memory.json"
 
 
 class RecurrentMemoryLM(LM):
@@ -67,6 +73,8 @@ class RecurrentMemoryLM(LM):
     def features(self, ids: torch.Tensor, state: dict | None = None, valid: torch.Tensor | None = None):
         """The normed hidden states of the tokens ``[B, T, dim]`` and the new state."""
         check_ids(ids, self.config.vocab_size)
+        if current_sequence_parallel() is not None:
+            raise ValueError("RecurrentMemoryLM cannot run on sequence shards: its segments run one after another")
         if valid is not None and not bool(valid.all()):
             raise ValueError("valid: RecurrentMemoryLM takes no padding (its segments count from each row's start)")
         B, T = ids.shape
@@ -113,6 +121,20 @@ class RecurrentMemoryLM(LM):
                 f"got {tuple(state['mem'].shape)}"
             )
         return state
+
+    def save(self, path: str | os.PathLike) -> None:
+        """:meth:`LM.save` plus ``path/recurrent_memory.json`` (``num_memory``, ``segment``, ``bptt_segments``)."""
+        super().save(path)
+        with open(os.path.join(path, OPTIONS_FILE), "w") as f:
+            json.dump(dict(num_memory=self.num_memory, segment=self.segment, bptt_segments=self.bptt_segments), f)
+
+    @classmethod
+    def build_for_load(cls, config: LMConfig, path: str | os.PathLike) -> RecurrentMemoryLM:
+        file = os.path.join(path, OPTIONS_FILE)
+        if not os.path.exists(file):
+            raise ValueError(f"{path} holds no {OPTIONS_FILE}: not saved by a RecurrentMemoryLM (LM.load reads it)")
+        with open(file) as f:
+            return cls(config, **json.load(f))
 
     def state_size(self, seq_len: int, batch: int = 1) -> int:
         """Bytes of the state: the memory plus the blocks' states over at most one segment with its read tokens."""
