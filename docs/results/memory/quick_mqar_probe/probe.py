@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from effattn.bench.compare.config import make_config
+from effattn.bench.compare.sweep import RecallRun, train_kwargs
 from effattn.bench.train import train_mqar
 from effattn.memory import infini_attention
 from effattn.nn.mixers._base import ShortConv, check_x_and_valid, zero_invalid
@@ -66,25 +68,10 @@ def main(specs: list[str]) -> None:
         mixer, _, options = spec.partition(":")
         options, _, rmt = options.partition("}:")
         options += "}" if rmt else ""
-        r = train_mqar(
-            mixer,
-            64,
-            heads=2,
-            vocab_size=32,
-            seq_len=16,
-            num_kv_pairs=4,
-            num_train=4000,
-            num_test=256,
-            steps=steps,
-            batch_size=32,
-            lr=1e-3,
-            weight_decay=0.0,
-            random_non_queries=False,
-            seed=seed,
-            mixer_kw=ast.literal_eval(options) if options else {},
-            early_stop=0.99,
-            recurrent_memory=ast.literal_eval(rmt) if rmt else None,
-        )
+        cfg = make_config("quick", mqar_steps=steps)  # the quick preset's task, lr and early stop
+        kwargs = train_kwargs(cfg, RecallRun(mixer, cfg.mqar_widths[0], cfg.mqar_head_dims[0], cfg.mqar_lr, seed))
+        kwargs.update(mixer_kw=ast.literal_eval(options) if options else {})
+        r = train_mqar(mixer, cfg.mqar_widths[0], recurrent_memory=ast.literal_eval(rmt) if rmt else None, **kwargs)
         summary = f"acc {r['accuracy']:.3f} loss {r['final_loss']:.3f} steps {r['steps_run']} s {r['train_s']:.0f}"
         print(spec, f"seed {seed}", summary, flush=True)
 
