@@ -89,7 +89,7 @@ def test_bounded_state_and_generate():
     assert torch.equal(out, seq)
 
 
-def test_bad_input():
+def test_bad_input(monkeypatch):
     m = model()
     with pytest.raises(ValueError, match="num_memory"):
         model(num_memory=0)
@@ -103,6 +103,11 @@ def test_bad_input():
         m(torch.zeros(2, 4, dtype=torch.long), m(torch.zeros(1, 4, dtype=torch.long))[1])
     with pytest.raises(ValueError, match="ids must lie"):
         m(torch.full((1, 4), 40))
+    import effattn.nn.recurrent_memory as module
+
+    monkeypatch.setattr(module, "current_sequence_parallel", lambda: object())  # as inside sequence_parallel()
+    with pytest.raises(ValueError, match="sequence shards"):
+        m(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_save_and_load_keep_the_options(tmp_path):
