@@ -8,6 +8,8 @@ it fails (``infini.txt``), and the two RMT forms (``rmt_stack.txt``)::
         "infini_attention:{'segment': 16}" "infini_qk_conv:{}" "infini_memory_only:{}"
     python docs/results/memory/quick_mqar_probe/probe.py "rmt:{}" "attention:{}:{'num_memory': 4, 'segment': 8}"
 
+``PRESET=state HEAD_DIM=8 LR=0.001`` trains on another preset's task instead (``rmt_stack_state.txt``).
+
 ``infini_qk_conv``: short causal convolutions (``ShortConv``, kernel 4, SiLU, as DeltaNet's) on q and k after
 their projections (the memory's keys then hold the token before: the binding MQAR needs; ``memory_only=True``
 as below); ``infini_memory_only``:
@@ -68,8 +70,11 @@ def main(specs: list[str]) -> None:
         mixer, _, options = spec.partition(":")
         options, _, rmt = options.partition("}:")
         options += "}" if rmt else ""
-        cfg = make_config("quick", mqar_steps=steps)  # the quick preset's task, lr and early stop
-        kwargs = train_kwargs(cfg, RecallRun(mixer, cfg.mqar_widths[0], cfg.mqar_head_dims[0], cfg.mqar_lr, seed))
+        # the preset's task and early stop (PRESET, default quick), at LR (default the preset's lr) and HEAD_DIM
+        cfg = make_config(os.environ.get("PRESET", "quick"), mqar_steps=steps)
+        head_dim = int(os.environ.get("HEAD_DIM", cfg.mqar_head_dims[0]))
+        lr = float(os.environ.get("LR", cfg.mqar_lr))
+        kwargs = train_kwargs(cfg, RecallRun(mixer, cfg.mqar_widths[0], head_dim, lr, seed))
         kwargs.update(mixer_kw=ast.literal_eval(options) if options else {})
         r = train_mqar(mixer, cfg.mqar_widths[0], recurrent_memory=ast.literal_eval(rmt) if rmt else None, **kwargs)
         summary = f"acc {r['accuracy']:.3f} loss {r['final_loss']:.3f} steps {r['steps_run']} s {r['train_s']:.0f}"
