@@ -78,7 +78,9 @@ def main(specs: list[str]) -> None:
         kwargs.update(mixer_kw=ast.literal_eval(options) if options else {})
         r = train_mqar(mixer, cfg.mqar_widths[0], recurrent_memory=ast.literal_eval(rmt) if rmt else None, **kwargs)
         summary = f"acc {r['accuracy']:.3f} loss {r['final_loss']:.3f} steps {r['steps_run']} s {r['train_s']:.0f}"
-        print(spec, f"seed {seed}", summary, flush=True)
+        by_pairs = r["accuracy_by_pairs"]
+        per_count = " by pairs " + " / ".join(f"{a:.2f}" for a in by_pairs.values()) if len(by_pairs) > 1 else ""
+        print(spec, f"seed {seed}", summary + per_count, flush=True)
 
 
 if __name__ == "__main__":
