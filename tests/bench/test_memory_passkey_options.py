@@ -113,7 +113,8 @@ def test_nonfinite_answers_are_counted_and_wrong():
 
 
 def test_extra_models_build_what_they_name():
-    """``infini_attention_conv``, ``rmt`` and ``rmt_stack`` (not in the default list): segments of ``--window``."""
+    """``infini_attention_conv``, ``rmt`` and ``rmt_stack`` (not in the default list): segments of ``--window``;
+    the Miras memories with the passkey's memory options."""
     from effattn.bench.memory import EXTRA_MODELS, MEMORY_MODELS
     from effattn.nn import RecurrentMemoryLM
 
@@ -127,4 +128,8 @@ def test_extra_models_build_what_they_name():
     assert build_model("rmt", args, 32).blocks[0].mixer.layer.segment == 8
     stack = build_model("rmt_stack", args, 32)
     assert isinstance(stack, RecurrentMemoryLM) and (stack.segment, stack.num_memory) == (8, 4)
+    for rule in ("moneta", "yaad", "memora"):
+        mem = build_model(rule, args, 32).blocks[0].mixer.memory
+        assert mem.opts["retention"] == {"moneta": "lq", "yaad": "linear", "memora": "softmax"}[rule]
+        assert (len(mem.weights), mem.chunk_size) == (args.depth, args.chunk_size)
     assert "infini_attention" in MEMORY_MODELS

@@ -15,7 +15,8 @@ Two parts (``--parts``, default both):
   default list (``EXTRA_MODELS``): Infini-attention with short convolutions on q and k
   (``infini_attention_conv``), recurrent memory tokens per layer (``rmt``, the mixer) and through the whole
   stack (``rmt_stack``, :class:`effattn.nn.RecurrentMemoryLM`: causal attention over each segment and its
-  memory tokens), with segments of ``--window`` tokens and 4 memory tokens. The neural memories
+  memory tokens), with segments of ``--window`` tokens and 4 memory tokens, and the Miras memories
+  (``moneta``, ``yaad``, ``memora``: a memory alone, as ATLAS, no attention). The neural memories
   train and evaluate with the chunked form (``--chunk-size``: gradients inside a chunk taken at the
   chunk-start memory, Titans' parallel form); ``--exact-context`` re-evaluates them with the exact
   token-by-token rule (``chunk_size=1``) at one context, with the same weights.
@@ -49,7 +50,7 @@ from effattn.bench.train import build_lm, lr_at
 PARTS = ("passkey", "speed")
 MEMORY_MODELS = ("titans_mal", "titans_mag", "titans_mac", "atlas", "infini_attention")
 BASELINES = ("swa", "swa_eq", "gated_deltanet")
-EXTRA_MODELS = ("infini_attention_conv", "rmt", "rmt_stack")
+EXTRA_MODELS = ("infini_attention_conv", "rmt", "rmt_stack", "moneta", "yaad", "memora")
 DIM, HEADS, LAYERS = 64, 2, 2
 
 
@@ -203,6 +204,9 @@ def model_spec(
         "titans_mag": ("titans_mag", dict(window=window, **mem), heads),
         "titans_mac": ("titans_mac", dict(segment=window, **mem), heads),
         "atlas": ("atlas", dict(**mem), heads),
+        "moneta": ("moneta", dict(**mem), heads),
+        "yaad": ("yaad", dict(**mem), heads),
+        "memora": ("memora", dict(**mem), heads),
         "infini_attention": ("infini_attention", dict(segment=window), heads),
         "infini_attention_conv": ("infini_attention", dict(segment=window, conv_size=4), heads),
         "rmt": ("rmt", dict(segment=window, num_memory=4), heads),
