@@ -196,6 +196,32 @@ def test_gradcheck_float64(rule):
     assert torch.autograd.gradcheck(fn_chunk, args, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_finite_gradients_from_the_initial_memory(rule, chunk_size):
+    """At the layer's own initialisation (a depth-1 memory starts at ``A = 0``, where Moneta's read
+    ``A / ||A||_4^2`` is singular) every parameter's gradient is finite: it was NaN for Moneta's initial
+    weights, and the clipped NaN update then spoiled every parameter on the first optimiser step."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(16, 2, depth=1, chunk_size=chunk_size, **RULES[rule])
+    if rule == "moneta":  # the singular case: the read starts at A = 0
+        assert all(bool((w == 0).all()) for w in mem.weights)
+    y, _ = mem(torch.randn(2, 9, 16))
+    y.square().sum().backward()
+    bad = [n for n, p in mem.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert torch.isfinite(y).all() and not bad, bad
+
+
+def test_lq_read_at_zero_is_zero_with_a_finite_gradient():
+    a = torch.zeros(2, 3, 4, requires_grad=True)
+    w = read_weights(a, "lq", 4.0)
+    w.sum().backward()
+    assert bool((w == 0).all()) and torch.isfinite(a.grad).all()
+    b = torch.randn(2, 3, 4, dtype=torch.float64)  # away from 0: A / ||A||_4^2, per matrix
+    expect = b / b.abs().pow(4).sum((-1, -2), keepdim=True).pow(0.5)
+    torch.testing.assert_close(read_weights(b, "lq", 4.0), expect)
+
+
 def test_gradients_reach_the_gates_through_the_updates():
     torch.manual_seed(0)
     mem = NeuralMemory(16, 2, depth=2)

@@ -247,8 +247,12 @@ def read_weights(a: torch.Tensor, retention: str, q_exp: float) -> torch.Tensor:
         return a
     if retention == "softmax":
         return torch.softmax(a, dim=-1)
-    norm = a.abs().pow(q_exp).sum((-1, -2), keepdim=True).pow(1 / q_exp)
-    return a / norm.clamp_min(1e-6).pow(q_exp - 2)
+    # ||A||_q^(q-2) = s^((q-2)/q), s = sum |A|^q floored at (1e-6)^q before the power: the norm floored at
+    # 1e-6 as before, and a finite gradient where A = 0 (a depth-1 memory starts there; s^(1/q)'s gradient at
+    # 0 is infinite, which times clamp's zero gave NaN in the initial weights' gradient)
+    s = a.abs().pow(q_exp).sum((-1, -2), keepdim=True)
+    floor = max(1e-6**q_exp, torch.finfo(s.dtype).tiny)
+    return a / s.clamp_min(floor).pow((q_exp - 2) / q_exp)
 
 
 def newton_schulz(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
