@@ -37,6 +37,16 @@ from effattn.exact import RotaryEmbedding, attention
 __all__ = ["RecurrentMemoryAttention"]
 
 
+START_MEMORIES = ("learned", "zeros")
+
+
+def check_start_memory(start_memory: str) -> str:
+    """``start_memory`` of the RMTs: ``"learned"`` (a learned ``Mem_0``, the paper's) or ``"zeros"`` (fixed at 0)."""
+    if start_memory not in START_MEMORIES:
+        raise ValueError(f"start_memory must be one of {START_MEMORIES}, got {start_memory!r}")
+    return start_memory
+
+
 class RecurrentMemoryAttention(nn.Module):
     """One RMT attention layer on ``[B, T, dim]`` (module docstring); ``forward(x, state=None,
     valid=None) -> (y, state)``; invalid tokens are skipped (no write, zero output).
@@ -59,6 +69,7 @@ class RecurrentMemoryAttention(nn.Module):
         segment: int = 16,
         bptt_segments: int | None = None,
         rope: bool = True,
+        start_memory: str = "learned",
     ):
         super().__init__()
         check_positive_int("heads", heads)
@@ -75,7 +86,12 @@ class RecurrentMemoryAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.memory_init = nn.Parameter(torch.randn(num_memory, dim) / math.sqrt(dim))
+        self.start_memory = check_start_memory(start_memory)
+        init = torch.randn(num_memory, dim) / math.sqrt(dim)
+        if start_memory == "learned":
+            self.memory_init = nn.Parameter(init)
+        else:  # a fixed zero memory: the first segment's memory keys and values are zero
+            self.register_buffer("memory_init", torch.zeros_like(init), persistent=False)
         self.write_pos = nn.Parameter(torch.randn(num_memory, dim) / math.sqrt(dim))
         self.mem_norm = nn.RMSNorm(dim, eps=1e-5)
 

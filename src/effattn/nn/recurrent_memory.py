@@ -29,6 +29,7 @@ from torch import nn
 
 from effattn._checks import check_positive_int
 from effattn.dist import current_sequence_parallel
+from effattn.memory.rmt import check_start_memory
 from effattn.nn.lm import LM, LMConfig, check_ids
 from effattn.nn.memory_saving import run_blocks
 
@@ -53,16 +54,28 @@ class RecurrentMemoryLM(LM):
         True
     """
 
-    def __init__(self, config: LMConfig, num_memory: int = 4, segment: int = 16, bptt_segments: int | None = None):
+    def __init__(
+        self,
+        config: LMConfig,
+        num_memory: int = 4,
+        segment: int = 16,
+        bptt_segments: int | None = None,
+        start_memory: str = "learned",
+    ):
         super().__init__(config)
         check_positive_int("num_memory", num_memory)
         check_positive_int("segment", segment)
         check_positive_int("bptt_segments", bptt_segments, allow_none=True)
         self.num_memory, self.segment, self.bptt_segments = num_memory, segment, bptt_segments
-        # at the token embeddings' scale (LM._init_weights, std 0.02), as the paper's code draws its memory at the
-        # embeddings' std: drawn at RMS 1/sqrt(dim) instead, 6x larger, the quick MQAR task sat below chance
-        # after 400 steps (docs/memory.md, "RMT through the whole stack")
-        self.memory_init = nn.Parameter(torch.randn(num_memory, config.dim) * 0.02)
+        self.start_memory = check_start_memory(start_memory)
+        # learned: at the token embeddings' scale (LM._init_weights, std 0.02), as the paper's code draws its memory
+        # at the embeddings' std; zeros: a fixed zero memory, so the first segment reads nothing (docs/memory.md,
+        # "RMT through the whole stack": a learned start memory kept attention from learning the state cell)
+        init = torch.randn(num_memory, config.dim) * 0.02
+        if start_memory == "learned":
+            self.memory_init = nn.Parameter(init)
+        else:
+            self.register_buffer("memory_init", torch.zeros_like(init), persistent=False)
         self.write_pos = nn.Parameter(torch.randn(num_memory, config.dim) * 0.02)
 
     def forward(self, ids: torch.Tensor, state: dict | None = None, valid: torch.Tensor | None = None):
@@ -123,10 +136,12 @@ class RecurrentMemoryLM(LM):
         return state
 
     def save(self, path: str | os.PathLike) -> None:
-        """:meth:`LM.save` plus ``path/recurrent_memory.json`` (``num_memory``, ``segment``, ``bptt_segments``)."""
+        """:meth:`LM.save` plus ``path/recurrent_memory.json`` (``num_memory``, ``segment``, ``bptt_segments``,
+        ``start_memory``)."""
         super().save(path)
         with open(os.path.join(path, OPTIONS_FILE), "w") as f:
-            json.dump(dict(num_memory=self.num_memory, segment=self.segment, bptt_segments=self.bptt_segments), f)
+            opts = dict(num_memory=self.num_memory, segment=self.segment, bptt_segments=self.bptt_segments)
+            json.dump(dict(opts, start_memory=self.start_memory), f)
 
     @classmethod
     def build_for_load(cls, config: LMConfig, path: str | os.PathLike) -> RecurrentMemoryLM:

@@ -15,7 +15,7 @@ __all__ = ["RMTMixer"]
 class RMTMixer(MixerBase):
     """RMT layer with ``num_memory`` memory tokens (default 4) and segments of ``segment`` tokens
     (default 8); ``rope`` (default True): RoPE on the segment's queries and keys by the position inside the
-    segment, memory tokens unrotated. State: the memory tokens and the current segment's keys/values (bounded).
+    segment, memory tokens unrotated; ``start_memory``: ``"learned"`` (default) or ``"zeros"``. State: the memory tokens and the current segment's keys/values (bounded).
 
     Example::
 
@@ -41,11 +41,18 @@ class RMTMixer(MixerBase):
         segment: int = 8,
         bptt_segments: int | None = None,
         rope: bool = True,
+        start_memory: str = "learned",
     ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
         self.layer = RecurrentMemoryAttention(
-            dim, heads, num_memory=num_memory, segment=segment, bptt_segments=bptt_segments, rope=rope
+            dim,
+            heads,
+            num_memory=num_memory,
+            segment=segment,
+            bptt_segments=bptt_segments,
+            rope=rope,
+            start_memory=start_memory,
         )
 
     def forward(self, x, state=None, valid=None):
