@@ -78,6 +78,32 @@ def test_truncated_backprop_and_learned_memory():
         assert (m.write_pos.grad is not None and m.write_pos.grad.abs().sum() > 0) == (len(reached) > 1)
 
 
+def test_zero_start_memory():
+    """``start_memory="zeros"``: no learned ``Mem_0`` (the first segment reads zero tokens), the rest drawn as with
+    the learned one; decoding token by token still equals one call, and the written memory is learned."""
+    learned, zeros = model(), model(start_memory="zeros")
+    assert "memory_init" not in dict(zeros.named_parameters()) and not zeros.memory_init.any()
+    assert "memory_init" not in zeros.state_dict()
+    torch.testing.assert_close(zeros.write_pos, learned.write_pos)
+    zeros.eval()
+    ids = torch.randint(0, 32, (1, 12))
+    full, state = zeros(ids)[0], None
+    for t in range(12):
+        step, state = zeros(ids[:, t : t + 1], state)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+    zeros.train()
+    zeros(ids)[0][:, 5:].sum().backward()
+    assert zeros.write_pos.grad.abs().sum() > 0
+    from effattn.nn.mixers.rmt import RMTMixer
+
+    layer = RMTMixer(16, 2, start_memory="zeros").layer
+    assert "memory_init" not in dict(layer.named_parameters()) and not layer.memory_init.any()
+    with pytest.raises(ValueError, match="start_memory"):
+        model(start_memory="random")
+    with pytest.raises(ValueError, match="start_memory"):
+        RMTMixer(16, 2, start_memory="none")
+
+
 def test_bounded_state_and_generate():
     m = model().eval()
     assert m.state_size(10_000) == m.state_size(100) > 0
@@ -117,9 +143,14 @@ def test_save_and_load_keep_the_options(tmp_path):
     m = model(num_memory=2, segment=3, bptt_segments=2).eval()
     m.save(tmp_path)
     back = RecurrentMemoryLM.load(tmp_path).eval()
-    assert (back.num_memory, back.segment, back.bptt_segments) == (2, 3, 2)
+    assert (back.num_memory, back.segment, back.bptt_segments, back.start_memory) == (2, 3, 2, "learned")
     ids = torch.randint(0, 32, (1, 11))
     torch.testing.assert_close(back(ids)[0], m(ids)[0])
+    z = model(start_memory="zeros").eval()
+    z.save(tmp_path / "zeros")
+    back = RecurrentMemoryLM.load(tmp_path / "zeros").eval()
+    assert back.start_memory == "zeros"
+    torch.testing.assert_close(back(ids)[0], z(ids)[0])
     with pytest.raises(ValueError, match="unexpected"):
         LM.load(tmp_path)  # the plain LM has no memory weights
     LM(m.config).save(tmp_path / "plain")
