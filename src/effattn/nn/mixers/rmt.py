@@ -14,8 +14,9 @@ __all__ = ["RMTMixer"]
 @register_mixer("rmt")
 class RMTMixer(MixerBase):
     """RMT layer with ``num_memory`` memory tokens (default 4) and segments of ``segment`` tokens
-    (default 8); ``rope`` (default True): RoPE on the segment's queries and keys by the position inside the
-    segment, memory tokens unrotated; ``start_memory``: ``"learned"`` (default) or ``"zeros"``. State: the memory tokens and the current segment's keys/values (bounded).
+    (default 8); ``rope`` (default True): RoPE at RMT's layout positions (memory keys ``0 .. m-1``, the segment's
+    tokens after them, the write queries last); ``start_memory``: ``"learned"`` (default) or ``"zeros"``. State:
+    the memory tokens and the current segment's keys/values (bounded).
 
     Example::
 
