@@ -96,8 +96,10 @@ def test_zero_start_memory():
     assert zeros.write_pos.grad.abs().sum() > 0
     from effattn.nn.mixers.rmt import RMTMixer
 
-    layer = RMTMixer(16, 2, start_memory="zeros").layer
+    layer = RMTMixer(16, 2).layer  # the per-layer mixer starts from zeros by default, the whole stack learns Mem_0
+    assert layer.start_memory == "zeros" and RecurrentMemoryLM(LMConfig(32, 16, 1, 2)).start_memory == "learned"
     assert "memory_init" not in dict(layer.named_parameters()) and not layer.memory_init.any()
+    assert "memory_init" in dict(RMTMixer(16, 2, start_memory="learned").layer.named_parameters())
     with pytest.raises(ValueError, match="start_memory"):
         model(start_memory="random")
     with pytest.raises(ValueError, match="start_memory"):

@@ -9,8 +9,10 @@ rewritten at the segment's end by ``m`` write tokens that attend to the whole ``
     w    = W_o softmax(q(Mem_{s-1} + P_write) [K_mem | K_s]^T * scale) [V_mem | V_s]   (write tokens)
     Mem_s = RMSNorm(Mem_{s-1} + w)                                                   (recurrence)
 
-with ``K = x W_k``, ``V = x W_v`` (the memory projected the same way) and a learned start memory
-``Mem_0`` and write-position embedding ``P_write``. Training backpropagates through at most
+with ``K = x W_k``, ``V = x W_v`` (the memory projected the same way), a start memory ``Mem_0`` and a
+learned write-position embedding ``P_write``. ``Mem_0`` is zero by default (``start_memory="zeros"``; the
+paper learns it, ``"learned"``): with a learned one the quick MQAR task stayed near chance in 2000 steps
+(3 seeds), with zeros it is learned (docs/memory.md, "The RMTs' start memory"). Training backpropagates through at most
 ``bptt_segments`` segments (the memory is detached after every ``bptt_segments``-th segment of a call;
 ``None``: through all). :meth:`RecurrentMemoryAttention.forward` runs segment by segment with
 :func:`effattn.exact.attention` when the call starts at a segment boundary without padding, otherwise
@@ -69,7 +71,7 @@ class RecurrentMemoryAttention(nn.Module):
         segment: int = 16,
         bptt_segments: int | None = None,
         rope: bool = True,
-        start_memory: str = "learned",
+        start_memory: str = "zeros",
     ):
         super().__init__()
         check_positive_int("heads", heads)

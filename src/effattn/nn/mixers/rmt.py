@@ -15,7 +15,7 @@ __all__ = ["RMTMixer"]
 class RMTMixer(MixerBase):
     """RMT layer with ``num_memory`` memory tokens (default 4) and segments of ``segment`` tokens
     (default 8); ``rope`` (default True): RoPE at RMT's layout positions (memory keys ``0 .. m-1``, the segment's
-    tokens after them, the write queries last); ``start_memory``: ``"learned"`` (default) or ``"zeros"``. State:
+    tokens after them, the write queries last); ``start_memory``: ``"zeros"`` (default: the first segment reads zero memory) or ``"learned"`` (the paper's). State:
     the memory tokens and the current segment's keys/values (bounded).
 
     Example::
@@ -42,7 +42,7 @@ class RMTMixer(MixerBase):
         segment: int = 8,
         bptt_segments: int | None = None,
         rope: bool = True,
-        start_memory: str = "learned",
+        start_memory: str = "zeros",
     ):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, check_heads(dim, heads)
