@@ -18,6 +18,7 @@ from effattn.bench.memory import (
     run,
     speed_row,
 )
+from effattn.bench.memory_report import saved_passkey_rows
 from effattn.bench.tasks.passkey import DEFAULT_VOCAB_SIZE, KEY
 
 
@@ -77,6 +78,13 @@ def test_tiny_run_and_report_rebuilt_from_files(tmp_path):
     run(_args(*common, "--models", "titans_mag,swa,gated_deltanet", "--out", str(tmp_path), "--report-only", "load 1"))
     md = (tmp_path / "passkey.md").read_text()
     assert "| titans_mag |" in md and "not run" in md and "load 1" in md
+    # another run's file in a subfolder (a second seed's report), written later, does not replace this folder's row
+    (tmp_path / "seed1").mkdir()
+    row = json.loads((tmp_path / "passkey_swa.json").read_text())
+    (tmp_path / "seed1" / "passkey_swa.json").write_text(json.dumps(dict(row, train_s=-1.0)))
+    (tmp_path / "seed1" / "passkey_rmt.json").write_text(json.dumps(dict(row, model="rmt")))
+    got, _ = saved_passkey_rows(_args("--models", "swa,rmt"), tmp_path)
+    assert got[0]["train_s"] == row["train_s"] and got[1]["model"] == "rmt" and "error" not in got[1]
 
 
 def test_speed_row():

@@ -10,10 +10,12 @@ from pathlib import Path
 
 
 def saved_passkey_rows(args: argparse.Namespace, out: Path) -> tuple[list[dict], str | None]:
-    """The rows of ``--models`` from ``passkey_<model>.json`` files under ``out`` (any depth; the newest
-    file of a model wins) and the ``swa_eq`` note."""
+    """The rows of ``--models`` from ``passkey_<model>.json`` files under ``out`` (any depth; a file nearer
+    ``out`` wins, then the newest: another seed's report in a subfolder does not replace this folder's rows)
+    and the ``swa_eq`` note."""
     found = {}
-    for f in sorted(out.rglob("passkey_*.json"), key=lambda f: f.stat().st_mtime):
+    files = sorted(out.rglob("passkey_*.json"), key=lambda f: (-len(f.relative_to(out).parts), f.stat().st_mtime))
+    for f in files:
         row = json.loads(f.read_text())
         if isinstance(row, dict) and "model" in row:
             found[row["model"]] = row
