@@ -67,7 +67,7 @@ def test_rope_false_gives_the_layers_without_positions():
     x = torch.randn(2, 11, 16)
     for name, make in [
         ("infini", lambda: InfiniAttentionMixer(16, 2, segment=4, rope=False)),
-        ("rma", lambda: RecurrentMemoryAttention(16, 2, segment=4, num_memory=2, rope=False)),
+        ("rma", lambda: RecurrentMemoryAttention(16, 2, segment=4, num_memory=2, rope=False, start_memory="learned")),
     ]:
         torch.manual_seed(1)
         m = make().eval()

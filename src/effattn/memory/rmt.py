@@ -12,8 +12,8 @@ rewritten at the segment's end by ``m`` write tokens that attend to the whole ``
 with ``K = x W_k``, ``V = x W_v`` (the memory projected the same way), a start memory ``Mem_0`` and a
 learned write-position embedding ``P_write``. ``Mem_0`` is zero by default (``start_memory="zeros"``; the
 paper learns it, ``"learned"``): with a learned one the quick MQAR task stayed near chance in 2000 steps
-(3 seeds), with zeros it is learned (docs/memory.md, "The RMTs' start memory"). Training backpropagates through at most
-``bptt_segments`` segments (the memory is detached after every ``bptt_segments``-th segment of a call;
+(3 seeds), with zeros it is learned (docs/memory.md, "The RMTs' start memory"). Training backpropagates
+through at most ``bptt_segments`` segments (the memory is detached after every ``bptt_segments``-th segment of a call;
 ``None``: through all). :meth:`RecurrentMemoryAttention.forward` runs segment by segment with
 :func:`effattn.exact.attention` when the call starts at a segment boundary without padding, otherwise
 token by token with a buffer of the current segment (per-row fill counts); both give the same result.
@@ -42,11 +42,17 @@ __all__ = ["RecurrentMemoryAttention"]
 START_MEMORIES = ("learned", "zeros")
 
 
-def check_start_memory(start_memory: str) -> str:
-    """``start_memory`` of the RMTs: ``"learned"`` (a learned ``Mem_0``, the paper's) or ``"zeros"`` (fixed at 0)."""
+def set_start_memory(module: nn.Module, init: torch.Tensor, start_memory: str) -> None:
+    """Give an RMT ``module`` its start memory ``Mem_0`` as ``module.memory_init``: ``"learned"`` (the paper's),
+    a parameter starting at ``init``; ``"zeros"``, a zero buffer (not saved, not learned). ``init`` is drawn
+    either way by the caller, so the other weights draw the same numbers."""
     if start_memory not in START_MEMORIES:
         raise ValueError(f"start_memory must be one of {START_MEMORIES}, got {start_memory!r}")
-    return start_memory
+    module.start_memory = start_memory
+    if start_memory == "learned":
+        module.memory_init = nn.Parameter(init)
+    else:
+        module.register_buffer("memory_init", torch.zeros_like(init), persistent=False)
 
 
 class RecurrentMemoryAttention(nn.Module):
@@ -88,12 +94,7 @@ class RecurrentMemoryAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.start_memory = check_start_memory(start_memory)
-        init = torch.randn(num_memory, dim) / math.sqrt(dim)
-        if start_memory == "learned":
-            self.memory_init = nn.Parameter(init)
-        else:  # a fixed zero memory: the first segment's memory keys and values are zero
-            self.register_buffer("memory_init", torch.zeros_like(init), persistent=False)
+        set_start_memory(self, torch.randn(num_memory, dim) / math.sqrt(dim), start_memory)
         self.write_pos = nn.Parameter(torch.randn(num_memory, dim) / math.sqrt(dim))
         self.mem_norm = nn.RMSNorm(dim, eps=1e-5)
 

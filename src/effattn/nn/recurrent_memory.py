@@ -29,7 +29,7 @@ from torch import nn
 
 from effattn._checks import check_positive_int
 from effattn.dist import current_sequence_parallel
-from effattn.memory.rmt import check_start_memory
+from effattn.memory.rmt import set_start_memory
 from effattn.nn.lm import LM, LMConfig, check_ids
 from effattn.nn.memory_saving import run_blocks
 
@@ -67,15 +67,10 @@ class RecurrentMemoryLM(LM):
         check_positive_int("segment", segment)
         check_positive_int("bptt_segments", bptt_segments, allow_none=True)
         self.num_memory, self.segment, self.bptt_segments = num_memory, segment, bptt_segments
-        self.start_memory = check_start_memory(start_memory)
         # learned: at the token embeddings' scale (LM._init_weights, std 0.02), as the paper's code draws its memory
-        # at the embeddings' std; zeros: a fixed zero memory, so the first segment reads nothing (docs/memory.md,
-        # "RMT through the whole stack": a learned start memory kept attention from learning the state cell)
-        init = torch.randn(num_memory, config.dim) * 0.02
-        if start_memory == "learned":
-            self.memory_init = nn.Parameter(init)
-        else:
-            self.register_buffer("memory_init", torch.zeros_like(init), persistent=False)
+        # at the embeddings' std; zeros: fixed at zero, so the first segment reads nothing (docs/memory.md, "The
+        # RMTs' start memory": a learned one kept attention from learning the state cell, helped on the quick task)
+        set_start_memory(self, torch.randn(num_memory, config.dim) * 0.02, start_memory)
         self.write_pos = nn.Parameter(torch.randn(num_memory, config.dim) * 0.02)
 
     def forward(self, ids: torch.Tensor, state: dict | None = None, valid: torch.Tensor | None = None):

@@ -14,9 +14,10 @@ __all__ = ["RMTMixer"]
 @register_mixer("rmt")
 class RMTMixer(MixerBase):
     """RMT layer with ``num_memory`` memory tokens (default 4) and segments of ``segment`` tokens
-    (default 8); ``rope`` (default True): RoPE at RMT's layout positions (memory keys ``0 .. m-1``, the segment's
-    tokens after them, the write queries last); ``start_memory``: ``"zeros"`` (default: the first segment reads zero memory) or ``"learned"`` (the paper's). State:
-    the memory tokens and the current segment's keys/values (bounded).
+    (default 8); ``rope`` (default True): RoPE at RMT's layout positions (memory keys ``0 .. m-1``, the
+    segment's tokens after them, the write queries last); ``start_memory``: ``"zeros"`` (default: the first
+    segment reads a zero memory) or ``"learned"`` (the paper's). State: the memory tokens and the current
+    segment's keys/values (bounded).
 
     Example::
 
