@@ -34,7 +34,7 @@ from effattn.memory._neural import (
 from effattn.memory.atlas import atlas_memory, polynomial_features
 from effattn.memory.infini_attention import infini_attention, infini_attention_reference
 from effattn.memory.miras import MIRAS_RULES, memora, miras_memory, moneta, yaad
-from effattn.memory.rmt import RecurrentMemoryAttention
+from effattn.memory.rmt import RecurrentMemoryAttention, set_start_memory
 from effattn.memory.titans import (
     NeuralMemory,
     chunk_titans_memory,
@@ -68,6 +68,7 @@ __all__ = [
     "polynomial_features",
     "read_weights",
     "reference_neural_memory",
+    "set_start_memory",
     "step_titans_memory",
     "titans_memory",
     "yaad",

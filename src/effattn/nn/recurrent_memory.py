@@ -29,7 +29,7 @@ from torch import nn
 
 from effattn._checks import check_positive_int
 from effattn.dist import current_sequence_parallel
-from effattn.memory.rmt import set_start_memory
+from effattn.memory import set_start_memory
 from effattn.nn.lm import LM, LMConfig, check_ids
 from effattn.nn.memory_saving import run_blocks
 
